@@ -1,0 +1,301 @@
+"""The configuration of a sheepdog request: where to submit, how to reach back, what to ask for.
+
+A config is a frozen :class:`Config`. Every function that takes a config also
+accepts the original Sheepdog 0.2 dict (``{"host": "fear", "ge_opts": [...]}``)
+or the path of a JSON file holding one, such as the ``.cluster/cluster.json``
+that ``ci/cluster up`` writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import json
+import math
+import os
+import re
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+from .errors import ConfigError
+
+__all__ = ["Config", "as_config"]
+
+ConfigLike = Union["Config", Mapping[str, Any], str, "os.PathLike[str]"]
+
+_KW_ONLY: dict[str, bool] = {"kw_only": True} if sys.version_info >= (3, 10) else {}
+
+#: Characters that would let a value escape from a ``#$`` directive line or a shebang.
+_LINE_BREAKS = re.compile(r"[\r\n\x00]")
+_HOST = re.compile(r"^[A-Za-z0-9_.:\[\]%-]+$")
+_H_RT = re.compile(r"^(\d+|\d+:\d{1,2}:\d{1,2})$")
+
+
+def _default_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - getuser raises several types when no name is known
+        return "nobody"
+
+
+@dataclasses.dataclass(frozen=True, **_KW_ONLY)
+class Config:
+    """Where and how to run a request; build it with keywords or from the original dict.
+
+    The first block of fields are the original Sheepdog 0.2 keys, with the
+    original defaults except ``shell`` (now ``/usr/bin/python3``). The rest
+    are sheepdog's additions.
+    """
+
+    # --- the original's keys -------------------------------------------------
+    host: str = ""
+    ssh_port: int = 22
+    ssh_user: str = dataclasses.field(default_factory=_default_user)
+    ssh_keyfile: str | None = None
+    ssh_dir: str = ".sheepdog"
+    dbfile: str = "./sheepdog.sqlite"
+    port: int | None = None
+    localhost: str = dataclasses.field(default_factory=socket.getfqdn)
+    shell: str = "/usr/bin/python3"
+    ge_opts: tuple[str, ...] | None = None
+
+    # --- SSH -----------------------------------------------------------------
+    #: known_hosts file to check the head node's key against (default: ~/.ssh/known_hosts).
+    known_hosts: str | None = None
+    #: read ~/.ssh/config (or this file) for HostName, User, Port, IdentityFile, Proxy*.
+    ssh_config: str | None = None
+    ssh_timeout_s: float = 30.0
+
+    # --- the array job -------------------------------------------------------
+    #: number of array tasks; None picks one from the number of tasks.
+    workers: int | None = None
+    #: tasks handed to an array task per lease; None picks one from the number of tasks.
+    batch: int | None = None
+    #: SGE -tc: at most this many array tasks run at once.
+    max_running: int | None = None
+    #: memory per array task in GB, requested as ``-l <mem_resource>=<mem_gb>G``.
+    mem_gb: float | None = None
+    mem_resource: str = "h_vmem"
+    #: hard run time limit, seconds or H:MM:SS, requested as ``-l h_rt=...``.
+    h_rt: str | None = None
+    queue: str | None = None
+    #: parallel environment and slots, requested as ``-pe <name> <slots>``.
+    pe: tuple[str, int] | None = None
+
+    # --- lifecycle -----------------------------------------------------------
+    #: per-task time limit enforced on the worker.
+    task_timeout_s: float | None = None
+    #: overall bound on a blocking map / get_results.
+    timeout_s: float | None = None
+    #: how often a task whose worker vanished is handed out again before it is an error.
+    retries: int = 2
+    #: seconds a leased task stays with its worker without a heartbeat.
+    lease_s: float = 60.0
+    #: Ctrl-C during a blocking map cancels its jobs unless this is True.
+    keep_jobs_on_interrupt: bool = False
+
+    # --- serialisation -------------------------------------------------------
+    #: "bytecode" (same Python minor version on the workers) or "source".
+    mode: str = "bytecode"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> Config:
+        """Build a config from the original's dict; unknown keys are an error naming valid ones."""
+        if not isinstance(mapping, Mapping):
+            raise ConfigError(f"config must be a dict or a Config, not {type(mapping).__name__}")
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in mapping if k not in valid)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(map(repr, unknown))}; valid keys are: {', '.join(sorted(valid))}",
+                key=unknown[0],
+            )
+        values = dict(mapping)
+        if "ge_opts" in values and isinstance(values["ge_opts"], list):
+            values["ge_opts"] = tuple(values["ge_opts"])
+        if "pe" in values and isinstance(values["pe"], list):
+            values["pe"] = tuple(values["pe"])
+        if isinstance(values.get("dbfile"), os.PathLike):
+            values["dbfile"] = os.fspath(values["dbfile"])
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Config:
+        """Read a JSON config file, such as the one ``ci/cluster up`` writes."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {os.fspath(path)!r}: {exc}") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {os.fspath(path)!r} is not valid JSON: {exc}") from exc
+        return cls.from_mapping(data)
+
+    def replace(self, **changes: Any) -> Config:
+        """Return a copy with some keys changed (validated like the original)."""
+        return self.from_mapping({**self.as_dict(), **changes})
+
+    def as_dict(self) -> dict[str, Any]:
+        """The config as a JSON-friendly dict with every key."""
+        out = dataclasses.asdict(self)
+        for key in ("ge_opts", "pe"):
+            if out[key] is not None:
+                out[key] = list(out[key])
+        return out
+
+    def resource_directives(self) -> list[str]:
+        """The ``#$`` options that the typed resource keys stand for."""
+        opts: list[str] = []
+        if self.mem_gb is not None:
+            opts.append(f"-l {self.mem_resource}={_format_gb(self.mem_gb)}")
+        if self.h_rt is not None:
+            opts.append(f"-l h_rt={self.h_rt}")
+        if self.queue is not None:
+            opts.append(f"-q {self.queue}")
+        if self.pe is not None:
+            opts.append(f"-pe {self.pe[0]} {self.pe[1]}")
+        if self.max_running is not None:
+            opts.append(f"-tc {self.max_running}")
+        return opts
+
+
+def _format_gb(mem_gb: float) -> str:
+    if float(mem_gb).is_integer():
+        return f"{int(mem_gb)}G"
+    return f"{max(1, round(mem_gb * 1024))}M"
+
+
+def as_config(config: ConfigLike) -> Config:
+    """Turn a Config, the original's dict or a JSON file path into a validated Config."""
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, Mapping):
+        return Config.from_mapping(config)
+    if isinstance(config, (str, os.PathLike)):
+        return Config.from_file(config)
+    raise ConfigError(
+        f"config must be a dict, a sheepdog.Config or a JSON file path, not {type(config).__name__}"
+    )
+
+
+# --- validation ---------------------------------------------------------------
+
+
+def _fail(key: str, message: str) -> ConfigError:
+    return ConfigError(f"config key {key!r}: {message}", key=key)
+
+
+def _check_type(key: str, value: object, types: tuple[type, ...], what: str) -> None:
+    # bool is an int subclass, but True is never a sensible port or count.
+    if isinstance(value, bool) and bool not in types:
+        raise _fail(key, f"must be {what}, not a bool ({value!r})")
+    if not isinstance(value, types):
+        raise _fail(key, f"must be {what}, not {type(value).__name__} ({value!r})")
+
+
+def _check_text(key: str, value: object, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    _check_type(key, value, (str,), "a string")
+    assert isinstance(value, str)
+    if _LINE_BREAKS.search(value):
+        raise _fail(key, f"must not contain line breaks or NUL characters ({value!r})")
+
+
+def _check_number(
+    key: str, value: object, *, minimum: float, optional: bool = False, integer: bool = False
+) -> None:
+    if value is None and optional:
+        return
+    if integer:
+        _check_type(key, value, (int,), "an integer")
+    else:
+        _check_type(key, value, (int, float), "a number")
+    assert isinstance(value, (int, float))
+    if not math.isfinite(value) or value < minimum:
+        raise _fail(key, f"must be at least {minimum}, got {value!r}")
+
+
+def _validate(c: Config) -> None:
+    if c.host == "":
+        raise _fail("host", "is required: the Grid Engine head node to SSH into")
+    _check_text("host", c.host)
+    if not _HOST.match(c.host) or c.host.startswith("-"):
+        raise _fail("host", f"is not a valid host name or address: {c.host!r}")
+    _check_number("ssh_port", c.ssh_port, minimum=1, integer=True)
+    if c.ssh_port > 65535:
+        raise _fail("ssh_port", f"must be at most 65535, got {c.ssh_port}")
+    _check_text("ssh_user", c.ssh_user)
+    if not c.ssh_user or c.ssh_user.startswith("-") or re.search(r"\s", c.ssh_user):
+        raise _fail("ssh_user", f"is not a valid user name: {c.ssh_user!r}")
+    for key in ("ssh_keyfile", "known_hosts", "ssh_config"):
+        _check_text(key, getattr(c, key), optional=True)
+    _check_text("ssh_dir", c.ssh_dir)
+    if not c.ssh_dir.strip():
+        raise _fail("ssh_dir", "must not be empty")
+    _check_text("dbfile", c.dbfile)
+    _check_number("port", c.port, minimum=0, optional=True, integer=True)
+    if c.port is not None and c.port > 65535:
+        raise _fail("port", f"must be at most 65535, got {c.port}")
+    _check_text("localhost", c.localhost)
+    if not _HOST.match(c.localhost):
+        raise _fail("localhost", f"is not a valid host name or address: {c.localhost!r}")
+    _check_text("shell", c.shell)
+    if not c.shell.startswith("/") or re.search(r"\s", c.shell):
+        raise _fail(
+            "shell",
+            f"must be an absolute path without spaces (it goes on the #! line and to qsub -S), "
+            f"got {c.shell!r}",
+        )
+    if c.ge_opts is not None:
+        if isinstance(c.ge_opts, str) or not isinstance(c.ge_opts, Sequence):
+            raise _fail("ge_opts", f"must be a list of strings, not {type(c.ge_opts).__name__}")
+        for i, opt in enumerate(c.ge_opts):
+            _check_text(f"ge_opts[{i}]", opt)
+            if not opt.strip().startswith("-"):
+                raise _fail("ge_opts", f"entry {i} is not a qsub option (no leading '-'): {opt!r}")
+            flag = opt.split()[0]
+            if flag in ("-t", "-S"):
+                raise _fail(
+                    "ge_opts",
+                    f"entry {i} sets {flag}, which sheepdog sets itself "
+                    f"({'from the number of tasks and workers' if flag == '-t' else 'from shell'})",
+                )
+    _check_number("ssh_timeout_s", c.ssh_timeout_s, minimum=0.1)
+    _check_number("workers", c.workers, minimum=1, optional=True, integer=True)
+    _check_number("batch", c.batch, minimum=1, optional=True, integer=True)
+    _check_number("max_running", c.max_running, minimum=1, optional=True, integer=True)
+    _check_number("mem_gb", c.mem_gb, minimum=0.001, optional=True)
+    _check_text("mem_resource", c.mem_resource)
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", c.mem_resource):
+        raise _fail("mem_resource", f"is not a resource name: {c.mem_resource!r}")
+    _check_text("h_rt", c.h_rt, optional=True)
+    if c.h_rt is not None and not _H_RT.match(c.h_rt):
+        raise _fail("h_rt", f"must be seconds or H:MM:SS, got {c.h_rt!r}")
+    _check_text("queue", c.queue, optional=True)
+    if c.queue is not None and not re.match(r"^[A-Za-z0-9_.@*,-]+$", c.queue):
+        raise _fail("queue", f"is not a queue name: {c.queue!r}")
+    if c.pe is not None:
+        if (
+            not isinstance(c.pe, tuple)
+            or len(c.pe) != 2
+            or not isinstance(c.pe[0], str)
+            or not re.match(r"^[A-Za-z0-9_.-]+$", c.pe[0])
+            or isinstance(c.pe[1], bool)
+            or not isinstance(c.pe[1], int)
+            or c.pe[1] < 1
+        ):
+            raise _fail("pe", f"must be (name, slots), e.g. ('smp', 4), got {c.pe!r}")
+    _check_number("task_timeout_s", c.task_timeout_s, minimum=0.001, optional=True)
+    _check_number("timeout_s", c.timeout_s, minimum=0.001, optional=True)
+    _check_number("retries", c.retries, minimum=0, integer=True)
+    _check_number("lease_s", c.lease_s, minimum=1)
+    _check_type("keep_jobs_on_interrupt", c.keep_jobs_on_interrupt, (bool,), "True or False")
+    if c.mode not in ("bytecode", "source"):
+        raise _fail("mode", f"must be 'bytecode' or 'source', got {c.mode!r}")

@@ -1,0 +1,786 @@
+"""SQLite storage of requests, their tasks, results, errors and Grid Engine jobs.
+
+The database is the queue between the library and the workers. Every write
+that decides who owns a task runs inside ``BEGIN IMMEDIATE`` so that many
+server processes can share one file: a task is never leased to two workers,
+and the first result for a task wins.
+
+Durability: the connection uses WAL with ``synchronous=FULL`` by default, and
+every write commits before the method returns, so a result that the server has
+acknowledged survives the server being killed (and, with ``FULL``, a power cut).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Callable
+
+from sheepdog.errors import StorageError, UnknownRequestError
+
+__all__ = [
+    "DEFAULT_SETTINGS",
+    "OPEN_STATES",
+    "SCHEMA_VERSION",
+    "Lease",
+    "Storage",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Settings a request gets unless ``new_request(settings=...)`` says otherwise.
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "lease_s": 120.0,
+    "heartbeat_s": 30.0,
+    "task_timeout_s": None,
+    "batch": 1,
+    "capture_bytes": 65536,
+    "max_attempts": 3,
+}
+
+#: Task states that may still change; the others are final.
+OPEN_STATES = ("pending", "leased")
+
+BUSY_TIMEOUT_MS = 30_000  # as the original's 0.2.3: many writers wait rather than fail
+
+_SCHEMA_FILE = Path(__file__).with_name("schema.sql")
+_V1_TABLES = {"requests", "tasks", "jobs"}
+
+
+def _statements(script: str) -> list[str]:
+    lines = [line for line in script.splitlines() if not line.lstrip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def _migrate_to_1(conn: sqlite3.Connection) -> None:
+    existing = {
+        row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
+    clash = (existing & _V1_TABLES) - {"sqlite_sequence"}
+    if clash:
+        # A version-0 file with our table names was made by sheepdog 0.2 or by hand:
+        # its columns differ, and guessing would corrupt it.
+        raise StorageError(
+            f"the database already has tables {sorted(clash)} but no schema version: it was "
+            "made by an older sheepdog or another program; use a new dbfile"
+        )
+    # executescript would commit the caller's transaction first: run statements one by one.
+    for statement in _statements(_SCHEMA_FILE.read_text(encoding="utf-8")):
+        conn.execute(statement)
+
+
+#: Migration steps: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One task handed to a worker until ``expires`` (unix time)."""
+
+    index: int
+    attempt: int
+    lease: str
+    args: bytes
+    expires: float
+
+
+def _error_json(error: object) -> str:
+    if isinstance(error, dict):
+        return json.dumps(error)
+    text = error.decode("utf-8", "replace") if isinstance(error, bytes) else str(error)
+    return json.dumps({"type": "Error", "message": text, "traceback": text})
+
+
+def _load_error(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"type": "Error", "message": text, "traceback": ""}
+    return value if isinstance(value, dict) else {"type": "Error", "message": str(value)}
+
+
+class Storage:
+    """One connection to a sheepdog SQLite database; usable as a context manager.
+
+    ``Storage()`` opens ``./sheepdog.sqlite`` as the original did, creating and
+    migrating the schema. ``init=False`` skips that for callers (the server)
+    that know the schema is current. The object may be shared between threads:
+    calls are serialised on one lock.
+    """
+
+    def __init__(
+        self,
+        dbfile: str | Path = "./sheepdog.sqlite",
+        *,
+        init: bool = True,
+        synchronous: str = "FULL",
+    ) -> None:
+        if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
+        self.dbfile = str(dbfile)
+        self._lock = threading.RLock()
+        try:
+            self._conn: sqlite3.Connection | None = sqlite3.connect(
+                self.dbfile,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the database {self.dbfile}: {exc}") from exc
+        if init:
+            try:
+                self.initdb()
+            except BaseException:
+                self.close()
+                raise
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection; safe to call twice."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Storage({self.dbfile!r})"
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The open connection; raises StorageError once closed."""
+        if self._conn is None:
+            raise StorageError(f"this Storage for {self.dbfile} is closed; open a new one")
+        return self._conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """Run a block in one ``BEGIN IMMEDIATE`` transaction, committed on success."""
+        with self._lock:
+            conn = self.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def initdb(self) -> None:
+        """Create the tables, or migrate an older database to the current schema."""
+        with self._lock:
+            conn = self.conn
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    logger.warning("%s: SQLite refused WAL mode (%s)", self.dbfile, mode)
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise StorageError(
+                        f"{self.dbfile} has schema version {version}, newer than this "
+                        f"sheepdog's {SCHEMA_VERSION}: upgrade sheepdog to open it"
+                    )
+                while version < SCHEMA_VERSION:
+                    with self._write() as c:
+                        # Re-read inside the lock: another process may have migrated.
+                        version = c.execute("PRAGMA user_version").fetchone()[0]
+                        if version >= SCHEMA_VERSION:
+                            break
+                        logger.info(
+                            "%s: migrating schema %d -> %d", self.dbfile, version, version + 1
+                        )
+                        MIGRATIONS[version](c)
+                        c.execute(f"PRAGMA user_version = {version + 1}")
+                    version += 1
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot initialise the database {self.dbfile}: {exc}") from exc
+
+    def schema_version(self) -> int:
+        """Return the database's ``PRAGMA user_version``."""
+        with self._lock:
+            return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    # -- requests ------------------------------------------------------------------
+
+    def new_request(
+        self,
+        serialised_function: bytes,
+        serialised_namespace: bytes | None,
+        args_list: Sequence[bytes],
+        *,
+        secret: str | None = None,
+        settings: dict[str, Any] | None = None,
+        label: str | None = None,
+    ) -> int:
+        """Store a request and one pending task per serialised argument; return its id.
+
+        Task indices count from 1. ``secret`` (64 hex characters) is generated when
+        not given. ``settings`` are merged over ``DEFAULT_SETTINGS``.
+        """
+        if secret is None:
+            secret = secrets.token_hex(32)
+        elif len(secret) < 32:
+            raise ValueError("a request secret needs at least 128 bits (32 hex characters)")
+        else:
+            bytes.fromhex(secret)  # fail here, not when the first worker calls
+        merged = {**DEFAULT_SETTINGS, **(settings or {})}
+        args = list(args_list)
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO requests (created, func, ns, secret, n_tasks, settings, label)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    time.time(),
+                    serialised_function,
+                    serialised_namespace,
+                    secret,
+                    len(args),
+                    json.dumps(merged),
+                    label,
+                ),
+            )
+            request_id = cursor.lastrowid
+            assert request_id is not None
+            conn.executemany(
+                "INSERT INTO tasks (request_id, idx, args) VALUES (?, ?, ?)",
+                ((request_id, i, a) for i, a in enumerate(args, start=1)),
+            )
+        return int(request_id)
+
+    def _request_row(self, request_id: int, columns: str) -> tuple[Any, ...]:
+        with self._lock:
+            row = self.conn.execute(
+                f"SELECT {columns} FROM requests WHERE id = ?", (request_id,)
+            ).fetchone()
+        if row is None:
+            raise UnknownRequestError(request_id, self.dbfile)
+        return tuple(row)
+
+    def get_secret(self, request_id: int) -> str:
+        """Return the request's secret (64 hex characters)."""
+        return str(self._request_row(request_id, "secret")[0])
+
+    def get_settings(self, request_id: int) -> dict[str, Any]:
+        """Return the request's settings, defaults filled in."""
+        (text,) = self._request_row(request_id, "settings")
+        return {**DEFAULT_SETTINGS, **json.loads(text)}
+
+    def get_auth(self, request_id: int) -> tuple[str, int, str, dict[str, Any]]:
+        """Return ``(secret, n_tasks, state, settings)`` in one query, for the server."""
+        secret, n_tasks, state, text = self._request_row(
+            request_id, "secret, n_tasks, state, settings"
+        )
+        return str(secret), int(n_tasks), str(state), {**DEFAULT_SETTINGS, **json.loads(text)}
+
+    def get_function(self, request_id: int) -> tuple[bytes, bytes | None]:
+        """Return the request's serialised function and namespace."""
+        func, ns = self._request_row(request_id, "func, ns")
+        return bytes(func), (None if ns is None else bytes(ns))
+
+    def get_request_state(self, request_id: int) -> str:
+        """Return ``"open"`` or ``"cancelled"``."""
+        return str(self._request_row(request_id, "state")[0])
+
+    def list_requests(self) -> list[dict[str, Any]]:
+        """Return every request's id, created time, task count, state and label."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT id, created, n_tasks, state, label FROM requests ORDER BY id"
+            ).fetchall()
+        keys = ("id", "created", "n_tasks", "state", "label")
+        return [dict(zip(keys, row)) for row in rows]
+
+    # -- the seed's per-task API ----------------------------------------------------
+
+    def get_details(self, request_id: int, job_index: int) -> tuple[bytes, bytes | None, bytes]:
+        """Return ``(function, namespace, args)`` for task ``job_index`` (from 1)."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT r.func, r.ns, t.args FROM requests r JOIN tasks t ON t.request_id = r.id"
+                " WHERE r.id = ? AND t.idx = ?",
+                (request_id, job_index),
+            ).fetchone()
+        if row is None:
+            self._check_task(request_id, job_index)
+        func, ns, args = row
+        return bytes(func), (None if ns is None else bytes(ns)), bytes(args)
+
+    def _check_task(self, request_id: int, job_index: int) -> None:
+        (n_tasks,) = self._request_row(request_id, "n_tasks")
+        raise StorageError(f"request {request_id} has tasks 1..{n_tasks}, not {job_index}")
+
+    def store_result(self, request_id: int, job_index: int, result: bytes) -> bool:
+        """Store a pickled result unless the task is already finished; True if stored."""
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE tasks SET state = 'done', result = ?, finished = ?, lease = NULL,"
+                " lease_expires = NULL WHERE request_id = ? AND idx = ?"
+                " AND state IN ('pending', 'leased')",
+                (result, time.time(), request_id, job_index),
+            )
+        if cursor.rowcount == 0:
+            self._raise_if_missing(request_id, job_index)
+        return cursor.rowcount == 1
+
+    def store_error(self, request_id: int, job_index: int, error: object) -> bool:
+        """Store an error (a dict, or text) unless the task is finished; True if stored."""
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE tasks SET state = 'error', error = ?, finished = ?, lease = NULL,"
+                " lease_expires = NULL WHERE request_id = ? AND idx = ?"
+                " AND state IN ('pending', 'leased')",
+                (_error_json(error), time.time(), request_id, job_index),
+            )
+        if cursor.rowcount == 0:
+            self._raise_if_missing(request_id, job_index)
+        return cursor.rowcount == 1
+
+    def _raise_if_missing(self, request_id: int, job_index: int) -> None:
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT 1 FROM tasks WHERE request_id = ? AND idx = ?", (request_id, job_index)
+            ).fetchone()
+        if row is None:
+            self._check_task(request_id, job_index)
+
+    def _count(self, request_id: int, states: tuple[str, ...]) -> int:
+        marks = ", ".join("?" * len(states))
+        with self._lock:
+            (count,) = self.conn.execute(
+                f"SELECT count(*) FROM tasks WHERE request_id = ? AND state IN ({marks})",
+                (request_id, *states),
+            ).fetchone()
+        if count == 0:
+            self._request_row(request_id, "id")
+        return int(count)
+
+    def count_results(self, request_id: int) -> int:
+        """Return how many tasks have a result."""
+        return self._count(request_id, ("done",))
+
+    def count_errors(self, request_id: int) -> int:
+        """Return how many tasks ended in an error (``lost`` and ``cancelled`` included)."""
+        return self._count(request_id, ("error", "cancelled"))
+
+    def count_results_and_errors(self, request_id: int) -> int:
+        """Return how many tasks are finished, whatever the outcome."""
+        return self._count(request_id, ("done", "error", "cancelled"))
+
+    def count_tasks(self, request_id: int) -> int:
+        """Return the number of tasks in the request."""
+        return int(self._request_row(request_id, "n_tasks")[0])
+
+    def task_counts(self, request_id: int) -> dict[str, int]:
+        """Return the number of tasks in each state, every state present."""
+        self._request_row(request_id, "id")
+        counts = dict.fromkeys(("pending", "leased", "done", "error", "cancelled"), 0)
+        with self._lock:
+            for state, count in self.conn.execute(
+                "SELECT state, count(*) FROM tasks WHERE request_id = ? GROUP BY state",
+                (request_id,),
+            ):
+                counts[state] = int(count)
+        return counts
+
+    def get_results(self, request_id: int) -> list[tuple[bytes, bytes]]:
+        """Return ``(args, result)`` for every task with a result, in index order."""
+        self._request_row(request_id, "id")
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT args, result FROM tasks WHERE request_id = ? AND state = 'done'"
+                " ORDER BY idx",
+                (request_id,),
+            ).fetchall()
+        return [(bytes(a), bytes(r)) for a, r in rows]
+
+    def get_errors(self, request_id: int) -> list[tuple[bytes, dict[str, Any]]]:
+        """Return ``(args, error dict)`` for every failed or cancelled task, in index order."""
+        return [(args, error) for _, args, error in self.get_task_errors(request_id)]
+
+    def get_task_errors(self, request_id: int) -> list[tuple[int, bytes, dict[str, Any]]]:
+        """Return ``(index, args, error dict)`` for every failed or cancelled task.
+
+        The dict holds the worker's ``type``, ``message``, ``traceback``, ``host``,
+        ``python`` and ``kind`` (``exception``, ``lost``, ``cancelled``...), plus the
+        task's captured ``stdout`` and ``stderr``.
+        """
+        self._request_row(request_id, "id")
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT idx, args, error, stdout, stderr FROM tasks WHERE request_id = ?"
+                " AND state IN ('error', 'cancelled') ORDER BY idx",
+                (request_id,),
+            ).fetchall()
+        out = []
+        for idx, args, error, stdout, stderr in rows:
+            data = _load_error(error)
+            data.setdefault("kind", "exception")
+            data.setdefault("stdout", stdout or "")
+            data.setdefault("stderr", stderr or "")
+            out.append((int(idx), bytes(args), data))
+        return out
+
+    def get_tasks_with_results(self, request_id: int) -> list[tuple[bytes, bytes | None]]:
+        """Return ``(args, result or None)`` for every task, in index order."""
+        self._request_row(request_id, "id")
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT args, CASE WHEN state = 'done' THEN result END FROM tasks"
+                " WHERE request_id = ? ORDER BY idx",
+                (request_id,),
+            ).fetchall()
+        return [(bytes(a), None if r is None else bytes(r)) for a, r in rows]
+
+    def get_task(self, request_id: int, idx: int) -> dict[str, Any]:
+        """Return every column of one task as a dict (``error`` decoded)."""
+        with self._lock:
+            cursor = self.conn.execute(
+                "SELECT * FROM tasks WHERE request_id = ? AND idx = ?", (request_id, idx)
+            )
+            row = cursor.fetchone()
+            names = [d[0] for d in cursor.description]
+        if row is None:
+            self._check_task(request_id, idx)
+        task = dict(zip(names, row))
+        task["error"] = _load_error(task["error"]) if task["error"] is not None else None
+        return task
+
+    def open_task_indices(self, request_id: int) -> list[int]:
+        """Return the indices of tasks still pending or leased."""
+        self._request_row(request_id, "id")
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT idx FROM tasks WHERE request_id = ? AND state IN ('pending', 'leased')"
+                " ORDER BY idx",
+                (request_id,),
+            ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    # -- the queue -----------------------------------------------------------------
+
+    def _expire(self, conn: sqlite3.Connection, request_id: int, now: float) -> int:
+        (text,) = conn.execute(
+            "SELECT settings FROM requests WHERE id = ?", (request_id,)
+        ).fetchone()
+        max_attempts = int(json.loads(text).get("max_attempts", DEFAULT_SETTINGS["max_attempts"]))
+        overdue = conn.execute(
+            "SELECT idx, attempts, host, lease_expires FROM tasks WHERE request_id = ?"
+            " AND state = 'leased' AND lease_expires < ?",
+            (request_id, now),
+        ).fetchall()
+        for idx, attempts, host, expired in overdue:
+            if attempts + 1 >= max_attempts:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expired))
+                error = {
+                    "type": "LostTask",
+                    "message": (
+                        f"task {idx} was lost {attempts + 1} times; last leased to "
+                        f"{host or 'an unknown host'}, lease expired at {when}"
+                    ),
+                    "traceback": "",
+                    "host": host,
+                    "kind": "lost",
+                    "time": expired,
+                }
+                conn.execute(
+                    "UPDATE tasks SET state = 'error', attempts = attempts + 1, error = ?,"
+                    " lease = NULL, lease_expires = NULL, finished = ?"
+                    " WHERE request_id = ? AND idx = ?",
+                    (json.dumps(error), now, request_id, idx),
+                )
+                logger.warning("request %d task %d lost on %s", request_id, idx, host)
+            else:
+                conn.execute(
+                    "UPDATE tasks SET state = 'pending', attempts = attempts + 1, lease = NULL,"
+                    " lease_expires = NULL WHERE request_id = ? AND idx = ?",
+                    (request_id, idx),
+                )
+        return len(overdue)
+
+    def expire_leases(self, request_id: int, *, now: float | None = None) -> int:
+        """Return overdue leased tasks to pending (or make them lost); return how many."""
+        self._request_row(request_id, "id")
+        with self._write() as conn:
+            return self._expire(conn, request_id, time.time() if now is None else now)
+
+    def lease(
+        self,
+        request_id: int,
+        *,
+        worker: str,
+        host: str,
+        max_tasks: int,
+        lease_s: float,
+        now: float | None = None,
+    ) -> list[Lease]:
+        """Lease up to ``max_tasks`` pending tasks to ``worker`` for ``lease_s`` seconds.
+
+        Overdue leases are expired first. A cancelled request leases nothing.
+        """
+        now = time.time() if now is None else now
+        expires = now + lease_s
+        with self._write() as conn:
+            row = conn.execute("SELECT state FROM requests WHERE id = ?", (request_id,)).fetchone()
+            if row is None:
+                raise UnknownRequestError(request_id, self.dbfile)
+            self._expire(conn, request_id, now)
+            if row[0] != "open" or max_tasks <= 0:
+                return []
+            rows = conn.execute(
+                "SELECT idx, attempts, args FROM tasks WHERE request_id = ? AND state = 'pending'"
+                " ORDER BY idx LIMIT ?",
+                (request_id, max_tasks),
+            ).fetchall()
+            leases = []
+            for idx, attempts, args in rows:
+                token = secrets.token_hex(8)
+                conn.execute(
+                    "UPDATE tasks SET state = 'leased', lease = ?, lease_expires = ?, worker = ?,"
+                    " host = ?, started = ? WHERE request_id = ? AND idx = ?",
+                    (token, expires, worker, host, now, request_id, idx),
+                )
+                leases.append(Lease(int(idx), int(attempts) + 1, token, bytes(args), expires))
+        return leases
+
+    def renew(
+        self,
+        request_id: int,
+        worker: str,
+        leases: Iterable[str],
+        lease_s: float,
+        *,
+        now: float | None = None,
+    ) -> tuple[list[str], list[str]]:
+        """Extend the given leases by ``lease_s``; return ``(renewed, lost)`` tokens.
+
+        A lease is lost when its task was re-leased, finished or cancelled. A lease
+        that expired but whose task nobody took yet is renewed: the work is not lost.
+        """
+        now = time.time() if now is None else now
+        renewed: list[str] = []
+        lost: list[str] = []
+        with self._write() as conn:
+            found = conn.execute("SELECT 1 FROM requests WHERE id = ?", (request_id,)).fetchone()
+            if found is None:
+                raise UnknownRequestError(request_id, self.dbfile)
+            for token in leases:
+                cursor = conn.execute(
+                    "UPDATE tasks SET lease_expires = ?, worker = ? WHERE request_id = ?"
+                    " AND lease = ? AND state = 'leased'",
+                    (now + lease_s, worker, request_id, token),
+                )
+                (renewed if cursor.rowcount else lost).append(token)
+        return renewed, lost
+
+    def complete(
+        self, request_id: int, results: Iterable[dict[str, Any]]
+    ) -> tuple[list[int], list[int]]:
+        """Store results as the protocol's results endpoint gives them (values as bytes).
+
+        Each dict has ``index`` and ``ok``, then ``value`` (bytes) or ``error`` (dict),
+        and optionally ``stdout``, ``stderr``, ``duration_s``, ``worker``, ``host``.
+        The first result per task wins; returns ``(accepted, duplicates)`` indices.
+        """
+        accepted: list[int] = []
+        duplicates: list[int] = []
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT n_tasks FROM requests WHERE id = ?", (request_id,)
+            ).fetchone()
+            if row is None:
+                raise UnknownRequestError(request_id, self.dbfile)
+            for r in results:
+                index = int(r["index"])
+                if not 1 <= index <= row[0]:
+                    raise StorageError(f"request {request_id} has tasks 1..{row[0]}, not {index}")
+                if r["ok"]:
+                    state, value, error = "done", r["value"], None
+                else:
+                    state, value = "error", None
+                    error = json.dumps({"kind": "exception", **r["error"]})
+                cursor = conn.execute(
+                    "UPDATE tasks SET state = ?, result = ?, error = ?, stdout = ?, stderr = ?,"
+                    " duration_s = ?, finished = ?, worker = coalesce(?, worker),"
+                    " host = coalesce(?, host), lease = NULL, lease_expires = NULL"
+                    " WHERE request_id = ? AND idx = ? AND state IN ('pending', 'leased')",
+                    (
+                        state,
+                        value,
+                        error,
+                        r.get("stdout"),
+                        r.get("stderr"),
+                        r.get("duration_s"),
+                        now,
+                        r.get("worker"),
+                        r.get("host"),
+                        request_id,
+                        index,
+                    ),
+                )
+                (accepted if cursor.rowcount else duplicates).append(index)
+        return accepted, duplicates
+
+    def cancel(self, request_id: int, reason: str = "cancelled by the user") -> int:
+        """Cancel the request: no more leases, open tasks become cancelled; return how many."""
+        error = json.dumps(
+            {"type": "Cancelled", "message": reason, "traceback": "", "kind": "cancelled"}
+        )
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE requests SET state = 'cancelled' WHERE id = ?", (request_id,)
+            )
+            if cursor.rowcount == 0:
+                raise UnknownRequestError(request_id, self.dbfile)
+            cursor = conn.execute(
+                "UPDATE tasks SET state = 'cancelled', error = ?, finished = ?, lease = NULL,"
+                " lease_expires = NULL WHERE request_id = ? AND state IN ('pending', 'leased')",
+                (error, time.time(), request_id),
+            )
+        return cursor.rowcount
+
+    def fail_tasks(
+        self,
+        request_id: int,
+        indices: Iterable[int],
+        kind: str,
+        message: str,
+        *,
+        type_name: str = "TaskFailed",
+        host: str | None = None,
+        traceback: str = "",
+        extra: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """Turn the given open tasks into errors of ``kind``; return the indices changed."""
+        error = json.dumps(
+            {
+                "type": type_name,
+                "message": message,
+                "traceback": traceback,
+                "host": host,
+                "kind": kind,
+                **(extra or {}),
+            }
+        )
+        changed = []
+        now = time.time()
+        self._request_row(request_id, "id")
+        with self._write() as conn:
+            for idx in indices:
+                cursor = conn.execute(
+                    "UPDATE tasks SET state = 'error', error = ?, finished = ?, lease = NULL,"
+                    " lease_expires = NULL WHERE request_id = ? AND idx = ?"
+                    " AND state IN ('pending', 'leased')",
+                    (error, now, request_id, idx),
+                )
+                if cursor.rowcount:
+                    changed.append(int(idx))
+        return changed
+
+    def reset_tasks(self, request_id: int, indices: Iterable[int]) -> list[int]:
+        """Make unfinished-or-failed tasks pending again, attempts from 0, for resubmission.
+
+        Tasks with a result are left alone; so is a cancelled request's work
+        unless the request is reopened. Returns the indices changed.
+        """
+        changed = []
+        self._request_row(request_id, "id")
+        with self._write() as conn:
+            for idx in indices:
+                cursor = conn.execute(
+                    "UPDATE tasks SET state = 'pending', attempts = 0, lease = NULL,"
+                    " lease_expires = NULL, error = NULL, finished = NULL"
+                    " WHERE request_id = ? AND idx = ? AND state IN ('pending', 'leased', 'error')",
+                    (request_id, idx),
+                )
+                if cursor.rowcount:
+                    changed.append(int(idx))
+        return changed
+
+    # -- Grid Engine jobs ----------------------------------------------------------
+
+    def add_job(
+        self,
+        request_id: int,
+        job_id: str,
+        array_size: int,
+        *,
+        submitted: float | None = None,
+        state: str = "submitted",
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a Grid Engine job submitted for the request."""
+        self._request_row(request_id, "id")
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO jobs (request_id, job_id, array_size, submitted, state,"
+                " info) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    request_id,
+                    job_id,
+                    array_size,
+                    time.time() if submitted is None else submitted,
+                    state,
+                    json.dumps(info or {}),
+                ),
+            )
+
+    def set_job_state(
+        self, request_id: int, job_id: str, state: str, info: dict[str, Any] | None = None
+    ) -> None:
+        """Update a recorded job's state (and replace its info when given)."""
+        with self._write() as conn:
+            if info is None:
+                cursor = conn.execute(
+                    "UPDATE jobs SET state = ? WHERE request_id = ? AND job_id = ?",
+                    (state, request_id, job_id),
+                )
+            else:
+                cursor = conn.execute(
+                    "UPDATE jobs SET state = ?, info = ? WHERE request_id = ? AND job_id = ?",
+                    (state, json.dumps(info), request_id, job_id),
+                )
+        if cursor.rowcount == 0:
+            raise StorageError(f"request {request_id} has no job {job_id!r}")
+
+    def get_jobs(self, request_id: int) -> list[dict[str, Any]]:
+        """Return the request's recorded jobs, oldest first."""
+        self._request_row(request_id, "id")
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT job_id, array_size, submitted, state, info FROM jobs"
+                " WHERE request_id = ? ORDER BY submitted, job_id",
+                (request_id,),
+            ).fetchall()
+        return [
+            {"job_id": j, "array_size": a, "submitted": s, "state": st, "info": json.loads(i)}
+            for j, a, s, st, i in rows
+        ]

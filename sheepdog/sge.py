@@ -1,0 +1,142 @@
+"""Read Grid Engine's answers: qstat listings, qstat -j details, qacct records.
+
+Pure parsing functions; the commands themselves run through a Deployer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+__all__ = [
+    "AccountingRecord",
+    "JobStatus",
+    "describe_failure",
+    "parse_qacct",
+    "parse_qstat",
+    "parse_qstat_j_errors",
+]
+
+_QSTAT_LINE = re.compile(
+    r"^\s*(?P<job_id>\d+)\s+(?P<prior>[\d.]+)\s+(?P<name>\S+)\s+(?P<user>\S+)\s+"
+    r"(?P<state>[a-zA-Z]+)\s+(?P<date>\d\d/\d\d/\d{4}\s+\d\d:\d\d:\d\d)\s*"
+    r"(?P<rest>.*)$"
+)
+
+
+@dataclass
+class JobStatus:
+    """What qstat says about one job: the states of its array tasks."""
+
+    job_id: str
+    states: set[str] = field(default_factory=set)
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def in_error(self) -> bool:
+        """True when a task of the job is in an error state (``Eqw`` and the like)."""
+        return any("E" in s for s in self.states)
+
+
+def parse_qstat(text: str) -> dict[str, JobStatus]:
+    """Parse plain ``qstat`` output into job id → status; header and odd lines are skipped."""
+    jobs: dict[str, JobStatus] = {}
+    for line in text.splitlines():
+        match = _QSTAT_LINE.match(line)
+        if match is None:
+            continue
+        status = jobs.setdefault(match["job_id"], JobStatus(match["job_id"]))
+        status.states.add(match["state"])
+        status.lines.append(line.strip())
+    return jobs
+
+
+def parse_qstat_j_errors(text: str) -> list[str]:
+    """The error lines of ``qstat -j ID`` (``error reason N: ...``), deduplicated in order."""
+    seen: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if re.match(r"^(error reason|error)\s*\d*\s*:", stripped):
+            reason = stripped.split(":", 1)[1].strip()
+            if reason and reason not in seen:
+                seen.append(reason)
+    return seen
+
+
+@dataclass
+class AccountingRecord:
+    """One array task's record from ``qacct -j``."""
+
+    job_id: str
+    task_id: int | None
+    hostname: str
+    exit_status: int | None
+    failed: str
+    maxvmem: str
+    ru_wallclock: str
+    fields: dict[str, str]
+
+
+def parse_qacct(text: str) -> list[AccountingRecord]:
+    """Parse ``qacct -j ID`` output: one record per array task, separated by '=' lines."""
+    records: list[AccountingRecord] = []
+    current: dict[str, str] = {}
+
+    def flush() -> None:
+        if not current:
+            return
+        task = current.get("taskid", "")
+        exit_text = current.get("exit_status", "").split()[0] if current.get("exit_status") else ""
+        records.append(
+            AccountingRecord(
+                job_id=current.get("jobnumber", ""),
+                task_id=int(task) if task.isdigit() else None,
+                hostname=current.get("hostname", ""),
+                exit_status=int(exit_text) if exit_text.lstrip("-").isdigit() else None,
+                failed=current.get("failed", "0"),
+                maxvmem=current.get("maxvmem", ""),
+                ru_wallclock=current.get("ru_wallclock", ""),
+                fields=dict(current),
+            )
+        )
+        current.clear()
+
+    for line in text.splitlines():
+        if line.startswith("====="):
+            flush()
+            continue
+        parts = line.split(None, 1)
+        if len(parts) == 2:
+            current[parts[0]] = parts[1].strip()
+        elif len(parts) == 1:
+            current[parts[0]] = ""
+    flush()
+    return records
+
+
+def describe_failure(record: AccountingRecord) -> str | None:
+    """Say in words why an array task ended badly, or None if it ended well."""
+    failed_code = record.failed.split(":", 1)[0].strip()
+    failed_text = record.failed.split(":", 1)[1].strip() if ":" in record.failed else ""
+    where = f" on {record.hostname}" if record.hostname else ""
+    if failed_code not in ("", "0"):
+        lowered = failed_text.lower()
+        if "h_rt" in lowered or "s_rt" in lowered:
+            return f"killed by Grid Engine for exceeding its run time limit (h_rt){where}"
+        if "h_vmem" in lowered or "s_vmem" in lowered:
+            return (
+                f"killed by Grid Engine for exceeding its memory limit (h_vmem; "
+                f"maxvmem {record.maxvmem}){where}"
+            )
+        return f"Grid Engine reports failure {record.failed}{where}"
+    if record.exit_status not in (None, 0):
+        status = record.exit_status
+        if status > 128:
+            signal = status - 128
+            names = {9: "SIGKILL", 15: "SIGTERM", 6: "SIGABRT", 11: "SIGSEGV"}
+            hint = ""
+            if signal == 9:
+                hint = " (killed: often an exceeded memory or time limit, or qdel)"
+            return f"the array task died with signal {names.get(signal, signal)}{hint}{where}"
+        return f"the array task exited with status {status}{where}"
+    return None

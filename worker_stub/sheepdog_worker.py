@@ -5,10 +5,446 @@ kept short and readable. The protocol it speaks is documented in
 docs/protocol.rst of the sheepdog project.
 """
 
+import base64
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import random
+import re
+import reprlib
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from urllib.parse import urlsplit
+
 # ---- decoding: functions and values (see sheepdog/serialisation.py) ----
 
 # ---- end decoding ----
 
 # ---- protocol client ----
+# Exit statuses of an array task, so that qacct and the .e file say why a worker stopped.
+EXIT_OK = 0
+EXIT_PROTOCOL = 3  # the server stayed unreachable, refused a call, or answered nonsense
+EXIT_AUTH = 4  # the server rejected our signature, or an answer was not signed by it
+EXIT_VERSION = 5  # the function cannot be loaded on this worker's Python
+EXIT_STUCK = 6  # a task overran its timeout where Python could not interrupt it
+
+MEMORY_UNITS = {"": 1, "k": 10**3, "K": 2**10, "m": 10**6, "M": 2**20,
+                "g": 10**9, "G": 2**30, "t": 10**12, "T": 2**40}
+
+
+class ProtocolFailure(Exception):
+    """The worker cannot go on; carries the exit status that says why."""
+
+    def __init__(self, message, exit_status=EXIT_PROTOCOL):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+class TaskTimeout(BaseException):
+    """Raised inside a task that runs past task_timeout_s.
+
+    A BaseException, so that an `except Exception` in the task cannot swallow it.
+    """
+
+
+def parse_memory(spec):
+    """Return the bytes in an SGE memory_specifier (sge_types(5)), or None for INFINITY.
+
+    Decimal, hex (0x) or octal (leading 0) numbers, then k/m/g/t for powers of
+    1000 or K/M/G/T for powers of 1024. Decimal fractions ("1.5G") are accepted.
+    """
+    text = spec.strip()
+    if text.lower() == "infinity":
+        return None
+    match = re.match(r"^(0[xX][0-9a-fA-F]+|0[0-7]+|\d+(?:\.\d+)?)([kKmMgGtT]?)$", text)
+    if not match:
+        raise ValueError("%r is not a Grid Engine memory specifier such as 2G or 500M" % spec)
+    number, unit = match.groups()
+    if number[:2] in ("0x", "0X"):
+        value = int(number, 16)
+    elif len(number) > 1 and number[0] == "0" and number.isdigit():
+        value = int(number, 8)
+    else:
+        value = float(number)
+    return int(value * MEMORY_UNITS[unit])
+
+
+def memory_limit(job_text):
+    """Return the smallest hard mem_grab or h_vmem request in a job file's #$ lines, or None.
+
+    Reads the leading comment block only, as the directives are there and the
+    rest of the file is code. Handles "-l h_rt=1:00:00,mem_grab=2G" and -soft.
+    """
+    limits, hard = [], True
+    for line in job_text.splitlines():
+        if not line.startswith("#"):
+            break
+        words = line[2:].split() if line.startswith("#$") else []
+        for i, word in enumerate(words):
+            if word in ("-hard", "-soft"):
+                hard = word == "-hard"
+            elif word == "-l" and hard and i + 1 < len(words):
+                for item in words[i + 1].split(","):
+                    name, _, value = item.partition("=")
+                    if name in ("mem_grab", "h_vmem") and value:
+                        limits.append(parse_memory(value))
+    limits = [limit for limit in limits if limit]
+    return min(limits) if limits else None
+
+
+def backoff_delay(attempt, base_s=0.5, cap_s=30.0, rand=random.random):
+    """Seconds to wait before retry `attempt` (from 0): full jitter under a capped exponential."""
+    return rand() * min(cap_s, base_s * 2 ** min(attempt, 32))
+
+
+def sign_request(secret_hex, method, path, time_s, body):
+    """Sign a call as docs/protocol.rst says (same as sheepdog/_signing.py)."""
+    message = "%s\n%s\n%s\n%s" % (method.upper(), path, time_s, hashlib.sha256(body).hexdigest())
+    return hmac.new(bytes.fromhex(secret_hex), message.encode(), hashlib.sha256).hexdigest()
+
+
+def sign_response(secret_hex, request_signature, body):
+    """Sign an answer to the call that carried `request_signature`."""
+    message = "response\n%s\n%s" % (request_signature, hashlib.sha256(body).hexdigest())
+    return hmac.new(bytes.fromhex(secret_hex), message.encode(), hashlib.sha256).hexdigest()
+
+
+class Capture:
+    """Stands in for sys.stdout/sys.stderr during a task: passes writes on, keeps `limit` bytes."""
+
+    def __init__(self, stream, limit):
+        self.stream, self.limit, self.kept, self.dropped = stream, limit, bytearray(), 0
+
+    def write(self, text):
+        self.stream.write(text)  # tee, so that the SGE .o/.e files still have everything
+        data = text.encode("utf-8", "replace")
+        room = max(self.limit - len(self.kept), 0)
+        self.kept += data[:room]
+        self.dropped += max(len(data) - room, 0)
+        return len(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def text(self):
+        text = self.kept.decode("utf-8", "ignore")  # "ignore": the cut may split a character
+        if self.dropped:
+            text += "\n[sheepdog: %d more bytes not kept; see the SGE output files]" % self.dropped
+        return text
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class Connection:
+    """A keep-alive HTTP(S) connection to the server that signs calls, checks answers, retries."""
+
+    def __init__(self, url, secret, request_id, retry_s=600.0, tls_fingerprint=None,
+                 timeout_s=60.0):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ProtocolFailure("the server URL %r is not an http:// or https:// URL" % url)
+        self.https, self.host, self.port = parts.scheme == "https", parts.hostname, parts.port
+        self.prefix = "%s/api/v1/requests/%d/" % (parts.path.rstrip("/"), request_id)
+        self.secret, self.request_id, self.retry_s, self.timeout_s = (
+            secret, request_id, retry_s, timeout_s)
+        self.fingerprint = (tls_fingerprint or "").replace(":", "").lower()
+        self.conn = None
+
+    def _connect(self):
+        if not self.https:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+        else:
+            import ssl
+            context = ssl.create_default_context()
+            if self.fingerprint:  # a self-signed certificate: trusted by its pinned fingerprint
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            conn = http.client.HTTPSConnection(
+                self.host, self.port, timeout=self.timeout_s, context=context)
+        conn.auto_open = 0  # reconnect only through here, so the fingerprint is always checked
+        conn.connect()
+        if self.https and self.fingerprint:
+            seen = hashlib.sha256(conn.sock.getpeercert(binary_form=True)).hexdigest()
+            if not hmac.compare_digest(seen, self.fingerprint):
+                conn.close()
+                raise ProtocolFailure(
+                    "the server's TLS certificate has SHA-256 fingerprint %s but the job file "
+                    "pins %s: not talking to it" % (seen, self.fingerprint), EXIT_AUTH)
+        return conn
+
+    def _send(self, method, path, body):
+        now = str(int(time.time()))
+        signature = sign_request(self.secret, method, path, now, body)
+        headers = {"Content-Type": "application/json", "X-Sheepdog-Time": now,
+                   "X-Sheepdog-Signature": signature}
+        if self.conn is None:
+            self.conn = self._connect()
+        try:
+            self.conn.request(method, path, body=body, headers=headers)
+            response = self.conn.getresponse()
+            answer = response.read()
+        except BaseException:
+            self.close()
+            raise
+        if response.will_close:
+            self.close()
+        return response.status, signature, response.getheader("X-Sheepdog-Signature", ""), answer
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def call(self, method, name, body=None, retry_s=None):
+        """Make a signed call to .../requests/<id>/<name> and return its checked JSON answer.
+
+        Connection errors and 5xx answers are retried with backoff for up to
+        `retry_s` seconds; other failures raise ProtocolFailure at once.
+        """
+        path, data = self.prefix + name, b"" if body is None else json.dumps(body).encode()
+        retry_s = self.retry_s if retry_s is None else retry_s
+        deadline, attempt = time.monotonic() + retry_s, 0
+        while True:
+            try:
+                status, signature, given, answer = self._send(method, path, data)
+                if status < 500:
+                    break
+                problem = "the server answered HTTP %d" % status
+            except (OSError, http.client.HTTPException) as e:
+                problem = "cannot reach the server at %s:%s (%s: %s)" % (
+                    self.host, self.port, type(e).__name__, e)
+            delay = backoff_delay(attempt)
+            if time.monotonic() + delay > deadline:
+                raise ProtocolFailure("%s; gave up on %s %s after retrying for %g s" % (
+                    problem, method, path, retry_s))
+            say("sheepdog: %s; retrying in %.1f s" % (problem, delay), sys.stderr)
+            time.sleep(delay)
+            attempt += 1
+        if not 200 <= status < 300:
+            raise self._refusal(status, answer)
+        if not hmac.compare_digest(sign_response(self.secret, signature, answer).encode(),
+                                   given.encode("latin-1", "replace")):
+            raise ProtocolFailure(
+                "the answer to %s %s is not signed with request %d's secret: another server "
+                "answers at %s:%s, or something on the way changed it" % (
+                    method, path, self.request_id, self.host, self.port), EXIT_AUTH)
+        try:
+            return json.loads(answer.decode("utf-8"))
+        except ValueError:
+            raise ProtocolFailure("the answer to %s %s is not JSON: %r" % (
+                method, path, answer[:200])) from None
+
+    def _refusal(self, status, answer):
+        try:
+            error = json.loads(answer.decode("utf-8"))["error"]
+            detail = "%s: %s" % (error["code"], error["message"])
+        except (ValueError, KeyError, TypeError):
+            detail = answer[:200].decode("utf-8", "replace")
+        rid = self.request_id
+        if status == 401:
+            return ProtocolFailure(
+                "the server rejected our signature (%s): the job file's secret does not match "
+                "request %d, or this node's clock is far off - was the database replaced?"
+                % (detail, rid), EXIT_AUTH)
+        if status == 404:
+            return ProtocolFailure("the server does not know request %d (%s) - was the database "
+                                   "replaced or the server started on another one?" % (rid, detail))
+        return ProtocolFailure("the server refused a call for request %d with HTTP %d (%s)"
+                               % (rid, status, detail))
+
+
+def say(message, stream=None):
+    """Print a line to the real stdout (or `stream`), so that it lands in the SGE output files."""
+    stream = stream or sys.stdout
+    stream.write(message + "\n")
+    stream.flush()
+
+
+class Client:
+    """Find out what to do, do it, report back: the worker side of one array task.
+
+    `Client(url, secret, request_id, job_index).go()` ends every job file.
+    """
+
+    def __init__(self, url, password, request_id, job_index, batch=None, retry_s=600.0,
+                 tls_fingerprint=None, mem_limit_bytes=None):
+        self.request_id, self.job_index = int(request_id), job_index
+        self.host = socket.gethostname()
+        self.worker = "%s:%d:%s" % (self.host, os.getpid(), job_index)
+        self.batch, self.mem_limit_bytes = batch, mem_limit_bytes
+        self.connect = lambda: Connection(url, password, self.request_id, retry_s, tls_fingerprint)
+        self.conn = self.connect()
+        self.out, self.err = sys.stdout, sys.stderr  # the real streams, whatever a task does
+        self.function, self.settings = None, {}
+        self.leases, self.lost, self.cancelled = [], set(), False
+        self.running = None  # (index, lease, start, stdout capture, stderr capture)
+        self.armed = False  # whether a SIGALRM may interrupt the running task
+        self.stuck_grace_s = 30.0  # after the timeout, how long Python gets to interrupt a task
+
+    def go(self):
+        """Run tasks until none is left; on a failure, say why on stderr and exit non-zero."""
+        try:
+            self.set_memlimit()
+            self.get_details()
+            self.run()
+        except ProtocolFailure as e:
+            say("sheepdog: worker %s stops: %s" % (self.worker, e), self.err)
+            sys.exit(e.exit_status)
+        except (KeyError, TypeError, ValueError) as e:
+            say("sheepdog: worker %s stops: the server's answer is not what docs/protocol.rst "
+                "describes (%s: %s)" % (self.worker, type(e).__name__, e), self.err)
+            sys.exit(EXIT_PROTOCOL)
+        say("sheepdog: worker %s: no tasks left, exiting" % self.worker, self.out)
+
+    def set_memlimit(self, fname=None):
+        """Limit our address space to mem_limit_bytes or the job file's mem_grab/h_vmem request."""
+        limit = self.mem_limit_bytes
+        if limit is None:
+            try:
+                with open(fname or sys.argv[0], errors="replace") as f:
+                    limit = memory_limit(f.read(1 << 16))
+            except (OSError, ValueError) as e:
+                say("sheepdog: not setting a memory limit: %s" % e, self.err)
+        if limit:
+            import resource
+            hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+            soft = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        return limit
+
+    def get_details(self):
+        """Fetch the function and the request's settings from the server."""
+        answer = self.conn.call("GET", "function")
+        self.settings = answer["settings"]
+        try:
+            self.function = load_function(base64.b64decode(answer["payload"]))
+        except Exception as e:
+            raise ProtocolFailure("cannot load the function on %s with Python %s: %s: %s" % (
+                self.host, sys.version.split()[0], type(e).__name__, e), EXIT_VERSION) from e
+
+    def run(self):
+        """Lease tasks and run them; each batch's results go back with the next lease."""
+        batch = int(self.batch or self.settings.get("batch") or 1)
+        threading.Thread(target=self.watch, name="sheepdog-heartbeat", daemon=True).start()
+        answer = self.conn.call("POST", "lease", self.hello(batch))
+        while answer["tasks"]:
+            self.leases, results = [task["lease"] for task in answer["tasks"]], []
+            for task in answer["tasks"]:
+                if self.cancelled:
+                    say("sheepdog: request %d was cancelled; stopping" % self.request_id, self.out)
+                    break
+                if task["lease"] not in self.lost:  # else the task was leased to another worker
+                    results.append(self.run_task(task))
+            more = 0 if self.cancelled else batch
+            answer = self.submit_results(results, more)
+            if not more:
+                break
+        self.leases = []
+
+    def hello(self, max_tasks):
+        return {"worker": self.worker, "host": self.host, "max_tasks": max_tasks}
+
+    def submit_results(self, results, max_tasks=0):
+        """Post results; the answer holds the next lease when max_tasks > 0."""
+        body = self.hello(max_tasks)
+        body["results"] = results
+        return self.conn.call("POST", "results", body)
+
+    def run_task(self, task):
+        """Run one leased task, print how it went, and return its result for /results."""
+        index, limit = task["index"], int(self.settings.get("capture_bytes", 65536))
+        timeout = self.settings.get("task_timeout_s")
+        alarm = bool(timeout) and threading.current_thread() is threading.main_thread()
+        out, err = Capture(self.out, limit), Capture(self.err, limit)
+        result, value, start = {"index": index, "lease": task["lease"]}, None, time.monotonic()
+        self.running = (index, task["lease"], start, out, err)
+        sys.stdout, sys.stderr = out, err
+        try:
+            try:
+                if alarm:
+                    signal.signal(signal.SIGALRM, self.on_alarm)
+                    self.armed = True
+                    signal.setitimer(signal.ITIMER_REAL, timeout)
+                value = load_value(base64.b64decode(task["args"]))
+                value = self.function(*value) if isinstance(value, tuple) else self.function(value)
+                payload = dump_value(value, self.settings.get("pickle_protocol"))
+            finally:
+                if alarm:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    self.armed = False
+            result.update(ok=True, value=base64.b64encode(payload).decode("ascii"))
+        except (Exception, TaskTimeout, SystemExit) as e:
+            result.update(ok=False, error=self.describe(e, traceback.format_exc()))
+        finally:
+            sys.stdout, sys.stderr = out.stream, err.stream
+            self.running = None
+        result.update(stdout=out.text(), stderr=err.text(), duration_s=time.monotonic() - start)
+        if result["ok"]:
+            say("sheepdog: task %d ok: %s" % (index, reprlib.repr(value)), self.out)
+        else:
+            error = result["error"]
+            say("sheepdog: task %d error: %s: %s" % (index, error["type"], error["message"]),
+                self.out)
+            say(error["traceback"].rstrip(), self.err)
+        return result
+
+    def on_alarm(self, signum, frame):
+        if self.armed:
+            self.armed = False
+            raise TaskTimeout("timed out after %g s" % self.settings["task_timeout_s"])
+
+    def describe(self, exc, trace):
+        kind = type(exc)
+        name = kind.__name__ if kind.__module__ in ("builtins", "__main__") else (
+            "%s.%s" % (kind.__module__, kind.__qualname__))
+        if isinstance(exc, TaskTimeout):
+            name = "TaskTimeout"
+        return {"type": name, "message": str(exc), "traceback": trace, "host": self.host,
+                "python": sys.version.split()[0]}
+
+    def watch(self):
+        """Renew the leases while tasks run; stop the worker if a task is stuck past its timeout."""
+        conn = self.connect()  # http.client connections must not be shared between threads
+        every = float(self.settings.get("heartbeat_s") or 30.0)
+        timeout, last = self.settings.get("task_timeout_s"), time.monotonic()
+        while True:
+            time.sleep(min(1.0, every))
+            running = self.running
+            if timeout and running and time.monotonic() - running[2] > timeout + self.stuck_grace_s:
+                self.give_up(conn, running, timeout)
+            leases = self.leases
+            if leases and time.monotonic() - last >= every:
+                last = time.monotonic()
+                try:
+                    answer = conn.call("POST", "heartbeat", {"worker": self.worker,
+                                                             "leases": leases}, retry_s=every)
+                    self.lost.update(answer.get("lost", []))
+                    self.cancelled = self.cancelled or bool(answer.get("cancelled"))
+                except ProtocolFailure as e:
+                    say("sheepdog: heartbeat failed, the leases may expire: %s" % e, self.err)
+
+    def give_up(self, conn, running, timeout):
+        """Report a task that Python could not interrupt as timed out, then end this process."""
+        index, lease, start, out, err = running
+        stack = sys._current_frames().get(threading.main_thread().ident)
+        error = self.describe(TaskTimeout(
+            "timed out after %g s (it could not be interrupted, so the worker stopped)" % timeout),
+            "Where the task was stuck:\n" + "".join(traceback.format_stack(stack)))
+        result = {"index": index, "lease": lease, "ok": False, "error": error,
+                  "stdout": out.text(), "stderr": err.text(),
+                  "duration_s": time.monotonic() - start}
+        say("sheepdog: task %d error: TaskTimeout: %s" % (index, error["message"]), self.out)
+        try:
+            conn.call("POST", "results", dict(self.hello(0), results=[result]), retry_s=60.0)
+        except ProtocolFailure as e:
+            say("sheepdog: could not report the timeout: %s" % e, self.err)
+        os._exit(EXIT_STUCK)
 
 # ---- end protocol client ----

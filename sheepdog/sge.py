@@ -121,14 +121,14 @@ def describe_failure(record: AccountingRecord) -> str | None:
     where = f" on {record.hostname}" if record.hostname else ""
     if failed_code not in ("", "0"):
         lowered = failed_text.lower()
-        if "h_rt" in lowered or "s_rt" in lowered:
+        usage = f"maxvmem {record.maxvmem or '?'}, wall clock {record.ru_wallclock or '?'} s"
+        time_limit = "h_rt" in lowered or "s_rt" in lowered
+        mem_limit = "h_vmem" in lowered or "s_vmem" in lowered
+        if time_limit and not mem_limit:
             return f"killed by Grid Engine for exceeding its run time limit (h_rt){where}"
-        if "h_vmem" in lowered or "s_vmem" in lowered:
-            return (
-                f"killed by Grid Engine for exceeding its memory limit (h_vmem; "
-                f"maxvmem {record.maxvmem}){where}"
-            )
-        return f"Grid Engine reports failure {record.failed}{where}"
+        if mem_limit and not time_limit:
+            return f"killed by Grid Engine for exceeding its memory limit (h_vmem; {usage}){where}"
+        return f"Grid Engine reports failure {failed_code}: {failed_text} ({usage}){where}"
     if record.exit_status not in (None, 0):
         status = record.exit_status
         if status > 128:

@@ -1,0 +1,104 @@
+"""Parsing Grid Engine's answers: qsub -terse, qstat, qstat -j, qacct."""
+
+from __future__ import annotations
+
+import pytest
+
+from sheepdog.deployment import job_file_name, parse_qsub_output, remote_path
+from sheepdog.sge import describe_failure, parse_qacct, parse_qstat, parse_qstat_j_errors
+
+QSTAT = """\
+job-ID  prior   name       user         state submit/start at     queue                          slots ja-task-ID
+-----------------------------------------------------------------------------------------------------------------
+     12 0.55500 sheepdog_0 sheep        r     11/25/2026 08:10:01 all.q@exec1                        1 1
+     12 0.55500 sheepdog_0 sheep        qw    11/25/2026 08:10:00                                    1 2-10:1
+     13 0.00000 sheepdog_0 sheep        Eqw   11/25/2026 08:10:00                                    1 1-3:1
+"""
+
+QSTAT_J = """\
+==============================================================
+job_number:                 13
+exec_file:                  job_scripts/13
+owner:                      sheep
+error reason          1:      11/25/2026 08:10:02 [1000:123]: error: can't chdir to /nope: No such file or directory
+error reason          2:      11/25/2026 08:10:02 [1000:123]: error: can't chdir to /nope: No such file or directory
+scheduling info:            (Collecting of scheduler job information is turned off)
+"""
+
+QACCT = """\
+==============================================================
+qname        all.q
+hostname     exec1
+jobname      sheepdog_001.py
+jobnumber    12
+taskid       1
+failed       0
+exit_status  0
+maxvmem      10.1M
+==============================================================
+qname        all.q
+hostname     exec2
+jobname      sheepdog_001.py
+jobnumber    12
+taskid       2
+failed       37  : qmaster enforced h_rt, h_cpu, or h_vmem limit
+exit_status  137                  (Killed)
+maxvmem      1.0G
+==============================================================
+qname        all.q
+hostname     exec1
+jobnumber    12
+taskid       3
+failed       0
+exit_status  137                  (Killed)
+maxvmem      5.0M
+"""
+
+
+@pytest.mark.parametrize(
+    ("stdout", "job_id"),
+    [("42\n", "42"), ("42.1-10:1\n", "42"), ("Your job 7 has been submitted\n7\n", "7")],
+)
+def test_qsub_terse(stdout: str, job_id: str) -> None:
+    assert parse_qsub_output(stdout) == job_id
+
+
+def test_qsub_terse_mismatch_says_what() -> None:
+    with pytest.raises(ValueError, match="did not match the pattern") as info:
+        parse_qsub_output("Unable to run job: denied\n")
+    assert "Unable to run job" in str(info.value)
+
+
+def test_qstat() -> None:
+    jobs = parse_qstat(QSTAT)
+    assert set(jobs) == {"12", "13"}
+    assert jobs["12"].states == {"r", "qw"}
+    assert not jobs["12"].in_error
+    assert jobs["13"].in_error
+    assert parse_qstat("") == {}
+
+
+def test_qstat_j_errors() -> None:
+    reasons = parse_qstat_j_errors(QSTAT_J)
+    assert len(reasons) == 1
+    assert "can't chdir to /nope" in reasons[0]
+
+
+def test_qacct_and_reasons() -> None:
+    records = parse_qacct(QACCT)
+    assert [r.task_id for r in records] == [1, 2, 3]
+    assert describe_failure(records[0]) is None
+    second = describe_failure(records[1])
+    assert second == (
+        "Grid Engine reports failure 37: qmaster enforced h_rt, h_cpu, or h_vmem limit "
+        "(maxvmem 1.0G, wall clock ? s) on exec2"
+    )
+    third = describe_failure(records[2])
+    assert third is not None and "SIGKILL" in third and "exec1" in third
+
+
+def test_job_file_name_and_remote_path() -> None:
+    assert job_file_name(32) == "sheepdog_032.py"
+    assert job_file_name(1234) == "sheepdog_1234.py"
+    assert remote_path("~/a b") == "\"$HOME\"/'a b'"
+    assert remote_path("/x;rm -rf /") == "'/x;rm -rf /'"

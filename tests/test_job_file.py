@@ -1,0 +1,217 @@
+"""Tests for sheepdog.job_file: rendering (golden file, hostile values) and writing."""
+
+from __future__ import annotations
+
+import ast
+import stat
+from pathlib import Path
+
+import pytest
+
+import sheepdog.client
+from sheepdog.errors import ConfigError
+from sheepdog.job_file import (
+    JOB_DIR_MODE,
+    JOB_FILE_MODE,
+    job_file,
+    job_file_name,
+    stub_path,
+    stub_source,
+    write_job_file,
+)
+
+GOLDEN = Path(__file__).parent / "golden" / "job_file.txt"
+STUB_PLACEHOLDER = "# <worker stub source: worker_stub/sheepdog_worker.py>"
+SECRET = "0123456789abcdef" * 4
+REPO = Path(__file__).resolve().parent.parent
+
+
+def render(**overrides: object) -> str:
+    values: dict[str, object] = {
+        "url": "http://submit.example.org:5000/",
+        "password": SECRET,
+        "request_id": 12,
+        "n_args": 30,
+        "shell": "/usr/bin/python3",
+        "grid_engine_opts": ["-wd $HOME/.sheepdog/", "-l h_rt=1:00:00,mem_grab=2G", "-r y"],
+    }
+    values.update(overrides)
+    return job_file(**values)  # type: ignore[arg-type]
+
+
+def client_call(text: str) -> ast.Call:
+    """Return the ``Client(...)`` call node of a rendered job file."""
+    calls = [
+        node
+        for node in ast.walk(ast.parse(text))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "go"
+        and isinstance(node.func.value, ast.Call)
+    ]
+    assert len(calls) == 1, "the job file should end with exactly one Client(...).go()"
+    inner = calls[0].func.value  # type: ignore[attr-defined]
+    assert isinstance(inner, ast.Call)
+    return inner
+
+
+def test_golden_job_file() -> None:
+    """The rendered job file matches tests/golden/job_file.txt (rewritten when deleted)."""
+    text = render(array_size=10, client_options={"batch": 4, "retry_s": 900.0})
+    text = text.replace(stub_source().rstrip("\n"), STUB_PLACEHOLDER)
+    if not GOLDEN.exists():
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(text, encoding="utf-8")
+        pytest.fail(f"{GOLDEN} was missing and has been written: review it, commit it, rerun")
+    assert text == GOLDEN.read_text(encoding="utf-8")
+
+
+def test_job_file_is_valid_python_with_the_stub_and_its_directives() -> None:
+    text = render()
+    compile(text, "sheepdog_012.py", "exec")
+    assert stub_source().rstrip("\n") in text
+    header = text.split('"""', 1)[0].splitlines()
+    assert header[0] == "#!/usr/bin/python3"
+    assert [line for line in header if line.startswith("#$")] == [
+        "#$ -S /usr/bin/python3",
+        "#$ -t 1-30",
+        "#$ -wd $HOME/.sheepdog/",
+        "#$ -l h_rt=1:00:00,mem_grab=2G",
+        "#$ -r y",
+    ]
+    call = client_call(text)
+    assert [ast.literal_eval(arg) for arg in call.args[:3]] == [
+        "http://submit.example.org:5000/",
+        SECRET,
+        12,
+    ]
+    assert ast.unparse(call.args[3]) == "int(os.environ.get('SGE_TASK_ID', '1'))"
+
+
+def test_stub_reads_the_memory_limit_from_a_rendered_job_file() -> None:
+    assert sheepdog.client.stub.memory_limit(render()) == 2 * 1024**3
+
+
+@pytest.fixture(
+    params=[
+        "plain",
+        "with space",
+        "quote'single",
+        'quote"double',
+        "semi;colon",
+        "$(touch /tmp/pwned)",
+        "`touch /tmp/pwned`",
+        "back\\slash",
+        "new\nline",
+        "uni\u2028code",
+    ]
+)
+def awkward(request: pytest.FixtureRequest) -> str:
+    """A value holding something that breaks naive quoting."""
+    value: str = request.param
+    return value
+
+
+def has_line_break(value: str) -> bool:
+    return value != value.replace("\n", "").replace("\u2028", "")
+
+
+def test_awkward_url_and_options_round_trip_as_python_literals(awkward: str) -> None:
+    url = f"http://host:1/{awkward}/"
+    options = {"retry_s": 5.0, "note": awkward}
+    text = render(url=url, client_options=options, tls_fingerprint=f"ab:{awkward}")
+    compile(text, "job", "exec")
+    call = client_call(text)
+    assert ast.literal_eval(call.args[0]) == url
+    assert {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords} == {
+        **options,
+        "tls_fingerprint": f"ab:{awkward}",
+    }
+    # The Python literal never spills onto a line of its own.
+    assert text.count("\n") == render().count("\n")
+
+
+def test_awkward_directive_values_are_kept_on_their_line_or_rejected(awkward: str) -> None:
+    shell = f"/opt/py {awkward}/bin/python3"
+    opt = f"-N job{awkward}"
+    if has_line_break(awkward):
+        with pytest.raises(ConfigError, match="line break"):
+            render(shell=shell)
+        with pytest.raises(ConfigError, match="line break"):
+            render(grid_engine_opts=[opt])
+        return
+    text = render(shell=shell, grid_engine_opts=[opt])
+    compile(text, "job", "exec")
+    header = text.split('"""', 1)[0].splitlines()
+    assert all(line.startswith("#") for line in header)
+    assert f"#$ {opt}" in header
+    s_lines = [line for line in header if line.startswith("#$ -S ")]
+    assert len(s_lines) == 1
+    import shlex
+
+    assert shlex.split(s_lines[0][len("#$ -S ") :]) == [shell]
+
+
+@pytest.mark.parametrize("opt", ["-t 1-5", "-S /bin/sh", "-l a=1 -t 2", "-cwd -S '/bin/sh'"])
+def test_options_that_sheepdog_sets_are_rejected(opt: str) -> None:
+    with pytest.raises(ConfigError, match="remove -[tS]"):
+        render(grid_engine_opts=[opt])
+
+
+def test_other_dash_t_options_are_allowed() -> None:
+    assert "#$ -tc 5" in render(grid_engine_opts=["-tc 5"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"password": "hunter2"}, "at least 32 hex"),
+        ({"password": "zz" * 32}, "at least 32 hex"),
+        ({"request_id": 0}, "request_id"),
+        ({"n_args": 0}, "n_args"),
+        ({"array_size": 0}, "array_size"),
+        ({"url": "ftp://x/"}, "http://"),
+        ({"shell": " "}, "shell"),
+        ({"grid_engine_opts": "-r y"}, "list of strings"),
+        ({"client_options": {"batch": [1]}}, "cannot be written"),
+        ({"client_options": {"a b": 1}}, "cannot be written"),
+    ],
+)
+def test_bad_values_raise_config_error(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        render(**overrides)
+    assert SECRET not in str(info.value)
+
+
+def test_prologue_is_not_built_yet() -> None:
+    with pytest.raises(NotImplementedError):
+        render(prologue=["module load python"])
+
+
+def test_write_job_file_is_private(tmp_path: Path) -> None:
+    folder = tmp_path / "jobs"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    path = write_job_file("first", folder, 7)
+    path = write_job_file("second", folder, 7)
+    assert path == folder / "sheepdog_007.py" == folder / job_file_name(7)
+    assert path.read_text() == "second"
+    assert stat.S_IMODE(path.stat().st_mode) == JOB_FILE_MODE == 0o700
+    assert stat.S_IMODE(folder.stat().st_mode) == JOB_DIR_MODE == 0o700
+    assert sorted(p.name for p in folder.iterdir()) == ["sheepdog_007.py"]
+
+
+def test_write_job_file_creates_missing_directories(tmp_path: Path) -> None:
+    path = write_job_file("x", tmp_path / "a" / "b", 1234)
+    assert path.name == "sheepdog_1234.py"
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_stub_source_is_the_checkout_file() -> None:
+    assert stub_path() == REPO / "worker_stub" / "sheepdog_worker.py"
+    assert stub_source() == stub_path().read_text(encoding="utf-8")
+
+
+def test_sheepdog_client_exports_the_stub_client() -> None:
+    assert sheepdog.client.Client is sheepdog.client.stub.Client
+    assert sheepdog.client.stub.__file__ == str(stub_path())

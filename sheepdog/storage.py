@@ -546,28 +546,40 @@ class Storage:
         Overdue leases are expired first. A cancelled request leases nothing.
         """
         now = time.time() if now is None else now
-        expires = now + lease_s
         with self._write() as conn:
-            row = conn.execute("SELECT state FROM requests WHERE id = ?", (request_id,)).fetchone()
-            if row is None:
-                raise UnknownRequestError(request_id, self.dbfile)
-            self._expire(conn, request_id, now)
-            if row[0] != "open" or max_tasks <= 0:
-                return []
-            rows = conn.execute(
-                "SELECT idx, attempts, args FROM tasks WHERE request_id = ? AND state = 'pending'"
-                " ORDER BY idx LIMIT ?",
-                (request_id, max_tasks),
-            ).fetchall()
-            leases = []
-            for idx, attempts, args in rows:
-                token = secrets.token_hex(8)
-                conn.execute(
-                    "UPDATE tasks SET state = 'leased', lease = ?, lease_expires = ?, worker = ?,"
-                    " host = ?, started = ? WHERE request_id = ? AND idx = ?",
-                    (token, expires, worker, host, now, request_id, idx),
-                )
-                leases.append(Lease(int(idx), int(attempts) + 1, token, bytes(args), expires))
+            return self._lease(conn, request_id, worker, host, max_tasks, lease_s, now)
+
+    def _lease(
+        self,
+        conn: sqlite3.Connection,
+        request_id: int,
+        worker: str,
+        host: str,
+        max_tasks: int,
+        lease_s: float,
+        now: float,
+    ) -> list[Lease]:
+        row = conn.execute("SELECT state FROM requests WHERE id = ?", (request_id,)).fetchone()
+        if row is None:
+            raise UnknownRequestError(request_id, self.dbfile)
+        self._expire(conn, request_id, now)
+        if row[0] != "open" or max_tasks <= 0:
+            return []
+        rows = conn.execute(
+            "SELECT idx, attempts, args FROM tasks WHERE request_id = ? AND state = 'pending'"
+            " ORDER BY idx LIMIT ?",
+            (request_id, max_tasks),
+        ).fetchall()
+        expires = now + lease_s
+        leases = []
+        for idx, attempts, args in rows:
+            token = secrets.token_hex(8)
+            conn.execute(
+                "UPDATE tasks SET state = 'leased', lease = ?, lease_expires = ?, worker = ?,"
+                " host = ?, started = ? WHERE request_id = ? AND idx = ?",
+                (token, expires, worker, host, now, request_id, idx),
+            )
+            leases.append(Lease(int(idx), int(attempts) + 1, token, bytes(args), expires))
         return leases
 
     def renew(
@@ -608,45 +620,67 @@ class Storage:
         Each dict has ``index`` and ``ok``, then ``value`` (bytes) or ``error`` (dict),
         and optionally ``stdout``, ``stderr``, ``duration_s``, ``worker``, ``host``.
         The first result per task wins; returns ``(accepted, duplicates)`` indices.
+        A result for an index outside the request raises StorageError and stores nothing.
         """
+        with self._write() as conn:
+            return self._complete(conn, request_id, results)
+
+    def complete_and_lease(
+        self,
+        request_id: int,
+        results: Iterable[dict[str, Any]],
+        *,
+        worker: str,
+        host: str,
+        max_tasks: int,
+        lease_s: float,
+        now: float | None = None,
+    ) -> tuple[list[int], list[int], list[Lease]]:
+        """Do ``complete`` then ``lease`` in one transaction (one disk sync per round trip)."""
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            accepted, duplicates = self._complete(conn, request_id, results)
+            leases = self._lease(conn, request_id, worker, host, max_tasks, lease_s, now)
+        return accepted, duplicates, leases
+
+    def _complete(
+        self, conn: sqlite3.Connection, request_id: int, results: Iterable[dict[str, Any]]
+    ) -> tuple[list[int], list[int]]:
         accepted: list[int] = []
         duplicates: list[int] = []
         now = time.time()
-        with self._write() as conn:
-            row = conn.execute(
-                "SELECT n_tasks FROM requests WHERE id = ?", (request_id,)
-            ).fetchone()
-            if row is None:
-                raise UnknownRequestError(request_id, self.dbfile)
-            for r in results:
-                index = int(r["index"])
-                if not 1 <= index <= row[0]:
-                    raise StorageError(f"request {request_id} has tasks 1..{row[0]}, not {index}")
-                if r["ok"]:
-                    state, value, error = "done", r["value"], None
-                else:
-                    state, value = "error", None
-                    error = json.dumps({"kind": "exception", **r["error"]})
-                cursor = conn.execute(
-                    "UPDATE tasks SET state = ?, result = ?, error = ?, stdout = ?, stderr = ?,"
-                    " duration_s = ?, finished = ?, worker = coalesce(?, worker),"
-                    " host = coalesce(?, host), lease = NULL, lease_expires = NULL"
-                    " WHERE request_id = ? AND idx = ? AND state IN ('pending', 'leased')",
-                    (
-                        state,
-                        value,
-                        error,
-                        r.get("stdout"),
-                        r.get("stderr"),
-                        r.get("duration_s"),
-                        now,
-                        r.get("worker"),
-                        r.get("host"),
-                        request_id,
-                        index,
-                    ),
-                )
-                (accepted if cursor.rowcount else duplicates).append(index)
+        row = conn.execute("SELECT n_tasks FROM requests WHERE id = ?", (request_id,)).fetchone()
+        if row is None:
+            raise UnknownRequestError(request_id, self.dbfile)
+        for r in results:
+            index = int(r["index"])
+            if not 1 <= index <= row[0]:
+                raise StorageError(f"request {request_id} has tasks 1..{row[0]}, not {index}")
+            if r["ok"]:
+                state, value, error = "done", r["value"], None
+            else:
+                state, value = "error", None
+                error = json.dumps({"kind": "exception", **r["error"]})
+            cursor = conn.execute(
+                "UPDATE tasks SET state = ?, result = ?, error = ?, stdout = ?, stderr = ?,"
+                " duration_s = ?, finished = ?, worker = coalesce(?, worker),"
+                " host = coalesce(?, host), lease = NULL, lease_expires = NULL"
+                " WHERE request_id = ? AND idx = ? AND state IN ('pending', 'leased')",
+                (
+                    state,
+                    value,
+                    error,
+                    r.get("stdout"),
+                    r.get("stderr"),
+                    r.get("duration_s"),
+                    now,
+                    r.get("worker"),
+                    r.get("host"),
+                    request_id,
+                    index,
+                ),
+            )
+            (accepted if cursor.rowcount else duplicates).append(index)
         return accepted, duplicates
 
     def cancel(self, request_id: int, reason: str = "cancelled by the user") -> int:

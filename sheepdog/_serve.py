@@ -1,0 +1,104 @@
+"""Child-process entry point that runs the worker API under gunicorn.
+
+``Server`` runs ``python -m sheepdog._serve --fd N ...`` with an already bound,
+listening socket as file descriptor N. Not for direct use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from sheepdog.server import create_app
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """SIGTERM ourselves (the gunicorn master) once the process that started us is gone."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    logger.warning("parent process %d is gone; stopping the server", parent_pid)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _Application(BaseApplication):  # type: ignore[misc]
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        super().__init__()
+
+    def load_config(self) -> None:
+        args = self.args
+        options: dict[str, Any] = {
+            "bind": [f"fd://{args.fd}"],
+            "workers": args.workers,
+            "threads": args.threads,
+            "worker_class": "gthread",
+            "keepalive": 30,
+            # Above SQLite's 30 s busy timeout, so a waiting request is not killed.
+            "timeout": 120,
+            "graceful_timeout": 5,
+            "preload_app": True,
+            "accesslog": None,
+            "errorlog": "-",
+            "loglevel": args.log_level,
+            "proc_name": "sheepdog-server",
+        }
+        if args.certfile:
+            options["certfile"] = args.certfile
+        if args.keyfile:
+            options["keyfile"] = args.keyfile
+        if args.parent_pid:
+            parent = args.parent_pid
+
+            def when_ready(server: Any) -> None:
+                threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+            options["when_ready"] = when_ready
+        for key, value in options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        return create_app(
+            self.args.dbfile,
+            max_body_bytes=self.args.max_body_bytes,
+            max_clock_skew_s=self.args.max_clock_skew_s,
+            synchronous=self.args.synchronous,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line and run gunicorn until SIGTERM."""
+    parser = argparse.ArgumentParser(prog="python -m sheepdog._serve")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--dbfile", required=True)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--max-body-bytes", type=int, required=True)
+    parser.add_argument("--max-clock-skew-s", type=float, required=True)
+    parser.add_argument("--synchronous", default="FULL")
+    parser.add_argument("--parent-pid", type=int, default=0)
+    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--certfile")
+    parser.add_argument("--keyfile")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    _Application(args).run()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,782 @@
+"""The HTTP server that workers call back to: a Flask app run by gunicorn in a child process.
+
+``create_app`` builds the WSGI app for docs/protocol.rst. ``Server`` runs it
+under gunicorn (gthread workers) in a child process on a socket that this
+process binds first, so a random port has no bind-then-close race.
+``get_server`` keeps one server per port, as the original did.
+
+Authentication is per request: every call under ``/api/v1/requests/<id>/`` is
+signed with that request's secret (see ``sheepdog._signing``). The
+``password`` argument of ``Server`` and ``get_server`` is kept for the
+original's signatures and registry checks only; it protects nothing.
+
+Body size: ``DEFAULT_MAX_BODY_BYTES`` (256 MiB) bounds one call's body, so a
+single pickled result can be up to about 190 MiB after base64; larger bodies
+get a 413. Raise ``max_body_bytes`` for bigger results, remembering that each
+gunicorn thread may hold one body in memory.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import binascii
+import http.client
+import json
+import logging
+import os
+import pickletools
+import re
+import signal
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from sheepdog._signing import SIGNATURE_HEADER, TIME_HEADER, sign_request, sign_response, verify
+from sheepdog.errors import ServerError, StorageError, UnknownRequestError
+from sheepdog.storage import Lease, Storage
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_CLOCK_SKEW_S",
+    "Server",
+    "create_app",
+    "get_server",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_CLOCK_SKEW_S = 900.0
+MAX_TASKS_PER_CALL = 10_000
+_PICKLE_WALK_BYTES = 64 * 1024  # walk smaller pickles' opcodes fully; larger ones are spot-checked
+_MAX_SQLITE_INT = 2**63 - 1
+_TIME_RE = re.compile(r"[0-9]{1,12}")
+_SETTINGS_SENT = ("lease_s", "heartbeat_s", "task_timeout_s", "batch", "capture_bytes")
+
+
+def _version() -> str:
+    import sheepdog
+
+    version = getattr(sheepdog, "__version__", None)
+    if isinstance(version, str):
+        return version
+    try:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
+    except ImportError:  # pragma: no cover - Python < 3.8 is not supported anyway
+        return "unknown"
+    try:
+        return dist_version("sheepdog")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# -- the WSGI app --------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """A 4xx answer with a JSON body ``{"error": {"code", "message"}}``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class _Call:
+    request_id: int
+    secret: str
+    n_tasks: int
+    state: str
+    settings: dict[str, Any]
+    signature: str
+    body: bytes
+
+
+def _json_response(payload: object, status: int = 200) -> Response:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return Response(body, status=status, mimetype="application/json")
+
+
+def _error_response(status: int, code: str, message: str) -> Response:
+    return _json_response({"error": {"code": code, "message": message}}, status)
+
+
+def _text(value: str) -> str:
+    # Lone surrogates from JSON "\ud800" escapes cannot be stored as UTF-8 text.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def _get_str(obj: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
+    value = obj.get(key, default)
+    if not isinstance(value, str):
+        kind = type(value).__name__
+        problem = "is missing" if key not in obj else f"must be a string, not {kind}"
+        raise ApiError(400, "bad_field", f"{where}: {key!r} {problem}")
+    return _text(value)
+
+
+def _get_int(obj: dict[str, Any], key: str, where: str, low: int, high: int) -> int:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        problem = "is missing" if key not in obj else f"must be an integer, not {value!r:.40}"
+        raise ApiError(400, "bad_field", f"{where}: {key!r} {problem}")
+    if not low <= value <= high:
+        raise ApiError(400, "bad_field", f"{where}: {key!r} must be in {low}..{high}, not {value}")
+    return value
+
+
+def _b64(value: object, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise ApiError(400, "bad_field", f"{where} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(400, "bad_base64", f"{where} is not valid base64: {exc}") from exc
+
+
+def _check_pickle(value: bytes, where: str) -> None:
+    """Reject bytes that cannot be a pickle, without unpickling anything."""
+    if not value.endswith(b"."):
+        raise ApiError(400, "bad_pickle", f"{where} is not a pickle (no STOP opcode at its end)")
+    if len(value) <= _PICKLE_WALK_BYTES:
+        try:
+            for _ in pickletools.genops(value):
+                pass
+        except Exception as exc:  # genops raises ValueError, KeyError, struct.error...
+            raise ApiError(400, "bad_pickle", f"{where} is not a valid pickle: {exc}") from exc
+
+
+def _parse_body(call: _Call) -> dict[str, Any]:
+    try:
+        body = json.loads(call.body)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_json", "the body must be a JSON object")
+    return body
+
+
+def _parse_result(item: object, n_tasks: int, worker: str, host: str) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise ApiError(400, "bad_field", "each entry of 'results' must be an object")
+    index = item.get("index")
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise ApiError(400, "bad_field", "result: 'index' must be an integer")
+    if not 1 <= index <= n_tasks:
+        raise ApiError(404, "unknown_task", f"this request has tasks 1..{n_tasks}, not {index}")
+    where = f"result {index}"
+    lease = item.get("lease")
+    if lease is not None and not isinstance(lease, str):
+        raise ApiError(400, "bad_field", f"{where}: 'lease' must be a string")
+    ok = item.get("ok")
+    if not isinstance(ok, bool):
+        raise ApiError(400, "bad_field", f"{where}: 'ok' must be true or false")
+    duration = item.get("duration_s")
+    if isinstance(duration, bool) or not isinstance(duration, (int, float, type(None))):
+        raise ApiError(400, "bad_field", f"{where}: 'duration_s' must be a number")
+    parsed: dict[str, Any] = {
+        "index": index,
+        "ok": ok,
+        "stdout": _get_str(item, "stdout", where, ""),
+        "stderr": _get_str(item, "stderr", where, ""),
+        "duration_s": None if duration is None else float(duration),
+        "worker": worker,
+        "host": host,
+    }
+    if ok:
+        value = _b64(item.get("value"), f"{where}: 'value'")
+        _check_pickle(value, f"{where}: 'value'")
+        parsed["value"] = value
+    else:
+        error = item.get("error")
+        if not isinstance(error, dict):
+            raise ApiError(400, "bad_field", f"{where}: 'error' must be an object")
+        where = f"{where}: 'error'"
+        parsed["error"] = {
+            "type": _get_str(error, "type", where),
+            "message": _get_str(error, "message", where),
+            "traceback": _get_str(error, "traceback", where, ""),
+            "host": _get_str(error, "host", where, host),
+            "python": _get_str(error, "python", where, ""),
+            "kind": _get_str(error, "kind", where, "exception"),
+        }
+    return parsed
+
+
+def _lease_payload(leases: list[Lease], lease_s: float, request_state: str) -> dict[str, Any]:
+    if request_state == "cancelled":
+        state = "cancelled"
+    else:
+        state = "open" if leases else "drained"
+    return {
+        "tasks": [
+            {
+                "index": lease.index,
+                "attempt": lease.attempt,
+                "lease": lease.lease,
+                "args": base64.b64encode(lease.args).decode("ascii"),
+            }
+            for lease in leases
+        ],
+        "lease_s": lease_s,
+        "state": state,
+    }
+
+
+def create_app(
+    dbfile: str | Path = "./sheepdog.sqlite",
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
+    synchronous: str = "FULL",
+) -> Flask:
+    """Build the worker-facing WSGI app on ``dbfile`` (created or migrated now)."""
+    dbfile = str(dbfile)
+    Storage(dbfile, synchronous=synchronous).close()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    version = _version()
+
+    def storage() -> Storage:
+        if "storage" not in g:
+            g.storage = Storage(dbfile, init=False, synchronous=synchronous)
+        db: Storage = g.storage
+        return db
+
+    @app.teardown_appcontext
+    def close_storage(exc: BaseException | None) -> None:
+        db = g.pop("storage", None)
+        if db is not None:
+            db.close()
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError) -> Response:
+        return _error_response(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 400
+        code = (exc.name or "error").lower().replace(" ", "_")
+        response = _error_response(status, code, exc.description or code)
+        for name, value in exc.get_headers():
+            if name.lower() == "allow":
+                response.headers[name] = value
+        return response
+
+    @app.errorhandler(sqlite3.OperationalError)
+    def busy(exc: sqlite3.OperationalError) -> Response:
+        logger.error("database error on %s %s: %s", request.method, request.path, exc)
+        response = _error_response(503, "busy", f"the database is unavailable: {exc}; retry")
+        response.headers["Retry-After"] = "1"
+        return response
+
+    @app.errorhandler(Exception)
+    def bug(exc: Exception) -> Response:
+        logger.exception("internal error on %s %s", request.method, request.path)
+        return _error_response(500, "internal", "internal server error; see the server's log")
+
+    def authenticate(request_id: int) -> _Call:
+        """Check the call's signature; nothing in the body is decoded before this."""
+        signature = request.headers.get(SIGNATURE_HEADER)
+        stamp = request.headers.get(TIME_HEADER)
+
+        def refuse(reason: str) -> ApiError:
+            logger.warning(
+                "refused %s %s from %s: %s",
+                request.method,
+                request.path,
+                request.remote_addr,
+                reason,
+            )
+            return ApiError(401, "unauthorised", reason)
+
+        if not signature or stamp is None:
+            raise refuse(f"missing {SIGNATURE_HEADER} or {TIME_HEADER} header")
+        if not _TIME_RE.fullmatch(stamp):
+            raise refuse(f"{TIME_HEADER} must be unix seconds")
+        skew = abs(time.time() - int(stamp))
+        if skew > max_clock_skew_s:
+            raise refuse(
+                f"{TIME_HEADER} is {skew:.0f} s away from the server's clock "
+                f"(at most {max_clock_skew_s:.0f} s allowed); check the clocks"
+            )
+        if request_id > _MAX_SQLITE_INT:
+            raise ApiError(404, "unknown_request", f"no request {request_id}")
+        try:
+            secret, n_tasks, state, settings = storage().get_auth(request_id)
+        except UnknownRequestError:
+            raise ApiError(404, "unknown_request", f"no request {request_id}") from None
+        body = request.get_data(cache=True)
+        expected = sign_request(secret, request.method, request.path, stamp, body)
+        if not verify(expected, signature):
+            raise refuse("bad signature")
+        return _Call(request_id, secret, n_tasks, state, settings, signature, body)
+
+    def signed(call: _Call, payload: object) -> Response:
+        response = _json_response(payload)
+        response.headers[SIGNATURE_HEADER] = sign_response(
+            call.secret, call.signature, response.get_data()
+        )
+        return response
+
+    @app.get("/api/v1/health")
+    def health() -> Response:
+        return _json_response({"ok": True, "version": version})
+
+    @app.get("/api/v1/requests/<int:request_id>/function")
+    def function(request_id: int) -> Response:
+        call = authenticate(request_id)
+        func, _ns = storage().get_function(request_id)
+        settings = {key: call.settings.get(key) for key in _SETTINGS_SENT}
+        payload = {"payload": base64.b64encode(func).decode("ascii"), "settings": settings}
+        return signed(call, payload)
+
+    @app.post("/api/v1/requests/<int:request_id>/lease")
+    def lease(request_id: int) -> Response:
+        call = authenticate(request_id)
+        body = _parse_body(call)
+        worker = _get_str(body, "worker", "lease")
+        host = _get_str(body, "host", "lease")
+        max_tasks = _get_int(body, "max_tasks", "lease", 0, MAX_TASKS_PER_CALL)
+        lease_s = float(call.settings["lease_s"])
+        leases = storage().lease(
+            request_id, worker=worker, host=host, max_tasks=max_tasks, lease_s=lease_s
+        )
+        return signed(call, _lease_payload(leases, lease_s, call.state))
+
+    @app.post("/api/v1/requests/<int:request_id>/heartbeat")
+    def heartbeat(request_id: int) -> Response:
+        call = authenticate(request_id)
+        body = _parse_body(call)
+        worker = _get_str(body, "worker", "heartbeat")
+        tokens = body.get("leases")
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise ApiError(400, "bad_field", "heartbeat: 'leases' must be a list of strings")
+        if len(tokens) > MAX_TASKS_PER_CALL:
+            raise ApiError(400, "bad_field", f"heartbeat: at most {MAX_TASKS_PER_CALL} leases")
+        db = storage()
+        renewed, lost = db.renew(
+            request_id, _text(worker), [_text(t) for t in tokens], float(call.settings["lease_s"])
+        )
+        cancelled = db.get_request_state(request_id) == "cancelled"
+        return signed(call, {"renewed": renewed, "lost": lost, "cancelled": cancelled})
+
+    @app.post("/api/v1/requests/<int:request_id>/results")
+    def results(request_id: int) -> Response:
+        call = authenticate(request_id)
+        body = _parse_body(call)
+        worker = _get_str(body, "worker", "results")
+        host = _get_str(body, "host", "results")
+        max_tasks = _get_int(body, "max_tasks", "results", 0, MAX_TASKS_PER_CALL)
+        items = body.get("results")
+        if not isinstance(items, list):
+            raise ApiError(400, "bad_field", "results: 'results' must be a list")
+        if len(items) > MAX_TASKS_PER_CALL:
+            raise ApiError(400, "bad_field", f"results: at most {MAX_TASKS_PER_CALL} per call")
+        parsed = [_parse_result(item, call.n_tasks, worker, host) for item in items]
+        lease_s = float(call.settings["lease_s"])
+        try:
+            accepted, duplicates, leases = storage().complete_and_lease(
+                request_id, parsed, worker=worker, host=host, max_tasks=max_tasks, lease_s=lease_s
+            )
+        except UnknownRequestError:
+            raise ApiError(404, "unknown_request", f"no request {request_id}") from None
+        except StorageError as exc:
+            raise ApiError(404, "unknown_task", str(exc)) from None
+        payload: dict[str, Any] = {"accepted": accepted, "duplicates": duplicates}
+        if max_tasks > 0:
+            payload.update(_lease_payload(leases, lease_s, call.state))
+        return signed(call, payload)
+
+    return app
+
+
+# -- running it under gunicorn ---------------------------------------------------------
+
+_running: set[Server] = set()
+_running_lock = threading.Lock()
+
+
+def _stop_all() -> None:
+    with _running_lock:
+        servers = list(_running)
+    for server in servers:
+        try:
+            server.stop()
+        except Exception:  # at exit, stop the rest even if one fails
+            logger.exception("could not stop %r at exit", server)
+
+
+atexit.register(_stop_all)
+
+
+def _local_address(host: str) -> str:
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+class Server:
+    """Serve the worker API from a gunicorn child process; start it now.
+
+    ``port=None`` picks a free port; the socket is bound here and handed to the
+    child, so the port cannot be taken in between. ``password`` is kept for the
+    original's signature and for ``get_server``'s checks: authentication is per
+    request (each request's secret), not per server. Stop with ``stop()``, a
+    ``with`` block, or let interpreter exit do it. The child also stops by
+    itself if this process dies.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        password: str | None = None,
+        dbfile: str | Path = "./sheepdog.sqlite",
+        *,
+        host: str = "0.0.0.0",
+        workers: int = 2,
+        threads: int = 4,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
+        synchronous: str = "FULL",
+        certfile: str | Path | None = None,
+        keyfile: str | Path | None = None,
+        start_timeout_s: float = 30.0,
+        log_level: str = "warning",
+    ) -> None:
+        self.port = port
+        self.password = password
+        self.dbfile = os.path.abspath(dbfile)
+        self.host = host
+        self.workers = workers
+        self.threads = threads
+        self.max_body_bytes = max_body_bytes
+        self.max_clock_skew_s = max_clock_skew_s
+        self.synchronous = synchronous
+        self.certfile = None if certfile is None else os.path.abspath(certfile)
+        self.keyfile = None if keyfile is None else os.path.abspath(keyfile)
+        self.start_timeout_s = start_timeout_s
+        self.log_level = log_level
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._stopped = False
+        self._lock = threading.RLock()
+        self._start()
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped else ("running" if self.alive else "dead")
+        return f"<Server port={self.port} dbfile={self.dbfile!r} pid={self.pid} {state}>"
+
+    @property
+    def scheme(self) -> str:
+        """``https`` when serving TLS, else ``http``."""
+        return "https" if self.certfile else "http"
+
+    @property
+    def pid(self) -> int | None:
+        """The gunicorn master's process id, or None when not running."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        """True while the child process runs."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def stopped(self) -> bool:
+        """True once ``stop()`` was called; a stopped server cannot be restarted."""
+        return self._stopped
+
+    def url_for(self, hostname: str) -> str:
+        """Return the base URL at which workers reach this server via ``hostname``."""
+        if ":" in hostname and not hostname.startswith("["):
+            hostname = f"[{hostname}]"
+        return f"{self.scheme}://{hostname}:{self.port}"
+
+    def _bind(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port or 0))
+            sock.listen(1024)
+        except OSError as exc:
+            sock.close()
+            raise ServerError(
+                f"cannot listen on {self.host}:{self.port or 'a random port'}: {exc}; "
+                "choose another port or stop the program that uses it"
+            ) from exc
+        return sock
+
+    def _command(self, fd: int) -> list[str]:
+        command = [
+            sys.executable,
+            "-m",
+            "sheepdog._serve",
+            "--fd",
+            str(fd),
+            "--dbfile",
+            self.dbfile,
+            "--workers",
+            str(self.workers),
+            "--threads",
+            str(self.threads),
+            "--max-body-bytes",
+            str(self.max_body_bytes),
+            "--max-clock-skew-s",
+            str(self.max_clock_skew_s),
+            "--synchronous",
+            self.synchronous,
+            "--parent-pid",
+            str(os.getpid()),
+            "--log-level",
+            self.log_level,
+        ]
+        if self.certfile:
+            command += ["--certfile", self.certfile]
+        if self.keyfile:
+            command += ["--keyfile", self.keyfile]
+        return command
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._stopped:
+                raise ServerError(f"{self!r} was stopped; create a new Server")
+            # Fail here, with a StorageError, rather than in the child.
+            Storage(self.dbfile, synchronous=self.synchronous).close()
+            sock = self._bind()
+            self.port = sock.getsockname()[1]
+            env = dict(os.environ)
+            package_root = str(Path(__file__).resolve().parent.parent)
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (package_root, env.get("PYTHONPATH", "")) if p
+            )
+            self._log = tempfile.TemporaryFile(prefix="sheepdog-server-")
+            try:
+                self._proc = subprocess.Popen(
+                    self._command(sock.fileno()),
+                    pass_fds=(sock.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=self._log,
+                    stderr=self._log,
+                    env=env,
+                    # Its own process group: a terminal's Ctrl-C reaches us, not the
+                    # child, and SIGKILL can reach gunicorn's workers too.
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                self._log.close()
+                self._log = None
+                raise ServerError(f"cannot start the server process: {exc}") from exc
+            finally:
+                sock.close()
+            with _running_lock:
+                _running.add(self)
+            try:
+                self._wait_healthy()
+            except BaseException:
+                output = self.output()
+                self._kill()
+                if isinstance(sys.exc_info()[1], ServerError):
+                    raise ServerError(f"{sys.exc_info()[1]}\nserver output:\n{output}") from None
+                raise
+            logger.info(
+                "server for %s listening on port %d (pid %s)", self.dbfile, self.port, self.pid
+            )
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        address = _local_address(self.host)
+        last_error = "no answer"
+        while True:
+            proc = self._proc
+            assert proc is not None
+            if proc.poll() is not None:
+                raise ServerError(
+                    f"the server process exited with status {proc.returncode} while starting"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServerError(
+                    f"the server did not answer /api/v1/health within {self.start_timeout_s} s "
+                    f"({last_error})"
+                )
+            conn: http.client.HTTPConnection
+            timeout = min(2.0, max(remaining, 0.1))
+            if self.certfile:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE  # only our own child is asked, locally
+                conn = http.client.HTTPSConnection(
+                    address, self.port, timeout=timeout, context=context
+                )
+            else:
+                conn = http.client.HTTPConnection(address, self.port, timeout=timeout)
+            try:
+                conn.request("GET", "/api/v1/health")
+                response = conn.getresponse()
+                body = response.read()
+                if response.status == 200 and json.loads(body).get("ok") is True:
+                    return
+                last_error = f"status {response.status}"
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                last_error = str(exc) or type(exc).__name__
+            finally:
+                conn.close()
+            time.sleep(0.05)
+
+    def output(self) -> str:
+        """Return what the child process wrote to stdout and stderr so far (last 20 kB)."""
+        log = self._log
+        if log is None or log.closed:
+            return ""
+        try:
+            log.flush()
+            size = log.seek(0, os.SEEK_END)
+            log.seek(max(0, size - 20_000))
+            return log.read().decode("utf-8", "replace")
+        except (OSError, ValueError):
+            return ""
+
+    def _kill(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        self._release()
+
+    def _release(self) -> None:
+        with _running_lock:
+            _running.discard(self)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the server: SIGTERM, wait up to ``timeout_s``, then SIGKILL; safe twice."""
+        with self._lock:
+            self._stopped = True
+            proc = self._proc
+            if proc is None:
+                self._release()
+                return
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    logger.warning(
+                        "server pid %d ignored SIGTERM for %.0f s; killing it", proc.pid, timeout_s
+                    )
+            # The group also holds gunicorn's workers, should the master be gone.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+            self._release()
+
+    def restart(self) -> None:
+        """Start the child again on the same port after it died; no-op while alive."""
+        with self._lock:
+            if self.alive:
+                return
+            if self._proc is not None:
+                self._proc.wait()
+                logger.warning(
+                    "server on port %s died (status %s); restarting it:\n%s",
+                    self.port,
+                    self._proc.returncode,
+                    self.output(),
+                )
+            self._release()
+            self._start()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+_registry: dict[int, Server] = {}
+_default_port: int | None = None
+_registry_lock = threading.Lock()
+
+
+def get_server(
+    port: int | None = None,
+    password: str | None = None,
+    dbfile: str | Path = "./sheepdog.sqlite",
+    **options: Any,
+) -> Server:
+    """Return the running server on ``port``, starting one if needed.
+
+    One server per port: asking again for the same port reuses it (restarting
+    it if its process died), and raises RuntimeError if ``dbfile`` or
+    ``password`` differ. ``port=None`` starts a server on a random port the
+    first time, and returns that same server on later ``None`` calls.
+    ``options`` go to ``Server`` when one is started.
+    """
+    global _default_port
+    with _registry_lock:
+        key = _default_port if port is None else port
+        server = None if key is None else _registry.get(key)
+        if server is not None and server.stopped:
+            _registry.pop(server.port or 0, None)
+            server = None
+        if server is not None:
+            if server.dbfile != os.path.abspath(dbfile):
+                raise RuntimeError(
+                    f"the server on port {server.port} uses {server.dbfile}, not "
+                    f"{os.path.abspath(dbfile)}; use another port for another database"
+                )
+            if server.password != password:
+                raise RuntimeError(
+                    f"the server on port {server.port} was started with another password"
+                )
+            if not server.alive:
+                server.restart()
+            return server
+        server = Server(key, password, dbfile, **options)
+        assert server.port is not None
+        _registry[server.port] = server
+        if port is None:
+            _default_port = server.port
+        return server
+
+
+def _servers() -> dict[int, Server]:
+    """Return the registry (for tests)."""
+    return _registry
+

@@ -23,6 +23,160 @@ import traceback
 from urllib.parse import urlsplit
 
 # ---- decoding: functions and values (see sheepdog/serialisation.py) ----
+# The payload format is described in sheepdog/serialisation.py's docstring. This section
+# imports all it needs so that the library and tests can run it alone.
+# isort: split
+import builtins
+import importlib
+import io
+import json  # noqa: F811
+import marshal
+import pickle
+import platform
+import sys  # noqa: F811
+import types
+
+PAYLOAD_MAGIC = b"SHEEPDOG-FN/1\n"
+
+
+class PayloadError(RuntimeError):
+    """The function payload cannot be loaded by this Python."""
+
+
+def read_header(payload):
+    """Return the payload's JSON header and the offset where its pickle stream starts."""
+    if not payload.startswith(PAYLOAD_MAGIC):
+        raise PayloadError("this is not a sheepdog function payload (format 1)")
+    end = payload.index(b"\n", len(PAYLOAD_MAGIC))
+    return json.loads(payload[len(PAYLOAD_MAGIC):end].decode("utf-8")), end + 1
+
+
+def result_protocol(payload):
+    """Pickle protocol for results: the sender's, capped at what this Python writes."""
+    return min(read_header(payload)[0]["pickle_protocol"], pickle.HIGHEST_PROTOCOL)
+
+
+def check_payload(header):
+    """Raise PayloadError if this Python cannot load a payload with this header."""
+    here = (sys.implementation.name, list(sys.version_info[:2]))
+    there = (header["implementation"], header["python_minor"])
+    if header["mode"] == "bytecode" and here != there:
+        raise PayloadError(
+            "the function was sent as bytecode by %s %s, but this worker runs %s %s (%s); "
+            "bytecode only loads on the same Python minor version. Either set the `shell` "
+            "option to a Python %d.%d on the workers, or send the function in source mode "
+            '(mode="source").' % (there[0], header["python"], here[0],
+                                  platform.python_version(), sys.executable,
+                                  there[1][0], there[1][1]))
+    if header["pickle_protocol"] > pickle.HIGHEST_PROTOCOL:
+        raise PayloadError(
+            "the payload uses pickle protocol %d, but Python %s reads at most %d; set "
+            "sheepdog.serialisation.pickle_protocol = %d" % (
+                header["pickle_protocol"], platform.python_version(),
+                pickle.HIGHEST_PROTOCOL, pickle.HIGHEST_PROTOCOL))
+
+
+def _empty_cell():
+    if False:
+        value = None
+    return (lambda: value).__closure__[0]
+
+
+def _cell_setter():
+    value = None
+
+    def set_value(new):
+        nonlocal value
+        value = new
+    return set_value.__code__
+
+
+_CELL_SETTER = _cell_setter()
+
+
+def _set_cell(cell, value):
+    # cell_contents is read-only on Python 3.6: store through a function closing over the cell.
+    types.FunctionType(_CELL_SETTER, {}, "set_cell", None, (cell,))(value)
+
+
+class _FunctionUnpickler(pickle.Unpickler):
+    """Reads the payload's pickle stream; rebuilds modules and functions on first sight."""
+
+    def __init__(self, file):
+        pickle.Unpickler.__init__(self, file)
+        self.functions, self.cells, self.namespaces = {}, {}, {}
+
+    def persistent_load(self, pid):
+        if pid[0] == "module":
+            try:
+                return importlib.import_module(pid[1])
+            except ImportError as exc:
+                raise PayloadError(
+                    "the function needs module %r, which Python %s here cannot import (%s): "
+                    "install it on the workers" % (pid[1], platform.python_version(), exc)
+                ) from exc
+        if len(pid) == 3:
+            self.functions[pid[1]] = self.make_function(pid[2])
+        return self.functions[pid[1]]
+
+    def cell(self, index):
+        if index not in self.cells:
+            self.cells[index] = _empty_cell()
+        return self.cells[index]
+
+    def make_function(self, spec):
+        index, module = spec["namespace"]
+        if index not in self.namespaces:
+            self.namespaces[index] = {"__builtins__": builtins, "__name__": module}
+        namespace = self.namespaces[index]
+        if "code" in spec:
+            closure = tuple(self.cell(i) for i in spec["closure"]) or None
+            code = marshal.loads(spec["code"])
+            function = types.FunctionType(code, namespace, spec["name"], None, closure)
+        else:
+            local = {}
+            exec(compile(spec["source"], spec["filename"], "exec"), namespace, local)
+            function = local["__sheepdog_factory__"]()
+            cells = dict(zip(function.__code__.co_freevars, function.__closure__ or ()))
+            for name, i in spec["closure"]:
+                self.cells[i] = cells[name]
+        function.__qualname__, function.__doc__ = spec["qualname"], spec["doc"]
+        function.__module__ = spec["module"]
+        return function
+
+
+def load_function(payload):
+    """Rebuild the function (with its globals, closure and defaults) from its payload."""
+    header, start = read_header(payload)
+    check_payload(header)
+    unpickler = _FunctionUnpickler(io.BytesIO(payload[start:]))
+    entry = None
+    while True:
+        piece = unpickler.load()
+        if piece[0] == "entry":
+            entry = piece[1]
+        elif piece[0] == "global":
+            unpickler.namespaces[piece[1]][piece[2]] = piece[3]
+        elif piece[0] == "cell":
+            _set_cell(unpickler.cell(piece[1]), piece[2])
+        elif piece[0] == "set" and piece[2] == "__dict__":
+            piece[1].__dict__.update(piece[3])
+        elif piece[0] == "set" and piece[2] in ("__defaults__", "__kwdefaults__"):
+            setattr(piece[1], piece[2], piece[3])
+        elif piece[0] == "end":
+            return entry
+        else:
+            raise PayloadError("unknown piece %r in the function payload" % (piece[0],))
+
+
+def load_value(data):
+    """Unpickle an argument value."""
+    return pickle.loads(data)
+
+
+def dump_value(obj, protocol):
+    """Pickle a result value with the given protocol."""
+    return pickle.dumps(obj, protocol)
 
 # ---- end decoding ----
 

@@ -181,74 +181,59 @@ def dump_value(obj, protocol):
 # ---- end decoding ----
 
 # ---- protocol client ----
-# Exit statuses of an array task, so that qacct and the .e file say why a worker stopped.
-EXIT_OK = 0
-EXIT_PROTOCOL = 3  # the server stayed unreachable, refused a call, or answered nonsense
+# Exit statuses, so that qacct and the SGE .e file say why a worker stopped.
+EXIT_PROTOCOL = 3  # the server stayed unreachable, refused a call or answered nonsense
 EXIT_AUTH = 4  # the server rejected our signature, or an answer was not signed by it
-EXIT_VERSION = 5  # the function cannot be loaded on this worker's Python
+EXIT_VERSION = 5  # the function cannot be loaded here (another Python version, a missing module)
 EXIT_STUCK = 6  # a task overran its timeout where Python could not interrupt it
-
-MEMORY_UNITS = {"": 1, "k": 10**3, "K": 2**10, "m": 10**6, "M": 2**20,
-                "g": 10**9, "G": 2**30, "t": 10**12, "T": 2**40}
+# sge_types(5) memory_specifier: k/m/g/t count in powers of 1000, K/M/G/T of 1024.
+MEMORY_UNITS = dict([("", 1)] + [(u, 1000 ** (i + 1)) for i, u in enumerate("kmgt")]
+                    + [(u, 1024 ** (i + 1)) for i, u in enumerate("KMGT")])
 
 
 class ProtocolFailure(Exception):
-    """The worker cannot go on; carries the exit status that says why."""
+    """The worker cannot go on; `exit_status` says why."""
 
     def __init__(self, message, exit_status=EXIT_PROTOCOL):
         super().__init__(message)
         self.exit_status = exit_status
 
 
-class TaskTimeout(BaseException):
-    """Raised inside a task that runs past task_timeout_s.
-
-    A BaseException, so that an `except Exception` in the task cannot swallow it.
-    """
+class TaskTimeout(BaseException):  # not Exception: a task's `except Exception` must not eat it
+    """A task ran past task_timeout_s."""
 
 
 def parse_memory(spec):
-    """Return the bytes in an SGE memory_specifier (sge_types(5)), or None for INFINITY.
-
-    Decimal, hex (0x) or octal (leading 0) numbers, then k/m/g/t for powers of
-    1000 or K/M/G/T for powers of 1024. Decimal fractions ("1.5G") are accepted.
-    """
-    text = spec.strip()
-    if text.lower() == "infinity":
+    """Return the bytes in an SGE memory specifier (2G, 500m, 0x10K, 1.5G), None for INFINITY."""
+    if spec.strip().lower() == "infinity":
         return None
-    match = re.match(r"^(0[xX][0-9a-fA-F]+|0[0-7]+|\d+(?:\.\d+)?)([kKmMgGtT]?)$", text)
+    match = re.match(r"^(0[xX][0-9a-fA-F]+|0[0-7]+|(?:0|[1-9]\d*)(?:\.\d+)?)([kKmMgGtT]?)$",
+                     spec.strip())
     if not match:
         raise ValueError("%r is not a Grid Engine memory specifier such as 2G or 500M" % spec)
     number, unit = match.groups()
     if number[:2] in ("0x", "0X"):
         value = int(number, 16)
-    elif len(number) > 1 and number[0] == "0" and number.isdigit():
-        value = int(number, 8)
-    else:
-        value = float(number)
+    else:  # a leading 0 means octal, as in C
+        value = int(number, 8) if number[0] == "0" and number.isdigit() else float(number)
     return int(value * MEMORY_UNITS[unit])
 
 
 def memory_limit(job_text):
-    """Return the smallest hard mem_grab or h_vmem request in a job file's #$ lines, or None.
-
-    Reads the leading comment block only, as the directives are there and the
-    rest of the file is code. Handles "-l h_rt=1:00:00,mem_grab=2G" and -soft.
-    """
+    """Return the smallest hard mem_grab/h_vmem request in a job file's #$ lines, or None."""
     limits, hard = [], True
     for line in job_text.splitlines():
         if not line.startswith("#"):
-            break
+            break  # the directives are in the leading comment block; the rest is code
         words = line[2:].split() if line.startswith("#$") else []
         for i, word in enumerate(words):
             if word in ("-hard", "-soft"):
                 hard = word == "-hard"
             elif word == "-l" and hard and i + 1 < len(words):
-                for item in words[i + 1].split(","):
+                for item in words[i + 1].split(","):  # e.g. h_rt=1:00:00,mem_grab=2G
                     name, _, value = item.partition("=")
-                    if name in ("mem_grab", "h_vmem") and value:
+                    if name in ("mem_grab", "h_vmem") and parse_memory(value):
                         limits.append(parse_memory(value))
-    limits = [limit for limit in limits if limit]
     return min(limits) if limits else None
 
 
@@ -258,7 +243,7 @@ def backoff_delay(attempt, base_s=0.5, cap_s=30.0, rand=random.random):
 
 
 def sign_request(secret_hex, method, path, time_s, body):
-    """Sign a call as docs/protocol.rst says (same as sheepdog/_signing.py)."""
+    """Sign a call as docs/protocol.rst says (as sheepdog/_signing.py does)."""
     message = "%s\n%s\n%s\n%s" % (method.upper(), path, time_s, hashlib.sha256(body).hexdigest())
     return hmac.new(bytes.fromhex(secret_hex), message.encode(), hashlib.sha256).hexdigest()
 
@@ -269,8 +254,13 @@ def sign_response(secret_hex, request_signature, body):
     return hmac.new(bytes.fromhex(secret_hex), message.encode(), hashlib.sha256).hexdigest()
 
 
+def say(message, stream):
+    stream.write(message + "\n")
+    stream.flush()
+
+
 class Capture:
-    """Stands in for sys.stdout/sys.stderr during a task: passes writes on, keeps `limit` bytes."""
+    """Stands in for sys.stdout/stderr during a task: passes writes on and keeps `limit` bytes."""
 
     def __init__(self, stream, limit):
         self.stream, self.limit, self.kept, self.dropped = stream, limit, bytearray(), 0
@@ -288,7 +278,7 @@ class Capture:
             self.write(line)
 
     def text(self):
-        text = self.kept.decode("utf-8", "ignore")  # "ignore": the cut may split a character
+        text = self.kept.decode("utf-8", "ignore")  # the cut may split a character
         if self.dropped:
             text += "\n[sheepdog: %d more bytes not kept; see the SGE output files]" % self.dropped
         return text
@@ -298,50 +288,53 @@ class Capture:
 
 
 class Connection:
-    """A keep-alive HTTP(S) connection to the server that signs calls, checks answers, retries."""
+    """A keep-alive HTTP(S) connection that signs calls, checks the answers and retries."""
 
     def __init__(self, url, secret, request_id, retry_s=600.0, tls_fingerprint=None,
                  timeout_s=60.0):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ProtocolFailure("the server URL %r is not an http:// or https:// URL" % url)
-        self.https, self.host, self.port = parts.scheme == "https", parts.hostname, parts.port
+        self.https, self.address = parts.scheme == "https", (parts.hostname, parts.port)
         self.prefix = "%s/api/v1/requests/%d/" % (parts.path.rstrip("/"), request_id)
-        self.secret, self.request_id, self.retry_s, self.timeout_s = (
-            secret, request_id, retry_s, timeout_s)
+        self.secret, self.request_id, self.retry_s = secret, request_id, retry_s
         self.fingerprint = (tls_fingerprint or "").replace(":", "").lower()
-        self.conn = None
+        self.timeout_s, self.conn = timeout_s, None
 
-    def _connect(self):
+    def connect(self):
         if not self.https:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+            conn = http.client.HTTPConnection(*self.address, timeout=self.timeout_s)
         else:
             import ssl
             context = ssl.create_default_context()
-            if self.fingerprint:  # a self-signed certificate: trusted by its pinned fingerprint
+            if self.fingerprint:  # a self-signed certificate, trusted by its pinned fingerprint
                 context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-            conn = http.client.HTTPSConnection(
-                self.host, self.port, timeout=self.timeout_s, context=context)
-        conn.auto_open = 0  # reconnect only through here, so the fingerprint is always checked
+            conn = http.client.HTTPSConnection(*self.address, timeout=self.timeout_s,
+                                               context=context)
+        conn.auto_open = 0  # reconnect only through here, where the fingerprint is checked
         conn.connect()
         if self.https and self.fingerprint:
             seen = hashlib.sha256(conn.sock.getpeercert(binary_form=True)).hexdigest()
             if not hmac.compare_digest(seen, self.fingerprint):
                 conn.close()
-                raise ProtocolFailure(
-                    "the server's TLS certificate has SHA-256 fingerprint %s but the job file "
-                    "pins %s: not talking to it" % (seen, self.fingerprint), EXIT_AUTH)
+                raise ProtocolFailure("the server's TLS certificate has SHA-256 fingerprint %s, "
+                                      "the job file pins %s" % (seen, self.fingerprint), EXIT_AUTH)
         return conn
 
-    def _send(self, method, path, body):
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def send(self, method, path, body):
+        """One signed exchange: return (status, our signature, its signature, answer body)."""
         now = str(int(time.time()))
         signature = sign_request(self.secret, method, path, now, body)
-        headers = {"Content-Type": "application/json", "X-Sheepdog-Time": now,
-                   "X-Sheepdog-Signature": signature}
-        if self.conn is None:
-            self.conn = self._connect()
+        self.conn = self.conn or self.connect()
         try:
-            self.conn.request(method, path, body=body, headers=headers)
+            self.conn.request(method, path, body=body, headers={
+                "Content-Type": "application/json", "X-Sheepdog-Time": now,
+                "X-Sheepdog-Signature": signature})
             response = self.conn.getresponse()
             answer = response.read()
         except BaseException:
@@ -351,81 +344,59 @@ class Connection:
             self.close()
         return response.status, signature, response.getheader("X-Sheepdog-Signature", ""), answer
 
-    def close(self):
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-
     def call(self, method, name, body=None, retry_s=None):
-        """Make a signed call to .../requests/<id>/<name> and return its checked JSON answer.
+        """Make a signed call to .../requests/<id>/<name>; return its checked JSON answer.
 
         Connection errors and 5xx answers are retried with backoff for up to
-        `retry_s` seconds; other failures raise ProtocolFailure at once.
+        `retry_s` seconds; any other failure raises ProtocolFailure at once.
         """
         path, data = self.prefix + name, b"" if body is None else json.dumps(body).encode()
         retry_s = self.retry_s if retry_s is None else retry_s
-        deadline, attempt = time.monotonic() + retry_s, 0
+        deadline, attempt, rid = time.monotonic() + retry_s, 0, self.request_id
         while True:
             try:
-                status, signature, given, answer = self._send(method, path, data)
+                status, signature, given, answer = self.send(method, path, data)
                 if status < 500:
                     break
                 problem = "the server answered HTTP %d" % status
             except (OSError, http.client.HTTPException) as e:
-                problem = "cannot reach the server at %s:%s (%s: %s)" % (
-                    self.host, self.port, type(e).__name__, e)
+                problem = "cannot reach the server at %s:%s (%r)" % (self.address + (e,))
             delay = backoff_delay(attempt)
             if time.monotonic() + delay > deadline:
-                raise ProtocolFailure("%s; gave up on %s %s after retrying for %g s" % (
-                    problem, method, path, retry_s))
+                raise ProtocolFailure("%s; gave up on %s %s after retrying for %g s"
+                                      % (problem, method, path, retry_s))
             say("sheepdog: %s; retrying in %.1f s" % (problem, delay), sys.stderr)
             time.sleep(delay)
             attempt += 1
-        if not 200 <= status < 300:
-            raise self._refusal(status, answer)
-        if not hmac.compare_digest(sign_response(self.secret, signature, answer).encode(),
-                                   given.encode("latin-1", "replace")):
-            raise ProtocolFailure(
-                "the answer to %s %s is not signed with request %d's secret: another server "
-                "answers at %s:%s, or something on the way changed it" % (
-                    method, path, self.request_id, self.host, self.port), EXIT_AUTH)
-        try:
-            return json.loads(answer.decode("utf-8"))
-        except ValueError:
-            raise ProtocolFailure("the answer to %s %s is not JSON: %r" % (
-                method, path, answer[:200])) from None
-
-    def _refusal(self, status, answer):
         try:
             error = json.loads(answer.decode("utf-8"))["error"]
             detail = "%s: %s" % (error["code"], error["message"])
-        except (ValueError, KeyError, TypeError):
+        except Exception:
             detail = answer[:200].decode("utf-8", "replace")
-        rid = self.request_id
         if status == 401:
-            return ProtocolFailure(
-                "the server rejected our signature (%s): the job file's secret does not match "
-                "request %d, or this node's clock is far off - was the database replaced?"
-                % (detail, rid), EXIT_AUTH)
+            raise ProtocolFailure("the server rejected our signature (%s): the job file's secret "
+                                  "does not match request %d, or this node's clock is far off - "
+                                  "was the database replaced?" % (detail, rid), EXIT_AUTH)
         if status == 404:
-            return ProtocolFailure("the server does not know request %d (%s) - was the database "
-                                   "replaced or the server started on another one?" % (rid, detail))
-        return ProtocolFailure("the server refused a call for request %d with HTTP %d (%s)"
-                               % (rid, status, detail))
-
-
-def say(message, stream=None):
-    """Print a line to the real stdout (or `stream`), so that it lands in the SGE output files."""
-    stream = stream or sys.stdout
-    stream.write(message + "\n")
-    stream.flush()
+            raise ProtocolFailure("the server does not know request %d (%s) - was the database "
+                                  "replaced, or another server started here?" % (rid, detail))
+        if not 200 <= status < 300:
+            raise ProtocolFailure("the server refused %s %s with HTTP %d (%s)"
+                                  % (method, path, status, detail))
+        expected = sign_response(self.secret, signature, answer)
+        if not hmac.compare_digest(expected.encode(), given.encode("latin-1", "replace")):
+            raise ProtocolFailure("the answer to %s %s is not signed with request %d's secret: "
+                                  "another server answers at %s:%s, or something on the way "
+                                  "changed it" % ((method, path, rid) + self.address), EXIT_AUTH)
+        try:
+            return json.loads(answer.decode("utf-8"))
+        except ValueError:
+            raise ProtocolFailure("the answer to %s %s is not JSON: %r"
+                                  % (method, path, answer[:200])) from None
 
 
 class Client:
-    """Find out what to do, do it, report back: the worker side of one array task.
-
-    `Client(url, secret, request_id, job_index).go()` ends every job file.
-    """
+    """Find out what to do, do it, report back: the worker side of one array task."""
 
     def __init__(self, url, password, request_id, job_index, batch=None, retry_s=600.0,
                  tls_fingerprint=None, mem_limit_bytes=None):
@@ -436,14 +407,14 @@ class Client:
         self.connect = lambda: Connection(url, password, self.request_id, retry_s, tls_fingerprint)
         self.conn = self.connect()
         self.out, self.err = sys.stdout, sys.stderr  # the real streams, whatever a task does
-        self.function, self.settings = None, {}
+        self.function, self.protocol, self.settings = None, None, {}
         self.leases, self.lost, self.cancelled = [], set(), False
-        self.running = None  # (index, lease, start, stdout capture, stderr capture)
-        self.armed = False  # whether a SIGALRM may interrupt the running task
-        self.stuck_grace_s = 30.0  # after the timeout, how long Python gets to interrupt a task
+        self.running = None  # (index, lease, start, stdout Capture, stderr Capture)
+        self.armed = False  # whether SIGALRM may interrupt the running task now
+        self.stuck_grace_s = 30.0  # after a timeout, how long SIGALRM gets before the backstop
 
     def go(self):
-        """Run tasks until none is left; on a failure, say why on stderr and exit non-zero."""
+        """Run tasks until none is left; on a failure say why on stderr and exit non-zero."""
         try:
             self.set_memlimit()
             self.get_details()
@@ -452,13 +423,13 @@ class Client:
             say("sheepdog: worker %s stops: %s" % (self.worker, e), self.err)
             sys.exit(e.exit_status)
         except (KeyError, TypeError, ValueError) as e:
-            say("sheepdog: worker %s stops: the server's answer is not what docs/protocol.rst "
-                "describes (%s: %s)" % (self.worker, type(e).__name__, e), self.err)
+            say("sheepdog: worker %s stops: an answer from the server is not as docs/protocol.rst"
+                " says (%s: %s)" % (self.worker, type(e).__name__, e), self.err)
             sys.exit(EXIT_PROTOCOL)
-        say("sheepdog: worker %s: no tasks left, exiting" % self.worker, self.out)
+        say("sheepdog: worker %s: no tasks left" % self.worker, self.out)
 
     def set_memlimit(self, fname=None):
-        """Limit our address space to mem_limit_bytes or the job file's mem_grab/h_vmem request."""
+        """Limit our address space to mem_limit_bytes, or the job file's mem_grab/h_vmem."""
         limit = self.mem_limit_bytes
         if limit is None:
             try:
@@ -474,13 +445,13 @@ class Client:
         return limit
 
     def get_details(self):
-        """Fetch the function and the request's settings from the server."""
+        """Fetch the function and the request's settings."""
         answer = self.conn.call("GET", "function")
-        self.settings = answer["settings"]
+        self.settings, payload = answer["settings"], base64.b64decode(answer["payload"])
         try:
-            self.function = load_function(base64.b64decode(answer["payload"]))
+            self.function, self.protocol = load_function(payload), result_protocol(payload)
         except Exception as e:
-            raise ProtocolFailure("cannot load the function on %s with Python %s: %s: %s" % (
+            raise ProtocolFailure("cannot load the function on %s (Python %s): %s: %s" % (
                 self.host, sys.version.split()[0], type(e).__name__, e), EXIT_VERSION) from e
 
     def run(self):
@@ -492,9 +463,9 @@ class Client:
             self.leases, results = [task["lease"] for task in answer["tasks"]], []
             for task in answer["tasks"]:
                 if self.cancelled:
-                    say("sheepdog: request %d was cancelled; stopping" % self.request_id, self.out)
+                    say("sheepdog: request %d was cancelled" % self.request_id, self.out)
                     break
-                if task["lease"] not in self.lost:  # else the task was leased to another worker
+                if task["lease"] not in self.lost:  # else it was leased again, to another worker
                     results.append(self.run_task(task))
             more = 0 if self.cancelled else batch
             answer = self.submit_results(results, more)
@@ -507,9 +478,7 @@ class Client:
 
     def submit_results(self, results, max_tasks=0):
         """Post results; the answer holds the next lease when max_tasks > 0."""
-        body = self.hello(max_tasks)
-        body["results"] = results
-        return self.conn.call("POST", "results", body)
+        return self.conn.call("POST", "results", dict(self.hello(max_tasks), results=results))
 
     def run_task(self, task):
         """Run one leased task, print how it went, and return its result for /results."""
@@ -528,8 +497,8 @@ class Client:
                     signal.setitimer(signal.ITIMER_REAL, timeout)
                 value = load_value(base64.b64decode(task["args"]))
                 value = self.function(*value) if isinstance(value, tuple) else self.function(value)
-                payload = dump_value(value, self.settings.get("pickle_protocol"))
-            finally:
+                payload = dump_value(value, self.protocol)
+            finally:  # an alarm that fires in here is still caught below
                 if alarm:
                     signal.setitimer(signal.ITIMER_REAL, 0)
                     self.armed = False
@@ -537,8 +506,7 @@ class Client:
         except (Exception, TaskTimeout, SystemExit) as e:
             result.update(ok=False, error=self.describe(e, traceback.format_exc()))
         finally:
-            sys.stdout, sys.stderr = out.stream, err.stream
-            self.running = None
+            sys.stdout, sys.stderr, self.running = out.stream, err.stream, None
         result.update(stdout=out.text(), stderr=err.text(), duration_s=time.monotonic() - start)
         if result["ok"]:
             say("sheepdog: task %d ok: %s" % (index, reprlib.repr(value)), self.out)
@@ -558,13 +526,12 @@ class Client:
         kind = type(exc)
         name = kind.__name__ if kind.__module__ in ("builtins", "__main__") else (
             "%s.%s" % (kind.__module__, kind.__qualname__))
-        if isinstance(exc, TaskTimeout):
-            name = "TaskTimeout"
-        return {"type": name, "message": str(exc), "traceback": trace, "host": self.host,
+        return {"type": "TaskTimeout" if isinstance(exc, TaskTimeout) else name,
+                "message": str(exc), "traceback": trace, "host": self.host,
                 "python": sys.version.split()[0]}
 
     def watch(self):
-        """Renew the leases while tasks run; stop the worker if a task is stuck past its timeout."""
+        """Renew the leases while tasks run; end the worker if a task is stuck past its timeout."""
         conn = self.connect()  # http.client connections must not be shared between threads
         every = float(self.settings.get("heartbeat_s") or 30.0)
         timeout, last = self.settings.get("task_timeout_s"), time.monotonic()
@@ -577,23 +544,22 @@ class Client:
             if leases and time.monotonic() - last >= every:
                 last = time.monotonic()
                 try:
-                    answer = conn.call("POST", "heartbeat", {"worker": self.worker,
-                                                             "leases": leases}, retry_s=every)
+                    answer = conn.call("POST", "heartbeat",
+                                       {"worker": self.worker, "leases": leases}, retry_s=every)
                     self.lost.update(answer.get("lost", []))
                     self.cancelled = self.cancelled or bool(answer.get("cancelled"))
                 except ProtocolFailure as e:
-                    say("sheepdog: heartbeat failed, the leases may expire: %s" % e, self.err)
+                    say("sheepdog: heartbeat failed, our leases may expire: %s" % e, self.err)
 
     def give_up(self, conn, running, timeout):
         """Report a task that Python could not interrupt as timed out, then end this process."""
         index, lease, start, out, err = running
         stack = sys._current_frames().get(threading.main_thread().ident)
         error = self.describe(TaskTimeout(
-            "timed out after %g s (it could not be interrupted, so the worker stopped)" % timeout),
+            "timed out after %g s (stuck where Python could not interrupt it)" % timeout),
             "Where the task was stuck:\n" + "".join(traceback.format_stack(stack)))
-        result = {"index": index, "lease": lease, "ok": False, "error": error,
-                  "stdout": out.text(), "stderr": err.text(),
-                  "duration_s": time.monotonic() - start}
+        result = {"index": index, "lease": lease, "ok": False, "error": error, "stdout": out.text(),
+                  "stderr": err.text(), "duration_s": time.monotonic() - start}
         say("sheepdog: task %d error: TaskTimeout: %s" % (index, error["message"]), self.out)
         try:
             conn.call("POST", "results", dict(self.hello(0), results=[result]), retry_s=60.0)

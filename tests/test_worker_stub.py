@@ -1,0 +1,383 @@
+"""Unit tests for the worker stub's protocol client (worker_stub/sheepdog_worker.py)."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import pickle
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sheepdog import _signing
+from sheepdog.client import stub
+from sheepdog.job_file import stub_path
+
+SECRET = "5e" * 32
+GiB, MiB = 1024**3, 1024**2
+
+
+# ---- memory limits ----
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("1024", 1024),
+        ("2G", 2 * GiB),
+        ("2g", 2 * 10**9),
+        ("500M", 500 * MiB),
+        ("500m", 500 * 10**6),
+        ("4k", 4000),
+        ("4K", 4096),
+        ("1T", 1024**4),
+        ("1t", 10**12),
+        ("1.5G", int(1.5 * GiB)),
+        ("0x10K", 16 * 1024),
+        ("010", 8),
+        ("0", 0),
+        (" 3M ", 3 * MiB),
+        ("INFINITY", None),
+        ("infinity", None),
+    ],
+)
+def test_parse_memory(spec: str, expected: int | None) -> None:
+    assert stub.parse_memory(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["", "2GB", "-1G", "G", "1e9", "2 G", "0x", "09"])
+def test_parse_memory_rejects_nonsense(spec: str) -> None:
+    with pytest.raises(ValueError, match="memory specifier"):
+        stub.parse_memory(spec)
+
+
+@pytest.mark.parametrize(
+    ("directives", "expected"),
+    [
+        (["#$ -l mem_grab=2G"], 2 * GiB),
+        (["#$ -l h_vmem=500M"], 500 * MiB),
+        (["#$ -l h_rt=1:00:00,mem_grab=2G"], 2 * GiB),
+        (["#$ -l h_rt=1:00:00,mem_grab=2G,h_vmem=1G"], 1 * GiB),
+        (["#$ -l h_vmem=3G", "#$ -cwd -l mem_grab=1500M -r y"], 1500 * MiB),
+        (["#$ -soft -l h_vmem=1G -hard -l mem_grab=2G"], 2 * GiB),
+        (["#$ -soft -l h_vmem=1G"], None),
+        (["#$ -l h_vmem=INFINITY"], None),
+        (["#$ -l s_vmem=1G,mem_free=1G,virtual_free=1G"], None),
+        (["# -l h_vmem=1G is a comment, not a directive"], None),
+        (["#$ -l"], None),
+        ([], None),
+    ],
+)
+def test_memory_limit_from_directives(directives: list[str], expected: int | None) -> None:
+    text = "\n".join(["#!/usr/bin/python3", "#$ -S /usr/bin/python3", *directives, "x = 1"])
+    assert stub.memory_limit(text) == expected
+
+
+def test_memory_limit_reads_only_the_leading_comment_block() -> None:
+    text = '#!/usr/bin/python3\n#$ -l h_vmem=1G\n"""doc"""\n#$ -l h_vmem=1K\n'
+    assert stub.memory_limit(text) == GiB
+
+
+def test_memory_limit_bad_specifier_is_an_error() -> None:
+    with pytest.raises(ValueError, match="'2GB'"):
+        stub.memory_limit("#$ -l h_vmem=2GB\n")
+
+
+def test_set_memlimit_turns_a_big_allocation_into_memory_error(tmp_path: Path) -> None:
+    """In a child process, since an address-space limit cannot be lifted again."""
+    job = tmp_path / "job.py"
+    job.write_text(
+        "#!/usr/bin/python3\n#$ -l h_rt=0:10:0,mem_grab=300M\n"
+        f"import runpy\nstub = runpy.run_path({str(stub_path())!r}, run_name='stub')\n"
+        "client = stub['Client']('http://localhost:9/', '00' * 32, 1, 1)\n"
+        "print(client.set_memlimit())\n"
+        "try:\n    block = bytearray(400 * 1024 * 1024)\nexcept MemoryError:\n"
+        "    print('MemoryError')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(job)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(300 * MiB), "MemoryError"]
+
+
+# ---- backoff ----
+
+
+def test_backoff_upper_bound_doubles_up_to_the_cap() -> None:
+    bounds = [stub.backoff_delay(n, base_s=0.5, cap_s=30.0, rand=lambda: 1.0) for n in range(9)]
+    assert bounds == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert stub.backoff_delay(3, rand=lambda: 0.0) == 0.0
+
+
+@given(st.integers(min_value=0, max_value=10**9))
+def test_backoff_is_within_zero_and_the_cap(attempt: int) -> None:
+    delay = stub.backoff_delay(attempt)
+    assert 0.0 <= delay <= min(30.0, 0.5 * 2.0 ** min(attempt, 64))
+
+
+# ---- signing ----
+
+
+@given(
+    secret=st.binary(min_size=16, max_size=64).map(bytes.hex),
+    method=st.sampled_from(["GET", "POST", "put"]),
+    path=st.text(min_size=1, max_size=80),
+    time_s=st.integers(min_value=0, max_value=2**40),
+    body=st.binary(max_size=300),
+)
+def test_request_signature_matches_the_library(
+    secret: str, method: str, path: str, time_s: int, body: bytes
+) -> None:
+    expected = _signing.sign_request(secret, method, path, time_s, body)
+    assert stub.sign_request(secret, method, path, str(time_s), body) == expected
+
+
+@given(
+    secret=st.binary(min_size=16, max_size=64).map(bytes.hex),
+    signature=st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+    body=st.binary(max_size=300),
+)
+def test_response_signature_matches_the_library(secret: str, signature: str, body: bytes) -> None:
+    expected = _signing.sign_response(secret, signature, body)
+    assert stub.sign_response(secret, signature, body) == expected
+
+
+# ---- output capture ----
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_capture_keeps_the_first_bytes_and_passes_everything_on() -> None:
+    sink = Sink()
+    capture = stub.Capture(sink, 10)
+    assert capture.write("hello ") == 6
+    capture.writelines(["world", "!" * 20])
+    capture.flush()
+    assert "".join(sink.parts) == "hello world" + "!" * 20
+    notice = "[sheepdog: 21 more bytes not kept; see the SGE output files]"
+    assert capture.text() == "hello worl\n" + notice
+
+
+def test_capture_under_the_limit_is_exact_and_cuts_between_characters() -> None:
+    capture = stub.Capture(Sink(), 100)
+    capture.write("résumé\n")
+    assert capture.text() == "résumé\n"
+    cut = stub.Capture(Sink(), 2)
+    cut.write("aé")  # 'é' is two bytes: the cut falls inside it
+    assert cut.text().startswith("a\n[sheepdog: 1 more bytes")  # half of 'é' is silently lost
+
+
+# ---- running one task ----
+
+
+def make_client(**settings: Any) -> Any:
+    client = stub.Client("http://127.0.0.1:9/", SECRET, 3, 1)
+    client.settings = {"capture_bytes": 1000, "task_timeout_s": None, **settings}
+    return client
+
+
+def task(value: object, index: int = 1) -> dict[str, Any]:
+    args = base64.b64encode(pickle.dumps(value)).decode()
+    return {"index": index, "attempt": 1, "lease": f"lease-{index}", "args": args}
+
+
+def test_run_task_calls_with_tuple_or_single_value_and_captures_output(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    client = make_client()
+
+    def f(*args: object) -> object:
+        print("computing", args)
+        return args
+
+    client.function = f
+    result = client.run_task(task((1, "b")))
+    assert result["ok"] is True
+    assert pickle.loads(base64.b64decode(result["value"])) == (1, "b")
+    assert result["stdout"] == "computing (1, 'b')\n"
+    assert result["stderr"] == ""
+    assert result["lease"] == "lease-1"
+    single = client.run_task(task([1, 2], index=2))
+    assert pickle.loads(base64.b64decode(single["value"])) == ([1, 2],)
+    out = capsys.readouterr().out
+    assert "computing (1, 'b')" in out  # teed to the real stream too
+    assert "sheepdog: task 1 ok: (1, 'b')" in out
+
+
+def test_run_task_reports_an_exception_as_data(capsys: pytest.CaptureFixture[str]) -> None:
+    client = make_client()
+
+    def f(x: int) -> None:
+        raise ValueError(f"bad {x}")
+
+    client.function = f
+    result = client.run_task(task(7))
+    assert result["ok"] is False
+    error = result["error"]
+    assert (error["type"], error["message"]) == ("ValueError", "bad 7")
+    assert "raise ValueError" in error["traceback"]
+    assert error["host"] == client.host
+    assert error["python"] == sys.version.split()[0]
+    assert "sheepdog: task 1 error: ValueError: bad 7" in capsys.readouterr().out
+
+
+def test_run_task_times_out_with_sigalrm() -> None:
+    client = make_client(task_timeout_s=0.2)
+
+    def f(x: float) -> None:
+        try:
+            time.sleep(x)
+        except Exception:  # the timeout must get through a broad except in the task
+            pass
+        time.sleep(x)
+
+    client.function = f
+    result = client.run_task(task(30.0))
+    assert result["ok"] is False
+    assert result["error"]["type"] == "TaskTimeout"
+    assert result["error"]["message"] == "timed out after 0.2 s"
+    assert client.armed is False
+    ok = client.run_task(task(0.0, index=2))  # the alarm is disarmed after a task
+    assert ok["ok"] is True
+
+
+# ---- talking to a server ----
+
+
+class FakeServer(http.server.ThreadingHTTPServer):
+    """Answers each call with the next scripted (status, body, signed) and records the calls."""
+
+    script: list[tuple[int, dict[str, Any], bool]]
+    calls: list[tuple[str, str, bytes, bool]]
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    server: FakeServer
+
+    def do_GET(self) -> None:
+        self.answer()
+
+    def do_POST(self) -> None:
+        self.answer()
+
+    def answer(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        signature = self.headers.get("X-Sheepdog-Signature", "")
+        expected = _signing.sign_request(
+            SECRET, self.command, self.path, self.headers.get("X-Sheepdog-Time", ""), body
+        )
+        self.server.calls.append((self.command, self.path, body, signature == expected))
+        status, answer, signed = self.server.script.pop(0)
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if signed:
+            answer_signature = _signing.sign_response(SECRET, signature, data)
+            self.send_header("X-Sheepdog-Signature", answer_signature)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_server() -> Iterator[FakeServer]:
+    server = FakeServer(("127.0.0.1", 0), Handler)
+    server.script, server.calls = [], []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def connection(server: FakeServer, retry_s: float = 5.0) -> Any:
+    url = f"http://127.0.0.1:{server.server_address[1]}/base/"
+    return stub.Connection(url, SECRET, 3, retry_s=retry_s, timeout_s=10.0)
+
+
+def test_call_is_signed_and_its_signed_answer_returned(fake_server: FakeServer) -> None:
+    fake_server.script = [(200, {"tasks": []}, True), (200, {"renewed": []}, True)]
+    conn = connection(fake_server)
+    assert conn.call("POST", "lease", {"worker": "w"}) == {"tasks": []}
+    assert conn.call("GET", "function") == {"renewed": []}
+    assert fake_server.calls == [
+        ("POST", "/base/api/v1/requests/3/lease", b'{"worker": "w"}', True),
+        ("GET", "/base/api/v1/requests/3/function", b"", True),
+    ]
+
+
+def test_5xx_is_retried_then_succeeds(fake_server: FakeServer) -> None:
+    fake_server.script = [(503, {}, False), (500, {}, False), (200, {"ok": 1}, True)]
+    assert connection(fake_server).call("GET", "function") == {"ok": 1}
+    assert len(fake_server.calls) == 3
+
+
+def test_401_is_not_retried_and_says_the_secret_does_not_match(fake_server: FakeServer) -> None:
+    error = {"error": {"code": "bad_signature", "message": "signature does not match"}}
+    fake_server.script = [(401, error, False)]
+    with pytest.raises(stub.ProtocolFailure, match="secret does not match request 3") as info:
+        connection(fake_server).call("GET", "function")
+    assert info.value.exit_status == stub.EXIT_AUTH
+    assert "bad_signature: signature does not match" in str(info.value)
+    assert len(fake_server.calls) == 1
+
+
+def test_404_says_the_request_is_unknown(fake_server: FakeServer) -> None:
+    fake_server.script = [(404, {"error": {"code": "unknown_request", "message": "no"}}, False)]
+    with pytest.raises(stub.ProtocolFailure, match="does not know request 3") as info:
+        connection(fake_server).call("GET", "function")
+    assert info.value.exit_status == stub.EXIT_PROTOCOL
+
+
+def test_an_unsigned_answer_is_refused(fake_server: FakeServer) -> None:
+    fake_server.script = [(200, {"payload": "x"}, False)]
+    with pytest.raises(stub.ProtocolFailure, match="not signed with request 3's secret") as info:
+        connection(fake_server).call("GET", "function")
+    assert info.value.exit_status == stub.EXIT_AUTH
+
+
+def test_an_unreachable_server_is_retried_until_retry_s() -> None:
+    conn = stub.Connection("http://127.0.0.1:9/", SECRET, 3, retry_s=1.0, timeout_s=1.0)
+    with pytest.raises(stub.ProtocolFailure, match="cannot reach the server .* after retrying"):
+        conn.call("GET", "function")
+
+
+def test_go_exits_with_the_auth_status_and_a_message(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_server.script = [(401, {"error": {"code": "bad_signature", "message": "no"}}, False)]
+    url = f"http://127.0.0.1:{fake_server.server_address[1]}"
+    client = stub.Client(url, SECRET, 3, 1, mem_limit_bytes=0)
+    with pytest.raises(SystemExit) as info:
+        client.go()
+    assert info.value.code == stub.EXIT_AUTH
+    assert "the server rejected our signature" in capsys.readouterr().err
+
+
+def test_a_non_http_url_is_refused() -> None:
+    with pytest.raises(stub.ProtocolFailure, match="not an http"):
+        stub.Connection("ftp://x/", SECRET, 3)

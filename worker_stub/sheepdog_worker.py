@@ -399,7 +399,7 @@ class Client:
     """Find out what to do, do it, report back: the worker side of one array task."""
 
     def __init__(self, url, password, request_id, job_index, batch=None, retry_s=600.0,
-                 tls_fingerprint=None, mem_limit_bytes=None):
+                 tls_fingerprint=None, mem_limit_bytes=None, stuck_grace_s=30.0):
         self.request_id, self.job_index = int(request_id), job_index
         self.host = socket.gethostname()
         self.worker = "%s:%d:%s" % (self.host, os.getpid(), job_index)
@@ -411,7 +411,7 @@ class Client:
         self.leases, self.lost, self.cancelled = [], set(), False
         self.running = None  # (index, lease, start, stdout Capture, stderr Capture)
         self.armed = False  # whether SIGALRM may interrupt the running task now
-        self.stuck_grace_s = 30.0  # after a timeout, how long SIGALRM gets before the backstop
+        self.stuck_grace_s = stuck_grace_s  # past the timeout, SIGALRM's time before the backstop
 
     def go(self):
         """Run tasks until none is left; on a failure say why on stderr and exit non-zero."""

@@ -1,0 +1,241 @@
+"""Local integration: real job files run as plain subprocesses against the real gunicorn server.
+
+No Grid Engine: each "array task" is ``/usr/bin/python3 <job file>`` with
+``SGE_TASK_ID`` set, as SGE would start it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sheepdog.job_file import job_file, write_job_file
+from sheepdog.serialisation import deserialise_value, serialise_args, serialise_function
+from sheepdog.server import Server
+from sheepdog.storage import Storage
+
+pytestmark = pytest.mark.slow
+
+def _python_minor(path: str) -> tuple[int, int] | None:
+    try:
+        out = subprocess.run(
+            [path, "-c", "import sys; print(*sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return int(out[0]), int(out[1])
+
+
+# The worker Python: the system one, as on a cluster node, if it has the library's minor
+# version (bytecode payloads need it); else this interpreter.
+WORKER_PYTHON = (
+    "/usr/bin/python3"
+    if _python_minor("/usr/bin/python3") == sys.version_info[:2]
+    else sys.executable
+)
+WAIT_S = 120.0  # bound on every wait below
+
+
+def square(i: int, marker: str | None = None) -> int:
+    """The task: i*i; with a marker path, the first run to get there hangs until killed."""
+    if marker is not None and not os.path.exists(marker):
+        with open(marker + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(marker + ".tmp", marker)
+        time.sleep(600)
+    print(f"squaring {i}")
+    return i * i
+
+
+def sleep_for(seconds: float) -> str:
+    time.sleep(seconds)
+    return "woke up"
+
+
+def uninterruptible(seconds: float) -> None:
+    # As C code that blocks signals (or never returns to the interpreter) would:
+    # SIGALRM's Python-level handler cannot run.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    time.sleep(seconds)
+
+
+class Setup:
+    """A database, a running server, and a way to render and run job files."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.dbfile = tmp_path / "sheepdog.sqlite"
+        self.storage = Storage(str(self.dbfile))
+        self.server = Server(None, None, str(self.dbfile), host="127.0.0.1")
+
+    def request(self, f: Callable[..., Any], args: list[Any], **settings: Any) -> int:
+        return self.storage.new_request(
+            serialise_function(f), None, serialise_args(args), settings=settings
+        )
+
+    def job(self, request_id: int, n_args: int, **client_options: Any) -> Path:
+        text = job_file(
+            self.server.url_for("127.0.0.1"),
+            self.storage.get_secret(request_id),
+            request_id,
+            n_args,
+            WORKER_PYTHON,
+            ["-l h_rt=0:10:0,h_vmem=4G", "-r y"],
+            client_options={"retry_s": 20.0, **client_options},
+        )
+        return write_job_file(text, self.tmp_path / "jobs", request_id)
+
+    def start(self, job: Path, task_id: int) -> subprocess.Popen[str]:
+        env = {**os.environ, "SGE_TASK_ID": str(task_id)}
+        env.pop("PYTHONPATH", None)  # like a worker node: no sheepdog importable
+        return subprocess.Popen(
+            [WORKER_PYTHON, str(job)],
+            env=env,
+            cwd=self.tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def results(self, request_id: int) -> list[object]:
+        return [
+            None if value is None else deserialise_value(value)
+            for _args, value in self.storage.get_tasks_with_results(request_id)
+        ]
+
+    def close(self) -> None:
+        self.server.stop()
+        self.storage.close()
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    s = Setup(tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=WAIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"worker {proc.pid} did not finish in {WAIT_S} s\n{out}\n{err}")
+    return proc.returncode, out, err
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up after {WAIT_S} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_every_result_comes_back(setup: Setup) -> None:
+    n, workers = 24, 4
+    rid = setup.request(square, list(range(1, n + 1)), batch=2)
+    job = setup.job(rid, n)
+    started = time.perf_counter()
+    procs = [setup.start(job, i) for i in range(1, workers + 1)]
+    outcomes = [finish(p) for p in procs]
+    elapsed = time.perf_counter() - started
+    for code, out, err in outcomes:
+        assert code == 0, f"worker failed:\n{out}\n{err}"
+        assert "no tasks left" in out
+    assert setup.results(rid) == [i * i for i in range(1, n + 1)]
+    assert setup.storage.count_results(rid) == n
+    assert setup.storage.get_task(rid, 5)["stdout"] == "squaring 5\n"
+    printed = "".join(out for _code, out, _err in outcomes)
+    assert sorted(re.findall(r"sheepdog: task (\d+) ok: (\d+)", printed), key=lambda m: int(m[0])) == [
+        (str(i), str(i * i)) for i in range(1, n + 1)
+    ]
+    print(f"\n{n} tasks on {workers} local workers: {elapsed:.2f} s wall time")
+
+
+def test_a_killed_workers_task_is_leased_again_and_stored_once(setup: Setup) -> None:
+    n = 6
+    marker = str(setup.tmp_path / "hang-once")
+    args = [(i, marker if i == 3 else None) for i in range(1, n + 1)]
+    rid = setup.request(square, args, lease_s=2.0, heartbeat_s=0.5, batch=1)
+    job = setup.job(rid, n)
+    procs = [setup.start(job, i) for i in range(1, 4)]
+    wait_for(lambda: os.path.exists(marker), "task 3 to start")
+    victim_pid = int(Path(marker).read_text())
+    victim = next(p for p in procs if p.pid == victim_pid)
+    first_lease = setup.storage.get_task(rid, 3)
+    assert first_lease["state"] == "leased"
+    os.kill(victim_pid, signal.SIGKILL)
+    assert finish(victim)[0] == -signal.SIGKILL
+    for proc in procs:
+        if proc is not victim:
+            code, out, err = finish(proc)
+            assert code == 0, f"{out}\n{err}"
+    # Every other task is done; task 3's lease runs out without heartbeats.
+    assert setup.storage.open_task_indices(rid) == [3]
+    wait_for(
+        lambda: setup.storage.get_task(rid, 3)["lease_expires"] < time.time(),
+        "task 3's lease to expire",
+    )
+    # The library would now resubmit an array task for the open work; do that by hand.
+    code, out, err = finish(setup.start(job, 4))
+    assert code == 0, f"{out}\n{err}"
+    assert "sheepdog: task 3 ok: 9" in out
+    task = setup.storage.get_task(rid, 3)
+    assert task["state"] == "done"
+    assert task["attempts"] == 1  # raised once, when the lost lease expired
+    assert task["lease"] != first_lease["lease"]
+    assert setup.results(rid) == [i * i for i in range(1, n + 1)]
+    assert setup.storage.count_results_and_errors(rid) == n
+
+
+def test_a_task_over_its_timeout_is_an_error(setup: Setup) -> None:
+    rid = setup.request(sleep_for, [0.0, 60.0], task_timeout_s=1.0, heartbeat_s=0.5)
+    code, out, err = finish(setup.start(setup.job(rid, 2), 1))
+    assert code == 0, f"{out}\n{err}"
+    assert setup.results(rid) == ["woke up", None]
+    (index, _args, error), = setup.storage.get_task_errors(rid)
+    assert index == 2
+    assert error["type"] == "TaskTimeout"
+    assert error["message"] == "timed out after 1 s"
+    assert "sleep_for" in error["traceback"]
+
+
+def test_an_uninterruptible_task_is_reported_and_the_worker_exits(setup: Setup) -> None:
+    rid = setup.request(uninterruptible, [600.0], task_timeout_s=1.0, heartbeat_s=0.5)
+    code, out, err = finish(setup.start(setup.job(rid, 1, stuck_grace_s=1.0), 1))
+    assert code == 6, f"{out}\n{err}"  # EXIT_STUCK
+    (index, _args, error), = setup.storage.get_task_errors(rid)
+    assert index == 1
+    assert error["type"] == "TaskTimeout"
+    assert error["message"].startswith("timed out after 1 s (stuck")
+    assert "in uninterruptible" in error["traceback"]  # where it was stuck
+
+
+def test_a_wrong_secret_exits_with_the_auth_status(setup: Setup) -> None:
+    rid = setup.request(square, [1])
+    text = job_file(
+        setup.server.url_for("127.0.0.1"), "ab" * 32, rid, 1, WORKER_PYTHON, [],
+        client_options={"retry_s": 5.0},
+    )
+    job = write_job_file(text, setup.tmp_path / "jobs", rid)
+    code, out, err = finish(setup.start(job, 1))
+    assert code == 4, f"{out}\n{err}"  # EXIT_AUTH
+    assert f"the job file's secret does not match request {rid}" in err
+    assert setup.storage.open_task_indices(rid) == [1]

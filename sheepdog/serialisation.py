@@ -92,6 +92,7 @@ Sheepdog 0.2); they are read each time something is serialised.
 from __future__ import annotations
 
 import ast
+import copy
 import dis
 import functools
 import inspect
@@ -499,55 +500,63 @@ def _factory(free_vars: Iterable[str], body: str, result: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _factory_source(f: types.FunctionType) -> str:
-    name = _describe(f)
-    try:
-        source = textwrap.dedent(inspect.getsource(f))
-    except (OSError, TypeError) as exc:
-        raise SerialisationError(
-            f"source mode needs the source of {name}, but there is none ({exc}); "
-            "define it in a file, or use mode='bytecode' with a matching Python on the workers"
-        ) from exc
-    try:
-        tree = _parse_lines(source)
-    except SyntaxError as exc:
-        raise SerialisationError(
-            f"source mode cannot parse the source lines of {name} "
-            f"({f.__code__.co_filename}:{f.__code__.co_firstlineno}): {exc.msg}; "
-            "define it with def on its own lines, or use mode='bytecode'"
-        ) from exc
-    free = f.__code__.co_freevars
-    if f.__name__ != "<lambda>":
-        node = tree.body[0] if tree.body else None
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name != (
-            f.__code__.co_name
-        ):
-            raise SerialisationError(
-                f"source mode found no definition of {name} at "
-                f"{f.__code__.co_filename}:{f.__code__.co_firstlineno}"
-            )
-        _strip(node)
-        return _factory(free, ast.unparse(node), node.name)
-    for candidate in ast.walk(tree):
-        if isinstance(candidate, ast.Lambda):
-            _strip(candidate)
-            body = f"__sheepdog_lambda__ = ({ast.unparse(candidate)})"
-            text = _factory(free, body, "__sheepdog_lambda__")
-            if _same_code(text, f.__code__):
-                return text
-    raise SerialisationError(
-        f"source mode cannot tell which lambda on {f.__code__.co_filename}:"
-        f"{f.__code__.co_firstlineno} is {name}; define it with def, or use mode='bytecode'"
+def _no_source(name: str, exc: BaseException) -> SerialisationError:
+    return SerialisationError(
+        f"source mode needs the source of {name}, but there is none ({exc}); "
+        "define it in a file, or use mode='bytecode' with a matching Python on the workers"
     )
 
 
-def _parse_lines(source: str) -> ast.Module:
+def _factory_source(f: types.FunctionType) -> str:
+    """Return source text defining ``__sheepdog_factory__()``, which returns a copy of f."""
+    name = _describe(f)
+    where = f"{f.__code__.co_filename}:{f.__code__.co_firstlineno}"
+    free = f.__code__.co_freevars
+    if f.__name__ == "<lambda>":
+        return _lambda_factory_source(f, name, where)
     try:
-        return ast.parse(source)
-    except SyntaxError:
-        # A lambda on the header line of a block (``for g in [lambda: 1]:``) comes
-        # without its body.
-        return ast.parse(source.rstrip() + "\n    pass\n")
+        tree = ast.parse(textwrap.dedent(inspect.getsource(f)))
+    except (OSError, TypeError) as exc:
+        raise _no_source(name, exc) from exc
+    except SyntaxError as exc:
+        raise SerialisationError(
+            f"source mode cannot parse the source of {name} ({where}): {exc.msg}"
+        ) from exc
+    node = tree.body[0] if tree.body else None
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or (
+        node.name != f.__code__.co_name
+    ):
+        raise SerialisationError(f"source mode found no definition of {name} at {where}")
+    _strip(node)
+    return _factory(free, ast.unparse(node), node.name)
+
+
+def _lambda_factory_source(f: types.FunctionType, name: str, where: str) -> str:
+    try:
+        # A lambda's own lines often do not parse (a lambda inside a call or a dict
+        # display), so look for it in the whole file, on its first line.
+        lines, _ = inspect.findsource(f)
+    except (OSError, TypeError) as exc:
+        raise _no_source(name, exc) from exc
+    try:
+        tree = ast.parse("".join(lines))
+    except SyntaxError as exc:
+        raise SerialisationError(
+            f"source mode cannot parse the file of {name} ({where}): {exc.msg}"
+        ) from exc
+    lambdas = [node for node in ast.walk(tree) if isinstance(node, ast.Lambda)]
+    for candidate in lambdas:
+        if candidate.lineno == f.__code__.co_firstlineno:
+            candidate = copy.deepcopy(candidate)  # stripping may drop other lambdas
+            _strip(candidate)
+            body = f"__sheepdog_lambda__ = ({ast.unparse(candidate)})"
+            text = _factory(f.__code__.co_freevars, body, "__sheepdog_lambda__")
+            if _same_code(text, f.__code__):
+                return text
+    raise SerialisationError(
+        f"source mode cannot tell which lambda at {where} is {name}; "
+        "define it with def, or use mode='bytecode'"
+    )
 
 
 def _same_code(factory_source: str, code: types.CodeType) -> bool:
@@ -558,7 +567,10 @@ def _same_code(factory_source: str, code: types.CodeType) -> bool:
 
     def shape(c: types.CodeType) -> tuple[object, ...]:
         consts = tuple(k for k in c.co_consts if not isinstance(k, types.CodeType))
-        counts = (c.co_argcount, c.co_posonlyargcount, c.co_kwonlyargcount, c.co_flags)
+        # The factory nests every function, and __future__ flags (above 0xFFFF) only
+        # concern annotations, which are stripped.
+        flags = c.co_flags & 0xFFFF & ~inspect.CO_NESTED
+        counts = (c.co_argcount, c.co_posonlyargcount, c.co_kwonlyargcount, flags)
         return (counts, c.co_names, c.co_varnames, c.co_freevars, c.co_cellvars, consts)
 
     return shape(rebuilt) == shape(code)
@@ -594,9 +606,11 @@ def _stub_path() -> Path:
 
 
 def stub_decoding_source() -> str:
-    """Return the decoding section of the worker stub (between its markers)."""
+    """Return the code of the worker stub's decoding section (between its markers)."""
     text = _stub_path().read_text(encoding="utf-8")
-    start = text.index(_STUB_BEGIN)
+    # Start after the marker line: "# ---- decoding: ..." on line 1 of a script reads as
+    # an encoding declaration to Python.
+    start = text.index("\n", text.index(_STUB_BEGIN)) + 1
     return text[start : text.index(_STUB_END, start)]
 
 

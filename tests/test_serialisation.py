@@ -293,6 +293,20 @@ def test_source_mode_ignores_the_python_version(stub: StubProcess) -> None:
     assert run_in_stub(stub, payload, [3]) == [11]
 
 
+def uses_sheepdog(x: int) -> int:
+    return s.pickle_protocol + x
+
+
+def test_stub_names_a_module_it_cannot_import(stub: StubProcess) -> None:
+    with pytest.raises(StubError, match=r"needs module 'sheepdog.serialisation'.*install it"):
+        stub.call(s.serialise_function(uses_sheepdog), [])
+
+
+def test_stub_refuses_what_is_not_a_payload(stub: StubProcess) -> None:
+    with pytest.raises(StubError, match="not a sheepdog function payload"):
+        stub.call(b"SHEEPDOG-FN/1\nno header end", [])
+
+
 def test_stub_refuses_a_pickle_protocol_it_cannot_read(stub: StubProcess) -> None:
     payload = tamper(s.serialise_function(fact), pickle_protocol=99)
     with pytest.raises(StubError, match="pickle_protocol = "):

@@ -45,9 +45,9 @@ class PayloadError(RuntimeError):
 
 def read_header(payload):
     """Return the payload's JSON header and the offset where its pickle stream starts."""
-    if not payload.startswith(PAYLOAD_MAGIC):
+    end = payload.find(b"\n", len(PAYLOAD_MAGIC))
+    if not payload.startswith(PAYLOAD_MAGIC) or end < 0:
         raise PayloadError("this is not a sheepdog function payload (format 1)")
-    end = payload.index(b"\n", len(PAYLOAD_MAGIC))
     return json.loads(payload[len(PAYLOAD_MAGIC):end].decode("utf-8")), end + 1
 
 

@@ -23,9 +23,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 from sheepdog.errors import StorageError, UnknownRequestError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no write queue, SQLite's busy handler alone
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "DEFAULT_SETTINGS",
@@ -126,6 +131,7 @@ class Storage:
         *,
         init: bool = True,
         synchronous: str = "FULL",
+        write_queue: bool = True,
     ) -> None:
         if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
@@ -143,6 +149,12 @@ class Storage:
             self._conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open the database {self.dbfile}: {exc}") from exc
+        self._queue: IO[bytes] | None = None
+        if write_queue and fcntl is not None and self.dbfile != ":memory:":
+            try:
+                self._queue = open(f"{self.dbfile}-writers", "ab")  # noqa: SIM115
+            except OSError as exc:
+                logger.debug("no write queue for %s: %s", self.dbfile, exc)
         if init:
             try:
                 self.initdb()
@@ -158,6 +170,9 @@ class Storage:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            if self._queue is not None:
+                self._queue.close()
+                self._queue = None
 
     def __enter__(self) -> Storage:
         return self
@@ -185,14 +200,41 @@ class Storage:
         """Run a block in one ``BEGIN IMMEDIATE`` transaction, committed on success."""
         with self._lock:
             conn = self.conn
-            conn.execute("BEGIN IMMEDIATE")
+            queued = self._queue_for_writing()
             try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            finally:
+                if queued and self._queue is not None:
+                    fcntl.flock(self._queue, fcntl.LOCK_UN)
+
+    def _queue_for_writing(self) -> bool:
+        """Wait in a kernel queue (flock) for our turn to write; True if we hold it.
+
+        SQLite's own busy handler sleeps 1, 2, 5... 100 ms between retries, which
+        caps throughput when many gunicorn threads commit at once; a flock wakes the
+        next writer as soon as the last one is done. It only orders writers: if it
+        cannot be had within the busy timeout, SQLite's locking still keeps us safe.
+        """
+        if self._queue is None:
+            return False
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                fcntl.flock(self._queue, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.0002)
+            except OSError:  # e.g. a file system without flock
+                return False
 
     def initdb(self) -> None:
         """Create the tables, or migrate an older database to the current schema."""
@@ -486,11 +528,20 @@ class Storage:
 
     # -- the queue -----------------------------------------------------------------
 
-    def _expire(self, conn: sqlite3.Connection, request_id: int, now: float) -> int:
-        (text,) = conn.execute(
-            "SELECT settings FROM requests WHERE id = ?", (request_id,)
+    def _info(self, conn: sqlite3.Connection, request_id: int) -> tuple[str, int, int]:
+        """Return the request's ``(state, n_tasks, max_attempts)`` inside a transaction."""
+        row = conn.execute(
+            "SELECT state, n_tasks, settings FROM requests WHERE id = ?", (request_id,)
         ).fetchone()
-        max_attempts = int(json.loads(text).get("max_attempts", DEFAULT_SETTINGS["max_attempts"]))
+        if row is None:
+            raise UnknownRequestError(request_id, self.dbfile)
+        settings = json.loads(row[2])
+        max_attempts = int(settings.get("max_attempts", DEFAULT_SETTINGS["max_attempts"]))
+        return str(row[0]), int(row[1]), max_attempts
+
+    def _expire(
+        self, conn: sqlite3.Connection, request_id: int, now: float, max_attempts: int
+    ) -> int:
         overdue = conn.execute(
             "SELECT idx, attempts, host, lease_expires FROM tasks WHERE request_id = ?"
             " AND state = 'leased' AND lease_expires < ?",
@@ -529,7 +580,8 @@ class Storage:
         """Return overdue leased tasks to pending (or make them lost); return how many."""
         self._request_row(request_id, "id")
         with self._write() as conn:
-            return self._expire(conn, request_id, time.time() if now is None else now)
+            _, _, max_attempts = self._info(conn, request_id)
+            return self._expire(conn, request_id, time.time() if now is None else now, max_attempts)
 
     def lease(
         self,
@@ -547,23 +599,23 @@ class Storage:
         """
         now = time.time() if now is None else now
         with self._write() as conn:
-            return self._lease(conn, request_id, worker, host, max_tasks, lease_s, now)
+            info = self._info(conn, request_id)
+            return self._lease(conn, request_id, info, worker, host, max_tasks, lease_s, now)
 
     def _lease(
         self,
         conn: sqlite3.Connection,
         request_id: int,
+        info: tuple[str, int, int],
         worker: str,
         host: str,
         max_tasks: int,
         lease_s: float,
         now: float,
     ) -> list[Lease]:
-        row = conn.execute("SELECT state FROM requests WHERE id = ?", (request_id,)).fetchone()
-        if row is None:
-            raise UnknownRequestError(request_id, self.dbfile)
-        self._expire(conn, request_id, now)
-        if row[0] != "open" or max_tasks <= 0:
+        state, _, max_attempts = info
+        self._expire(conn, request_id, now, max_attempts)
+        if state != "open" or max_tasks <= 0:
             return []
         rows = conn.execute(
             "SELECT idx, attempts, args FROM tasks WHERE request_id = ? AND state = 'pending'"
@@ -623,7 +675,8 @@ class Storage:
         A result for an index outside the request raises StorageError and stores nothing.
         """
         with self._write() as conn:
-            return self._complete(conn, request_id, results)
+            _, n_tasks, _ = self._info(conn, request_id)
+            return self._complete(conn, request_id, n_tasks, results)
 
     def complete_and_lease(
         self,
@@ -639,23 +692,25 @@ class Storage:
         """Do ``complete`` then ``lease`` in one transaction (one disk sync per round trip)."""
         now = time.time() if now is None else now
         with self._write() as conn:
-            accepted, duplicates = self._complete(conn, request_id, results)
-            leases = self._lease(conn, request_id, worker, host, max_tasks, lease_s, now)
+            info = self._info(conn, request_id)
+            accepted, duplicates = self._complete(conn, request_id, info[1], results)
+            leases = self._lease(conn, request_id, info, worker, host, max_tasks, lease_s, now)
         return accepted, duplicates, leases
 
     def _complete(
-        self, conn: sqlite3.Connection, request_id: int, results: Iterable[dict[str, Any]]
+        self,
+        conn: sqlite3.Connection,
+        request_id: int,
+        n_tasks: int,
+        results: Iterable[dict[str, Any]],
     ) -> tuple[list[int], list[int]]:
         accepted: list[int] = []
         duplicates: list[int] = []
         now = time.time()
-        row = conn.execute("SELECT n_tasks FROM requests WHERE id = ?", (request_id,)).fetchone()
-        if row is None:
-            raise UnknownRequestError(request_id, self.dbfile)
         for r in results:
             index = int(r["index"])
-            if not 1 <= index <= row[0]:
-                raise StorageError(f"request {request_id} has tasks 1..{row[0]}, not {index}")
+            if not 1 <= index <= n_tasks:
+                raise StorageError(f"request {request_id} has tasks 1..{n_tasks}, not {index}")
             if r["ok"]:
                 state, value, error = "done", r["value"], None
             else:

@@ -6,9 +6,11 @@ No Grid Engine: each "array task" is ``/usr/bin/python3 <job file>`` with
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -75,11 +77,11 @@ def uninterruptible(seconds: float) -> None:
 class Setup:
     """A database, a running server, and a way to render and run job files."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, **server_options: Any) -> None:
         self.tmp_path = tmp_path
         self.dbfile = tmp_path / "sheepdog.sqlite"
         self.storage = Storage(str(self.dbfile))
-        self.server = Server(None, None, str(self.dbfile), host="127.0.0.1")
+        self.server = Server(None, None, str(self.dbfile), host="127.0.0.1", **server_options)
 
     def request(self, f: Callable[..., Any], args: list[Any], **settings: Any) -> int:
         return self.storage.new_request(
@@ -163,7 +165,8 @@ def test_every_result_comes_back(setup: Setup) -> None:
     assert setup.storage.count_results(rid) == n
     assert setup.storage.get_task(rid, 5)["stdout"] == "squaring 5\n"
     printed = "".join(out for _code, out, _err in outcomes)
-    assert sorted(re.findall(r"sheepdog: task (\d+) ok: (\d+)", printed), key=lambda m: int(m[0])) == [
+    reported = re.findall(r"sheepdog: task (\d+) ok: (\d+)", printed)
+    assert sorted(reported, key=lambda m: int(m[0])) == [
         (str(i), str(i * i)) for i in range(1, n + 1)
     ]
     print(f"\n{n} tasks on {workers} local workers: {elapsed:.2f} s wall time")
@@ -238,4 +241,43 @@ def test_a_wrong_secret_exits_with_the_auth_status(setup: Setup) -> None:
     code, out, err = finish(setup.start(job, 1))
     assert code == 4, f"{out}\n{err}"  # EXIT_AUTH
     assert f"the job file's secret does not match request {rid}" in err
+    assert setup.storage.open_task_indices(rid) == [1]
+
+
+@pytest.fixture
+def tls_setup(tmp_path: Path) -> Iterator[tuple[Setup, str]]:
+    """A server on HTTPS with a fresh self-signed certificate, and its SHA-256 fingerprint."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=sheepdog-test", "-keyout", str(key), "-out", str(cert)],
+        capture_output=True, check=True, timeout=60,
+    )
+    der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    s = Setup(tmp_path, certfile=cert, keyfile=key)
+    try:
+        yield s, ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
+    finally:
+        s.close()
+
+
+def test_tls_with_a_pinned_fingerprint(tls_setup: tuple[Setup, str]) -> None:
+    setup, fingerprint = tls_setup
+    assert setup.server.url_for("127.0.0.1").startswith("https://")
+    rid = setup.request(square, [1, 2, 3])
+    good = job_file(setup.server.url_for("127.0.0.1"), setup.storage.get_secret(rid), rid, 3,
+                    WORKER_PYTHON, [], tls_fingerprint=fingerprint)
+    code, out, err = finish(setup.start(write_job_file(good, setup.tmp_path / "ok", rid), 1))
+    assert code == 0, f"{out}\n{err}"
+    assert setup.results(rid) == [1, 4, 9]
+
+
+def test_tls_with_another_fingerprint_is_refused(tls_setup: tuple[Setup, str]) -> None:
+    setup, _fingerprint = tls_setup
+    rid = setup.request(square, [1])
+    bad = job_file(setup.server.url_for("127.0.0.1"), setup.storage.get_secret(rid), rid, 1,
+                   WORKER_PYTHON, [], tls_fingerprint="00" * 32)
+    code, out, err = finish(setup.start(write_job_file(bad, setup.tmp_path / "bad", rid), 1))
+    assert code == 4, f"{out}\n{err}"  # EXIT_AUTH
+    assert "the job file pins " + "00" * 32 in err
     assert setup.storage.open_task_indices(rid) == [1]

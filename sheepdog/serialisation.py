@@ -18,9 +18,8 @@ cloudpickle does:
   namespace) is shipped whole and takes precedence over the function's own globals.
 
 Functions defined in the same module share **one** globals dict on the worker, as they
-do in Python, so recursion, mutual recursion and the idiom ``global np; import numpy as
-np`` in one function, used by another, all work. (Sheepdog 0.2 wrote ``import numpy as
-np; global np``, which Python 3.6+ rejects as a SyntaxError.) Functions shipped from a
+do in Python, so recursion, mutual recursion and Sheepdog 0.2's idiom ``import numpy as
+np; global np`` in one function, used by another, all work. Functions shipped from a
 different module get that module's own globals dict, so equal names cannot clash.
 
 By value or by reference

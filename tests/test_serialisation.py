@@ -53,10 +53,16 @@ def root_late(x: float) -> float:
 
 
 def imports_then_calls(x: float) -> float:
-    # Sheepdog 0.2's idiom (with `global` first, as Python 3 requires).
     global _late_math
     import math as _late_math
 
+    return root_late(x)
+
+
+def seed_idiom(x: float) -> float:
+    import math as _late_math  # Sheepdog 0.2's documented order
+
+    global _late_math  # noqa: F811
     return root_late(x)
 
 
@@ -125,6 +131,7 @@ CASES: list[tuple[str, Callable[..., Any], list[Any], dict[str, Any] | None, lis
     ("recursion", fact, [6], None, [720]),
     ("mutual recursion", is_even, [7, 10], None, [False, True]),
     ("global idiom", imports_then_calls, [16.0], None, [4.0]),
+    ("Sheepdog 0.2 global idiom", seed_idiom, [25.0], None, [5.0]),
     ("modules and stdlib functions", uses_modules, [4.0], None, ["2.0/b"]),
     ("global in nested code", nested_global, [3], None, [[10, 11, 12]]),
     ("stdlib function as entry", math.sqrt, [9.0], None, [3.0]),

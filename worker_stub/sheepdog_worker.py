@@ -2,7 +2,9 @@
 
 Standard library only, Python 3.6+. It is pasted into every job file, so it is
 kept short and readable. The protocol it speaks is documented in
-docs/protocol.rst of the sheepdog project.
+docs/protocol.rst of the sheepdog project. Exit status: 0 when no work is left,
+3 protocol failure, 4 authentication failure, 5 the function cannot be loaded
+here, 6 a task overran its timeout where it could not be interrupted.
 """
 
 import base64

@@ -174,6 +174,13 @@ class Storage:
                 self._queue.close()
                 self._queue = None
 
+    def __del__(self) -> None:
+        # Servers keep one Storage per thread for the thread's life; close it with them.
+        try:
+            self.close()
+        except Exception:  # noqa: S110 - nothing useful to do in a finaliser
+            pass
+
     def __enter__(self) -> Storage:
         return self
 

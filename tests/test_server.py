@@ -1,0 +1,428 @@
+"""Tests for the worker API (sheepdog.server.create_app) through Flask's test client."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import pickle
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from sheepdog._signing import (
+    SIGNATURE_HEADER,
+    TIME_HEADER,
+    request_message,
+    sign_request,
+    sign_response,
+    verify,
+)
+from sheepdog.server import create_app
+from sheepdog.storage import Storage
+
+VALUE = pickle.dumps({"answer": 42})
+B64_VALUE = base64.b64encode(VALUE).decode()
+
+
+class Api:
+    """A signed client for one request, checking every 2xx answer's signature."""
+
+    def __init__(self, client: FlaskClient, request_id: int, secret: str) -> None:
+        self.client = client
+        self.rid = request_id
+        self.secret = secret
+
+    def path(self, action: str) -> str:
+        return f"/api/v1/requests/{self.rid}/{action}"
+
+    def call(
+        self,
+        method: str,
+        action: str,
+        body: bytes | dict[str, Any] = b"",
+        *,
+        secret: str | None = None,
+        time_s: int | None = None,
+        path: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> TestResponse:
+        raw = json.dumps(body).encode() if isinstance(body, dict) else body
+        path = path or self.path(action)
+        stamp = int(time.time()) if time_s is None else time_s
+        signature = sign_request(secret or self.secret, method, path, stamp, raw)
+        sent = {TIME_HEADER: str(stamp), SIGNATURE_HEADER: signature}
+        sent.update(headers or {})
+        response = self.client.open(path, method=method, data=raw, headers=sent)
+        if 200 <= response.status_code < 300:
+            expected = sign_response(self.secret, signature, response.get_data())
+            assert response.headers[SIGNATURE_HEADER] == expected
+        return response
+
+
+@pytest.fixture
+def dbfile(tmp_path: Path) -> str:
+    return str(tmp_path / "server.sqlite")
+
+
+@pytest.fixture
+def app(dbfile: str) -> Flask:
+    return create_app(dbfile, max_body_bytes=64 * 1024)
+
+
+@pytest.fixture
+def db(dbfile: str, app: Flask) -> Iterator[Storage]:
+    with Storage(dbfile) as storage:
+        yield storage
+
+
+@pytest.fixture
+def api(app: Flask, db: Storage) -> Api:
+    rid = db.new_request(
+        b"FUNCTION", None, [pickle.dumps(i) for i in range(1, 6)], settings={"lease_s": 30.0}
+    )
+    return Api(app.test_client(), rid, db.get_secret(rid))
+
+
+def error_of(response: TestResponse, status: int) -> dict[str, str]:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert isinstance(body, dict) and set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message"} and body["error"]["message"]
+    return dict(body["error"])
+
+
+def snapshot(db: Storage) -> list[tuple[Any, ...]]:
+    return db.conn.execute("SELECT * FROM tasks ORDER BY request_id, idx").fetchall()
+
+
+def lease_body(max_tasks: int = 1) -> dict[str, Any]:
+    return {"worker": "w1", "host": "node1", "max_tasks": max_tasks}
+
+
+def result(index: int, lease: str = "", **extra: Any) -> dict[str, Any]:
+    item = {
+        "index": index,
+        "lease": lease,
+        "ok": True,
+        "value": B64_VALUE,
+        "stdout": "out",
+        "stderr": "err",
+        "duration_s": 0.5,
+    }
+    item.update(extra)
+    return item
+
+
+def results_body(items: list[Any], max_tasks: int = 0) -> dict[str, Any]:
+    return {"worker": "w1", "host": "node1", "max_tasks": max_tasks, "results": items}
+
+
+# -- the signing helpers -------------------------------------------------------------
+
+
+def test_signature_covers_the_documented_message() -> None:
+    body = b'{"a": 1}'
+    assert request_message("post", "/p", 12, body) == (
+        b"POST\n/p\n12\n" + hashlib.sha256(body).hexdigest().encode()
+    )
+    secret = "11" * 32
+    assert sign_request(secret, "POST", "/p", 12, body) != sign_request(secret, "POST", "/p", 13, body)
+    assert sign_request(secret, "POST", "/p", 12, body) != sign_request("22" * 32, "POST", "/p", 12, body)
+    assert verify("ab", "ab") and not verify("ab", "ac") and not verify("ab", "\xff\u20ac")
+
+
+# -- happy paths ---------------------------------------------------------------------
+
+
+def test_health(app: Flask) -> None:
+    response = app.test_client().get("/api/v1/health")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["ok"] is True and isinstance(body["version"], str)
+
+
+def test_function(api: Api) -> None:
+    response = api.call("GET", "function")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert base64.b64decode(body["payload"]) == b"FUNCTION"
+    assert body["settings"] == {
+        "lease_s": 30.0,
+        "heartbeat_s": 30.0,
+        "task_timeout_s": None,
+        "batch": 1,
+        "capture_bytes": 65536,
+    }
+
+
+def test_lease_heartbeat_results_round_trip(api: Api, db: Storage) -> None:
+    response = api.call("POST", "lease", lease_body(2))
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["state"] == "open" and body["lease_s"] == 30.0
+    assert [(t["index"], t["attempt"]) for t in body["tasks"]] == [(1, 1), (2, 1)]
+    assert [pickle.loads(base64.b64decode(t["args"])) for t in body["tasks"]] == [1, 2]
+    leases = [t["lease"] for t in body["tasks"]]
+
+    response = api.call("POST", "heartbeat", {"worker": "w1", "leases": [*leases, "gone"]})
+    assert response.get_json() == {"renewed": leases, "lost": ["gone"], "cancelled": False}
+
+    error = {"type": "ZeroDivisionError", "message": "division by zero", "traceback": "TB",
+             "host": "node1", "python": "3.11.7"}
+    items = [result(1, leases[0]), {**result(2, leases[1]), "ok": False, "error": error}]
+    del items[1]["value"]
+    response = api.call("POST", "results", results_body(items, max_tasks=3))
+    body = response.get_json()
+    assert (body["accepted"], body["duplicates"], body["state"]) == ([1, 2], [], "open")
+    assert [t["index"] for t in body["tasks"]] == [3, 4, 5]
+
+    assert db.get_results(api.rid) == [(pickle.dumps(1), VALUE)]
+    [(index, _, stored)] = db.get_task_errors(api.rid)
+    assert index == 2
+    assert (stored["type"], stored["traceback"], stored["kind"]) == ("ZeroDivisionError", "TB", "exception")
+    task = db.get_task(api.rid, 1)
+    assert (task["stdout"], task["stderr"], task["duration_s"], task["host"]) == ("out", "err", 0.5, "node1")
+
+    # Duplicates are acknowledged, not stored; max_tasks 0 means no lease part.
+    response = api.call("POST", "results", results_body([result(1), result(3)]))
+    assert response.get_json() == {"accepted": [3], "duplicates": [1]}
+    assert db.count_results_and_errors(api.rid) == 3
+
+
+def test_drained_and_cancelled_states(api: Api, db: Storage) -> None:
+    assert len(api.call("POST", "lease", lease_body(10)).get_json()["tasks"]) == 5
+    body = api.call("POST", "lease", lease_body(1)).get_json()
+    assert (body["tasks"], body["state"]) == ([], "drained")
+    db.cancel(api.rid, "stop")
+    body = api.call("POST", "lease", lease_body(1)).get_json()
+    assert (body["tasks"], body["state"]) == ([], "cancelled")
+    assert api.call("POST", "heartbeat", {"worker": "w", "leases": []}).get_json()["cancelled"]
+
+
+def test_lease_zero_tasks(api: Api, db: Storage) -> None:
+    body = api.call("POST", "lease", lease_body(0)).get_json()
+    assert body["tasks"] == []
+    assert db.task_counts(api.rid)["pending"] == 5
+
+
+def test_lone_surrogates_are_stored_not_crashed_on(api: Api, db: Storage) -> None:
+    raw = json.dumps(results_body([result(1, stdout="a\ud800b")])).encode()
+    assert b"\\ud800" in raw
+    assert api.call("POST", "results", raw).status_code == 200
+    assert db.get_task(api.rid, 1)["stdout"] == "a?b"
+
+
+# -- authentication ------------------------------------------------------------------
+
+
+def test_missing_signature(api: Api, db: Storage) -> None:
+    before = snapshot(db)
+    response = api.client.post(api.path("lease"), data=json.dumps(lease_body()))
+    assert error_of(response, 401)["code"] == "unauthorised"
+    response = api.client.post(
+        api.path("lease"), data=json.dumps(lease_body()), headers={SIGNATURE_HEADER: "00" * 32}
+    )
+    error_of(response, 401)
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {SIGNATURE_HEADER: "00" * 32},
+        {SIGNATURE_HEADER: "not hex at all"},
+        {SIGNATURE_HEADER: "\xff\xfe"},
+        {TIME_HEADER: "-5"},
+        {TIME_HEADER: "12.5"},
+        {TIME_HEADER: "soon"},
+        {TIME_HEADER: "9" * 40},
+    ],
+)
+def test_bad_signature_or_time(api: Api, db: Storage, headers: dict[str, str]) -> None:
+    before = snapshot(db)
+    response = api.call("POST", "lease", lease_body(), headers=headers)
+    error_of(response, 401)
+    assert snapshot(db) == before
+
+
+def test_stale_time(api: Api, db: Storage) -> None:
+    before = snapshot(db)
+    for offset in (-1000, 1000):
+        response = api.call("POST", "lease", lease_body(), time_s=int(time.time()) + offset)
+        assert "clock" in error_of(response, 401)["message"]
+    assert snapshot(db) == before
+
+
+def test_one_requests_secret_cannot_use_another(api: Api, db: Storage) -> None:
+    other = db.new_request(b"F", None, [b"x"])
+    before = snapshot(db)
+    # Signed correctly, with our secret, for the other request's path.
+    path = f"/api/v1/requests/{other}/lease"
+    response = api.call("POST", "lease", lease_body(), path=path)
+    error_of(response, 401)
+    response = api.call("GET", "function", path=f"/api/v1/requests/{other}/function")
+    error_of(response, 401)
+    assert snapshot(db) == before
+
+
+def test_signature_binds_method_path_and_body(api: Api, db: Storage) -> None:
+    before = snapshot(db)
+    stamp = int(time.time())
+    raw = json.dumps(lease_body()).encode()
+    signature = sign_request(api.secret, "POST", api.path("lease"), stamp, raw)
+    headers = {TIME_HEADER: str(stamp), SIGNATURE_HEADER: signature}
+    tampered = json.dumps(lease_body(5)).encode()
+    error_of(api.client.post(api.path("lease"), data=tampered, headers=headers), 401)
+    error_of(api.client.post(api.path("heartbeat"), data=raw, headers=headers), 401)
+    assert snapshot(db) == before
+    assert api.client.post(api.path("lease"), data=raw, headers=headers).status_code == 200
+
+
+def test_failed_auth_is_logged_without_the_secret(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="sheepdog.server"):
+        api.call("POST", "lease", lease_body(), secret="33" * 32)
+    [record] = [r for r in caplog.records if r.name == "sheepdog.server"]
+    text = record.getMessage()
+    assert f"/requests/{api.rid}/lease" in text and "127.0.0.1" in text and "bad signature" in text
+    assert api.secret not in text
+
+
+# -- bad input -----------------------------------------------------------------------
+
+
+def test_unknown_request_is_404(api: Api, db: Storage) -> None:
+    before = snapshot(db)
+    for rid in (999, 2**63 - 1, 2**63, 10**30):
+        response = api.call("POST", "lease", lease_body(), path=f"/api/v1/requests/{rid}/lease")
+        assert error_of(response, 404)["code"] in {"unknown_request", "not_found"}
+    assert snapshot(db) == before
+
+
+def test_unknown_route_and_wrong_method(api: Api) -> None:
+    assert error_of(api.client.get("/nope"), 404)["code"] == "not_found"
+    assert error_of(api.client.get("/api/v1/requests/abc/lease"), 404)
+    response = api.client.get(api.path("lease"))
+    assert error_of(response, 405)["code"] == "method_not_allowed"
+    assert "POST" in response.headers["Allow"]
+    error_of(api.client.post("/api/v1/health"), 405)
+    error_of(api.client.delete(api.path("function")), 405)
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"", "bad_json"),
+        (b"{", "bad_json"),
+        (b"\xff\xfe", "bad_json"),
+        (b"[1, 2]", "bad_json"),
+        (b"null", "bad_json"),
+        (b"[" * 100_00 + b"]" * 100_00, "bad_json"),
+        (b'{"worker": "w", "host": "h"}', "bad_field"),
+        (b'{"worker": 1, "host": "h", "max_tasks": 1}', "bad_field"),
+        (b'{"worker": "w", "host": null, "max_tasks": 1}', "bad_field"),
+        (b'{"worker": "w", "host": "h", "max_tasks": "1"}', "bad_field"),
+        (b'{"worker": "w", "host": "h", "max_tasks": true}', "bad_field"),
+        (b'{"worker": "w", "host": "h", "max_tasks": 1.5}', "bad_field"),
+        (b'{"worker": "w", "host": "h", "max_tasks": -1}', "bad_field"),
+        (b'{"worker": "w", "host": "h", "max_tasks": 99999999999999999999}', "bad_field"),
+    ],
+)
+def test_bad_lease_bodies(api: Api, db: Storage, body: bytes, code: str) -> None:
+    before = snapshot(db)
+    assert error_of(api.call("POST", "lease", body), 400)["code"] == code
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"worker": "w"},
+        {"worker": "w", "leases": "abc"},
+        {"worker": "w", "leases": [1]},
+        {"leases": []},
+    ],
+)
+def test_bad_heartbeat_bodies(api: Api, body: dict[str, Any]) -> None:
+    error_of(api.call("POST", "heartbeat", body), 400)
+
+
+@pytest.mark.parametrize(
+    ("items", "status", "code"),
+    [
+        ("nope", 400, "bad_field"),
+        ([1], 400, "bad_field"),
+        ([{"index": "1"}], 400, "bad_field"),
+        ([result(1, ok="yes")], 400, "bad_field"),
+        ([result(1, value="***")], 400, "bad_base64"),
+        ([result(1, value="YQ")], 400, "bad_base64"),
+        ([result(1, value="é")], 400, "bad_base64"),
+        ([result(1, value=5)], 400, "bad_field"),
+        ([result(1, value=base64.b64encode(b"garbage").decode())], 400, "bad_pickle"),
+        ([result(1, value=base64.b64encode(b"\x80\x04\xff.").decode())], 400, "bad_pickle"),
+        ([result(1, stdout=5)], 400, "bad_field"),
+        ([result(1, duration_s="1s")], 400, "bad_field"),
+        ([result(1, lease=7)], 400, "bad_field"),
+        ([{**result(1), "ok": False, "error": "boom"}], 400, "bad_field"),
+        ([{**result(1), "ok": False, "error": {"type": "E"}}], 400, "bad_field"),
+        ([result(1), result(0)], 404, "unknown_task"),
+        ([result(1), result(6)], 404, "unknown_task"),
+        ([result(2**70)], 404, "unknown_task"),
+    ],
+)
+def test_bad_results_store_nothing(
+    api: Api, db: Storage, items: Any, status: int, code: str
+) -> None:
+    before = snapshot(db)
+    response = api.call("POST", "results", results_body(items))
+    assert error_of(response, status)["code"] == code
+    assert snapshot(db) == before
+
+
+def test_too_large_is_413(api: Api, db: Storage) -> None:
+    before = snapshot(db)
+    big = results_body([result(1, stdout="x" * 70_000)])
+    assert error_of(api.call("POST", "results", big), 413)["code"] == "request_entity_too_large"
+    assert snapshot(db) == before
+
+
+def test_unsigned_garbage_never_500s(api: Api, db: Storage) -> None:
+    before = snapshot(db)
+    client = api.client
+    for method in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"):
+        for path in (
+            "/",
+            "/api/v1/health",
+            api.path("lease"),
+            api.path("function"),
+            api.path("results"),
+            api.path("heartbeat"),
+            "/api/v1/requests/-1/lease",
+            "/api/v1/requests/1/../../etc/passwd",
+            "/api/v1/requests/%00/lease",
+        ):
+            response = client.open(path, method=method, data=b"\x00\xff{garbage")
+            assert response.status_code < 500, (method, path, response.status_code)
+    assert snapshot(db) == before
+
+
+def test_bug_gives_json_500(app: Flask, caplog: pytest.LogCaptureFixture) -> None:
+    @app.get("/boom")
+    def boom() -> str:
+        raise RuntimeError("a bug")
+
+    with caplog.at_level(logging.ERROR, logger="sheepdog.server"):
+        response = app.test_client().get("/boom")
+    assert error_of(response, 500)["code"] == "internal"
+    assert "a bug" not in response.get_data(as_text=True)
+    assert any("internal error" in r.getMessage() for r in caplog.records)

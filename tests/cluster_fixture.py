@@ -1,0 +1,325 @@
+"""Start or find the Grid Engine cluster the end-to-end tests run on, and talk to it over SSH.
+
+A cluster is described by a dict with sheepdog's own config keys (``host``, ``ssh_port``,
+``ssh_user``, ``ssh_keyfile``, ``known_hosts``, ``localhost``, ``shell``), the same as the
+``.cluster/*.json`` files that ``ci/cluster up`` writes, so it can be passed straight to sheepdog.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+# The reaper's image cannot be pulled here (no registry); we remove our containers ourselves.
+# This must be set before testcontainers is first imported.
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
+import paramiko  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE = os.environ.get("SHEEPDOG_IMAGE", "sheepdog-sge:latest")
+CONFIG_KEYS = ("host", "ssh_port", "ssh_user", "ssh_keyfile", "known_hosts", "localhost", "shell")
+READY_TIMEOUT = float(os.environ.get("SHEEPDOG_CLUSTER_TIMEOUT", "240"))
+USER = "sheep"
+
+
+class ClusterStartError(RuntimeError):
+    """The test cluster could not be started or reached; the message says why and what to do."""
+
+
+# ---- talking to a cluster ----------------------------------------------------------------------
+
+
+def ssh_connect(cluster: dict[str, Any], timeout: float = 20) -> paramiko.SSHClient:
+    """Open an SSH connection to the cluster's head node, checking its host key strictly."""
+    client = paramiko.SSHClient()
+    client.load_host_keys(cluster["known_hosts"])
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    client.connect(
+        cluster["host"],
+        port=int(cluster["ssh_port"]),
+        username=cluster["ssh_user"],
+        key_filename=cluster["ssh_keyfile"],
+        look_for_keys=False,
+        allow_agent=False,
+        timeout=timeout,
+        banner_timeout=timeout,
+        auth_timeout=timeout,
+    )
+    return client
+
+
+def run(client: paramiko.SSHClient, command: str, timeout: float = 60) -> tuple[int, str, str]:
+    """Run a shell command on the head node; return (exit status, stdout, stderr)."""
+    _, stdout, stderr = client.exec_command(command, timeout=timeout)
+    out = stdout.read().decode(errors="replace")
+    err = stderr.read().decode(errors="replace")
+    return stdout.channel.recv_exit_status(), out, err
+
+
+def check(client: paramiko.SSHClient, command: str, timeout: float = 60) -> str:
+    """Run a shell command on the head node and return its stdout; raise if it fails."""
+    status, out, err = run(client, command, timeout)
+    if status != 0:
+        raise AssertionError(f"{command!r} exited with {status}\nstdout: {out}\nstderr: {err}")
+    return out
+
+
+def wait_for_job(client: paramiko.SSHClient, job_id: str, timeout: float = 180) -> None:
+    """Wait until Grid Engine no longer knows job ``job_id`` (all its tasks ended)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, out, _ = run(client, f"qstat -j {shlex.quote(job_id)}")
+        if status != 0:
+            return
+        time.sleep(1)
+    _, qstat, _ = run(client, "qstat -f; qstat -j " + shlex.quote(job_id))
+    raise AssertionError(f"job {job_id} still not finished after {timeout:.0f}s:\n{qstat}")
+
+
+def wait_until_usable(cluster: dict[str, Any], timeout: float = READY_TIMEOUT) -> None:
+    """Wait until the ordinary user can log in over SSH and query the queue, as sheepdog does."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            client = ssh_connect(cluster, timeout=10)
+            try:
+                status, out, err = run(client, "qstat -f -q all.q", timeout=20)
+            finally:
+                client.close()
+            if status == 0:
+                return
+            last = f"qstat exited with {status}: {err or out}"
+        except (OSError, paramiko.SSHException) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(1)
+    raise ClusterStartError(
+        f"cannot run qstat as {cluster['ssh_user']} over SSH on "
+        f"{cluster['host']}:{cluster['ssh_port']} after {timeout:.0f}s (last error: {last})"
+    )
+
+
+# ---- existing clusters ---------------------------------------------------------------------------
+
+
+def native_cluster() -> dict[str, Any]:
+    """Bring up the native cluster on this host with ``ci/cluster up --native``; return its details."""
+    result = subprocess.run(
+        [str(REPO / "ci" / "cluster"), "up", "--native"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=READY_TIMEOUT + 600,
+    )
+    if result.returncode != 0:
+        raise ClusterStartError(f"'ci/cluster up --native' failed:\n{result.stdout}")
+    return load_config(REPO / ".cluster" / "native.json")
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """Read a cluster.json file, checking that it has every connection key."""
+    config: dict[str, Any] = json.loads(path.read_text())
+    missing = [key for key in CONFIG_KEYS if key not in config]
+    if missing:
+        raise ClusterStartError(f"{path} lacks {', '.join(missing)}")
+    return config
+
+
+def ssh_url_cluster(url: str, options: dict[str, str | None]) -> dict[str, Any]:
+    """Describe an existing cluster given as ``ssh://user@host:port`` plus key/host-key options."""
+    parts = urlsplit(url)
+    if parts.scheme != "ssh" or not parts.hostname or not parts.username:
+        raise ClusterStartError(f"--cluster={url}: expected ssh://user@host[:port]")
+    keyfile = options.get("keyfile")
+    known_hosts = options.get("known_hosts") or str(Path("~/.ssh/known_hosts").expanduser())
+    if not keyfile:
+        raise ClusterStartError(
+            "--cluster=ssh://... needs --cluster-keyfile (or SHEEPDOG_TEST_KEYFILE): the private "
+            "key that logs in to the head node"
+        )
+    return {
+        "host": parts.hostname,
+        "ssh_port": parts.port or 22,
+        "ssh_user": parts.username,
+        "ssh_keyfile": str(Path(keyfile).expanduser().resolve()),
+        "known_hosts": str(Path(known_hosts).expanduser().resolve()),
+        "localhost": options.get("localhost") or socket.getfqdn(),
+        "shell": options.get("shell") or "/usr/bin/python3",
+    }
+
+
+# ---- the Docker cluster --------------------------------------------------------------------------
+
+
+def build_image() -> None:
+    """Build the cluster image (and its debootstrapped base when missing) with ci/build-image."""
+    result = subprocess.run(
+        [str(REPO / "ci" / "build-image")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=1800,
+    )
+    if result.returncode != 0:
+        raise ClusterStartError(f"ci/build-image failed:\n{result.stdout}")
+
+
+def _write_key_pair(directory: Path) -> tuple[Path, str]:
+    """Make an ed25519 key pair in ``directory``; return the private key path and the public line."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = directory / "id_ed25519"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    private.chmod(0o600)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return private, public.decode() + " sheepdog-tests"
+
+
+def _logs(containers: list[Any]) -> str:
+    chunks = []
+    for name, container in containers:
+        try:
+            text = container.get_wrapped_container().logs(tail=60).decode(errors="replace")
+        except Exception as exc:  # best effort while reporting another failure
+            text = f"(no logs: {exc})"
+        chunks.append(f"--- {name} ---\n{text}")
+    return "\n".join(chunks)
+
+
+@contextmanager
+def docker_cluster(workdir: Path, exec_nodes: int = 2) -> Iterator[dict[str, Any]]:
+    """Start a head node and ``exec_nodes`` execution nodes with testcontainers; remove them after.
+
+    The nodes share a private network and a volume for /home (so job output is visible from the
+    head node, as on a real cluster); SSH is published on a random port of 127.0.0.1.
+    """
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.network import Network
+
+    try:
+        import docker
+
+        engine = docker.from_env()
+        engine.ping()
+    except Exception as exc:
+        raise ClusterStartError(
+            f"no Docker engine answers ({exc}); start it, or run the tests with --cluster=native"
+        ) from exc
+    build_image()
+    keyfile, public_key = _write_key_pair(workdir)
+    suffix = uuid.uuid4().hex[:8]
+    volume = engine.volumes.create(f"sheepdog-home-{suffix}")
+    network = Network().create()
+    containers: list[tuple[str, Any]] = []
+    try:
+
+        def node(name: str, role: str) -> Any:
+            container = (
+                DockerContainer(IMAGE)
+                .with_env("SGE_ROLE", role)
+                .with_env("SGE_MASTER", "head")
+                .with_env("SHEEPDOG_USER", USER)
+                .with_env("SHEEPDOG_AUTHORIZED_KEYS", public_key)
+                .with_name(f"sheepdog-{name}-{suffix}")
+                .with_network(network)
+                .with_network_aliases(name)
+                .with_volume_mapping(volume.name, "/home", "rw")
+                .with_kwargs(
+                    hostname=name,
+                    init=True,
+                    extra_hosts={"host.docker.internal": "host-gateway"},
+                )
+            )
+            if role == "head":
+                # Only on the loopback interface, like the compose file; a random free port.
+                container.ports["22/tcp"] = ("127.0.0.1",)
+            containers.append((name, container))
+            container.start()
+            return container
+
+        head = node("head", "head")
+        for i in range(1, exec_nodes + 1):
+            node(f"exec{i}", "exec")
+        _wait_sge_ready(head, exec_nodes, containers)
+        port = int(head.get_exposed_port(22))
+        code, keys = head.exec(["sh", "-c", "cat /etc/ssh/ssh_host_*_key.pub"])
+        known_hosts = workdir / "known_hosts"
+        known_hosts.write_text(
+            "".join(
+                f"[127.0.0.1]:{port} {' '.join(line.split()[:2])}\n"
+                for line in keys.decode().splitlines()
+                if line.strip()
+            )
+        )
+        cluster = {
+            "host": "127.0.0.1",
+            "ssh_port": port,
+            "ssh_user": USER,
+            "ssh_keyfile": str(keyfile),
+            "known_hosts": str(known_hosts),
+            "localhost": "host.docker.internal",
+            "shell": "/usr/bin/python3",
+        }
+        wait_until_usable(cluster)
+    except Exception as exc:
+        logs = _logs(containers)
+        _remove(containers, network, volume)
+        raise ClusterStartError(f"the Docker test cluster did not start: {exc}\n{logs}") from exc
+    try:
+        yield cluster
+    finally:
+        _remove(containers, network, volume)
+
+
+def _wait_sge_ready(head: Any, exec_nodes: int, containers: list[Any]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    last = b""
+    while time.monotonic() < deadline:
+        code, last = head.exec(["/usr/local/sbin/sge-setup", "status", str(exec_nodes)])
+        if code == 0:
+            return
+        for name, container in containers:
+            container.get_wrapped_container().reload()
+            if container.get_wrapped_container().status == "exited":
+                raise ClusterStartError(f"container {name} exited")
+        time.sleep(1)
+    raise ClusterStartError(
+        f"Grid Engine not ready after {READY_TIMEOUT:.0f}s: {last.decode(errors='replace')}"
+    )
+
+
+def _remove(containers: list[Any], network: Any, volume: Any) -> None:
+    for name, container in reversed(containers):
+        try:
+            container.stop()
+        except Exception:  # keep removing the rest
+            logger.warning("could not remove container %s", name, exc_info=True)
+    for thing in (network, volume):
+        try:
+            thing.remove()
+        except Exception:
+            logger.warning("could not remove %s", thing, exc_info=True)

@@ -1,0 +1,68 @@
+"""Shared pytest set-up: the ``cluster`` fixture and its command-line options.
+
+``--cluster=docker`` (default) starts a head node and two execution nodes with testcontainers;
+``--cluster=native`` brings up the cluster on this host (``ci/cluster up --native``);
+``--cluster=ssh://user@host:port`` uses an existing cluster (see ``--cluster-keyfile`` and friends).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+# Before anything imports testcontainers: its reaper image cannot be pulled here.
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
+import cluster_fixture  # noqa: E402
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("sheepdog cluster")
+    group.addoption(
+        "--cluster",
+        default=os.environ.get("SHEEPDOG_TEST_CLUSTER", "docker"),
+        help="Grid Engine for the e2e tests: docker (default), native or ssh://user@host:port "
+        "[env SHEEPDOG_TEST_CLUSTER]",
+    )
+    for name, env, text in [
+        ("keyfile", "SHEEPDOG_TEST_KEYFILE", "private key for ssh:// clusters"),
+        ("known-hosts", "SHEEPDOG_TEST_KNOWN_HOSTS", "known_hosts file for ssh:// clusters"),
+        ("localhost", "SHEEPDOG_TEST_LOCALHOST", "name by which workers reach this machine"),
+        ("shell", "SHEEPDOG_TEST_SHELL", "the workers' Python (default /usr/bin/python3)"),
+    ]:
+        group.addoption(
+            f"--cluster-{name}", default=os.environ.get(env), help=f"{text} [env {env}]"
+        )
+
+
+@pytest.fixture(scope="session")
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """Connection details of a running Grid Engine cluster, in sheepdog's config keys.
+
+    It fails (never skips) when the cluster cannot be started or reached.
+    """
+    choice = request.config.getoption("--cluster")
+    if choice == "docker":
+        with cluster_fixture.docker_cluster(tmp_path_factory.mktemp("cluster")) as details:
+            yield details
+    elif choice == "native":
+        details = cluster_fixture.native_cluster()
+        cluster_fixture.wait_until_usable(details)
+        yield details
+    elif choice.startswith("ssh://"):
+        details = cluster_fixture.ssh_url_cluster(
+            choice,
+            {
+                key: request.config.getoption(f"--cluster-{key.replace('_', '-')}")
+                for key in ("keyfile", "known_hosts", "localhost", "shell")
+            },
+        )
+        cluster_fixture.wait_until_usable(details, timeout=60)
+        yield details
+    else:
+        raise pytest.UsageError(f"--cluster={choice}: expected docker, native or ssh://user@host:port")

@@ -1,0 +1,133 @@
+"""Smoke tests of the Grid Engine cluster itself, over SSH as sheepdog uses it.
+
+They check what sheepdog relies on: an ordinary user submits an array job over a non-interactive
+SSH session, every task runs (spread over the execution nodes), and a task can call back over
+HTTP to the machine that submitted it.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shlex
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import paramiko
+import pytest
+from cluster_fixture import check, run, ssh_connect, wait_for_job
+
+pytestmark = pytest.mark.e2e
+
+TASKS = 10
+
+# Runs as each array task, under the cluster's Python (like sheepdog's job file does).
+TASK_SCRIPT = """\
+import json, os, socket, sys, time, urllib.request
+task = int(os.environ["SGE_TASK_ID"])
+url = sys.argv[1] if len(sys.argv) > 1 else ""
+if url:
+    with urllib.request.urlopen("%s/task/%d" % (url, task), timeout=30) as reply:
+        reply.read()
+else:
+    time.sleep(2)  # hold the slot, so 10 tasks cannot all fit on one node's slots
+print(json.dumps({"task": task, "host": socket.gethostname()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def ssh(cluster: dict[str, Any]) -> Iterator[paramiko.SSHClient]:
+    client = ssh_connect(cluster)
+    yield client
+    client.close()
+
+
+def submit(
+    ssh: paramiko.SSHClient, cluster: dict[str, Any], tasks: int, args: str = ""
+) -> tuple[str, str]:
+    """Copy the task script to a fresh directory on the head node and qsub it as an array job.
+
+    Returns (job id, directory).
+    """
+    directory = check(ssh, "echo $HOME").strip() + f"/.sheepdog/smoke-{uuid.uuid4().hex[:8]}"
+    check(ssh, f"mkdir -p {shlex.quote(directory)}")
+    with ssh.open_sftp() as sftp:
+        with sftp.open(f"{directory}/task.py", "w") as f:
+            f.write(TASK_SCRIPT)
+    d = shlex.quote(directory)
+    out = check(
+        ssh,
+        f"qsub -terse -N smoke -t 1-{tasks} -S {shlex.quote(cluster['shell'])} "
+        f"-wd {d} -o {d}/ -e {d}/ {d}/task.py {args}",
+    )
+    job_id = out.strip().split(".")[0]
+    assert job_id.isdigit(), f"qsub -terse printed {out!r}"
+    return job_id, directory
+
+
+def outputs(ssh: paramiko.SSHClient, directory: str, job_id: str) -> dict[int, str]:
+    """Map task index to the host it ran on, from the tasks' output files."""
+    d = shlex.quote(directory)
+    text = check(ssh, f"cat {d}/smoke.o{job_id}.* 2>/dev/null || true")
+    errors = check(ssh, f"cat {d}/smoke.e{job_id}.* 2>/dev/null || true")
+    found = {}
+    for line in text.splitlines():
+        record = json.loads(line)
+        found[record["task"]] = record["host"]
+    assert not errors.strip() or found, f"tasks wrote errors:\n{errors}"
+    return found
+
+
+@pytest.fixture(scope="module")
+def array_run(ssh: paramiko.SSHClient, cluster: dict[str, Any]) -> dict[int, str]:
+    job_id, directory = submit(ssh, cluster, TASKS)
+    wait_for_job(ssh, job_id)
+    return outputs(ssh, directory, job_id)
+
+
+def test_array_job_gives_every_output(array_run: dict[int, str]) -> None:
+    assert sorted(array_run) == list(range(1, TASKS + 1))
+
+
+def test_array_tasks_spread_over_exec_nodes(
+    ssh: paramiko.SSHClient, array_run: dict[int, str]
+) -> None:
+    exec_hosts = check(ssh, "qconf -sel").split()
+    assert len(exec_hosts) >= 2, (
+        f"this test needs a cluster with two or more execution hosts; it has {exec_hosts}"
+    )
+    assert len(set(array_run.values())) >= 2, f"all tasks ran on one node: {array_run}"
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    seen: list[str] = []
+
+    def do_GET(self) -> None:  # http.server calls it by this name
+        type(self).seen.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_task_calls_back_over_http(ssh: paramiko.SSHClient, cluster: dict[str, Any]) -> None:
+    handler = type("Recorder", (_Recorder,), {"seen": []})
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://{cluster['localhost']}:{server.server_address[1]}"
+        job_id, directory = submit(ssh, cluster, 3, shlex.quote(url))
+        wait_for_job(ssh, job_id)
+        status, errors, _ = run(ssh, f"cat {shlex.quote(directory)}/smoke.e{job_id}.*")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sorted(handler.seen) == ["/task/1", "/task/2", "/task/3"], (
+        f"the server saw {handler.seen}; task errors:\n{errors}"
+    )

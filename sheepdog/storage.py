@@ -232,6 +232,7 @@ class Storage:
         if self._queue is None:
             return False
         deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        pause = 0.0001
         while True:
             try:
                 fcntl.flock(self._queue, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -239,7 +240,8 @@ class Storage:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     return False
-                time.sleep(0.0002)
+                time.sleep(pause)
+                pause = min(pause * 2, 0.002)
             except OSError:  # e.g. a file system without flock
                 return False
 

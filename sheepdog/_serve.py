@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--max-body-bytes", type=int, required=True)
     parser.add_argument("--max-clock-skew-s", type=float, required=True)
-    parser.add_argument("--synchronous", default="FULL")
+    parser.add_argument("--synchronous", default="NORMAL")
     parser.add_argument("--parent-pid", type=int, default=0)
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--certfile")

@@ -248,7 +248,7 @@ def create_app(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
-    synchronous: str = "FULL",
+    synchronous: str = "NORMAL",
 ) -> Flask:
     """Build the worker-facing WSGI app on ``dbfile`` (created or migrated now)."""
     dbfile = str(dbfile)
@@ -470,7 +470,7 @@ class Server:
         threads: int = 4,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
-        synchronous: str = "FULL",
+        synchronous: str = "NORMAL",
         certfile: str | Path | None = None,
         keyfile: str | Path | None = None,
         start_timeout_s: float = 30.0,

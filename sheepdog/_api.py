@@ -1,0 +1,296 @@
+"""The functions users call: map, map_async, get_results, get_errors, cancel."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from . import serialisation
+from .config import Config, ConfigLike, as_config
+from .deployment import Deployer
+from .errors import RemoteError, SheepdogError, TaskFailedError
+from .job_file import job_file
+from .server import Server, get_server
+from .storage import Storage
+from .watch import Watcher, wait_for_request
+
+__all__ = ["cancel", "get_errors", "get_results", "map", "map_async"]
+
+logger = logging.getLogger(__name__)
+
+#: SGE's default max_aj_tasks: no array job may have more tasks than this.
+MAX_ARRAY_TASKS = 75_000
+#: Default cap on array tasks: beyond this, extra array tasks mostly wait in the queue.
+DEFAULT_MAX_WORKERS = 100
+#: Bytes of each task's stdout and stderr kept with its result.
+CAPTURE_BYTES = 64 * 1024
+
+
+def array_size(config: Config, n_tasks: int) -> int:
+    """How many array tasks to submit for ``n_tasks`` tasks."""
+    workers = config.workers if config.workers is not None else min(n_tasks, DEFAULT_MAX_WORKERS)
+    return max(1, min(workers, n_tasks, MAX_ARRAY_TASKS))
+
+
+def batch_size(config: Config, n_tasks: int, workers: int) -> int:
+    """How many tasks an array task leases at once.
+
+    Enough that tiny tasks do not pay a round trip each, small enough that
+    every array task gets a share and a lost worker loses little.
+    """
+    if config.batch is not None:
+        return config.batch
+    return max(1, min(64, n_tasks // (workers * 4)))
+
+
+def request_settings(config: Config, n_tasks: int) -> dict[str, Any]:
+    """The per-request settings the server hands to every worker."""
+    workers = array_size(config, n_tasks)
+    return {
+        "lease_s": float(config.lease_s),
+        "heartbeat_s": max(0.5, config.lease_s / 4),
+        "task_timeout_s": config.task_timeout_s,
+        "batch": batch_size(config, n_tasks, workers),
+        "capture_bytes": CAPTURE_BYTES,
+        "max_attempts": config.retries + 1,
+        "workers": workers,
+    }
+
+
+def open_deployer(config: Config) -> Deployer:
+    """A Deployer for the config's head node (not yet connected)."""
+    return Deployer(
+        config.host,
+        config.ssh_port,
+        config.ssh_user,
+        config.ssh_keyfile,
+        known_hosts=config.known_hosts,
+        ssh_config=config.ssh_config,
+        timeout_s=config.ssh_timeout_s,
+    )
+
+
+_servers_by_db: dict[str, Server] = {}
+_servers_lock = threading.Lock()
+
+
+def server_for(config: Config) -> Server:
+    """The running server for the config: its fixed port, or one random-port server per dbfile.
+
+    The original's ``get_server(None, ...)`` keeps one server for every
+    ``port=None`` call and refuses another database; maps with different
+    dbfiles in one process must just work, so each database gets its own.
+    """
+    if config.port is not None:
+        return get_server(config.port, None, config.dbfile)
+    key = os.path.abspath(config.dbfile)
+    with _servers_lock:
+        server = _servers_by_db.get(key)
+        if server is None or server.stopped:
+            server = _servers_by_db[key] = Server(None, None, config.dbfile)
+        elif not server.alive:
+            server.restart()
+        return server
+
+
+def submit_request(
+    storage: Storage,
+    config: Config,
+    request_id: int,
+    deployer: Deployer,
+    *,
+    n_workers: int,
+) -> str:
+    """Render, copy and qsub the job file for a stored request; record and return the job id."""
+    server = server_for(config)
+    url = f"http://{config.localhost}:{server.port}/"
+    secret = storage.get_secret(request_id)
+    ge_opts = list(config.ge_opts or ()) + config.resource_directives()
+    text = job_file(
+        url, secret, request_id, storage.count_tasks(request_id), config.shell, ge_opts,
+        array_size=n_workers,
+    )
+    deployer.deploy(text, request_id, config.ssh_dir)
+    qsub_args: list[str] = []
+    if config.ge_opts is None:
+        # The original's defaults, resolved on the head node and quoted on the command
+        # line so that a home directory with spaces cannot break a #$ line.
+        jobdir = deployer.absolute(config.ssh_dir) + "/"
+        qsub_args = ["-wd", jobdir, "-o", jobdir, "-e", jobdir]
+    job_id = deployer.submit(request_id, config.ssh_dir, qsub_args=qsub_args)
+    storage.add_job(request_id, job_id, n_workers)
+    return job_id
+
+
+def map_async(
+    f: Callable[..., Any],
+    args: Iterable[Any],
+    config: ConfigLike,
+    ns: Mapping[str, Any] | None = None,
+) -> int:
+    """Submit ``f`` with each of ``args`` on Grid Engine; return the request id at once.
+
+    A tuple argument is unpacked into positional arguments; any other value is
+    passed as the single argument. Everything is validated and serialised
+    before anything is submitted.
+    """
+    request_id, _ = _start(f, args, config, ns)
+    return request_id
+
+
+def _start(
+    f: Callable[..., Any],
+    args: Iterable[Any],
+    config: ConfigLike,
+    ns: Mapping[str, Any] | None,
+    deployer: Deployer | None = None,
+) -> tuple[int, Config]:
+    cfg = as_config(config)
+    if not callable(f):
+        raise TypeError(f"sheepdog.map needs a callable, got {type(f).__name__}")
+    arg_list = list(args)
+    payload = serialisation.serialise_function(f, dict(ns) if ns is not None else None,
+                                               mode=cfg.mode)
+    blobs = serialisation.serialise_args(arg_list)
+    storage = Storage(cfg.dbfile)
+    try:
+        storage.initdb()
+        request_id = storage.new_request(
+            payload, b"", blobs, settings=request_settings(cfg, len(arg_list))
+        )
+        if not arg_list:
+            return request_id, cfg
+        n_workers = array_size(cfg, len(arg_list))
+        own = deployer is None
+        dep = deployer if deployer is not None else open_deployer(cfg)
+        try:
+            submit_request(storage, cfg, request_id, dep, n_workers=n_workers)
+        except BaseException as exc:
+            storage.fail_tasks(
+                request_id, storage.open_task_indices(request_id), "submit",
+                f"the job was never submitted: {exc}",
+            )
+            raise
+        finally:
+            if own:
+                dep.close()
+        return request_id, cfg
+    finally:
+        storage.close()
+
+
+def map(  # noqa: A001 - the original's name, kept on purpose
+    f: Callable[..., Any],
+    args: Iterable[Any],
+    config: ConfigLike,
+    ns: Mapping[str, Any] | None = None,
+    verbose: bool = True,
+    *,
+    errors: str = "none",
+    timeout_s: float | None = None,
+) -> list[Any]:
+    """Run ``f`` with each of ``args`` on Grid Engine and return the results in order.
+
+    A task that failed gives ``None`` in its place (call :func:`get_errors`
+    for the remote traceback), or, with ``errors="raise"``, a
+    :class:`~sheepdog.errors.TaskFailedError` carrying every
+    :class:`~sheepdog.errors.RemoteError`.
+    """
+    if errors not in ("none", "raise"):
+        raise ValueError(f"errors must be 'none' or 'raise', got {errors!r}")
+    cfg = as_config(config)
+    arg_list = list(args)
+    deployer = open_deployer(cfg)
+    try:
+        request_id, cfg = _start(f, arg_list, cfg, ns, deployer)
+        if not arg_list:
+            return []
+        bound = timeout_s if timeout_s is not None else cfg.timeout_s
+        watcher = Watcher(cfg, request_id, deployer)
+        try:
+            wait_for_request(cfg.dbfile, request_id, verbose=verbose, timeout_s=bound,
+                             watcher=watcher)
+        except KeyboardInterrupt:
+            if not cfg.keep_jobs_on_interrupt:
+                logger.warning("interrupted: cancelling request %d", request_id)
+                _cancel_with(deployer, cfg.dbfile, request_id, "cancelled by Ctrl-C")
+            raise
+        results = get_results(request_id, cfg.dbfile, block=False)
+        failed = get_errors(request_id, cfg.dbfile)
+    finally:
+        deployer.close()
+    if failed and errors == "raise":
+        raise TaskFailedError(
+            f"{len(failed)} of {len(arg_list)} tasks of request {request_id} failed; "
+            f"the first: {failed[0][1]}",
+            [err for _, err in failed],
+        )
+    if failed and verbose:
+        print(
+            f"sheepdog: {len(failed)} of {len(arg_list)} tasks failed; "
+            f"see sheepdog.get_errors({request_id}, {cfg.dbfile!r})",
+            flush=True,
+        )
+    return [result for _, result in results]
+
+
+def get_results(
+    request_id: int,
+    dbfile: str = "./sheepdog.sqlite",
+    block: bool = True,
+    verbose: bool = False,
+    *,
+    timeout_s: float | None = None,
+) -> list[tuple[Any, Any]]:
+    """Fetch ``[(arg, result)]`` for a request; with ``block``, wait until all are in.
+
+    Where a task failed or has no result yet, its result is ``None``. The wait
+    is bounded by ``timeout_s`` (None: until every task is finished).
+    """
+    if block:
+        wait_for_request(dbfile, request_id, verbose=verbose, timeout_s=timeout_s)
+    with Storage(dbfile) as storage:
+        rows = storage.get_tasks_with_results(request_id)
+    return [
+        (
+            serialisation.deserialise_value(arg),
+            None if result is None else serialisation.deserialise_value(result),
+        )
+        for arg, result in rows
+    ]
+
+
+def get_errors(request_id: int, dbfile: str = "./sheepdog.sqlite") -> list[tuple[Any, RemoteError]]:
+    """Fetch ``[(arg, error)]`` for every failed task; each error holds the remote traceback."""
+    with Storage(dbfile) as storage:
+        rows = storage.get_task_errors(request_id)
+    return [
+        (
+            serialisation.deserialise_value(arg),
+            RemoteError.from_dict(error, request_id=request_id, task_index=index),
+        )
+        for index, arg, error in rows
+    ]
+
+
+def cancel(request_id: int, config: ConfigLike) -> int:
+    """Delete the request's jobs with qdel and mark its open tasks cancelled; return how many."""
+    cfg = as_config(config)
+    with open_deployer(cfg) as deployer:
+        return _cancel_with(deployer, cfg.dbfile, request_id, "cancelled by sheepdog.cancel")
+
+
+def _cancel_with(deployer: Deployer, dbfile: str, request_id: int, reason: str) -> int:
+    with Storage(dbfile) as storage:
+        n = storage.cancel(request_id, reason)
+        job_ids = [job["job_id"] for job in storage.get_jobs(request_id)]
+    for job_id in job_ids:
+        try:
+            deployer.run(f"qdel {job_id}", check=False, timeout_s=30)
+        except SheepdogError as exc:
+            logger.warning("qdel %s failed: %s", job_id, exc)
+    return n
+

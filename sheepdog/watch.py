@@ -1,0 +1,203 @@
+"""Wait for a request to finish, and watch its Grid Engine jobs so the wait can end.
+
+The wait polls SQLite (cheap, local). The :class:`Watcher` also asks the head
+node, with a backoff, what became of the request's jobs: a job in an error
+state fails its open tasks with qstat's reasons; a job that left the queue
+with work still open has that work resubmitted, up to ``retries`` times, and
+then failed with the reason qacct gives.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from .errors import SheepdogError
+from .errors import TimeoutError as SheepdogTimeoutError
+from .sge import describe_failure, parse_qacct, parse_qstat, parse_qstat_j_errors
+from .storage import Storage
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .deployment import Deployer
+
+__all__ = ["Watcher", "wait_for_request"]
+
+logger = logging.getLogger(__name__)
+
+OPEN_STATES = ("pending", "leased")
+#: Added to the clock to expire every lease now, whatever its end time.
+_FOREVER_S = 10 * 365 * 86400.0
+
+
+class Watcher:
+    """Checks a request's Grid Engine jobs now and then, and acts on what it finds."""
+
+    def __init__(
+        self,
+        config: Config,
+        request_id: int,
+        deployer: Deployer,
+        *,
+        first_interval_s: float = 2.0,
+        max_interval_s: float = 15.0,
+    ) -> None:
+        self.config = config
+        self.request_id = request_id
+        self.deployer = deployer
+        self.interval_s = first_interval_s
+        self.max_interval_s = max_interval_s
+        self._next_check = time.monotonic() + first_interval_s
+
+    def poll(self, storage: Storage) -> None:
+        """Check the jobs if it is time to; fail or resubmit work whose jobs are gone."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.interval_s
+        self.interval_s = min(self.max_interval_s, self.interval_s * 1.5)
+        try:
+            self._check(storage)
+        except SheepdogError as exc:
+            # The head node being briefly unreachable must not end a long map.
+            logger.warning("could not check the jobs of request %d: %s", self.request_id, exc)
+
+    def _check(self, storage: Storage) -> None:
+        rid = self.request_id
+        counts = storage.task_counts(rid)
+        if not any(counts.get(s, 0) for s in OPEN_STATES):
+            return
+        jobs = [str(job["job_id"]) for job in storage.get_jobs(rid)]
+        if not jobs:
+            return
+        user = shlex.quote(self.config.ssh_user)
+        listing = parse_qstat(self.deployer.run(f"qstat -u {user}", check=False).stdout)
+        live = [job for job in jobs if job in listing]
+        for job in live:
+            if listing[job].in_error:
+                self._fail_job_in_error(storage, job)
+        if live:
+            return
+        # Every job has left the queue, so no worker is left to renew a lease: the
+        # leases still open belong to dead workers and their tasks go back to pending.
+        storage.expire_leases(rid, now=time.time() + _FOREVER_S)
+        pending = storage.open_task_indices(rid)
+        if not pending:
+            return
+        resubmits = len(jobs) - 1
+        reason = self._accounting_reason(jobs[-1])
+        if resubmits < self.config.retries:
+            logger.warning(
+                "request %d: job %s left the queue with %d tasks undone%s; resubmitting "
+                "(%d of %d)", rid, jobs[-1], len(pending),
+                f" ({reason})" if reason else "", resubmits + 1, self.config.retries,
+            )
+            from ._api import array_size, submit_request
+
+            submit_request(
+                storage, self.config, rid, self.deployer,
+                n_workers=array_size(self.config, len(pending)),
+            )
+            self.interval_s = 2.0
+            return
+        message = (
+            f"Grid Engine job {jobs[-1]} left the queue without running this task, "
+            f"after {resubmits} resubmission(s)"
+        )
+        if reason:
+            message += f": {reason}"
+        storage.fail_tasks(rid, pending, "job_lost", message)
+
+    def _fail_job_in_error(self, storage: Storage, job: str) -> None:
+        details = self.deployer.run(f"qstat -j {job}", check=False)
+        reasons = parse_qstat_j_errors(details.stdout + details.stderr)
+        why = "; ".join(reasons) or "qstat shows the job in an error state (Eqw)"
+        message = f"Grid Engine job {job} is in an error state: {why}"
+        logger.error("request %d: %s", self.request_id, message)
+        self.deployer.run(f"qdel {job}", check=False)
+        storage.fail_tasks(
+            self.request_id, storage.open_task_indices(self.request_id), "job_error", message
+        )
+
+    def _accounting_reason(self, job: str) -> str:
+        result = self.deployer.run(f"qacct -j {job}", check=False, timeout_s=30)
+        if result.exit_status != 0:
+            return ""
+        reasons = []
+        for record in parse_qacct(result.stdout):
+            why = describe_failure(record)
+            if why and why not in reasons:
+                reasons.append(why)
+        return "; ".join(reasons[:3])
+
+
+def wait_for_request(
+    dbfile: str,
+    request_id: int,
+    *,
+    verbose: bool = False,
+    timeout_s: float | None = None,
+    watcher: Watcher | None = None,
+    poll_s: float = 0.2,
+    max_poll_s: float = 2.0,
+) -> dict[str, int]:
+    """Block until every task of the request is done, failed or cancelled; return the counts.
+
+    Raises :class:`sheepdog.errors.TimeoutError` after ``timeout_s`` seconds.
+    """
+    start = time.monotonic()
+    deadline = None if timeout_s is None else start + timeout_s
+    interval = poll_s
+    with Storage(dbfile) as storage:
+        total = storage.count_tasks(request_id)
+        progress = _Progress(total, verbose)
+        try:
+            while True:
+                counts = storage.task_counts(request_id)
+                progress.update(counts)
+                if not any(counts.get(s, 0) for s in OPEN_STATES):
+                    return counts
+                if watcher is not None:
+                    watcher.poll(storage)
+                if deadline is not None and time.monotonic() >= deadline:
+                    done = total - sum(counts.get(s, 0) for s in OPEN_STATES)
+                    raise SheepdogTimeoutError(
+                        f"request {request_id}: {done} of {total} tasks finished within "
+                        f"{timeout_s:g} s; the rest are still running. Fetch them later with "
+                        f"sheepdog.get_results({request_id}, {dbfile!r})"
+                    )
+                time.sleep(interval)
+                interval = min(max_poll_s, interval * 1.5)
+        finally:
+            progress.close()
+
+
+class _Progress:
+    """A one-line status on a terminal, log lines otherwise."""
+
+    def __init__(self, total: int, verbose: bool) -> None:
+        self.total = total
+        self.verbose = verbose
+        self.tty = sys.stderr.isatty()
+        self.last: tuple[int, int] | None = None
+        self.start = time.monotonic()
+
+    def update(self, counts: dict[str, int]) -> None:
+        done, failed = counts.get("done", 0), counts.get("error", 0) + counts.get("cancelled", 0)
+        if (done, failed) == self.last:
+            return
+        self.last = (done, failed)
+        line = f"{done}/{self.total} results, {failed} errors, {counts.get('leased', 0)} running"
+        if self.verbose and self.tty:
+            sys.stderr.write(f"\rsheepdog: {line}   ")
+            sys.stderr.flush()
+        elif self.verbose:
+            logger.info("%s", line)
+
+    def close(self) -> None:
+        if self.verbose and self.tty and self.last is not None:
+            sys.stderr.write("\n")
+            sys.stderr.flush()

@@ -117,7 +117,7 @@ def wait_until_usable(cluster: dict[str, Any], timeout: float = READY_TIMEOUT) -
 
 
 def native_cluster() -> dict[str, Any]:
-    """Bring up the native cluster on this host with ``ci/cluster up --native``; return its details."""
+    """Bring up the native cluster on this host (``ci/cluster up --native``); return its details."""
     result = subprocess.run(
         [str(REPO / "ci" / "cluster"), "up", "--native"],
         stdout=subprocess.PIPE,
@@ -179,7 +179,7 @@ def build_image() -> None:
 
 
 def _write_key_pair(directory: Path) -> tuple[Path, str]:
-    """Make an ed25519 key pair in ``directory``; return the private key path and the public line."""
+    """Make an ed25519 key pair in ``directory``; return the private key path and public line."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -223,7 +223,7 @@ def docker_cluster(workdir: Path, exec_nodes: int = 2) -> Iterator[dict[str, Any
     try:
         import docker
 
-        engine = docker.from_env()
+        engine = docker.from_env()  # type: ignore[attr-defined]
         engine.ping()
     except Exception as exc:
         raise ClusterStartError(
@@ -256,7 +256,7 @@ def docker_cluster(workdir: Path, exec_nodes: int = 2) -> Iterator[dict[str, Any
             )
             if role == "head":
                 # Only on the loopback interface, like the compose file; a random free port.
-                container.ports["22/tcp"] = ("127.0.0.1",)
+                container.ports["22/tcp"] = ("127.0.0.1",)  # type: ignore[assignment]
             containers.append((name, container))
             container.start()
             return container

@@ -116,7 +116,7 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
 
 
 def test_task_calls_back_over_http(ssh: paramiko.SSHClient, cluster: dict[str, Any]) -> None:
-    handler = type("Recorder", (_Recorder,), {"seen": []})
+    handler: type[_Recorder] = type("Recorder", (_Recorder,), {"seen": []})
     server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

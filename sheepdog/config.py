@@ -96,6 +96,8 @@ class Config:
     lease_s: float = 60.0
     #: Ctrl-C during a blocking map cancels its jobs unless this is True.
     keep_jobs_on_interrupt: bool = False
+    #: serve HTTPS with a self-signed certificate that job files pin (see docs/security.rst).
+    tls: bool = False
 
     # --- serialisation -------------------------------------------------------
     #: "bytecode" (same Python minor version on the workers) or "source".
@@ -297,5 +299,6 @@ def _validate(c: Config) -> None:
     _check_number("retries", c.retries, minimum=0, integer=True)
     _check_number("lease_s", c.lease_s, minimum=1)
     _check_type("keep_jobs_on_interrupt", c.keep_jobs_on_interrupt, (bool,), "True or False")
+    _check_type("tls", c.tls, (bool,), "True or False")
     if c.mode not in ("bytecode", "source"):
         raise _fail("mode", f"must be 'bytecode' or 'source', got {c.mode!r}")

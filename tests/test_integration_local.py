@@ -281,3 +281,24 @@ def test_tls_with_another_fingerprint_is_refused(tls_setup: tuple[Setup, str]) -
     assert code == 4, f"{out}\n{err}"  # EXIT_AUTH
     assert "the job file pins " + "00" * 32 in err
     assert setup.storage.open_task_indices(rid) == [1]
+
+
+def test_a_function_that_cannot_load_fails_every_task_with_the_reason(setup: Setup) -> None:
+    payload = serialise_function(square)
+    magic, header, rest = payload.split(b"\n", 2)
+    header = header.replace(b'"python_minor": [3, 11]', b'"python_minor": [3, 6]').replace(
+        b'"python_minor":[3,11]', b'"python_minor":[3,6]'
+    )
+    assert b"3, 6" in header or b"3,6" in header, header
+    rid = setup.storage.new_request(
+        magic + b"\n" + header + b"\n" + rest, None, serialise_args([1, 2, 3]),
+        settings={"batch": 2},
+    )
+    code, out, err = finish(setup.start(setup.job(rid, 3), 1))
+    assert code == 5, f"{out}\n{err}"
+    errors = setup.storage.get_task_errors(rid)
+    assert [index for index, _args, _error in errors] == [1, 2, 3]
+    for _index, _args, error in errors:
+        assert error["kind"] == "load"
+        assert "cannot load the function" in error["message"]
+        assert "mode=\"source\"" in error["message"] or "`shell`" in error["message"]

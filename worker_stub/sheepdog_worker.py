@@ -410,6 +410,7 @@ class Client:
         self.conn = self.connect()
         self.out, self.err = sys.stdout, sys.stderr  # the real streams, whatever a task does
         self.function, self.protocol, self.settings = None, None, {}
+        self.load_error = None  # why the function cannot be loaded here, as a task error
         self.leases, self.lost, self.cancelled = [], set(), False
         self.running = None  # (index, lease, start, stdout Capture, stderr Capture)
         self.armed = False  # whether SIGALRM may interrupt the running task now
@@ -453,8 +454,12 @@ class Client:
         try:
             self.function, self.protocol = load_function(payload), result_protocol(payload)
         except Exception as e:
-            raise ProtocolFailure("cannot load the function on %s (Python %s): %s: %s" % (
-                self.host, sys.version.split()[0], type(e).__name__, e), EXIT_VERSION) from e
+            # Every task this worker leases fails with the reason, so the user sees it in
+            # get_errors at once instead of waiting on work no worker here can load.
+            self.load_error = {"type": type(e).__name__, "kind": "load", "host": self.host,
+                               "python": sys.version.split()[0], "traceback": "",
+                               "message": "cannot load the function on %s (Python %s): %s" % (
+                                   self.host, sys.version.split()[0], e)}
 
     def run(self):
         """Lease tasks and run them; each batch's results go back with the next lease."""
@@ -467,13 +472,19 @@ class Client:
                 if self.cancelled:
                     say("sheepdog: request %d was cancelled" % self.request_id, self.out)
                     break
-                if task["lease"] not in self.lost:  # else it was leased again, to another worker
+                if self.load_error:
+                    results.append({"index": task["index"], "lease": task["lease"], "ok": False,
+                                    "error": self.load_error, "stdout": "", "stderr": "",
+                                    "duration_s": 0.0})
+                elif task["lease"] not in self.lost:  # else it was leased again, to another worker
                     results.append(self.run_task(task))
             more = 0 if self.cancelled else batch
             answer = self.submit_results(results, more)
             if not more:
                 break
         self.leases = []
+        if self.load_error:
+            raise ProtocolFailure(self.load_error["message"], EXIT_VERSION)
 
     def hello(self, max_tasks):
         return {"worker": self.worker, "host": self.host, "max_tasks": max_tasks}

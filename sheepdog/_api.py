@@ -9,9 +9,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import serialisation
+from ._tls import certificate_for, fingerprint_sha256
 from .config import Config, ConfigLike, as_config
 from .deployment import Deployer
-from .errors import RemoteError, SheepdogError, TaskFailedError
+from .errors import RemoteError, ServerError, SheepdogError, TaskFailedError
 from .job_file import job_file
 from .server import Server, get_server
 from .storage import Storage
@@ -84,13 +85,24 @@ def server_for(config: Config) -> Server:
     ``port=None`` call and refuses another database; maps with different
     dbfiles in one process must just work, so each database gets its own.
     """
+    tls: dict[str, Any] = {}
+    if config.tls:
+        files = certificate_for(config.dbfile)
+        tls = {"certfile": files.certfile, "keyfile": files.keyfile}
     if config.port is not None:
-        return get_server(config.port, None, config.dbfile)
-    key = os.path.abspath(config.dbfile)
+        fixed = get_server(config.port, None, config.dbfile, **tls)
+        if (fixed.scheme == "https") != config.tls:
+            raise ServerError(
+                f"the server on port {config.port} serves {fixed.scheme}, but this config has "
+                f"tls={config.tls}; use another port or the same tls setting"
+            )
+        return fixed
+    # HTTP and HTTPS servers on one database may run side by side.
+    key = os.path.abspath(config.dbfile) + (" (tls)" if config.tls else "")
     with _servers_lock:
         server = _servers_by_db.get(key)
         if server is None or server.stopped:
-            server = _servers_by_db[key] = Server(None, None, config.dbfile)
+            server = _servers_by_db[key] = Server(None, None, config.dbfile, **tls)
         elif not server.alive:
             server.restart()
         return server
@@ -106,12 +118,16 @@ def submit_request(
 ) -> str:
     """Render, copy and qsub the job file for a stored request; record and return the job id."""
     server = server_for(config)
-    url = f"http://{config.localhost}:{server.port}/"
+    url = server.url_for(config.localhost) + "/"
+    fingerprint = None
+    if server.certfile is not None:
+        with open(server.certfile, encoding="ascii") as cert:
+            fingerprint = fingerprint_sha256(cert.read())
     secret = storage.get_secret(request_id)
     ge_opts = list(config.ge_opts or ()) + config.resource_directives()
     text = job_file(
         url, secret, request_id, storage.count_tasks(request_id), config.shell, ge_opts,
-        array_size=n_workers,
+        array_size=n_workers, tls_fingerprint=fingerprint,
     )
     deployer.deploy(text, request_id, config.ssh_dir)
     qsub_args: list[str] = []

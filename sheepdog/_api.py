@@ -55,7 +55,7 @@ def request_settings(config: Config, n_tasks: int) -> dict[str, Any]:
         "heartbeat_s": max(0.5, config.lease_s / 4),
         "task_timeout_s": config.task_timeout_s,
         "batch": batch_size(config, n_tasks, workers),
-        "capture_bytes": CAPTURE_BYTES,
+        "capture_bytes": config.capture_bytes,
         "max_attempts": config.retries + 1,
         "workers": workers,
     }
@@ -127,7 +127,7 @@ def submit_request(
     ge_opts = list(config.ge_opts or ()) + config.resource_directives()
     text = job_file(
         url, secret, request_id, storage.count_tasks(request_id), config.shell, ge_opts,
-        array_size=n_workers, tls_fingerprint=fingerprint,
+        array_size=n_workers, tls_fingerprint=fingerprint, prologue=config.prologue,
     )
     deployer.deploy(text, request_id, config.ssh_dir)
     qsub_args: list[str] = []
@@ -137,7 +137,8 @@ def submit_request(
         jobdir = deployer.absolute(config.ssh_dir) + "/"
         qsub_args = ["-wd", jobdir, "-o", jobdir, "-e", jobdir]
     job_id = deployer.submit(request_id, config.ssh_dir, qsub_args=qsub_args)
-    storage.add_job(request_id, job_id, n_workers)
+    # `sheepdog serve` restarts the server on this port: the job file holds this URL.
+    storage.add_job(request_id, job_id, n_workers, info={"url": url, "port": server.port})
     return job_id
 
 

@@ -85,6 +85,12 @@ class Config:
     #: parallel environment and slots, requested as ``-pe <name> <slots>``.
     pe: tuple[str, int] | None = None
 
+    # --- the worker's environment -------------------------------------------
+    #: shell lines run by /bin/sh on the worker before Python starts (module load, activate).
+    prologue: tuple[str, ...] | None = None
+    #: bytes of each task's stdout and of its stderr kept with its result.
+    capture_bytes: int = 65536
+
     # --- lifecycle -----------------------------------------------------------
     #: per-task time limit enforced on the worker.
     task_timeout_s: float | None = None
@@ -122,6 +128,8 @@ class Config:
         values = dict(mapping)
         if "ge_opts" in values and isinstance(values["ge_opts"], list):
             values["ge_opts"] = tuple(values["ge_opts"])
+        if "prologue" in values and isinstance(values["prologue"], list):
+            values["prologue"] = tuple(values["prologue"])
         if "pe" in values and isinstance(values["pe"], list):
             values["pe"] = tuple(values["pe"])
         if isinstance(values.get("dbfile"), os.PathLike):
@@ -146,7 +154,7 @@ class Config:
     def as_dict(self) -> dict[str, Any]:
         """The config as a JSON-friendly dict with every key."""
         out = dataclasses.asdict(self)
-        for key in ("ge_opts", "pe"):
+        for key in ("ge_opts", "pe", "prologue"):
             if out[key] is not None:
                 out[key] = list(out[key])
         return out
@@ -294,6 +302,19 @@ def _validate(c: Config) -> None:
             or c.pe[1] < 1
         ):
             raise _fail("pe", f"must be (name, slots), e.g. ('smp', 4), got {c.pe!r}")
+    if c.prologue is not None:
+        if isinstance(c.prologue, str) or not isinstance(c.prologue, Sequence):
+            what = type(c.prologue).__name__
+            raise _fail("prologue", f"must be a list of shell lines, not {what}")
+        for i, line in enumerate(c.prologue):
+            _check_type(f"prologue[{i}]", line, (str,), "a string")
+            if _LINE_BREAKS.search(line) or "'''" in line:
+                raise _fail(
+                    "prologue",
+                    f"line {i} contains a line break, a NUL or ''' (which would end the "
+                    f"block that Python skips): {line!r}",
+                )
+    _check_number("capture_bytes", c.capture_bytes, minimum=0, integer=True)
     _check_number("task_timeout_s", c.task_timeout_s, minimum=0.001, optional=True)
     _check_number("timeout_s", c.timeout_s, minimum=0.001, optional=True)
     _check_number("retries", c.retries, minimum=0, integer=True)

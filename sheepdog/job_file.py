@@ -110,6 +110,23 @@ def _check_secret(password: str) -> None:
         )
 
 
+def _check_prologue(prologue: Sequence[str] | None) -> list[str]:
+    if prologue is None:
+        return []
+    if isinstance(prologue, str):
+        raise ConfigError("prologue must be a list of shell lines, not one string", key="prologue")
+    lines = []
+    for line in prologue:
+        if not isinstance(line, str) or _LINE_BREAKS.search(line) or "'''" in line:
+            raise ConfigError(
+                f"prologue line {line!r} must be a string without line breaks, NUL or ''' "
+                "(which would end the shell block that Python skips)",
+                key="prologue",
+            )
+        lines.append(line)
+    return lines
+
+
 def _render_options(options: Mapping[str, object]) -> str:
     parts = []
     for key, value in options.items():
@@ -145,10 +162,11 @@ def job_file(
     (each array task leases until no work is left). ``client_options`` are
     passed to the stub's ``Client`` (``batch``, ``retry_s``,
     ``mem_limit_bytes``). Raises ConfigError for a value that cannot be
-    written safely.
+    written safely. ``prologue`` lines run in ``/bin/sh`` on the worker before
+    it execs ``shell`` on this same file (``module load``, activating a
+    virtualenv).
     """
-    if prologue:
-        raise NotImplementedError("job prologues (shell lines run before Python) are not built yet")
+    prologue_lines = _check_prologue(prologue)
     if isinstance(request_id, bool) or not isinstance(request_id, int) or request_id < 1:
         raise ConfigError(f"request_id must be a positive int, not {request_id!r}")
     size = n_args if array_size is None else array_size
@@ -167,11 +185,25 @@ def job_file(
     options = dict(client_options or {})
     if tls_fingerprint is not None:
         options["tls_fingerprint"] = tls_fingerprint
+    if prologue_lines:
+        # sh runs the prologue, then execs the worker Python on this same file; to Python,
+        # ''''true opens a string that the closing ''' ends, so it skips the shell block.
+        # The #$ lines stay above it: qsub reads directives from the leading comments.
+        head = [
+            "#!/bin/sh",
+            "#$ -S /bin/sh",
+            f"#$ -t 1-{size}",
+            *(f"#$ {opt}" for opt in opts),
+            "''''true",
+            *prologue_lines,
+            f'exec {shlex.quote(shell)} "$0" "$@"',
+            "'''",
+        ]
+    else:
+        head = [f"#!{shell}", f"#$ -S {shlex.quote(shell)}", f"#$ -t 1-{size}"]
+        head += [f"#$ {opt}" for opt in opts]
     lines = [
-        f"#!{shell}",
-        f"#$ -S {shlex.quote(shell)}",
-        f"#$ -t 1-{size}",
-        *(f"#$ {opt}" for opt in opts),
+        *head,
         f"# sheepdog job file for request {request_id}: {n_args} tasks. It holds the",
         "# request's secret: keep it private.",
         stub_source().rstrip("\n"),

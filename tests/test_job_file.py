@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -183,9 +184,43 @@ def test_bad_values_raise_config_error(overrides: dict[str, object], message: st
     assert SECRET not in str(info.value)
 
 
-def test_prologue_is_not_built_yet() -> None:
-    with pytest.raises(NotImplementedError):
-        render(prologue=["module load python"])
+GOLDEN_PROLOGUE = Path(__file__).parent / "golden" / "job_file_prologue.txt"
+
+
+def test_golden_prologue_job_file() -> None:
+    """A job file with a prologue matches tests/golden/job_file_prologue.txt."""
+    text = render(
+        array_size=10, prologue=["module load python/3.11", ". '/opt/my env/bin/activate'"]
+    )
+    text = text.replace(stub_source().rstrip("\n"), STUB_PLACEHOLDER)
+    if not GOLDEN_PROLOGUE.exists():
+        GOLDEN_PROLOGUE.write_text(text, encoding="utf-8")
+        pytest.fail(f"{GOLDEN_PROLOGUE} was missing and has been written: review it, rerun")
+    assert text == GOLDEN_PROLOGUE.read_text(encoding="utf-8")
+
+
+def test_prologue_runs_in_sh_then_execs_the_python_on_the_same_file(tmp_path: Path) -> None:
+    text = render(prologue=["export SHEEPDOG_TEST_VAR='from the prologue'", "echo sh-ran >&2"])
+    compile(text, "sheepdog_012.py", "exec")
+    # Run only the head: the shell block, then Python printing what it sees.
+    head = text.split("# sheepdog job file", 1)[0]
+    script = tmp_path / "job.py"
+    script.write_text(
+        head + 'import os, sys\nprint(os.environ["SHEEPDOG_TEST_VAR"], sys.argv[1:])\n',
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        ["/bin/sh", str(script), "x y"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "from the prologue ['x y']\n"
+    assert done.stderr == "sh-ran\n"
+
+
+@pytest.mark.parametrize("line", ["a\nb", "x'''y", "nul\x00", 3])
+def test_bad_prologue_lines_raise_config_error(line: object) -> None:
+    with pytest.raises(ConfigError, match="prologue"):
+        render(prologue=[line])
 
 
 def test_write_job_file_is_private(tmp_path: Path) -> None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import shlex
-import sys
 import time
 from typing import TYPE_CHECKING
 
+from ._progress import Progress
 from .errors import SheepdogError
 from .errors import TimeoutError as SheepdogTimeoutError
 from .sge import describe_failure, parse_qacct, parse_qstat, parse_qstat_j_errors
@@ -153,7 +153,7 @@ def wait_for_request(
     interval = poll_s
     with Storage(dbfile) as storage:
         total = storage.count_tasks(request_id)
-        progress = _Progress(total, verbose)
+        progress = Progress(total, verbose=verbose, label=f"sheepdog request {request_id}")
         try:
             while True:
                 counts = storage.task_counts(request_id)
@@ -173,31 +173,3 @@ def wait_for_request(
                 interval = min(max_poll_s, interval * 1.5)
         finally:
             progress.close()
-
-
-class _Progress:
-    """A one-line status on a terminal, log lines otherwise."""
-
-    def __init__(self, total: int, verbose: bool) -> None:
-        self.total = total
-        self.verbose = verbose
-        self.tty = sys.stderr.isatty()
-        self.last: tuple[int, int] | None = None
-        self.start = time.monotonic()
-
-    def update(self, counts: dict[str, int]) -> None:
-        done, failed = counts.get("done", 0), counts.get("error", 0) + counts.get("cancelled", 0)
-        if (done, failed) == self.last:
-            return
-        self.last = (done, failed)
-        line = f"{done}/{self.total} results, {failed} errors, {counts.get('leased', 0)} running"
-        if self.verbose and self.tty:
-            sys.stderr.write(f"\rsheepdog: {line}   ")
-            sys.stderr.flush()
-        elif self.verbose:
-            logger.info("%s", line)
-
-    def close(self) -> None:
-        if self.verbose and self.tty and self.last is not None:
-            sys.stderr.write("\n")
-            sys.stderr.flush()

@@ -1,0 +1,376 @@
+"""Server throughput: 64 emulated workers doing the whole protocol, ours against Sheepdog 0.2.3.
+
+Each emulated worker is a thread with one keep-alive ``http.client``
+connection. Against our server it uses the worker stub's own ``Connection``
+(real HMAC signing of calls, answers checked): fetch the function once, lease,
+then post each batch's results with the next lease piggybacked, one round trip
+per batch. Against the original it does what each of its array tasks did:
+``GET /?request_id=&job_index=`` then ``POST /`` with the pickled result, HTTP
+basic auth (on a keep-alive connection too, which only helps the original).
+
+The load comes from several processes so that one GIL does not cap it. On a
+2-core machine the generator and the server share the cores: the figures are a
+floor for the server, not its ceiling.
+
+    python -m benchmarks.server_throughput [--quick] [--tasks N] [--reps R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import importlib.util
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from benchmarks._report import ROOT, print_table, summarise, write_json
+
+__all__ = ["ORIGINAL_VENV", "ensure_original_venv", "main", "run_original", "run_ours"]
+
+ORIGINAL_VENV = ROOT / ".venv-sheepdog02"
+STUB = ROOT / "worker_stub" / "sheepdog_worker.py"
+WORKERS = 64
+LOAD_PROCESSES = 4
+PASSWORD = "bench-password"
+
+_ORIGINAL_LAUNCHER = r"""
+import json, socket, sys, time
+from sheepdog import serialisation
+from sheepdog.server import Server
+from sheepdog.storage import Storage
+
+dbfile, n = sys.argv[1], int(sys.argv[2])
+storage = Storage(dbfile)
+storage.initdb()
+def double(x):
+    return 2 * x
+rid = storage.new_request(serialisation.serialise_function(double),
+                          serialisation.serialise_namespace({}),
+                          serialisation.serialise_args([(i,) for i in range(n)]))
+server = Server(None, sys.argv[3], dbfile)
+deadline = time.monotonic() + 30
+while True:
+    try:
+        socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            server.stop()
+            sys.exit("the original's server did not listen within 30 s")
+        time.sleep(0.05)
+print(json.dumps({"port": server.port, "request_id": rid, "pid": server.server.pid}), flush=True)
+sys.stdin.readline()
+print(json.dumps({"results": storage.count_results(rid)}), flush=True)
+# multiprocessing's exit hook would wait on the Tornado child before sheepdog's hook stops it.
+server.stop()
+"""
+
+
+def ensure_original_venv() -> Path:
+    """Create ``.venv-sheepdog02`` with Sheepdog 0.2.3 if needed; return its python."""
+    python = ORIGINAL_VENV / "bin" / "python"
+    check = [str(python), "-c", "import sheepdog.server, tornado"]
+    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return python
+    print(f"[bench] installing Sheepdog 0.2.3 into {ORIGINAL_VENV}", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(ORIGINAL_VENV)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    # Its paramiko==1.13.0 pin needs pycrypto, which does not build on Python 3.11.
+    subprocess.run([*pip, "--no-deps", "Sheepdog==0.2.3"], check=True)
+    subprocess.run([*pip, "flask", "tornado", "paramiko"], check=True)
+    subprocess.run(check, check=True)
+    return python
+
+
+def _stub() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("sheepdog_worker", STUB)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _double(x: int) -> int:
+    return 2 * x
+
+
+def _cpu_seconds(root_pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``root_pid`` and its live descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0.0)
+        todo += [child for child, parent in parents.items() if parent == pid]
+    return total
+
+
+# -- the load generator -----------------------------------------------------------------
+
+
+def _ours_worker(stub: ModuleType, target: dict[str, Any], name: str, out: list[Any]) -> None:
+    conn = stub.Connection(target["url"], target["secret"], target["request_id"], retry_s=60.0)
+    batch, latencies, done = target["batch"], [], 0
+    hello = {"worker": name, "host": "bench", "max_tasks": batch}
+
+    def call(method: str, endpoint: str, body: dict[str, Any] | None = None) -> Any:
+        start = time.monotonic()
+        answer = conn.call(method, endpoint, body)
+        latencies.append(time.monotonic() - start)
+        return answer
+
+    call("GET", "function")
+    answer = call("POST", "lease", hello)
+    while answer["tasks"]:
+        results = []
+        for task in answer["tasks"]:
+            value = _double(pickle.loads(base64.b64decode(task["args"])))
+            results.append({
+                "index": task["index"], "lease": task["lease"], "ok": True,
+                "value": base64.b64encode(pickle.dumps(value)).decode("ascii"),
+                "stdout": "", "stderr": "", "duration_s": 0.0,
+            })
+        done += len(results)
+        answer = call("POST", "results", dict(hello, results=results))
+    conn.close()
+    out.append((latencies, done))
+
+
+def _original_worker(target: dict[str, Any], indices: list[int], out: list[Any]) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", target["port"], timeout=60)
+    auth = "Basic " + base64.b64encode(f"sheepdog:{PASSWORD}".encode()).decode()
+    rid, latencies = target["request_id"], []
+    for index in indices:
+        start = time.monotonic()
+        conn.request("GET", f"/?request_id={rid}&job_index={index}",
+                     headers={"Authorization": auth})
+        response = conn.getresponse()
+        details = json.loads(response.read())
+        if response.status != 200:
+            raise RuntimeError(f"the original answered {response.status} to GET task {index}")
+        latencies.append(time.monotonic() - start)
+        (arg,) = pickle.loads(base64.b64decode(details["args"]))
+        result = base64.b64encode(pickle.dumps(_double(arg))).decode()
+        body = urllib.parse.urlencode({"result": result, "request_id": rid, "job_index": index})
+        start = time.monotonic()
+        conn.request("POST", "/", body=body, headers={
+            "Authorization": auth, "Content-Type": "application/x-www-form-urlencoded"})
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"the original answered {response.status} to POST task {index}")
+        latencies.append(time.monotonic() - start)
+    conn.close()
+    out.append((latencies, len(indices)))
+
+
+def _load_process(target: dict[str, Any], names: list[int], go: Any, queue: Any) -> None:
+    stub = _stub() if target["kind"] == "ours" else None
+    out: list[Any] = []
+    threads = []
+    for w in names:
+        if stub is not None:
+            args: tuple[Any, ...] = (stub, target, f"bench:{w}", out)
+            threads.append(threading.Thread(target=_ours_worker, args=args))
+        else:
+            indices = list(range(w + 1, target["n_tasks"] + 1, target["workers"]))
+            threads.append(threading.Thread(target=_original_worker, args=(target, indices, out)))
+    go.wait(60)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies = [x for lat, _ in out for x in lat]
+    queue.put({"latencies": latencies, "tasks": sum(n for _, n in out), "end": time.monotonic(),
+               "threads_ok": len(out)})
+
+
+def _drive(target: dict[str, Any], server_pid: int, timeout_s: float) -> dict[str, Any]:
+    """Run the load processes against ``target``; return tasks/s, latencies and server CPU."""
+    ctx = multiprocessing.get_context("fork")
+    go, queue = ctx.Event(), ctx.Queue()
+    workers = target["workers"]
+    procs = [
+        ctx.Process(target=_load_process,
+                    args=(target, list(range(p, workers, LOAD_PROCESSES)), go, queue))
+        for p in range(LOAD_PROCESSES)
+    ]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)  # let the processes set up their threads before the clock starts
+    cpu_before = _cpu_seconds(server_pid)
+    start = time.monotonic()
+    go.set()
+    reports = []
+    try:
+        for _ in procs:
+            reports.append(queue.get(timeout=timeout_s))
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    end = max(r["end"] for r in reports)
+    cpu = _cpu_seconds(server_pid) - cpu_before
+    tasks = sum(r["tasks"] for r in reports)
+    latencies = [x for r in reports for x in r["latencies"]]
+    if sum(r["threads_ok"] for r in reports) != workers:
+        raise RuntimeError("some emulated workers failed; see the tracebacks above")
+    return {
+        "tasks": tasks,
+        "seconds": round(end - start, 3),
+        "tasks_per_s": round(tasks / (end - start), 1),
+        "round_trips": len(latencies),
+        "server_cpu_ms_per_round_trip": round(cpu * 1000 / max(1, len(latencies)), 3),
+        **summarise(latencies),
+    }
+
+
+def run_ours(n_tasks: int, batch: int, workdir: Path, workers: int = WORKERS) -> dict[str, Any]:
+    """One run against our gunicorn server with ``batch`` tasks per lease."""
+    from sheepdog import serialisation
+    from sheepdog.server import Server
+    from sheepdog.storage import Storage
+
+    dbfile = workdir / f"ours-{batch}-{time.monotonic_ns()}.sqlite"
+    with Storage(dbfile) as storage:
+        rid = storage.new_request(
+            serialisation.serialise_function(_double), b"",
+            serialisation.serialise_args(range(n_tasks)), settings={"batch": batch},
+        )
+        secret = storage.get_secret(rid)
+    with Server(None, None, dbfile, host="127.0.0.1") as server:
+        assert server.pid is not None
+        target = {"kind": "ours", "url": f"http://127.0.0.1:{server.port}/", "secret": secret,
+                  "request_id": rid, "batch": batch, "workers": workers, "n_tasks": n_tasks}
+        figures = _drive(target, server.pid, timeout_s=600)
+    with Storage(dbfile) as storage:
+        counts = storage.task_counts(rid)
+    if counts.get("done") != n_tasks:
+        raise RuntimeError(f"our server stored {counts}, not {n_tasks} results")
+    return figures
+
+
+def run_original(n_tasks: int, workdir: Path, workers: int = WORKERS) -> dict[str, Any]:
+    """One run against Sheepdog 0.2.3's Tornado server (one task per round trip pair)."""
+    python = ensure_original_venv()
+    dbfile = workdir / f"original-{time.monotonic_ns()}.sqlite"
+    launcher = subprocess.Popen(
+        [str(python), "-c", _ORIGINAL_LAUNCHER, str(dbfile), str(n_tasks), PASSWORD],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=workdir,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert launcher.stdin is not None and launcher.stdout is not None
+    try:
+        info = json.loads(launcher.stdout.readline() or "null")
+        if not info:
+            raise RuntimeError("the original's launcher did not start; see its output above")
+        target = {"kind": "original", "port": info["port"], "request_id": info["request_id"],
+                  "workers": workers, "n_tasks": n_tasks}
+        figures = _drive(target, info["pid"], timeout_s=1200)
+        launcher.stdin.write("done\n")
+        launcher.stdin.flush()
+        stored = json.loads(launcher.stdout.readline())["results"]
+        launcher.wait(30)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    if stored != n_tasks:
+        raise RuntimeError(f"the original stored {stored} results, not {n_tasks}")
+    return figures
+
+
+def default_batch(n_tasks: int, workers: int) -> int:
+    """The batch sheepdog picks by default for ``n_tasks`` over ``workers`` array tasks."""
+    from sheepdog._api import batch_size
+    from sheepdog.config import Config
+
+    return batch_size(Config(host="bench", workers=workers), n_tasks, workers)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the comparison, print the table, write bench-results/server_throughput.json."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tasks", type=int)
+    parser.add_argument("--reps", type=int)
+    args = parser.parse_args(argv)
+    n_tasks = args.tasks or (3000 if args.quick else 20_000)
+    reps = args.reps or (1 if args.quick else 2)
+    batch = default_batch(n_tasks, WORKERS)
+    runs: dict[str, list[dict[str, Any]]] = {"original": [], "ours_1": [], f"ours_{batch}": []}
+    workdir = Path(tempfile.mkdtemp(prefix="sheepdog-bench-"))
+    try:
+        for rep in range(reps):  # alternate, so drift in the machine hits all alike
+            for key in runs:
+                if key == "original":
+                    figures = run_original(n_tasks, workdir)
+                else:
+                    figures = run_ours(n_tasks, int(key.split("_")[1]), workdir)
+                print(f"[bench] rep {rep + 1}/{reps} {key}: {figures}", flush=True)
+                runs[key].append(figures)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    def best(key: str) -> dict[str, Any]:
+        return max(runs[key], key=lambda r: r["tasks_per_s"])
+
+    base = statistics.median(r["tasks_per_s"] for r in runs["original"])
+    rows, summary = [], {}
+    labels = {"original": "Sheepdog 0.2.3 (Tornado)", "ours_1": "sheepdog, 1 task/lease",
+              f"ours_{batch}": f"sheepdog, {batch} tasks/lease (default)"}
+    targets = {"original": None, "ours_1": 4.0, f"ours_{batch}": 20.0}
+    for key, label in labels.items():
+        rate = statistics.median(r["tasks_per_s"] for r in runs[key])
+        b = best(key)
+        ratio = rate / base
+        target = targets[key]
+        verdict = "-" if target is None else ("met" if ratio >= target else "MISSED")
+        rows.append([label, rate, b["p50_ms"], b["p99_ms"], b["server_cpu_ms_per_round_trip"],
+                     f"{ratio:.1f}x", "-" if target is None else f">= {target:g}x {verdict}"])
+        summary[key] = {"label": label, "tasks_per_s": rate, "ratio": round(ratio, 2),
+                        "target": target, "met": None if target is None else ratio >= target}
+    print_table(
+        f"Server throughput: {n_tasks:,} tasks, {WORKERS} workers, {LOAD_PROCESSES} load "
+        f"processes, {reps} rep(s), median tasks/s ({os.cpu_count()} cores shared with the load)",
+        ["server", "tasks/s", "p50 ms", "p99 ms", "server CPU ms/req", "vs 0.2.3", "target"],
+        rows,
+    )
+    data = {"quick": args.quick, "n_tasks": n_tasks, "workers": WORKERS,
+            "load_processes": LOAD_PROCESSES, "batch": batch, "reps": reps,
+            "summary": summary, "runs": runs}
+    write_json("server_throughput", data)
+    return data
+
+
+if __name__ == "__main__":
+    socket.setdefaulttimeout(120)
+    main()

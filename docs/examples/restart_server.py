@@ -1,0 +1,39 @@
+from _conf import conf
+
+import os
+import signal
+import sys
+import time
+
+import sheepdog
+from sheepdog._api import server_for
+
+
+def slow(x):
+    import time
+
+    time.sleep(2)
+    return x + 1
+
+
+request_id = sheepdog.map_async(slow, range(4), conf.replace(workers=1))
+server = server_for(conf)
+port = server.port
+time.sleep(1)
+os.killpg(server.pid, signal.SIGKILL)  # the server dies, as after a crash
+sys.argv[1:] = [str(request_id)]
+
+# --8<-- [example]
+import sys
+
+import sheepdog
+
+request_id = int(sys.argv[1])
+server = sheepdog.Server(port, None, conf.dbfile)  # the port the job file names
+storage = sheepdog.Storage(conf.dbfile)
+while storage.count_results_and_errors(request_id) < storage.count_tasks(request_id):
+    print(storage.count_results(request_id), "results", flush=True)
+    time.sleep(1)
+print(sheepdog.get_results(request_id, conf.dbfile))
+server.stop()
+# prints: [(0, 1), (1, 2), (2, 3), (3, 4)]

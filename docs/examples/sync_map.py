@@ -1,0 +1,13 @@
+from _conf import conf
+
+# --8<-- [example]
+import sheepdog
+
+
+def f(a, b):
+    return a + b
+
+
+args = [(1, 1), (1, 2), (2, 2)]
+print(sheepdog.map(f, args, conf))
+# prints: [2, 3, 4]

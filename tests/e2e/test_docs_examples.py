@@ -1,0 +1,57 @@
+"""Every code example of the documentation runs, on a real Grid Engine, and prints what it says."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
+
+
+def expected_lines(source: str) -> list[str]:
+    """The ``# prints: ...`` lines of an example, in order."""
+    return [
+        line.split("# prints:", 1)[1].strip()
+        for line in source.splitlines()
+        if line.strip().startswith("# prints:")
+    ]
+
+
+@pytest.mark.parametrize(
+    "example",
+    sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")),
+)
+def test_example(example: str, config: dict[str, Any], tmp_path: Path) -> None:
+    source = (EXAMPLES / example).read_text()
+    expected = expected_lines(source)
+    assert expected, f"{example} says nothing about what it prints"
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(config))
+    env = {**os.environ, "SHEEPDOG_CONFIG": str(config_file)}
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / example)],
+        cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=400,
+    )
+    assert done.returncode == 0, f"{example} failed:\n{done.stdout}\n{done.stderr}"
+    printed = [line.strip() for line in done.stdout.splitlines()]
+    position = 0
+    for line in expected:
+        assert line in printed[position:], (
+            f"{example} should print {line!r}; it printed:\n{done.stdout}\n{done.stderr}"
+        )
+        position = printed.index(line, position) + 1
+
+
+def test_every_example_is_in_the_docs() -> None:
+    docs = "".join(p.read_text() for p in EXAMPLES.parent.glob("*.rst"))
+    for example in EXAMPLES.glob("*.py"):
+        if not example.name.startswith("_"):
+            assert f"examples/{example.name}" in docs, f"{example.name} is not shown in the docs"

@@ -1,0 +1,522 @@
+"""Security properties (docs/security.rst): secrets, integrity, TLS, and hostile config values.
+
+Local only: real gunicorn servers and real job files run as subprocesses, and
+remote commands executed by a local bash instead of over SSH. The same
+checks on the real cluster are in tests/e2e/test_security_e2e.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import http.client
+import http.server
+import json
+import logging
+import os
+import pickle
+import re
+import shlex
+import ssl
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sheepdog._signing as signing
+from sheepdog import _api
+from sheepdog._signing import SIGNATURE_HEADER, TIME_HEADER, sign_request
+from sheepdog._tls import certificate_for, fingerprint_sha256, tls_dir
+from sheepdog.config import Config
+from sheepdog.deployment import CommandResult, Deployer
+from sheepdog.errors import ConfigError, RemoteCommandError
+from sheepdog.job_file import job_file, write_job_file
+from sheepdog.serialisation import deserialise_value, serialise_args, serialise_function
+from sheepdog.server import Server, create_app
+from sheepdog.storage import Storage
+
+WAIT_S = 120.0
+WORKER_PYTHON = sys.executable
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+class Marker:
+    """Unpickling this creates a directory: the side effect we check never happens."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.mkdir, (self.path,))
+
+
+def run_job(job: Path, task_id: int = 1) -> tuple[int, str, str]:
+    env = {**os.environ, "SGE_TASK_ID": str(task_id)}
+    env.pop("PYTHONPATH", None)  # like a worker node: sheepdog is not importable
+    proc = subprocess.run(
+        [WORKER_PYTHON, str(job)], env=env, capture_output=True, text=True, timeout=WAIT_S
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def dump_tables(dbfile: str) -> list[Any]:
+    with Storage(dbfile) as db:
+        return [
+            db.conn.execute(f"SELECT * FROM {table} ORDER BY rowid").fetchall()
+            for table in ("requests", "tasks", "jobs")
+        ]
+
+
+# -- secrets ---------------------------------------------------------------------------
+
+
+def test_each_request_has_its_own_secret_of_at_least_128_bits(tmp_path: Path) -> None:
+    with Storage(str(tmp_path / "db.sqlite")) as db:
+        secrets = [db.get_secret(db.new_request(b"F", None, [b"x"])) for _ in range(20)]
+    assert len(set(secrets)) == 20
+    for secret in secrets:
+        assert re.fullmatch(r"[0-9a-f]+", secret)
+        assert len(bytes.fromhex(secret)) * 8 >= 128
+
+
+def test_signatures_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(signing.hmac, "compare_digest", spy)
+    assert signing.verify("ab" * 32, "ab" * 32)
+    assert not signing.verify("ab" * 32, "ac" * 32)
+    assert len(calls) == 2
+    stub = Path(__file__).parent.parent / "worker_stub" / "sheepdog_worker.py"
+    # The stub checks answers' signatures and the TLS pin with compare_digest, never ==.
+    assert stub.read_text().count("hmac.compare_digest(") >= 2
+
+
+def test_job_files_and_their_directory_are_private(tmp_path: Path) -> None:
+    folder = tmp_path / "jobs"
+    folder.mkdir(mode=0o755)
+    path = write_job_file("secret text\n", folder, 7)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+
+
+def test_one_requests_secret_cannot_write_anothers_tasks(tmp_path: Path) -> None:
+    dbfile = str(tmp_path / "db.sqlite")
+    client = create_app(dbfile).test_client()
+    with Storage(dbfile) as db:
+        mine = db.new_request(b"F", None, [b"x"], settings={"lease_s": 30.0})
+        theirs = db.new_request(b"F", None, [b"y"], settings={"lease_s": 30.0})
+        my_secret = db.get_secret(mine)
+        [their_lease] = db.lease(theirs, worker="w", host="h", max_tasks=1, lease_s=30.0)
+    before = dump_tables(dbfile)
+    value = base64.b64encode(pickle.dumps(1)).decode()
+    bodies = {
+        "lease": {"worker": "w", "host": "h", "max_tasks": 1},
+        "heartbeat": {"worker": "w", "leases": [their_lease.lease]},
+        "results": {"worker": "w", "host": "h", "max_tasks": 0, "results": [
+            {"index": 1, "lease": their_lease.lease, "ok": True, "value": value}]},
+    }
+    for action, body in bodies.items():
+        path = f"/api/v1/requests/{theirs}/{action}"
+        raw = json.dumps(body).encode()
+        stamp = str(int(time.time()))
+        headers = {TIME_HEADER: stamp,
+                   SIGNATURE_HEADER: sign_request(my_secret, "POST", path, stamp, raw)}
+        assert client.post(path, data=raw, headers=headers).status_code == 401
+    # Their lease token under my request renews nothing of theirs.
+    path = f"/api/v1/requests/{mine}/heartbeat"
+    raw = json.dumps(bodies["heartbeat"]).encode()
+    stamp = str(int(time.time()))
+    headers = {TIME_HEADER: stamp,
+               SIGNATURE_HEADER: sign_request(my_secret, "POST", path, stamp, raw)}
+    answer = client.post(path, data=raw, headers=headers).get_json()
+    assert answer["renewed"] == [] and answer["lost"] == [their_lease.lease]
+    assert dump_tables(dbfile) == before
+
+
+# -- integrity: nothing is unpickled on the server -------------------------------------
+
+
+def test_the_server_never_unpickles_signed_or_not(tmp_path: Path) -> None:
+    dbfile = str(tmp_path / "db.sqlite")
+    client = create_app(dbfile).test_client()
+    with Storage(dbfile) as db:
+        rid = db.new_request(b"F", None, [b"x"], settings={"lease_s": 30.0})
+        secret = db.get_secret(rid)
+    marker = tmp_path / "unpickled"
+    evil = pickle.dumps(Marker(str(marker)))
+    b64 = base64.b64encode(evil).decode()
+    good_result = {"worker": "w", "host": "h", "max_tasks": 0, "results": [
+        {"index": 1, "lease": "", "ok": True, "value": b64}]}
+    bodies = [evil, json.dumps(good_result).encode(), b64.encode()]
+    for action in ("lease", "heartbeat", "results", "function"):
+        path = f"/api/v1/requests/{rid}/{action}"
+        for raw in bodies:
+            method = "GET" if action == "function" else "POST"
+            stamp = str(int(time.time()))
+            signed = {TIME_HEADER: stamp,
+                      SIGNATURE_HEADER: sign_request(secret, method, path, stamp, raw)}
+            for headers in ({}, signed):
+                response = client.open(path, method=method, data=raw, headers=headers)
+                assert response.status_code < 500
+    assert not marker.exists()
+    # The signed result was stored as bytes; only the user's own get_results unpickles it.
+    with Storage(dbfile) as db:
+        assert db.get_results(rid) == [(b"x", evil)]
+    assert not marker.exists()
+
+
+# -- integrity: tampering in transit ----------------------------------------------------
+
+
+class TamperingProxy(http.server.ThreadingHTTPServer):
+    """Forward HTTP calls to ``upstream``, flipping one byte of each request or answer body."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: tuple[str, int], flip: str) -> None:
+        self.upstream, self.flip, self.tampered = upstream, flip, 0
+        super().__init__(("127.0.0.1", 0), _TamperHandler)
+
+    def tamper(self, body: bytes) -> bytes:
+        if not body:
+            return body
+        self.tampered += 1
+        middle = len(body) // 2
+        return body[:middle] + bytes([body[middle] ^ 0x01]) + body[middle + 1 :]
+
+
+class _TamperHandler(http.server.BaseHTTPRequestHandler):
+    server: TamperingProxy
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.server.flip == "request":
+            body = self.server.tamper(body)
+        conn = http.client.HTTPConnection(*self.server.upstream, timeout=30)
+        headers = {k: v for k, v in self.headers.items() if k.lower() != "content-length"}
+        conn.request(self.command, self.path, body=body, headers=headers)
+        response = conn.getresponse()
+        answer = response.read()
+        conn.close()
+        if self.server.flip == "response":
+            answer = self.server.tamper(answer)
+        self.send_response(response.status)
+        for name, value in response.getheaders():
+            if name.lower() not in ("content-length", "connection", "date", "server"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(answer)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(answer)
+
+    do_GET = do_POST = forward
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Server, Storage]]:
+    dbfile = str(tmp_path / "db.sqlite")
+    server = Server(None, None, dbfile, host="127.0.0.1", workers=1, threads=2)
+    storage = Storage(dbfile)
+    try:
+        yield server, storage
+    finally:
+        server.stop()
+        storage.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("flip", "message"),
+    [
+        ("response", "is not signed with request"),
+        ("request", "the server rejected our signature"),
+    ],
+)
+def test_a_body_tampered_in_transit_is_refused(
+    served: tuple[Server, Storage], tmp_path: Path, flip: str, message: str
+) -> None:
+    server, storage = served
+    assert server.port is not None
+    rid = storage.new_request(serialise_function(square), None, serialise_args([3]))
+    proxy = TamperingProxy(("127.0.0.1", server.port), flip)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{proxy.server_address[1]}/"
+        text = job_file(url, storage.get_secret(rid), rid, 1, WORKER_PYTHON, [],
+                        client_options={"retry_s": 5.0})
+        code, out, err = run_job(write_job_file(text, tmp_path / "jobs", rid))
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert proxy.tampered >= 1
+    assert code == 4, f"{out}\n{err}"  # EXIT_AUTH
+    assert message in err
+    assert storage.open_task_indices(rid) == [1]
+    assert storage.get_results(rid) == []
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+def test_certificate_is_private_reused_and_fingerprinted(tmp_path: Path) -> None:
+    dbfile = tmp_path / "db.sqlite"
+    first = certificate_for(dbfile)
+    folder = tls_dir(dbfile)
+    assert first.certfile.parent == folder == tmp_path / "db.sqlite.tls"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for path in (first.certfile, first.keyfile):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    der = ssl.PEM_cert_to_DER_cert(first.certfile.read_text())
+    assert first.fingerprint == hashlib.sha256(der).hexdigest()
+    assert fingerprint_sha256(first.certfile.read_bytes()) == first.fingerprint
+    os.chmod(first.keyfile, 0o644)
+    again = certificate_for(dbfile)
+    assert again.fingerprint == first.fingerprint
+    assert stat.S_IMODE(again.keyfile.stat().st_mode) == 0o600
+    first.certfile.write_text("not a certificate")
+    assert certificate_for(dbfile).fingerprint != first.fingerprint
+
+
+def test_tls_must_be_a_bool() -> None:
+    with pytest.raises(ConfigError, match="'tls'") as info:
+        Config(host="h", tls="yes")  # type: ignore[arg-type]
+    assert info.value.key == "tls"
+    assert Config(host="h").tls is False
+
+
+# -- hostile config values, with remote commands run by a local bash ----------------------
+
+
+class LocalShellDeployer(Deployer):
+    """A Deployer whose remote commands run in a local bash, with a fake qsub, and are kept.
+
+    Running the commands for real, rather than inspecting their text, shows that
+    quoting holds against an actual shell.
+    """
+
+    def __init__(self, home: Path, bin_dir: Path) -> None:
+        super().__init__("headnode")
+        self.home_dir, self.bin_dir = home, bin_dir
+        self.commands: list[str] = []
+
+    def run(self, command: str, *, timeout_s: float = 120.0, check: bool = True,
+            stdin: bytes | None = None,
+            error: type[RemoteCommandError] = RemoteCommandError) -> CommandResult:
+        self.commands.append(command)
+        env = {"HOME": str(self.home_dir), "PATH": f"{self.bin_dir}:/usr/bin:/bin"}
+        proc = subprocess.run(["bash", "-c", command], env=env, cwd=self.home_dir,
+                              capture_output=True, text=True, timeout=timeout_s, input=None)
+        result = CommandResult(command, proc.returncode, proc.stdout, proc.stderr)
+        if check and proc.returncode != 0:
+            raise error(command, proc.returncode, proc.stdout, proc.stderr, host=self.host)
+        return result
+
+    def connect(self) -> Any:
+        return _LocalSFTPClient()
+
+
+class _LocalSFTPClient:
+    def open_sftp(self) -> _LocalSFTP:
+        return _LocalSFTP()
+
+
+class _LocalSFTP:
+    def __enter__(self) -> _LocalSFTP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def open(self, path: str, mode: str) -> Any:
+        return open(path, mode + "b")
+
+    def chmod(self, path: str, mode: int) -> None:
+        os.chmod(path, mode)
+
+
+def hostile_values(marker_dir: Path) -> list[str]:
+    """Strings that run a command in ``marker_dir`` if they ever reach a shell unquoted."""
+    m = shlex.quote(str(marker_dir))
+    return [
+        f"sd dir; touch {m}/pwned-semicolon $(touch {m}/pwned-dollar)",
+        f"`touch {m}/pwned-backtick`",
+        f"x' ; touch {m}/pwned-quote ; '",
+        f'x" ; touch {m}/pwned-dquote ; "',
+        f"a && touch {m}/pwned-and || touch {m}/pwned-or",
+        f"a | touch {m}/pwned-pipe > {m}/pwned-redirect",
+        f"$(touch {m}/pwned-subshell)/jobs",
+        f"-rf {m}/pwned-option",
+        f"~/$HOME/*/{m}/pwned-glob?",
+        f"a\ntouch {m}/pwned-newline",
+        f"a\rtouch {m}/pwned-cr",
+    ]
+
+
+#: Every config key that reaches a shell, a job file or an SSH command line.
+KEYS = ("ssh_dir", "shell", "ge_opts", "host", "ssh_user", "queue", "pe", "mem_resource",
+        "localhost")
+
+
+def config_with(key: str, value: str, dbfile: str) -> dict[str, Any]:
+    base: dict[str, Any] = {"host": "headnode", "localhost": "127.0.0.1", "dbfile": dbfile,
+                            "shell": WORKER_PYTHON}
+    if key == "ge_opts":
+        base[key] = [f"-N {value}"] if not value.startswith("-") else [value]
+    elif key == "pe":
+        base[key] = [value, 2]
+    elif key == "mem_resource":
+        base.update(mem_resource=value, mem_gb=1)
+    else:
+        base[key] = value
+    return base
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Try every hostile value in every key; record what was rejected and what was run."""
+    root = tmp_path_factory.mktemp("hostile")
+    markers, home, bin_dir = root / "markers", root / "home", root / "bin"
+    for folder in (markers, home, bin_dir):
+        folder.mkdir()
+    qsub = bin_dir / "qsub"
+    qsub.write_text('#!/bin/sh\nprintf "%s\\n" "$@" >> "$HOME/../qsub-argv"\necho 4242\n')
+    qsub.chmod(0o755)
+    dbfile = str(root / "db.sqlite")
+    outcome: dict[str, Any] = {"rejected": [], "submitted": [], "markers": markers,
+                               "home": home, "root": root}
+    try:
+        for key in KEYS:
+            for value in hostile_values(markers):
+                try:
+                    cfg = _api.as_config(config_with(key, value, dbfile))
+                except ConfigError as exc:
+                    outcome["rejected"].append((key, value, str(exc), exc.key))
+                    continue
+                deployer = LocalShellDeployer(home, bin_dir)
+                with Storage(dbfile) as storage:
+                    rid = storage.new_request(b"F", None, [b"x"], settings={"lease_s": 30.0})
+                    job_id = _api.submit_request(storage, cfg, rid, deployer, n_workers=1)
+                outcome["submitted"].append((key, value, rid, job_id, deployer.commands, cfg))
+    finally:
+        server = _api._servers_by_db.pop(os.path.abspath(dbfile), None)
+        if server is not None:
+            server.stop()
+    return outcome
+
+
+def test_hostile_values_are_rejected_naming_the_key(hostile_run: dict[str, Any]) -> None:
+    for key, value, message, error_key in hostile_run["rejected"]:
+        assert key in message and error_key is not None and error_key.startswith(key), (
+            key, value, message)
+    rejected = {key for key, *_ in hostile_run["rejected"]}
+    # Line breaks never get through, whatever the key.
+    for key in KEYS:
+        assert key in rejected
+    newline_ok = [(k, v) for k, v, *_ in hostile_run["submitted"] if "\n" in v or "\r" in v]
+    assert newline_ok == []
+    print(f"\nhostile config values: {len(hostile_run['rejected'])} rejected, "
+          f"{len(hostile_run['submitted'])} accepted and submitted through a real shell")
+
+
+def test_accepted_hostile_values_run_no_command(hostile_run: dict[str, Any]) -> None:
+    assert hostile_run["submitted"], "no hostile value got as far as a shell"
+    accepted_keys = {key for key, *_ in hostile_run["submitted"]}
+    assert "ssh_dir" in accepted_keys and "ge_opts" in accepted_keys
+    assert sorted(os.listdir(hostile_run["markers"])) == []
+    home: Path = hostile_run["home"]
+    for key, value, rid, job_id, commands, cfg in hostile_run["submitted"]:
+        assert job_id == "4242"
+        assert any("qsub -terse" in c for c in commands)
+        if key == "ssh_dir":
+            # The hostile string is a literal directory name under the home directory.
+            folder = home / value if not value.startswith("~/") else home / value[2:]
+            job = folder / f"sheepdog_{rid:03d}.py"
+            assert job.is_file(), (value, commands)
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+            assert stat.S_IMODE(job.stat().st_mode) == 0o700
+            argv = (hostile_run["root"] / "qsub-argv").read_text().splitlines()
+            assert str(job) in {os.path.normpath(arg) for arg in argv}
+        # The job file is still valid Python with each directive on its own line.
+        folder = home / cfg.ssh_dir if not cfg.ssh_dir.startswith("~/") else home / cfg.ssh_dir[2:]
+        text = (folder / f"sheepdog_{rid:03d}.py").read_text()
+        compile(text, "job", "exec")
+        if key == "ge_opts":
+            assert text.count(f"#$ {cfg.ge_opts[0]}\n") == 1
+
+
+# -- secrets never logged --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_secrets_are_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A full local run, with failed authentication, logged at DEBUG everywhere."""
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
+    home.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "qsub").write_text("#!/bin/sh\necho 77\n")
+    (bin_dir / "qsub").chmod(0o755)
+    dbfile = str(tmp_path / "db.sqlite")
+    cfg = Config(host="headnode", localhost="127.0.0.1", dbfile=dbfile, ssh_dir="jobs",
+                 shell=WORKER_PYTHON)
+    outputs: list[str] = []
+    server = Server(None, None, dbfile, host="127.0.0.1", log_level="debug")
+    _api._servers_by_db[os.path.abspath(dbfile)] = server
+    try:
+        with caplog.at_level(logging.DEBUG):
+            with Storage(dbfile) as storage:
+                rid = storage.new_request(serialise_function(square), None,
+                                          serialise_args([1, 2]), settings={"lease_s": 30.0})
+                secret = storage.get_secret(rid)
+                _api.submit_request(storage, cfg, rid, LocalShellDeployer(home, bin_dir),
+                                    n_workers=1)
+            job = home / "jobs" / f"sheepdog_{rid:03d}.py"
+            assert secret in job.read_text()
+            code, out, err = run_job(job)
+            assert code == 0, f"{out}\n{err}"
+            outputs += [out, err]
+            # Failed authentication: a job file for the same request with another secret,
+            # and a call signed with a near-miss of the real secret.
+            wrong = job.read_text().replace(secret, secret[::-1])
+            bad = write_job_file(wrong, tmp_path / "bad", rid)
+            code, out, err = run_job(bad)
+            assert code == 4, f"{out}\n{err}"
+            outputs += [out, err]
+            assert server.port is not None
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            path = f"/api/v1/requests/{rid}/lease"
+            conn.request("POST", path, body=b"{}", headers={
+                TIME_HEADER: str(int(time.time())), SIGNATURE_HEADER: secret})
+            assert conn.getresponse().status == 401
+            conn.close()
+        with Storage(dbfile) as storage:
+            results = [deserialise_value(v) for _a, v in storage.get_tasks_with_results(rid)]
+        assert results == [1, 4]
+        server_log = server.output()
+    finally:
+        server.stop()
+        _api._servers_by_db.pop(os.path.abspath(dbfile), None)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    # The refusals were logged (so the check below looked at real log lines).
+    assert server_log.count("bad signature") >= 2, server_log
+    for text in (logged, server_log, *outputs):
+        assert secret not in text
+        assert secret[::-1] not in text

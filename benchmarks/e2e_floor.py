@@ -1,0 +1,126 @@
+"""End to end against the floor: ``sheepdog.map`` of N trivial tasks against a raw ``qsub -t 1-N``.
+
+Both sides run on the local cluster (``ci/cluster up``; ``.cluster/cluster.json``),
+in the same run, alternating. sheepdog uses one task per array task
+(``workers=N, batch=1``). The floor opens its own SSH connection, copies a
+trivial Python script, runs ``qsub -t 1-N`` and polls ``qstat -j`` on the same
+schedule as sheepdog's wait (0.2 s growing by 1.5x to 2 s) until the job has
+left. Both timings include opening the SSH connection.
+
+    python -m benchmarks.e2e_floor [--quick] [--sizes 10,100] [--reps R] [--config FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks._report import ROOT, print_table, write_json
+
+__all__ = ["main", "run_floor", "run_sheepdog"]
+
+DEFAULT_CONFIG = ROOT / ".cluster" / "cluster.json"
+FLOOR_SCRIPT = "import os\nprint('task', os.environ.get('SGE_TASK_ID'))\n"
+TARGET_RATIO = 1.15
+
+
+def _noop(x: int) -> int:
+    return x
+
+
+def run_sheepdog(config: Any, n: int, dbfile: Path) -> float:
+    """Seconds for ``sheepdog.map`` of ``n`` trivial tasks, one per array task."""
+    import sheepdog
+
+    cfg = config.replace(workers=n, batch=1, dbfile=str(dbfile))
+    start = time.monotonic()
+    results = sheepdog.map(_noop, range(n), cfg, verbose=False, timeout_s=600)
+    elapsed = time.monotonic() - start
+    if results != list(range(n)):
+        raise RuntimeError(f"sheepdog.map returned wrong results for N={n}")
+    return elapsed
+
+
+def run_floor(config: Any, n: int, poll_s: float = 0.2, max_poll_s: float = 2.0) -> float:
+    """Seconds to qsub -t 1-n a trivial Python script over SSH and see it leave qstat."""
+    from sheepdog._api import open_deployer
+    from sheepdog.deployment import parse_qsub_output
+
+    start = time.monotonic()
+    with open_deployer(config) as deployer:
+        jobdir = deployer.absolute(".sheepdog-bench")
+        script = f"{jobdir}/floor.py"
+        q = shlex.quote
+        deployer.run(f"mkdir -p {q(jobdir)}")
+        deployer.run(f"cat > {q(script)}", stdin=FLOOR_SCRIPT.encode())
+        out = deployer.run(
+            f"cd {q(jobdir)} && qsub -terse -t 1-{n} -S {q(config.shell)} -wd {q(jobdir)}"
+            f" -o {q(jobdir)} -e {q(jobdir)} {q(script)}"
+        ).stdout
+        job_id = parse_qsub_output(out).split(".")[0]
+        interval, deadline = poll_s, time.monotonic() + 600
+        while deployer.run(f"qstat -j {job_id}", check=False).exit_status == 0:
+            if time.monotonic() > deadline:
+                deployer.run(f"qdel {job_id}", check=False)
+                raise RuntimeError(f"the floor job {job_id} (N={n}) did not finish in 600 s")
+            time.sleep(interval)
+            interval = min(max_poll_s, interval * 1.5)
+        elapsed = time.monotonic() - start
+        deployer.run(f"rm -f {q(jobdir)}/floor.py.[oe]{job_id}.*", check=False)
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the comparison, print the table, write bench-results/e2e_floor.json."""
+    from sheepdog.config import as_config
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sizes")
+    parser.add_argument("--reps", type=int)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
+        [10, 100] if args.quick else [10, 100, 1000])
+    reps = args.reps or (1 if args.quick else 2)
+    if not Path(args.config).exists():
+        raise SystemExit(f"no cluster config at {args.config}: run 'ci/cluster up' first")
+    config = as_config(args.config)
+    runs: dict[int, dict[str, list[float]]] = {n: {"floor": [], "sheepdog": []} for n in sizes}
+    with tempfile.TemporaryDirectory(prefix="sheepdog-bench-e2e-") as tmp:
+        for rep in range(reps):
+            for n in sizes:
+                # Alternate which goes first, so a warm scheduler favours neither.
+                order = ("floor", "sheepdog") if rep % 2 == 0 else ("sheepdog", "floor")
+                for side in order:
+                    if side == "floor":
+                        seconds = run_floor(config, n)
+                    else:
+                        seconds = run_sheepdog(config, n, Path(tmp) / f"e2e-{n}-{rep}.sqlite")
+                    runs[n][side].append(round(seconds, 3))
+                    print(f"[bench] rep {rep + 1}/{reps} N={n} {side}: {seconds:.2f} s", flush=True)
+    rows, summary = [], {}
+    for n in sizes:
+        floor = statistics.median(runs[n]["floor"])
+        ours = statistics.median(runs[n]["sheepdog"])
+        ratio = ours / floor
+        verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
+        rows.append([n, floor, ours, f"{ratio:.2f}x", f"<= {TARGET_RATIO}x {verdict}"])
+        summary[str(n)] = {"floor_s": floor, "sheepdog_s": ours, "ratio": round(ratio, 3),
+                           "met": ratio <= TARGET_RATIO}
+    print_table(
+        f"End to end on the local cluster ({config.host}:{config.ssh_port}), median of {reps}",
+        ["N", "raw qsub -t s", "sheepdog.map s", "ratio", "target"], rows,
+    )
+    data = {"quick": args.quick, "sizes": sizes, "reps": reps, "summary": summary, "runs": runs}
+    write_json("e2e_floor", data)
+    return data
+
+
+if __name__ == "__main__":
+    main()

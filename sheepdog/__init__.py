@@ -8,7 +8,7 @@
 import logging
 
 from . import serialisation
-from ._api import cancel, get_errors, get_results, map, map_async
+from ._api import cancel, get_errors, get_output, get_results, map, map_async
 from .config import Config
 from .deployment import Deployer
 from .errors import (
@@ -28,6 +28,7 @@ from .errors import (
     TimeoutError,
     UnknownRequestError,
 )
+from .executor import Executor
 from .server import Server, get_server
 from .storage import Storage
 
@@ -38,6 +39,7 @@ __all__ = [
     "ConfigError",
     "Deployer",
     "DeploymentError",
+    "Executor",
     "HostKeyError",
     "JobError",
     "RemoteCommandError",
@@ -56,6 +58,7 @@ __all__ = [
     "__version__",
     "cancel",
     "get_errors",
+    "get_output",
     "get_results",
     "get_server",
     "map",

@@ -18,7 +18,7 @@ from .server import Server, get_server
 from .storage import Storage
 from .watch import Watcher, wait_for_request
 
-__all__ = ["cancel", "get_errors", "get_results", "map", "map_async"]
+__all__ = ["cancel", "get_errors", "get_output", "get_results", "map", "map_async"]
 
 logger = logging.getLogger(__name__)
 
@@ -291,6 +291,19 @@ def get_errors(request_id: int, dbfile: str = "./sheepdog.sqlite") -> list[tuple
         )
         for index, arg, error in rows
     ]
+
+
+def get_output(
+    request_id: int, index: int, dbfile: str = "./sheepdog.sqlite"
+) -> tuple[str, str]:
+    """Return the captured ``(stdout, stderr)`` of task ``index`` (from 1) of a request.
+
+    Each is cut to the request's ``capture_bytes``; both are empty for a task
+    that has not finished.
+    """
+    with Storage(dbfile) as storage:
+        task = storage.get_task(request_id, index)
+    return task.get("stdout") or "", task.get("stderr") or ""
 
 
 def cancel(request_id: int, config: ConfigLike) -> int:

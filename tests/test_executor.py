@@ -1,0 +1,280 @@
+"""Executor tests without Grid Engine: real storage, real server, real job files.
+
+The only stand-in is :class:`LocalDeployer`: instead of copying the job file to
+a head node and running ``qsub -t``, it writes the file locally and starts each
+array task as ``python3 <job file>`` with ``SGE_TASK_ID`` set, as SGE would.
+The worker Python runs from an empty directory with ``-I``-like isolation
+(``PYTHONNOUSERSITE``, no ``PYTHONPATH``), so sheepdog is not importable there.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, as_completed, wait
+from pathlib import Path
+from typing import Any
+
+import pytest
+from stubrunner import WORKER_PYTHON, StubProcess
+
+import sheepdog
+import sheepdog.executor
+from sheepdog.errors import RemoteError, SerialisationError, SheepdogError
+from sheepdog.executor import Executor, chunk_applier, kwargs_applier
+from sheepdog.serialisation import deserialise_value, serialise_function, serialise_value
+from sheepdog.storage import Storage
+
+WAIT_S = 120.0
+
+
+class LocalDeployer:
+    """Runs a job's array tasks as local processes (the one stand-in for SSH and qsub)."""
+
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.env = env or {}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.files: dict[int, Path] = {}
+        self.submitted = 0
+
+    def absolute(self, directory: str) -> str:
+        return str(self.workdir / directory)
+
+    def deploy(self, jobfile: str, request_id: int, directory: str) -> str:
+        path = self.workdir / f"job_{request_id}.py"
+        path.write_text(jobfile, encoding="utf-8")
+        self.files[request_id] = path
+        return str(path)
+
+    def submit(self, request_id: int, directory: str, qsub_args: Any = ()) -> str:
+        path = self.files[request_id]
+        match = re.search(r"^#\$ -t 1-(\d+)$", path.read_text(encoding="utf-8"), re.M)
+        assert match is not None
+        env = {"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1", **self.env}
+        empty = self.workdir / "empty"
+        empty.mkdir(exist_ok=True)
+        for task in range(1, int(match.group(1)) + 1):
+            self.procs.append(
+                subprocess.Popen(
+                    [WORKER_PYTHON, str(path)],
+                    env={**env, "SGE_TASK_ID": str(task)},
+                    cwd=empty,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        self.submitted += 1
+        return str(1000 + request_id)
+
+    def run(self, command: str, **_: Any) -> Any:
+        # The watcher asks qstat; a local run has no scheduler to ask.
+        raise SheepdogError(f"no Grid Engine in this test: {command}")
+
+    def close(self) -> None:
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=WAIT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """A config whose jobs run as local processes, and the deployer that runs them."""
+    deployer = LocalDeployer(tmp_path)
+    monkeypatch.setattr(sheepdog.executor, "open_deployer", lambda config: deployer)
+    config = {
+        "host": "headnode.invalid",
+        "dbfile": str(tmp_path / "sheepdog.sqlite"),
+        "localhost": "127.0.0.1",
+        "shell": WORKER_PYTHON,
+    }
+    yield {"config": config, "deployer": deployer}
+    deployer.close()
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def shout(x: int) -> int:
+    print(f"out {x}")
+    print(f"err {x}", file=sys.stderr)
+    return x
+
+
+def fails(x: int) -> int:
+    if x == 2:
+        raise ValueError(f"no twos: {x}")
+    return x
+
+
+def power(base: int, exponent: int = 2, *, offset: int = 0) -> int:
+    return base**exponent + offset
+
+
+def test_submit_and_as_completed(local: dict[str, Any]) -> None:
+    with Executor(local["config"]) as pool:
+        futures = {pool.submit(add, i, i): i for i in range(20)}
+        got = {futures[f]: f.result() for f in as_completed(futures, timeout=WAIT_S)}
+    assert got == {i: 2 * i for i in range(20)}
+    # Twenty submits in a quick loop are one request, one qsub.
+    assert local["deployer"].submitted == 1
+    assert len(pool.request_ids) == 1
+
+
+def test_wait_returns_done_futures(local: dict[str, Any]) -> None:
+    with Executor(local["config"]) as pool:
+        futures = [pool.submit(add, 1, i) for i in range(3)]
+        done, _ = wait(futures, timeout=WAIT_S, return_when=FIRST_COMPLETED)
+        assert done
+        done, not_done = wait(futures, timeout=WAIT_S)
+    assert not not_done
+    assert sorted(f.result() for f in done) == [1, 2, 3]
+
+
+def test_a_failed_call_raises_remote_error_with_the_remote_traceback(
+    local: dict[str, Any],
+) -> None:
+    with Executor(local["config"]) as pool:
+        futures = [pool.submit(fails, i) for i in range(1, 4)]
+        assert futures[0].result(WAIT_S) == 1
+        with pytest.raises(RemoteError) as info:
+            futures[1].result(WAIT_S)
+        assert futures[2].result(WAIT_S) == 3
+    error = info.value
+    assert error.type_name == "ValueError"
+    assert error.message == "no twos: 2"
+    assert "raise ValueError" in error.traceback
+    assert error.host
+    assert error.task_index == 2
+    assert "Remote traceback" in str(error)
+
+
+def test_kwargs_and_a_tuple_argument(local: dict[str, Any]) -> None:
+    with Executor(local["config"]) as pool:
+        a = pool.submit(power, 3, exponent=3, offset=1)
+        b = pool.submit(power, 4)
+        c = pool.submit(len, (1, 2, 3))  # one tuple argument stays one argument
+        assert (a.result(WAIT_S), b.result(WAIT_S), c.result(WAIT_S)) == (28, 16, 3)
+
+
+def test_map_in_order_with_chunks_and_timeout(local: dict[str, Any]) -> None:
+    with Executor(local["config"]) as pool:
+        assert list(pool.map(add, range(10), range(10), timeout=WAIT_S)) == [
+            2 * i for i in range(10)
+        ]
+        assert list(pool.map(add, range(11), [1] * 11, chunksize=4, timeout=WAIT_S)) == [
+            i + 1 for i in range(11)
+        ]
+        with pytest.raises(ValueError, match="chunksize"):
+            pool.map(add, [1], [1], chunksize=0)
+
+
+def test_map_timeout_raises_futures_timeout(local: dict[str, Any]) -> None:
+    import concurrent.futures
+
+    with Executor(local["config"]) as pool:
+        results = pool.map(time.sleep, [5], timeout=0.01)
+        with pytest.raises(concurrent.futures.TimeoutError):
+            list(results)
+
+
+def test_submit_after_shutdown_and_unpicklable_values(local: dict[str, Any]) -> None:
+    pool = Executor(local["config"])
+    with pytest.raises(SerialisationError):
+        pool.submit(add, threading.Lock(), 1)
+    pool.shutdown()
+    pool.shutdown()  # twice is fine
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(add, 1, 2)
+
+
+def test_cancel_futures_on_shutdown_before_they_are_sent(local: dict[str, Any]) -> None:
+    pool = Executor(local["config"], flush_delay_s=30, max_hold_s=30)
+    future = pool.submit(add, 1, 2)
+    pool.shutdown(wait=True, cancel_futures=True)
+    assert future.cancelled()
+    assert local["deployer"].submitted == 0
+
+
+def test_captured_output_is_stored_for_successful_tasks(local: dict[str, Any]) -> None:
+    with Executor(local["config"]) as pool:
+        assert pool.submit(shout, 7).result(WAIT_S) == 7
+    request_id = pool.request_ids[0]
+    assert sheepdog.get_output(request_id, 1, local["config"]["dbfile"]) == ("out 7\n", "err 7\n")
+
+
+def test_a_submit_failure_fails_the_futures(
+    local: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> str:
+        raise sheepdog.SubmitError("qsub", 1, "", "Unable to run job: denied")
+
+    monkeypatch.setattr(local["deployer"], "submit", refuse)
+    with Executor(local["config"]) as pool:
+        future = pool.submit(add, 1, 2)
+        with pytest.raises(sheepdog.SubmitError, match="denied"):
+            future.result(WAIT_S)
+
+
+def test_futures_resolve_from_results_stored_by_another_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Results written into SQLite by someone else (a server) resolve the futures."""
+    submitted: list[int] = []
+
+    def fake_submit(storage: Storage, config: Any, request_id: int, deployer: Any, **_: Any) -> str:
+        submitted.append(request_id)
+        return "1"
+
+    monkeypatch.setattr(sheepdog.executor, "submit_request", fake_submit)
+    monkeypatch.setattr(sheepdog.executor, "open_deployer", lambda config: LocalDeployer(tmp_path))
+    dbfile = str(tmp_path / "db.sqlite")
+    with Executor({"host": "h", "dbfile": dbfile}, poll_s=0.05) as pool:
+        futures = [pool.submit(add, i, 1) for i in range(3)]
+        deadline = time.monotonic() + WAIT_S
+        while not submitted and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert submitted
+        with Storage(dbfile) as storage:
+            storage.complete(
+                submitted[0],
+                [
+                    {"index": 2, "ok": True, "value": serialise_value("two")},
+                    {
+                        "index": 3,
+                        "ok": False,
+                        "error": {"type": "KeyError", "message": "'k'", "traceback": "TB"},
+                    },
+                ],
+            )
+            assert futures[1].result(WAIT_S) == "two"
+            with pytest.raises(RemoteError, match="KeyError"):
+                futures[2].result(WAIT_S)
+            assert not futures[0].done()
+            storage.complete(submitted[0], [{"index": 1, "ok": True, "value": serialise_value(1)}])
+        assert futures[0].result(WAIT_S) == 1
+
+
+def test_appliers_load_in_a_bare_python_without_sheepdog() -> None:
+    """The kwargs and chunk appliers ship by value: a worker has no sheepdog to import."""
+    stub = StubProcess()  # runs with -I from an empty directory: sheepdog is not importable
+    try:
+        for mode in ("bytecode", "source"):
+            kw = serialise_function(kwargs_applier(power), mode=mode)
+            out = stub.call(kw, [serialise_value(((3,), {"exponent": 3, "offset": 1}))])
+            assert out[0][0] == "ok", out
+            assert deserialise_value(out[0][1]) == 28
+            chunk = serialise_function(chunk_applier(add), mode=mode)
+            out = stub.call(chunk, [serialise_value(([(1, 2), (3, 4)],))])
+            assert out[0][0] == "ok", out
+            assert deserialise_value(out[0][1]) == [3, 7]
+    finally:
+        stub.close()

@@ -66,6 +66,7 @@ class Progress:
         self._last_line_at: float | None = None
         self._last_line: str | None = None
         self._bar: Any = None
+        self._initial: int | None = None  # finished before we started watching: not in the rate
         isatty = getattr(self.stream, "isatty", None)
         self.tty = bool(isatty and isatty())
         if verbose and self.tty:
@@ -92,9 +93,14 @@ class Progress:
         done, failed, running = counts.get("done", 0), _failed(counts), counts.get("leased", 0)
         if self._bar is not None:
             if (done, failed, running) != self._last:
-                self._bar.n = done + failed
+                if self._last is None:
+                    # tqdm's rate and ETA must count only what finishes from now on.
+                    self._bar.n = self._bar.last_print_n = self._bar.initial = done + failed
                 self._bar.set_postfix_str(f"{failed} failed, {running} running", refresh=False)
-                self._bar.refresh()
+                if done + failed > self._bar.n:
+                    self._bar.update(done + failed - self._bar.n)
+                else:
+                    self._bar.refresh()
         else:
             now = time.monotonic()
             finished = done + failed >= self.total
@@ -107,8 +113,10 @@ class Progress:
         elapsed = now - self.start
         finished = counts.get("done", 0) + _failed(counts)
         line = f"{self.label}: {format_counts(counts, self.total)}"
-        if finished and elapsed > 0:
-            rate = finished / elapsed
+        if self._initial is None:
+            self._initial = finished
+        if finished > self._initial and elapsed > 0:
+            rate = (finished - self._initial) / elapsed
             line += f", {rate:.3g} tasks/s"
             if finished < self.total:
                 line += f", ETA {_duration((self.total - finished) / rate)}"

@@ -1,0 +1,260 @@
+"""CLI tests on a real database (no cluster): every command, its --help, its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sheepdog.cli import main
+from sheepdog.job_file import stub_source
+from sheepdog.serialisation import serialise_args, serialise_function, serialise_value
+from sheepdog.storage import Storage
+
+REPO = Path(__file__).resolve().parent.parent
+COMMANDS = ["requests", "status", "results", "errors", "logs", "cancel", "serve",
+            "worker-stub", "jobfile"]
+WAIT_S = 60.0
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> tuple[str, int]:
+    """A database with one request of 3 tasks: 1 done with output, 2 failed, 3 pending."""
+    dbfile = str(tmp_path / "sheepdog.sqlite")
+    with Storage(dbfile) as storage:
+        rid = storage.new_request(serialise_function(double), b"", serialise_args([1, 2, 3]))
+        storage.complete(rid, [
+            {"index": 1, "ok": True, "value": serialise_value(2), "stdout": "hello out\n",
+             "stderr": "hello err\n"},
+            {"index": 2, "ok": False, "stdout": "", "stderr": "",
+             "error": {"type": "ZeroDivisionError", "message": "division by zero",
+                       "traceback": "Traceback (most recent call last):\n  boom\n",
+                       "host": "node1"}},
+        ])
+    return dbfile, rid
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        status = main(list(argv))
+    except SystemExit as exc:
+        status = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_every_command_has_help() -> None:
+    for command in COMMANDS:
+        done = subprocess.run(
+            [sys.executable, "-m", "sheepdog", command, "--help"],
+            capture_output=True, text=True, timeout=WAIT_S, check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"sheepdog {command}" in done.stdout
+
+
+def test_requests(db: tuple[str, int], capsys: pytest.CaptureFixture[str]) -> None:
+    dbfile, rid = db
+    status, out, _ = run(capsys, "requests", "--dbfile", dbfile)
+    assert status == 0
+    line = [row for row in out.splitlines() if row.split()[0] == str(rid)][0]
+    # id, date, time, state, tasks, done, failed, running, pending
+    assert line.split()[3:9] == ["running", "3", "1", "1", "0", "1"]
+
+
+def test_status(db: tuple[str, int], capsys: pytest.CaptureFixture[str]) -> None:
+    dbfile, rid = db
+    status, out, _ = run(capsys, "status", str(rid), "--dbfile", dbfile)
+    assert status == 0
+    assert out.startswith(f"request {rid}: open, 1/3 done, 1 failed, 0 running, 1 pending")
+
+
+def test_results_text_and_json(db: tuple[str, int], capsys: pytest.CaptureFixture[str]) -> None:
+    dbfile, rid = db
+    status, out, _ = run(capsys, "results", str(rid), "--dbfile", dbfile)
+    assert status == 0
+    assert out.splitlines() == ["1\t1\t2", "2\t2\tNone", "3\t3\tNone"]
+    status, out, _ = run(capsys, "results", str(rid), "--json", "--dbfile", dbfile)
+    assert json.loads(out) == [
+        {"index": 1, "args": 1, "result": 2},
+        {"index": 2, "args": 2, "result": None},
+        {"index": 3, "args": 3, "result": None},
+    ]
+
+
+def test_results_wait_times_out_with_one_line(
+    db: tuple[str, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    dbfile, rid = db
+    status, _, err = run(capsys, "results", str(rid), "--wait", "--timeout", "0.3",
+                         "--dbfile", dbfile)
+    assert status == 1
+    last = err.splitlines()[-1]
+    assert last.startswith(f"sheepdog: error: request {rid}: 2 of 3 tasks finished")
+    assert "Traceback" not in err
+
+
+def test_errors(db: tuple[str, int], capsys: pytest.CaptureFixture[str]) -> None:
+    dbfile, rid = db
+    status, out, _ = run(capsys, "errors", str(rid), "--dbfile", dbfile)
+    assert status == 0
+    assert "--- task 2 (exception), args 2" in out
+    assert "ZeroDivisionError: division by zero" in out
+    assert "on node1" in out
+    assert "  boom" in out
+
+
+def test_logs(db: tuple[str, int], capsys: pytest.CaptureFixture[str]) -> None:
+    dbfile, rid = db
+    status, out, _ = run(capsys, "logs", str(rid), "1", "--dbfile", dbfile)
+    assert status == 0
+    assert out == (f"--- stdout of request {rid} task 1\nhello out\n"
+                   f"--- stderr of request {rid} task 1\nhello err\n")
+    status, out, _ = run(capsys, "logs", str(rid), "1", "--stream", "stderr", "--dbfile", dbfile)
+    assert out == "hello err\n"
+
+
+def test_unknown_request_and_task_and_database(
+    db: tuple[str, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dbfile, rid = db
+    for argv in (["status", "99"], ["results", "99"], ["errors", "99"], ["logs", str(rid), "9"]):
+        status, _, err = run(capsys, *argv, "--dbfile", dbfile)
+        assert status == 1, argv
+        assert err.startswith("sheepdog: error: ") and err.count("\n") == 1, err
+    status, _, err = run(capsys, "requests", "--dbfile", str(tmp_path / "none.sqlite"))
+    assert status == 1
+    assert "no sheepdog database at" in err
+    assert not (tmp_path / "none.sqlite").exists()
+
+
+def test_bad_command_line_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run(capsys, "status", "not-a-number")
+    assert status == 2
+    assert "invalid int value" in err
+
+
+def test_cancel_needs_a_valid_config(
+    db: tuple[str, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dbfile, rid = db
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"host": "h", "bogus": 1}), encoding="utf-8")
+    status, _, err = run(capsys, "cancel", str(rid), "--config", str(config), "--dbfile", dbfile)
+    assert status == 1
+    assert "unknown config key 'bogus'" in err
+
+
+def test_worker_stub(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "worker-stub")
+    assert status == 0
+    assert out == stub_source()
+
+
+def test_jobfile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "host": "head", "localhost": "me.example.org", "port": 5123, "mem_gb": 2,
+        "queue": "all.q", "prologue": ["export A=1"],
+    }), encoding="utf-8")
+    status, out, err = run(capsys, "jobfile", "test_cli:double", "--args", "[1, 2, 3]",
+                           "--config", str(config))
+    assert status == 0, err
+    assert out.startswith("#!/bin/sh\n#$ -S /bin/sh\n#$ -t 1-3\n#$ -l h_vmem=2G\n#$ -q all.q\n")
+    assert "export A=1\n" in out
+    assert "http://me.example.org:5123/" in out
+    compile(out, "job", "exec")
+    assert "3 tasks, 3 array tasks" in err
+    status, _, err = run(capsys, "jobfile", "test_cli:nothing_here")
+    assert status == 1 and "has no 'nothing_here'" in err
+    status, _, err = run(capsys, "jobfile", "test_cli:double", "--args", "{")
+    assert status == 1 and "not valid JSON" in err
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=2) as r:
+            return bool(json.load(r)["ok"])
+    except OSError:
+        return False
+
+
+def _wait_for(condition: object, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _serve_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def test_serve_reuses_the_submitted_port_and_stops_when_done(db: tuple[str, int]) -> None:
+    dbfile, rid = db
+    port = _free_port()
+    with Storage(dbfile) as storage:
+        storage.add_job(rid, "42", 1, info={"url": f"http://127.0.0.1:{port}/", "port": port})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sheepdog", "serve", "--dbfile", dbfile, "--timeout", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_serve_env(),
+    )
+    try:
+        _wait_for(lambda: _healthy(port), f"the server on port {port}")
+        with Storage(dbfile) as storage:
+            storage.complete(rid, [{"index": 3, "ok": True, "value": serialise_value(6)}])
+        out, err = proc.communicate(timeout=WAIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert f"serving requests {rid} on port {port}" in out
+    assert "every served request is finished" in out
+    assert not _healthy(port)
+
+
+def test_serve_detached(db: tuple[str, int]) -> None:
+    dbfile, rid = db
+    port = _free_port()
+    with Storage(dbfile) as storage:
+        storage.add_job(rid, "42", 1, info={"url": f"http://127.0.0.1:{port}/", "port": port})
+    done = subprocess.run(
+        [sys.executable, "-m", "sheepdog", "serve", "--dbfile", dbfile, "--detach"],
+        capture_output=True, text=True, timeout=WAIT_S, env=_serve_env(), check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    pid = int(done.stdout.split("pid ")[1].split(",")[0])
+    try:
+        _wait_for(lambda: _healthy(port), f"the detached server on port {port}")
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    _wait_for(lambda: not _healthy(port), "the detached server to stop")
+
+
+def test_serve_with_nothing_open(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dbfile = str(tmp_path / "s.sqlite")
+    Storage(dbfile).close()
+    status, out, _ = run(capsys, "serve", "--dbfile", dbfile)
+    assert status == 0
+    assert "nothing to serve" in out

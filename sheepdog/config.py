@@ -249,6 +249,10 @@ def _validate(c: Config) -> None:
     _check_text("ssh_dir", c.ssh_dir)
     if not c.ssh_dir.strip():
         raise _fail("ssh_dir", "must not be empty")
+    if re.search(r"\$[A-Za-z_{]", c.ssh_dir):
+        # Not a shell risk (it is always quoted) but Grid Engine expands $USER, $HOME,
+        # $JOB_ID... in the -wd/-o/-e paths, so the job would look in another directory.
+        raise _fail("ssh_dir", f"must not contain $NAME (Grid Engine expands it): {c.ssh_dir!r}")
     _check_text("dbfile", c.dbfile)
     _check_number("port", c.port, minimum=0, optional=True, integer=True)
     if c.port is not None and c.port > 65535:

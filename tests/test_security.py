@@ -296,6 +296,15 @@ def test_certificate_is_private_reused_and_fingerprinted(tmp_path: Path) -> None
     assert certificate_for(dbfile).fingerprint != first.fingerprint
 
 
+def test_grid_engine_path_variables_in_ssh_dir_are_refused() -> None:
+    # Quoting keeps them from the shell, but qsub expands $USER etc. in -wd/-o/-e paths.
+    for value in ("jobs/$USER", "$HOME/x", "a${JOB_ID}"):
+        with pytest.raises(ConfigError, match="ssh_dir") as info:
+            Config(host="h", ssh_dir=value)
+        assert info.value.key == "ssh_dir"
+    assert Config(host="h", ssh_dir="$(not a variable)").ssh_dir == "$(not a variable)"
+
+
 def test_tls_must_be_a_bool() -> None:
     with pytest.raises(ConfigError, match="'tls'") as info:
         Config(host="h", tls="yes")  # type: ignore[arg-type]

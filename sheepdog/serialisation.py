@@ -71,6 +71,8 @@ then a stream of pickles (``pickle_protocol``) read by one unpickler, so that ob
 keep their identity across the stream. Each pickle is one tuple:
 
 * ``("entry", f)``, first; ``("end",)``, last;
+* ``("lines", filename, text)``: the source file of by-value functions, put into
+  ``linecache`` on the worker so that remote tracebacks show the lines;
 * ``("global", ns_index, name, value)``: a global of the namespace ``ns_index``;
 * ``("cell", cell_index, value)``: the contents of a closure cell;
 * ``("set", function, attribute, value)``: ``__defaults__``, ``__kwdefaults__`` or
@@ -342,6 +344,24 @@ def _code_global_names(code: types.CodeType) -> list[str]:
     return list(names)
 
 
+#: Source files larger than this are not shipped for tracebacks.
+MAX_SOURCE_BYTES = 1 << 20
+
+
+def _source_texts(filenames: list[str]) -> list[tuple[str, str]]:
+    """The text of each readable source file, so remote tracebacks can show the lines."""
+    texts = []
+    for filename in filenames:
+        try:
+            if os.path.getsize(filename) > MAX_SOURCE_BYTES:
+                continue
+            with open(filename, encoding="utf-8") as fh:
+                texts.append((filename, fh.read()))
+        except (OSError, UnicodeDecodeError):
+            continue  # <stdin>, a notebook cell, a deleted file: tracebacks show no line
+    return texts
+
+
 class _FunctionWriter(pickle.Pickler):
     """Writes the pickle stream of a function payload (see the module docstring)."""
 
@@ -356,6 +376,7 @@ class _FunctionWriter(pickle.Pickler):
         self.queue: list[types.FunctionType] = []
         self.shipped_globals: set[tuple[int, str]] = set()
         self.ns_index: int | None = None  # the namespace that ``ns`` belongs to
+        self.filenames: list[str] = []  # source files of by-value functions, for tracebacks
 
     def write(self, f: Callable[..., Any]) -> None:
         self._dump(("entry", f), f"function {_describe(f)}")
@@ -368,6 +389,8 @@ class _FunctionWriter(pickle.Pickler):
             logger.warning("ns ignored: %s goes by reference, not by value", _describe(f))
         while self.queue:
             self._write_state(self.queue.pop(0))
+        for filename, text in _source_texts(self.filenames):
+            self._dump(("lines", filename, text), f"the source of {filename}")
         self._dump(("end",), "end")
 
     def _dump(self, piece: tuple[Any, ...], what: str) -> None:
@@ -380,6 +403,8 @@ class _FunctionWriter(pickle.Pickler):
 
     def _write_state(self, f: types.FunctionType) -> None:
         name = _describe(f)
+        if f.__code__.co_filename not in self.filenames:
+            self.filenames.append(f.__code__.co_filename)
         ns_index = self._namespace(f.__globals__)
         use_ns = ns_index == self.ns_index
         for global_name in _code_global_names(f.__code__):

@@ -302,3 +302,16 @@ def test_a_function_that_cannot_load_fails_every_task_with_the_reason(setup: Set
         assert error["kind"] == "load"
         assert "cannot load the function" in error["message"]
         assert "mode=\"source\"" in error["message"] or "`shell`" in error["message"]
+
+
+def divide_by_zero(x: int) -> float:
+    return x / 0  # the line the remote traceback must show
+
+
+def test_remote_tracebacks_show_the_source_lines(setup: Setup) -> None:
+    rid = setup.request(divide_by_zero, [1])
+    code, out, err = finish(setup.start(setup.job(rid, 1), 1))
+    assert code == 0, f"{out}\n{err}"
+    ((_index, _args, error),) = setup.storage.get_task_errors(rid)
+    assert error["type"] == "ZeroDivisionError"
+    assert "return x / 0  # the line the remote traceback must show" in error["traceback"]

@@ -32,6 +32,7 @@ import builtins
 import importlib
 import io
 import json  # noqa: F811
+import linecache
 import marshal
 import pickle
 import platform
@@ -165,6 +166,8 @@ def load_function(payload):
             piece[1].__dict__.update(piece[3])
         elif piece[0] == "set" and piece[2] in ("__defaults__", "__kwdefaults__"):
             setattr(piece[1], piece[2], piece[3])
+        elif piece[0] == "lines":  # the sender's source, so tracebacks show the lines
+            linecache.cache[piece[1]] = (len(piece[2]), None, piece[2].splitlines(True), piece[1])
         elif piece[0] == "end":
             return entry
         else:

@@ -226,7 +226,7 @@ def map(  # noqa: A001 - the original's name, kept on purpose
         if not arg_list:
             return []
         bound = timeout_s if timeout_s is not None else cfg.timeout_s
-        watcher = Watcher(cfg, request_id, deployer)
+        watcher = Watcher(cfg, request_id, deployer, server=server_for(cfg))
         try:
             wait_for_request(cfg.dbfile, request_id, verbose=verbose, timeout_s=bound,
                              watcher=watcher)

@@ -23,6 +23,7 @@ from .storage import Storage
 if TYPE_CHECKING:
     from .config import Config
     from .deployment import Deployer
+    from .server import Server
 
 __all__ = ["Watcher", "wait_for_request"]
 
@@ -44,6 +45,7 @@ class Watcher:
         *,
         first_interval_s: float = 2.0,
         max_interval_s: float = 15.0,
+        server: Server | None = None,
     ) -> None:
         self.config = config
         self.request_id = request_id
@@ -51,9 +53,23 @@ class Watcher:
         self.interval_s = first_interval_s
         self.max_interval_s = max_interval_s
         self._next_check = time.monotonic() + first_interval_s
+        #: Pending work that nobody leases for this long, with no array task queued, gets
+        #: fresh array tasks (the node running them may be dead).
+        self.stall_s = max(30.0, 2 * config.lease_s)
+        self._progress: tuple[int, int] | None = None
+        self._progress_at = time.monotonic()
+        self.server = server
 
     def poll(self, storage: Storage) -> None:
         """Check the jobs if it is time to; fail or resubmit work whose jobs are gone."""
+        if self.server is not None and not self.server.alive and not self.server.stopped:
+            # Workers retry for minutes, so a server that died (OOM killer, kill -9) is
+            # simply started again on its port and the map goes on.
+            logger.warning("the server for request %d died; restarting it", self.request_id)
+            try:
+                self.server.restart()
+            except SheepdogError as exc:
+                logger.error("could not restart the server: %s", exc)
         now = time.monotonic()
         if now < self._next_check:
             return
@@ -67,8 +83,10 @@ class Watcher:
 
     def _check(self, storage: Storage) -> None:
         rid = self.request_id
+        storage.expire_leases(rid)
         counts = storage.task_counts(rid)
-        if not any(counts.get(s, 0) for s in OPEN_STATES):
+        pending, leased = counts.get("pending", 0), counts.get("leased", 0)
+        if not pending and not leased:
             return
         jobs = [str(job["job_id"]) for job in storage.get_jobs(rid)]
         if not jobs:
@@ -79,37 +97,61 @@ class Watcher:
         for job in live:
             if listing[job].in_error:
                 self._fail_job_in_error(storage, job)
+        now = time.monotonic()
+        progress = (counts.get("done", 0) + counts.get("error", 0), leased)
+        if progress != self._progress:
+            self._progress, self._progress_at = progress, now
         if live:
+            # A job still listed as running may be on a node that died: Grid Engine can take
+            # minutes to notice, while the dead workers' leases have long expired. Work that
+            # nobody leases while no array task waits in the queue gets fresh array tasks.
+            queued = any("q" in state for job in live for state in listing[job].states)
+            stalled_s = now - self._progress_at
+            if pending and not leased and not queued and stalled_s > self.stall_s:
+                self._resubmit(
+                    storage, jobs, pending,
+                    f"no worker has leased its {pending} pending tasks for {stalled_s:.0f} s",
+                )
             return
         # Every job has left the queue, so no worker is left to renew a lease: the
         # leases still open belong to dead workers and their tasks go back to pending.
         storage.expire_leases(rid, now=time.time() + _FOREVER_S)
-        pending = storage.open_task_indices(rid)
-        if not pending:
-            return
+        open_tasks = storage.open_task_indices(rid)
+        if open_tasks:
+            reason = self._accounting_reason(jobs[-1])
+            self._resubmit(
+                storage, jobs, len(open_tasks),
+                f"job {jobs[-1]} left the queue" + (f" ({reason})" if reason else ""),
+                reason=reason,
+            )
+
+    def _resubmit(
+        self, storage: Storage, jobs: list[str], n_open: int, why: str, *, reason: str = ""
+    ) -> None:
+        """Submit fresh array tasks for the open work, or fail it once retries are used up."""
+        rid = self.request_id
         resubmits = len(jobs) - 1
-        reason = self._accounting_reason(jobs[-1])
         if resubmits < self.config.retries:
             logger.warning(
-                "request %d: job %s left the queue with %d tasks undone%s; resubmitting "
-                "(%d of %d)", rid, jobs[-1], len(pending),
-                f" ({reason})" if reason else "", resubmits + 1, self.config.retries,
+                "request %d: %s with %d tasks undone; resubmitting (%d of %d)",
+                rid, why, n_open, resubmits + 1, self.config.retries,
             )
             from ._api import array_size, submit_request
 
             submit_request(
                 storage, self.config, rid, self.deployer,
-                n_workers=array_size(self.config, len(pending)),
+                n_workers=array_size(self.config, n_open),
             )
             self.interval_s = 2.0
+            self._progress_at = time.monotonic()
             return
         message = (
-            f"Grid Engine job {jobs[-1]} left the queue without running this task, "
+            f"Grid Engine job {jobs[-1]} did not run this task: {why}, "
             f"after {resubmits} resubmission(s)"
         )
-        if reason:
+        if reason and reason not in why:
             message += f": {reason}"
-        storage.fail_tasks(rid, pending, "job_lost", message)
+        storage.fail_tasks(rid, storage.open_task_indices(rid), "job_lost", message)
 
     def _fail_job_in_error(self, storage: Storage, job: str) -> None:
         details = self.deployer.run(f"qstat -j {job}", check=False)

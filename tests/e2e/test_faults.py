@@ -1,0 +1,255 @@
+"""Never hang, never lose: faults injected into real maps on a real Grid Engine.
+
+Each test bounds its wait, so a regression shows as a failure, not a hung suite.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sheepdog
+from sheepdog._api import server_for
+
+pytestmark = pytest.mark.e2e
+
+
+class Coordinator:
+    """A tiny HTTP server on this machine that tasks ask "is this my first run?".
+
+    Tasks run on other nodes without a shared disk, so the first-run memory lives here.
+    """
+
+    def __init__(self) -> None:
+        seen: set[str] = set()
+        lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                with lock:
+                    first = self.path not in seen
+                    seen.add(self.path)
+                body = b"first" if first else b"again"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("0.0.0.0", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def coordinator() -> Iterator[Coordinator]:
+    c = Coordinator()
+    yield c
+    c.close()
+
+
+def first_run(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return bool(reply.read() == b"first")
+
+
+def die_on_first_run(x: int, url: str) -> int:
+    """Kill our own array task with SIGKILL the first time task x runs."""
+    import os
+    import signal
+    import time
+
+    if x % 3 == 0 and first_run(f"{url}/{x}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.5)
+    return x * x
+
+
+def test_a_worker_killed_mid_task_runs_again(
+    config: dict[str, Any], coordinator: Coordinator
+) -> None:
+    url = f"http://{config['localhost']}:{coordinator.port}/kill"
+    cfg = dict(config, lease_s=5.0, workers=3, batch=1, timeout_s=300)
+    results = sheepdog.map(die_on_first_run, [(x, url) for x in range(9)], cfg, verbose=False)
+    assert results == [x * x for x in range(9)]
+    request_id = _last_request(cfg)
+    with sheepdog.Storage(cfg["dbfile"]) as storage:
+        assert storage.count_results(request_id) == 9
+        assert storage.count_errors(request_id) == 0
+        attempts = {i: storage.get_task(request_id, i)["attempts"] for i in range(1, 10)}
+    # The killed tasks (x = 0, 3, 6 are tasks 1, 4, 7) ran a second time.
+    assert all(attempts[i] >= 1 for i in (1, 4, 7)), attempts
+
+
+def sleepy(x: int) -> int:
+    import time
+
+    time.sleep(1.5)
+    return x + 100
+
+
+def test_kill_9_of_the_server_mid_map_loses_nothing(config: dict[str, Any]) -> None:
+    cfg = sheepdog.Config.from_mapping(dict(config, workers=3, timeout_s=400))
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["results"] = sheepdog.map(sleepy, range(12), cfg, verbose=False)
+        except BaseException as exc:  # reported below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    server = None
+    deadline = time.monotonic() + 180
+    while server is None or _count(cfg.dbfile, "done") == 0:
+        assert time.monotonic() < deadline, "no result came in before the kill"
+        server = server_for(cfg)
+        time.sleep(0.2)
+    acknowledged = _count(cfg.dbfile, "done")
+    os.killpg(server.pid, signal.SIGKILL)  # the gunicorn master and its workers
+    thread.join(timeout=420)
+    assert not thread.is_alive(), "map did not finish after the server was killed"
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["results"] == [x + 100 for x in range(12)]
+    assert acknowledged >= 1
+
+
+def test_qsub_rejecting_the_job_is_an_error_at_once(config: dict[str, Any]) -> None:
+    cfg = dict(config, ge_opts=["-l no_such_resource=1"])
+    started = time.monotonic()
+    with pytest.raises(sheepdog.SubmitError) as info:
+        sheepdog.map(abs, [-1], cfg)
+    assert time.monotonic() - started < 60
+    error = info.value
+    assert error.exit_status != 0
+    assert "no_such_resource" in error.stderr
+    assert "qsub" in error.command
+    request_id = _last_request(cfg)
+    ((_arg, task_error),) = sheepdog.get_errors(request_id, cfg["dbfile"])
+    assert "never submitted" in task_error.message
+
+
+def test_a_job_in_eqw_is_reported_with_the_reason(config: dict[str, Any]) -> None:
+    cfg = dict(config, ge_opts=["-wd /nonexistent/sheepdog-test"], timeout_s=240)
+    results = sheepdog.map(abs, [-1, -2], cfg, verbose=False)
+    assert results == [None, None]
+    errors = sheepdog.get_errors(_last_request(cfg), cfg["dbfile"])
+    assert len(errors) == 2
+    for _arg, error in errors:
+        assert error.kind == "job_error"
+        assert "error state" in error.message
+        assert "/nonexistent/sheepdog-test" in error.message
+
+
+def test_a_task_over_its_timeout_says_so(config: dict[str, Any]) -> None:
+    cfg = dict(config, task_timeout_s=2.0)
+    results = sheepdog.map(sleepy_for, [0.1, 30], cfg, verbose=False)
+    assert results == [0.1, None]
+    ((arg, error),) = sheepdog.get_errors(_last_request(cfg), cfg["dbfile"])
+    assert arg == 30
+    assert error.type_name == "TaskTimeout"
+    assert "timed out after 2 s" in error.message
+
+
+def sleepy_for(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def allocate(megabytes: int) -> int:
+    return len(bytearray(megabytes * 1024 * 1024))
+
+
+def test_a_task_over_its_memory_limit_says_so(config: dict[str, Any]) -> None:
+    cfg = dict(config, mem_gb=0.25)  # -l h_vmem=256M
+    results = sheepdog.map(allocate, [8, 2048], cfg, verbose=False)
+    assert results == [8 * 1024 * 1024, None]
+    ((arg, error),) = sheepdog.get_errors(_last_request(cfg), cfg["dbfile"])
+    assert arg == 2048
+    assert error.type_name == "MemoryError" or "memory" in error.message.lower()
+
+
+def test_ctrl_c_cancels_the_jobs(config: dict[str, Any], tmp_path: Path) -> None:
+    script = tmp_path / "interrupted.py"
+    script.write_text(
+        "import json, sys, time, sheepdog\n"
+        "config = json.loads(sys.argv[1])\n"
+        "def slow(x):\n"
+        "    import time\n"
+        "    time.sleep(60)\n"
+        "sheepdog.map(slow, range(4), config, verbose=False)\n"
+    )
+    import json
+
+    proc = subprocess.Popen(
+        [sys.executable, str(script), json.dumps(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while _count(config["dbfile"], "leased") == 0:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no task started"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "KeyboardInterrupt" in err
+    request_id = _last_request(config)
+    with sheepdog.Storage(config["dbfile"]) as storage:
+        counts = storage.task_counts(request_id)
+        job_ids = [job["job_id"] for job in storage.get_jobs(request_id)]
+    assert counts.get("cancelled", 0) == 4, counts
+    errors = sheepdog.get_errors(request_id, config["dbfile"])
+    assert all(error.kind == "cancelled" for _arg, error in errors)
+    with sheepdog.Deployer(
+        config["host"], config["ssh_port"], config["ssh_user"], config["ssh_keyfile"],
+        known_hosts=config["known_hosts"],
+    ) as deployer:
+        deadline = time.monotonic() + 60
+        while True:
+            listing = deployer.run(f"qstat -u {config['ssh_user']}").stdout
+            if not any(job_id in listing.split() for job_id in job_ids):
+                break
+            assert time.monotonic() < deadline, f"job still queued after Ctrl-C:\n{listing}"
+            time.sleep(1)
+
+
+def _last_request(config: dict[str, Any]) -> int:
+    with sheepdog.Storage(config["dbfile"]) as storage:
+        return max(r["id"] for r in storage.list_requests())
+
+
+def _count(dbfile: str, state: str) -> int:
+    if not os.path.exists(dbfile):
+        return 0
+    with sheepdog.Storage(dbfile) as storage:
+        requests = storage.list_requests()
+        if not requests:
+            return 0
+        return storage.task_counts(max(r["id"] for r in requests)).get(state, 0)

@@ -1,4 +1,5 @@
 """Parsing Grid Engine's answers: qsub -terse, qstat, qstat -j, qacct."""
+# ruff: noqa: E501 - real Grid Engine output is wider than our lines
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import serialisation
-from ._api import array_size, open_deployer, request_settings, submit_request
+from ._api import array_size, open_deployer, request_settings, server_for, submit_request
 from .config import ConfigLike, as_config
 from .errors import RemoteError, SerialisationError, SheepdogError
 from .storage import OPEN_STATES, Storage
@@ -357,7 +357,9 @@ class Executor(concurrent.futures.Executor):
                 future.set_exception(exc)
             return
         logger.info("request %d: submitted %d calls", request_id, len(values))
-        watcher = Watcher(self.config, request_id, self._deployer)
+        watcher = Watcher(
+            self.config, request_id, self._deployer, server=server_for(self.config)
+        )
         with self._cond:
             self._outstanding[request_id] = _Outstanding(futures, watcher)
 

@@ -253,3 +253,101 @@ def _count(dbfile: str, state: str) -> int:
         if not requests:
             return 0
         return storage.task_counts(max(r["id"] for r in requests)).get(state, 0)
+
+
+def _exec_nodes(cluster: dict[str, Any]) -> dict[str, Any]:
+    """The Docker containers of the cluster's execution nodes, by host name.
+
+    Found from the container that publishes the cluster's SSH port (testcontainers or
+    compose alike); empty when the cluster is not made of local containers.
+    """
+    import docker
+
+    engine = docker.from_env()  # type: ignore[attr-defined]
+    head = None
+    for container in engine.containers.list():
+        for bindings in (container.ports or {}).values():
+            if any(int(b["HostPort"]) == int(cluster["ssh_port"]) for b in bindings or []):
+                head = container
+    if head is None:
+        return {}
+    networks = set(head.attrs["NetworkSettings"]["Networks"])
+    nodes = {}
+    for container in engine.containers.list():
+        if container.id == head.id:
+            continue
+        if networks & set(container.attrs["NetworkSettings"]["Networks"]):
+            nodes[container.attrs["Config"]["Hostname"]] = container
+    return nodes
+
+
+def sleep_then_square(x: int) -> int:
+    import time
+
+    time.sleep(4)
+    return x * x
+
+
+def test_an_execution_node_stopped_mid_map(config: dict[str, Any]) -> None:
+    nodes = _exec_nodes(config)
+    if len(nodes) < 2:
+        pytest.skip("needs a cluster of local Docker containers with two execution nodes")
+    cfg = sheepdog.Config.from_mapping(
+        dict(config, workers=4, batch=1, lease_s=5.0, timeout_s=400)
+    )
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["results"] = sheepdog.map(sleep_then_square, range(12), cfg, verbose=False)
+        except BaseException as exc:  # reported below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    victim = None
+    deadline = time.monotonic() + 180
+    while victim is None:
+        assert time.monotonic() < deadline, "no task ever ran on an execution node"
+        if os.path.exists(cfg.dbfile):
+            with sheepdog.Storage(cfg.dbfile) as storage:
+                requests = storage.list_requests()
+                if requests:
+                    rid = max(r["id"] for r in requests)
+                    for i in range(1, 13):
+                        task = storage.get_task(rid, i)
+                        if task["state"] == "leased" and task["host"] in nodes:
+                            victim = task["host"]
+                            break
+        time.sleep(0.2)
+    nodes[victim].kill()
+    try:
+        thread.join(timeout=420)
+        assert not thread.is_alive(), "map did not finish after an execution node died"
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["results"] == [x * x for x in range(12)]
+        with sheepdog.Storage(cfg.dbfile) as storage:
+            assert storage.count_results(rid) == 12
+            hosts = {storage.get_task(rid, i)["host"] for i in range(1, 13)}
+        assert hosts - {victim}, "nothing ran elsewhere"
+    finally:
+        nodes[victim].start()
+        _wait_for_node(config, victim)
+
+
+def _wait_for_node(config: dict[str, Any], node: str) -> None:
+    with sheepdog.Deployer(
+        config["host"], config["ssh_port"], config["ssh_user"], config["ssh_keyfile"],
+        known_hosts=config["known_hosts"],
+    ) as deployer:
+        deadline = time.monotonic() + 180
+        while True:
+            out = deployer.run("qstat -f -q all.q", check=False).stdout
+            line = next((ln for ln in out.splitlines() if f"@{node}" in ln), "")
+            # A queue instance of a node that is down carries the state flag "u" (or "au").
+            if line and not any(flag in line.split()[-1] for flag in ("u", "a", "d", "E")):
+                return
+            if line and len(line.split()) < 6:
+                return  # no state column: the queue instance is fine
+            assert time.monotonic() < deadline, f"{node} did not come back:\n{out}"
+            time.sleep(2)

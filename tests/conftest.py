@@ -66,3 +66,11 @@ def cluster(
         yield details
     else:
         raise pytest.UsageError(f"--cluster={choice}: expected docker, native or ssh://user@host:port")
+
+
+# Hypothesis: "dev" (fast) by default, "ci" (thorough) where ci/test asks for it.
+import strategies  # noqa: E402
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+strategies.register_profiles()
+_hypothesis_settings.load_profile(os.environ.get("SHEEPDOG_HYPOTHESIS_PROFILE", "dev"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -235,6 +236,9 @@ def map(  # noqa: A001 - the original's name, kept on purpose
                 logger.warning("interrupted: cancelling request %d", request_id)
                 _cancel_with(deployer, cfg.dbfile, request_id, "cancelled by Ctrl-C")
             raise
+        # Array tasks still queued would start, find nothing to do and exit; deleting
+        # them frees their slots now (and never leaves them waiting on a stopped server).
+        _delete_jobs(deployer, cfg.dbfile, request_id)
         results = get_results(request_id, cfg.dbfile, block=False)
         failed = get_errors(request_id, cfg.dbfile)
     finally:
@@ -316,11 +320,19 @@ def cancel(request_id: int, config: ConfigLike) -> int:
 def _cancel_with(deployer: Deployer, dbfile: str, request_id: int, reason: str) -> int:
     with Storage(dbfile) as storage:
         n = storage.cancel(request_id, reason)
-        job_ids = [job["job_id"] for job in storage.get_jobs(request_id)]
-    for job_id in job_ids:
-        try:
-            deployer.run(f"qdel {job_id}", check=False, timeout_s=30)
-        except SheepdogError as exc:
-            logger.warning("qdel %s failed: %s", job_id, exc)
+    _delete_jobs(deployer, dbfile, request_id)
     return n
+
+
+def _delete_jobs(deployer: Deployer, dbfile: str, request_id: int) -> None:
+    """qdel the request's jobs; jobs that already ended are fine."""
+    with Storage(dbfile) as storage:
+        job_ids = [str(job["job_id"]) for job in storage.get_jobs(request_id)]
+    if not job_ids:
+        return
+    try:
+        deployer.run(f"qdel {' '.join(shlex.quote(j) for j in job_ids)}", check=False,
+                     timeout_s=30)
+    except SheepdogError as exc:
+        logger.warning("qdel %s failed: %s", " ".join(job_ids), exc)
 

@@ -292,6 +292,10 @@ class Capture:
         return getattr(self.stream, name)
 
 
+#: How long an array task keeps trying to reach the server the first time.
+FIRST_CONTACT_S = 120.0
+
+
 class Connection:
     """A keep-alive HTTP(S) connection that signs calls, checks the answers and retries."""
 
@@ -452,7 +456,9 @@ class Client:
 
     def get_details(self):
         """Fetch the function and the request's settings."""
-        answer = self.conn.call("GET", "function")
+        # An array task that starts after its map is over finds no server; it must not hold
+        # a slot for long. Once it has reached the server, retries go on for retry_s.
+        answer = self.conn.call("GET", "function", retry_s=min(self.conn.retry_s, FIRST_CONTACT_S))
         self.settings, payload = answer["settings"], base64.b64decode(answer["payload"])
         try:
             self.function, self.protocol = load_function(payload), result_protocol(payload)

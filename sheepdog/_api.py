@@ -238,7 +238,7 @@ def map(  # noqa: A001 - the original's name, kept on purpose
             raise
         # Array tasks still queued would start, find nothing to do and exit; deleting
         # them frees their slots now (and never leaves them waiting on a stopped server).
-        _delete_jobs(deployer, cfg.dbfile, request_id)
+        delete_jobs(deployer, cfg.dbfile, request_id)
         results = get_results(request_id, cfg.dbfile, block=False)
         failed = get_errors(request_id, cfg.dbfile)
     finally:
@@ -320,11 +320,11 @@ def cancel(request_id: int, config: ConfigLike) -> int:
 def _cancel_with(deployer: Deployer, dbfile: str, request_id: int, reason: str) -> int:
     with Storage(dbfile) as storage:
         n = storage.cancel(request_id, reason)
-    _delete_jobs(deployer, dbfile, request_id)
+    delete_jobs(deployer, dbfile, request_id)
     return n
 
 
-def _delete_jobs(deployer: Deployer, dbfile: str, request_id: int) -> None:
+def delete_jobs(deployer: Deployer, dbfile: str, request_id: int) -> None:
     """qdel the request's jobs; jobs that already ended are fine."""
     with Storage(dbfile) as storage:
         job_ids = [str(job["job_id"]) for job in storage.get_jobs(request_id)]

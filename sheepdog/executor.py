@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import serialisation
-from ._api import array_size, open_deployer, request_settings, server_for, submit_request
+from ._api import (
+    array_size,
+    delete_jobs,
+    open_deployer,
+    request_settings,
+    server_for,
+    submit_request,
+)
 from .config import ConfigLike, as_config
 from .errors import RemoteError, SerialisationError, SheepdogError
 from .storage import OPEN_STATES, Storage
@@ -378,6 +385,8 @@ class Executor(concurrent.futures.Executor):
             elif len(out.resolved) >= len(out.futures):
                 with self._cond:
                     del self._outstanding[request_id]
+                if self._deployer is not None:
+                    delete_jobs(self._deployer, self.config.dbfile, request_id)
 
     def _resolve(self, storage: Storage, request_id: int, out: _Outstanding) -> None:
         settle: list[tuple[Future[Any], bool, Any]] = []

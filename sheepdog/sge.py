@@ -15,6 +15,8 @@ __all__ = [
     "parse_qacct",
     "parse_qstat",
     "parse_qstat_j_errors",
+    "parse_scheduling_info",
+    "permanent_scheduling_problem",
 ]
 
 _QSTAT_LINE = re.compile(
@@ -61,6 +63,44 @@ def parse_qstat_j_errors(text: str) -> list[str]:
             if reason and reason not in seen:
                 seen.append(reason)
     return seen
+
+
+def parse_scheduling_info(text: str) -> list[str]:
+    """The scheduler's reasons from ``qstat -j ID`` (``scheduling info:`` and what follows)."""
+    lines: list[str] = []
+    inside = False
+    for line in text.splitlines():
+        if line.startswith("scheduling info:"):
+            inside = True
+            line = line.split(":", 1)[1]
+        elif inside and line and not line[0].isspace():
+            break  # the next field
+        if inside and line.strip() and line.strip() not in lines:
+            lines.append(line.strip())
+    return lines
+
+
+#: Scheduler reasons that no amount of waiting cures.
+_PERMANENT = (
+    "unknown resource",
+    "does not exist",
+    "no suitable queue",
+    # A fixed (f) host, queue or global value smaller than the request; "hc:"/"qc:" would be
+    # a consumable that frees up later.
+    "offers only hf:",
+    "offers only qf:",
+    "offers only gf:",
+    # The cluster queue's own (fixed) configuration cannot meet the request.
+    "because of cluster queue",
+)
+
+
+def permanent_scheduling_problem(reasons: list[str]) -> str | None:
+    """The reason a queued job can never run, if the scheduler's reasons say so."""
+    cannot = [r for r in reasons if "cannot run" in r or "no suitable queue" in r]
+    if cannot and all(any(p in r for p in _PERMANENT) for r in cannot):
+        return "; ".join(cannot[:3])
+    return None
 
 
 @dataclass

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING
 from ._progress import Progress
 from .errors import SheepdogError
 from .errors import TimeoutError as SheepdogTimeoutError
-from .sge import describe_failure, parse_qacct, parse_qstat, parse_qstat_j_errors
+from .sge import (
+    describe_failure,
+    parse_qacct,
+    parse_qstat,
+    parse_qstat_j_errors,
+    parse_scheduling_info,
+    permanent_scheduling_problem,
+)
 from .storage import Storage
 
 if TYPE_CHECKING:
@@ -32,6 +39,18 @@ logger = logging.getLogger(__name__)
 OPEN_STATES = ("pending", "leased")
 #: Added to the clock to expire every lease now, whatever its end time.
 _FOREVER_S = 10 * 365 * 86400.0
+#: A job waiting this long with nothing running is asked why (qstat -j).
+SCHEDULABLE_CHECK_S = 10.0
+
+
+def now_due(owner: object, attribute: str, every_s: float) -> bool:
+    """True at most once every ``every_s`` seconds per owner and attribute (for warnings)."""
+    now = time.monotonic()
+    last = getattr(owner, attribute, None)
+    if last is not None and now - last < every_s:
+        return False
+    setattr(owner, attribute, now)
+    return True
 
 
 class Watcher:
@@ -107,6 +126,9 @@ class Watcher:
             # nobody leases while no array task waits in the queue gets fresh array tasks.
             queued = any("q" in state for job in live for state in listing[job].states)
             stalled_s = now - self._progress_at
+            running = any("r" in state for job in live for state in listing[job].states)
+            if queued and not running and stalled_s > SCHEDULABLE_CHECK_S:
+                self._check_schedulable(storage, live[-1], stalled_s)
             if pending and not leased and not queued and stalled_s > self.stall_s:
                 self._resubmit(
                     storage, jobs, pending,
@@ -152,6 +174,25 @@ class Watcher:
         if reason and reason not in why:
             message += f": {reason}"
         storage.fail_tasks(rid, storage.open_task_indices(rid), "job_lost", message)
+
+    def _check_schedulable(self, storage: Storage, job: str, waited_s: float) -> None:
+        """Fail the work of a job the scheduler can never start; say why one is waiting."""
+        details = self.deployer.run(f"qstat -j {job}", check=False)
+        reasons = parse_scheduling_info(details.stdout)
+        problem = permanent_scheduling_problem(reasons)
+        if problem is not None:
+            message = f"Grid Engine can never start job {job}: {problem}"
+            logger.error("request %d: %s", self.request_id, message)
+            self.deployer.run(f"qdel {job}", check=False)
+            storage.fail_tasks(
+                self.request_id, storage.open_task_indices(self.request_id),
+                "unschedulable", message,
+            )
+        elif now_due(self, "_warned_at", 60.0):
+            logger.warning(
+                "request %d: job %s still waits in the queue after %.0f s: %s",
+                self.request_id, job, waited_s, "; ".join(reasons[:3]) or "no reason given",
+            )
 
     def _fail_job_in_error(self, storage: Storage, job: str) -> None:
         details = self.deployer.run(f"qstat -j {job}", check=False)

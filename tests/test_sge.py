@@ -103,3 +103,35 @@ def test_job_file_name_and_remote_path() -> None:
     assert job_file_name(1234) == "sheepdog_1234.py"
     assert remote_path("~/a b") == "\"$HOME\"/'a b'"
     assert remote_path("/x;rm -rf /") == "'/x;rm -rf /'"
+
+
+QSTAT_J_WAITING = """\
+job_number:                 11
+job-array tasks:            1-2:1
+scheduling info:            (-l mem_grab=300M) cannot run in queue "all.q@exec1" because job requests unknown resource (mem_grab)
+                            (-l mem_grab=300M) cannot run in queue "all.q@exec2" because job requests unknown resource (mem_grab)
+"""
+
+QSTAT_J_FULL = """\
+job_number:                 12
+scheduling info:            queue instance "all.q@exec1" dropped because it is full
+                            (-l mem_free=4G) cannot run in queue "all.q@exec2" because it offers only hc:mem_free=1.000G
+"""
+
+
+def test_scheduling_info_and_permanent_problems() -> None:
+    from sheepdog.sge import parse_scheduling_info, permanent_scheduling_problem
+
+    reasons = parse_scheduling_info(QSTAT_J_WAITING)
+    assert len(reasons) == 2 and "unknown resource (mem_grab)" in reasons[0]
+    problem = permanent_scheduling_problem(reasons)
+    assert problem is not None and "mem_grab" in problem
+    waiting = parse_scheduling_info(QSTAT_J_FULL)
+    assert len(waiting) == 2
+    assert permanent_scheduling_problem(waiting) is None  # a consumable frees up later
+    fixed = ['(-l mem_grab=2T) cannot run in queue "all.q@exec1" because it offers only '
+             "qf:mem_grab=1.000T"]
+    assert permanent_scheduling_problem(fixed) is not None
+    assert permanent_scheduling_problem([]) is None
+    queue_level = ['(-l mem_grab=2T) cannot run in queue "all.q" because of cluster queue']
+    assert permanent_scheduling_problem(queue_level) is not None

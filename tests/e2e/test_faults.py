@@ -161,6 +161,17 @@ def test_a_job_in_eqw_is_reported_with_the_reason(config: dict[str, Any]) -> Non
         assert "/nonexistent/sheepdog-test" in error.message
 
 
+def test_a_job_that_can_never_be_scheduled_is_reported(config: dict[str, Any]) -> None:
+    cfg = dict(config, ge_opts=["-l mem_grab=2T"], timeout_s=240)
+    results = sheepdog.map(abs, [-1, -2], cfg, verbose=False)
+    assert results == [None, None]
+    errors = sheepdog.get_errors(_last_request(cfg), cfg["dbfile"])
+    assert len(errors) == 2
+    for _arg, error in errors:
+        assert error.kind == "unschedulable"
+        assert "can never start" in error.message and "mem_grab" in error.message
+
+
 def test_a_task_over_its_timeout_says_so(config: dict[str, Any]) -> None:
     cfg = dict(config, task_timeout_s=2.0)
     results = sheepdog.map(sleepy_for, [0.1, 30], cfg, verbose=False)

@@ -55,3 +55,23 @@ def test_every_example_is_in_the_docs() -> None:
     for example in EXAMPLES.glob("*.py"):
         if not example.name.startswith("_"):
             assert f"examples/{example.name}" in docs, f"{example.name} is not shown in the docs"
+
+
+def test_readme_examples(config: dict[str, Any], tmp_path: Path) -> None:
+    readme = (EXAMPLES.parents[1] / "README.md").read_text()
+    section = readme.split("## Ten lines", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) == 2, "the README's ten lines and its Executor example"
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(dict(config, dbfile="./sheepdog.sqlite")))
+    code = "\n".join(blocks).replace('".cluster/cluster.json"', repr(str(config_file)))
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=400
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    lines = done.stdout.splitlines()
+    assert lines[0] == "[2, 3, 4]"
+    assert lines[1] == "[((3, 4), 7), ((5, 'x'), None)]"
+    assert lines[2].startswith("TypeError: unsupported operand")
+    assert "Remote traceback" in done.stdout
+    assert lines[-1] == str(sum(2 * i for i in range(100)))

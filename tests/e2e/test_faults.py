@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import sheepdog
-from sheepdog._api import server_for
+from sheepdog._api import open_deployer, server_for
 
 pytestmark = pytest.mark.e2e
 
@@ -63,6 +63,23 @@ def coordinator() -> Iterator[Coordinator]:
     c = Coordinator()
     yield c
     c.close()
+
+
+def map_in_thread(
+    f: Any, args: Any, config: sheepdog.Config
+) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start ``sheepdog.map`` in a thread; its results or error land in the returned dict."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["results"] = sheepdog.map(f, args, config, verbose=False)
+        except BaseException as exc:  # the test reports it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
 
 
 def first_run(url: str) -> bool:
@@ -109,16 +126,7 @@ def sleepy(x: int) -> int:
 
 def test_kill_9_of_the_server_mid_map_loses_nothing(config: dict[str, Any]) -> None:
     cfg = sheepdog.Config.from_mapping(dict(config, workers=3, timeout_s=400))
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["results"] = sheepdog.map(sleepy, range(12), cfg, verbose=False)
-        except BaseException as exc:  # reported below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, outcome = map_in_thread(sleepy, range(12), cfg)
     server = None
     deadline = time.monotonic() + 180
     while server is None or _count(cfg.dbfile, "done") == 0:
@@ -238,10 +246,7 @@ def test_ctrl_c_cancels_the_jobs(config: dict[str, Any], tmp_path: Path) -> None
     assert counts.get("cancelled", 0) == 4, counts
     errors = sheepdog.get_errors(request_id, config["dbfile"])
     assert all(error.kind == "cancelled" for _arg, error in errors)
-    with sheepdog.Deployer(
-        config["host"], config["ssh_port"], config["ssh_user"], config["ssh_keyfile"],
-        known_hosts=config["known_hosts"],
-    ) as deployer:
+    with open_deployer(sheepdog.Config.from_mapping(config)) as deployer:
         deadline = time.monotonic() + 60
         while True:
             listing = deployer.run(f"qstat -u {config['ssh_user']}").stdout
@@ -306,16 +311,7 @@ def test_an_execution_node_stopped_mid_map(config: dict[str, Any]) -> None:
     cfg = sheepdog.Config.from_mapping(
         dict(config, workers=4, batch=1, lease_s=5.0, timeout_s=400)
     )
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["results"] = sheepdog.map(sleep_then_square, range(12), cfg, verbose=False)
-        except BaseException as exc:  # reported below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, outcome = map_in_thread(sleep_then_square, range(12), cfg)
     victim = None
     deadline = time.monotonic() + 180
     while victim is None:
@@ -347,10 +343,7 @@ def test_an_execution_node_stopped_mid_map(config: dict[str, Any]) -> None:
 
 
 def _wait_for_node(config: dict[str, Any], node: str) -> None:
-    with sheepdog.Deployer(
-        config["host"], config["ssh_port"], config["ssh_user"], config["ssh_keyfile"],
-        known_hosts=config["known_hosts"],
-    ) as deployer:
+    with open_deployer(sheepdog.Config.from_mapping(config)) as deployer:
         deadline = time.monotonic() + 180
         while True:
             out = deployer.run("qstat -f -q all.q", check=False).stdout

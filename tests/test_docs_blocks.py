@@ -1,0 +1,230 @@
+"""Every code block of the documentation is run by some test, or is on a short, tested list.
+
+The runnable examples (``docs/examples/*.py``, shown with ``literalinclude``)
+run on a real Grid Engine in ``tests/e2e/test_docs_examples.py``. The few
+Python fragments that are not whole programs are on :data:`FRAGMENTS`, and a
+test here or there executes each of them; a new Python block that is neither
+fails :func:`test_every_python_block_is_run`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+import pytest
+
+import sheepdog
+from sheepdog.config import as_config
+from sheepdog.deployment import Deployer
+from sheepdog.job_file import job_file
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+PYTHON = {"python", "python3", "py", "pycon", "ipython"}
+
+CONFIG_LINE = 'conf = {"host": "fear", "ge_opts": ["-l ubuntu=1", "-l lr=0"]}'
+CLIENT_LINE = (
+    "Client('http://your.host:1234/', '<64 hex characters>', 32, "
+    'int(os.environ.get("SGE_TASK_ID", "1"))).go()'
+)
+
+#: Python blocks that are not whole programs: (file, first line) -> the test that runs it.
+FRAGMENTS = {
+    ("configuration.rst", CONFIG_LINE): "test_the_three_ways_to_write_a_config",
+    ("tips.rst", CLIENT_LINE): "test_the_client_line_is_the_last_line_of_a_job_file",
+    ("index.rst", ">>> import sheepdog"): "tests/e2e/test_docs_examples.py::test_doctest_blocks",
+    ("README.md", ">>> import sheepdog"): "tests/e2e/test_docs_examples.py::test_doctest_blocks",
+    ("README.md", "import sheepdog"): "tests/e2e/test_docs_examples.py::test_readme_examples",
+    ("README.md", "with sheepdog.Executor(config) as pool:"):
+        "tests/e2e/test_docs_examples.py::test_readme_examples",
+}
+
+
+@dataclass
+class Block:
+    """One code block of a page: its language (``literal`` for ``::``) and its lines."""
+
+    file: str
+    line: int
+    language: str
+    lines: list[str]
+    include: str | None = None
+
+    @property
+    def first(self) -> str:
+        return next((line.strip() for line in self.lines if line.strip()), "")
+
+    @property
+    def is_python(self) -> bool:
+        return self.language in PYTHON or self.first.startswith(">>>")
+
+
+def _indented_body(lines: list[str], start: int) -> list[str]:
+    """The lines of the indented body that follows ``lines[start - 1]``, dedented."""
+    body: list[str] = []
+    i = start
+    while i < len(lines) and (not lines[i].strip() or lines[i].startswith((" ", "\t"))):
+        body.append(lines[i])
+        i += 1
+    while body and not body[-1].strip():
+        body.pop()
+    while body and not body[0].strip():
+        body.pop(0)
+    indents = [len(x) - len(x.lstrip()) for x in body if x.strip()]
+    cut = min(indents, default=0)
+    return [x[cut:] for x in body]
+
+
+def rst_blocks(path: Path) -> list[Block]:
+    """The code blocks of a reStructuredText page, directives and ``::`` literal blocks alike."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    blocks: list[Block] = []
+    for number, line in enumerate(lines):
+        match = re.match(r"\s*\.\. (code-block|code|sourcecode|literalinclude)::\s*(\S*)", line)
+        if match:
+            kind, argument = match.groups()
+            body = _indented_body(lines, number + 1)
+            content = [x for x in body if not x.startswith(":")]
+            if kind == "literalinclude":
+                blocks.append(Block(path.name, number + 1, "include", content, include=argument))
+            else:
+                blocks.append(Block(path.name, number + 1, argument or "default", content))
+        elif line.rstrip().endswith("::") and not line.lstrip().startswith(".."):
+            body = _indented_body(lines, number + 1)
+            blocks.append(Block(path.name, number + 1, "literal", body))
+    return blocks
+
+
+def markdown_blocks(path: Path) -> list[Block]:
+    """The fenced code blocks of a Markdown file."""
+    blocks: list[Block] = []
+    language, start, body = None, 0, []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if line.startswith("```"):
+            if language is None:
+                language, start, body = line[3:].strip() or "text", number + 1, []
+            else:
+                blocks.append(Block(path.name, start, language, body))
+                language = None
+        elif language is not None:
+            body.append(line)
+    return blocks
+
+
+def all_blocks() -> list[Block]:
+    blocks = [b for page in sorted(DOCS.glob("*.rst")) for b in rst_blocks(page)]
+    return blocks + markdown_blocks(REPO / "README.md")
+
+
+def block(file: str, first: str) -> Block:
+    found = [b for b in all_blocks() if b.file == file and b.first == first]
+    assert len(found) == 1, f"{file}: expected one block starting {first!r}, found {len(found)}"
+    return found[0]
+
+
+def test_the_block_finder_sees_every_kind_of_block(tmp_path: Path) -> None:
+    page = tmp_path / "page.rst"
+    page.write_text(
+        "Title\n=====\n\nText::\n\n   literal\n\n.. code-block:: python\n\n   x = 1\n   y = 2\n\n"
+        ".. literalinclude:: examples/a.py\n   :start-after: # --8<-- [example]\n\n"
+        ".. code:: console\n\n   $ ls\n",
+        encoding="utf-8",
+    )
+    found = [(b.language, b.lines, b.include) for b in rst_blocks(page)]
+    assert found == [
+        ("literal", ["literal"], None),
+        ("python", ["x = 1", "y = 2"], None),
+        ("include", [], "examples/a.py"),
+        ("console", ["$ ls"], None),
+    ]
+
+
+def test_every_python_block_is_run() -> None:
+    untested = [
+        f"{b.file}:{b.line} starts {b.first!r}"
+        for b in all_blocks()
+        if b.is_python and (b.file, b.first) not in FRAGMENTS
+    ]
+    assert not untested, (
+        "Python blocks that no test runs; make each a docs/examples/*.py literalinclude "
+        "(with # prints: lines) or add it to FRAGMENTS with a test that runs it:\n"
+        + "\n".join(untested)
+    )
+
+
+def test_every_fragment_on_the_list_is_still_in_the_docs() -> None:
+    present = {(b.file, b.first) for b in all_blocks() if b.is_python}
+    assert set(FRAGMENTS) <= present, set(FRAGMENTS) - present
+
+
+def test_every_literalinclude_is_a_runnable_example() -> None:
+    includes = [b for b in all_blocks() if b.language == "include"]
+    assert includes
+    for b in includes:
+        assert b.include is not None and b.include.startswith("examples/"), b
+        source = (DOCS / b.include).read_text(encoding="utf-8")
+        assert source.startswith("from _conf import conf\n"), b.include
+        assert "# --8<-- [example]" in source, b.include
+        assert "# prints:" in source, f"{b.include} says nothing about what it prints"
+
+
+def test_the_three_ways_to_write_a_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = block("configuration.rst", CONFIG_LINE).lines
+    assert len(lines) == 3
+    first: dict[str, object] = {}
+    exec(lines[0], {"sheepdog": sheepdog}, first)  # noqa: S102 - the documented line itself
+    (tmp_path / ".cluster").mkdir()
+    (tmp_path / ".cluster" / "cluster.json").write_text(json.dumps(first["conf"]))
+    monkeypatch.chdir(tmp_path)
+    configs = []
+    for line in lines:
+        namespace: dict[str, object] = {}
+        exec(line, {"sheepdog": sheepdog}, namespace)  # noqa: S102
+        configs.append(as_config(namespace["conf"]))  # type: ignore[arg-type]
+    assert configs[0] == configs[1] == configs[2]
+    assert configs[0].host == "fear"
+    assert configs[0].ge_opts == ("-l ubuntu=1", "-l lr=0")
+
+
+def test_the_client_line_is_the_last_line_of_a_job_file() -> None:
+    (shown,) = block("tips.rst", CLIENT_LINE).lines
+    secret = "ab" * 32
+    text = job_file("http://your.host:1234/", secret, 32, 10, "/usr/bin/python3", [])
+    last = text.rstrip("\n").splitlines()[-1].strip()
+    assert last == shown.replace("<64 hex characters>", secret)
+
+
+def test_the_job_file_shown_with_a_prologue_is_what_sheepdog_writes() -> None:
+    (shown,) = [b for b in all_blocks() if b.file == "executor.rst" and b.first == "#!/bin/sh"]
+    head = shown.lines[: shown.lines.index("'''") + 1]
+    assert shown.lines[len(head):] == ["# ... the worker stub ..."]
+    prologue = head[head.index("''''true") + 1 : -2]
+    shell = re.fullmatch(r'exec (\S+) "\$0" "\$@"', head[-2])
+    assert shell, head[-2]
+    tasks = re.fullmatch(r"#\$ -t 1-(\d+)", head[2])
+    assert tasks, head[2]
+    n = int(tasks.group(1))
+    text = job_file("http://h:1/", "0" * 64, 1, n, shell.group(1), [], array_size=n,
+                    prologue=prologue)
+    assert text.splitlines()[: len(head)] == head
+
+
+def test_the_ssh_config_shown_resolves_as_the_page_says(tmp_path: Path) -> None:
+    (shown,) = [b for b in all_blocks() if b.file == "ssh.rst" and b.language == "text"]
+    path = tmp_path / "config"
+    path.write_text("\n".join(shown.lines) + "\n", encoding="utf-8")
+    entry = paramiko.SSHConfig.from_path(str(path)).lookup("fear")
+    assert entry["hostname"] == "fear.example.ac.uk"
+    # "User and Port found there win over ssh_user and ssh_port", as the page says.
+    params = Deployer("fear", 22, "someone-else", ssh_config=str(path))._resolve()
+    assert params["hostname"] == "fear.example.ac.uk"
+    assert params["user"] == "ag123"
+    assert params["proxyjump"] == "gateway.example.ac.uk"
+    assert params["port"] == 22
+    # Hosts the entry does not match keep what the config says.
+    other = Deployer("elsewhere", 2222, "me", ssh_config=str(path))._resolve()
+    assert (other["hostname"], other["user"], other["port"]) == ("elsewhere", "me", 2222)

@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import shlex
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from sheepdog import Config
+from sheepdog._api import open_deployer
 
 
 @pytest.fixture
 def config(cluster: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
     """The cluster's sheepdog config, with a database of the test's own."""
     return dict(cluster, dbfile=str(tmp_path / "sheepdog.sqlite"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stray_jobs(cluster: dict[str, Any]) -> Iterator[None]:
+    """Delete the test user's jobs before and after the session.
+
+    A test that fails mid-map leaves array tasks behind that would hold the cluster's
+    slots while they wait for a server that has gone; the next run must not inherit them.
+    """
+    _delete_all_jobs(cluster)
+    yield
+    _delete_all_jobs(cluster)
+
+
+def _delete_all_jobs(cluster: dict[str, Any]) -> None:
+    config = Config.from_mapping(cluster)
+    with open_deployer(config) as deployer:
+        deployer.run(f"qdel -u {shlex.quote(config.ssh_user)}", check=False, timeout_s=60)

@@ -2,8 +2,8 @@
 
 Both sides run on the local cluster (``ci/cluster up``; ``.cluster/cluster.json``),
 in the same run, alternating. sheepdog uses one task per array task
-(``workers=N, batch=1``). The floor opens its own SSH connection, copies a
-trivial Python script, runs ``qsub -t 1-N`` and polls ``qstat -j`` on the same
+(``workers=N, batch=1, tasks_per_worker=1``). The floor opens its own SSH
+connection, copies a trivial Python script, runs ``qsub -t 1-N`` and polls ``qstat -j`` on the same
 schedule as sheepdog's wait (0.2 s growing by 1.5x to 2 s) until the job has
 left. Both timings include opening the SSH connection.
 
@@ -37,7 +37,7 @@ def run_sheepdog(config: Any, n: int, dbfile: Path) -> float:
     """Seconds for ``sheepdog.map`` of ``n`` trivial tasks, one per array task."""
     import sheepdog
 
-    cfg = config.replace(workers=n, batch=1, dbfile=str(dbfile))
+    cfg = config.replace(workers=n, batch=1, tasks_per_worker=1, dbfile=str(dbfile))
     start = time.monotonic()
     results = sheepdog.map(_noop, range(n), cfg, verbose=False, timeout_s=600)
     elapsed = time.monotonic() - start

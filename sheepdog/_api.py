@@ -58,6 +58,7 @@ def request_settings(config: Config, n_tasks: int) -> dict[str, Any]:
         "batch": batch_size(config, n_tasks, workers),
         "capture_bytes": config.capture_bytes,
         "max_attempts": config.retries + 1,
+        "tasks_per_worker": config.tasks_per_worker,
         "workers": workers,
     }
 

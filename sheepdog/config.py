@@ -74,6 +74,8 @@ class Config:
     workers: int | None = None
     #: tasks handed to an array task per lease; None picks one from the number of tasks.
     batch: int | None = None
+    #: an array task exits after this many tasks (1: one task per array task, as the original).
+    tasks_per_worker: int | None = None
     #: SGE -tc: at most this many array tasks run at once.
     max_running: int | None = None
     #: memory per array task in GB, requested as ``-l <mem_resource>=<mem_gb>G``.
@@ -285,6 +287,7 @@ def _validate(c: Config) -> None:
     _check_number("workers", c.workers, minimum=1, optional=True, integer=True)
     _check_number("batch", c.batch, minimum=1, optional=True, integer=True)
     _check_number("max_running", c.max_running, minimum=1, optional=True, integer=True)
+    _check_number("tasks_per_worker", c.tasks_per_worker, minimum=1, optional=True, integer=True)
     _check_number("mem_gb", c.mem_gb, minimum=0.001, optional=True)
     _check_text("mem_resource", c.mem_resource)
     if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", c.mem_resource):

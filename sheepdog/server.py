@@ -64,7 +64,8 @@ MAX_TASKS_PER_CALL = 10_000
 _PICKLE_WALK_BYTES = 64 * 1024  # walk smaller pickles' opcodes fully; larger ones are spot-checked
 _MAX_SQLITE_INT = 2**63 - 1
 _TIME_RE = re.compile(r"[0-9]{1,12}")
-_SETTINGS_SENT = ("lease_s", "heartbeat_s", "task_timeout_s", "batch", "capture_bytes")
+_SETTINGS_SENT = ("lease_s", "heartbeat_s", "task_timeout_s", "batch", "capture_bytes",
+                  "tasks_per_worker")
 
 
 def _version() -> str:

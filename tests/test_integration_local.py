@@ -315,3 +315,14 @@ def test_remote_tracebacks_show_the_source_lines(setup: Setup) -> None:
     ((_index, _args, error),) = setup.storage.get_task_errors(rid)
     assert error["type"] == "ZeroDivisionError"
     assert "return x / 0  # the line the remote traceback must show" in error["traceback"]
+
+
+def test_tasks_per_worker_limits_each_array_task(setup: Setup) -> None:
+    rid = setup.request(square, [1, 2, 3, 4, 5], batch=4, tasks_per_worker=2)
+    job = setup.job(rid, 5)
+    code, out, err = finish(setup.start(job, 1))
+    assert code == 0, f"{out}\n{err}"
+    assert setup.storage.count_results(rid) == 2  # this array task stopped after two
+    for i in (2, 3):
+        assert finish(setup.start(job, i))[0] == 0
+    assert setup.results(rid) == [1, 4, 9, 16, 25]

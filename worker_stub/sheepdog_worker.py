@@ -473,9 +473,13 @@ class Client:
     def run(self):
         """Lease tasks and run them; each batch's results go back with the next lease."""
         batch = int(self.batch or self.settings.get("batch") or 1)
+        left = self.settings.get("tasks_per_worker")  # None: until no work is left
         threading.Thread(target=self.watch, name="sheepdog-heartbeat", daemon=True).start()
-        answer = self.conn.call("POST", "lease", self.hello(batch))
+        answer = self.conn.call("POST", "lease", self.hello(batch if left is None
+                                                            else min(batch, left)))
         while answer["tasks"]:
+            if left is not None:
+                left -= len(answer["tasks"])
             self.leases, results = [task["lease"] for task in answer["tasks"]], []
             for task in answer["tasks"]:
                 if self.cancelled:
@@ -487,7 +491,7 @@ class Client:
                                     "duration_s": 0.0})
                 elif task["lease"] not in self.lost:  # else it was leased again, to another worker
                     results.append(self.run_task(task))
-            more = 0 if self.cancelled else batch
+            more = 0 if self.cancelled else batch if left is None else min(batch, left)
             answer = self.submit_results(results, more)
             if not more:
                 break

@@ -22,8 +22,9 @@ from typing import Any
 import paramiko
 
 from .errors import HostKeyError, RemoteCommandError, SSHError, SubmitError
+from .job_file import job_file_name
 
-__all__ = ["CommandResult", "Deployer", "job_file_name", "parse_qsub_output", "remote_path"]
+__all__ = ["CommandResult", "Deployer", "parse_qsub_output"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,20 +55,6 @@ class CommandResult:
     exit_status: int
     stdout: str
     stderr: str
-
-
-def job_file_name(request_id: int) -> str:
-    """The job file's name for a request, as the original named it (``sheepdog_032.py``)."""
-    return f"sheepdog_{request_id:03d}.py"
-
-
-def remote_path(directory: str) -> str:
-    """Render a remote directory for a shell: quoted, with a leading ``~/`` kept as $HOME."""
-    if directory == "~":
-        return '"$HOME"'
-    if directory.startswith("~/"):
-        return '"$HOME"/' + shlex.quote(directory[2:])
-    return shlex.quote(directory)
 
 
 def parse_qsub_output(stdout: str) -> str:

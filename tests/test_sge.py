@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from sheepdog.deployment import job_file_name, parse_qsub_output, remote_path
+from sheepdog.deployment import parse_qsub_output
+from sheepdog.job_file import job_file_name
 from sheepdog.sge import describe_failure, parse_qacct, parse_qstat, parse_qstat_j_errors
 
 QSTAT = """\
@@ -98,11 +99,9 @@ def test_qacct_and_reasons() -> None:
     assert third is not None and "SIGKILL" in third and "exec1" in third
 
 
-def test_job_file_name_and_remote_path() -> None:
+def test_job_file_name() -> None:
     assert job_file_name(32) == "sheepdog_032.py"
     assert job_file_name(1234) == "sheepdog_1234.py"
-    assert remote_path("~/a b") == "\"$HOME\"/'a b'"
-    assert remote_path("/x;rm -rf /") == "'/x;rm -rf /'"
 
 
 QSTAT_J_WAITING = """\

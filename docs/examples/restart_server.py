@@ -2,6 +2,7 @@ from _conf import conf
 
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -21,6 +22,13 @@ server = server_for(conf)
 port = server.port
 time.sleep(1)
 os.killpg(server.pid, signal.SIGKILL)  # the server dies, as after a crash
+for _ in range(100):  # SIGKILL is asynchronous: wait (bounded) until the port is free again
+    with socket.socket() as probe:
+        try:
+            probe.bind(("0.0.0.0", port))
+            break
+        except OSError:
+            time.sleep(0.1)
 sys.argv[1:] = [str(request_id)]
 
 # --8<-- [example]

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import doctest
 import json
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+import sheepdog
+from sheepdog.job_file import stub_source
+from sheepdog.storage import Storage
 
 pytestmark = pytest.mark.e2e
 
@@ -75,3 +84,273 @@ def test_readme_examples(config: dict[str, Any], tmp_path: Path) -> None:
     assert lines[2].startswith("TypeError: unsupported operand")
     assert "Remote traceback" in done.stdout
     assert lines[-1] == str(sum(2 * i for i in range(100)))
+
+
+# --- the sheepdog command, as docs/cli.rst shows it -------------------------------------
+
+CLI_PAGE = EXAMPLES.parent / "cli.rst"
+
+#: The command lines cli.rst shows, in order; each one is run below.
+CLI_COMMANDS = [
+    "sheepdog requests",
+    "sheepdog status 2 --wait",
+    "sheepdog results 1",
+    "sheepdog results 1 --json",
+    "sheepdog errors 1",
+    "sheepdog logs 1 2",
+    "sheepdog logs 1 2 --stream stdout",
+    "sheepdog cancel 2 --config cluster.json",
+    "sheepdog serve --dbfile ./sheepdog.sqlite",
+    "sheepdog serve --detach",
+    "sheepdog serve --request 2 --port 41234 --timeout 3600",
+    "sheepdog worker-stub > sheepdog_worker.py",
+    "sheepdog jobfile mymodule:simulate --args '[1, 2, 3]' --config cluster.json",
+]
+
+#: Submits slow tasks and exits, so its server goes with it: work for ``sheepdog serve``.
+SUBMIT_AND_LEAVE = """
+import sys
+import sheepdog
+
+def slow(x):
+    import time
+    time.sleep(x)
+    return x
+
+conf = sheepdog.Config.from_file(sys.argv[1])
+print(sheepdog.map_async(slow, [float(sys.argv[2])] * 2, conf.replace(workers=1)))
+"""
+
+CLI_TIMEOUT_S = 400
+
+
+def wait_a_little(x: float) -> float:
+    time.sleep(x)
+    return x
+
+
+def console_commands(page: Path) -> list[tuple[str, str, list[str]]]:
+    """(command, comment, output shown) for every ``$`` line of the page's console blocks."""
+    commands: list[tuple[str, str, list[str]]] = []
+    lines = page.read_text(encoding="utf-8").splitlines()
+    inside = False
+    for line in lines:
+        if line.startswith(".. code-block::"):
+            inside = line.split("::", 1)[1].strip() == "console"
+            continue
+        if inside and line.strip() and not line.startswith(" "):
+            inside = False
+        if not inside:
+            continue
+        text = line[3:] if line.startswith("   ") else line.strip()
+        if text.startswith("$ "):
+            command, _, comment = text[2:].partition("  #")
+            commands.append((command.strip(), comment.strip(), []))
+        elif commands:
+            commands[-1][2].append(text.rstrip())
+    for _, _, output in commands:
+        while output and not output[-1]:
+            output.pop()
+    return commands
+
+
+def shape(line: str) -> str:
+    """A line with what varies from run to run (dates, numbers, hosts, states) made generic."""
+    line = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "DATE", line)
+    line = re.sub(r"\bon [\w.-]+\)", "on HOST)", line)
+    line = re.sub(r"\b(running|finished)\b", "STATE", line)
+    line = re.sub(r"\d+", "N", line)
+    return " ".join(line.split())
+
+
+def assert_shaped_like(shown: list[str], printed: str, what: str) -> None:
+    """``printed`` has the lines ``shown`` in form; ``...`` in ``shown`` stands for any lines."""
+    actual = [shape(line) for line in printed.splitlines()]
+    segments: list[list[str]] = [[]]
+    for line in shown:
+        if line.strip() == "...":
+            segments.append([])
+        else:
+            segments[-1].append(shape(line))
+    message = f"{what}: the docs show\n" + "\n".join(shown) + f"\nbut it printed\n{printed}"
+    position = 0
+    for number, segment in enumerate(segments):
+        if number == 0:
+            assert actual[: len(segment)] == segment, message
+            position = len(segment)
+            continue
+        if number == len(segments) - 1 and segment:
+            assert actual[-len(segment):] == segment, message
+            continue
+        for start in range(position, len(actual) - len(segment) + 1):
+            if actual[start : start + len(segment)] == segment:
+                position = start + len(segment)
+                break
+        else:
+            raise AssertionError(message)
+    if len(segments) == 1:
+        assert len(actual) == len(segments[0]), message
+
+
+def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
+    shown = console_commands(CLI_PAGE)
+    assert [command for command, _, _ in shown] == CLI_COMMANDS, (
+        "cli.rst shows other commands than this test runs: update CLI_COMMANDS and the steps"
+    )
+    db = tmp_path / "sheepdog.sqlite"
+    config = dict(config, dbfile=str(db))
+    config_file = tmp_path / "cluster.json"
+    config_file.write_text(json.dumps(config))
+    env = {**os.environ, "SHEEPDOG_CONFIG": str(config_file)}
+
+    def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "sheepdog", *argv], cwd=tmp_path, env=env,
+            capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+        )
+        if check:
+            assert done.returncode == 0, f"sheepdog {' '.join(argv)}:\n{done.stdout}{done.stderr}"
+        return done
+
+    def submit_and_leave(seconds: float) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", SUBMIT_AND_LEAVE, str(config_file), str(seconds)],
+            cwd=tmp_path, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+        )
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.split()[-1])
+
+    # Request 1 is the page's own example; request 2 is still running.
+    made = subprocess.run(
+        [sys.executable, str(EXAMPLES / "cli_request.py")], cwd=EXAMPLES, env=env,
+        capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+    )
+    assert made.returncode == 0, made.stderr
+    assert sheepdog.map_async(wait_a_little, [2.0] * 6, dict(config, workers=2)) == 2
+
+    outputs: dict[str, str] = {}
+    detached_pid = None
+    try:
+        for command, _, output in shown:
+            argv = shlex.split(command)[1:]
+            if command.startswith("sheepdog cancel"):
+                argv[1] = str(sheepdog.map_async(wait_a_little, [60.0] * 4, config))
+            elif command.startswith("sheepdog serve --request"):
+                rid = submit_and_leave(1.0)
+                with Storage(str(db)) as storage:
+                    port = storage.get_jobs(rid)[-1]["info"]["port"]
+                argv[argv.index("--request") + 1] = str(rid)
+                argv[argv.index("--port") + 1] = str(port)
+            elif command.startswith("sheepdog serve"):
+                rid = submit_and_leave(1.0)
+            elif ">" in argv:
+                argv = argv[: argv.index(">")]
+            elif argv[0] == "jobfile":
+                (tmp_path / "mymodule.py").write_text(
+                    "def simulate(seed):\n    return seed * 2\n"
+                )
+            done = run(argv)
+            printed = done.stdout + (done.stderr if argv[0] == "jobfile" else "")
+            outputs[command] = done.stdout
+            if output:
+                assert_shaped_like(output, printed, command)
+            if "--detach" in argv:
+                detached_pid = int(re.search(r"pid (\d+)", done.stdout).group(1))  # type: ignore[union-attr]
+                served = re.search(r"log (\S+);", done.stdout).group(1)  # type: ignore[union-attr]
+                assert (tmp_path / served).exists()
+                run(["status", str(rid), "--wait", "--timeout", str(CLI_TIMEOUT_S)])
+                deadline = time.monotonic() + 60
+                while Path(f"/proc/{detached_pid}").exists() and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                assert not Path(f"/proc/{detached_pid}").exists(), "serve --detach did not stop"
+                assert "every served request is finished" in (tmp_path / served).read_text()
+                detached_pid = None
+    finally:
+        if detached_pid is not None and Path(f"/proc/{detached_pid}").exists():
+            os.kill(detached_pid, signal.SIGTERM)
+
+    # What the comments and the surrounding text promise.
+    json_shown = next(c for cmd, c, _ in shown if cmd == "sheepdog results 1 --json")
+    first = json.loads(json_shown.split(", ...", 1)[0] + "]")
+    assert json.loads(outputs["sheepdog results 1 --json"]) == first + [
+        {"index": 2, "args": [1, 2], "result": 3},
+        {"index": 3, "args": [2, 2], "result": None},
+    ]
+    assert outputs["sheepdog worker-stub > sheepdog_worker.py"] == stub_source()
+    compile(outputs["sheepdog worker-stub > sheepdog_worker.py"], "sheepdog_worker.py", "exec")
+    with Storage(str(db)) as storage:
+        for row in storage.list_requests():
+            assert not storage.open_task_indices(row["id"]), f"request {row['id']} left open"
+
+
+def test_doctest_blocks(config: dict[str, Any]) -> None:
+    """The ``>>>`` sessions of the index page and the README, with our cluster for "headnode"."""
+    parser = doctest.DocTestParser()
+    sources = {
+        "index.rst": (EXAMPLES.parent / "index.rst").read_text(encoding="utf-8"),
+        "README.md": (EXAMPLES.parents[1] / "README.md").read_text(encoding="utf-8"),
+    }
+    ran = 0
+    for name, text in sources.items():
+        session: list[str] = []
+        for line in (line.strip() for line in text.splitlines()):
+            if line.startswith(">>>") or (session and session[-1] and not line.startswith("`")):
+                session.append(line)
+            elif session and session[-1]:
+                session.append("")
+        text = "\n".join(session)
+        assert '{"host": "headnode"}' in text, f"{name}: the session's config is not as expected"
+        text = text.replace('{"host": "headnode"}', repr(config))
+        test = parser.get_doctest(text, {}, name, name, 0)
+        assert test.examples, f"{name} has no >>> session"
+        runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+        result = runner.run(test, out=lambda s: pytest.fail(s))
+        assert result.failed == 0
+        ran += result.attempted
+    assert ran >= 4
+
+
+def test_the_remote_error_shown_is_what_it_prints(config: dict[str, Any], tmp_path: Path) -> None:
+    page = (EXAMPLES.parent / "executor.rst").read_text(encoding="utf-8")
+    after = page.split("the job script's path vary)::\n\n", 1)[1].splitlines()
+    shown_lines = []
+    for line in after:
+        if line.strip() and not line.startswith(" " * 8):
+            break
+        shown_lines.append(line[8:])
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(config))
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "remote_error.py")], cwd=EXAMPLES,
+        env={**os.environ, "SHEEPDOG_CONFIG": str(config_file)},
+        capture_output=True, text=True, timeout=400,
+    )
+    assert done.returncode == 0, done.stderr
+
+    def comparable(lines: list[str]) -> list[str]:
+        # Paths differ by machine, and only newer Pythons underline the failing expression.
+        return [
+            re.sub(r'File "[^"]+"', 'File "PATH"', line)
+            for line in lines
+            if line.strip(" ^~")
+        ]
+
+    assert_shaped_like(
+        comparable(shown_lines), "\n".join(comparable(done.stdout.splitlines())), "remote_error.py"
+    )
+
+
+def test_ssh_keyscan_line_makes_a_known_hosts_sheepdog_accepts(
+    config: dict[str, Any], tmp_path: Path
+) -> None:
+    """ssh.rst's ``ssh-keyscan fear >> ~/.ssh/known_hosts``, for our head node and a new file."""
+    page = (EXAMPLES.parent / "ssh.rst").read_text(encoding="utf-8")
+    assert "ssh-keyscan fear >> ~/.ssh/known_hosts" in page
+    known_hosts = tmp_path / "known_hosts"
+    with open(known_hosts, "ab") as out:
+        subprocess.run(
+            ["ssh-keyscan", "-p", str(config["ssh_port"]), config["host"]],
+            stdout=out, stderr=subprocess.DEVNULL, timeout=60, check=True,
+        )
+    conf = sheepdog.Config.from_mapping(dict(config, known_hosts=str(known_hosts)))
+    assert sheepdog.map(abs, [-1, -2], conf, verbose=False) == [1, 2]

@@ -1,0 +1,13 @@
+from _conf import conf
+
+# --8<-- [example]
+import sheepdog
+
+
+def f(a, b):
+    print("f got", a, b)
+    return a + b if a * b < 4 else 1 / 0
+
+
+print(sheepdog.map(f, [(1, 1), (1, 2), (2, 2)], conf, verbose=False))
+# prints: [2, 3, None]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import base64
 import binascii
+import errno
 import http.client
 import json
 import logging
@@ -64,6 +65,9 @@ MAX_TASKS_PER_CALL = 10_000
 _PICKLE_WALK_BYTES = 64 * 1024  # walk smaller pickles' opcodes fully; larger ones are spot-checked
 _MAX_SQLITE_INT = 2**63 - 1
 _TIME_RE = re.compile(r"[0-9]{1,12}")
+#: How long a server on a fixed port waits for the port to become free.
+BIND_RETRY_S = 10.0
+
 _SETTINGS_SENT = ("lease_s", "heartbeat_s", "task_timeout_s", "batch", "capture_bytes",
                   "tasks_per_worker")
 
@@ -528,18 +532,25 @@ class Server:
 
     def _bind(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port or 0))
-            sock.listen(1024)
-        except OSError as exc:
-            sock.close()
-            raise ServerError(
-                f"cannot listen on {self.host}:{self.port or 'a random port'}: {exc}; "
-                "choose another port or stop the program that uses it"
-            ) from exc
-        return sock
+        # A server restarted on its port right after a kill -9 may find the old gunicorn
+        # workers still closing the socket: give them a few seconds.
+        deadline = time.monotonic() + (BIND_RETRY_S if self.port else 0.0)
+        while True:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((self.host, self.port or 0))
+                sock.listen(1024)
+                return sock
+            except OSError as exc:
+                sock.close()
+                if exc.errno == errno.EADDRINUSE and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                raise ServerError(
+                    f"cannot listen on {self.host}:{self.port or 'a random port'}: {exc}; "
+                    "choose another port or stop the program that uses it"
+                ) from exc
 
     def _command(self, fd: int) -> list[str]:
         command = [

@@ -162,6 +162,7 @@ def test_function(api: Api) -> None:
         "task_timeout_s": None,
         "batch": 1,
         "capture_bytes": 65536,
+        "tasks_per_worker": None,
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,14 +10,23 @@ from typing import Any
 
 import pytest
 
-from sheepdog import Config
+from sheepdog import Config, _api
 from sheepdog._api import open_deployer
 
 
 @pytest.fixture
-def config(cluster: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
-    """The cluster's sheepdog config, with a database of the test's own."""
-    return dict(cluster, dbfile=str(tmp_path / "sheepdog.sqlite"))
+def config(cluster: dict[str, Any], tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The cluster's sheepdog config, with a database of the test's own.
+
+    The servers started for that database are stopped afterwards, so a long session
+    does not keep one gunicorn per test.
+    """
+    dbfile = str(tmp_path / "sheepdog.sqlite")
+    yield dict(cluster, dbfile=dbfile)
+    mine = os.path.abspath(dbfile)
+    for key, server in list(_api._servers_by_db.items()):
+        if key in (mine, f"{mine} (tls)"):
+            server.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -20,7 +20,11 @@ def slow(x):
 request_id = sheepdog.map_async(slow, range(4), conf.replace(workers=1))
 server = server_for(conf)
 port = server.port
-time.sleep(1)
+with sheepdog.Storage(conf.dbfile) as watch:
+    deadline = time.monotonic() + 120
+    while watch.count_results(request_id) == 0:  # the worker is running, tasks are pending
+        assert time.monotonic() < deadline, "the array task never started"
+        time.sleep(0.2)
 os.killpg(server.pid, signal.SIGKILL)  # the server dies, as after a crash
 for _ in range(100):  # SIGKILL is asynchronous: wait (bounded) until the port is free again
     with socket.socket() as probe:
@@ -39,8 +43,10 @@ import sheepdog
 request_id = int(sys.argv[1])
 server = sheepdog.Server(port, None, conf.dbfile)  # the port the job file names
 storage = sheepdog.Storage(conf.dbfile)
+deadline = time.monotonic() + 300  # never wait forever: the job itself might have died
 while storage.count_results_and_errors(request_id) < storage.count_tasks(request_id):
     print(storage.count_results(request_id), "results", flush=True)
+    assert time.monotonic() < deadline, "no results for 5 minutes; is the job still queued?"
     time.sleep(1)
 print(sheepdog.get_results(request_id, conf.dbfile))
 server.stop()

@@ -343,15 +343,14 @@ def test_an_execution_node_stopped_mid_map(config: dict[str, Any]) -> None:
 
 
 def _wait_for_node(config: dict[str, Any], node: str) -> None:
+    """Wait (bounded) until a job pinned to the node runs there again, so later tests have it."""
     with open_deployer(sheepdog.Config.from_mapping(config)) as deployer:
         deadline = time.monotonic() + 180
-        while True:
-            out = deployer.run("qstat -f -q all.q", check=False).stdout
-            line = next((ln for ln in out.splitlines() if f"@{node}" in ln), "")
-            # A queue instance of a node that is down carries the state flag "u" (or "au").
-            if line and not any(flag in line.split()[-1] for flag in ("u", "a", "d", "E")):
-                return
-            if line and len(line.split()) < 6:
-                return  # no state column: the queue instance is fine
-            assert time.monotonic() < deadline, f"{node} did not come back:\n{out}"
-            time.sleep(2)
+        job = deployer.run(f"qsub -terse -q all.q@{node} -o /dev/null -e /dev/null -b y true")
+        job_id = job.stdout.strip()
+        while job_id in deployer.run("qstat", check=False).stdout.split():
+            if time.monotonic() > deadline:
+                out = deployer.run("qstat -f", check=False).stdout
+                deployer.run(f"qdel {job_id}", check=False)
+                pytest.fail(f"{node} did not come back within 180 s:\n{out}")
+            time.sleep(1)

@@ -42,6 +42,9 @@ SGE_ENV_PREAMBLE = (
     ". /etc/profile >/dev/null 2>&1; fi; "
 )
 
+#: Bound on opening one command's channel on an established connection.
+CHANNEL_OPEN_TIMEOUT_S = 30.0
+
 _QSUB_TERSE = re.compile(
     r"^\s*(?P<job_id>\d+)(?:\.(?P<first>\d+)-(?P<last>\d+):(?P<step>\d+))?\s*$", re.MULTILINE
 )
@@ -297,17 +300,19 @@ class Deployer:
         error: type[RemoteCommandError] = RemoteCommandError,
     ) -> CommandResult:
         """Run a shell command on the head node with Grid Engine's environment set up."""
-        client = self.connect()
         full = SGE_ENV_PREAMBLE + command
         logger.debug("running on %s: %s", self.host, command)
+        channel = self._open_session(command)
         try:
-            chan_in, chan_out, chan_err = client.exec_command(full, timeout=timeout_s)
+            channel.settimeout(timeout_s)
+            channel.exec_command(full)
             if stdin is not None:
-                chan_in.write(stdin)
-            chan_in.channel.shutdown_write()
-            out = chan_out.read().decode("utf-8", "replace")
-            err = chan_err.read().decode("utf-8", "replace")
-            status = chan_out.channel.recv_exit_status()
+                channel.sendall(stdin)
+            channel.shutdown_write()
+            out_file, err_file = channel.makefile("rb"), channel.makefile_stderr("rb")
+            out = out_file.read().decode("utf-8", "replace")
+            err = err_file.read().decode("utf-8", "replace")
+            status = channel.recv_exit_status()
         except socket.timeout as exc:
             raise SSHError(
                 f"command on {self.host} did not finish within {timeout_s:g} s: {command}",
@@ -320,10 +325,37 @@ class Deployer:
                 f"SSH connection to {self.host} failed while running {command!r}: {exc}",
                 host=self.host,
             ) from exc
+        finally:
+            channel.close()  # frees the server's session slot (sshd's MaxSessions)
         result = CommandResult(command, status, out, err)
         if check and status != 0:
             raise error(command, status, out, err, host=self.host)
         return result
+
+    def _open_session(self, command: str) -> paramiko.Channel:
+        """A new session channel; one fresh connection is tried if the old one does not answer.
+
+        The command has not started when opening fails, so trying again cannot run it twice.
+        """
+        for attempt in (1, 2):
+            client = self.connect()
+            transport = client.get_transport()
+            try:
+                if transport is None:
+                    raise paramiko.SSHException("the connection is closed")
+                return transport.open_session(timeout=CHANNEL_OPEN_TIMEOUT_S)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                logger.warning("SSH channel to %s failed (%s); reconnecting", self.host, exc)
+                with self._lock:
+                    if self._client is client:
+                        client.close()
+                        self._client = None
+                if attempt == 2:
+                    raise SSHError(
+                        f"cannot open an SSH session on {self.host} to run {command!r}: {exc}",
+                        host=self.host,
+                    ) from exc
+        raise AssertionError("unreachable")
 
     def home(self) -> str:
         """The remote user's home directory (absolute)."""

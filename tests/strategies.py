@@ -1,7 +1,11 @@
 """Hypothesis strategies for sheepdog's tests, and the settings profiles.
 
-``register_profiles()`` registers ``dev`` (quick) and ``ci`` (thorough); conftest.py
-calls it and loads the profile named by ``SHEEPDOG_HYPOTHESIS_PROFILE`` (default dev).
+``register_profiles()`` registers ``dev`` (quick), ``ci`` (thorough) and ``explore`` (opt-in,
+random); conftest.py calls it and loads the profile named by ``SHEEPDOG_HYPOTHESIS_PROFILE``
+(default dev). ``dev`` and ``ci`` are derandomized: the examples depend only on the code, so a
+red CI run fails the same way on a developer's machine with ``SHEEPDOG_HYPOTHESIS_PROFILE=ci``.
+``explore`` draws new examples every run and keeps failures in hypothesis' database; use it to
+hunt for bugs, never in CI.
 """
 
 from __future__ import annotations
@@ -16,12 +20,22 @@ from hypothesis import strategies as st
 
 
 def register_profiles() -> None:
-    """Register the ``dev`` and ``ci`` hypothesis profiles (no deadline: subprocesses)."""
-    settings.register_profile("dev", max_examples=50, deadline=None)
+    """Register the ``dev``, ``ci`` and ``explore`` profiles (no deadline: subprocesses)."""
+    settings.register_profile("dev", max_examples=50, deadline=None, derandomize=True,
+                              database=None)
     settings.register_profile(
         "ci",
         max_examples=400,
         deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    settings.register_profile(
+        "explore",
+        max_examples=2000,
+        deadline=None,
+        derandomize=False,
         suppress_health_check=[HealthCheck.too_slow],
     )
 

@@ -601,15 +601,19 @@ class Storage:
         max_tasks: int,
         lease_s: float,
         now: float | None = None,
+        reclaim: bool = False,
     ) -> list[Lease]:
         """Lease up to ``max_tasks`` pending tasks to ``worker`` for ``lease_s`` seconds.
 
-        Overdue leases are expired first. A cancelled request leases nothing.
+        Overdue leases are expired first. A cancelled request leases nothing. With
+        ``reclaim`` (the worker is retrying a call whose answer it never got), tasks still
+        leased to this worker on this host come first.
         """
         now = time.time() if now is None else now
         with self._write() as conn:
             info = self._info(conn, request_id)
-            return self._lease(conn, request_id, info, worker, host, max_tasks, lease_s, now)
+            return self._lease(conn, request_id, info, worker, host, max_tasks, lease_s, now,
+                               reclaim)
 
     def _lease(
         self,
@@ -621,16 +625,30 @@ class Storage:
         max_tasks: int,
         lease_s: float,
         now: float,
+        reclaim: bool = False,
     ) -> list[Lease]:
         state, _, max_attempts = info
         self._expire(conn, request_id, now, max_attempts)
         if state != "open" or max_tasks <= 0:
             return []
-        rows = conn.execute(
-            "SELECT idx, attempts, args FROM tasks WHERE request_id = ? AND state = 'pending'"
-            " ORDER BY idx LIMIT ?",
-            (request_id, max_tasks),
-        ).fetchall()
+        rows = []
+        if reclaim:
+            # A worker asks for work only after it has reported every task it held, so on a
+            # retried call a task still leased to it is one whose lease never reached it: the
+            # answer was lost (the server died, or the connection dropped, after the commit).
+            # Hand such tasks back first; otherwise they sit orphaned until their lease
+            # expires, and if every worker has exited by then, nobody runs them.
+            rows = conn.execute(
+                "SELECT idx, attempts, args FROM tasks WHERE request_id = ? AND state = 'leased'"
+                " AND worker = ? AND host = ? ORDER BY idx LIMIT ?",
+                (request_id, worker, host, max_tasks),
+            ).fetchall()
+        if len(rows) < max_tasks:
+            rows += conn.execute(
+                "SELECT idx, attempts, args FROM tasks WHERE request_id = ? AND state = 'pending'"
+                " ORDER BY idx LIMIT ?",
+                (request_id, max_tasks - len(rows)),
+            ).fetchall()
         expires = now + lease_s
         leases = []
         for idx, attempts, args in rows:
@@ -697,13 +715,15 @@ class Storage:
         max_tasks: int,
         lease_s: float,
         now: float | None = None,
+        reclaim: bool = False,
     ) -> tuple[list[int], list[int], list[Lease]]:
         """Do ``complete`` then ``lease`` in one transaction (one disk sync per round trip)."""
         now = time.time() if now is None else now
         with self._write() as conn:
             info = self._info(conn, request_id)
             accepted, duplicates = self._complete(conn, request_id, info[1], results)
-            leases = self._lease(conn, request_id, info, worker, host, max_tasks, lease_s, now)
+            leases = self._lease(conn, request_id, info, worker, host, max_tasks, lease_s, now,
+                                 reclaim)
         return accepted, duplicates, leases
 
     def _complete(

@@ -320,6 +320,31 @@ def test_complete_and_lease_is_one_round_trip(db: Storage) -> None:
     assert (accepted, duplicates, [x.index for x in leases]) == ([1], [], [2, 3])
 
 
+def test_a_retried_lease_gets_back_what_the_lost_answer_held(db: Storage) -> None:
+    """The server committed a lease but its answer never arrived; the worker asks again."""
+    rid = new(db, 4)
+    lost = db.lease(rid, worker="w", host="h", max_tasks=2, lease_s=60, now=1000.0)
+    again = db.lease(rid, worker="w", host="h", max_tasks=2, lease_s=60, now=1001.0,
+                     reclaim=True)
+    assert [x.index for x in again] == [x.index for x in lost] == [1, 2]
+    assert [x.attempt for x in again] == [1, 1]  # not a new attempt: nothing ran
+    assert {x.lease for x in again}.isdisjoint({x.lease for x in lost})
+    assert [x.index for x in db.lease(rid, worker="other", host="h2", max_tasks=5,
+                                      lease_s=60, now=1001.0)] == [3, 4]
+
+
+def test_a_retried_result_post_gets_back_its_lease(db: Storage) -> None:
+    rid = new(db, 3)
+    [first] = db.lease(rid, worker="w", host="h", max_tasks=1, lease_s=10)
+    call = dict(worker="w", host="h", max_tasks=1, lease_s=10)
+    assert db.complete_and_lease(rid, [ok(first.index)], **call)[:2] == ([1], [])
+    # The answer (result accepted, task 2 leased) was lost; the same call comes again.
+    accepted, duplicates, leases = db.complete_and_lease(rid, [ok(first.index)], **call,
+                                                         reclaim=True)
+    assert (accepted, duplicates, [x.index for x in leases]) == ([], [1], [2])
+    assert db.task_counts(rid)["pending"] == 1
+
+
 def test_cancel(db: Storage) -> None:
     rid = new(db, 3)
     db.lease(rid, worker="w", host="h", max_tasks=1, lease_s=10)

@@ -138,7 +138,10 @@ def test_restart_the_server(config: dict[str, Any]) -> None:
             assert time.monotonic() < deadline, "no result before the kill"
             time.sleep(0.2)
         os.killpg(server.pid, signal.SIGKILL)  # gunicorn master and workers, as kill -9 would
-        time.sleep(1)
+        deadline = time.monotonic() + 30
+        while server.alive:
+            assert time.monotonic() < deadline, "the killed server is still running"
+            time.sleep(0.05)
         assert storage.count_results(request_id) < 6
     restarted = sheepdog.Server(port, None, cfg["dbfile"])
     try:

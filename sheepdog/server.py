@@ -150,6 +150,16 @@ def _get_int(obj: dict[str, Any], key: str, where: str, low: int, high: int) -> 
     return value
 
 
+def _get_retry(obj: dict[str, Any], where: str) -> bool:
+    """The ``retry`` flag: the worker sends this call again after getting no answer."""
+    value = obj.get("retry", False)
+    if not isinstance(value, bool):
+        raise ApiError(
+            400, "bad_field", f"{where}: 'retry' must be true or false, not {value!r:.40}"
+        )
+    return value
+
+
 def _b64(value: object, where: str) -> bytes:
     if not isinstance(value, str):
         raise ApiError(400, "bad_field", f"{where} must be a base64 string")
@@ -373,9 +383,11 @@ def create_app(
         worker = _get_str(body, "worker", "lease")
         host = _get_str(body, "host", "lease")
         max_tasks = _get_int(body, "max_tasks", "lease", 0, MAX_TASKS_PER_CALL)
+        reclaim = _get_retry(body, "lease")
         lease_s = float(call.settings["lease_s"])
         leases = storage().lease(
-            request_id, worker=worker, host=host, max_tasks=max_tasks, lease_s=lease_s
+            request_id, worker=worker, host=host, max_tasks=max_tasks, lease_s=lease_s,
+            reclaim=reclaim,
         )
         return signed(call, _lease_payload(leases, lease_s, call.state))
 
@@ -403,6 +415,7 @@ def create_app(
         worker = _get_str(body, "worker", "results")
         host = _get_str(body, "host", "results")
         max_tasks = _get_int(body, "max_tasks", "results", 0, MAX_TASKS_PER_CALL)
+        reclaim = _get_retry(body, "results")
         items = body.get("results")
         if not isinstance(items, list):
             raise ApiError(400, "bad_field", "results: 'results' must be a list")
@@ -412,7 +425,8 @@ def create_app(
         lease_s = float(call.settings["lease_s"])
         try:
             accepted, duplicates, leases = storage().complete_and_lease(
-                request_id, parsed, worker=worker, host=host, max_tasks=max_tasks, lease_s=lease_s
+                request_id, parsed, worker=worker, host=host, max_tasks=max_tasks,
+                lease_s=lease_s, reclaim=reclaim,
             )
         except UnknownRequestError:
             raise ApiError(404, "unknown_request", f"no request {request_id}") from None

@@ -212,6 +212,28 @@ def test_drained_and_cancelled_states(api: Api, db: Storage) -> None:
     assert api.call("POST", "heartbeat", {"worker": "w", "leases": []}).get_json()["cancelled"]
 
 
+def test_a_retried_call_gets_back_the_leases_its_lost_answer_held(
+    api: Api, db: Storage
+) -> None:
+    first = api.call("POST", "lease", lease_body(2)).get_json()["tasks"]
+    # The answer above never reached the worker (the server died after the commit).
+    again = api.call("POST", "lease", dict(lease_body(2), retry=True)).get_json()["tasks"]
+    assert [t["index"] for t in again] == [t["index"] for t in first] == [1, 2]
+    done = [result(t["index"], t["lease"]) for t in again]
+    body = api.call("POST", "results", results_body(done, max_tasks=1)).get_json()
+    (lost,) = body["tasks"]
+    body = api.call("POST", "results", dict(results_body(done, max_tasks=1), retry=True))
+    assert body.get_json()["duplicates"] == [1, 2]
+    assert [t["index"] for t in body.get_json()["tasks"]] == [lost["index"]]
+    assert db.task_counts(api.rid)["leased"] == 1
+
+
+def test_retry_must_be_a_boolean(api: Api, db: Storage) -> None:
+    response = api.call("POST", "lease", dict(lease_body(1), retry="yes"))
+    assert error_of(response, 400)["code"] == "bad_field"
+    assert "'retry'" in error_of(response, 400)["message"]
+
+
 def test_lease_zero_tasks(api: Api, db: Storage) -> None:
     body = api.call("POST", "lease", lease_body(0)).get_json()
     assert body["tasks"] == []

@@ -14,7 +14,7 @@ from ._tls import certificate_for, fingerprint_sha256
 from .config import Config, ConfigLike, as_config
 from .deployment import Deployer
 from .errors import RemoteError, ServerError, SheepdogError, TaskFailedError
-from .job_file import job_file
+from .job_file import job_file, key_file_name
 from .server import Server, get_server
 from .storage import Storage
 from .watch import Watcher, wait_for_request
@@ -127,18 +127,21 @@ def submit_request(
             fingerprint = fingerprint_sha256(cert.read())
     secret = storage.get_secret(request_id)
     ge_opts = list(config.ge_opts or ()) + config.resource_directives()
+    # The job file names the key file beside it; the secret itself never goes into a job
+    # script, which Grid Engine copies world-readable onto the execution nodes.
+    jobdir = deployer.absolute(config.ssh_dir) + "/"
     text = job_file(
-        url, secret, request_id, storage.count_tasks(request_id), config.shell, ge_opts,
+        url, jobdir + key_file_name(request_id, secret), request_id,
+        storage.count_tasks(request_id), config.shell, ge_opts,
         array_size=n_workers, tls_fingerprint=fingerprint, prologue=config.prologue,
     )
-    deployer.deploy(text, request_id, config.ssh_dir)
+    deployer.deploy(text, request_id, config.ssh_dir, secret=secret)
     qsub_args: list[str] = []
     if config.ge_opts is None:
         # The original's defaults, resolved on the head node and quoted on the command
         # line so that a home directory with spaces cannot break a #$ line.
-        jobdir = deployer.absolute(config.ssh_dir) + "/"
         qsub_args = ["-wd", jobdir, "-o", jobdir, "-e", jobdir]
-    job_id = deployer.submit(request_id, config.ssh_dir, qsub_args=qsub_args)
+    job_id = deployer.submit(request_id, config.ssh_dir, secret=secret, qsub_args=qsub_args)
     # `sheepdog serve` restarts the server on this port: the job file holds this URL.
     storage.add_job(request_id, job_id, n_workers, info={"url": url, "port": server.port})
     return job_id

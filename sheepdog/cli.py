@@ -28,7 +28,7 @@ from ._api import array_size, batch_size, cancel, get_errors, get_output, get_re
 from ._progress import format_counts
 from .config import Config, as_config
 from .errors import SheepdogError
-from .job_file import job_file, stub_source
+from .job_file import job_file, key_file_name, stub_source
 from .storage import OPEN_STATES, Storage
 from .watch import wait_for_request
 
@@ -37,7 +37,7 @@ __all__ = ["main"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_DBFILE = "./sheepdog.sqlite"
-#: Shown in a job file that ``sheepdog jobfile`` renders: never a real request's secret.
+#: Names the key file in a job file that ``sheepdog jobfile`` renders: never a real secret.
 PLACEHOLDER_SECRET = "0" * 64
 
 
@@ -294,14 +294,14 @@ def cmd_jobfile(args: argparse.Namespace) -> int:
     url = f"{scheme}://{config.localhost}:{config.port if config.port else 'PORT'}/"
     ge_opts = list(config.ge_opts or ()) + config.resource_directives()
     text = job_file(
-        url, PLACEHOLDER_SECRET, 1, n, config.shell, ge_opts, array_size=workers,
-        prologue=config.prologue,
+        url, f"/SSH_DIR/{key_file_name(1, PLACEHOLDER_SECRET)}", 1, n, config.shell, ge_opts,
+        array_size=workers, prologue=config.prologue,
     )
     sys.stdout.write(text)
     print(
         f"sheepdog: {len(values)} tasks, {workers} array tasks, batch "
         f"{batch_size(config, n, workers)}, function payload {len(payload)} bytes "
-        f"({config.mode} mode); the secret and request id are placeholders",
+        f"({config.mode} mode); the key file's directory and the request id are placeholders",
         file=sys.stderr,
     )
     return 0

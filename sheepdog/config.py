@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
+from ._directives import LINE_BREAKS, check_ge_opt, check_prologue_line, check_shell
 from .errors import ConfigError
 
 __all__ = ["Config", "as_config"]
@@ -28,8 +29,6 @@ ConfigLike = Union["Config", Mapping[str, Any], str, "os.PathLike[str]"]
 
 _KW_ONLY: dict[str, bool] = {"kw_only": True} if sys.version_info >= (3, 10) else {}
 
-#: Characters that would let a value escape from a ``#$`` directive line or a shebang.
-_LINE_BREAKS = re.compile(r"[\r\n\x00]")
 _HOST = re.compile(r"^[A-Za-z0-9_.:\[\]%-]+$")
 _H_RT = re.compile(r"^(\d+|\d+:\d{1,2}:\d{1,2})$")
 
@@ -216,7 +215,7 @@ def _check_text(key: str, value: object, *, optional: bool = False) -> None:
         return
     _check_type(key, value, (str,), "a string")
     assert isinstance(value, str)
-    if _LINE_BREAKS.search(value):
+    if LINE_BREAKS.search(value):
         raise _fail(key, f"must not contain line breaks or NUL characters ({value!r})")
 
 
@@ -262,27 +261,13 @@ def _validate(c: Config) -> None:
     _check_text("localhost", c.localhost)
     if not _HOST.match(c.localhost):
         raise _fail("localhost", f"is not a valid host name or address: {c.localhost!r}")
-    _check_text("shell", c.shell)
-    if not c.shell.startswith("/") or re.search(r"\s", c.shell):
-        raise _fail(
-            "shell",
-            f"must be an absolute path without spaces (it goes on the #! line and to qsub -S), "
-            f"got {c.shell!r}",
-        )
+    # What goes into the job file is checked here by the job file's own rules.
+    check_shell("shell", c.shell)
     if c.ge_opts is not None:
         if isinstance(c.ge_opts, str) or not isinstance(c.ge_opts, Sequence):
             raise _fail("ge_opts", f"must be a list of strings, not {type(c.ge_opts).__name__}")
         for i, opt in enumerate(c.ge_opts):
-            _check_text(f"ge_opts[{i}]", opt)
-            if not opt.strip().startswith("-"):
-                raise _fail("ge_opts", f"entry {i} is not a qsub option (no leading '-'): {opt!r}")
-            flag = opt.split()[0]
-            if flag in ("-t", "-S"):
-                raise _fail(
-                    "ge_opts",
-                    f"entry {i} sets {flag}, which sheepdog sets itself "
-                    f"({'from the number of tasks and workers' if flag == '-t' else 'from shell'})",
-                )
+            check_ge_opt(i, opt)
     _check_number("ssh_timeout_s", c.ssh_timeout_s, minimum=0.1)
     _check_number("workers", c.workers, minimum=1, optional=True, integer=True)
     _check_number("batch", c.batch, minimum=1, optional=True, integer=True)
@@ -314,13 +299,7 @@ def _validate(c: Config) -> None:
             what = type(c.prologue).__name__
             raise _fail("prologue", f"must be a list of shell lines, not {what}")
         for i, line in enumerate(c.prologue):
-            _check_type(f"prologue[{i}]", line, (str,), "a string")
-            if _LINE_BREAKS.search(line) or "'''" in line:
-                raise _fail(
-                    "prologue",
-                    f"line {i} contains a line break, a NUL or ''' (which would end the "
-                    f"block that Python skips): {line!r}",
-                )
+            check_prologue_line(i, line)
     _check_number("capture_bytes", c.capture_bytes, minimum=0, integer=True)
     _check_number("task_timeout_s", c.task_timeout_s, minimum=0.001, optional=True)
     _check_number("timeout_s", c.timeout_s, minimum=0.001, optional=True)

@@ -22,7 +22,7 @@ from typing import Any
 import paramiko
 
 from .errors import HostKeyError, RemoteCommandError, SSHError, SubmitError
-from .job_file import job_file_name
+from .job_file import job_file_name, key_file_name
 
 __all__ = ["CommandResult", "Deployer", "parse_qsub_output"]
 
@@ -172,8 +172,19 @@ class Deployer:
             transport = self._client.get_transport() if self._client else None
             if self._client is not None and transport is not None and transport.is_active():
                 return self._client
+            if self._client is not None:
+                # A dead connection still holds a socket and paramiko's reader thread.
+                self._client.close()
+                self._client = None
             self._client = self._open()
             return self._client
+
+    def _drop(self, client: paramiko.SSHClient) -> None:
+        """Close ``client`` if it is still the current connection; the next call reconnects."""
+        with self._lock:
+            if self._client is client:
+                self._client = None
+                client.close()
 
     def _open(self) -> paramiko.SSHClient:
         params = self._resolve()
@@ -302,7 +313,7 @@ class Deployer:
         """Run a shell command on the head node with Grid Engine's environment set up."""
         full = SGE_ENV_PREAMBLE + command
         logger.debug("running on %s: %s", self.host, command)
-        channel = self._open_session(command)
+        client, channel = self._open_session(command)
         try:
             channel.settimeout(timeout_s)
             channel.exec_command(full)
@@ -319,8 +330,8 @@ class Deployer:
                 host=self.host,
             ) from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            # A dropped connection is reopened on the next call.
-            self._client = None
+            # A dropped connection is closed here and reopened on the next call.
+            self._drop(client)
             raise SSHError(
                 f"SSH connection to {self.host} failed while running {command!r}: {exc}",
                 host=self.host,
@@ -332,8 +343,9 @@ class Deployer:
             raise error(command, status, out, err, host=self.host)
         return result
 
-    def _open_session(self, command: str) -> paramiko.Channel:
-        """A new session channel; one fresh connection is tried if the old one does not answer.
+    def _open_session(self, command: str) -> tuple[paramiko.SSHClient, paramiko.Channel]:
+        """A new session channel and its connection; one fresh connection is tried if the old
+        one does not answer.
 
         The command has not started when opening fails, so trying again cannot run it twice.
         """
@@ -343,13 +355,10 @@ class Deployer:
             try:
                 if transport is None:
                     raise paramiko.SSHException("the connection is closed")
-                return transport.open_session(timeout=CHANNEL_OPEN_TIMEOUT_S)
+                return client, transport.open_session(timeout=CHANNEL_OPEN_TIMEOUT_S)
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 logger.warning("SSH channel to %s failed (%s); reconnecting", self.host, exc)
-                with self._lock:
-                    if self._client is client:
-                        client.close()
-                        self._client = None
+                self._drop(client)
                 if attempt == 2:
                     raise SSHError(
                         f"cannot open an SSH session on {self.host} to run {command!r}: {exc}",
@@ -373,21 +382,27 @@ class Deployer:
             return directory.rstrip("/") or "/"
         return f"{self.home().rstrip('/')}/{directory}".rstrip("/")
 
-    def deploy(self, jobfile: str, request_id: int, directory: str) -> str:
-        """Copy the job file text into ``directory`` (made 0700) as ``sheepdog_NNN.py``.
+    def deploy(self, jobfile: str, request_id: int, directory: str, *, secret: str) -> str:
+        """Copy the job file text and its key file into ``directory`` (made 0700); return its path.
 
-        The file is made 0700 before its content (which holds the request's
-        secret) is written. Returns the remote path.
+        The key file (``key_file_name``) holds the request's secret and is made
+        0600 before anything is written to it; the job file, 0700, names it. Both
+        go over SFTP, never on a command line.
         """
         absdir = self.absolute(directory)
         self.run(f"mkdir -p -m 700 {shlex.quote(absdir)} && chmod 700 {shlex.quote(absdir)}")
-        path = f"{absdir}/{job_file_name(request_id)}"
+        key_path = f"{absdir}/{key_file_name(request_id, secret)}"
+        path = f"{absdir}/{job_file_name(request_id, secret)}"
         client = self.connect()
         try:
             with client.open_sftp() as sftp:
-                with sftp.open(path, "w") as fh:
-                    sftp.chmod(path, stat.S_IRWXU)
-                    fh.write(jobfile.encode("utf-8"))
+                for target, text, mode in (
+                    (key_path, secret + "\n", stat.S_IRUSR | stat.S_IWUSR),
+                    (path, jobfile, stat.S_IRWXU),
+                ):
+                    with sftp.open(target, "w") as fh:
+                        sftp.chmod(target, mode)
+                        fh.write(text.encode("utf-8"))
         except (OSError, paramiko.SSHException) as exc:
             raise SSHError(f"cannot write job file {path} on {self.host}: {exc}") from exc
         logger.info("deployed job file for request %d to %s:%s", request_id, self.host, path)
@@ -398,11 +413,15 @@ class Deployer:
         request_id: int,
         directory: str,
         *,
+        secret: str,
         qsub_args: list[str] | tuple[str, ...] = (),
     ) -> str:
-        """Submit the request's job file with ``qsub -terse``; return the Grid Engine job id."""
+        """Submit the request's job file with ``qsub -terse``; return the Grid Engine job id.
+
+        ``secret`` is the request's secret, which names the job file (it is not sent).
+        """
         absdir = self.absolute(directory)
-        path = f"{absdir}/{job_file_name(request_id)}"
+        path = f"{absdir}/{job_file_name(request_id, secret)}"
         args = " ".join(shlex.quote(a) for a in qsub_args)
         command = f"cd {shlex.quote(absdir)} && qsub -terse {args} {shlex.quote(path)}"
         result = self.run(command, error=SubmitError)

@@ -3,13 +3,18 @@
 A job file is a Python script with Grid Engine directives in its leading
 comment block: ``#!shell``, ``#$ -S shell``, ``#$ -t 1-N``, the user's
 ``ge_opts``, then the worker stub's source and a call
-``Client(url, secret, request_id, job_index, ...).go()``. Rendering is a pure
-function; :func:`write_job_file` does the local I/O with owner-only modes,
-since a job file holds its request's secret.
+``Client(url, None, request_id, job_index, secret_file=..., ...).go()``.
+
+A job file never holds its request's secret: ``qsub`` hands the script to
+Grid Engine, which copies it world-readable into every execution node's
+spool. The secret goes into a key file beside it (mode 0600, in the 0700
+``ssh_dir``), and the job file names that file's path. Rendering is a pure
+function; :func:`write_job_file` does the local I/O with owner-only modes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -19,13 +24,17 @@ from pathlib import Path
 
 import sheepdog
 
+from ._directives import check_ge_opt, check_line, check_prologue_line, check_shell
 from .errors import ConfigError
 
 __all__ = [
     "JOB_DIR_MODE",
     "JOB_FILE_MODE",
+    "KEY_FILE_MODE",
     "job_file",
     "job_file_name",
+    "job_stem",
+    "key_file_name",
     "stub_path",
     "stub_source",
     "write_job_file",
@@ -33,18 +42,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Job files hold their request's secret: only their owner may read them.
+#: Job files: only their owner may read them (they name the key file and the server).
 JOB_FILE_MODE = 0o700
-#: The directory that holds job files: only its owner may list or enter it.
+#: Key files hold their request's secret: only their owner may read them.
+KEY_FILE_MODE = 0o600
+#: The directory that holds job and key files: only its owner may list or enter it.
 JOB_DIR_MODE = 0o700
 
-#: Options that sheepdog sets itself; a second one in ge_opts would conflict.
-_RESERVED_OPTIONS = {
-    "-t": "the array range is set by sheepdog from the number of arguments (array_size)",
-    "-S": "the interpreter is set by sheepdog from the `shell` option",
-}
-# A line break would end the `#$` line and let the rest inject a directive or code.
-_LINE_BREAKS = re.compile(r"[\n\r\x00\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 _OPTION_TYPES = (bool, int, float, str, type(None))
 
 
@@ -67,64 +71,49 @@ def stub_source() -> str:
     return stub_path().read_text(encoding="utf-8")
 
 
-def job_file_name(request_id: int) -> str:
-    """Return the job file's name for a request, as the original named it (sheepdog_032.py)."""
-    return f"sheepdog_{request_id:03d}.py"
+def job_stem(request_id: int, secret: str) -> str:
+    """Return the name, without suffix, of a request's job and key files (sheepdog_032_1a2b...).
+
+    The original named job files ``sheepdog_<request id>.py``, which two databases
+    sharing one ``ssh_dir`` both use: one would overwrite the other's file between
+    copy and qsub. The tag is derived from the request's secret, so it differs
+    between databases and any process holding the database can name the files
+    again; being a hash with its own prefix, it reveals nothing of the secret
+    (it is visible in ``qstat`` output).
+    """
+    tag = hashlib.sha256(b"sheepdog job file name\n" + secret.encode("ascii")).hexdigest()
+    return f"sheepdog_{request_id:03d}_{tag[:12]}"
 
 
-def _directive_value(what: str, value: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{what} must be a string, not {type(value).__name__}: {value!r}")
-    if _LINE_BREAKS.search(value):
-        raise ConfigError(
-            f"{what} {value!r} contains a line break, which would end its `#$` line in the "
-            "job file and turn the rest into another directive; remove it",
-            key=what.split()[0],
-        )
-    return value
+def job_file_name(request_id: int, secret: str) -> str:
+    """Return the job file's name for a request: ``sheepdog_032_<tag>.py``."""
+    return job_stem(request_id, secret) + ".py"
 
 
-def _check_ge_opt(opt: str) -> str:
-    _directive_value("ge_opts entry", opt)
-    try:
-        words = shlex.split(opt)
-    except ValueError:
-        words = opt.split()
-    for word in words:
-        if word in _RESERVED_OPTIONS:
-            raise ConfigError(
-                f"ge_opts entry {opt!r} sets {word}, but {_RESERVED_OPTIONS[word]}; "
-                f"remove {word} from ge_opts",
-                key="ge_opts",
-            )
-    return opt
+def key_file_name(request_id: int, secret: str) -> str:
+    """Return the name of the file beside the job file that holds the request's secret."""
+    return job_stem(request_id, secret) + ".key"
 
 
-def _check_secret(password: str) -> None:
+def _check_secret(secret: str) -> None:
     # The message never shows the secret itself.
-    if not isinstance(password, str) or not re.fullmatch(r"(?:[0-9a-fA-F]{2}){16,}", password):
+    if not isinstance(secret, str) or not re.fullmatch(r"(?:[0-9a-fA-F]{2}){16,}", secret):
         raise ConfigError(
             "the request secret must be a string of at least 32 hex characters (128 bits), "
             "as Storage.new_request creates it",
-            key="password",
+            key="secret",
         )
 
 
-def _check_prologue(prologue: Sequence[str] | None) -> list[str]:
-    if prologue is None:
-        return []
-    if isinstance(prologue, str):
-        raise ConfigError("prologue must be a list of shell lines, not one string", key="prologue")
-    lines = []
-    for line in prologue:
-        if not isinstance(line, str) or _LINE_BREAKS.search(line) or "'''" in line:
-            raise ConfigError(
-                f"prologue line {line!r} must be a string without line breaks, NUL or ''' "
-                "(which would end the shell block that Python skips)",
-                key="prologue",
-            )
-        lines.append(line)
-    return lines
+def _check_secret_file(secret_file: object) -> str:
+    if not isinstance(secret_file, str) or not secret_file.startswith("/"):
+        raise ConfigError(
+            "job_file's second argument is the absolute path, on the cluster, of the file that "
+            "holds the request's secret (job files no longer carry the secret itself: Grid "
+            f"Engine copies them world-readable); got a {type(secret_file).__name__} that is not",
+            key="secret_file",
+        )
+    return check_line("secret_file", secret_file)
 
 
 def _render_options(options: Mapping[str, object]) -> str:
@@ -142,7 +131,7 @@ def _render_options(options: Mapping[str, object]) -> str:
 
 def job_file(
     url: str,
-    password: str,
+    secret_file: str,
     request_id: int,
     n_args: int,
     shell: str,
@@ -155,18 +144,22 @@ def job_file(
 ) -> str:
     """Format the job file for one request, ready for deployment.
 
-    ``url`` is where workers reach the server; ``password`` the request's
-    secret (hex); ``n_args`` the number of tasks; ``shell`` the worker Python
-    (used for ``#!`` and ``-S``); ``grid_engine_opts`` raw qsub options, one
-    ``#$`` line each. ``array_size`` makes the array smaller than ``n_args``
-    (each array task leases until no work is left). ``client_options`` are
-    passed to the stub's ``Client`` (``batch``, ``retry_s``,
-    ``mem_limit_bytes``). Raises ConfigError for a value that cannot be
-    written safely. ``prologue`` lines run in ``/bin/sh`` on the worker before
-    it execs ``shell`` on this same file (``module load``, activating a
-    virtualenv).
+    ``url`` is where workers reach the server; ``secret_file`` the absolute
+    path, on the cluster, of the 0600 file that holds the request's secret
+    (named by :func:`key_file_name`; the job file never holds the secret);
+    ``n_args`` the number of tasks; ``shell`` the worker Python (used for
+    ``#!`` and ``-S``); ``grid_engine_opts`` raw qsub options, one ``#$`` line
+    each. ``array_size`` makes the array smaller than ``n_args`` (each array
+    task leases until no work is left). ``client_options`` are passed to the
+    stub's ``Client`` (``batch``, ``retry_s``, ``mem_limit_bytes``). Raises
+    ConfigError for a value that cannot be written safely, by the same rules
+    as :class:`~sheepdog.Config`. ``prologue`` lines run in ``/bin/sh`` on the
+    worker before it execs ``shell`` on this same file (``module load``,
+    activating a virtualenv).
     """
-    prologue_lines = _check_prologue(prologue)
+    if isinstance(prologue, str):
+        raise ConfigError("prologue must be a list of shell lines, not one string", key="prologue")
+    prologue_lines = [check_prologue_line(i, line) for i, line in enumerate(prologue or ())]
     if isinstance(request_id, bool) or not isinstance(request_id, int) or request_id < 1:
         raise ConfigError(f"request_id must be a positive int, not {request_id!r}")
     size = n_args if array_size is None else array_size
@@ -175,16 +168,15 @@ def job_file(
             raise ConfigError(f"{what} must be a positive int, not {number!r}", key=what)
     if not isinstance(url, str) or not re.match(r"https?://", url):
         raise ConfigError(f"the server URL must start with http:// or https://, not {url!r}")
-    _check_secret(password)
-    _directive_value("shell", shell)
-    if not shell.strip():
-        raise ConfigError("shell must name the worker's Python interpreter", key="shell")
+    key_path = _check_secret_file(secret_file)
+    check_shell("shell", shell)
     if isinstance(grid_engine_opts, str):
         raise ConfigError("ge_opts must be a list of strings, not one string", key="ge_opts")
-    opts = [_check_ge_opt(opt) for opt in grid_engine_opts]
+    opts = [check_ge_opt(i, opt) for i, opt in enumerate(grid_engine_opts)]
     options = dict(client_options or {})
     if tls_fingerprint is not None:
         options["tls_fingerprint"] = tls_fingerprint
+    options["secret_file"] = key_path
     if prologue_lines:
         # sh runs the prologue, then execs the worker Python on this same file; to Python,
         # ''''true opens a string that the closing ''' ends, so it skips the shell block.
@@ -204,34 +196,47 @@ def job_file(
         head += [f"#$ {opt}" for opt in opts]
     lines = [
         *head,
-        f"# sheepdog job file for request {request_id}: {n_args} tasks. It holds the",
-        "# request's secret: keep it private.",
+        f"# sheepdog job file for request {request_id}: {n_args} tasks. The request's",
+        "# secret is not in here but in the key file that the last line names (mode 0600).",
         stub_source().rstrip("\n"),
         "",
         "",
         'if __name__ == "__main__":',
-        f"    Client({url!r}, {password!r}, {request_id!r},"
+        f"    Client({url!r}, None, {request_id!r},"
         f' int(os.environ.get("SGE_TASK_ID", "1")){_render_options(options)}).go()',
         "",
     ]
     return "\n".join(lines)
 
 
-def write_job_file(text: str, directory: str | os.PathLike[str], request_id: int) -> Path:
-    """Write a job file into ``directory`` (created, mode 0700) with mode 0700; return its path."""
-    folder = Path(directory)
-    folder.mkdir(mode=JOB_DIR_MODE, parents=True, exist_ok=True)
-    os.chmod(folder, JOB_DIR_MODE)  # an existing directory may have been group-readable
-    path = folder / job_file_name(request_id)
-    partial = folder / f".{path.name}.{os.getpid()}.tmp"
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, JOB_FILE_MODE)
+def _write_private(path: Path, data: str, mode: int) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), JOB_FILE_MODE)  # an older partial file may have had other bits
-            f.write(text)
+            os.fchmod(f.fileno(), mode)  # an older partial file may have had other bits
+            f.write(data)
         os.replace(partial, path)  # readers never see half a file
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def write_job_file(
+    text: str, directory: str | os.PathLike[str], request_id: int, secret: str
+) -> Path:
+    """Write a job file and its key file into ``directory`` (made 0700); return the job's path.
+
+    The job file is made 0700 and the key file, which holds ``secret``, 0600.
+    Render the job file with ``secret_file`` set to
+    ``directory / key_file_name(request_id, secret)``.
+    """
+    _check_secret(secret)
+    folder = Path(directory)
+    folder.mkdir(mode=JOB_DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(folder, JOB_DIR_MODE)  # an existing directory may have been group-readable
+    _write_private(folder / key_file_name(request_id, secret), secret + "\n", KEY_FILE_MODE)
+    path = folder / job_file_name(request_id, secret)
+    _write_private(path, text, JOB_FILE_MODE)
     logger.debug("wrote job file %s", path)
     return path

@@ -18,10 +18,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sheepdog.job_file import job_file, key_file_name, write_job_file
 from sheepdog.serialisation import stub_decoding_source
 
 #: The Python that plays the worker: Debian's, if present (same minor version here).
 WORKER_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+
+def write_job(
+    directory: Path, url: str, secret: str, request_id: int, n_args: int,
+    ge_opts: tuple[str, ...] | list[str] = (), **options: Any,
+) -> Path:
+    """Render and write a job file and the key file it names, as a deployment does remotely."""
+    key = Path(directory).absolute() / key_file_name(request_id, secret)
+    text = job_file(url, str(key), request_id, n_args, WORKER_PYTHON, list(ge_opts), **options)
+    return write_job_file(text, directory, request_id, secret)
+
 
 # Python 3.6 syntax: this runs under old worker Pythons too.
 _SERVE = r'''

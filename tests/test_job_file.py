@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 
 import sheepdog.client
+from sheepdog import Config
 from sheepdog.errors import ConfigError
 from sheepdog.job_file import (
     JOB_DIR_MODE,
     JOB_FILE_MODE,
+    KEY_FILE_MODE,
     job_file,
     job_file_name,
+    key_file_name,
     stub_path,
     stub_source,
     write_job_file,
@@ -24,13 +27,14 @@ from sheepdog.job_file import (
 GOLDEN = Path(__file__).parent / "golden" / "job_file.txt"
 STUB_PLACEHOLDER = "# <worker stub source: worker_stub/sheepdog_worker.py>"
 SECRET = "0123456789abcdef" * 4
+KEY_FILE = "/home/me/.sheepdog/" + key_file_name(12, SECRET)
 REPO = Path(__file__).resolve().parent.parent
 
 
 def render(**overrides: object) -> str:
     values: dict[str, object] = {
         "url": "http://submit.example.org:5000/",
-        "password": SECRET,
+        "secret_file": KEY_FILE,
         "request_id": 12,
         "n_args": 30,
         "shell": "/usr/bin/python3",
@@ -81,11 +85,14 @@ def test_job_file_is_valid_python_with_the_stub_and_its_directives() -> None:
         "#$ -r y",
     ]
     call = client_call(text)
+    # The secret is not in the job file: the second argument is None, and the
+    # secret_file keyword names the key file beside it.
     assert [ast.literal_eval(arg) for arg in call.args[:3]] == [
         "http://submit.example.org:5000/",
-        SECRET,
+        None,
         12,
     ]
+    assert ast.literal_eval(call.keywords[-1].value) == KEY_FILE
     assert ast.unparse(call.args[3]) == "int(os.environ.get('SGE_TASK_ID', '1'))"
 
 
@@ -127,13 +134,14 @@ def test_awkward_url_and_options_round_trip_as_python_literals(awkward: str) -> 
     assert {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords} == {
         **options,
         "tls_fingerprint": f"ab:{awkward}",
+        "secret_file": KEY_FILE,
     }
     # The Python literal never spills onto a line of its own.
     assert text.count("\n") == render().count("\n")
 
 
 def test_awkward_directive_values_are_kept_on_their_line_or_rejected(awkward: str) -> None:
-    shell = f"/opt/py {awkward}/bin/python3"
+    shell = f"/opt/py{awkward}/bin/python3"
     opt = f"-N job{awkward}"
     if has_line_break(awkward):
         with pytest.raises(ConfigError, match="line break"):
@@ -141,6 +149,17 @@ def test_awkward_directive_values_are_kept_on_their_line_or_rejected(awkward: st
         with pytest.raises(ConfigError, match="line break"):
             render(grid_engine_opts=[opt])
         return
+    # The shell goes on the #! line, where a space would split it: the rule that Config
+    # applies (one rule, in sheepdog/_directives.py) refuses it here too.
+    if " " in shell:
+        with pytest.raises(ConfigError, match="'shell'"):
+            render(shell=shell)
+        with pytest.raises(ConfigError, match="'shell'"):
+            Config(host="h", shell=shell)
+        shell = "/opt/py/bin/python3"
+    else:
+        assert Config(host="h", shell=shell).shell == shell
+    assert Config(host="h", ge_opts=(opt,)).ge_opts == (opt,)
     text = render(shell=shell, grid_engine_opts=[opt])
     compile(text, "job", "exec")
     header = text.split('"""', 1)[0].splitlines()
@@ -151,6 +170,32 @@ def test_awkward_directive_values_are_kept_on_their_line_or_rejected(awkward: st
     import shlex
 
     assert shlex.split(s_lines[0][len("#$ -S ") :]) == [shell]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"ge_opts": ("-N a\x0bb",)},  # a vertical tab ends a line for Python and Grid Engine
+        {"ge_opts": ("-N a\u2028b",)},
+        {"ge_opts": ("-l h_rt=1 -t 1-5",)},  # -t after another option
+        {"ge_opts": ("-cwd -S '/bin/sh'",)},
+        {"prologue": ("echo a\x0cb",)},
+        {"shell": "/usr/bin/python3\x85"},
+    ],
+)
+def test_config_refuses_what_the_job_file_would_refuse(values: dict[str, object]) -> None:
+    # Before, Config accepted these and the request was stored, then failed as "never
+    # submitted" when job_file refused them: now both apply one rule, at Config time.
+    with pytest.raises(ConfigError) as from_config:
+        Config(host="h", **values)  # type: ignore[arg-type]
+    overrides = {
+        "grid_engine_opts": list(values.get("ge_opts", ())),
+        "prologue": values.get("prologue"),
+        "shell": values.get("shell", "/usr/bin/python3"),
+    }
+    with pytest.raises(ConfigError) as from_job_file:
+        render(**overrides)
+    assert from_config.value.key == from_job_file.value.key
 
 
 @pytest.mark.parametrize("opt", ["-t 1-5", "-S /bin/sh", "-l a=1 -t 2", "-cwd -S '/bin/sh'"])
@@ -166,8 +211,10 @@ def test_other_dash_t_options_are_allowed() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"password": "hunter2"}, "at least 32 hex"),
-        ({"password": "zz" * 32}, "at least 32 hex"),
+        ({"secret_file": SECRET}, "absolute path"),
+        ({"secret_file": "relative/key"}, "absolute path"),
+        ({"secret_file": None}, "absolute path"),
+        ({"secret_file": "/a\nb"}, "line break"),
         ({"request_id": 0}, "request_id"),
         ({"n_args": 0}, "n_args"),
         ({"array_size": 0}, "array_size"),
@@ -227,19 +274,52 @@ def test_write_job_file_is_private(tmp_path: Path) -> None:
     folder = tmp_path / "jobs"
     folder.mkdir(mode=0o755)
     folder.chmod(0o755)
-    path = write_job_file("first", folder, 7)
-    path = write_job_file("second", folder, 7)
-    assert path == folder / "sheepdog_007.py" == folder / job_file_name(7)
+    path = write_job_file("first", folder, 7, SECRET)
+    path = write_job_file("second", folder, 7, SECRET)
+    assert path == folder / job_file_name(7, SECRET)
     assert path.read_text() == "second"
     assert stat.S_IMODE(path.stat().st_mode) == JOB_FILE_MODE == 0o700
     assert stat.S_IMODE(folder.stat().st_mode) == JOB_DIR_MODE == 0o700
-    assert sorted(p.name for p in folder.iterdir()) == ["sheepdog_007.py"]
+    key = folder / key_file_name(7, SECRET)
+    assert key.read_text() == SECRET + "\n"
+    assert stat.S_IMODE(key.stat().st_mode) == KEY_FILE_MODE == 0o600
+    assert sorted(p.name for p in folder.iterdir()) == sorted([path.name, key.name])
 
 
 def test_write_job_file_creates_missing_directories(tmp_path: Path) -> None:
-    path = write_job_file("x", tmp_path / "a" / "b", 1234)
-    assert path.name == "sheepdog_1234.py"
+    path = write_job_file("x", tmp_path / "a" / "b", 1234, SECRET)
+    assert path.name.startswith("sheepdog_1234_")
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_the_job_file_names_the_key_file_and_never_holds_the_secret() -> None:
+    # Grid Engine copies job scripts world-readable into each execution node's spool.
+    for text in (render(), render(prologue=["true"]), render(tls_fingerprint="ab" * 32)):
+        assert SECRET not in text
+        assert SECRET[::-1] not in text
+        call = client_call(text)
+        assert ast.literal_eval(call.args[1]) is None
+        assert {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}["secret_file"] == (
+            KEY_FILE
+        )
+
+
+def test_job_files_are_named_apart_per_database() -> None:
+    # Two databases that share ssh_dir both have a request 12: their files must not clash.
+    other = "fedcba9876543210" * 4
+    assert job_file_name(12, SECRET) != job_file_name(12, other)
+    assert key_file_name(12, SECRET) != key_file_name(12, other)
+    assert job_file_name(12, SECRET).startswith("sheepdog_012_")
+    assert job_file_name(12, SECRET)[:-3] == key_file_name(12, SECRET)[:-4]
+    # The name is all anyone sees of the secret; it is a hash, not a piece of it.
+    tag = job_file_name(12, SECRET)[len("sheepdog_012_"):-3]
+    assert tag not in SECRET
+
+
+def test_write_job_file_refuses_a_bad_secret(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="at least 32 hex") as info:
+        write_job_file("x", tmp_path, 1, "hunter2")
+    assert "hunter2" not in str(info.value)
 
 
 def test_stub_source_is_the_checkout_file() -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from sheepdog.deployment import parse_qsub_output
@@ -100,8 +102,9 @@ def test_qacct_and_reasons() -> None:
 
 
 def test_job_file_name() -> None:
-    assert job_file_name(32) == "sheepdog_032.py"
-    assert job_file_name(1234) == "sheepdog_1234.py"
+    # Named like the original's sheepdog_032.py, plus a tag per database (see job_stem).
+    assert re.fullmatch(r"sheepdog_032_[0-9a-f]{12}\.py", job_file_name(32, "ab" * 32))
+    assert re.fullmatch(r"sheepdog_1234_[0-9a-f]{12}\.py", job_file_name(1234, "ab" * 32))
 
 
 QSTAT_J_WAITING = """\

@@ -4,7 +4,8 @@ Standard library only, Python 3.6+. It is pasted into every job file, so it is
 kept short and readable. The protocol it speaks is documented in
 docs/protocol.rst of the sheepdog project. Exit status: 0 when no work is left,
 3 protocol failure, 4 authentication failure, 5 the function cannot be loaded
-here, 6 a task overran its timeout where it could not be interrupted.
+here, 6 a task overran its timeout where it could not be interrupted, 7 the request's
+secret file cannot be read on this node.
 """
 
 import base64
@@ -191,6 +192,7 @@ EXIT_PROTOCOL = 3  # the server stayed unreachable, refused a call or answered n
 EXIT_AUTH = 4  # the server rejected our signature, or an answer was not signed by it
 EXIT_VERSION = 5  # the function cannot be loaded here (another Python version, a missing module)
 EXIT_STUCK = 6  # a task overran its timeout where Python could not interrupt it
+EXIT_SECRET = 7  # the request's secret file cannot be read here (ssh_dir is not shared?)
 # sge_types(5) memory_specifier: k/m/g/t count in powers of 1000, K/M/G/T of 1024.
 MEMORY_UNITS = dict([("", 1)] + [(u, 1000 ** (i + 1)) for i, u in enumerate("kmgt")]
                     + [(u, 1024 ** (i + 1)) for i, u in enumerate("KMGT")])
@@ -257,6 +259,40 @@ def sign_response(secret_hex, request_signature, body):
     """Sign an answer to the call that carried `request_signature`."""
     message = "response\n%s\n%s" % (request_signature, hashlib.sha256(body).hexdigest())
     return hmac.new(bytes.fromhex(secret_hex), message.encode(), hashlib.sha256).hexdigest()
+
+
+def read_secret(path):
+    """Return the request's secret (hex) from its key file, or say plainly why it cannot."""
+    host = socket.gethostname()
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            secret = f.read(4096).strip()
+    except FileNotFoundError:
+        raise ProtocolFailure(
+            "the request's secret file %s does not exist on %s. sheepdog writes it on the head "
+            "node beside the job file, in ssh_dir, and the job file holds only its path, so the "
+            "execution nodes must see ssh_dir at the same path: set ssh_dir to a directory on a "
+            "file system shared by the head node and the execution nodes (such as your home "
+            "directory)" % (path, host), EXIT_SECRET) from None
+    except OSError as e:
+        raise ProtocolFailure("cannot read the request's secret file %s on %s (%s); it must be "
+                              "readable by the user the job runs as" % (path, host, e),
+                              EXIT_SECRET) from None
+    if not re.match(r"^(?:[0-9a-fA-F]{2}){16,}$", secret):
+        raise ProtocolFailure("the request's secret file %s on %s does not hold a secret (hex "
+                              "digits); was it overwritten?" % (path, host), EXIT_SECRET)
+    return secret
+
+
+def safe_text(obj):
+    """str(obj), or a stand-in when its __str__ raises: a task's exception may do anything."""
+    try:
+        return str(obj)
+    except Exception as e:
+        try:
+            return "<unprintable %s: str() raised %s>" % (type(obj).__name__, type(e).__name__)
+        except Exception:
+            return "<unprintable object>"
 
 
 def say(message, stream):
@@ -412,12 +448,17 @@ class Client:
     """Find out what to do, do it, report back: the worker side of one array task."""
 
     def __init__(self, url, password, request_id, job_index, batch=None, retry_s=600.0,
-                 tls_fingerprint=None, mem_limit_bytes=None, stuck_grace_s=30.0):
+                 tls_fingerprint=None, mem_limit_bytes=None, stuck_grace_s=30.0,
+                 secret_file=None):
         self.request_id, self.job_index = int(request_id), job_index
         self.host = socket.gethostname()
         self.worker = "%s:%d:%s" % (self.host, os.getpid(), job_index)
         self.batch, self.mem_limit_bytes = batch, mem_limit_bytes
-        self.connect = lambda: Connection(url, password, self.request_id, retry_s, tls_fingerprint)
+        # Job files name a 0600 key file instead of holding the secret: Grid Engine copies
+        # job scripts world-readable into each execution node's spool. It is read in go().
+        self.password, self.secret_file = password, secret_file
+        self.connect = lambda: Connection(url, self.password, self.request_id, retry_s,
+                                          tls_fingerprint)
         self.conn = self.connect()
         self.out, self.err = sys.stdout, sys.stderr  # the real streams, whatever a task does
         self.function, self.protocol, self.settings = None, None, {}
@@ -430,6 +471,9 @@ class Client:
     def go(self):
         """Run tasks until none is left; on a failure say why on stderr and exit non-zero."""
         try:
+            if self.secret_file is not None:
+                self.password = read_secret(self.secret_file)
+                self.conn = self.connect()
             self.set_memlimit()
             self.get_details()
             self.run()
@@ -438,7 +482,14 @@ class Client:
             sys.exit(e.exit_status)
         except (KeyError, TypeError, ValueError) as e:
             say("sheepdog: worker %s stops: an answer from the server is not as docs/protocol.rst"
-                " says (%s: %s)" % (self.worker, type(e).__name__, e), self.err)
+                " says (%s: %s)" % (self.worker, type(e).__name__, safe_text(e)), self.err)
+            sys.exit(EXIT_PROTOCOL)
+        except (Exception, KeyboardInterrupt) as e:
+            # Never let a traceback reach the job file's own last line: it is printed from
+            # here down only, and the worker exits with a status that qacct shows.
+            say("sheepdog: worker %s stops on an unexpected %s: %s\n%s" % (
+                self.worker, type(e).__name__, safe_text(e), safe_text(traceback.format_exc())),
+                self.err)
             sys.exit(EXIT_PROTOCOL)
         say("sheepdog: worker %s: no tasks left" % self.worker, self.out)
 
@@ -553,11 +604,17 @@ class Client:
             raise TaskTimeout("timed out after %g s" % self.settings["task_timeout_s"])
 
     def describe(self, exc, trace):
+        """The error record of a task's exception; survives any exception object."""
         kind = type(exc)
-        name = kind.__name__ if kind.__module__ in ("builtins", "__main__") else (
-            "%s.%s" % (kind.__module__, kind.__qualname__))
+        try:
+            module = kind.__module__
+            name = kind.__name__ if module in ("builtins", "__main__") else (
+                "%s.%s" % (module, kind.__qualname__))
+            name = safe_text(name)
+        except Exception:
+            name = "<unnamed exception>"
         return {"type": "TaskTimeout" if isinstance(exc, TaskTimeout) else name,
-                "message": str(exc), "traceback": trace, "host": self.host,
+                "message": safe_text(exc), "traceback": safe_text(trace), "host": self.host,
                 "python": sys.version.split()[0]}
 
     def watch(self):

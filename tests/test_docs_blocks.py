@@ -20,7 +20,7 @@ import pytest
 import sheepdog
 from sheepdog.config import as_config
 from sheepdog.deployment import Deployer
-from sheepdog.job_file import job_file
+from sheepdog.job_file import job_file, job_stem, key_file_name
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -28,8 +28,9 @@ PYTHON = {"python", "python3", "py", "pycon", "ipython"}
 
 CONFIG_LINE = 'conf = {"host": "fear", "ge_opts": ["-l ubuntu=1", "-l lr=0"]}'
 CLIENT_LINE = (
-    "Client('http://your.host:1234/', '<64 hex characters>', 32, "
-    'int(os.environ.get("SGE_TASK_ID", "1"))).go()'
+    "Client('http://your.host:1234/', None, 32, "
+    'int(os.environ.get("SGE_TASK_ID", "1")), '
+    "secret_file='/home/you/.sheepdog/sheepdog_032_<tag>.key').go()"
 )
 
 #: Python blocks that are not whole programs: (file, first line) -> the test that runs it.
@@ -193,9 +194,10 @@ def test_the_three_ways_to_write_a_config(tmp_path: Path, monkeypatch: pytest.Mo
 def test_the_client_line_is_the_last_line_of_a_job_file() -> None:
     (shown,) = block("tips.rst", CLIENT_LINE).lines
     secret = "ab" * 32
-    text = job_file("http://your.host:1234/", secret, 32, 10, "/usr/bin/python3", [])
+    key = "/home/you/.sheepdog/" + key_file_name(32, secret)
+    text = job_file("http://your.host:1234/", key, 32, 10, "/usr/bin/python3", [])
     last = text.rstrip("\n").splitlines()[-1].strip()
-    assert last == shown.replace("<64 hex characters>", secret)
+    assert last == shown.replace("<tag>", job_stem(32, secret).rsplit("_", 1)[1])
 
 
 def test_the_job_file_shown_with_a_prologue_is_what_sheepdog_writes() -> None:
@@ -208,7 +210,7 @@ def test_the_job_file_shown_with_a_prologue_is_what_sheepdog_writes() -> None:
     tasks = re.fullmatch(r"#\$ -t 1-(\d+)", head[2])
     assert tasks, head[2]
     n = int(tasks.group(1))
-    text = job_file("http://h:1/", "0" * 64, 1, n, shell.group(1), [], array_size=n,
+    text = job_file("http://h:1/", "/h/.sheepdog/k.key", 1, n, shell.group(1), [], array_size=n,
                     prologue=prologue)
     assert text.splitlines()[: len(head)] == head
 

@@ -26,6 +26,7 @@ import sheepdog
 import sheepdog.executor
 from sheepdog.errors import RemoteError, SerialisationError, SheepdogError
 from sheepdog.executor import Executor, chunk_applier, kwargs_applier
+from sheepdog.job_file import key_file_name
 from sheepdog.serialisation import deserialise_value, serialise_function, serialise_value
 from sheepdog.storage import Storage
 
@@ -45,13 +46,17 @@ class LocalDeployer:
     def absolute(self, directory: str) -> str:
         return str(self.workdir / directory)
 
-    def deploy(self, jobfile: str, request_id: int, directory: str) -> str:
+    def deploy(self, jobfile: str, request_id: int, directory: str, *, secret: str) -> str:
         path = self.workdir / f"job_{request_id}.py"
         path.write_text(jobfile, encoding="utf-8")
+        # The key file the job file names, as Deployer.deploy writes it beside the job file.
+        folder = Path(self.absolute(directory))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / key_file_name(request_id, secret)).write_text(secret + "\n")
         self.files[request_id] = path
         return str(path)
 
-    def submit(self, request_id: int, directory: str, qsub_args: Any = ()) -> str:
+    def submit(self, request_id: int, directory: str, *, secret: str, qsub_args: Any = ()) -> str:
         path = self.files[request_id]
         match = re.search(r"^#\$ -t 1-(\d+)$", path.read_text(encoding="utf-8"), re.M)
         assert match is not None

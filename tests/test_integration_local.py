@@ -20,10 +20,11 @@ from typing import Any
 
 import pytest
 
-from sheepdog.job_file import job_file, write_job_file
+from sheepdog.job_file import key_file_name
 from sheepdog.serialisation import deserialise_value, serialise_args, serialise_function
 from sheepdog.server import Server
 from sheepdog.storage import Storage
+from stubrunner import write_job
 
 pytestmark = pytest.mark.slow
 
@@ -89,16 +90,15 @@ class Setup:
         )
 
     def job(self, request_id: int, n_args: int, **client_options: Any) -> Path:
-        text = job_file(
+        return write_job(
+            self.tmp_path / "jobs",
             self.server.url_for("127.0.0.1"),
             self.storage.get_secret(request_id),
             request_id,
             n_args,
-            WORKER_PYTHON,
             ["-l h_rt=0:10:0,h_vmem=4G", "-r y"],
             client_options={"retry_s": 20.0, **client_options},
         )
-        return write_job_file(text, self.tmp_path / "jobs", request_id)
 
     def start(self, job: Path, task_id: int) -> subprocess.Popen[str]:
         env = {**os.environ, "SGE_TASK_ID": str(task_id)}
@@ -233,15 +233,52 @@ def test_an_uninterruptible_task_is_reported_and_the_worker_exits(setup: Setup) 
 
 def test_a_wrong_secret_exits_with_the_auth_status(setup: Setup) -> None:
     rid = setup.request(square, [1])
-    text = job_file(
-        setup.server.url_for("127.0.0.1"), "ab" * 32, rid, 1, WORKER_PYTHON, [],
-        client_options={"retry_s": 5.0},
-    )
-    job = write_job_file(text, setup.tmp_path / "jobs", rid)
+    job = write_job(setup.tmp_path / "jobs", setup.server.url_for("127.0.0.1"), "ab" * 32, rid, 1,
+                    client_options={"retry_s": 5.0})
     code, out, err = finish(setup.start(job, 1))
     assert code == 4, f"{out}\n{err}"  # EXIT_AUTH
     assert f"the job file's secret does not match request {rid}" in err
     assert setup.storage.open_task_indices(rid) == [1]
+
+
+def test_a_missing_key_file_says_the_nodes_must_share_ssh_dir(setup: Setup) -> None:
+    # As on a cluster whose execution nodes do not mount the head node's ssh_dir.
+    rid = setup.request(square, [1])
+    secret = setup.storage.get_secret(rid)
+    job = write_job(setup.tmp_path / "jobs", setup.server.url_for("127.0.0.1"), secret, rid, 1,
+                    client_options={"retry_s": 5.0})
+    key = job.parent / key_file_name(rid, secret)
+    key.unlink()
+    code, out, err = finish(setup.start(job, 1))
+    assert code == 7, f"{out}\n{err}"  # EXIT_SECRET
+    assert f"the request's secret file {key} does not exist on" in err
+    assert "the execution nodes must see ssh_dir at the same path" in err
+    assert "Traceback" not in err
+    assert setup.storage.open_task_indices(rid) == [1]
+
+
+def raise_unprintable(x: int) -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no words for this")
+
+    raise Unprintable(x)
+
+
+def test_an_exception_whose_str_raises_is_reported_as_the_tasks_error(setup: Setup) -> None:
+    # Before, describe() raised inside go(): an uncaught traceback ended in the job file's
+    # Client(...) line in the .e file, and the task was never reported.
+    rid = setup.request(raise_unprintable, [1, 2])
+    code, out, err = finish(setup.start(setup.job(rid, 2), 1))
+    assert code == 0, f"{out}\n{err}"
+    errors = setup.storage.get_task_errors(rid)
+    assert [index for index, _args, _error in errors] == [1, 2]
+    for _index, _args, error in errors:
+        assert error["type"].endswith("Unprintable")
+        assert error["message"] == "<unprintable Unprintable: str() raised RuntimeError>"
+        assert "raise Unprintable(x)" in error["traceback"]
+    assert "Client(" not in err and "Client(" not in out
+    assert "worker" in out and "no tasks left" in out
 
 
 @pytest.fixture
@@ -265,9 +302,9 @@ def test_tls_with_a_pinned_fingerprint(tls_setup: tuple[Setup, str]) -> None:
     setup, fingerprint = tls_setup
     assert setup.server.url_for("127.0.0.1").startswith("https://")
     rid = setup.request(square, [1, 2, 3])
-    good = job_file(setup.server.url_for("127.0.0.1"), setup.storage.get_secret(rid), rid, 3,
-                    WORKER_PYTHON, [], tls_fingerprint=fingerprint)
-    code, out, err = finish(setup.start(write_job_file(good, setup.tmp_path / "ok", rid), 1))
+    good = write_job(setup.tmp_path / "ok", setup.server.url_for("127.0.0.1"),
+                     setup.storage.get_secret(rid), rid, 3, tls_fingerprint=fingerprint)
+    code, out, err = finish(setup.start(good, 1))
     assert code == 0, f"{out}\n{err}"
     assert setup.results(rid) == [1, 4, 9]
 
@@ -275,9 +312,9 @@ def test_tls_with_a_pinned_fingerprint(tls_setup: tuple[Setup, str]) -> None:
 def test_tls_with_another_fingerprint_is_refused(tls_setup: tuple[Setup, str]) -> None:
     setup, _fingerprint = tls_setup
     rid = setup.request(square, [1])
-    bad = job_file(setup.server.url_for("127.0.0.1"), setup.storage.get_secret(rid), rid, 1,
-                   WORKER_PYTHON, [], tls_fingerprint="00" * 32)
-    code, out, err = finish(setup.start(write_job_file(bad, setup.tmp_path / "bad", rid), 1))
+    bad = write_job(setup.tmp_path / "bad", setup.server.url_for("127.0.0.1"),
+                    setup.storage.get_secret(rid), rid, 1, tls_fingerprint="00" * 32)
+    code, out, err = finish(setup.start(bad, 1))
     assert code == 4, f"{out}\n{err}"  # EXIT_AUTH
     assert "the job file pins " + "00" * 32 in err
     assert setup.storage.open_task_indices(rid) == [1]

@@ -37,10 +37,11 @@ from sheepdog._tls import certificate_for, fingerprint_sha256, tls_dir
 from sheepdog.config import Config
 from sheepdog.deployment import CommandResult, Deployer
 from sheepdog.errors import ConfigError, RemoteCommandError
-from sheepdog.job_file import job_file, write_job_file
+from sheepdog.job_file import job_file_name, key_file_name, write_job_file
 from sheepdog.serialisation import deserialise_value, serialise_args, serialise_function
 from sheepdog.server import Server, create_app
 from sheepdog.storage import Storage
+from stubrunner import write_job
 
 WAIT_S = 120.0
 WORKER_PYTHON = sys.executable
@@ -109,9 +110,10 @@ def test_signatures_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatc
 def test_job_files_and_their_directory_are_private(tmp_path: Path) -> None:
     folder = tmp_path / "jobs"
     folder.mkdir(mode=0o755)
-    path = write_job_file("secret text\n", folder, 7)
+    path = write_job_file("job text\n", folder, 7, "ab" * 32)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    assert stat.S_IMODE((folder / key_file_name(7, "ab" * 32)).stat().st_mode) == 0o600
 
 
 def test_one_requests_secret_cannot_write_anothers_tasks(tmp_path: Path) -> None:
@@ -261,9 +263,8 @@ def test_a_body_tampered_in_transit_is_refused(
     thread.start()
     try:
         url = f"http://127.0.0.1:{proxy.server_address[1]}/"
-        text = job_file(url, storage.get_secret(rid), rid, 1, WORKER_PYTHON, [],
-                        client_options={"retry_s": 5.0})
-        code, out, err = run_job(write_job_file(text, tmp_path / "jobs", rid))
+        code, out, err = run_job(write_job(tmp_path / "jobs", url, storage.get_secret(rid), rid,
+                                           1, client_options={"retry_s": 5.0}))
     finally:
         proxy.shutdown()
         proxy.server_close()
@@ -452,13 +453,16 @@ def test_accepted_hostile_values_run_no_command(hostile_run: dict[str, Any]) -> 
     assert "ssh_dir" in accepted_keys and "ge_opts" in accepted_keys
     assert sorted(os.listdir(hostile_run["markers"])) == []
     home: Path = hostile_run["home"]
+    with Storage(str(hostile_run["root"] / "db.sqlite")) as storage:
+        names = {rid: job_file_name(rid, storage.get_secret(rid))
+                 for _k, _v, rid, *_ in hostile_run["submitted"]}
     for key, value, rid, job_id, commands, cfg in hostile_run["submitted"]:
         assert job_id == "4242"
         assert any("qsub -terse" in c for c in commands)
         if key == "ssh_dir":
             # The hostile string is a literal directory name under the home directory.
             folder = home / value if not value.startswith("~/") else home / value[2:]
-            job = folder / f"sheepdog_{rid:03d}.py"
+            job = folder / names[rid]
             assert job.is_file(), (value, commands)
             assert stat.S_IMODE(folder.stat().st_mode) == 0o700
             assert stat.S_IMODE(job.stat().st_mode) == 0o700
@@ -466,7 +470,7 @@ def test_accepted_hostile_values_run_no_command(hostile_run: dict[str, Any]) -> 
             assert str(job) in {os.path.normpath(arg) for arg in argv}
         # The job file is still valid Python with each directive on its own line.
         folder = home / cfg.ssh_dir if not cfg.ssh_dir.startswith("~/") else home / cfg.ssh_dir[2:]
-        text = (folder / f"sheepdog_{rid:03d}.py").read_text()
+        text = (folder / names[rid]).read_text()
         compile(text, "job", "exec")
         if key == "ge_opts":
             assert text.count(f"#$ {cfg.ge_opts[0]}\n") == 1
@@ -497,15 +501,20 @@ def test_secrets_are_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixtu
                 secret = storage.get_secret(rid)
                 _api.submit_request(storage, cfg, rid, LocalShellDeployer(home, bin_dir),
                                     n_workers=1)
-            job = home / "jobs" / f"sheepdog_{rid:03d}.py"
-            assert secret in job.read_text()
+            job = home / "jobs" / job_file_name(rid, secret)
+            # The job file names the key file; only the key file (0600) holds the secret.
+            assert secret not in job.read_text()
+            key = home / "jobs" / key_file_name(rid, secret)
+            assert f"secret_file={str(key)!r}" in job.read_text()
+            assert key.read_text() == secret + "\n"
+            assert stat.S_IMODE(key.stat().st_mode) == 0o600
             code, out, err = run_job(job)
             assert code == 0, f"{out}\n{err}"
             outputs += [out, err]
             # Failed authentication: a job file for the same request with another secret,
             # and a call signed with a near-miss of the real secret.
-            wrong = job.read_text().replace(secret, secret[::-1])
-            bad = write_job_file(wrong, tmp_path / "bad", rid)
+            bad = write_job(tmp_path / "bad", server.url_for("127.0.0.1") + "/", secret[::-1],
+                            rid, 1)
             code, out, err = run_job(bad)
             assert code == 4, f"{out}\n{err}"
             outputs += [out, err]

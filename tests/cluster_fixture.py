@@ -36,6 +36,13 @@ READY_TIMEOUT = float(os.environ.get("SHEEPDOG_CLUSTER_TIMEOUT", "240"))
 USER = "sheep"
 
 
+#: The Docker cluster's containers while it runs, by node name (head, exec1, ...): for tests
+#: that act on a node as someone else (see run_as_stranger).
+DOCKER_NODES: dict[str, Any] = {}
+#: An ordinary user other than the cluster's user, made on the execution nodes when needed.
+STRANGER = "stranger"
+
+
 class ClusterStartError(RuntimeError):
     """The test cluster could not be started or reached; the message says why and what to do."""
 
@@ -110,6 +117,44 @@ def wait_until_usable(cluster: dict[str, Any], timeout: float = READY_TIMEOUT) -
     raise ClusterStartError(
         f"cannot run qstat as {cluster['ssh_user']} over SSH on "
         f"{cluster['host']}:{cluster['ssh_port']} after {timeout:.0f}s (last error: {last})"
+    )
+
+
+def run_as_stranger(choice: str, script: str, timeout: float = 120) -> dict[str, tuple[int, str]]:
+    """Run ``python3 -c script`` as STRANGER on every execution node; return {node: (status, out)}.
+
+    STRANGER is an ordinary user other than the one sheepdog logs in as, made here if missing:
+    in the execution containers of the Docker cluster (as root, with docker exec), or on this
+    host for the native cluster, whose execution daemon runs here.
+    """
+    results: dict[str, tuple[int, str]] = {}
+    if choice == "docker":
+        nodes = {n: c for n, c in DOCKER_NODES.items() if n.startswith("exec")}
+        assert nodes, "the Docker cluster has no execution nodes running"
+        for name, container in nodes.items():
+            wrapped = container.get_wrapped_container()
+            made = wrapped.exec_run(
+                ["sh", "-c", f"id {STRANGER} >/dev/null 2>&1 || useradd -M -s /bin/sh {STRANGER}"],
+                user="root",
+            )
+            assert made.exit_code == 0, made.output
+            done = wrapped.exec_run(["python3", "-c", script], user=STRANGER, workdir="/tmp")
+            results[name] = (done.exit_code, done.output.decode(errors="replace"))
+        return results
+    if choice == "native":
+        subprocess.run(
+            ["sh", "-c", f"id {STRANGER} >/dev/null 2>&1 || useradd -M -s /bin/sh {STRANGER}"],
+            check=True, timeout=timeout,
+        )
+        done = subprocess.run(
+            ["runuser", "-u", STRANGER, "--", "python3", "-c", script],
+            cwd="/tmp", capture_output=True, text=True, timeout=timeout,
+        )
+        results[socket.gethostname()] = (done.returncode, done.stdout + done.stderr)
+        return results
+    raise AssertionError(
+        f"--cluster={choice}: this test needs --cluster=docker or --cluster=native, where it "
+        f"can make a second ordinary user ({STRANGER}) on the execution nodes"
     )
 
 
@@ -289,9 +334,11 @@ def docker_cluster(workdir: Path, exec_nodes: int = 2) -> Iterator[dict[str, Any
         logs = _logs(containers)
         _remove(containers, network, volume)
         raise ClusterStartError(f"the Docker test cluster did not start: {exc}\n{logs}") from exc
+    DOCKER_NODES.update(containers)
     try:
         yield cluster
     finally:
+        DOCKER_NODES.clear()
         _remove(containers, network, volume)
 
 

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from stubrunner import write_job
 
 from sheepdog.job_file import key_file_name
 from sheepdog.serialisation import deserialise_value, serialise_args, serialise_function
 from sheepdog.server import Server
 from sheepdog.storage import Storage
-from stubrunner import write_job
 
 pytestmark = pytest.mark.slow
 

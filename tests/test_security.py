@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from stubrunner import write_job
 
 import sheepdog._signing as signing
 from sheepdog import _api
@@ -41,7 +42,6 @@ from sheepdog.job_file import job_file_name, key_file_name, write_job_file
 from sheepdog.serialisation import deserialise_value, serialise_args, serialise_function
 from sheepdog.server import Server, create_app
 from sheepdog.storage import Storage
-from stubrunner import write_job
 
 WAIT_S = 120.0
 WORKER_PYTHON = sys.executable

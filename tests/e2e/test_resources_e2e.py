@@ -11,6 +11,7 @@ import sheepdog
 from sheepdog._api import open_deployer
 from sheepdog.config import as_config
 from sheepdog.job_file import job_file_name
+from sheepdog.storage import Storage
 
 pytestmark = pytest.mark.e2e
 
@@ -24,8 +25,10 @@ def one(x: int) -> int:
 
 def _deployed_job_file(config: dict[str, Any], request_id: int) -> str:
     cfg = as_config(config)
+    with Storage(cfg.dbfile) as storage:
+        name = job_file_name(request_id, storage.get_secret(request_id))
     with open_deployer(cfg) as deployer:
-        path = deployer.absolute(cfg.ssh_dir) + "/" + job_file_name(request_id)
+        path = deployer.absolute(cfg.ssh_dir) + "/" + name
         return deployer.run(f"cat {shlex.quote(path)}").stdout
 
 

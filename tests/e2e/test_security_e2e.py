@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,12 +13,14 @@ from typing import Any
 
 import paramiko
 import pytest
-from cluster_fixture import check, run, ssh_connect
+from cluster_fixture import STRANGER, check, run, run_as_stranger, ssh_connect
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 import sheepdog
 from sheepdog._tls import certificate_for
+from sheepdog.job_file import job_file_name, key_file_name
+from sheepdog.storage import Storage
 
 pytestmark = pytest.mark.e2e
 
@@ -46,14 +50,112 @@ def test_tls_round_trip_with_pinned_certificate(
     assert [r for _, r in results] == [x**3 for x in range(1, 7)]
     assert sheepdog.get_errors(request_id, cfg["dbfile"]) == []
     # The job file on the head node talks https and pins this database's certificate.
-    job = f'"$HOME"/{shlex.quote(ssh_dir)}/sheepdog_{request_id:03d}.py'
+    with Storage(cfg["dbfile"]) as storage:
+        secret = storage.get_secret(request_id)
+    job = f'"$HOME"/{shlex.quote(ssh_dir)}/{job_file_name(request_id, secret)}'
+    key = f'"$HOME"/{shlex.quote(ssh_dir)}/{key_file_name(request_id, secret)}'
     text = check(ssh, f"cat {job}")
+    assert secret not in text
+    assert check(ssh, f"cat {key}").strip() == secret
     fingerprint = certificate_for(cfg["dbfile"]).fingerprint
     assert f"tls_fingerprint={fingerprint!r}" in text
     assert re.search(r"Client\('https://", text)
-    # Job files hold the secret: owner-only, on the cluster too.
+    # Key files hold the secret: owner-only, on the cluster too, as are job files.
+    assert remote_mode(ssh, key) == "600"
     assert remote_mode(ssh, job) == "700"
     assert remote_mode(ssh, f'"$HOME"/{shlex.quote(ssh_dir)}') == "700"
+
+
+def hold_until(marker: str) -> str:
+    """Keep the array task running until ``marker`` exists (bounded), then name the node."""
+    import os
+    import socket
+    import time
+
+    deadline = time.monotonic() + 300
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return socket.gethostname()
+
+
+# Run as another ordinary user on an execution node: look for the secret wherever a stranger
+# can read. argv[1] is the secret reversed (so this scanner's own command line never holds
+# it), argv[2] the Grid Engine job id.
+SCAN = r"""
+import glob, json, os, sys
+secret, job = sys.argv[1][::-1].encode(), sys.argv[2]
+found = {"hits": [], "scripts": [], "unreadable": [], "procs": 0, "workers": 0}
+paths = set()
+for root in ("/var/spool/gridengine", "/var/lib/gridengine"):
+    paths.update(glob.glob(root + "/**/job_scripts/*", recursive=True))
+for path in sorted(paths):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        found["unreadable"].append(path)
+        continue
+    found["scripts"].append(path)
+    if secret in data:
+        found["hits"].append(path)
+for pid in os.listdir("/proc"):
+    if not pid.isdigit():
+        continue
+    for what in ("cmdline", "environ"):
+        try:
+            with open("/proc/%s/%s" % (pid, what), "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        if what == "cmdline":
+            found["procs"] += 1
+            found["workers"] += ("job_scripts/" + job).encode() in data
+        if secret in data:
+            found["hits"].append("/proc/%s/%s" % (pid, what))
+print(json.dumps(found))
+"""
+
+
+def test_a_stranger_on_an_execution_node_cannot_find_the_secret(
+    config: dict[str, Any], ssh: paramiko.SSHClient, request: pytest.FixtureRequest
+) -> None:
+    """While a job runs, another user on the nodes finds the secret nowhere they can read.
+
+    Grid Engine copies each job script world-readable into the execution node's spool
+    (job_scripts/<job id>), and command lines are world-readable in /proc: before, the job
+    script's last line held the secret.
+    """
+    ssh_dir = f".sheepdog/stranger-{uuid.uuid4().hex[:8]}"
+    home = check(ssh, 'printf %s "$HOME"')
+    marker = f"{home}/{ssh_dir}/release"
+    cfg = dict(config, ssh_dir=ssh_dir, workers=2)
+    request_id = sheepdog.map_async(hold_until, [marker, marker], cfg)
+    try:
+        with Storage(cfg["dbfile"]) as storage:
+            secret = storage.get_secret(request_id)
+            deadline = time.monotonic() + 240
+            while storage.task_counts(request_id).get("leased", 0) < 2:
+                assert time.monotonic() < deadline, storage.task_counts(request_id)
+                time.sleep(0.5)
+            (job,) = [str(j["job_id"]) for j in storage.get_jobs(request_id)]
+        choice = request.config.getoption("--cluster")
+        reports = {}
+        for node, (status, out) in run_as_stranger(
+            choice, f"import sys; sys.argv[1:] = {[secret[::-1], job]!r}\n{SCAN}"
+        ).items():
+            assert status == 0, f"the scan as {STRANGER} failed on {node}: {out}"
+            reports[node] = json.loads(out.strip().splitlines()[-1])
+    finally:
+        check(ssh, f"touch {shlex.quote(marker)}")
+    assert all(not r["hits"] for r in reports.values()), reports
+    # The scan was not blind: the stranger read this job's spooled script and saw its
+    # workers' command lines.
+    spooled = [p for r in reports.values() for p in r["scripts"]
+               if p.endswith(f"/job_scripts/{job}")]
+    assert spooled, reports
+    assert sum(r["workers"] for r in reports.values()) >= 1, reports
+    results = sheepdog.get_results(request_id, cfg["dbfile"], timeout_s=300)
+    assert all(isinstance(host, str) and host for _, host in results), results
 
 
 def test_hostile_ssh_dir_is_a_literal_directory(
@@ -68,9 +170,11 @@ def test_hostile_ssh_dir_is_a_literal_directory(
     cfg = dict(config, ssh_dir=ssh_dir)
     assert sheepdog.map(cube, [2, 3], cfg, verbose=False) == [8, 27]
     folder = f'"$HOME"/{shlex.quote(ssh_dir)}'
-    assert "sheepdog_001.py" in check(ssh, f"ls {folder}").split()
+    with Storage(cfg["dbfile"]) as storage:
+        name = job_file_name(1, storage.get_secret(1))
+    assert name in check(ssh, f"ls {folder}").split()
     assert remote_mode(ssh, folder) == "700"
-    assert remote_mode(ssh, f"{folder}/sheepdog_001.py") == "700"
+    assert remote_mode(ssh, f"{folder}/{name}") == "700"
     status, out, err = run(ssh, f"ls -d /tmp/*{token}* 2>&1")
     assert status != 0 and "No such file" in out + err, out
     # Nothing was created on this machine either (the native cluster shares /tmp).

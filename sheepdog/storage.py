@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import sqlite3
 import threading
@@ -33,6 +34,7 @@ except ImportError:  # Windows: no write queue, SQLite's busy handler alone
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "DB_FILE_MODE",
     "DEFAULT_SETTINGS",
     "OPEN_STATES",
     "SCHEMA_VERSION",
@@ -54,6 +56,11 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 
 #: Task states that may still change; the others are final.
 OPEN_STATES = ("pending", "leased")
+
+#: The database and its sibling files hold every request's secret, payload and result.
+DB_FILE_MODE = 0o600
+#: Files SQLite (and our write queue) keep beside the database, named by these suffixes.
+SIBLING_SUFFIXES = ("-wal", "-shm", "-journal", "-writers")
 
 BUSY_TIMEOUT_MS = 30_000  # as the original's 0.2.3: many writers wait rather than fail
 
@@ -99,6 +106,34 @@ class Lease:
     expires: float
 
 
+def _make_private(dbfile: str) -> None:
+    """Create the database file owner-only if it is missing; tighten it and its siblings.
+
+    SQLite creates its -wal, -shm and -journal files with the database file's mode, so a
+    0600 database keeps them 0600 too; files left wider by an older version are narrowed.
+    """
+    try:
+        os.close(os.open(dbfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DB_FILE_MODE))
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # sqlite3.connect says why, with the path
+    for path in (dbfile, *(dbfile + suffix for suffix in SIBLING_SUFFIXES)):
+        try:
+            mode = os.stat(path).st_mode & 0o777
+            if mode & 0o077:
+                os.chmod(path, mode & 0o700)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning(
+                "%s is readable by others and cannot be made private (%s); it holds request "
+                "secrets: chmod 600 it",
+                path,
+                exc,
+            )
+
+
 def _error_json(error: object) -> str:
     if isinstance(error, dict):
         return json.dumps(error)
@@ -137,6 +172,8 @@ class Storage:
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
         self.dbfile = str(dbfile)
         self._lock = threading.RLock()
+        if self.dbfile not in ("", ":memory:"):
+            _make_private(self.dbfile)
         try:
             self._conn: sqlite3.Connection | None = sqlite3.connect(
                 self.dbfile,
@@ -152,7 +189,9 @@ class Storage:
         self._queue: IO[bytes] | None = None
         if write_queue and fcntl is not None and self.dbfile != ":memory:":
             try:
-                self._queue = open(f"{self.dbfile}-writers", "ab")  # noqa: SIM115
+                fd = os.open(f"{self.dbfile}-writers", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                             DB_FILE_MODE)
+                self._queue = os.fdopen(fd, "ab")
             except OSError as exc:
                 logger.debug("no write queue for %s: %s", self.dbfile, exc)
         if init:

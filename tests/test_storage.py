@@ -474,3 +474,44 @@ def test_committed_result_survives_sigkill(dbfile: str) -> None:
     assert proc.stdout == b"committed\n"
     with Storage(dbfile) as db:
         assert db.get_results(rid) == [(b"arg1", b"kept")]
+
+
+def _modes(dbfile: str) -> dict[str, int]:
+    folder = Path(dbfile).parent
+    return {
+        p.name: p.stat().st_mode & 0o777
+        for p in folder.iterdir()
+        if p.name.startswith(Path(dbfile).name)
+    }
+
+
+def test_the_database_and_its_siblings_are_created_private(tmp_path: Path) -> None:
+    # They hold every secret, payload and result; under umask 022 SQLite made them 0644.
+    dbfile = str(tmp_path / "private.sqlite")
+    old = os.umask(0o022)
+    try:
+        with Storage(dbfile) as storage:
+            rid = storage.new_request(b"F", None, [b"x"])
+            storage.store_result(rid, 1, b"R")
+            modes = _modes(dbfile)
+    finally:
+        os.umask(old)
+    names = {"private.sqlite", "private.sqlite-wal", "private.sqlite-shm",
+             "private.sqlite-writers"}
+    assert names <= set(modes), modes
+    assert all(mode == 0o600 for mode in modes.values()), {k: oct(v) for k, v in modes.items()}
+
+
+def test_an_existing_database_and_its_siblings_are_made_private(tmp_path: Path) -> None:
+    dbfile = str(tmp_path / "old.sqlite")
+    with Storage(dbfile) as storage:
+        storage.new_request(b"F", None, [b"x"])
+    siblings = [dbfile + suffix for suffix in ("", "-wal", "-shm", "-journal", "-writers")]
+    for path in siblings:
+        Path(path).touch()
+        os.chmod(path, 0o644)
+    with Storage(dbfile) as storage:
+        assert storage.count_tasks(1) == 1
+        modes = _modes(dbfile)
+    assert len(modes) >= len(siblings)
+    assert all(mode == 0o600 for mode in modes.values()), {k: oct(v) for k, v in modes.items()}

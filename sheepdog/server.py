@@ -46,6 +46,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from sheepdog._signing import SIGNATURE_HEADER, TIME_HEADER, sign_request, sign_response, verify
+from sheepdog._tls import hold_while_serving
 from sheepdog.errors import ServerError, StorageError, UnknownRequestError
 from sheepdog.storage import Lease, Storage
 
@@ -610,10 +611,13 @@ class Server:
                 p for p in (package_root, env.get("PYTHONPATH", "")) if p
             )
             self._log = tempfile.TemporaryFile(prefix="sheepdog-server-")
+            # The child (and its gunicorn workers) inherit this shared lock and hold it while
+            # they serve, so the certificate that job files pin is not renewed under them.
+            in_use = hold_while_serving(self.certfile) if self.certfile else None
             try:
                 self._proc = subprocess.Popen(
                     self._command(sock.fileno()),
-                    pass_fds=(sock.fileno(),),
+                    pass_fds=(sock.fileno(),) + (() if in_use is None else (in_use,)),
                     stdin=subprocess.DEVNULL,
                     stdout=self._log,
                     stderr=self._log,
@@ -628,6 +632,8 @@ class Server:
                 raise ServerError(f"cannot start the server process: {exc}") from exc
             finally:
                 sock.close()
+                if in_use is not None:
+                    os.close(in_use)
             with _running_lock:
                 _running.add(self)
             try:

@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import shlex
+import socket
 import ssl
 import stat
 import subprocess
@@ -32,6 +33,7 @@ import pytest
 from stubrunner import write_job
 
 import sheepdog._signing as signing
+import sheepdog._tls as _tls
 from sheepdog import _api
 from sheepdog._signing import SIGNATURE_HEADER, TIME_HEADER, sign_request
 from sheepdog._tls import certificate_for, fingerprint_sha256, tls_dir
@@ -295,6 +297,87 @@ def test_certificate_is_private_reused_and_fingerprinted(tmp_path: Path) -> None
     assert stat.S_IMODE(again.keyfile.stat().st_mode) == 0o600
     first.certfile.write_text("not a certificate")
     assert certificate_for(dbfile).fingerprint != first.fingerprint
+
+
+def _served_fingerprint(port: int) -> str:
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        with context.wrap_socket(raw) as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return hashlib.sha256(der).hexdigest()
+
+
+def test_a_certificate_is_renewed_only_when_no_server_uses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Certificates made now are already due for renewal, so every call wants to renew.
+    monkeypatch.setattr(_tls, "VALIDITY_DAYS", _tls.RENEW_DAYS - 1)
+    dbfile = tmp_path / "db.sqlite"
+    first = certificate_for(dbfile)
+    assert certificate_for(dbfile).fingerprint != first.fingerprint  # no server: renewed
+    serving = certificate_for(dbfile)
+    server = Server(None, None, str(dbfile), host="127.0.0.1", certfile=serving.certfile,
+                    keyfile=serving.keyfile)
+    try:
+        assert server.port is not None
+        assert _served_fingerprint(server.port) == serving.fingerprint
+        # Before, each map renewed it here and pinned the new one in its job file, which
+        # the running server does not serve: every worker of that map exited.
+        for _ in range(2):
+            assert certificate_for(dbfile).fingerprint == serving.fingerprint
+        assert _served_fingerprint(server.port) == serving.fingerprint
+    finally:
+        server.stop()
+    assert certificate_for(dbfile).fingerprint != serving.fingerprint  # no server again
+
+
+def test_two_processes_generating_at_once_leave_a_key_that_matches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="sheepdog._tls")
+    dbfile = tmp_path / "db.sqlite"
+    key_written, go_on = threading.Event(), threading.Event()
+    real_write = _tls._write_private
+
+    def write(path: Path, data: bytes) -> None:
+        real_write(path, data)
+        if threading.current_thread().name == "first" and path.name == "key.pem":
+            key_written.set()  # the first has written its key, not yet its certificate
+            assert go_on.wait(WAIT_S)
+
+    monkeypatch.setattr(_tls, "_write_private", write)
+    got: dict[str, Any] = {}
+
+    def make(name: str) -> None:
+        got[name] = certificate_for(dbfile)
+
+    threads = {n: threading.Thread(target=make, args=(n,), name=n) for n in ("first", "second")}
+    threads["first"].start()
+    assert key_written.wait(WAIT_S)
+    threads["second"].start()
+    # Before, the second wrote a key and certificate of its own at once; now it waits.
+    deadline = time.monotonic() + WAIT_S
+    while threads["second"].is_alive() and "waits for another process" not in caplog.text:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    go_on.set()
+    for thread in threads.values():
+        thread.join(WAIT_S)
+    assert got["first"].fingerprint == got["second"].fingerprint
+    folder = tls_dir(dbfile)
+    assert _tls._matching_pair(folder / "cert.pem", folder / "key.pem") is not None
+
+
+def test_a_key_that_does_not_match_its_certificate_is_replaced(tmp_path: Path) -> None:
+    dbfile = tmp_path / "db.sqlite"
+    first = certificate_for(dbfile)
+    other = certificate_for(tmp_path / "other.sqlite")
+    first.keyfile.write_bytes(other.keyfile.read_bytes())  # as a crash between the two writes
+    again = certificate_for(dbfile)
+    assert again.fingerprint != first.fingerprint
+    assert _tls._matching_pair(again.certfile, again.keyfile) is not None
 
 
 def test_grid_engine_path_variables_in_ssh_dir_are_refused() -> None:

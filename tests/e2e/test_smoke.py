@@ -76,7 +76,8 @@ def outputs(ssh: paramiko.SSHClient, directory: str, job_id: str) -> dict[int, s
     for line in text.splitlines():
         record = json.loads(line)
         found[record["task"]] = record["host"]
-    assert not errors.strip() or found, f"tasks wrote errors:\n{errors}"
+    # Any error output means a task went wrong, even if others printed their line.
+    assert not errors.strip(), f"tasks wrote errors:\n{errors}"
     return found
 
 

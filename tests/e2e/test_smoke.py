@@ -72,13 +72,26 @@ def outputs(ssh: paramiko.SSHClient, directory: str, job_id: str) -> dict[int, s
     d = shlex.quote(directory)
     text = check(ssh, f"cat {d}/smoke.o{job_id}.* 2>/dev/null || true")
     errors = check(ssh, f"cat {d}/smoke.e{job_id}.* 2>/dev/null || true")
+    return parse_outputs(text, errors)
+
+
+def parse_outputs(text: str, errors: str) -> dict[int, str]:
+    """Map task index to host from the tasks' stdout; fail if any task wrote to stderr."""
+    # Any error output means a task went wrong, even if other tasks printed their line.
+    assert not errors.strip(), f"tasks wrote errors:\n{errors}"
     found = {}
     for line in text.splitlines():
         record = json.loads(line)
         found[record["task"]] = record["host"]
-    # Any error output means a task went wrong, even if others printed their line.
-    assert not errors.strip(), f"tasks wrote errors:\n{errors}"
     return found
+
+
+def test_a_task_error_fails_the_check_even_when_other_tasks_printed() -> None:
+    # Before, `assert not errors.strip() or found` let it through once any task printed.
+    printed = '{"task": 1, "host": "exec1"}\n'
+    with pytest.raises(AssertionError, match="tasks wrote errors"):
+        parse_outputs(printed, "Traceback (most recent call last):\n  ...\nOSError: boom\n")
+    assert parse_outputs(printed, "") == {1: "exec1"}
 
 
 @pytest.fixture(scope="module")

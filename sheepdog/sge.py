@@ -178,5 +178,25 @@ def describe_failure(record: AccountingRecord) -> str | None:
             if signal == 9:
                 hint = " (killed: often an exceeded memory or time limit, or qdel)"
             return f"the array task died with signal {names.get(signal, signal)}{hint}{where}"
+        why = _stub_exit_reasons().get(status)
+        if why:
+            return f"the worker exited with status {status}{where}: {why}"
         return f"the array task exited with status {status}{where}"
     return None
+
+
+def _stub_exit_reasons() -> dict[int, str]:
+    """What the worker stub's exit statuses mean (they are defined in the stub itself)."""
+    from .client import stub
+
+    return {
+        stub.EXIT_PROTOCOL: "it could not talk to the server (see the job's .e file)",
+        stub.EXIT_AUTH: "the server and the worker did not accept each other's signatures",
+        stub.EXIT_VERSION: "the function cannot be loaded on that node's Python",
+        stub.EXIT_STUCK: "a task overran task_timeout_s where it could not be interrupted",
+        stub.EXIT_SECRET: (
+            "it cannot read the request's secret file, which sheepdog writes beside the job "
+            "file in ssh_dir on the head node: the execution nodes must see ssh_dir at the "
+            "same path (a shared file system); see the job's .e file"
+        ),
+    }

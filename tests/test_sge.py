@@ -101,6 +101,15 @@ def test_qacct_and_reasons() -> None:
     assert third is not None and "SIGKILL" in third and "exec1" in third
 
 
+def test_a_worker_that_cannot_read_its_secret_file_is_described() -> None:
+    (record,) = parse_qacct(QACCT.split("=" * 62)[1].replace("exit_status  0", "exit_status  7"))
+    reason = describe_failure(record)
+    assert reason is not None
+    assert reason.startswith("the worker exited with status 7 on exec1: it cannot read the "
+                             "request's secret file")
+    assert "the execution nodes must see ssh_dir" in reason
+
+
 def test_job_file_name() -> None:
     # Named like the original's sheepdog_032.py, plus a tag per database (see job_stem).
     assert re.fullmatch(r"sheepdog_032_[0-9a-f]{12}\.py", job_file_name(32, "ab" * 32))

@@ -13,7 +13,7 @@ from typing import Any
 
 import paramiko
 import pytest
-from cluster_fixture import STRANGER, check, run, run_as_stranger, ssh_connect
+from cluster_fixture import STRANGER, check, run, run_as_stranger, ssh_connect, wait_for_job
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -216,3 +216,29 @@ def test_a_changed_host_key_is_refused(config: dict[str, Any], tmp_path: Path) -
     forged.write_text("\n".join(lines) + "\n")
     with pytest.raises(sheepdog.HostKeyError, match="does NOT match"):
         sheepdog.map(cube, [1], dict(config, known_hosts=str(forged)), verbose=False)
+
+
+def test_a_node_that_cannot_see_the_key_file_says_why(
+    config: dict[str, Any], ssh: paramiko.SSHClient
+) -> None:
+    """As on execution nodes that do not share ssh_dir: the .e file says what to fix.
+
+    The job is held, its key file removed, then released: on every cluster the worker
+    then runs without the file, as it would on a node that does not mount ssh_dir.
+    """
+    ssh_dir = f".sheepdog/unshared-{uuid.uuid4().hex[:8]}"
+    folder = check(ssh, 'printf %s "$HOME"') + "/" + ssh_dir
+    opts = ["-h", f"-wd {folder}", f"-o {folder}/", f"-e {folder}/"]
+    cfg = dict(config, ssh_dir=ssh_dir, ge_opts=opts)
+    request_id = sheepdog.map_async(cube, [2], cfg)
+    with Storage(cfg["dbfile"]) as storage:
+        secret = storage.get_secret(request_id)
+        (job,) = [str(j["job_id"]) for j in storage.get_jobs(request_id)]
+    check(ssh, f"rm {shlex.quote(folder + '/' + key_file_name(request_id, secret))}")
+    check(ssh, f"qrls {job}")
+    wait_for_job(ssh, job, timeout=240)
+    name = job_file_name(request_id, secret)
+    errors = check(ssh, f"cat {shlex.quote(folder)}/{name}.e{job}.* 2>/dev/null || true")
+    assert "the request's secret file" in errors and "does not exist on" in errors, errors
+    assert "the execution nodes must see ssh_dir at the same path" in errors, errors
+    assert "Traceback" not in errors and "Client(" not in errors, errors

@@ -381,3 +381,56 @@ def test_go_exits_with_the_auth_status_and_a_message(
 def test_a_non_http_url_is_refused() -> None:
     with pytest.raises(stub.ProtocolFailure, match="not an http"):
         stub.Connection("ftp://x/", SECRET, 3)
+
+
+# ---- exceptions that fight back, and the key file ----
+
+
+class StrRaises(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no")
+
+
+class StrNotAString(Exception):
+    def __str__(self) -> Any:
+        return 42
+
+
+class StrExits(Exception):
+    def __str__(self) -> str:
+        raise SystemExit(9)
+
+
+@pytest.mark.parametrize("exc", [StrRaises(), StrNotAString(), StrExits()])
+def test_describe_survives_any_exception_object(exc: BaseException) -> None:
+    error = make_client().describe(exc, "Traceback ...")
+    assert error["type"].endswith(type(exc).__name__)
+    assert error["message"].startswith(f"<unprintable {type(exc).__name__}: str() raised ")
+    assert error["traceback"] == "Traceback ..."
+
+
+def test_a_task_raising_an_unprintable_exception_is_reported() -> None:
+    def bad(x: int) -> None:
+        raise StrRaises()
+
+    client = make_client()
+    client.function, client.protocol = bad, 4
+    result = client.run_task(task(1))
+    assert result["ok"] is False
+    assert result["error"]["message"] == "<unprintable StrRaises: str() raised ValueError>"
+    assert "raise StrRaises()" in result["error"]["traceback"]
+
+
+def test_read_secret_says_what_is_wrong(tmp_path: Path) -> None:
+    key = tmp_path / "sheepdog_001_x.key"
+    key.write_text(SECRET + "\n")
+    assert stub.read_secret(str(key)) == SECRET
+    with pytest.raises(stub.ProtocolFailure, match="does not exist on") as missing:
+        stub.read_secret(str(tmp_path / "nope.key"))
+    assert missing.value.exit_status == stub.EXIT_SECRET == 7
+    assert "the execution nodes must see ssh_dir at the same path" in str(missing.value)
+    key.write_text("not a secret\n")
+    with pytest.raises(stub.ProtocolFailure, match="does not hold a secret") as bad:
+        stub.read_secret(str(key))
+    assert bad.value.exit_status == stub.EXIT_SECRET
+    assert "not a secret" not in str(bad.value)

@@ -288,7 +288,7 @@ def safe_text(obj):
     """str(obj), or a stand-in when its __str__ raises: a task's exception may do anything."""
     try:
         return str(obj)
-    except Exception as e:
+    except BaseException as e:  # noqa: BLE001 - whatever __str__ raises, the task is reported
         try:
             return "<unprintable %s: str() raised %s>" % (type(obj).__name__, type(e).__name__)
         except Exception:

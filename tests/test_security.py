@@ -621,3 +621,38 @@ def test_secrets_are_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     for text in (logged, server_log, *outputs):
         assert secret not in text
         assert secret[::-1] not in text
+
+
+def test_two_databases_sharing_ssh_dir_keep_their_own_job_files(tmp_path: Path) -> None:
+    # Both databases have a request 1; before, both wrote ssh_dir/sheepdog_001.py.
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
+    home.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "qsub").write_text('#!/bin/sh\nprintf "%s\\n" "$@" >> "$HOME/../qsub-argv"\n'
+                                  "echo 4242\n")
+    (bin_dir / "qsub").chmod(0o755)
+    jobs = []
+    for name in ("a", "b"):
+        dbfile = str(tmp_path / f"{name}.sqlite")
+        cfg = Config(host="headnode", localhost="127.0.0.1", dbfile=dbfile, ssh_dir="jobs",
+                     shell=WORKER_PYTHON)
+        try:
+            with Storage(dbfile) as storage:
+                rid = storage.new_request(b"F", None, [b"x"])
+                assert rid == 1
+                _api.submit_request(storage, cfg, rid, LocalShellDeployer(home, bin_dir),
+                                    n_workers=1)
+                secret = storage.get_secret(rid)
+        finally:
+            server = _api._servers_by_db.pop(os.path.abspath(dbfile), None)
+            if server is not None:
+                server.stop()
+        jobs.append((home / "jobs" / job_file_name(rid, secret), secret))
+    (job_a, secret_a), (job_b, secret_b) = jobs
+    assert job_a != job_b
+    submitted = (tmp_path / "qsub-argv").read_text().splitlines()
+    assert str(job_a) in submitted and str(job_b) in submitted
+    for job, secret, other in ((job_a, secret_a, secret_b), (job_b, secret_b, secret_a)):
+        key = job.parent / key_file_name(1, secret)
+        assert f"secret_file={str(key)!r}" in job.read_text()
+        assert key.read_text() == secret + "\n" != other + "\n"

@@ -331,7 +331,8 @@ def _docker_engine() -> Any:
         engine.ping()
     except Exception as exc:
         raise ClusterStartError(
-            f"no Docker engine answers ({exc}); start it, or run the tests with --cluster=native"
+            f"no Docker engine answers ({exc}); start it (the Docker and Slurm clusters need one), "
+            "or run the Grid Engine tests with --cluster=native"
         ) from exc
     return engine
 
@@ -363,6 +364,7 @@ def slurm_cluster(workdir: Path, compute_nodes: int = 2) -> Iterator[dict[str, A
 
     engine = _docker_engine()
     build_image("--slurm")
+    started = time.monotonic()
     keyfile, public_key = _write_key_pair(workdir)
     suffix = uuid.uuid4().hex[:8]
     volume = engine.volumes.create(f"sheepdog-slurm-home-{suffix}")
@@ -414,6 +416,7 @@ def slurm_cluster(workdir: Path, compute_nodes: int = 2) -> Iterator[dict[str, A
             "scheduler": "slurm",
         }
         wait_until_usable(cluster)
+        logger.info("Slurm cluster ready in %.1f s", time.monotonic() - started)
     except Exception as exc:
         logs = _logs(containers)
         _remove(containers, network, volume)

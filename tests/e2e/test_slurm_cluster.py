@@ -3,8 +3,9 @@
 They check what a Slurm scheduler for sheepdog relies on: an ordinary user submits an array job
 with ``sbatch --parsable`` over a non-interactive SSH session, every task runs (spread over the
 compute nodes), ``squeue`` and ``scontrol show job`` describe the job in forms we can parse,
-``scontrol show config`` gives MaxArraySize, and a task can call back over HTTP to the machine
-that submitted it. They run only with ``--cluster=slurm``.
+``scontrol show config`` gives MaxArraySize, a job in the ``urgent`` partition preempts jobs in
+``main`` (so later tests can produce PREEMPTED on purpose), and a task can call back over HTTP to
+the machine that submitted it. They run only with ``--cluster=slurm``.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import json
 import re
 import shlex
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import paramiko
 import pytest
-from cluster_fixture import check, run, ssh_connect, wait_for_slurm_job
+from cluster_fixture import SLURM_FINAL_STATES, check, run, ssh_connect, wait_for_slurm_job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm]
 
@@ -146,6 +148,48 @@ def test_scontrol_show_config_gives_max_array_size(ssh: paramiko.SSHClient) -> N
     assert match, f"no MaxArraySize in scontrol show config:\n{out}"
     # The cluster is configured for the 10,000-tiny-tasks benchmark (indices 1..10000).
     assert int(match.group(1)) == 10001
+
+
+def job_states(ssh: paramiko.SSHClient, job_ids: list[str]) -> dict[str, str]:
+    """Map each job id to its state, from one squeue call (all states, by job id)."""
+    out = check(ssh, f"squeue -h -t all -j {','.join(job_ids)} -o '%i %T'")
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def test_a_job_in_urgent_preempts_jobs_in_main(ssh: paramiko.SSHClient) -> None:
+    # %C: allocated/idle/other/total CPUs of the partition; %c: CPUs per node.
+    cpus = int(check(ssh, "sinfo -h -p main -o %C").strip().split("/")[-1])
+    per_node = int(check(ssh, "sinfo -h -p main -o %c").strip().rstrip("+"))
+    # Fill every CPU of partition main, one CPU per job.
+    hold = [
+        check(ssh, "sbatch --parsable -p main -n 1 -o /dev/null --wrap 'sleep 300'").strip()
+        for _ in range(cpus)
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while set(job_states(ssh, hold).values()) != {"RUNNING"}:
+            assert time.monotonic() < deadline, (
+                f"main jobs not all running: {job_states(ssh, hold)}"
+            )
+            time.sleep(0.5)
+        urgent = check(
+            ssh, f"sbatch --parsable -p urgent -N 1 -c {per_node} -o /dev/null --wrap 'sleep 1'"
+        ).strip()
+        wait_for_slurm_job(ssh, urgent, timeout=60)
+        assert job_states(ssh, [urgent]) == {urgent: "COMPLETED"}
+        states = job_states(ssh, hold)
+        preempted = [job for job, state in states.items() if state == "PREEMPTED"]
+        # One node's worth of main jobs gave up their CPUs; the rest kept running.
+        assert len(preempted) == per_node, states
+        assert set(states.values()) == {"PREEMPTED", "RUNNING"}, states
+        record = check(ssh, f"scontrol -o show job {preempted[0]}")
+        assert "JobState=PREEMPTED" in record, record
+    finally:
+        run(ssh, f"scancel {' '.join(hold)}")
+    deadline = time.monotonic() + 60
+    while not set(job_states(ssh, hold).values()) <= SLURM_FINAL_STATES:
+        assert time.monotonic() < deadline, f"main jobs not cancelled: {job_states(ssh, hold)}"
+        time.sleep(0.5)
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):

@@ -1,8 +1,10 @@
-"""Start or find the Grid Engine cluster the end-to-end tests run on, and talk to it over SSH.
+"""Start or find the cluster the end-to-end tests run on, and talk to it over SSH.
 
 A cluster is described by a dict with sheepdog's own config keys (``host``, ``ssh_port``,
 ``ssh_user``, ``ssh_keyfile``, ``known_hosts``, ``localhost``, ``shell``), the same as the
 ``.cluster/*.json`` files that ``ci/cluster up`` writes, so it can be passed straight to sheepdog.
+A Slurm cluster's dict also has ``"scheduler": "slurm"`` (a key sheepdog's config does not read
+yet); without that key the cluster runs Grid Engine.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("SHEEPDOG_IMAGE", "sheepdog-sge:latest")
+SLURM_IMAGE = os.environ.get("SHEEPDOG_SLURM_IMAGE", "sheepdog-slurm:latest")
 CONFIG_KEYS = ("host", "ssh_port", "ssh_user", "ssh_keyfile", "known_hosts", "localhost", "shell")
 READY_TIMEOUT = float(os.environ.get("SHEEPDOG_CLUSTER_TIMEOUT", "240"))
 USER = "sheep"
@@ -97,25 +100,61 @@ def wait_for_job(client: paramiko.SSHClient, job_id: str, timeout: float = 180) 
     raise AssertionError(f"job {job_id} still not finished after {timeout:.0f}s:\n{qstat}")
 
 
+# Slurm job states after which a job (or array task) never runs again.
+SLURM_FINAL_STATES = frozenset(
+    {
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "TIMEOUT",
+    }
+)
+
+
+def wait_for_slurm_job(client: paramiko.SSHClient, job_id: str, timeout: float = 180) -> None:
+    """Wait until every task of Slurm job ``job_id`` is in a final state.
+
+    A failed ``squeue`` is not read as "finished": the job must be seen in final states.
+    """
+    deadline = time.monotonic() + timeout
+    command = f"squeue -h -t all -j {shlex.quote(job_id)} -o '%i %T'"
+    out = ""
+    while time.monotonic() < deadline:
+        status, out, err = run(client, command)
+        states = [line.split()[-1] for line in out.splitlines() if line.strip()]
+        if status == 0 and states and all(state in SLURM_FINAL_STATES for state in states):
+            return
+        if status != 0:
+            out = f"squeue exited with {status}: {err}"
+        time.sleep(1)
+    raise AssertionError(f"Slurm job {job_id} still not finished after {timeout:.0f}s:\n{out}")
+
+
 def wait_until_usable(cluster: dict[str, Any], timeout: float = READY_TIMEOUT) -> None:
     """Wait until the ordinary user can log in over SSH and query the queue, as sheepdog does."""
     deadline = time.monotonic() + timeout
     last = ""
+    query = "sinfo" if cluster.get("scheduler") == "slurm" else "qstat -f -q all.q"
     while time.monotonic() < deadline:
         try:
             client = ssh_connect(cluster, timeout=10)
             try:
-                status, out, err = run(client, "qstat -f -q all.q", timeout=20)
+                status, out, err = run(client, query, timeout=20)
             finally:
                 client.close()
             if status == 0:
                 return
-            last = f"qstat exited with {status}: {err or out}"
+            last = f"{query} exited with {status}: {err or out}"
         except (OSError, paramiko.SSHException) as exc:
             last = f"{type(exc).__name__}: {exc}"
         time.sleep(1)
     raise ClusterStartError(
-        f"cannot run qstat as {cluster['ssh_user']} over SSH on "
+        f"cannot run {query} as {cluster['ssh_user']} over SSH on "
         f"{cluster['host']}:{cluster['ssh_port']} after {timeout:.0f}s (last error: {last})"
     )
 
@@ -210,17 +249,20 @@ def ssh_url_cluster(url: str, options: dict[str, str | None]) -> dict[str, Any]:
 # ---- the Docker cluster --------------------------------------------------------------------------
 
 
-def build_image() -> None:
-    """Build the cluster image (and its debootstrapped base when missing) with ci/build-image."""
+def build_image(which: str = "--sge") -> None:
+    """Build a cluster image (and its debootstrapped base when missing) with ci/build-image.
+
+    ``which`` is ci/build-image's flag: ``--sge`` or ``--slurm``.
+    """
     result = subprocess.run(
-        [str(REPO / "ci" / "build-image")],
+        [str(REPO / "ci" / "build-image"), which],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         timeout=1800,
     )
     if result.returncode != 0:
-        raise ClusterStartError(f"ci/build-image failed:\n{result.stdout}")
+        raise ClusterStartError(f"ci/build-image {which} failed:\n{result.stdout}")
 
 
 def _write_key_pair(directory: Path) -> tuple[Path, str]:
@@ -265,15 +307,7 @@ def docker_cluster(workdir: Path, exec_nodes: int = 2) -> Iterator[dict[str, Any
     from testcontainers.core.container import DockerContainer
     from testcontainers.core.network import Network
 
-    try:
-        import docker
-
-        engine = docker.from_env()  # type: ignore[attr-defined]
-        engine.ping()
-    except Exception as exc:
-        raise ClusterStartError(
-            f"no Docker engine answers ({exc}); start it, or run the tests with --cluster=native"
-        ) from exc
+    engine = _docker_engine()
     build_image()
     keyfile, public_key = _write_key_pair(workdir)
     suffix = uuid.uuid4().hex[:8]
@@ -311,15 +345,8 @@ def docker_cluster(workdir: Path, exec_nodes: int = 2) -> Iterator[dict[str, Any
             node(f"exec{i}", "exec")
         _wait_sge_ready(head, exec_nodes, containers)
         port = int(head.get_exposed_port(22))
-        code, keys = head.exec(["sh", "-c", "cat /etc/ssh/ssh_host_*_key.pub"])
         known_hosts = workdir / "known_hosts"
-        known_hosts.write_text(
-            "".join(
-                f"[127.0.0.1]:{port} {' '.join(line.split()[:2])}\n"
-                for line in keys.decode().splitlines()
-                if line.strip()
-            )
-        )
+        _known_hosts_of(head, port, known_hosts)
         cluster = {
             "host": "127.0.0.1",
             "ssh_port": port,
@@ -342,11 +369,121 @@ def docker_cluster(workdir: Path, exec_nodes: int = 2) -> Iterator[dict[str, Any
         _remove(containers, network, volume)
 
 
+def _docker_engine() -> Any:
+    """A client of the local Docker engine; ClusterStartError when none answers."""
+    try:
+        import docker
+
+        engine = docker.from_env()  # type: ignore[attr-defined]
+        engine.ping()
+    except Exception as exc:
+        raise ClusterStartError(
+            f"no Docker engine answers ({exc}); start it (the Docker and Slurm clusters need one), "
+            "or run the Grid Engine tests with --cluster=native"
+        ) from exc
+    return engine
+
+
+def _known_hosts_of(container: Any, port: int, path: Path) -> None:
+    """Write ``path`` as a known_hosts file for [127.0.0.1]:port from the container's host keys."""
+    code, keys = container.exec(["sh", "-c", "cat /etc/ssh/ssh_host_*_key.pub"])
+    if code != 0 or not keys.strip():
+        raise ClusterStartError(f"could not read the node's SSH host keys (exit {code})")
+    path.write_text(
+        "".join(
+            f"[127.0.0.1]:{port} {' '.join(line.split()[:2])}\n"
+            for line in keys.decode().splitlines()
+            if line.strip()
+        )
+    )
+
+
+@contextmanager
+def slurm_cluster(workdir: Path, compute_nodes: int = 2) -> Iterator[dict[str, Any]]:
+    """Start a Slurm controller and ``compute_nodes`` compute nodes; remove them after.
+
+    The controller (slurmctld) is also the SSH login node, published on a random port of
+    127.0.0.1; the compute nodes (slurmd) are ``node1`` .. ``nodeN``. All share a private network
+    and a volume for /home, as in docker/slurm/compose.yaml.
+    """
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.network import Network
+
+    engine = _docker_engine()
+    build_image("--slurm")
+    started = time.monotonic()
+    keyfile, public_key = _write_key_pair(workdir)
+    suffix = uuid.uuid4().hex[:8]
+    volume = engine.volumes.create(f"sheepdog-slurm-home-{suffix}")
+    network = Network().create()
+    containers: list[tuple[str, Any]] = []
+    try:
+
+        def node(name: str, role: str) -> Any:
+            container = (
+                DockerContainer(SLURM_IMAGE)
+                .with_env("SLURM_ROLE", role)
+                .with_env("SLURM_CONTROLLER", "controller")
+                .with_env("SLURM_COMPUTE_NODES", str(compute_nodes))
+                .with_env("SHEEPDOG_USER", USER)
+                .with_env("SHEEPDOG_AUTHORIZED_KEYS", public_key)
+                .with_name(f"sheepdog-slurm-{name}-{suffix}")
+                .with_network(network)
+                .with_network_aliases(name)
+                .with_volume_mapping(volume.name, "/home", "rw")
+                .with_kwargs(
+                    hostname=name,
+                    init=True,
+                    extra_hosts={"host.docker.internal": "host-gateway"},
+                )
+            )
+            if role == "controller":
+                container.ports["22/tcp"] = ("127.0.0.1",)  # type: ignore[assignment]
+            containers.append((name, container))
+            container.start()
+            return container
+
+        controller = node("controller", "controller")
+        for i in range(1, compute_nodes + 1):
+            node(f"node{i}", "compute")
+        _wait_ready(
+            controller, ["/usr/local/sbin/slurm-setup", "status", str(compute_nodes)], containers
+        )
+        port = int(controller.get_exposed_port(22))
+        known_hosts = workdir / "known_hosts"
+        _known_hosts_of(controller, port, known_hosts)
+        cluster = {
+            "host": "127.0.0.1",
+            "ssh_port": port,
+            "ssh_user": USER,
+            "ssh_keyfile": str(keyfile),
+            "known_hosts": str(known_hosts),
+            "localhost": "host.docker.internal",
+            "shell": "/usr/bin/python3",
+            "scheduler": "slurm",
+        }
+        wait_until_usable(cluster)
+        logger.info("Slurm cluster ready in %.1f s", time.monotonic() - started)
+    except Exception as exc:
+        logs = _logs(containers)
+        _remove(containers, network, volume)
+        raise ClusterStartError(f"the Slurm test cluster did not start: {exc}\n{logs}") from exc
+    try:
+        yield cluster
+    finally:
+        _remove(containers, network, volume)
+
+
 def _wait_sge_ready(head: Any, exec_nodes: int, containers: list[Any]) -> None:
+    _wait_ready(head, ["/usr/local/sbin/sge-setup", "status", str(exec_nodes)], containers)
+
+
+def _wait_ready(head: Any, status_command: list[str], containers: list[Any]) -> None:
+    """Wait until ``status_command`` succeeds in the head container; fail if a container exits."""
     deadline = time.monotonic() + READY_TIMEOUT
     last = b""
     while time.monotonic() < deadline:
-        code, last = head.exec(["/usr/local/sbin/sge-setup", "status", str(exec_nodes)])
+        code, last = head.exec(status_command)
         if code == 0:
             return
         for name, container in containers:
@@ -355,7 +492,7 @@ def _wait_sge_ready(head: Any, exec_nodes: int, containers: list[Any]) -> None:
                 raise ClusterStartError(f"container {name} exited")
         time.sleep(1)
     raise ClusterStartError(
-        f"Grid Engine not ready after {READY_TIMEOUT:.0f}s: {last.decode(errors='replace')}"
+        f"cluster not ready after {READY_TIMEOUT:.0f}s: {last.decode(errors='replace')}"
     )
 
 

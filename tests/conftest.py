@@ -2,7 +2,11 @@
 
 ``--cluster=docker`` (default) starts a head node and two execution nodes with testcontainers;
 ``--cluster=native`` brings up the cluster on this host (``ci/cluster up --native``);
-``--cluster=ssh://user@host:port`` uses an existing cluster (see ``--cluster-keyfile`` and friends).
+``--cluster=ssh://user@host:port`` uses an existing cluster (see ``--cluster-keyfile`` and friends);
+``--cluster=slurm`` starts a Slurm controller and two compute nodes with testcontainers.
+
+Tests marked ``slurm`` need the Slurm cluster: ``--cluster=slurm`` runs only them, and every other
+choice deselects them (deselected, not skipped: CI fails on any skip).
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--cluster",
         default=os.environ.get("SHEEPDOG_TEST_CLUSTER", "docker"),
-        help="Grid Engine for the e2e tests: docker (default), native or ssh://user@host:port "
-        "[env SHEEPDOG_TEST_CLUSTER]",
+        help="cluster for the e2e tests: docker (default), native or ssh://user@host:port "
+        "(Grid Engine), or slurm (runs only the slurm-marked tests) [env SHEEPDOG_TEST_CLUSTER]",
     )
     for name, env, text in [
         ("keyfile", "SHEEPDOG_TEST_KEYFILE", "private key for ssh:// clusters"),
@@ -38,17 +42,32 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep the slurm-marked tests for --cluster=slurm and the others for every other cluster."""
+    want_slurm = config.getoption("--cluster") == "slurm"
+    keep, drop = [], []
+    for item in items:
+        is_slurm = item.get_closest_marker("slurm") is not None
+        (keep if is_slurm == want_slurm else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(scope="session")
 def cluster(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
-    """Connection details of a running Grid Engine cluster, in sheepdog's config keys.
+    """Connection details of a running cluster, in sheepdog's config keys.
 
     It fails (never skips) when the cluster cannot be started or reached.
     """
     choice = request.config.getoption("--cluster")
     if choice == "docker":
         with cluster_fixture.docker_cluster(tmp_path_factory.mktemp("cluster")) as details:
+            yield details
+    elif choice == "slurm":
+        with cluster_fixture.slurm_cluster(tmp_path_factory.mktemp("cluster")) as details:
             yield details
     elif choice == "native":
         details = cluster_fixture.native_cluster()
@@ -65,7 +84,9 @@ def cluster(
         cluster_fixture.wait_until_usable(details, timeout=60)
         yield details
     else:
-        raise pytest.UsageError(f"--cluster={choice}: expected docker, native or ssh://user@host:port")
+        raise pytest.UsageError(
+            f"--cluster={choice}: expected docker, native, slurm or ssh://user@host:port"
+        )
 
 
 # Hypothesis: "dev" (fast) by default, "ci" (thorough) where ci/test asks for it.

@@ -29,7 +29,6 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -38,11 +37,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from benchmarks._original import ORIGINAL_VENV, ensure_original_venv, original_env
 from benchmarks._report import ROOT, print_table, summarise, write_json
 
 __all__ = ["ORIGINAL_VENV", "ensure_original_venv", "main", "run_original", "run_ours"]
 
-ORIGINAL_VENV = ROOT / ".venv-sheepdog02"
 STUB = ROOT / "worker_stub" / "sheepdog_worker.py"
 WORKERS = 64
 LOAD_PROCESSES = 4
@@ -79,22 +78,6 @@ print(json.dumps({"results": storage.count_results(rid)}), flush=True)
 # multiprocessing's exit hook would wait on the Tornado child before sheepdog's hook stops it.
 server.stop()
 """
-
-
-def ensure_original_venv() -> Path:
-    """Create ``.venv-sheepdog02`` with Sheepdog 0.2.3 if needed; return its python."""
-    python = ORIGINAL_VENV / "bin" / "python"
-    check = [str(python), "-c", "import sheepdog.server, tornado"]
-    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
-        return python
-    print(f"[bench] installing Sheepdog 0.2.3 into {ORIGINAL_VENV}", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(ORIGINAL_VENV)], check=True)
-    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    # Its paramiko==1.13.0 pin needs pycrypto, which does not build on Python 3.11.
-    subprocess.run([*pip, "--no-deps", "Sheepdog==0.2.3"], check=True)
-    subprocess.run([*pip, "flask", "tornado", "paramiko"], check=True)
-    subprocess.run(check, check=True)
-    return python
 
 
 def _stub() -> ModuleType:
@@ -285,7 +268,7 @@ def run_original(n_tasks: int, workdir: Path, workers: int = WORKERS) -> dict[st
     launcher = subprocess.Popen(
         [str(python), "-c", _ORIGINAL_LAUNCHER, str(dbfile), str(n_tasks), PASSWORD],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=workdir,
-        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        env=original_env(),
     )
     assert launcher.stdin is not None and launcher.stdout is not None
     try:

@@ -27,12 +27,21 @@ from .errors import (
     TaskFailedError,
     TimeoutError,
     UnknownRequestError,
+    UnknownTaskError,
 )
 from .executor import Executor
 from .server import Server, get_server
 from .storage import Storage
 
 __version__ = "0.3.0"
+#: ``(0, 3, 0)``, as Sheepdog 0.2 had it.
+__version_info__ = tuple(int(part) for part in __version__.split("."))
+
+#: Sheepdog 0.2's name: every config key with its default (``host`` has none: it is required).
+#: A copy, built from :class:`Config`; changing it changes nothing.
+default_config = {
+    key: value for key, value in Config(host="headnode").as_dict().items() if key != "host"
+}
 
 __all__ = [
     "Config",
@@ -55,8 +64,11 @@ __all__ = [
     "TaskFailedError",
     "TimeoutError",
     "UnknownRequestError",
+    "UnknownTaskError",
     "__version__",
+    "__version_info__",
     "cancel",
+    "default_config",
     "get_errors",
     "get_output",
     "get_results",

@@ -155,9 +155,9 @@ def map_async(
 ) -> int:
     """Submit ``f`` with each of ``args`` on Grid Engine; return the request id at once.
 
-    A tuple argument is unpacked into positional arguments; any other value is
-    passed as the single argument. Everything is validated and serialised
-    before anything is submitted.
+    A tuple or list argument is unpacked into positional arguments, as Sheepdog
+    0.2 did; any other value is passed as the single argument. Everything is
+    validated and serialised before anything is submitted.
     """
     request_id, _ = _start(f, args, config, ns)
     return request_id
@@ -177,31 +177,29 @@ def _start(
     payload = serialisation.serialise_function(f, dict(ns) if ns is not None else None,
                                                mode=cfg.mode)
     blobs = serialisation.serialise_args(arg_list)
-    storage = Storage(cfg.dbfile)
+    own = deployer is None
+    # Before anything is stored: a bad ssh_keyfile is refused here, not by a failed request.
+    dep = deployer if deployer is not None else open_deployer(cfg)
     try:
-        storage.initdb()
-        request_id = storage.new_request(
-            payload, b"", blobs, settings=request_settings(cfg, len(arg_list))
-        )
-        if not arg_list:
-            return request_id, cfg
-        n_workers = array_size(cfg, len(arg_list))
-        own = deployer is None
-        dep = deployer if deployer is not None else open_deployer(cfg)
-        try:
-            submit_request(storage, cfg, request_id, dep, n_workers=n_workers)
-        except BaseException as exc:
-            storage.fail_tasks(
-                request_id, storage.open_task_indices(request_id), "submit",
-                f"the job was never submitted: {exc}",
+        with Storage(cfg.dbfile) as storage:
+            request_id = storage.new_request(
+                payload, b"", blobs, settings=request_settings(cfg, len(arg_list))
             )
-            raise
-        finally:
-            if own:
-                dep.close()
+            if not arg_list:
+                return request_id, cfg
+            n_workers = array_size(cfg, len(arg_list))
+            try:
+                submit_request(storage, cfg, request_id, dep, n_workers=n_workers)
+            except BaseException as exc:
+                storage.fail_tasks(
+                    request_id, storage.open_task_indices(request_id), "submit",
+                    f"the job was never submitted: {exc}",
+                )
+                raise
         return request_id, cfg
     finally:
-        storage.close()
+        if own:
+            dep.close()
 
 
 def map(  # noqa: A001 - the original's name, kept on purpose

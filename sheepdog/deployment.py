@@ -21,7 +21,7 @@ from typing import Any
 
 import paramiko
 
-from .errors import HostKeyError, RemoteCommandError, SSHError, SubmitError
+from .errors import ConfigError, HostKeyError, RemoteCommandError, SSHError, SubmitError
 from .job_file import job_file_name, key_file_name
 
 __all__ = ["CommandResult", "Deployer", "parse_qsub_output"]
@@ -91,6 +91,14 @@ class Deployer:
         ssh_config: str | None = None,
         timeout_s: float = 30.0,
     ) -> None:
+        if keyfile is not None and not os.path.isfile(os.path.expanduser(keyfile)):
+            # Dropping it would leave only "authentication failed" to go on.
+            raise ConfigError(
+                f"config key 'ssh_keyfile': {keyfile!r} does not exist or is not a file; "
+                "give the path of your private key, or leave ssh_keyfile out to use your "
+                "SSH agent and ~/.ssh keys",
+                key="ssh_keyfile",
+            )
         self.host = host
         self.port = port
         self.user = user

@@ -6,7 +6,8 @@ The hierarchy::
     ├── ConfigError                 a config key is unknown, missing or of the wrong type
     ├── SerialisationError          a function or value cannot be sent to the workers
     ├── StorageError                the SQLite database is unusable or a request is unknown
-    │   └── UnknownRequestError     no request with that id in this database
+    │   ├── UnknownRequestError     no request with that id in this database
+    │   └── UnknownTaskError        the request has no task with that index
     ├── ServerError                 the local HTTP server could not start or stopped
     ├── DeploymentError             talking to the head node failed
     │   ├── SSHError                the SSH connection could not be made
@@ -40,6 +41,7 @@ __all__ = [
     "TaskFailedError",
     "TimeoutError",
     "UnknownRequestError",
+    "UnknownTaskError",
 ]
 
 
@@ -63,14 +65,27 @@ class StorageError(SheepdogError):
     """The SQLite database cannot be used as asked."""
 
 
-class UnknownRequestError(StorageError, LookupError):
-    """No request with this id exists in the database."""
+class UnknownRequestError(StorageError, LookupError, ValueError):
+    """No request with this id exists in the database.
+
+    Also a ``ValueError``, which Sheepdog 0.2's ``Storage`` raised for an unknown request.
+    """
 
     def __init__(self, request_id: int, dbfile: str | None = None) -> None:
         where = f" in {dbfile}" if dbfile else ""
         super().__init__(f"no request {request_id}{where}")
         self.request_id = request_id
         self.dbfile = dbfile
+
+
+class UnknownTaskError(StorageError, LookupError, ValueError):
+    """The request has no task with this index (also a ``ValueError``, as in Sheepdog 0.2)."""
+
+    def __init__(self, request_id: int, task_index: int, n_tasks: int) -> None:
+        super().__init__(f"request {request_id} has tasks 1..{n_tasks}, not {task_index}")
+        self.request_id = request_id
+        self.task_index = task_index
+        self.n_tasks = n_tasks
 
 
 class ServerError(SheepdogError):

@@ -93,6 +93,8 @@ Sheepdog 0.2); they are read each time something is serialised.
 from __future__ import annotations
 
 import ast
+import base64
+import binascii
 import copy
 import dis
 import functools
@@ -116,11 +118,15 @@ from typing import Any
 from sheepdog.errors import SerialisationError
 
 __all__ = [
+    "deserialise_arg",
+    "deserialise_args",
     "deserialise_function",
+    "deserialise_namespace",
     "deserialise_pickle",
     "deserialise_value",
     "marshal_version",
     "pickle_protocol",
+    "serialise_arg",
     "serialise_args",
     "serialise_function",
     "serialise_namespace",
@@ -179,14 +185,31 @@ def serialise_function(
     return payload
 
 
-def deserialise_function(payload: bytes) -> Callable[..., Any]:
-    """Rebuild a function from :func:`serialise_function`'s payload, as the stub does."""
+def deserialise_function(
+    payload: bytes, namespace: dict[str, Any] | None = None
+) -> Callable[..., Any]:
+    """Rebuild a function from :func:`serialise_function`'s payload, as the stub does.
+
+    ``namespace`` (Sheepdog 0.2's second argument) is added to the function's
+    globals, winning over names of the same name, as ``ns`` does when serialising.
+    """
     stub = _stub_namespace()
     payload_error: type[Exception] = stub["PayloadError"]
     try:
         function: Callable[..., Any] = stub["load_function"](payload)
     except payload_error as exc:
         raise SerialisationError(str(exc)) from exc
+    if namespace:
+        if not isinstance(namespace, dict):
+            raise SerialisationError(
+                f"a namespace must be a dict, not {type(namespace).__name__}"
+            )
+        globals_dict = getattr(function, "__globals__", None)
+        if globals_dict is None:
+            raise SerialisationError(
+                f"{_describe(function)} has no globals to put the namespace in"
+            )
+        globals_dict.update(namespace)
     return function
 
 
@@ -213,6 +236,11 @@ def deserialise_value(data: bytes) -> object:
     return pickle.loads(data)
 
 
+def deserialise_args(blobs: Iterable[bytes]) -> list[object]:
+    """Unpickle each of :func:`serialise_args`' blobs (Sheepdog 0.2 name)."""
+    return [deserialise_pickle(blob) for blob in blobs]
+
+
 def serialise_args(args: Iterable[object]) -> list[bytes]:
     """Pickle each argument value; an error names the argument's index and task number."""
     return [
@@ -222,24 +250,63 @@ def serialise_args(args: Iterable[object]) -> list[bytes]:
 
 
 def serialise_pickle(obj: object) -> bytes:
-    """Sheepdog 0.2 name of :func:`serialise_value`."""
+    """Sheepdog 0.2 name of :func:`serialise_value` (a plain pickle now, not base64)."""
     return serialise_value(obj)
 
 
-def deserialise_pickle(data: bytes) -> object:
-    """Sheepdog 0.2 name of :func:`deserialise_value`."""
-    return deserialise_value(data)
+def deserialise_pickle(data: bytes | str) -> object:
+    """Sheepdog 0.2 name of :func:`deserialise_value`; also reads 0.2's base64 blobs.
+
+    Every pickle ends with the STOP opcode ``.``, which is not a base64 character, so
+    the two cannot be confused.
+    """
+    raw = data.encode("ascii") if isinstance(data, str) else bytes(data)
+    if raw.endswith(b"."):
+        return deserialise_value(raw)
+    try:
+        decoded = base64.b64decode(raw.strip(), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SerialisationError(
+            f"{_short_repr(raw)} is neither a pickle nor Sheepdog 0.2's base64 of one"
+        ) from exc
+    return deserialise_value(decoded)
+
+
+#: Sheepdog 0.2 names of one argument's (de)serialisation.
+serialise_arg = serialise_pickle
+deserialise_arg = deserialise_pickle
 
 
 def serialise_namespace(ns: dict[str, Any] | None) -> bytes:
-    """Return ``b""``: the namespace now travels inside the function payload.
+    """Return ``b""`` for an empty namespace; refuse a non-empty one, saying what to call.
 
-    Kept for Sheepdog 0.2's ``Storage.new_request(function, namespace, args)``; pass
-    ``ns`` to :func:`serialise_function` instead. Checks that ``ns`` is a dict.
+    Sheepdog 0.2's low-level path was ``Storage.new_request(serialise_function(f),
+    serialise_namespace(ns), args)``. The namespace now travels inside the function
+    payload, so a separate one would be lost and the workers would fail with
+    ``NameError``: pass it as ``serialise_function(f, ns)`` and ``b""`` here.
     """
     if ns is not None and not isinstance(ns, dict):
         raise SerialisationError(f"a namespace must be a dict, not {type(ns).__name__}")
+    if ns:
+        raise SerialisationError(
+            f"serialise_namespace cannot carry the names {sorted(ns)}: the namespace now "
+            "travels inside the function payload. Call serialise_function(f, ns) and pass "
+            'b"" as the namespace to Storage.new_request'
+        )
     return b""
+
+
+def deserialise_namespace(data: bytes) -> dict[str, Any]:
+    """Refuse: Sheepdog 0.2's separate namespace no longer exists (see :func:`serialise_namespace`).
+
+    Returns ``{}`` for the empty namespace ``b""`` that sheepdog stores.
+    """
+    if not data:
+        return {}
+    raise SerialisationError(
+        "deserialise_namespace is gone: the namespace travels inside the function payload "
+        "now; deserialise_function(payload) returns the function with its globals"
+    )
 
 
 # ---------------------------------------------------------------------------

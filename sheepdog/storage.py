@@ -19,6 +19,7 @@ import secrets
 import sqlite3
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Callable
 
-from sheepdog.errors import StorageError, UnknownRequestError
+from sheepdog import _upgrade02
+from sheepdog.errors import StorageError, UnknownRequestError, UnknownTaskError
 
 try:
     import fcntl
@@ -74,20 +76,26 @@ def _statements(script: str) -> list[str]:
 
 
 def _migrate_to_1(conn: sqlite3.Connection) -> None:
+    original = _upgrade02.is_original(conn)
+    if original:
+        _upgrade02.set_aside(conn)
     existing = {
         row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
     }
     clash = (existing & _V1_TABLES) - {"sqlite_sequence"}
     if clash:
-        # A version-0 file with our table names was made by sheepdog 0.2 or by hand:
-        # its columns differ, and guessing would corrupt it.
+        # A version-0 file with our table names but not 0.2.3's layout was made by hand
+        # or by another program: its columns differ, and guessing would corrupt it.
         raise StorageError(
-            f"the database already has tables {sorted(clash)} but no schema version: it was "
-            "made by an older sheepdog or another program; use a new dbfile"
+            f"the database already has tables {sorted(clash)} but no schema version, and not "
+            "Sheepdog 0.2.3's tables (which are migrated): it was made by an older sheepdog "
+            "or another program; use a new dbfile"
         )
     # executescript would commit the caller's transaction first: run statements one by one.
     for statement in _statements(_SCHEMA_FILE.read_text(encoding="utf-8")):
         conn.execute(statement)
+    if original:
+        _upgrade02.copy_into_schema(conn, DEFAULT_SETTINGS)
 
 
 #: Migration steps: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
@@ -149,6 +157,14 @@ def _load_error(text: str | None) -> dict[str, Any]:
     except ValueError:
         return {"type": "Error", "message": text, "traceback": ""}
     return value if isinstance(value, dict) else {"type": "Error", "message": str(value)}
+
+
+def error_text(error: dict[str, Any]) -> str:
+    """The text of a stored error dict: its traceback, else ``"Type: message"``."""
+    traceback = str(error.get("traceback") or "")
+    if traceback.strip():
+        return traceback
+    return f"{error.get('type') or 'Error'}: {error.get('message') or ''}"
 
 
 class Storage:
@@ -289,6 +305,7 @@ class Storage:
         with self._lock:
             conn = self.conn
             try:
+                backup = self._backup_original(conn)
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     logger.warning("%s: SQLite refused WAL mode (%s)", self.dbfile, mode)
@@ -312,6 +329,23 @@ class Storage:
                     version += 1
             except sqlite3.Error as exc:
                 raise StorageError(f"cannot initialise the database {self.dbfile}: {exc}") from exc
+        if backup is not None:
+            warnings.warn(
+                f"{self.dbfile} was a Sheepdog 0.2.3 database: it now has sheepdog's schema, "
+                f"its requests kept under their ids; the original is copied to {backup} "
+                "(see docs/upgrading.rst)",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _backup_original(self, conn: sqlite3.Connection) -> Path | None:
+        """Copy a Sheepdog 0.2.3 database beside itself before it is migrated."""
+        if self.dbfile == ":memory:" or conn.execute("PRAGMA user_version").fetchone()[0] != 0:
+            return None
+        if not _upgrade02.is_original(conn):
+            return None
+        # Before WAL mode is set, so that the copy is the file 0.2.3 wrote.
+        return _upgrade02.backup(conn, self.dbfile)
 
     def schema_version(self) -> int:
         """Return the database's ``PRAGMA user_version``."""
@@ -425,7 +459,7 @@ class Storage:
 
     def _check_task(self, request_id: int, job_index: int) -> None:
         (n_tasks,) = self._request_row(request_id, "n_tasks")
-        raise StorageError(f"request {request_id} has tasks 1..{n_tasks}, not {job_index}")
+        raise UnknownTaskError(request_id, job_index, int(n_tasks))
 
     def store_result(self, request_id: int, job_index: int, result: bytes) -> bool:
         """Store a pickled result unless the task is already finished; True if stored."""
@@ -511,9 +545,14 @@ class Storage:
             ).fetchall()
         return [(bytes(a), bytes(r)) for a, r in rows]
 
-    def get_errors(self, request_id: int) -> list[tuple[bytes, dict[str, Any]]]:
-        """Return ``(args, error dict)`` for every failed or cancelled task, in index order."""
-        return [(args, error) for _, args, error in self.get_task_errors(request_id)]
+    def get_errors(self, request_id: int) -> list[tuple[bytes, str]]:
+        """Return ``(args, error text)`` for every failed or cancelled task, in index order.
+
+        The text is the remote traceback, as Sheepdog 0.2 returned it (or
+        ``"Type: message"`` for an error without one, such as a lost task).
+        :meth:`get_task_errors` gives the index and every detail as a dict.
+        """
+        return [(args, error_text(error)) for _, args, error in self.get_task_errors(request_id)]
 
     def get_task_errors(self, request_id: int) -> list[tuple[int, bytes, dict[str, Any]]]:
         """Return ``(index, args, error dict)`` for every failed or cancelled task.
@@ -778,7 +817,7 @@ class Storage:
         for r in results:
             index = int(r["index"])
             if not 1 <= index <= n_tasks:
-                raise StorageError(f"request {request_id} has tasks 1..{n_tasks}, not {index}")
+                raise UnknownTaskError(request_id, index, n_tasks)
             if r["ok"]:
                 state, value, error = "done", r["value"], None
             else:

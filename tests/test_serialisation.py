@@ -402,7 +402,10 @@ def test_main_class_as_global_is_refused(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_seed_names_still_work() -> None:
     assert s.deserialise_pickle(s.serialise_pickle({"a": (1, 2)})) == {"a": (1, 2)}
-    assert s.serialise_namespace({"a": 1}) == b""
+    assert s.serialise_namespace({}) == s.serialise_namespace(None) == b""
+    # A non-empty namespace used to vanish here (issue 13): now it says what to call.
+    with pytest.raises(SerialisationError, match=r"serialise_function\(f, ns\)"):
+        s.serialise_namespace({"a": 1})
     with pytest.raises(SerialisationError):
         s.serialise_namespace(["not", "a", "dict"])  # type: ignore[arg-type]
 

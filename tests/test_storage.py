@@ -112,7 +112,9 @@ def test_seed_api(db: Storage) -> None:
     assert db.count_errors(rid) == 1
     assert db.count_results_and_errors(rid) == 2
     assert db.get_results(rid) == [(b"arg2", b"two")]
-    [(args, error)] = db.get_errors(rid)
+    # As in Sheepdog 0.2, get_errors gives the stored text back; the dict is get_task_errors'.
+    assert db.get_errors(rid) == [(b"arg3", "boom")]
+    [(_, args, error)] = db.get_task_errors(rid)
     assert args == b"arg3"
     assert error["type"] == "Error" and error["message"] == "boom"
     assert error["traceback"] == "boom"

@@ -444,6 +444,14 @@ class Connection:
                                   % (method, path, answer[:200])) from None
 
 
+def is_unpacked(value):
+    """Whether a task's argument is spread into positional arguments: a tuple or a list.
+
+    Sheepdog 0.2 called ``f(*arg)``; any other value is passed as the one argument.
+    """
+    return isinstance(value, (tuple, list))
+
+
 class Client:
     """Find out what to do, do it, report back: the worker side of one array task."""
 
@@ -527,6 +535,9 @@ class Client:
 
     def run(self):
         """Lease tasks and run them; each batch's results go back with the next lease."""
+        if self.function is None and self.load_error is None:
+            # Leasing now would fail every task leased; Sheepdog 0.2 refused too.
+            raise RuntimeError("Must call `get_details` before `run`.")
         batch = int(self.batch or self.settings.get("batch") or 1)
         left = self.settings.get("tasks_per_worker")  # None: until no work is left
         threading.Thread(target=self.watch, name="sheepdog-heartbeat", daemon=True).start()
@@ -577,7 +588,7 @@ class Client:
                     self.armed = True
                     signal.setitimer(signal.ITIMER_REAL, timeout)
                 value = load_value(base64.b64decode(task["args"]))
-                value = self.function(*value) if isinstance(value, tuple) else self.function(value)
+                value = self.function(*value) if is_unpacked(value) else self.function(value)
                 payload = dump_value(value, self.protocol)
             finally:  # an alarm that fires in here is still caught below
                 if alarm:

@@ -34,6 +34,8 @@ from .server import Server, get_server
 from .storage import Storage
 
 __version__ = "0.3.0"
+#: The name Sheepdog 0.2's quickstart still used for :func:`map`.
+map_sync = map
 #: ``(0, 3, 0)``, as Sheepdog 0.2 had it.
 __version_info__ = tuple(int(part) for part in __version__.split("."))
 
@@ -75,6 +77,7 @@ __all__ = [
     "get_server",
     "map",
     "map_async",
+    "map_sync",
     "serialisation",
 ]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -87,6 +88,19 @@ def cluster(
         raise pytest.UsageError(
             f"--cluster={choice}: expected docker, native, slurm or ssh://user@host:port"
         )
+
+
+@pytest.fixture(scope="session")
+def original02_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A database made by the published Sheepdog 0.2.3 itself (see tests/original02.py).
+
+    Built once per session; copy it before opening it with sheepdog, which migrates it.
+    """
+    import original02
+
+    path = tmp_path_factory.mktemp("sheepdog-0.2.3") / "sheepdog.sqlite"
+    original02.build_original_database(path)
+    return path
 
 
 # Hypothesis: "dev" (fast) by default, "ci" (thorough) where ci/test asks for it.

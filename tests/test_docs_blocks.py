@@ -39,6 +39,10 @@ FRAGMENTS = {
     ("tips.rst", CLIENT_LINE): "test_the_client_line_is_the_last_line_of_a_job_file",
     ("index.rst", ">>> import sheepdog"): "tests/e2e/test_docs_examples.py::test_doctest_blocks",
     ("README.md", ">>> import sheepdog"): "tests/e2e/test_docs_examples.py::test_doctest_blocks",
+    ("upgrading.rst", "import sheepdog"): "tests/test_upgrade_02.py::test_the_upgrading_page_examples_run",
+    ("upgrading.rst", "try:"): "tests/test_upgrade_02.py::test_the_upgrading_page_examples_run",
+    ("upgrading.rst", "from sheepdog.storage import Storage"):
+        "tests/test_upgrade_02.py::test_the_upgrading_page_examples_run",
     ("README.md", "import sheepdog"): "tests/e2e/test_docs_examples.py::test_readme_examples",
     ("README.md", "with sheepdog.Executor(config) as pool:"):
         "tests/e2e/test_docs_examples.py::test_readme_examples",

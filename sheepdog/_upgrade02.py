@@ -55,15 +55,19 @@ def backup(conn: sqlite3.Connection, dbfile: str) -> Path:
     """Copy the database to a new file beside it (never over an old copy); return its path."""
     base = f"{dbfile}.sheepdog-0.2.3-backup"
     path, n = Path(base), 1
-    while path.exists():
-        path, n = Path(f"{base}.{n}"), n + 1
+    while True:
+        try:
+            # Created empty and private first (O_EXCL: never over another copy), as the
+            # copy holds the user's arguments and results.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            break
+        except FileExistsError:
+            path, n = Path(f"{base}.{n}"), n + 1
     target = sqlite3.connect(str(path))
     try:
         conn.backup(target)
     finally:
         target.close()
-    # The copy holds the same data as the original: no wider permissions than it has.
-    os.chmod(path, os.stat(dbfile).st_mode & 0o777)
     return path
 
 
@@ -143,7 +147,11 @@ def _never_finished(job_index: int) -> dict[str, Any]:
 def _blob(value: object) -> bytes:
     if value is None:
         return b""
-    return value.encode("utf-8") if isinstance(value, str) else bytes(value)  # type: ignore[arg-type]
+    if isinstance(value, str):  # a TEXT value, stored by hand
+        return value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    return str(value).encode("utf-8")  # an INTEGER or REAL where a blob belonged
 
 
 def _decoded(value: object) -> bytes:

@@ -33,16 +33,17 @@ CLIENT_LINE = (
     "secret_file='/home/you/.sheepdog/sheepdog_032_<tag>.key').go()"
 )
 
+UPGRADING_TEST = "tests/test_upgrade_02.py::test_the_upgrading_page_examples_run"
+
 #: Python blocks that are not whole programs: (file, first line) -> the test that runs it.
 FRAGMENTS = {
     ("configuration.rst", CONFIG_LINE): "test_the_three_ways_to_write_a_config",
     ("tips.rst", CLIENT_LINE): "test_the_client_line_is_the_last_line_of_a_job_file",
     ("index.rst", ">>> import sheepdog"): "tests/e2e/test_docs_examples.py::test_doctest_blocks",
     ("README.md", ">>> import sheepdog"): "tests/e2e/test_docs_examples.py::test_doctest_blocks",
-    ("upgrading.rst", "import sheepdog"): "tests/test_upgrade_02.py::test_the_upgrading_page_examples_run",
-    ("upgrading.rst", "try:"): "tests/test_upgrade_02.py::test_the_upgrading_page_examples_run",
-    ("upgrading.rst", "from sheepdog.storage import Storage"):
-        "tests/test_upgrade_02.py::test_the_upgrading_page_examples_run",
+    ("upgrading.rst", "import sheepdog"): UPGRADING_TEST,
+    ("upgrading.rst", "try:"): UPGRADING_TEST,
+    ("upgrading.rst", "from sheepdog.storage import Storage"): UPGRADING_TEST,
     ("README.md", "import sheepdog"): "tests/e2e/test_docs_examples.py::test_readme_examples",
     ("README.md", "with sheepdog.Executor(config) as pool:"):
         "tests/e2e/test_docs_examples.py::test_readme_examples",

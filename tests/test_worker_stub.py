@@ -201,7 +201,7 @@ def task(value: object, index: int = 1) -> dict[str, Any]:
     return {"index": index, "attempt": 1, "lease": f"lease-{index}", "args": args}
 
 
-def test_run_task_calls_with_tuple_or_single_value_and_captures_output(
+def test_run_task_calls_with_tuple_list_or_single_value_and_captures_output(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     client = make_client()
@@ -217,8 +217,12 @@ def test_run_task_calls_with_tuple_or_single_value_and_captures_output(
     assert result["stdout"] == "computing (1, 'b')\n"
     assert result["stderr"] == ""
     assert result["lease"] == "lease-1"
-    single = client.run_task(task([1, 2], index=2))
-    assert pickle.loads(base64.b64decode(single["value"])) == ([1, 2],)
+    # A list is unpacked too, as Sheepdog 0.2's f(*arg) did (issue 13); anything else is
+    # the single argument.
+    unpacked = client.run_task(task([1, 2], index=2))
+    assert pickle.loads(base64.b64decode(unpacked["value"])) == (1, 2)
+    single = client.run_task(task("ab", index=3))
+    assert pickle.loads(base64.b64decode(single["value"])) == ("ab",)
     out = capsys.readouterr().out
     assert "computing (1, 'b')" in out  # teed to the real stream too
     assert "sheepdog: task 1 ok: (1, 'b')" in out

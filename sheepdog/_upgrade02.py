@@ -80,6 +80,10 @@ def set_aside(conn: sqlite3.Connection) -> None:
 def copy_into_schema(conn: sqlite3.Connection, default_settings: dict[str, Any]) -> int:
     """Copy the set-aside 0.2.3 rows into our tables, drop the old ones; return the requests."""
     settings = json.dumps(default_settings)
+    # 0.2.3 had no indices: without these the lookups below scan whole tables per task.
+    conn.execute(f"CREATE INDEX {_OLD}results_by_task ON {_OLD}results (task_id, id)")
+    conn.execute(f"CREATE INDEX {_OLD}errors_by_task ON {_OLD}errors (task_id, id)")
+    conn.execute(f"CREATE INDEX {_OLD}tasks_by_index ON {_OLD}tasks (request_id, job_index, id)")
     requests = conn.execute(
         f"SELECT id, function, namespace, date_submitted FROM {_OLD}requests ORDER BY id"
     ).fetchall()

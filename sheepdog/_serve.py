@@ -10,15 +10,17 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gthread import ThreadWorker
 
-from sheepdog.server import create_app
+from sheepdog.server import CLOSE_KEY, create_app
 
 __all__ = ["main"]
 
@@ -33,6 +35,60 @@ def _watch_parent(parent_pid: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+#: How long a connection closed with its body unread lingers for the client to read the answer.
+LINGER_S = 0.5
+
+_closing = threading.local()
+
+
+class Worker(ThreadWorker):  # type: ignore[misc]
+    """gunicorn's gthread worker, but a call refused with its body unread is closed at once.
+
+    gunicorn drains an unread body (up to 5 s in the worker thread) before it
+    reuses a connection, then lingers up to 2 s in its main loop when closing
+    one: a few clients that send headers and then a body that never comes
+    would hold every thread, and /api/v1/health with them. Here the worker
+    thread sends the answer, gives the client ``LINGER_S`` to read it, and
+    shuts the socket so that gunicorn's own close returns at once.
+    """
+
+    def handle_request(self, req: Any, conn: Any) -> bool:
+        _closing.flag = False
+        keepalive = bool(super().handle_request(req, conn))
+        if not _closing.flag:
+            return keepalive
+        sock = conn.sock
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_S
+            drained = 0
+            while drained < 65536:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                sock.settimeout(remaining)
+                data = sock.recv(4096)
+                if not data:
+                    break
+                drained += len(data)
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        return False
+
+
+def _closing_app(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    """Wrap the WSGI app to tell ``Worker`` which calls must close their connection."""
+
+    def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            return app(environ, start_response)
+        finally:
+            _closing.flag = bool(environ.get(CLOSE_KEY))
+
+    return wsgi
+
+
 class _Application(BaseApplication):  # type: ignore[misc]
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -44,7 +100,10 @@ class _Application(BaseApplication):  # type: ignore[misc]
             "bind": [f"fd://{args.fd}"],
             "workers": args.workers,
             "threads": args.threads,
-            "worker_class": "gthread",
+            "worker_class": "sheepdog._serve.Worker",
+            # The control socket (~/.gunicorn/gunicorn.ctl) would be shared by every
+            # gunicorn of the user, and sheepdog needs none.
+            "control_socket_disable": True,
             "keepalive": 30,
             # Above SQLite's 30 s busy timeout, so a waiting request is not killed.
             "timeout": 120,
@@ -70,12 +129,12 @@ class _Application(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        return create_app(
+        return _closing_app(create_app(
             self.args.dbfile,
             max_body_bytes=self.args.max_body_bytes,
             max_clock_skew_s=self.args.max_clock_skew_s,
             synchronous=self.args.synchronous,
-        )
+        ))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

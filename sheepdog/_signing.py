@@ -1,27 +1,37 @@
 """HMAC signing of worker calls and server answers, as docs/protocol.rst defines it.
 
-The key is the request's secret as raw bytes: the 64 hex characters written
-into the job file are decoded with ``bytes.fromhex`` before use. The worker
-stub implements the same two functions with the standard library only; the
-tests cross-check both implementations.
+The key is the request's secret as raw bytes: the 64 hex characters of the
+request's secret are decoded with ``bytes.fromhex`` before use. A call's
+signature covers its method, path, time, a random nonce, and the body's length
+and SHA-256, all sent in headers, so that the server can authenticate a call
+before it reads a byte of its body. The worker stub implements the same
+functions with the standard library only; the tests cross-check both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
+import time
 
 __all__ = [
+    "BODY_HASH_HEADER",
+    "NONCE_HEADER",
     "SIGNATURE_HEADER",
     "TIME_HEADER",
+    "new_nonce",
     "request_message",
     "response_message",
     "sign_request",
     "sign_response",
+    "signed_headers",
     "verify",
 ]
 
 TIME_HEADER = "X-Sheepdog-Time"
+NONCE_HEADER = "X-Sheepdog-Nonce"
+BODY_HASH_HEADER = "X-Sheepdog-Body-SHA256"
 SIGNATURE_HEADER = "X-Sheepdog-Signature"
 
 
@@ -29,10 +39,16 @@ def _key(secret_hex: str) -> bytes:
     return bytes.fromhex(secret_hex)
 
 
-def request_message(method: str, path: str, time_s: int | str, body: bytes) -> bytes:
+def new_nonce() -> str:
+    """Return a fresh nonce: 32 random hex characters."""
+    return secrets.token_hex(16)
+
+
+def request_message(
+    method: str, path: str, time_s: int | str, nonce: str, length: int, body_sha256: str
+) -> bytes:
     """Return the bytes that a call's signature covers."""
-    digest = hashlib.sha256(body).hexdigest()
-    return f"{method.upper()}\n{path}\n{time_s}\n{digest}".encode()
+    return f"{method.upper()}\n{path}\n{time_s}\n{nonce}\n{length}\n{body_sha256}".encode()
 
 
 def response_message(request_signature: str, body: bytes) -> bytes:
@@ -41,10 +57,39 @@ def response_message(request_signature: str, body: bytes) -> bytes:
     return f"response\n{request_signature}\n{digest}".encode()
 
 
-def sign_request(secret_hex: str, method: str, path: str, time_s: int | str, body: bytes) -> str:
-    """Sign a call to ``path`` made at ``time_s`` (unix seconds) with ``body``."""
-    message = request_message(method, path, time_s, body)
+def sign_request(
+    secret_hex: str,
+    method: str,
+    path: str,
+    time_s: int | str,
+    nonce: str,
+    length: int,
+    body_sha256: str,
+) -> str:
+    """Sign a call to ``path`` at ``time_s`` with ``nonce`` and a body of that length and hash."""
+    message = request_message(method, path, time_s, nonce, length, body_sha256)
     return hmac.new(_key(secret_hex), message, hashlib.sha256).hexdigest()
+
+
+def signed_headers(
+    secret_hex: str,
+    method: str,
+    path: str,
+    body: bytes,
+    *,
+    time_s: int | None = None,
+    nonce: str | None = None,
+) -> dict[str, str]:
+    """Return the headers that sign a call with ``body`` (a fresh nonce and the time now)."""
+    stamp = str(int(time.time()) if time_s is None else time_s)
+    nonce = new_nonce() if nonce is None else nonce
+    digest = hashlib.sha256(body).hexdigest()
+    return {
+        TIME_HEADER: stamp,
+        NONCE_HEADER: nonce,
+        BODY_HASH_HEADER: digest,
+        SIGNATURE_HEADER: sign_request(secret_hex, method, path, stamp, nonce, len(body), digest),
+    }
 
 
 def sign_response(secret_hex: str, request_signature: str, body: bytes) -> str:

@@ -22,6 +22,7 @@ import atexit
 import base64
 import binascii
 import errno
+import hashlib
 import http.client
 import json
 import logging
@@ -40,15 +41,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from sheepdog._signing import SIGNATURE_HEADER, TIME_HEADER, sign_request, sign_response, verify
+from sheepdog._signing import (
+    BODY_HASH_HEADER,
+    NONCE_HEADER,
+    SIGNATURE_HEADER,
+    TIME_HEADER,
+    sign_request,
+    sign_response,
+    verify,
+)
 from sheepdog._tls import hold_while_serving
 from sheepdog.errors import ServerError, StorageError, UnknownRequestError
-from sheepdog.storage import Lease, Storage
+from sheepdog.storage import Lease, NonceReusedError, Storage
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -66,6 +75,15 @@ MAX_TASKS_PER_CALL = 10_000
 _PICKLE_WALK_BYTES = 64 * 1024  # walk smaller pickles' opcodes fully; larger ones are spot-checked
 _MAX_SQLITE_INT = 2**63 - 1
 _TIME_RE = re.compile(r"[0-9]{1,12}")
+_NONCE_RE = re.compile(r"[0-9a-f]{32}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_LENGTH_RE = re.compile(r"[0-9]{1,15}")
+#: A signed body may take this long, plus its length at BODY_MIN_BYTES_PER_S, to arrive.
+BODY_BASE_S = 30.0
+BODY_MIN_BYTES_PER_S = 256 * 1024
+_BODY_CHUNK = 64 * 1024
+#: WSGI environ key asking _serve's worker to close the connection without draining it.
+CLOSE_KEY = "sheepdog.close_connection"
 #: How long a server on a fixed port waits for the port to become free.
 BIND_RETRY_S = 10.0
 
@@ -103,6 +121,16 @@ class ApiError(Exception):
         self.message = message
 
 
+class _Replayed(Exception):
+    """A call whose nonce was answered before: send the recorded answer again."""
+
+    def __init__(self, secret: str, signature: str, answer: bytes) -> None:
+        super().__init__("replayed call")
+        self.secret = secret
+        self.signature = signature
+        self.answer = answer
+
+
 @dataclass(frozen=True)
 class _Call:
     request_id: int
@@ -111,6 +139,8 @@ class _Call:
     state: str
     settings: dict[str, Any]
     signature: str
+    nonce: str
+    stamp: int
     body: bytes
 
 
@@ -299,6 +329,10 @@ def create_app(
     def api_error(exc: ApiError) -> Response:
         return _error_response(exc.status, exc.code, exc.message)
 
+    @app.errorhandler(_Replayed)
+    def replayed(exc: _Replayed) -> Response:
+        return signed_answer(exc.secret, exc.signature, exc.answer)
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         status = exc.code or 400
@@ -321,10 +355,24 @@ def create_app(
         logger.exception("internal error on %s %s", request.method, request.path)
         return _error_response(500, "internal", "internal server error; see the server's log")
 
+    def refuse_unread(exc: ApiError) -> ApiError:
+        """Mark the connection for closing when a refused call's body was never read."""
+        if request.content_length or request.headers.get("Transfer-Encoding"):
+            # Draining an unread body would let an unsigned client hold a thread for as
+            # long as it likes; close instead (see _serve's worker).
+            request.environ[CLOSE_KEY] = True
+        return exc
+
     def authenticate(request_id: int) -> _Call:
-        """Check the call's signature; nothing in the body is decoded before this."""
+        """Check the call's signed headers, then read and check its body.
+
+        Nothing is read from the body before the headers' signature checks out,
+        and a call whose nonce was seen before is answered without reading it.
+        """
         signature = request.headers.get(SIGNATURE_HEADER)
         stamp = request.headers.get(TIME_HEADER)
+        nonce = request.headers.get(NONCE_HEADER)
+        digest = request.headers.get(BODY_HASH_HEADER)
 
         def refuse(reason: str) -> ApiError:
             logger.warning(
@@ -334,35 +382,139 @@ def create_app(
                 request.remote_addr,
                 reason,
             )
-            return ApiError(401, "unauthorised", reason)
+            return refuse_unread(ApiError(401, "unauthorised", reason))
 
-        if not signature or stamp is None:
-            raise refuse(f"missing {SIGNATURE_HEADER} or {TIME_HEADER} header")
+        if not signature or stamp is None or nonce is None or digest is None:
+            raise refuse(
+                f"missing {SIGNATURE_HEADER}, {TIME_HEADER}, {NONCE_HEADER} or "
+                f"{BODY_HASH_HEADER} header"
+            )
         if not _TIME_RE.fullmatch(stamp):
             raise refuse(f"{TIME_HEADER} must be unix seconds")
+        if not _NONCE_RE.fullmatch(nonce):
+            raise refuse(f"{NONCE_HEADER} must be 32 lowercase hex characters")
+        if not _SHA256_RE.fullmatch(digest):
+            raise refuse(f"{BODY_HASH_HEADER} must be 64 lowercase hex characters")
         skew = abs(time.time() - int(stamp))
         if skew > max_clock_skew_s:
             raise refuse(
                 f"{TIME_HEADER} is {skew:.0f} s away from the server's clock "
                 f"(at most {max_clock_skew_s:.0f} s allowed); check the clocks"
             )
+        if request.headers.get("Transfer-Encoding"):
+            raise refuse_unread(ApiError(
+                411, "length_required", "send the body with a Content-Length, not chunked"
+            ))
+        length_text = request.headers.get("Content-Length", "0")
+        if not _LENGTH_RE.fullmatch(length_text):
+            raise refuse_unread(ApiError(400, "bad_length", "Content-Length must be a number"))
+        length = int(length_text)
+        if length > max_body_bytes:
+            raise refuse_unread(ApiError(
+                413, "request_entity_too_large", f"the body is {length} bytes, more than the server's "
+                f"max_body_bytes ({max_body_bytes}); raise it for larger results",
+            ))
         if request_id > _MAX_SQLITE_INT:
-            raise ApiError(404, "unknown_request", f"no request {request_id}")
+            raise refuse_unread(ApiError(404, "unknown_request", f"no request {request_id}"))
         try:
             secret, n_tasks, state, settings = storage().get_auth(request_id)
         except UnknownRequestError:
-            raise ApiError(404, "unknown_request", f"no request {request_id}") from None
-        body = request.get_data(cache=True)
-        expected = sign_request(secret, request.method, request.path, stamp, body)
+            raise refuse_unread(
+                ApiError(404, "unknown_request", f"no request {request_id}")
+            ) from None
+        expected = sign_request(secret, request.method, request.path, stamp, nonce, length, digest)
         if not verify(expected, signature):
             raise refuse("bad signature")
-        return _Call(request_id, secret, n_tasks, state, settings, signature, body)
+        if request.method != "GET":
+            seen = storage().seen_nonce(request_id, nonce)
+            if seen is not None:
+                if not verify(seen[0], signature):
+                    raise refuse_unread(nonce_reused(request_id, nonce))
+                # A retry of a call whose answer was lost, or a replay: the body is
+                # bound to the signature, so it need not be read to know the answer.
+                logger.info("answering %s %s again from its recorded answer",
+                            request.method, request.path)
+                if length:
+                    request.environ[CLOSE_KEY] = True
+                raise _Replayed(secret, signature, seen[1])
+        body = read_body(length, digest, refuse)
+        return _Call(
+            request_id, secret, n_tasks, state, settings, signature, nonce, int(stamp), body
+        )
+
+    def nonce_reused(request_id: int, nonce: str) -> ApiError:
+        return ApiError(
+            409, "nonce_reused",
+            f"{NONCE_HEADER} {nonce} was already used by another call of request "
+            f"{request_id}; use a fresh nonce for every call",
+        )
+
+    def read_body(length: int, digest: str, refuse: Callable[[str], ApiError]) -> bytes:
+        """Read a signed call's body within its time bound, hashing it as it streams."""
+        deadline = time.monotonic() + BODY_BASE_S + length / BODY_MIN_BYTES_PER_S
+        sock = request.environ.get("gunicorn.socket")
+        stream = request.environ["wsgi.input"]
+        hasher = hashlib.sha256()
+        chunks: list[bytes] = []
+        got = 0
+        try:
+            while got < length:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                if isinstance(sock, socket.socket):
+                    sock.settimeout(remaining)
+                chunk = stream.read(min(_BODY_CHUNK, length - got))
+                if not chunk:
+                    break
+                hasher.update(chunk)
+                chunks.append(chunk)
+                got += len(chunk)
+        except (TimeoutError, socket.timeout):
+            request.environ[CLOSE_KEY] = True
+            raise ApiError(
+                408, "body_timeout",
+                f"the body did not arrive within {BODY_BASE_S:.0f} s plus "
+                f"{BODY_MIN_BYTES_PER_S} bytes a second ({got} of {length} bytes came)",
+            ) from None
+        finally:
+            if isinstance(sock, socket.socket):
+                sock.settimeout(None)
+        if got < length:
+            request.environ[CLOSE_KEY] = True
+            raise ApiError(400, "short_body", f"the body ended after {got} of {length} bytes")
+        if not verify(hasher.hexdigest(), digest):
+            # The signature covers the hash: a body that does not match is not authenticated.
+            raise refuse(f"the body's SHA-256 is not the signed {BODY_HASH_HEADER}")
+        return b"".join(chunks)
 
     def signed(call: _Call, payload: object) -> Response:
         response = _json_response(payload)
         response.headers[SIGNATURE_HEADER] = sign_response(
             call.secret, call.signature, response.get_data()
         )
+        return response
+
+    def once(call: _Call, effect: Callable[[sqlite3.Connection], object]) -> Response:
+        """Run a call's effect at most once per nonce, in the transaction that records it."""
+
+        def run(conn: sqlite3.Connection) -> bytes:
+            return json.dumps(effect(conn), separators=(",", ":")).encode()
+
+        try:
+            answer, replayed = storage().answer_once(
+                call.request_id, call.nonce, call.stamp, call.signature, max_clock_skew_s, run
+            )
+        except NonceReusedError:
+            raise nonce_reused(call.request_id, call.nonce) from None
+        if replayed:
+            logger.info("answering %s %s again from its recorded answer",
+                        request.method, request.path)
+        return signed_answer(call.secret, call.signature, answer)
+
+    def signed_answer(secret: str, signature: str, answer: bytes) -> Response:
+        response = Response(answer, status=200, mimetype="application/json")
+        response.headers[SIGNATURE_HEADER] = sign_response(secret, signature, answer)
         return response
 
     @app.get("/api/v1/health")
@@ -386,11 +538,15 @@ def create_app(
         max_tasks = _get_int(body, "max_tasks", "lease", 0, MAX_TASKS_PER_CALL)
         reclaim = _get_retry(body, "lease")
         lease_s = float(call.settings["lease_s"])
-        leases = storage().lease(
-            request_id, worker=worker, host=host, max_tasks=max_tasks, lease_s=lease_s,
-            reclaim=reclaim,
-        )
-        return signed(call, _lease_payload(leases, lease_s, call.state))
+
+        def effect(conn: sqlite3.Connection) -> object:
+            leases = storage().lease_in(
+                conn, request_id, worker=worker, host=host, max_tasks=max_tasks, lease_s=lease_s,
+                reclaim=reclaim,
+            )
+            return _lease_payload(leases, lease_s, call.state)
+
+        return once(call, effect)
 
     @app.post("/api/v1/requests/<int:request_id>/heartbeat")
     def heartbeat(request_id: int) -> Response:
@@ -402,12 +558,18 @@ def create_app(
             raise ApiError(400, "bad_field", "heartbeat: 'leases' must be a list of strings")
         if len(tokens) > MAX_TASKS_PER_CALL:
             raise ApiError(400, "bad_field", f"heartbeat: at most {MAX_TASKS_PER_CALL} leases")
-        db = storage()
-        renewed, lost = db.renew(
-            request_id, _text(worker), [_text(t) for t in tokens], float(call.settings["lease_s"])
-        )
-        cancelled = db.get_request_state(request_id) == "cancelled"
-        return signed(call, {"renewed": renewed, "lost": lost, "cancelled": cancelled})
+
+        def effect(conn: sqlite3.Connection) -> object:
+            renewed, lost = storage().renew_in(
+                conn, request_id, _text(worker), [_text(t) for t in tokens],
+                float(call.settings["lease_s"]),
+            )
+            (state,) = conn.execute(
+                "SELECT state FROM requests WHERE id = ?", (request_id,)
+            ).fetchone()
+            return {"renewed": renewed, "lost": lost, "cancelled": state == "cancelled"}
+
+        return once(call, effect)
 
     @app.post("/api/v1/requests/<int:request_id>/results")
     def results(request_id: int) -> Response:
@@ -424,19 +586,23 @@ def create_app(
             raise ApiError(400, "bad_field", f"results: at most {MAX_TASKS_PER_CALL} per call")
         parsed = [_parse_result(item, call.n_tasks, worker, host) for item in items]
         lease_s = float(call.settings["lease_s"])
-        try:
-            accepted, duplicates, leases = storage().complete_and_lease(
-                request_id, parsed, worker=worker, host=host, max_tasks=max_tasks,
-                lease_s=lease_s, reclaim=reclaim,
-            )
-        except UnknownRequestError:
-            raise ApiError(404, "unknown_request", f"no request {request_id}") from None
-        except StorageError as exc:
-            raise ApiError(404, "unknown_task", str(exc)) from None
-        payload: dict[str, Any] = {"accepted": accepted, "duplicates": duplicates}
-        if max_tasks > 0:
-            payload.update(_lease_payload(leases, lease_s, call.state))
-        return signed(call, payload)
+
+        def effect(conn: sqlite3.Connection) -> object:
+            try:
+                accepted, duplicates, leases = storage().complete_and_lease_in(
+                    conn, request_id, parsed, worker=worker, host=host, max_tasks=max_tasks,
+                    lease_s=lease_s, reclaim=reclaim,
+                )
+            except UnknownRequestError:
+                raise ApiError(404, "unknown_request", f"no request {request_id}") from None
+            except StorageError as exc:
+                raise ApiError(404, "unknown_task", str(exc)) from None
+            payload: dict[str, Any] = {"accepted": accepted, "duplicates": duplicates}
+            if max_tasks > 0:
+                payload.update(_lease_payload(leases, lease_s, call.state))
+            return payload
+
+        return once(call, effect)
 
     return app
 

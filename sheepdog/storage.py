@@ -41,6 +41,7 @@ __all__ = [
     "OPEN_STATES",
     "SCHEMA_VERSION",
     "Lease",
+    "NonceReusedError",
     "Storage",
 ]
 
@@ -55,6 +56,12 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "capture_bytes": 65536,
     "max_attempts": 3,
 }
+
+#: One lease's heartbeat; found through the tasks_by_lease index, one row per token.
+RENEW_SQL = (
+    "UPDATE tasks SET lease_expires = ?, worker = ? WHERE request_id = ?"
+    " AND lease = ? AND state = 'leased'"
+)
 
 #: Task states that may still change; the others are final.
 OPEN_STATES = ("pending", "leased")
@@ -98,9 +105,36 @@ def _migrate_to_1(conn: sqlite3.Connection) -> None:
         _upgrade02.copy_into_schema(conn, DEFAULT_SETTINGS)
 
 
+_V2_STATEMENTS = (
+    # renew() finds each heartbeat's tasks by lease token: without this index every
+    # token scanned the request's tasks while holding the write lock.
+    "CREATE INDEX IF NOT EXISTS tasks_by_lease ON tasks (request_id, lease)",
+    # Each signed call's nonce, for the clock window, with the answer it got: a call
+    # seen again (a worker's retry or a replay) is answered from here, changing nothing.
+    """CREATE TABLE IF NOT EXISTS nonces (
+        request_id  INTEGER NOT NULL REFERENCES requests (id),
+        nonce       TEXT    NOT NULL,
+        stamp       INTEGER NOT NULL,
+        signature   TEXT    NOT NULL,
+        answer      BLOB    NOT NULL,
+        PRIMARY KEY (request_id, nonce)
+    )""",
+    "CREATE INDEX IF NOT EXISTS nonces_by_stamp ON nonces (stamp)",
+)
+
+
+def _migrate_to_2(conn: sqlite3.Connection) -> None:
+    for statement in _V2_STATEMENTS:
+        conn.execute(statement)
+
+
 #: Migration steps: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class NonceReusedError(StorageError):
+    """A nonce already recorded for another call of the same request."""
 
 
 @dataclass(frozen=True)
@@ -687,11 +721,28 @@ class Storage:
         ``reclaim`` (the worker is retrying a call whose answer it never got), tasks still
         leased to this worker on this host come first.
         """
-        now = time.time() if now is None else now
         with self._write() as conn:
-            info = self._info(conn, request_id)
-            return self._lease(conn, request_id, info, worker, host, max_tasks, lease_s, now,
-                               reclaim)
+            return self.lease_in(
+                conn, request_id, worker=worker, host=host, max_tasks=max_tasks, lease_s=lease_s,
+                now=now, reclaim=reclaim,
+            )
+
+    def lease_in(
+        self,
+        conn: sqlite3.Connection,
+        request_id: int,
+        *,
+        worker: str,
+        host: str,
+        max_tasks: int,
+        lease_s: float,
+        now: float | None = None,
+        reclaim: bool = False,
+    ) -> list[Lease]:
+        """``lease`` inside the caller's write transaction (see ``answer_once``)."""
+        now = time.time() if now is None else now
+        info = self._info(conn, request_id)
+        return self._lease(conn, request_id, info, worker, host, max_tasks, lease_s, now, reclaim)
 
     def _lease(
         self,
@@ -753,20 +804,29 @@ class Storage:
         A lease is lost when its task was re-leased, finished or cancelled. A lease
         that expired but whose task nobody took yet is renewed: the work is not lost.
         """
+        with self._write() as conn:
+            return self.renew_in(conn, request_id, worker, leases, lease_s, now=now)
+
+    def renew_in(
+        self,
+        conn: sqlite3.Connection,
+        request_id: int,
+        worker: str,
+        leases: Iterable[str],
+        lease_s: float,
+        *,
+        now: float | None = None,
+    ) -> tuple[list[str], list[str]]:
+        """``renew`` inside the caller's write transaction (see ``answer_once``)."""
         now = time.time() if now is None else now
         renewed: list[str] = []
         lost: list[str] = []
-        with self._write() as conn:
-            found = conn.execute("SELECT 1 FROM requests WHERE id = ?", (request_id,)).fetchone()
-            if found is None:
-                raise UnknownRequestError(request_id, self.dbfile)
-            for token in leases:
-                cursor = conn.execute(
-                    "UPDATE tasks SET lease_expires = ?, worker = ? WHERE request_id = ?"
-                    " AND lease = ? AND state = 'leased'",
-                    (now + lease_s, worker, request_id, token),
-                )
-                (renewed if cursor.rowcount else lost).append(token)
+        found = conn.execute("SELECT 1 FROM requests WHERE id = ?", (request_id,)).fetchone()
+        if found is None:
+            raise UnknownRequestError(request_id, self.dbfile)
+        for token in leases:
+            cursor = conn.execute(RENEW_SQL, (now + lease_s, worker, request_id, token))
+            (renewed if cursor.rowcount else lost).append(token)
         return renewed, lost
 
     def complete(
@@ -796,13 +856,81 @@ class Storage:
         reclaim: bool = False,
     ) -> tuple[list[int], list[int], list[Lease]]:
         """Do ``complete`` then ``lease`` in one transaction (one disk sync per round trip)."""
-        now = time.time() if now is None else now
         with self._write() as conn:
-            info = self._info(conn, request_id)
-            accepted, duplicates = self._complete(conn, request_id, info[1], results)
-            leases = self._lease(conn, request_id, info, worker, host, max_tasks, lease_s, now,
-                                 reclaim)
+            return self.complete_and_lease_in(
+                conn, request_id, results, worker=worker, host=host, max_tasks=max_tasks,
+                lease_s=lease_s, now=now, reclaim=reclaim,
+            )
+
+    def complete_and_lease_in(
+        self,
+        conn: sqlite3.Connection,
+        request_id: int,
+        results: Iterable[dict[str, Any]],
+        *,
+        worker: str,
+        host: str,
+        max_tasks: int,
+        lease_s: float,
+        now: float | None = None,
+        reclaim: bool = False,
+    ) -> tuple[list[int], list[int], list[Lease]]:
+        """``complete_and_lease`` inside the caller's write transaction (see ``answer_once``)."""
+        now = time.time() if now is None else now
+        info = self._info(conn, request_id)
+        accepted, duplicates = self._complete(conn, request_id, info[1], results)
+        leases = self._lease(conn, request_id, info, worker, host, max_tasks, lease_s, now,
+                             reclaim)
         return accepted, duplicates, leases
+
+    # -- nonces ----------------------------------------------------------------------
+
+    def seen_nonce(self, request_id: int, nonce: str) -> tuple[str, bytes] | None:
+        """Return ``(signature, answer)`` recorded for a call's nonce, or None if unseen."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT signature, answer FROM nonces WHERE request_id = ? AND nonce = ?",
+                (request_id, nonce),
+            ).fetchone()
+        return None if row is None else (str(row[0]), bytes(row[1]))
+
+    def answer_once(
+        self,
+        request_id: int,
+        nonce: str,
+        stamp: int,
+        signature: str,
+        window_s: float,
+        effect: Callable[[sqlite3.Connection], bytes],
+    ) -> tuple[bytes, bool]:
+        """Run a signed call's ``effect`` once per nonce; return ``(answer, replayed)``.
+
+        In one write transaction: forget nonces whose time left the clock window
+        (the server refuses those calls anyway), then either return the answer
+        recorded for this nonce (``replayed`` True: a retry or a replay changes
+        nothing) or run ``effect`` and record its answer with the nonce. If
+        ``effect`` raises, nothing is recorded. The same nonce with another
+        signature raises NonceReusedError.
+        """
+        with self._write() as conn:
+            conn.execute("DELETE FROM nonces WHERE stamp < ?", (time.time() - window_s,))
+            row = conn.execute(
+                "SELECT signature, answer FROM nonces WHERE request_id = ? AND nonce = ?",
+                (request_id, nonce),
+            ).fetchone()
+            if row is not None:
+                if str(row[0]) != signature:
+                    raise NonceReusedError(
+                        f"nonce {nonce} was already used by another call of request {request_id}"
+                    )
+                return bytes(row[1]), True
+            answer = effect(conn)
+            conn.execute(
+                "INSERT INTO nonces (request_id, nonce, stamp, signature, answer)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (request_id, nonce, stamp, signature, answer),
+            )
+            return answer, False
 
     def _complete(
         self,

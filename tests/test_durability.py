@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sheepdog._signing import SIGNATURE_HEADER, TIME_HEADER, sign_request
+from sheepdog._signing import signed_headers
 from sheepdog.serialisation import serialise_args, serialise_function
 from sheepdog.server import Server
 from sheepdog.storage import Storage
@@ -30,14 +30,9 @@ def call(
 ) -> dict[str, object]:
     path = f"/api/v1/requests/{rid}/{name}"
     data = json.dumps(body).encode()
-    now = str(int(time.time()))
     conn.request(
         "POST", path, body=data,
-        headers={
-            "Content-Type": "application/json",
-            TIME_HEADER: now,
-            SIGNATURE_HEADER: sign_request(secret, "POST", path, now, data),
-        },
+        headers={"Content-Type": "application/json", **signed_headers(secret, "POST", path, data)},
     )
     response = conn.getresponse()
     answer = response.read()

@@ -28,7 +28,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import register_profiles
 
-from sheepdog._signing import SIGNATURE_HEADER, TIME_HEADER, sign_request, sign_response
+from sheepdog._signing import (
+    BODY_HASH_HEADER,
+    NONCE_HEADER,
+    SIGNATURE_HEADER,
+    TIME_HEADER,
+    sign_response,
+    signed_headers,
+)
 from sheepdog.server import MAX_TASKS_PER_CALL, Server, create_app
 from sheepdog.storage import Storage
 
@@ -135,7 +142,8 @@ def bodies(endpoint: str) -> st.SearchStrategy[bytes]:
 
 methods = st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE"])
 header_names = st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,24}", fullmatch=True) | st.sampled_from(
-    [TIME_HEADER, SIGNATURE_HEADER, "Content-Type", "Transfer-Encoding", "Expect"])
+    [TIME_HEADER, NONCE_HEADER, BODY_HASH_HEADER, SIGNATURE_HEADER, "Content-Type",
+     "Transfer-Encoding", "Expect"])
 header_values = st.text(st.characters(min_codepoint=32, max_codepoint=255,
                                       blacklist_characters="\x7f"), max_size=80)
 headers = st.dictionaries(header_names, header_values, max_size=5)
@@ -214,9 +222,9 @@ def test_signed_calls_never_500(
     path = path_for(endpoint, rid)
     secret = target.secrets.get(int(rid) if rid in ("1", "2") else target.rids[0],
                                 target.secrets[target.rids[0]])
-    stamp = str(int(time.time()) + skew)
-    signature = sign_request(secret, method, path, stamp, body)
-    sent = {**extra, TIME_HEADER: stamp, SIGNATURE_HEADER: signature}
+    signed = signed_headers(secret, method, path, body, time_s=int(time.time()) + skew)
+    signature = signed[SIGNATURE_HEADER]
+    sent = {**extra, **signed}
     before = target.dump()
     response = target.client.open(path, method=method, data=body, headers=sent)
     OUTCOMES[f"{endpoint} signed"][str(response.status_code)] += 1

@@ -35,7 +35,7 @@ from stubrunner import write_job
 import sheepdog._signing as signing
 import sheepdog._tls as _tls
 from sheepdog import _api
-from sheepdog._signing import SIGNATURE_HEADER, TIME_HEADER, sign_request
+from sheepdog._signing import SIGNATURE_HEADER, TIME_HEADER, signed_headers
 from sheepdog._tls import certificate_for, fingerprint_sha256, tls_dir
 from sheepdog.config import Config
 from sheepdog.deployment import CommandResult, Deployer
@@ -137,16 +137,12 @@ def test_one_requests_secret_cannot_write_anothers_tasks(tmp_path: Path) -> None
     for action, body in bodies.items():
         path = f"/api/v1/requests/{theirs}/{action}"
         raw = json.dumps(body).encode()
-        stamp = str(int(time.time()))
-        headers = {TIME_HEADER: stamp,
-                   SIGNATURE_HEADER: sign_request(my_secret, "POST", path, stamp, raw)}
+        headers = signed_headers(my_secret, "POST", path, raw)
         assert client.post(path, data=raw, headers=headers).status_code == 401
     # Their lease token under my request renews nothing of theirs.
     path = f"/api/v1/requests/{mine}/heartbeat"
     raw = json.dumps(bodies["heartbeat"]).encode()
-    stamp = str(int(time.time()))
-    headers = {TIME_HEADER: stamp,
-               SIGNATURE_HEADER: sign_request(my_secret, "POST", path, stamp, raw)}
+    headers = signed_headers(my_secret, "POST", path, raw)
     answer = client.post(path, data=raw, headers=headers).get_json()
     assert answer["renewed"] == [] and answer["lost"] == [their_lease.lease]
     assert dump_tables(dbfile) == before
@@ -171,9 +167,7 @@ def test_the_server_never_unpickles_signed_or_not(tmp_path: Path) -> None:
         path = f"/api/v1/requests/{rid}/{action}"
         for raw in bodies:
             method = "GET" if action == "function" else "POST"
-            stamp = str(int(time.time()))
-            signed = {TIME_HEADER: stamp,
-                      SIGNATURE_HEADER: sign_request(secret, method, path, stamp, raw)}
+            signed = signed_headers(secret, method, path, raw)
             for headers in ({}, signed):
                 response = client.open(path, method=method, data=raw, headers=headers)
                 assert response.status_code < 500

@@ -18,11 +18,14 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from sheepdog._signing import (
+    BODY_HASH_HEADER,
+    NONCE_HEADER,
     SIGNATURE_HEADER,
     TIME_HEADER,
     request_message,
     sign_request,
     sign_response,
+    signed_headers,
     verify,
 )
 from sheepdog.server import create_app
@@ -53,12 +56,14 @@ class Api:
         time_s: int | None = None,
         path: str | None = None,
         headers: dict[str, str] | None = None,
+        nonce: str | None = None,
     ) -> TestResponse:
         raw = json.dumps(body).encode() if isinstance(body, dict) else body
         path = path or self.path(action)
-        stamp = int(time.time()) if time_s is None else time_s
-        signature = sign_request(secret or self.secret, method, path, stamp, raw)
-        sent = {TIME_HEADER: str(stamp), SIGNATURE_HEADER: signature}
+        sent = signed_headers(
+            secret or self.secret, method, path, raw, time_s=time_s, nonce=nonce
+        )
+        signature = sent[SIGNATURE_HEADER]
         sent.update(headers or {})
         response = self.client.open(path, method=method, data=raw, headers=sent)
         if 200 <= response.status_code < 300:
@@ -131,13 +136,20 @@ def results_body(items: list[Any], max_tasks: int = 0) -> dict[str, Any]:
 
 def test_signature_covers_the_documented_message() -> None:
     body = b'{"a": 1}'
-    assert request_message("post", "/p", 12, body) == (
-        b"POST\n/p\n12\n" + hashlib.sha256(body).hexdigest().encode()
+    digest = hashlib.sha256(body).hexdigest()
+    nonce = "ab" * 16
+    assert request_message("post", "/p", 12, nonce, len(body), digest) == (
+        b"POST\n/p\n12\n" + nonce.encode() + b"\n8\n" + digest.encode()
     )
     secret = "11" * 32
-    signature = sign_request(secret, "POST", "/p", 12, body)
-    assert signature != sign_request(secret, "POST", "/p", 13, body)
-    assert signature != sign_request("22" * 32, "POST", "/p", 12, body)
+    signature = sign_request(secret, "POST", "/p", 12, nonce, 8, digest)
+    assert signature != sign_request(secret, "POST", "/p", 13, nonce, 8, digest)
+    assert signature != sign_request("22" * 32, "POST", "/p", 12, nonce, 8, digest)
+    assert signature != sign_request(secret, "POST", "/p", 12, "cd" * 16, 8, digest)
+    assert signature != sign_request(secret, "POST", "/p", 12, nonce, 9, digest)
+    headers = signed_headers(secret, "POST", "/p", body, time_s=12, nonce=nonce)
+    assert headers == {TIME_HEADER: "12", NONCE_HEADER: nonce, BODY_HASH_HEADER: digest,
+                       SIGNATURE_HEADER: signature}
     assert verify("ab", "ab") and not verify("ab", "ac") and not verify("ab", "\xff\u20ac")
 
 
@@ -302,10 +314,8 @@ def test_one_requests_secret_cannot_use_another(api: Api, db: Storage) -> None:
 
 def test_signature_binds_method_path_and_body(api: Api, db: Storage) -> None:
     before = snapshot(db)
-    stamp = int(time.time())
     raw = json.dumps(lease_body()).encode()
-    signature = sign_request(api.secret, "POST", api.path("lease"), stamp, raw)
-    headers = {TIME_HEADER: str(stamp), SIGNATURE_HEADER: signature}
+    headers = signed_headers(api.secret, "POST", api.path("lease"), raw)
     tampered = json.dumps(lease_body(5)).encode()
     error_of(api.client.post(api.path("lease"), data=tampered, headers=headers), 401)
     error_of(api.client.post(api.path("heartbeat"), data=raw, headers=headers), 401)

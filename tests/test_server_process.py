@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from sheepdog import server as server_module
-from sheepdog._signing import SIGNATURE_HEADER, TIME_HEADER, sign_request, sign_response
+from sheepdog._signing import SIGNATURE_HEADER, sign_response, signed_headers
 from sheepdog.errors import ServerError
 from sheepdog.server import Server, get_server
 from sheepdog.storage import Storage
@@ -70,14 +70,9 @@ def registry() -> Iterator[None]:
 
 def signed_post(base: str, secret: str, path: str, payload: object) -> requests.Response:
     body = json.dumps(payload).encode()
-    stamp = int(time.time())
-    signature = sign_request(secret, "POST", path, stamp, body)
-    response = requests.post(
-        base + path,
-        data=body,
-        headers={TIME_HEADER: str(stamp), SIGNATURE_HEADER: signature},
-        timeout=30,
-    )
+    headers = signed_headers(secret, "POST", path, body)
+    signature = headers[SIGNATURE_HEADER]
+    response = requests.post(base + path, data=body, headers=headers, timeout=30)
     if response.ok:
         assert response.headers[SIGNATURE_HEADER] == sign_response(
             secret, signature, response.content

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.server
 import json
 import pickle
+import re
 import subprocess
 import sys
 import threading
@@ -134,12 +136,17 @@ def test_backoff_is_within_zero_and_the_cap(attempt: int) -> None:
     path=st.text(min_size=1, max_size=80),
     time_s=st.integers(min_value=0, max_value=2**40),
     body=st.binary(max_size=300),
+    nonce=st.binary(min_size=16, max_size=16).map(bytes.hex),
 )
 def test_request_signature_matches_the_library(
-    secret: str, method: str, path: str, time_s: int, body: bytes
+    secret: str, method: str, path: str, time_s: int, body: bytes, nonce: str
 ) -> None:
-    expected = _signing.sign_request(secret, method, path, time_s, body)
-    assert stub.sign_request(secret, method, path, str(time_s), body) == expected
+    expected = _signing.signed_headers(secret, method, path, body, time_s=time_s, nonce=nonce)
+    assert stub.signed_headers(secret, method, path, body, time_s, nonce) == expected
+    fresh = stub.signed_headers(secret, method, path, body)
+    assert re.fullmatch("[0-9a-f]{32}", fresh["X-Sheepdog-Nonce"])
+    assert fresh["X-Sheepdog-Nonce"] != stub.signed_headers(secret, method, path, body)[
+        "X-Sheepdog-Nonce"]
 
 
 @given(
@@ -288,7 +295,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         signature = self.headers.get("X-Sheepdog-Signature", "")
         expected = _signing.sign_request(
-            SECRET, self.command, self.path, self.headers.get("X-Sheepdog-Time", ""), body
+            SECRET, self.command, self.path, self.headers.get("X-Sheepdog-Time", ""),
+            self.headers.get("X-Sheepdog-Nonce", ""), len(body),
+            hashlib.sha256(body).hexdigest(),
         )
         self.server.calls.append((self.command, self.path, body, signature == expected))
         status, answer, signed = self.server.script.pop(0)

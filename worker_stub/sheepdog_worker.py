@@ -9,6 +9,7 @@ secret file cannot be read on this node.
 """
 
 import base64
+import binascii
 import hashlib
 import hmac
 import http.client
@@ -249,10 +250,21 @@ def backoff_delay(attempt, base_s=0.5, cap_s=30.0, rand=random.random):
     return rand() * min(cap_s, base_s * 2 ** min(attempt, 32))
 
 
-def sign_request(secret_hex, method, path, time_s, body):
+def sign_request(secret_hex, method, path, time_s, nonce, length, body_sha256):
     """Sign a call as docs/protocol.rst says (as sheepdog/_signing.py does)."""
-    message = "%s\n%s\n%s\n%s" % (method.upper(), path, time_s, hashlib.sha256(body).hexdigest())
+    message = "%s\n%s\n%s\n%s\n%d\n%s" % (method.upper(), path, time_s, nonce, length,
+                                          body_sha256)
     return hmac.new(bytes.fromhex(secret_hex), message.encode(), hashlib.sha256).hexdigest()
+
+
+def signed_headers(secret_hex, method, path, body, time_s=None, nonce=None):
+    """Return the headers that sign one call: time, a fresh nonce, the body's hash, signature."""
+    stamp = str(int(time.time()) if time_s is None else time_s)
+    nonce = nonce or binascii.hexlify(os.urandom(16)).decode("ascii")
+    digest = hashlib.sha256(body).hexdigest()
+    return {"X-Sheepdog-Time": stamp, "X-Sheepdog-Nonce": nonce, "X-Sheepdog-Body-SHA256": digest,
+            "X-Sheepdog-Signature": sign_request(secret_hex, method, path, stamp, nonce,
+                                                 len(body), digest)}
 
 
 def sign_response(secret_hex, request_signature, body):
@@ -330,6 +342,9 @@ class Capture:
 
 #: How long an array task keeps trying to reach the server the first time.
 FIRST_CONTACT_S = 120.0
+#: A call still retried this long after it was signed is signed again with a new nonce:
+#: the server refuses a time more than 900 s from its own clock, and clocks may differ.
+RESIGN_AFTER_S = 300.0
 
 
 class Connection:
@@ -371,15 +386,12 @@ class Connection:
             self.conn.close()
             self.conn = None
 
-    def send(self, method, path, body):
-        """One signed exchange: return (status, our signature, its signature, answer body)."""
-        now = str(int(time.time()))
-        signature = sign_request(self.secret, method, path, now, body)
+    def send(self, method, path, body, headers):
+        """One exchange of a signed call: return (status, its answer's signature, answer body)."""
         self.conn = self.conn or self.connect()
         try:
-            self.conn.request(method, path, body=body, headers={
-                "Content-Type": "application/json", "X-Sheepdog-Time": now,
-                "X-Sheepdog-Signature": signature})
+            self.conn.request(method, path, body=body,
+                              headers=dict(headers, **{"Content-Type": "application/json"}))
             response = self.conn.getresponse()
             answer = response.read()
         except BaseException:
@@ -387,24 +399,32 @@ class Connection:
             raise
         if response.will_close:
             self.close()
-        return response.status, signature, response.getheader("X-Sheepdog-Signature", ""), answer
+        return response.status, response.getheader("X-Sheepdog-Signature", ""), answer
 
     def call(self, method, name, body=None, retry_s=None):
         """Make a signed call to .../requests/<id>/<name>; return its checked JSON answer.
 
         Connection errors and 5xx answers are retried with backoff for up to
-        `retry_s` seconds; any other failure raises ProtocolFailure at once.
+        `retry_s` seconds; any other failure raises ProtocolFailure at once. A retry
+        sends the same signed call (the same nonce), so a call whose answer was lost
+        gets that same answer, not a second effect; after RESIGN_AFTER_S it is signed
+        anew, so that a retry stays inside the server's clock window.
         """
         path, data = self.prefix + name, b"" if body is None else json.dumps(body).encode()
         retry_s = self.retry_s if retry_s is None else retry_s
         deadline, attempt, rid = time.monotonic() + retry_s, 0, self.request_id
+        signed_at, headers = time.monotonic(), signed_headers(self.secret, method, path, data)
         while True:
-            if attempt == 1 and isinstance(body, dict) and "max_tasks" in body:
-                # The first try may have leased tasks whose answer never came back: the
-                # server hands those to us again instead of leaving them orphaned.
-                data = json.dumps(dict(body, retry=True)).encode()
+            if time.monotonic() - signed_at > RESIGN_AFTER_S:
+                if isinstance(body, dict) and "max_tasks" in body:
+                    # A new call now, not the same one again: should the first try have
+                    # leased tasks whose answer never came back, "retry" has the server
+                    # hand those to us again instead of leaving them orphaned.
+                    data = json.dumps(dict(body, retry=True)).encode()
+                signed_at, headers = time.monotonic(), signed_headers(self.secret, method, path,
+                                                                      data)
             try:
-                status, signature, given, answer = self.send(method, path, data)
+                status, given, answer = self.send(method, path, data, headers)
                 if status < 500:
                     break
                 problem = "the server answered HTTP %d" % status
@@ -417,6 +437,7 @@ class Connection:
             say("sheepdog: %s; retrying in %.1f s" % (problem, delay), sys.stderr)
             time.sleep(delay)
             attempt += 1
+        signature = headers["X-Sheepdog-Signature"]
         try:
             error = json.loads(answer.decode("utf-8"))["error"]
             detail = "%s: %s" % (error["code"], error["message"])

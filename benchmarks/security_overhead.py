@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import pickle
 import statistics
 import sys
 import tempfile
-import hashlib
 import time
 from pathlib import Path
 from typing import Any

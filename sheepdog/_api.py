@@ -15,7 +15,7 @@ from .config import Config, ConfigLike, as_config
 from .deployment import Deployer
 from .errors import RemoteError, ServerError, SheepdogError, TaskFailedError
 from .job_file import job_file, key_file_name
-from .server import Server, get_server
+from .server import Server, get_server, listen_address
 from .storage import Storage
 from .watch import Watcher, wait_for_request
 
@@ -87,12 +87,13 @@ def server_for(config: Config) -> Server:
     ``port=None`` call and refuses another database; maps with different
     dbfiles in one process must just work, so each database gets its own.
     """
-    tls: dict[str, Any] = {}
+    options: dict[str, Any] = {}
     if config.tls:
         files = certificate_for(config.dbfile)
-        tls = {"certfile": files.certfile, "keyfile": files.keyfile}
+        options = {"certfile": files.certfile, "keyfile": files.keyfile}
+    options["host"] = config.listen_address or listen_address(config.localhost)
     if config.port is not None:
-        fixed = get_server(config.port, None, config.dbfile, **tls)
+        fixed = get_server(config.port, None, config.dbfile, **options)
         if (fixed.scheme == "https") != config.tls:
             raise ServerError(
                 f"the server on port {config.port} serves {fixed.scheme}, but this config has "
@@ -104,7 +105,7 @@ def server_for(config: Config) -> Server:
     with _servers_lock:
         server = _servers_by_db.get(key)
         if server is None or server.stopped:
-            server = _servers_by_db[key] = Server(None, None, config.dbfile, **tls)
+            server = _servers_by_db[key] = Server(None, None, config.dbfile, **options)
         elif not server.alive:
             server.restart()
         return server
@@ -143,7 +144,10 @@ def submit_request(
         qsub_args = ["-wd", jobdir, "-o", jobdir, "-e", jobdir]
     job_id = deployer.submit(request_id, config.ssh_dir, secret=secret, qsub_args=qsub_args)
     # `sheepdog serve` restarts the server on this port: the job file holds this URL.
-    storage.add_job(request_id, job_id, n_workers, info={"url": url, "port": server.port})
+    storage.add_job(
+        request_id, job_id, n_workers,
+        info={"url": url, "port": server.port, "listen_address": server.host},
+    )
     return job_id
 
 

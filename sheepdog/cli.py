@@ -169,9 +169,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def _ports_to_serve(
     storage: Storage, only: Sequence[int] | None
-) -> dict[int, tuple[str, list[int]]]:
-    """Map each server port of the open requests to (scheme, request ids)."""
-    ports: dict[int, tuple[str, list[int]]] = {}
+) -> dict[int, tuple[str, str, list[int]]]:
+    """Map each server port of the open requests to (scheme, listen address, request ids)."""
+    from .server import listen_address
+
+    ports: dict[int, tuple[str, str, list[int]]] = {}
     for row in storage.list_requests():
         rid = row["id"]
         if only and rid not in only:
@@ -183,8 +185,10 @@ def _ports_to_serve(
             logger.warning("request %d has no recorded server port; it is not served", rid)
             continue
         info = jobs[-1]["info"]
-        scheme = urlsplit(str(info.get("url", "http://x/"))).scheme
-        ports.setdefault(int(info["port"]), (scheme, []))[1].append(rid)
+        url = urlsplit(str(info.get("url", "http://x/")))
+        # Where the request's server listened; older records: where its URL's name resolves.
+        address = info.get("listen_address") or listen_address(url.hostname or "localhost")
+        ports.setdefault(int(info["port"]), (url.scheme, str(address), []))[2].append(rid)
     return ports
 
 
@@ -194,8 +198,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with _open_db(args.dbfile) as storage:
         ports = _ports_to_serve(storage, args.request)
     if args.port is not None:
-        scheme = next(iter(ports.values()), ("http", []))[0]
-        ports = {args.port: (scheme, [rid for _, ids in ports.values() for rid in ids])}
+        scheme, address, _ = next(iter(ports.values()), ("http", "", []))
+        all_ids = [rid for *_, ids in ports.values() for rid in ids]
+        ports = {args.port: (scheme, address, all_ids)}
+    if args.listen_address is not None:
+        ports = {port: (scheme, args.listen_address, ids)
+                 for port, (scheme, _, ids) in ports.items()}
     if not ports:
         print(f"nothing to serve: no request in {args.dbfile} has open tasks")
         return 0
@@ -203,17 +211,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _detach(args, sorted(ports))
     servers = []
     try:
-        for port, (scheme, ids) in sorted(ports.items()):
+        for port, (scheme, address, ids) in sorted(ports.items()):
             tls: dict[str, Any] = {}
             if scheme == "https":
                 from ._tls import certificate_for
 
                 files = certificate_for(args.dbfile)
                 tls = {"certfile": files.certfile, "keyfile": files.keyfile}
-            servers.append(Server(port, None, args.dbfile, **tls))
-            print(f"serving requests {', '.join(map(str, ids))} on port {port} ({scheme})",
-                  flush=True)
-        all_ids = [rid for _, ids in ports.values() for rid in ids]
+            servers.append(Server(port, None, args.dbfile, host=address, **tls))
+            print(f"serving requests {', '.join(map(str, ids))} on {address} port {port} "
+                  f"({scheme})", flush=True)
+        all_ids = [rid for *_, ids in ports.values() for rid in ids]
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
@@ -243,6 +251,8 @@ def _detach(args: argparse.Namespace, ports: list[int]) -> int:
         command += ["--request", str(rid)]
     if args.port is not None:
         command += ["--port", str(args.port)]
+    if args.listen_address is not None:
+        command += ["--listen-address", args.listen_address]
     with open(logfile, "ab") as log:
         proc = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
@@ -381,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dbfile(p)
     p.add_argument("--port", type=int, default=None,
                    help="serve on this port (default: the port each request was submitted with)")
+    p.add_argument("--listen-address", default=None, metavar="ADDRESS",
+                   help="listen on this address (default: where each request's server listened; "
+                   "0.0.0.0 for every interface)")
     p.add_argument("--request", type=int, action="append", metavar="ID",
                    help="serve only this request (repeatable)")
     p.add_argument("--detach", action="store_true",

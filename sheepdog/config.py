@@ -30,6 +30,7 @@ ConfigLike = Union["Config", Mapping[str, Any], str, "os.PathLike[str]"]
 _KW_ONLY: dict[str, bool] = {"kw_only": True} if sys.version_info >= (3, 10) else {}
 
 _HOST = re.compile(r"^[A-Za-z0-9_.:\[\]%-]+$")
+_LISTEN = re.compile(r"^[A-Za-z0-9_.:%-]+$")
 _H_RT = re.compile(r"^(\d+|\d+:\d{1,2}:\d{1,2})$")
 
 
@@ -58,6 +59,9 @@ class Config:
     dbfile: str = "./sheepdog.sqlite"
     port: int | None = None
     localhost: str = dataclasses.field(default_factory=socket.getfqdn)
+    #: the local address the server listens on; None: the address ``localhost`` resolves to
+    #: here. "0.0.0.0" (every interface) only when you ask for it.
+    listen_address: str | None = None
     shell: str = "/usr/bin/python3"
     ge_opts: tuple[str, ...] | None = None
 
@@ -261,6 +265,13 @@ def _validate(c: Config) -> None:
     _check_text("localhost", c.localhost)
     if not _HOST.match(c.localhost):
         raise _fail("localhost", f"is not a valid host name or address: {c.localhost!r}")
+    _check_text("listen_address", c.listen_address, optional=True)
+    if c.listen_address is not None and not _LISTEN.match(c.listen_address):
+        raise _fail(
+            "listen_address",
+            f"must be an IP address of this machine (or 0.0.0.0 for every interface), or a "
+            f"host name that resolves to one, got {c.listen_address!r}",
+        )
     # What goes into the job file is checked here by the job file's own rules.
     check_shell("shell", c.shell)
     if c.ge_opts is not None:

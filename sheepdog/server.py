@@ -411,8 +411,9 @@ def create_app(
         length = int(length_text)
         if length > max_body_bytes:
             raise refuse_unread(ApiError(
-                413, "request_entity_too_large", f"the body is {length} bytes, more than the server's "
-                f"max_body_bytes ({max_body_bytes}); raise it for larger results",
+                413, "request_entity_too_large",
+                f"the body is {length} bytes, more than the server's max_body_bytes "
+                f"({max_body_bytes}); raise it for larger results",
             ))
         if request_id > _MAX_SQLITE_INT:
             raise refuse_unread(ApiError(404, "unknown_request", f"no request {request_id}"))
@@ -626,6 +627,27 @@ def _stop_all() -> None:
 atexit.register(_stop_all)
 
 
+def listen_address(localhost: str) -> str:
+    """Return the address of this machine that ``localhost`` (the workers' name for it) resolves to.
+
+    The server listens there and nowhere else: the workers reach this machine by
+    that name, and no other interface needs to hear them. IPv4 is preferred, as
+    ``getaddrinfo`` orders it.
+    """
+    try:
+        infos = socket.getaddrinfo(localhost, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ServerError(
+            f"config key 'localhost' is {localhost!r}, which does not resolve on this machine "
+            f"({exc}), so sheepdog cannot tell which address to listen on: set "
+            "'listen_address' to the address by which the workers reach this machine, or to "
+            "'0.0.0.0' to listen on every interface"
+        ) from exc
+    addresses = [str(info[4][0]) for info in infos]
+    ipv4 = [a for a in addresses if ":" not in a]
+    return (ipv4 or addresses)[0]
+
+
 def _local_address(host: str) -> str:
     if host in ("", "0.0.0.0"):
         return "127.0.0.1"
@@ -638,7 +660,9 @@ class Server:
     """Serve the worker API from a gunicorn child process; start it now.
 
     ``port=None`` picks a free port; the socket is bound here and handed to the
-    child, so the port cannot be taken in between. ``password`` is kept for the
+    child, so the port cannot be taken in between. ``host`` is the address to listen
+    on (default: the one this machine's fully qualified name resolves to; "0.0.0.0"
+    for every interface). ``password`` is kept for the
     original's signature and for ``get_server``'s checks: authentication is per
     request (each request's secret), not per server. Stop with ``stop()``, a
     ``with`` block, or let interpreter exit do it. The child also stops by
@@ -651,7 +675,7 @@ class Server:
         password: str | None = None,
         dbfile: str | Path = "./sheepdog.sqlite",
         *,
-        host: str = "0.0.0.0",
+        host: str | None = None,
         workers: int = 2,
         threads: int = 4,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -665,7 +689,8 @@ class Server:
         self.port = port
         self.password = password
         self.dbfile = os.path.abspath(dbfile)
-        self.host = host
+        # Not every interface unless asked: the address this machine's name resolves to.
+        self.host = listen_address(socket.getfqdn()) if host is None else host
         self.workers = workers
         self.threads = threads
         self.max_body_bytes = max_body_bytes
@@ -728,9 +753,15 @@ class Server:
                 if exc.errno == errno.EADDRINUSE and time.monotonic() < deadline:
                     time.sleep(0.2)
                     continue
+                if exc.errno == errno.EADDRINUSE:
+                    advice = "choose another port or stop the program that uses it"
+                else:
+                    advice = (
+                        "set the config key 'listen_address' to an address of this machine "
+                        "that the workers reach"
+                    )
                 raise ServerError(
-                    f"cannot listen on {self.host}:{self.port or 'a random port'}: {exc}; "
-                    "choose another port or stop the program that uses it"
+                    f"cannot listen on {self.host}:{self.port or 'a random port'}: {exc}; {advice}"
                 ) from exc
 
     def _command(self, fd: int) -> list[str]:

@@ -286,6 +286,18 @@ def _write_key_pair(directory: Path) -> tuple[Path, str]:
     return private, public.decode() + " sheepdog-tests"
 
 
+def _gateway_of(node: Any) -> str:
+    """The address host.docker.internal has on a node: where the server must listen.
+
+    The server listens only where the workers reach this machine, not everywhere, and
+    host.docker.internal (the Docker host's gateway) resolves only inside the containers.
+    """
+    code, found = node.exec(["getent", "ahostsv4", "host.docker.internal"])
+    if code != 0 or not found.split():
+        raise ClusterStartError(f"host.docker.internal does not resolve on a node: {found!r}")
+    return str(found.split()[0].decode())
+
+
 def _logs(containers: list[Any]) -> str:
     chunks = []
     for name, container in containers:
@@ -345,6 +357,7 @@ def docker_cluster(workdir: Path, exec_nodes: int = 2) -> Iterator[dict[str, Any
             node(f"exec{i}", "exec")
         _wait_sge_ready(head, exec_nodes, containers)
         port = int(head.get_exposed_port(22))
+        gateway = _gateway_of(head)
         known_hosts = workdir / "known_hosts"
         _known_hosts_of(head, port, known_hosts)
         cluster = {
@@ -354,6 +367,7 @@ def docker_cluster(workdir: Path, exec_nodes: int = 2) -> Iterator[dict[str, Any
             "ssh_keyfile": str(keyfile),
             "known_hosts": str(known_hosts),
             "localhost": "host.docker.internal",
+            "listen_address": gateway,
             "shell": "/usr/bin/python3",
         }
         wait_until_usable(cluster)
@@ -459,6 +473,7 @@ def slurm_cluster(workdir: Path, compute_nodes: int = 2) -> Iterator[dict[str, A
             "ssh_keyfile": str(keyfile),
             "known_hosts": str(known_hosts),
             "localhost": "host.docker.internal",
+            "listen_address": _gateway_of(controller),
             "shell": "/usr/bin/python3",
             "scheduler": "slurm",
         }

@@ -359,7 +359,10 @@ def _send(port: int, data: bytes, dawdle_s: float) -> str:
         try:
             sock.sendall(data)
             time.sleep(dawdle_s)
-            sock.shutdown(socket.SHUT_WR)
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:  # the server closed first: it does not wait for a body it refused
+                pass
             answer = b""
             while len(answer) < 65536:
                 chunk = sock.recv(65536)

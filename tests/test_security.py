@@ -24,7 +24,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from stubrunner import write_job
 import sheepdog._signing as signing
 import sheepdog._tls as _tls
 from sheepdog import _api
-from sheepdog._signing import SIGNATURE_HEADER, TIME_HEADER, signed_headers
+from sheepdog._signing import SIGNATURE_HEADER, signed_headers
 from sheepdog._tls import certificate_for, fingerprint_sha256, tls_dir
 from sheepdog.config import Config
 from sheepdog.deployment import CommandResult, Deployer
@@ -599,7 +598,7 @@ def test_secrets_are_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixtu
             conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
             path = f"/api/v1/requests/{rid}/lease"
             conn.request("POST", path, body=b"{}", headers={
-                TIME_HEADER: str(int(time.time())), SIGNATURE_HEADER: secret})
+                **signed_headers(secret, "POST", path, b"{}"), SIGNATURE_HEADER: secret})
             assert conn.getresponse().status == 401
             conn.close()
         with Storage(dbfile) as storage:

@@ -7,6 +7,7 @@ listening socket as file descriptor N. Not for direct use.
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
 import signal
@@ -35,21 +36,63 @@ def _watch_parent(parent_pid: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-#: How long a connection closed with its body unread lingers for the client to read the answer.
-LINGER_S = 0.5
+#: How long a connection closed with its body unread stays open for the client to read the answer.
+LINGER_S = 1.0
 
 _closing = threading.local()
+
+
+class _Linger:
+    """Closes sockets ``LINGER_S`` after they were handed over, from one thread.
+
+    Closing a socket whose peer is still sending makes the kernel answer with a
+    reset, which can destroy the answer before the client reads it; so the
+    close waits a moment, without holding a request thread for it.
+    """
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[tuple[float, socket.socket]] = collections.deque()
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, sock: socket.socket) -> None:
+        with self._ready:
+            self._queue.append((time.monotonic() + LINGER_S, sock))
+            # Started here, in the forked gunicorn worker: threads do not survive a fork.
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="sheepdog-linger", daemon=True
+                )
+                self._thread.start()
+            self._ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                deadline, sock = self._queue[0]
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._ready.wait(remaining)
+                    continue
+                self._queue.popleft()
+            sock.close()
+
+
+_linger = _Linger()
 
 
 class Worker(ThreadWorker):  # type: ignore[misc]
     """gunicorn's gthread worker, but a call refused with its body unread is closed at once.
 
     gunicorn drains an unread body (up to 5 s in the worker thread) before it
-    reuses a connection, then lingers up to 2 s in its main loop when closing
+    reuses a connection, and lingers up to 2 s in its main loop when it closes
     one: a few clients that send headers and then a body that never comes
-    would hold every thread, and /api/v1/health with them. Here the worker
-    thread sends the answer, gives the client ``LINGER_S`` to read it, and
-    shuts the socket so that gunicorn's own close returns at once.
+    would hold every thread, and /api/v1/health with them. Here the answer is
+    sent, our side is shut so that gunicorn's close returns at once, and a
+    duplicate of the socket keeps the connection open for ``LINGER_S`` so that
+    the client can read the answer.
     """
 
     def handle_request(self, req: Any, conn: Any) -> bool:
@@ -57,23 +100,16 @@ class Worker(ThreadWorker):  # type: ignore[misc]
         keepalive = bool(super().handle_request(req, conn))
         if not _closing.flag:
             return keepalive
-        sock = conn.sock
         try:
-            sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + LINGER_S
-            drained = 0
-            while drained < 65536:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                sock.settimeout(remaining)
-                data = sock.recv(4096)
-                if not data:
-                    break
-                drained += len(data)
-            sock.shutdown(socket.SHUT_RD)
+            held = socket.socket(fileno=os.dup(conn.sock.fileno()))
+        except OSError:
+            return False
+        try:
+            held.shutdown(socket.SHUT_WR)
+            held.shutdown(socket.SHUT_RD)
         except OSError:
             pass
+        _linger.add(held)
         return False
 
 
@@ -134,6 +170,7 @@ class _Application(BaseApplication):  # type: ignore[misc]
             max_body_bytes=self.args.max_body_bytes,
             max_clock_skew_s=self.args.max_clock_skew_s,
             synchronous=self.args.synchronous,
+            body_base_s=self.args.body_base_s,
         ))
 
 
@@ -147,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-body-bytes", type=int, required=True)
     parser.add_argument("--max-clock-skew-s", type=float, required=True)
     parser.add_argument("--synchronous", default="NORMAL")
+    parser.add_argument("--body-base-s", type=float, required=True)
     parser.add_argument("--parent-pid", type=int, default=0)
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--certfile")
@@ -160,4 +198,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module, not __main__: gunicorn loads Worker as sheepdog._serve.Worker,
+    # and it must share _closing with the app that main() loads.
+    from sheepdog import _serve
+
+    _serve.main()

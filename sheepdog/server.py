@@ -295,8 +295,13 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
     synchronous: str = "NORMAL",
+    body_base_s: float = BODY_BASE_S,
 ) -> Flask:
-    """Build the worker-facing WSGI app on ``dbfile`` (created or migrated now)."""
+    """Build the worker-facing WSGI app on ``dbfile`` (created or migrated now).
+
+    A signed call's body must arrive within ``body_base_s`` plus its length at
+    ``BODY_MIN_BYTES_PER_S``, or the call gets a 408 and its connection is closed.
+    """
     dbfile = str(dbfile)
     Storage(dbfile, synchronous=synchronous).close()
     app = Flask(__name__)
@@ -452,7 +457,7 @@ def create_app(
 
     def read_body(length: int, digest: str, refuse: Callable[[str], ApiError]) -> bytes:
         """Read a signed call's body within its time bound, hashing it as it streams."""
-        deadline = time.monotonic() + BODY_BASE_S + length / BODY_MIN_BYTES_PER_S
+        deadline = time.monotonic() + body_base_s + length / BODY_MIN_BYTES_PER_S
         sock = request.environ.get("gunicorn.socket")
         stream = request.environ["wsgi.input"]
         hasher = hashlib.sha256()
@@ -475,7 +480,7 @@ def create_app(
             request.environ[CLOSE_KEY] = True
             raise ApiError(
                 408, "body_timeout",
-                f"the body did not arrive within {BODY_BASE_S:.0f} s plus "
+                f"the body did not arrive within {body_base_s:g} s plus "
                 f"{BODY_MIN_BYTES_PER_S} bytes a second ({got} of {length} bytes came)",
             ) from None
         finally:
@@ -681,6 +686,7 @@ class Server:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
         synchronous: str = "NORMAL",
+        body_base_s: float = BODY_BASE_S,
         certfile: str | Path | None = None,
         keyfile: str | Path | None = None,
         start_timeout_s: float = 30.0,
@@ -696,6 +702,7 @@ class Server:
         self.max_body_bytes = max_body_bytes
         self.max_clock_skew_s = max_clock_skew_s
         self.synchronous = synchronous
+        self.body_base_s = body_base_s
         self.certfile = None if certfile is None else os.path.abspath(certfile)
         self.keyfile = None if keyfile is None else os.path.abspath(keyfile)
         self.start_timeout_s = start_timeout_s
@@ -783,6 +790,8 @@ class Server:
             str(self.max_clock_skew_s),
             "--synchronous",
             self.synchronous,
+            "--body-base-s",
+            str(self.body_base_s),
             "--parent-pid",
             str(os.getpid()),
             "--log-level",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import logging
 import pickle
@@ -321,6 +322,140 @@ def test_signature_binds_method_path_and_body(api: Api, db: Storage) -> None:
     error_of(api.client.post(api.path("heartbeat"), data=raw, headers=headers), 401)
     assert snapshot(db) == before
     assert api.client.post(api.path("lease"), data=raw, headers=headers).status_code == 200
+
+
+# -- replay and retries -----------------------------------------------------------------
+
+
+def test_a_replayed_lease_gets_the_recorded_answer_and_leases_nothing_more(
+    api: Api, db: Storage
+) -> None:
+    raw = json.dumps(lease_body(2)).encode()
+    headers = signed_headers(api.secret, "POST", api.path("lease"), raw)
+    first = api.client.post(api.path("lease"), data=raw, headers=headers)
+    assert first.status_code == 200 and len(first.get_json()["tasks"]) == 2
+    after_first = snapshot(db)
+    for _ in range(3):  # a recording sent again within the clock window, or a worker's retry
+        again = api.client.post(api.path("lease"), data=raw, headers=headers)
+        assert again.status_code == 200
+        assert again.get_data() == first.get_data()
+        assert again.headers[SIGNATURE_HEADER] == first.headers[SIGNATURE_HEADER]
+    assert snapshot(db) == after_first
+    assert db.task_counts(api.rid)["leased"] == 2
+
+
+def test_a_retried_results_call_keeps_its_result_and_its_next_lease(
+    api: Api, db: Storage
+) -> None:
+    [task] = api.call("POST", "lease", lease_body()).get_json()["tasks"]
+    raw = json.dumps(results_body([result(task["index"], task["lease"])], max_tasks=1)).encode()
+    headers = signed_headers(api.secret, "POST", api.path("results"), raw)
+    first = api.client.post(api.path("results"), data=raw, headers=headers)
+    assert first.get_json()["accepted"] == [task["index"]]
+    # The answer was lost on the way: the worker sends the same call again.
+    retry = api.client.post(api.path("results"), data=raw, headers=headers)
+    assert retry.get_data() == first.get_data()
+    assert db.task_counts(api.rid)["done"] == 1
+    assert db.task_counts(api.rid)["leased"] == 1  # the lease in the answer, not a second one
+
+
+def test_a_replayed_heartbeat_renews_nothing(api: Api, db: Storage) -> None:
+    [task] = api.call("POST", "lease", lease_body()).get_json()["tasks"]
+    raw = json.dumps({"worker": "w1", "leases": [task["lease"]]}).encode()
+    headers = signed_headers(api.secret, "POST", api.path("heartbeat"), raw)
+    assert api.client.post(api.path("heartbeat"), data=raw, headers=headers).status_code == 200
+    before = snapshot(db)
+    assert api.client.post(api.path("heartbeat"), data=raw, headers=headers).status_code == 200
+    assert snapshot(db) == before
+
+
+def test_a_nonce_used_by_another_call_is_refused(api: Api, db: Storage) -> None:
+    nonce = "ab" * 16
+    assert api.call("POST", "lease", lease_body(), nonce=nonce).status_code == 200
+    before = snapshot(db)
+    response = api.call("POST", "lease", lease_body(3), nonce=nonce)
+    assert error_of(response, 409)["code"] == "nonce_reused"
+    assert snapshot(db) == before
+
+
+def test_a_refused_call_records_no_nonce(api: Api, db: Storage) -> None:
+    nonce = "cd" * 16
+    error_of(api.call("POST", "lease", {"worker": 5}, nonce=nonce), 400)
+    assert api.call("POST", "lease", lease_body(), nonce=nonce).status_code == 200
+
+
+def test_nonces_older_than_the_clock_window_are_forgotten(api: Api, db: Storage) -> None:
+    old = int(time.time()) - 800
+    assert api.call("POST", "lease", lease_body(), time_s=old).status_code == 200
+    assert api.call("POST", "lease", lease_body()).status_code == 200
+    assert db.conn.execute("SELECT count(*) FROM nonces").fetchone()[0] == 2
+    app = create_app(db.dbfile, max_clock_skew_s=600)
+    Api(app.test_client(), api.rid, api.secret).call("POST", "lease", lease_body())
+    stamps = [row[0] for row in db.conn.execute("SELECT stamp FROM nonces")]
+    assert len(stamps) == 2 and min(stamps) > old
+
+
+# -- bodies are read only for signed calls ------------------------------------------------
+
+
+class CountingStream(io.BytesIO):
+    """A request body of ``size`` bytes that counts how many of them were read."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(b"x" * size)
+        self.read_bytes = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self.read_bytes += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        n = super().readinto(buffer)
+        self.read_bytes += n
+        return n
+
+    def readline(self, size: int | None = -1) -> bytes:
+        data = super().readline(size)
+        self.read_bytes += len(data)
+        return data
+
+
+@pytest.mark.parametrize("signed", ["no", "forged", "stale"])
+def test_an_unauthenticated_body_is_never_read(api: Api, db: Storage, signed: str) -> None:
+    size = 60 * 1024  # under max_body_bytes: only the signature stops it
+    body = CountingStream(size)
+    headers = {"Content-Length": str(size), "Content-Type": "application/json"}
+    if signed != "no":
+        fake = signed_headers(api.secret, "POST", api.path("lease"), b"x" * size,
+                              time_s=int(time.time()) - (5000 if signed == "stale" else 0))
+        if signed == "forged":
+            fake[SIGNATURE_HEADER] = "00" * 32
+        headers.update(fake)
+    response = api.client.post(api.path("lease"), input_stream=body, headers=headers)
+    error_of(response, 401)
+    assert body.read_bytes == 0
+
+
+def test_a_body_that_does_not_match_its_signed_hash_is_refused(api: Api, db: Storage) -> None:
+    raw = json.dumps(lease_body()).encode()
+    headers = signed_headers(api.secret, "POST", api.path("lease"), raw)
+    other = raw.replace(b'"w1"', b'"w2"')
+    assert len(other) == len(raw)
+    before = snapshot(db)
+    assert "SHA-256" in error_of(
+        api.client.post(api.path("lease"), data=other, headers=headers), 401
+    )["message"]
+    assert snapshot(db) == before
+
+
+def test_chunked_bodies_are_refused_unread(api: Api) -> None:
+    headers = signed_headers(api.secret, "POST", api.path("lease"), b"")
+    response = api.client.post(
+        api.path("lease"), input_stream=CountingStream(10),
+        headers={**headers, "Transfer-Encoding": "chunked"},
+    )
+    assert error_of(response, 411)["code"] == "length_required"
 
 
 def test_failed_auth_is_logged_without_the_secret(

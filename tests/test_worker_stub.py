@@ -280,6 +280,7 @@ class FakeServer(http.server.ThreadingHTTPServer):
 
     script: list[tuple[int, dict[str, Any], bool]]
     calls: list[tuple[str, str, bytes, bool]]
+    nonces: list[str]
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -300,6 +301,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             hashlib.sha256(body).hexdigest(),
         )
         self.server.calls.append((self.command, self.path, body, signature == expected))
+        self.server.nonces.append(self.headers.get("X-Sheepdog-Nonce", ""))
         status, answer, signed = self.server.script.pop(0)
         data = json.dumps(answer).encode()
         self.send_response(status)
@@ -318,7 +320,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def fake_server() -> Iterator[FakeServer]:
     server = FakeServer(("127.0.0.1", 0), Handler)
-    server.script, server.calls = [], []
+    server.script, server.calls, server.nonces = [], [], []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -347,6 +349,31 @@ def test_5xx_is_retried_then_succeeds(fake_server: FakeServer) -> None:
     fake_server.script = [(503, {}, False), (500, {}, False), (200, {"ok": 1}, True)]
     assert connection(fake_server).call("GET", "function") == {"ok": 1}
     assert len(fake_server.calls) == 3
+
+
+def test_a_retry_resends_the_same_call_and_a_new_call_gets_a_new_nonce(
+    fake_server: FakeServer,
+) -> None:
+    # The server answers a nonce it has seen from its record: a retry after a lost
+    # answer must carry the same nonce, or its effect (a lease) would happen twice.
+    fake_server.script = [(503, {}, False), (200, {"tasks": []}, True), (200, {"tasks": []}, True)]
+    conn = connection(fake_server)
+    conn.call("POST", "lease", {"worker": "w"})
+    conn.call("POST", "lease", {"worker": "w"})
+    first, retry, second = fake_server.nonces
+    assert first == retry and second != first
+    assert all(ok for *_, ok in fake_server.calls)
+
+
+def test_a_call_retried_past_resign_after_s_is_signed_anew(
+    fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stub, "RESIGN_AFTER_S", 0.0)
+    fake_server.script = [(503, {}, False), (200, {"tasks": []}, True)]
+    connection(fake_server).call("POST", "lease", {"worker": "w"})
+    first, retry = fake_server.nonces
+    assert first != retry
+    assert all(ok for *_, ok in fake_server.calls)
 
 
 def test_401_is_not_retried_and_says_the_secret_does_not_match(fake_server: FakeServer) -> None:

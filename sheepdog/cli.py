@@ -219,8 +219,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 files = certificate_for(args.dbfile)
                 tls = {"certfile": files.certfile, "keyfile": files.keyfile}
             servers.append(Server(port, None, args.dbfile, host=address, **tls))
-            print(f"serving requests {', '.join(map(str, ids))} on {address} port {port} "
-                  f"({scheme})", flush=True)
+            print(f"serving requests {', '.join(map(str, ids))} on port {port} "
+                  f"({scheme}, listening on {address})", flush=True)
         all_ids = [rid for *_, ids in ports.values() for rid in ids]
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

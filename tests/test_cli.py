@@ -234,6 +234,24 @@ def test_serve_reuses_the_submitted_port_and_stops_when_done(db: tuple[str, int]
     assert not _healthy(port)
 
 
+def test_serve_listens_where_the_request_was_served_or_where_asked(
+    db: tuple[str, int]
+) -> None:
+    dbfile, rid = db
+    port = _free_port()
+    with Storage(dbfile) as storage:
+        storage.add_job(rid, "42", 1, info={"url": f"http://localhost:{port}/", "port": port,
+                                            "listen_address": "127.0.0.1"})
+    for extra, address in (([], "127.0.0.1"), (["--listen-address", "0.0.0.0"], "0.0.0.0")):
+        done = subprocess.run(
+            [sys.executable, "-m", "sheepdog", "serve", "--dbfile", dbfile, "--timeout", "2",
+             *extra],
+            capture_output=True, text=True, timeout=WAIT_S, env=_serve_env(), check=False,
+        )
+        assert f"serving requests {rid} on port {port} (http, listening on {address})" in (
+            done.stdout), done.stdout + done.stderr
+
+
 def test_serve_detached(db: tuple[str, int]) -> None:
     dbfile, rid = db
     port = _free_port()

@@ -117,8 +117,18 @@ def _closing_app(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[
     """Wrap the WSGI app to tell ``Worker`` which calls must close their connection."""
 
     def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if environ.get(CLOSE_KEY):
+                # Say "Connection: close", so that the client does not send its next call
+                # on a connection that is about to go (gunicorn's Response.force_close).
+                force_close = getattr(getattr(start_response, "__self__", None), "force_close",
+                                      None)
+                if callable(force_close):
+                    force_close()
+            return start_response(status, headers, exc_info)
+
         try:
-            return app(environ, start_response)
+            return app(environ, start)
         finally:
             _closing.flag = bool(environ.get(CLOSE_KEY))
 

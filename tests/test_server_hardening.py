@@ -259,3 +259,28 @@ def test_bodies_are_hashed_not_trusted(server: Server, dbfile: str, rid: int) ->
     with Storage(dbfile) as db:
         assert db.task_counts(rid)["leased"] == 0
     assert os.path.exists(dbfile)
+
+
+def test_a_retried_call_gets_the_same_answer_from_the_real_server(
+    server: Server, dbfile: str, rid: int
+) -> None:
+    assert server.port is not None
+    path = f"/api/v1/requests/{rid}/lease"
+    body = b'{"worker": "w", "host": "h", "max_tasks": 1}'
+    signed = signed_headers(Storage(dbfile).get_secret(rid), "POST", path, body)
+    answers = []
+    for _ in range(2):  # the first answer "lost"; the worker sends the same call again
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            conn.request("POST", path, body=body, headers=signed)
+            response = conn.getresponse()
+            answers.append((response.status, response.read(), response.getheader("Connection")))
+        finally:
+            conn.close()
+    (status, first, _), (again_status, again, connection) = answers
+    assert status == again_status == 200 and again == first
+    assert len(json.loads(first)["tasks"]) == 1
+    # The retry's body was not read (the signature fixes it): its connection closes.
+    assert connection == "close"
+    with Storage(dbfile) as db:
+        assert db.task_counts(rid)["leased"] == 1

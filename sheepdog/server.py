@@ -6,7 +6,10 @@ process binds first, so a random port has no bind-then-close race.
 ``get_server`` keeps one server per port, as the original did.
 
 Authentication is per request: every call under ``/api/v1/requests/<id>/`` is
-signed with that request's secret (see ``sheepdog._signing``). The
+signed with that request's secret (see ``sheepdog._signing``), in headers that
+cover the body's length and SHA-256, so no body is read before its call is
+authenticated. Each ``POST`` is carried out once per nonce: a call sent again
+(a worker's retry, or a replay) gets the answer recorded with its nonce. The
 ``password`` argument of ``Server`` and ``get_server`` is kept for the
 original's signatures and registry checks only; it protects nothing.
 
@@ -60,11 +63,14 @@ from sheepdog.errors import ServerError, StorageError, UnknownRequestError
 from sheepdog.storage import Lease, NonceReusedError, Storage
 
 __all__ = [
+    "BODY_BASE_S",
+    "BODY_MIN_BYTES_PER_S",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_CLOCK_SKEW_S",
     "Server",
     "create_app",
     "get_server",
+    "listen_address",
 ]
 
 logger = logging.getLogger(__name__)

@@ -672,8 +672,9 @@ class Server:
 
     ``port=None`` picks a free port; the socket is bound here and handed to the
     child, so the port cannot be taken in between. ``host`` is the address to listen
-    on (default: the one this machine's fully qualified name resolves to; "0.0.0.0"
-    for every interface). ``password`` is kept for the
+    on (default: where the database's jobs recorded their server on ``port`` listening,
+    else the address this machine's fully qualified name resolves to; "0.0.0.0" for
+    every interface). ``password`` is kept for the
     original's signature and for ``get_server``'s checks: authentication is per
     request (each request's secret), not per server. Stop with ``stop()``, a
     ``with`` block, or let interpreter exit do it. The child also stops by
@@ -701,8 +702,14 @@ class Server:
         self.port = port
         self.password = password
         self.dbfile = os.path.abspath(dbfile)
-        # Not every interface unless asked: the address this machine's name resolves to.
-        self.host = listen_address(socket.getfqdn()) if host is None else host
+        if host is None:
+            # Not every interface unless asked. A server restarted on a port listens where
+            # the last one did for the jobs that call it; else where this machine's name
+            # resolves.
+            with Storage(self.dbfile, synchronous=synchronous) as db:
+                recorded = db.listen_address_for_port(port) if port else None
+            host = recorded or listen_address(socket.getfqdn())
+        self.host = host
         self.workers = workers
         self.threads = threads
         self.max_body_bytes = max_body_bytes

@@ -1095,6 +1095,18 @@ class Storage:
         if cursor.rowcount == 0:
             raise StorageError(f"request {request_id} has no job {job_id!r}")
 
+    def listen_address_for_port(self, port: int) -> str | None:
+        """Return where the last server on ``port`` listened for submitted jobs, if recorded."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT info FROM jobs ORDER BY submitted DESC, rowid DESC"
+            ).fetchall()
+        for (text,) in rows:
+            info = json.loads(text)
+            if info.get("port") == port and isinstance(info.get("listen_address"), str):
+                return str(info["listen_address"])
+        return None
+
     def get_jobs(self, request_id: int) -> list[dict[str, Any]]:
         """Return the request's recorded jobs, oldest first."""
         self._request_row(request_id, "id")

@@ -190,6 +190,21 @@ def test_listen_address_chooses_another_and_0000_only_when_asked(dbfile: str) ->
         server.stop()
 
 
+def test_a_server_restarted_on_a_port_listens_where_its_jobs_recorded(
+    dbfile: str, rid: int
+) -> None:
+    # The original's recipe, Server(port, None, dbfile), after the first server died.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with Storage(dbfile) as db:
+        db.add_job(rid, "7", 1, info={"url": f"http://gateway:{port}/", "port": port,
+                                      "listen_address": "0.0.0.0"})
+    with Server(port, None, dbfile) as server:
+        assert server.host == "0.0.0.0"
+        assert listening_on(port) == {"0.0.0.0"}
+
+
 def test_an_unresolvable_localhost_says_to_set_listen_address(dbfile: str) -> None:
     config = Config(host="head", localhost="no-such-host.invalid", dbfile=dbfile)
     with pytest.raises(ServerError, match="listen_address"):

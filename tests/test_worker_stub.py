@@ -362,6 +362,7 @@ def test_a_retry_resends_the_same_call_and_a_new_call_gets_a_new_nonce(
     conn.call("POST", "lease", {"worker": "w"})
     first, retry, second = fake_server.nonces
     assert first == retry and second != first
+    assert fake_server.calls[0] == fake_server.calls[1]  # the very same call, body and all
     assert all(ok for *_, ok in fake_server.calls)
 
 
@@ -370,10 +371,14 @@ def test_a_call_retried_past_resign_after_s_is_signed_anew(
 ) -> None:
     monkeypatch.setattr(stub, "RESIGN_AFTER_S", 0.0)
     fake_server.script = [(503, {}, False), (200, {"tasks": []}, True)]
-    connection(fake_server).call("POST", "lease", {"worker": "w"})
+    connection(fake_server).call("POST", "lease", {"worker": "w", "max_tasks": 1})
     first, retry = fake_server.nonces
     assert first != retry
     assert all(ok for *_, ok in fake_server.calls)
+    # A new call: "retry" has the server hand back what a lost answer had leased to us.
+    bodies = [json.loads(body) for _, _, body, _ in fake_server.calls]
+    assert bodies == [{"worker": "w", "max_tasks": 1},
+                      {"worker": "w", "max_tasks": 1, "retry": True}]
 
 
 def test_401_is_not_retried_and_says_the_secret_does_not_match(fake_server: FakeServer) -> None:

@@ -415,7 +415,7 @@ class Connection:
         deadline, attempt, rid = time.monotonic() + retry_s, 0, self.request_id
         signed_at, headers = time.monotonic(), signed_headers(self.secret, method, path, data)
         while True:
-            if time.monotonic() - signed_at > RESIGN_AFTER_S:
+            if attempt and time.monotonic() - signed_at > RESIGN_AFTER_S:
                 if isinstance(body, dict) and "max_tasks" in body:
                     # A new call now, not the same one again: should the first try have
                     # leased tasks whose answer never came back, "retry" has the server

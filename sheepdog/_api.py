@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import os
+import secrets
 import shlex
+import ssl
+import sys
 import threading
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import serialisation
@@ -14,9 +21,11 @@ from ._tls import certificate_for, fingerprint_sha256
 from .config import Config, ConfigLike, as_config
 from .deployment import Deployer
 from .errors import RemoteError, ServerError, SheepdogError, TaskFailedError
+from .errors import TimeoutError as SheepdogTimeoutError
 from .job_file import job_file, key_file_name
 from .server import Server, get_server, listen_address
-from .storage import Storage
+from .sge import parse_qdel
+from .storage import OPEN_STATES, Storage
 from .watch import Watcher, wait_for_request
 
 __all__ = ["cancel", "get_errors", "get_output", "get_results", "map", "map_async"]
@@ -49,9 +58,16 @@ def batch_size(config: Config, n_tasks: int, workers: int) -> int:
 
 
 def request_settings(config: Config, n_tasks: int) -> dict[str, Any]:
-    """The per-request settings the server hands to every worker."""
+    """The settings stored with a request: what the server hands to every worker, and more.
+
+    ``config`` (the config, which holds no secret) lets any process watch the
+    request's jobs; ``job_tag`` makes its Grid Engine job name unique (see
+    :func:`job_name`).
+    """
     workers = array_size(config, n_tasks)
     return {
+        "config": config.as_dict(),
+        "job_tag": secrets.token_hex(4),
         "lease_s": float(config.lease_s),
         "heartbeat_s": max(0.5, config.lease_s / 4),
         "task_timeout_s": config.task_timeout_s,
@@ -74,6 +90,24 @@ def open_deployer(config: Config) -> Deployer:
         ssh_config=config.ssh_config,
         timeout_s=config.ssh_timeout_s,
     )
+
+
+def job_name(storage: Storage, request_id: int) -> str | None:
+    """The Grid Engine job name (``qsub -N``) of the request's jobs; None for older requests.
+
+    Unique per request and database, and recorded before qsub runs, so the jobs can be
+    found and deleted even when qsub's answer (the job id) never arrived.
+    """
+    tag = storage.get_settings(request_id).get("job_tag")
+    return f"sheepdog_{request_id}_{tag}" if tag else None
+
+
+def stored_config(storage: Storage, request_id: int) -> Config | None:
+    """The config the request was submitted with (for its database), or None if not stored."""
+    mapping = storage.get_settings(request_id).get("config")
+    if not isinstance(mapping, dict):
+        return None
+    return Config.from_mapping({**mapping, "dbfile": storage.dbfile})
 
 
 _servers_by_db: dict[str, Server] = {}
@@ -142,6 +176,9 @@ def submit_request(
         # The original's defaults, resolved on the head node and quoted on the command
         # line so that a home directory with spaces cannot break a #$ line.
         qsub_args = ["-wd", jobdir, "-o", jobdir, "-e", jobdir]
+    name = job_name(storage, request_id)
+    if name is not None:
+        qsub_args += ["-N", name]
     job_id = deployer.submit(request_id, config.ssh_dir, secret=secret, qsub_args=qsub_args)
     # `sheepdog serve` restarts the server on this port: the job file holds this URL.
     storage.add_job(
@@ -163,7 +200,8 @@ def map_async(
     0.2 did; any other value is passed as the single argument. Everything is
     validated and serialised before anything is submitted.
     """
-    request_id, _ = _start(f, args, config, ns)
+    request_id, cfg = _start(f, args, config, ns)
+    _async_requests.append((cfg.dbfile, request_id))
     return request_id
 
 
@@ -195,15 +233,51 @@ def _start(
             try:
                 submit_request(storage, cfg, request_id, dep, n_workers=n_workers)
             except BaseException as exc:
-                storage.fail_tasks(
-                    request_id, storage.open_task_indices(request_id), "submit",
-                    f"the job was never submitted: {exc}",
-                )
+                _submission_failed(storage, dep, request_id, exc)
                 raise
         return request_id, cfg
     finally:
         if own:
             dep.close()
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text or type(exc).__name__
+
+
+def _submission_failed(
+    storage: Storage, deployer: Deployer, request_id: int, exc: BaseException
+) -> None:
+    """Fail the tasks of a request whose submission failed, after deleting any job it made.
+
+    An interruption (Ctrl-C) or a dropped connection can come after qsub went through
+    but before its answer arrived: the job is then found by its unique name and deleted,
+    since nothing would ever serve it.
+    """
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    recorded = storage.get_jobs(request_id)
+    deleted = (
+        Deletion([], None) if recorded and not interrupted
+        else delete_jobs(deployer, storage.dbfile, request_id)
+    )
+    if deleted.job_ids:
+        message = (
+            f"the submission was interrupted ({_why(exc)}) after qsub had created "
+            f"Grid Engine job {', '.join(deleted.job_ids)}, which was deleted"
+        )
+    elif interrupted:
+        message = "the job was never submitted: the submission was interrupted (Ctrl-C)"
+        if deleted.error:
+            message += f"; whether qsub had created a job is unknown ({deleted.error})"
+    else:
+        message = f"the job was never submitted: {_why(exc)}"
+    storage.fail_tasks(
+        request_id, storage.open_task_indices(request_id), "submit", message
+    )
+    if interrupted:
+        print(f"sheepdog: interrupted: request {request_id}: {message}", file=sys.stderr,
+              flush=True)
 
 
 def map(  # noqa: A001 - the original's name, kept on purpose
@@ -238,10 +312,19 @@ def map(  # noqa: A001 - the original's name, kept on purpose
             wait_for_request(cfg.dbfile, request_id, verbose=verbose, timeout_s=bound,
                              watcher=watcher)
         except KeyboardInterrupt:
-            if not cfg.keep_jobs_on_interrupt:
-                logger.warning("interrupted: cancelling request %d", request_id)
-                _cancel_with(deployer, cfg.dbfile, request_id, "cancelled by Ctrl-C")
-            raise
+            line = _stop_on_interrupt(deployer, cfg, request_id, "cancelled by Ctrl-C")
+            print(f"sheepdog: interrupted: {line}", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt(line) from None
+        except SheepdogTimeoutError:
+            assert bound is not None
+            done = len(arg_list) - _count_open(cfg.dbfile, request_id)
+            line = _stop_on_interrupt(
+                deployer, cfg, request_id, f"cancelled: timeout_s={bound:g} ran out"
+            )
+            raise SheepdogTimeoutError(
+                f"request {request_id}: {done} of {len(arg_list)} tasks finished within "
+                f"{bound:g} s; {line}"
+            ) from None
         # Array tasks still queued would start, find nothing to do and exit; deleting
         # them frees their slots now (and never leaves them waiting on a stopped server).
         delete_jobs(deployer, cfg.dbfile, request_id)
@@ -318,27 +401,153 @@ def get_output(
 
 def cancel(request_id: int, config: ConfigLike) -> int:
     """Delete the request's jobs with qdel and mark its open tasks cancelled; return how many."""
+    return cancel_request(request_id, config).n_tasks
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """What qdel did to a request's jobs."""
+
+    #: The jobs Grid Engine said it deleted (or will delete).
+    job_ids: list[str]
+    #: Why the jobs may still be there (qdel failed or did not answer); None if it answered.
+    error: str | None
+
+    def describe(self) -> str:
+        """Say in words what was deleted, truthfully."""
+        if self.error is not None:
+            return f"could not delete its Grid Engine jobs ({self.error})"
+        if not self.job_ids:
+            return "no job of it was left on the cluster"
+        return f"deleted Grid Engine job {', '.join(self.job_ids)}"
+
+
+@dataclass(frozen=True)
+class Cancellation:
+    """What cancelling a request did: tasks cancelled here, jobs deleted there."""
+
+    request_id: int
+    n_tasks: int
+    jobs: Deletion = field(default_factory=lambda: Deletion([], None))
+
+    def describe(self) -> str:
+        """One line: what was cancelled and what was deleted."""
+        return (
+            f"request {self.request_id}: cancelled {self.n_tasks} open tasks; "
+            f"{self.jobs.describe()}"
+        )
+
+
+def cancel_request(request_id: int, config: ConfigLike) -> Cancellation:
+    """Cancel the request's open tasks and delete its jobs; say what was done."""
     cfg = as_config(config)
     with open_deployer(cfg) as deployer:
         return _cancel_with(deployer, cfg.dbfile, request_id, "cancelled by sheepdog.cancel")
 
 
-def _cancel_with(deployer: Deployer, dbfile: str, request_id: int, reason: str) -> int:
+def _cancel_with(deployer: Deployer, dbfile: str, request_id: int, reason: str) -> Cancellation:
     with Storage(dbfile) as storage:
         n = storage.cancel(request_id, reason)
-    delete_jobs(deployer, dbfile, request_id)
-    return n
+    return Cancellation(request_id, n, delete_jobs(deployer, dbfile, request_id))
 
 
-def delete_jobs(deployer: Deployer, dbfile: str, request_id: int) -> None:
-    """qdel the request's jobs; jobs that already ended are fine."""
+def _count_open(dbfile: str, request_id: int) -> int:
     with Storage(dbfile) as storage:
-        job_ids = [str(job["job_id"]) for job in storage.get_jobs(request_id)]
-    if not job_ids:
-        return
-    try:
-        deployer.run(f"qdel {' '.join(shlex.quote(j) for j in job_ids)}", check=False,
-                     timeout_s=30)
-    except SheepdogError as exc:
-        logger.warning("qdel %s failed: %s", " ".join(job_ids), exc)
+        counts = storage.task_counts(request_id)
+    return sum(counts.get(state, 0) for state in OPEN_STATES)
 
+
+def _stop_on_interrupt(deployer: Deployer, cfg: Config, request_id: int, reason: str) -> str:
+    """Cancel the request unless ``keep_jobs_on_interrupt``; one line saying the state."""
+    if not cfg.keep_jobs_on_interrupt:
+        return _cancel_with(deployer, cfg.dbfile, request_id, reason).describe()
+    with Storage(cfg.dbfile) as storage:
+        job_ids = [str(job["job_id"]) for job in storage.get_jobs(request_id)]
+    n_open = _count_open(cfg.dbfile, request_id)
+    return (
+        f"request {request_id}: {n_open} tasks are still open and Grid Engine job "
+        f"{', '.join(job_ids) or '(none recorded)'} is left running (keep_jobs_on_interrupt); "
+        f"nothing serves it once this process exits: run `sheepdog serve --dbfile "
+        f"{shlex.quote(cfg.dbfile)}` or cancel it with `sheepdog cancel {request_id} "
+        f"--config FILE --dbfile {shlex.quote(cfg.dbfile)}`"
+    )
+
+
+def delete_jobs(deployer: Deployer, dbfile: str, request_id: int) -> Deletion:
+    """qdel the request's jobs, by the ids recorded and by its job name; say what went.
+
+    Jobs that already ended are fine. The name finds a job whose id was never
+    recorded (qsub's answer lost to Ctrl-C or a dropped connection).
+    """
+    with Storage(dbfile) as storage:
+        targets = [str(job["job_id"]) for job in storage.get_jobs(request_id)]
+        name = job_name(storage, request_id)
+    if name is not None:
+        targets.append(name)
+    if not targets:
+        return Deletion([], None)
+    command = f"qdel {' '.join(shlex.quote(t) for t in targets)}"
+    try:
+        result = deployer.run(command, check=False, timeout_s=30)
+    except SheepdogError as exc:
+        logger.warning("%s failed: %s", command, exc)
+        return Deletion([], str(exc))
+    deleted, other = parse_qdel(result.stdout + "\n" + result.stderr)
+    if other and result.exit_status != 0:
+        return Deletion(deleted, f"{command} exited with status {result.exit_status}: "
+                        + "; ".join(other))
+    return Deletion(deleted, None)
+
+
+def server_answers(url: str, *, timeout_s: float = 2.0) -> bool:
+    """True if a sheepdog server answers its health check at the job's callback ``url``."""
+    context = ssl.create_default_context()
+    # Only a liveness probe that sends nothing: the workers pin the certificate.
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(  # noqa: S310 - the URL is our own server's
+            url.rstrip("/") + "/api/v1/health", timeout=timeout_s, context=context
+        ) as response:
+            return bool(json.loads(response.read(4096)).get("ok"))
+    except (OSError, ValueError):
+        return False
+
+
+def served(storage: Storage, request_id: int) -> bool | None:
+    """Whether a server answers at the request's callback URL (None: no job recorded)."""
+    jobs = storage.get_jobs(request_id)
+    url = jobs[-1]["info"].get("url") if jobs else None
+    if not url:
+        return None
+    return server_answers(str(url))
+
+
+#: Requests that map_async submitted from this process, to warn about at exit.
+_async_requests: list[tuple[str, int]] = []
+
+
+def _warn_unserved_at_exit() -> None:
+    """At exit, say which map_async requests lose their only server with this process."""
+    mine = {server.port for server in _servers_by_db.values() if server.alive}
+    for dbfile, request_id in _async_requests:
+        try:
+            with Storage(dbfile) as storage:
+                n_open = len(storage.open_task_indices(request_id))
+                jobs = storage.get_jobs(request_id)
+        except SheepdogError:
+            continue
+        if not n_open or not jobs or jobs[-1]["info"].get("port") not in mine:
+            continue
+        print(
+            f"sheepdog: request {request_id} still has {n_open} open tasks, and this process "
+            "was its only server: its array tasks wait for a server until they give up. "
+            f"Serve them with `sheepdog serve --dbfile {shlex.quote(dbfile)}`, or cancel "
+            f"them with `sheepdog cancel {request_id} --config FILE --dbfile "
+            f"{shlex.quote(dbfile)}`.",
+            file=sys.stderr, flush=True,
+        )
+
+
+# Registered after server.py's own handler, so it runs first, while the servers still run.
+atexit.register(_warn_unserved_at_exit)

@@ -24,7 +24,18 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from . import __version__, serialisation
-from ._api import array_size, batch_size, cancel, get_errors, get_output, get_results
+from ._api import (
+    array_size,
+    batch_size,
+    cancel_request,
+    delete_jobs,
+    get_errors,
+    get_output,
+    get_results,
+    open_deployer,
+    served,
+    stored_config,
+)
 from ._progress import format_counts
 from .config import Config, as_config
 from .errors import SheepdogError
@@ -71,12 +82,24 @@ def _ago(created: float) -> str:
 # --- commands -----------------------------------------------------------------------
 
 
+def _unserved_note(storage: Storage, request_id: int, dbfile: str) -> str | None:
+    """A line saying that no server serves an open request, and what to run; else None."""
+    if not storage.open_task_indices(request_id) or served(storage, request_id) is not False:
+        return None
+    return (
+        f"request {request_id} has open tasks but no server is serving it: its array tasks "
+        f"cannot report. Run `sheepdog serve --dbfile {dbfile}`, or `sheepdog cancel "
+        f"{request_id} --config FILE --dbfile {dbfile}`"
+    )
+
+
 def cmd_requests(args: argparse.Namespace) -> int:
     with _open_db(args.dbfile) as storage:
         rows = storage.list_requests()
         if not rows:
             print(f"no requests in {args.dbfile}")
             return 0
+        notes = []
         print(f"{'ID':>5}  {'CREATED':19}  {'STATE':9}  {'TASKS':>6}  {'DONE':>6}  "
               f"{'FAILED':>6}  {'RUNNING':>7}  {'PENDING':>7}  LABEL")
         for row in rows:
@@ -89,10 +112,17 @@ def cmd_requests(args: argparse.Namespace) -> int:
                 f"{c['done']:>6}  {c['error'] + c['cancelled']:>6}  {c['leased']:>7}  "
                 f"{c['pending']:>7}  {row['label'] or ''}"
             )
+            if row["state"] == "open":
+                note = _unserved_note(storage, row["id"], args.dbfile)
+                if note is not None:
+                    notes.append(note)
+        for note in notes:
+            print(note)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    _open_db(args.dbfile).close()  # a mistyped --dbfile must not become an empty database
     if args.wait:
         wait_for_request(args.dbfile, args.id, verbose=True, timeout_s=args.timeout)
     with _open_db(args.dbfile) as storage:
@@ -100,16 +130,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         total = storage.count_tasks(args.id)
         state = storage.get_request_state(args.id)
         jobs = storage.get_jobs(args.id)
+        note = _unserved_note(storage, args.id, args.dbfile) if state == "open" else None
     print(f"request {args.id}: {state}, {format_counts(counts, total)}")
     for job in jobs:
         port = job["info"].get("port")
         where = f", server port {port}" if port else ""
         print(f"  job {job['job_id']}: {job['array_size']} array tasks, submitted "
               f"{_ago(job['submitted'])}{where}")
+    if note is not None:
+        print(note)
     return 0
 
 
 def cmd_results(args: argparse.Namespace) -> int:
+    _open_db(args.dbfile).close()  # a mistyped --dbfile must not become an empty database
     if args.wait:
         wait_for_request(args.dbfile, args.id, verbose=True, timeout_s=args.timeout)
     with _open_db(args.dbfile) as storage:
@@ -162,9 +196,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         config = config.replace(dbfile=args.dbfile)
     with _open_db(config.dbfile):
         pass
-    n = cancel(args.id, config)
-    print(f"request {args.id}: cancelled {n} open tasks and deleted its jobs")
-    return 0
+    done = cancel_request(args.id, config)
+    print(done.describe())
+    return 0 if done.jobs.error is None else 1
 
 
 def _ports_to_serve(
@@ -225,9 +259,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        finished: set[int] = set()
         with Storage(args.dbfile) as storage:
             while not stop.is_set():
-                if not any(storage.open_task_indices(rid) for rid in all_ids):
+                for rid in all_ids:
+                    if rid not in finished and not storage.open_task_indices(rid):
+                        finished.add(rid)
+                        _delete_leftovers(storage, rid)
+                if len(finished) == len(all_ids):
                     print("every served request is finished", flush=True)
                     break
                 if deadline is not None and time.monotonic() >= deadline:
@@ -240,6 +279,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for server in servers:
             server.stop()
     return 0
+
+
+def _delete_leftovers(storage: Storage, request_id: int) -> None:
+    """Delete the array tasks still queued for a finished request; they would wait on us."""
+    config = stored_config(storage, request_id)
+    if config is None:
+        print(f"request {request_id} is finished; it has no stored config, so its leftover "
+              "array tasks (if any) were not deleted", flush=True)
+        return
+    try:
+        with open_deployer(config) as deployer:
+            deletion = delete_jobs(deployer, storage.dbfile, request_id)
+    except SheepdogError as exc:
+        print(f"request {request_id} is finished; could not delete its leftover array "
+              f"tasks: {exc}", flush=True)
+        return
+    print(f"request {request_id} is finished; {deletion.describe()}", flush=True)
 
 
 def _detach(args: argparse.Namespace, ports: list[int]) -> int:

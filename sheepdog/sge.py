@@ -13,6 +13,7 @@ __all__ = [
     "JobStatus",
     "describe_failure",
     "parse_qacct",
+    "parse_qdel",
     "parse_qstat",
     "parse_qstat_j_errors",
     "parse_scheduling_info",
@@ -51,6 +52,38 @@ def parse_qstat(text: str) -> dict[str, JobStatus]:
         status.states.add(match["state"])
         status.lines.append(line.strip())
     return jobs
+
+
+#: What qdel says for a job it deleted or will delete (``sheep has deleted job 44``,
+#: ``sheep has registered the job 44 for deletion``, ``job 44 is already in deletion``,
+#: and the same for array tasks, ``job-array task 44.1``).
+_QDEL_DELETED = re.compile(
+    r"(?:has deleted job|has registered the job|job)(?:-array task)?\s+(?P<job_id>\d+)"
+    r"(?:\.\S+)?(?:\s+for deletion|\s+is already in deletion)?"
+)
+_QDEL_GONE = re.compile(r"does not exist|do not exist")
+
+
+def parse_qdel(text: str) -> tuple[list[str], list[str]]:
+    """Split qdel's output into (job ids it deleted, lines that are neither that nor "gone").
+
+    A job that does not exist is fine for a caller that wants it gone; any other
+    line (``unable to contact qmaster``, ``denied``) means qdel may have failed.
+    """
+    deleted: list[str] = []
+    other: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        match = _QDEL_DELETED.search(stripped)
+        done = "delet" in stripped and "denied" not in stripped
+        if match is not None and done:
+            if match["job_id"] not in deleted:
+                deleted.append(match["job_id"])
+        elif not _QDEL_GONE.search(stripped):
+            other.append(stripped)
+    return deleted, other
 
 
 def parse_qstat_j_errors(text: str) -> list[str]:

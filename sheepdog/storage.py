@@ -661,14 +661,23 @@ class Storage:
         return str(row[0]), int(row[1]), max_attempts
 
     def _expire(
-        self, conn: sqlite3.Connection, request_id: int, now: float, max_attempts: int
+        self,
+        conn: sqlite3.Connection,
+        request_id: int,
+        now: float,
+        max_attempts: int,
+        *,
+        every_lease: bool = False,
     ) -> int:
+        # ``now`` is also the finish time of a task given up as lost, so it stays the real
+        # time; ``every_lease`` expires the leases that have not run out yet as well.
         overdue = conn.execute(
             "SELECT idx, attempts, host, lease_expires FROM tasks WHERE request_id = ?"
             " AND state = 'leased' AND lease_expires < ?",
-            (request_id, now),
+            (request_id, float("inf") if every_lease else now),
         ).fetchall()
-        for idx, attempts, host, expired in overdue:
+        for idx, attempts, host, expires in overdue:
+            expired = min(expires, now)
             if attempts + 1 >= max_attempts:
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expired))
                 error = {
@@ -697,12 +706,21 @@ class Storage:
                 )
         return len(overdue)
 
-    def expire_leases(self, request_id: int, *, now: float | None = None) -> int:
-        """Return overdue leased tasks to pending (or make them lost); return how many."""
+    def expire_leases(
+        self, request_id: int, *, now: float | None = None, every_lease: bool = False
+    ) -> int:
+        """Return overdue leased tasks to pending (or make them lost); return how many.
+
+        ``every_lease`` expires all leases, overdue or not: for when no worker is left
+        to renew them (every job of the request has left the queue).
+        """
         self._request_row(request_id, "id")
         with self._write() as conn:
             _, _, max_attempts = self._info(conn, request_id)
-            return self._expire(conn, request_id, time.time() if now is None else now, max_attempts)
+            return self._expire(
+                conn, request_id, time.time() if now is None else now, max_attempts,
+                every_lease=every_lease,
+            )
 
     def lease(
         self,

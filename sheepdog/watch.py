@@ -1,23 +1,30 @@
 """Wait for a request to finish, and watch its Grid Engine jobs so the wait can end.
 
 The wait polls SQLite (cheap, local). The :class:`Watcher` also asks the head
-node, with a backoff, what became of the request's jobs: a job in an error
-state fails its open tasks with qstat's reasons; a job that left the queue
-with work still open has that work resubmitted, up to ``retries`` times, and
-then failed with the reason qacct gives.
+node, with a backoff, what became of the request's jobs (by their job ids, among
+the jobs of the user actually logged in): a job in an error state is deleted
+and its work goes to the request's other jobs or to fresh ones; when every job
+has left the queue with work still open, that work is resubmitted, up to
+``retries`` times, and then failed with the reason qacct gives. A qstat that
+fails or does not answer tells nothing: nothing is expired or resubmitted on it.
+
+Any process can watch a request: the config is stored with it. A process that
+does not serve the request watches *passively* and takes over resubmission only
+when the jobs have been gone for a while and nobody else acted.
 """
 
 from __future__ import annotations
 
 import logging
-import shlex
+import os
 import time
 from typing import TYPE_CHECKING
 
 from ._progress import Progress
-from .errors import SheepdogError
+from .errors import SheepdogError, StorageError
 from .errors import TimeoutError as SheepdogTimeoutError
 from .sge import (
+    JobStatus,
     describe_failure,
     parse_qacct,
     parse_qstat,
@@ -37,8 +44,11 @@ __all__ = ["Watcher", "wait_for_request"]
 logger = logging.getLogger(__name__)
 
 OPEN_STATES = ("pending", "leased")
-#: Added to the clock to expire every lease now, whatever its end time.
-_FOREVER_S = 10 * 365 * 86400.0
+#: The jobs of the user the SSH session is logged in as: that user may come from
+#: ~/.ssh/config, so it is asked on the head node, not taken from the config.
+QSTAT_COMMAND = 'qstat -u "$(id -un)"'
+#: A passive watcher takes over a request whose jobs have all been gone this long.
+TAKEOVER_S = 60.0
 #: A job waiting this long with nothing running is asked why (qstat -j).
 SCHEDULABLE_CHECK_S = 10.0
 
@@ -65,6 +75,8 @@ class Watcher:
         first_interval_s: float = 2.0,
         max_interval_s: float = 15.0,
         server: Server | None = None,
+        passive: bool = False,
+        takeover_s: float = TAKEOVER_S,
     ) -> None:
         self.config = config
         self.request_id = request_id
@@ -78,6 +90,11 @@ class Watcher:
         self._progress: tuple[int, int] | None = None
         self._progress_at = time.monotonic()
         self.server = server
+        #: True in a process that does not serve the request: it leaves resubmission to
+        #: the process that does, unless the jobs stay gone for ``takeover_s``.
+        self.passive = passive
+        self.takeover_s = takeover_s
+        self._gone: tuple[tuple[str, ...], float] | None = None
 
     def poll(self, storage: Storage) -> None:
         """Check the jobs if it is time to; fail or resubmit work whose jobs are gone."""
@@ -98,7 +115,26 @@ class Watcher:
             self._check(storage)
         except SheepdogError as exc:
             # The head node being briefly unreachable must not end a long map.
-            logger.warning("could not check the jobs of request %d: %s", self.request_id, exc)
+            logger.warning(
+                "the cluster did not answer: could not check the jobs of request %d (%s); "
+                "nothing is expired or resubmitted until it answers", self.request_id, exc,
+            )
+
+    def _listing(self, jobs: list[str]) -> dict[str, JobStatus] | None:
+        """qstat's word on the given jobs (those it lists), or None if qstat failed."""
+        result = self.deployer.run(QSTAT_COMMAND, check=False, timeout_s=60)
+        if result.exit_status != 0:
+            # "unable to contact qmaster" and the like: the jobs' state is unknown, and
+            # reading that as "no jobs" would expire and resubmit running work.
+            said = " ".join((result.stderr or result.stdout).split())[:300]
+            logger.warning(
+                "request %d: the cluster did not answer %s (exit status %d: %s); nothing "
+                "is expired or resubmitted until it answers",
+                self.request_id, QSTAT_COMMAND, result.exit_status, said or "no output",
+            )
+            return None
+        listing = parse_qstat(result.stdout)
+        return {job: listing[job] for job in jobs if job in listing}
 
     def _check(self, storage: Storage) -> None:
         rid = self.request_id
@@ -107,20 +143,27 @@ class Watcher:
         pending, leased = counts.get("pending", 0), counts.get("leased", 0)
         if not pending and not leased:
             return
-        jobs = [str(job["job_id"]) for job in storage.get_jobs(rid)]
+        records = storage.get_jobs(rid)
+        jobs = [str(job["job_id"]) for job in records]
         if not jobs:
             return
-        user = shlex.quote(self.config.ssh_user)
-        listing = parse_qstat(self.deployer.run(f"qstat -u {user}", check=False).stdout)
-        live = [job for job in jobs if job in listing]
-        for job in live:
+        listing = self._listing(jobs)
+        if listing is None:
+            return
+        live = []
+        for job in jobs:
+            if job not in listing:
+                continue
             if listing[job].in_error:
-                self._fail_job_in_error(storage, job)
+                self._delete_job_in_error(storage, job)
+            else:
+                live.append(job)
         now = time.monotonic()
         progress = (counts.get("done", 0) + counts.get("error", 0), leased)
         if progress != self._progress:
             self._progress, self._progress_at = progress, now
         if live:
+            self._gone = None
             # A job still listed as running may be on a node that died: Grid Engine can take
             # minutes to notice, while the dead workers' leases have long expired. Work that
             # nobody leases while no array task waits in the queue gets fresh array tasks.
@@ -129,26 +172,63 @@ class Watcher:
             running = any("r" in state for job in live for state in listing[job].states)
             if queued and not running and stalled_s > SCHEDULABLE_CHECK_S:
                 self._check_schedulable(storage, live[-1], stalled_s)
-            if pending and not leased and not queued and stalled_s > self.stall_s:
+            if (
+                not self.passive and pending and not leased and not queued
+                and stalled_s > self.stall_s
+            ):
                 self._resubmit(
                     storage, jobs, pending,
                     f"no worker has leased its {pending} pending tasks for {stalled_s:.0f} s",
                 )
             return
+        if self.passive and not self._take_over(tuple(jobs), now):
+            return
         # Every job has left the queue, so no worker is left to renew a lease: the
         # leases still open belong to dead workers and their tasks go back to pending.
-        storage.expire_leases(rid, now=time.time() + _FOREVER_S)
+        storage.expire_leases(rid, every_lease=True)
         open_tasks = storage.open_task_indices(rid)
-        if open_tasks:
-            reason = self._accounting_reason(jobs[-1])
-            self._resubmit(
-                storage, jobs, len(open_tasks),
-                f"job {jobs[-1]} left the queue" + (f" ({reason})" if reason else ""),
-                reason=reason,
-            )
+        if not open_tasks:
+            return
+        last = storage.get_jobs(rid)[-1]
+        if last["state"] == "error":
+            why = str(last["info"].get("reason") or f"job {last['job_id']} was in an error state")
+            self._resubmit(storage, jobs, len(open_tasks), why, reason=why, kind="job_error")
+            return
+        reason = self._accounting_reason(jobs[-1])
+        self._resubmit(
+            storage, jobs, len(open_tasks),
+            f"job {jobs[-1]} left the queue" + (f" ({reason})" if reason else ""),
+            reason=reason,
+        )
+
+    def _take_over(self, jobs: tuple[str, ...], now: float) -> bool:
+        """In a passive watcher: True once the jobs have been gone for ``takeover_s``.
+
+        The process that serves the request resubmits within seconds; if the job list
+        has not changed for this long, that process is gone and this one acts.
+        """
+        if self._gone is None or self._gone[0] != jobs:
+            self._gone = (jobs, now)
+            return False
+        if now - self._gone[1] < self.takeover_s:
+            return False
+        logger.warning(
+            "request %d: its Grid Engine jobs left the queue with work open %.0f s ago and "
+            "no other process acted; this process takes over", self.request_id,
+            now - self._gone[1],
+        )
+        self.passive = False
+        return True
 
     def _resubmit(
-        self, storage: Storage, jobs: list[str], n_open: int, why: str, *, reason: str = ""
+        self,
+        storage: Storage,
+        jobs: list[str],
+        n_open: int,
+        why: str,
+        *,
+        reason: str = "",
+        kind: str = "job_lost",
     ) -> None:
         """Submit fresh array tasks for the open work, or fail it once retries are used up."""
         rid = self.request_id
@@ -173,7 +253,7 @@ class Watcher:
         )
         if reason and reason not in why:
             message += f": {reason}"
-        storage.fail_tasks(rid, storage.open_task_indices(rid), "job_lost", message)
+        storage.fail_tasks(rid, storage.open_task_indices(rid), kind, message)
 
     def _check_schedulable(self, storage: Storage, job: str, waited_s: float) -> None:
         """Fail the work of a job the scheduler can never start; say why one is waiting."""
@@ -194,16 +274,23 @@ class Watcher:
                 self.request_id, job, waited_s, "; ".join(reasons[:3]) or "no reason given",
             )
 
-    def _fail_job_in_error(self, storage: Storage, job: str) -> None:
+    def _delete_job_in_error(self, storage: Storage, job: str) -> None:
+        """Delete one job in an error state (Eqw) and record why; other jobs go on.
+
+        Its tasks are not failed: those it leased return to pending when their
+        leases run out, for the request's other jobs or a resubmission to run.
+        """
         details = self.deployer.run(f"qstat -j {job}", check=False)
         reasons = parse_qstat_j_errors(details.stdout + details.stderr)
         why = "; ".join(reasons) or "qstat shows the job in an error state (Eqw)"
         message = f"Grid Engine job {job} is in an error state: {why}"
-        logger.error("request %d: %s", self.request_id, message)
+        logger.warning("request %d: %s; deleting it", self.request_id, message)
         self.deployer.run(f"qdel {job}", check=False)
-        storage.fail_tasks(
-            self.request_id, storage.open_task_indices(self.request_id), "job_error", message
+        info = next(
+            (dict(j["info"]) for j in storage.get_jobs(self.request_id) if str(j["job_id"]) == job),
+            {},
         )
+        storage.set_job_state(self.request_id, job, "error", {**info, "reason": message})
 
     def _accounting_reason(self, job: str) -> str:
         result = self.deployer.run(f"qacct -j {job}", check=False, timeout_s=30)
@@ -224,18 +311,28 @@ def wait_for_request(
     verbose: bool = False,
     timeout_s: float | None = None,
     watcher: Watcher | None = None,
+    watch: bool = True,
     poll_s: float = 0.2,
     max_poll_s: float = 2.0,
 ) -> dict[str, int]:
     """Block until every task of the request is done, failed or cancelled; return the counts.
 
-    Raises :class:`sheepdog.errors.TimeoutError` after ``timeout_s`` seconds.
+    Without a ``watcher``, and with ``watch``, a passive one is made from the
+    config stored with the request, so that a wait in any process ends when the
+    jobs die. Raises :class:`sheepdog.errors.TimeoutError` after ``timeout_s``
+    seconds, and StorageError if ``dbfile`` does not exist (it is never created).
     """
     start = time.monotonic()
     deadline = None if timeout_s is None else start + timeout_s
     interval = poll_s
+    if dbfile != ":memory:" and not os.path.isfile(dbfile):
+        # Opening would create an empty database where a path was mistyped.
+        raise StorageError(f"no sheepdog database at {dbfile}; check the dbfile path")
+    own: Watcher | None = None
     with Storage(dbfile) as storage:
         total = storage.count_tasks(request_id)
+        if watcher is None and watch:
+            watcher = own = _passive_watcher(storage, request_id)
         progress = Progress(total, verbose=verbose, label=f"sheepdog request {request_id}")
         try:
             while True:
@@ -256,3 +353,18 @@ def wait_for_request(
                 interval = min(max_poll_s, interval * 1.5)
         finally:
             progress.close()
+            if own is not None:
+                own.deployer.close()
+
+
+def _passive_watcher(storage: Storage, request_id: int) -> Watcher | None:
+    """A watcher for a request this process does not serve, from its stored config."""
+    from ._api import open_deployer, stored_config
+
+    if not storage.open_task_indices(request_id):
+        return None
+    config = stored_config(storage, request_id)
+    if config is None:
+        logger.info("request %d has no stored config: its jobs are not watched", request_id)
+        return None
+    return Watcher(config, request_id, open_deployer(config), passive=True)

@@ -1,0 +1,312 @@
+"""The watcher and the cluster's leftovers, on a real Grid Engine (issue 12, items 4 and 5).
+
+Each test first makes the situation that fooled sheepdog 0.3 (a login user from
+~/.ssh/config, a qstat that fails, one job in Eqw, jobs that died while another
+process waits, Ctrl-C between qsub and its answer, a timeout, a script that exits
+after map_async) and then checks that no running work is taken for lost and no
+job is left behind. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sheepdog
+from sheepdog import cli
+from sheepdog._api import open_deployer
+from sheepdog.deployment import Deployer
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def sleepy_for(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _listed(deployer: Deployer, job_id: str) -> bool:
+    listing = deployer.run('qstat -u "$(id -un)"').stdout
+    return any(line.split()[:1] == [job_id] for line in listing.splitlines())
+
+
+def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s:g} s: {what}"
+        time.sleep(0.5)
+
+
+def _last_request(dbfile: str) -> int:
+    with sheepdog.Storage(dbfile) as storage:
+        return max(r["id"] for r in storage.list_requests())
+
+
+def _counts(dbfile: str, request_id: int) -> dict[str, int]:
+    with sheepdog.Storage(dbfile) as storage:
+        return storage.task_counts(request_id)
+
+
+def _job_ids(dbfile: str, request_id: int) -> list[str]:
+    with sheepdog.Storage(dbfile) as storage:
+        return [str(job["job_id"]) for job in storage.get_jobs(request_id)]
+
+
+@pytest.fixture
+def head(config: dict[str, Any]) -> Iterator[Deployer]:
+    with open_deployer(sheepdog.Config.from_mapping(config)) as deployer:
+        yield deployer
+
+
+# --- 4. running work is never taken for lost -----------------------------------------------
+
+
+def test_a_login_user_from_ssh_config_does_not_make_jobs_look_gone(
+    config: dict[str, Any], tmp_path: Path
+) -> None:
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text(f"Host {config['host']}\n    User {config['ssh_user']}\n")
+    # The config names another user; ~/.ssh/config's User wins, as our SSH docs show.
+    cfg = dict(config, ssh_user="not-sheep", ssh_config=str(ssh_config), retries=0,
+               workers=2, timeout_s=240)
+    results = sheepdog.map(sleepy_for, [12, 12], cfg, verbose=False)
+    assert results == [12, 12], sheepdog.get_errors(_last_request(cfg["dbfile"]), cfg["dbfile"])
+
+
+@pytest.fixture
+def failing_qstat(head: Deployer) -> Iterator[None]:
+    """Make qstat on the head node fail as it does when the qmaster is down.
+
+    A shim directory goes first on PATH through ~/.bashrc, which bash reads for
+    commands run over SSH; it is removed afterwards.
+    """
+    shim = (
+        "#!/bin/sh\n"
+        "echo 'error: unable to contact qmaster using port 6444 on host \"head\"' >&2\n"
+        "exit 1\n"
+    )
+    head.run(
+        "mkdir -p ~/qstat-shim && printf %s " + _quote(shim) + " > ~/qstat-shim/qstat && "
+        "chmod +x ~/qstat-shim/qstat && touch ~/.bashrc && "
+        "{ echo 'export PATH=$HOME/qstat-shim:$PATH # sheepdog-test'; cat ~/.bashrc; } "
+        "> ~/.bashrc.new && mv ~/.bashrc.new ~/.bashrc"
+    )
+    try:
+        probe = head.run("qstat", check=False)
+        assert probe.exit_status != 0 and "qmaster" in probe.stderr, probe
+        yield
+    finally:
+        head.run("sed -i '/# sheepdog-test$/d' ~/.bashrc; rm -rf ~/qstat-shim")
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def test_a_failing_qstat_expires_and_resubmits_nothing(
+    config: dict[str, Any], failing_qstat: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = dict(config, retries=0, workers=2, timeout_s=240)
+    with caplog.at_level(logging.WARNING, logger="sheepdog.watch"):
+        results = sheepdog.map(sleepy_for, [12, 12], cfg, verbose=False)
+    assert results == [12, 12], sheepdog.get_errors(_last_request(cfg["dbfile"]), cfg["dbfile"])
+    assert "the cluster did not answer" in caplog.text
+    assert len(_job_ids(cfg["dbfile"], _last_request(cfg["dbfile"]))) == 1  # none resubmitted
+
+
+def test_one_job_in_eqw_is_deleted_and_the_others_go_on(
+    config: dict[str, Any], head: Deployer
+) -> None:
+    cfg = dict(config, retries=0, workers=2, timeout_s=300)
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["results"] = sheepdog.map(sleepy_for, [40, 40], cfg, verbose=False)
+        except BaseException as exc:  # the test reports it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        dbfile = cfg["dbfile"]
+        _wait_until(lambda: os.path.exists(dbfile) and _counts(dbfile, 1).get("leased", 0) > 0,
+                    "a task is leased", 180)
+        # A second job of the request that Grid Engine cannot start: its directory is missing.
+        bad = head.run(
+            "qsub -terse -b y -wd /nonexistent/sheepdog-eqw -N sheepdog_eqw /bin/true"
+        ).stdout.strip()
+        with sheepdog.Storage(dbfile) as storage:
+            storage.add_job(1, bad, 1)
+
+        def in_eqw() -> bool:
+            listing = head.run('qstat -u "$(id -un)"').stdout
+            rows = [line.split() for line in listing.splitlines()]
+            return any(row[:1] == [bad] and "E" in row[4] for row in rows if len(row) > 4)
+
+        _wait_until(lambda: in_eqw() or not _listed(head, bad), "the extra job errs", 120)
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "map did not return"
+    finally:
+        thread.join(timeout=300)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["results"] == [40, 40]
+    with sheepdog.Storage(cfg["dbfile"]) as storage:
+        (job,) = [j for j in storage.get_jobs(1) if j["job_id"] == bad]
+    assert job["state"] == "error"
+    assert "/nonexistent/sheepdog-eqw" in job["info"]["reason"]
+    assert not _listed(head, bad)
+
+
+def test_status_wait_in_another_process_ends_when_the_jobs_died(
+    config: dict[str, Any], head: Deployer
+) -> None:
+    cfg = dict(config, workers=1, timeout_s=300)
+    request_id = sheepdog.map_async(sleepy_for, [3, 3], cfg)
+    dbfile = cfg["dbfile"]
+    _wait_until(lambda: _counts(dbfile, request_id).get("leased", 0) > 0, "a task is leased",
+                180)
+    (job_id,) = _job_ids(dbfile, request_id)
+    head.run(f"qdel {job_id}")
+    _wait_until(lambda: not _listed(head, job_id), "the job is gone", 60)
+    # This process serves the request but watches nothing (map_async); the waiting
+    # process must notice the dead job and get the work done.
+    proc = subprocess.run(
+        [sys.executable, "-m", "sheepdog", "status", str(request_id), "--wait",
+         "--timeout", "240", "--dbfile", dbfile],
+        capture_output=True, text=True, timeout=300, env=_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert _counts(dbfile, request_id).get("done", 0) == 2
+    assert len(_job_ids(dbfile, request_id)) == 2  # the other process resubmitted once
+
+
+# --- 5. nothing left behind ----------------------------------------------------------------
+
+
+def test_ctrl_c_between_qsub_and_its_answer_leaves_no_job(
+    config: dict[str, Any], tmp_path: Path, head: Deployer
+) -> None:
+    script = tmp_path / "interrupted_submit.py"
+    # The interrupt lands after qsub went through but before its answer was read,
+    # as a Ctrl-C 1.6 s into a map did on the Docker cluster.
+    script.write_text(
+        "import json, sys, sheepdog\n"
+        "from sheepdog.deployment import Deployer\n"
+        "real = Deployer.submit\n"
+        "def submit(self, *args, **kwargs):\n"
+        "    real(self, *args, **kwargs)\n"
+        "    raise KeyboardInterrupt\n"
+        "Deployer.submit = submit\n"
+        "def slow(x):\n"
+        "    import time\n"
+        "    time.sleep(60)\n"
+        "sheepdog.map(slow, range(3), json.loads(sys.argv[1]), verbose=False)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), json.dumps(config)],
+        capture_output=True, text=True, timeout=180, env=_env(),
+    )
+    assert proc.returncode != 0
+    lines = [
+        line for line in proc.stderr.splitlines() if line.startswith("sheepdog: interrupted")
+    ]
+    assert len(lines) == 1, proc.stderr
+    assert "deleted" in lines[0] and "Grid Engine job" in lines[0], lines[0]
+    job_id = lines[0].split("Grid Engine job ")[1].split(",")[0].split()[0]
+    errors = sheepdog.get_errors(1, config["dbfile"])
+    assert len(errors) == 3
+    assert all(job_id in error.message and "interrupted" in error.message for _, error in errors)
+    _wait_until(lambda: not _listed(head, job_id), f"job {job_id} is deleted", 60)
+
+
+def test_cancel_finds_a_job_whose_id_was_never_recorded(
+    config: dict[str, Any], head: Deployer, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    request_id = sheepdog.map_async(sleepy_for, [60, 60], config)
+    dbfile = config["dbfile"]
+    (job_id,) = _job_ids(dbfile, request_id)
+    with sheepdog.Storage(dbfile) as storage:  # as if qsub's answer had been lost
+        storage.conn.execute("DELETE FROM jobs")
+    config_file = tmp_path / "cluster.json"
+    config_file.write_text(json.dumps(config))
+    assert cli.main(["cancel", str(request_id), "--config", str(config_file),
+                     "--dbfile", dbfile]) == 0
+    out = capsys.readouterr().out
+    assert f"deleted Grid Engine job {job_id}" in out, out
+    _wait_until(lambda: not _listed(head, job_id), f"job {job_id} is deleted", 60)
+
+
+def test_map_timeout_deletes_the_jobs_and_says_so(
+    config: dict[str, Any], head: Deployer
+) -> None:
+    with pytest.raises(sheepdog.TimeoutError) as info:
+        sheepdog.map(sleepy_for, [120, 120], config, verbose=False, timeout_s=20)
+    request_id = _last_request(config["dbfile"])
+    (job_id,) = _job_ids(config["dbfile"], request_id)
+    message = str(info.value)
+    assert "0 of 2 tasks finished within 20 s" in message
+    assert "cancelled 2 open tasks" in message and f"deleted Grid Engine job {job_id}" in message
+    assert _counts(config["dbfile"], request_id).get("cancelled", 0) == 2
+    _wait_until(lambda: not _listed(head, job_id), f"job {job_id} is deleted", 60)
+
+
+def test_map_async_then_exit_warns_and_serve_cleans_up(
+    config: dict[str, Any], tmp_path: Path, head: Deployer
+) -> None:
+    script = tmp_path / "fire_and_forget.py"
+    script.write_text(
+        "import json, sys, sheepdog\n"
+        "print(sheepdog.map_async(abs, [-1, -2], json.loads(sys.argv[1])))\n"
+    )
+    # One array task at a time (-tc 1): the first does both tasks; the other two wait.
+    cfg = dict(config, workers=3, max_running=1)
+    proc = subprocess.run(
+        [sys.executable, str(script), json.dumps(cfg)],
+        capture_output=True, text=True, timeout=180, env=_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    request_id = int(proc.stdout.strip())
+    assert f"request {request_id} still has 2 open tasks" in proc.stderr
+    assert "was its only server" in proc.stderr and "sheepdog serve" in proc.stderr
+    dbfile = cfg["dbfile"]
+    status = subprocess.run(
+        [sys.executable, "-m", "sheepdog", "status", str(request_id), "--dbfile", dbfile],
+        capture_output=True, text=True, timeout=60, env=_env(),
+    )
+    assert "no server is serving it" in status.stdout and "sheepdog serve" in status.stdout
+    requests = subprocess.run(
+        [sys.executable, "-m", "sheepdog", "requests", "--dbfile", dbfile],
+        capture_output=True, text=True, timeout=60, env=_env(),
+    )
+    assert f"request {request_id} has open tasks but no server" in requests.stdout
+    (job_id,) = _job_ids(dbfile, request_id)
+    serve = subprocess.run(
+        [sys.executable, "-m", "sheepdog", "serve", "--dbfile", dbfile, "--timeout", "240"],
+        capture_output=True, text=True, timeout=300, env=_env(),
+    )
+    assert serve.returncode == 0, serve.stderr
+    assert sheepdog.get_results(request_id, dbfile, block=False) == [(-1, 1), (-2, 2)]
+    assert f"request {request_id} is finished" in serve.stdout, serve.stdout
+    # Without the deletion, the queued array tasks start after serve has gone and wait.
+    _wait_until(lambda: not _listed(head, job_id), f"job {job_id} is deleted", 20)

@@ -523,21 +523,29 @@ def served(storage: Storage, request_id: int) -> bool | None:
     return server_answers(str(url))
 
 
+def own_server(storage: Storage, request_id: int) -> Server | None:
+    """This process's running server for the request's latest job, if it has one."""
+    jobs = storage.get_jobs(request_id)
+    port = jobs[-1]["info"].get("port") if jobs else None
+    with _servers_lock:
+        servers = list(_servers_by_db.values())
+    return next((s for s in servers if s.alive and s.port == port), None)
+
+
 #: Requests that map_async submitted from this process, to warn about at exit.
 _async_requests: list[tuple[str, int]] = []
 
 
 def _warn_unserved_at_exit() -> None:
     """At exit, say which map_async requests lose their only server with this process."""
-    mine = {server.port for server in _servers_by_db.values() if server.alive}
     for dbfile, request_id in _async_requests:
         try:
             with Storage(dbfile) as storage:
                 n_open = len(storage.open_task_indices(request_id))
-                jobs = storage.get_jobs(request_id)
+                mine = own_server(storage, request_id) is not None
         except SheepdogError:
             continue
-        if not n_open or not jobs or jobs[-1]["info"].get("port") not in mine:
+        if not n_open or not mine:
             continue
         print(
             f"sheepdog: request {request_id} still has {n_open} open tasks, and this process "

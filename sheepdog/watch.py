@@ -358,8 +358,8 @@ def wait_for_request(
 
 
 def _passive_watcher(storage: Storage, request_id: int) -> Watcher | None:
-    """A watcher for a request this process does not serve, from its stored config."""
-    from ._api import open_deployer, stored_config
+    """A watcher for a request from its stored config: active if this process serves it."""
+    from ._api import open_deployer, own_server, stored_config
 
     if not storage.open_task_indices(request_id):
         return None
@@ -367,4 +367,8 @@ def _passive_watcher(storage: Storage, request_id: int) -> Watcher | None:
     if config is None:
         logger.info("request %d has no stored config: its jobs are not watched", request_id)
         return None
-    return Watcher(config, request_id, open_deployer(config), passive=True)
+    # map_async then get_results(block=True) in one process: that process is the server
+    # and the only one to act, at once, as map would.
+    server = own_server(storage, request_id)
+    return Watcher(config, request_id, open_deployer(config), server=server,
+                   passive=server is None)

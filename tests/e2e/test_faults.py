@@ -246,6 +246,10 @@ def test_ctrl_c_cancels_the_jobs(config: dict[str, Any], tmp_path: Path) -> None
             print(f"the interrupted map had to be killed; it printed: {leftover}")
     assert proc.returncode != 0
     assert "KeyboardInterrupt" in err
+    # One line says what was cancelled and which job was deleted (issue 18).
+    said = [line for line in err.splitlines() if line.startswith("sheepdog: interrupted:")]
+    assert len(said) == 1, err
+    assert "cancelled 4 open tasks; deleted Grid Engine job" in said[0], said
     request_id = _last_request(config)
     with sheepdog.Storage(config["dbfile"]) as storage:
         counts = storage.task_counts(request_id)

@@ -201,6 +201,22 @@ def test_status_wait_in_another_process_ends_when_the_jobs_died(
     assert len(_job_ids(dbfile, request_id)) == 2  # the other process resubmitted once
 
 
+def test_get_results_after_map_async_in_one_process_resubmits_dead_jobs(
+    config: dict[str, Any], head: Deployer
+) -> None:
+    cfg = dict(config, workers=1)
+    request_id = sheepdog.map_async(sleepy_for, [3, 3], cfg)
+    dbfile = cfg["dbfile"]
+    _wait_until(lambda: _counts(dbfile, request_id).get("leased", 0) > 0, "a task is leased",
+                180)
+    (job_id,) = _job_ids(dbfile, request_id)
+    head.run(f"qdel {job_id}")
+    # This process serves the request, so its wait acts at once, as map's would.
+    results = sheepdog.get_results(request_id, dbfile, block=True, timeout_s=150)
+    assert results == [(3, 3), (3, 3)]
+    assert len(_job_ids(dbfile, request_id)) == 2
+
+
 # --- 5. nothing left behind ----------------------------------------------------------------
 
 

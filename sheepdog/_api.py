@@ -233,7 +233,9 @@ def _start(
             try:
                 submit_request(storage, cfg, request_id, dep, n_workers=n_workers)
             except BaseException as exc:
-                _submission_failed(storage, dep, request_id, exc)
+                line = _submission_failed(storage, dep, request_id, exc)
+                if isinstance(exc, KeyboardInterrupt):
+                    raise KeyboardInterrupt(line) from None
                 raise
         return request_id, cfg
     finally:
@@ -248,7 +250,7 @@ def _why(exc: BaseException) -> str:
 
 def _submission_failed(
     storage: Storage, deployer: Deployer, request_id: int, exc: BaseException
-) -> None:
+) -> str:
     """Fail the tasks of a request whose submission failed, after deleting any job it made.
 
     An interruption (Ctrl-C) or a dropped connection can come after qsub went through
@@ -275,9 +277,10 @@ def _submission_failed(
     storage.fail_tasks(
         request_id, storage.open_task_indices(request_id), "submit", message
     )
+    line = f"request {request_id}: {message}"
     if interrupted:
-        print(f"sheepdog: interrupted: request {request_id}: {message}", file=sys.stderr,
-              flush=True)
+        print(f"sheepdog: interrupted: {line}", file=sys.stderr, flush=True)
+    return line
 
 
 def map(  # noqa: A001 - the original's name, kept on purpose
@@ -312,7 +315,9 @@ def map(  # noqa: A001 - the original's name, kept on purpose
             wait_for_request(cfg.dbfile, request_id, verbose=verbose, timeout_s=bound,
                              watcher=watcher)
         except KeyboardInterrupt:
-            line = _stop_on_interrupt(deployer, cfg, request_id, "cancelled by Ctrl-C")
+            line = f"request {request_id}: " + _stop_on_interrupt(
+                deployer, cfg, request_id, "cancelled by Ctrl-C"
+            )
             print(f"sheepdog: interrupted: {line}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt(line) from None
         except SheepdogTimeoutError:
@@ -430,12 +435,13 @@ class Cancellation:
     n_tasks: int
     jobs: Deletion = field(default_factory=lambda: Deletion([], None))
 
+    def what(self) -> str:
+        """What was cancelled and deleted, without naming the request."""
+        return f"cancelled {self.n_tasks} open tasks; {self.jobs.describe()}"
+
     def describe(self) -> str:
-        """One line: what was cancelled and what was deleted."""
-        return (
-            f"request {self.request_id}: cancelled {self.n_tasks} open tasks; "
-            f"{self.jobs.describe()}"
-        )
+        """One line: the request, what was cancelled and what was deleted."""
+        return f"request {self.request_id}: {self.what()}"
 
 
 def cancel_request(request_id: int, config: ConfigLike) -> Cancellation:
@@ -458,14 +464,14 @@ def _count_open(dbfile: str, request_id: int) -> int:
 
 
 def _stop_on_interrupt(deployer: Deployer, cfg: Config, request_id: int, reason: str) -> str:
-    """Cancel the request unless ``keep_jobs_on_interrupt``; one line saying the state."""
+    """Cancel the request unless ``keep_jobs_on_interrupt``; say the state it is left in."""
     if not cfg.keep_jobs_on_interrupt:
-        return _cancel_with(deployer, cfg.dbfile, request_id, reason).describe()
+        return _cancel_with(deployer, cfg.dbfile, request_id, reason).what()
     with Storage(cfg.dbfile) as storage:
         job_ids = [str(job["job_id"]) for job in storage.get_jobs(request_id)]
     n_open = _count_open(cfg.dbfile, request_id)
     return (
-        f"request {request_id}: {n_open} tasks are still open and Grid Engine job "
+        f"{n_open} tasks are still open and Grid Engine job "
         f"{', '.join(job_ids) or '(none recorded)'} is left running (keep_jobs_on_interrupt); "
         f"nothing serves it once this process exits: run `sheepdog serve --dbfile "
         f"{shlex.quote(cfg.dbfile)}` or cancel it with `sheepdog cancel {request_id} "

@@ -48,6 +48,27 @@ def _listed(deployer: Deployer, job_id: str) -> bool:
     return any(line.split()[:1] == [job_id] for line in listing.splitlines())
 
 
+def _wait_deleted(deployer: Deployer, job_id: str, timeout_s: float) -> None:
+    """Wait until the job has left qstat or is being deleted (a ``d`` state).
+
+    An array task that qdel caught while starting can stay ``dr``/``dt`` until its
+    execd reports; Grid Engine has accepted the deletion by then.
+    """
+    listing = ""
+
+    def deleted() -> bool:
+        nonlocal listing
+        listing = deployer.run('qstat -u "$(id -un)"').stdout
+        rows = [line.split() for line in listing.splitlines()]
+        states = [row[4] for row in rows if row[:1] == [job_id] and len(row) > 4]
+        return all("d" in state for state in states)
+
+    deadline = time.monotonic() + timeout_s
+    while not deleted():
+        assert time.monotonic() < deadline, f"job {job_id} still runs:\n{listing}"
+        time.sleep(0.5)
+
+
 def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -262,7 +283,7 @@ def test_ctrl_c_between_qsub_and_its_answer_leaves_no_job(
     errors = sheepdog.get_errors(1, config["dbfile"])
     assert len(errors) == 3
     assert all(job_id in error.message and "interrupted" in error.message for _, error in errors)
-    _wait_until(lambda: not _listed(head, job_id), f"job {job_id} is deleted", 60)
+    _wait_deleted(head, job_id, 60)
 
 
 def test_cancel_finds_a_job_whose_id_was_never_recorded(
@@ -279,7 +300,7 @@ def test_cancel_finds_a_job_whose_id_was_never_recorded(
                      "--dbfile", dbfile]) == 0
     out = capsys.readouterr().out
     assert f"deleted Grid Engine job {job_id}" in out, out
-    _wait_until(lambda: not _listed(head, job_id), f"job {job_id} is deleted", 60)
+    _wait_deleted(head, job_id, 60)
 
 
 def test_map_timeout_deletes_the_jobs_and_says_so(
@@ -293,7 +314,7 @@ def test_map_timeout_deletes_the_jobs_and_says_so(
     assert "0 of 2 tasks finished within 20 s" in message
     assert "cancelled 2 open tasks" in message and f"deleted Grid Engine job {job_id}" in message
     assert _counts(config["dbfile"], request_id).get("cancelled", 0) == 2
-    _wait_until(lambda: not _listed(head, job_id), f"job {job_id} is deleted", 60)
+    _wait_deleted(head, job_id, 60)
 
 
 def test_map_async_then_exit_warns_and_serve_cleans_up(
@@ -334,4 +355,4 @@ def test_map_async_then_exit_warns_and_serve_cleans_up(
     assert sheepdog.get_results(request_id, dbfile, block=False) == [(-1, 1), (-2, 2)]
     assert f"request {request_id} is finished" in serve.stdout, serve.stdout
     # Without the deletion, the queued array tasks start after serve has gone and wait.
-    _wait_until(lambda: not _listed(head, job_id), f"job {job_id} is deleted", 20)
+    _wait_deleted(head, job_id, 20)

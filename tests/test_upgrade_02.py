@@ -32,7 +32,7 @@ from sheepdog.errors import (
     UnknownRequestError,
     UnknownTaskError,
 )
-from sheepdog.storage import Storage
+from sheepdog.storage import SCHEMA_VERSION, Storage
 
 MIGRATED = "was a Sheepdog 0.2.3 database"
 
@@ -72,7 +72,7 @@ def migrate(path: Path) -> Storage:
 def test_a_023_database_is_migrated_in_place_with_a_backup_beside_it(old_db: Path) -> None:
     before = dump(old_db)
     with migrate(old_db) as storage:
-        assert storage.schema_version() == 1
+        assert storage.schema_version() == SCHEMA_VERSION
         listed = storage.list_requests()
     assert [r["id"] for r in listed] == sorted(EXPECTED)
     assert {r["label"] for r in listed} == {"Sheepdog 0.2.3"}

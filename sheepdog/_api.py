@@ -211,6 +211,7 @@ def _start(
     config: ConfigLike,
     ns: Mapping[str, Any] | None,
     deployer: Deployer | None = None,
+    say: Callable[[str], None] = lambda message: None,
 ) -> tuple[int, Config]:
     cfg = as_config(config)
     if not callable(f):
@@ -231,7 +232,10 @@ def _start(
                 return request_id, cfg
             n_workers = array_size(cfg, len(arg_list))
             try:
-                submit_request(storage, cfg, request_id, dep, n_workers=n_workers)
+                say(f"connecting to {cfg.ssh_user}@{cfg.host}:{cfg.ssh_port}")
+                job_id = submit_request(storage, cfg, request_id, dep, n_workers=n_workers)
+                say(f"submitted job {job_id} for request {request_id} ({len(arg_list)} "
+                    "tasks); waiting for workers")
             except BaseException as exc:
                 line = _submission_failed(storage, dep, request_id, exc)
                 if isinstance(exc, KeyboardInterrupt):
@@ -283,6 +287,15 @@ def _submission_failed(
     return line
 
 
+def _say(message: str) -> None:
+    """Tell a person watching a blocking map what is happening (stderr, as the bar)."""
+    print(f"sheepdog: {message}", file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    logger.info("%s", message)
+
+
 def map(  # noqa: A001 - the original's name, kept on purpose
     f: Callable[..., Any],
     args: Iterable[Any],
@@ -306,7 +319,7 @@ def map(  # noqa: A001 - the original's name, kept on purpose
     arg_list = list(args)
     deployer = open_deployer(cfg)
     try:
-        request_id, cfg = _start(f, arg_list, cfg, ns, deployer)
+        request_id, cfg = _start(f, arg_list, cfg, ns, deployer, say=_say if verbose else _quiet)
         if not arg_list:
             return []
         bound = timeout_s if timeout_s is not None else cfg.timeout_s
@@ -344,12 +357,30 @@ def map(  # noqa: A001 - the original's name, kept on purpose
             [err for _, err in failed],
         )
     if failed and verbose:
-        print(
-            f"sheepdog: {len(failed)} of {len(arg_list)} tasks failed; "
-            f"see sheepdog.get_errors({request_id}, {cfg.dbfile!r})",
-            flush=True,
-        )
+        print(failure_summary(failed, len(arg_list), request_id, cfg.dbfile), flush=True)
     return [result for _, result in results]
+
+
+#: Width that map's printed summary keeps to (a terminal's 80 columns, less one).
+SUMMARY_COLUMNS = 79
+
+
+def failure_summary(
+    failed: list[tuple[Any, RemoteError]], n_tasks: int, request_id: int, dbfile: str
+) -> str:
+    """What map prints when tasks failed: how many, the first one's error, where to look."""
+    errors = [error for _, error in failed]
+    n_cancelled = sum(1 for error in errors if error.kind == "cancelled")
+    n_failed = len(errors) - n_cancelled
+    parts = [f"{n_failed} of {n_tasks} tasks failed"] if n_failed else []
+    if n_cancelled:
+        were = "was" if n_cancelled == 1 else "were"
+        parts.append(f"{n_cancelled}{'' if n_failed else f' of {n_tasks} tasks'} {were} cancelled")
+    first = next((e for e in errors if e.kind != "cancelled"), errors[0])
+    head = f"sheepdog: {' and '.join(parts)}; task {first.task_index}: {first.summary}"
+    if len(head) > SUMMARY_COLUMNS:
+        head = head[: SUMMARY_COLUMNS - 3] + "..."
+    return f"{head}\nsheepdog: see sheepdog.get_errors({request_id}, {dbfile!r})"
 
 
 def get_results(
@@ -365,9 +396,9 @@ def get_results(
     Where a task failed or has no result yet, its result is ``None``. The wait
     is bounded by ``timeout_s`` (None: until every task is finished).
     """
-    if block:
-        wait_for_request(dbfile, request_id, verbose=verbose, timeout_s=timeout_s)
-    with Storage(dbfile) as storage:
+    with Storage(dbfile, create=False) as storage:  # a read never creates a database
+        if block:
+            wait_for_request(dbfile, request_id, verbose=verbose, timeout_s=timeout_s)
         rows = storage.get_tasks_with_results(request_id)
     return [
         (
@@ -380,7 +411,7 @@ def get_results(
 
 def get_errors(request_id: int, dbfile: str = "./sheepdog.sqlite") -> list[tuple[Any, RemoteError]]:
     """Fetch ``[(arg, error)]`` for every failed task; each error holds the remote traceback."""
-    with Storage(dbfile) as storage:
+    with Storage(dbfile, create=False) as storage:
         rows = storage.get_task_errors(request_id)
     return [
         (
@@ -399,7 +430,7 @@ def get_output(
     Each is cut to the request's ``capture_bytes``; both are empty for a task
     that has not finished.
     """
-    with Storage(dbfile) as storage:
+    with Storage(dbfile, create=False) as storage:
         task = storage.get_task(request_id, index)
     return task.get("stdout") or "", task.get("stderr") or ""
 

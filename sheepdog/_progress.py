@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import IO, Any
 
-__all__ = ["Progress", "format_counts"]
+__all__ = ["TASK_STATE_WORDS", "Progress", "format_counts", "request_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,16 +25,44 @@ logger = logging.getLogger(__name__)
 LOG_EVERY_S = 10.0
 
 
-def _failed(counts: Mapping[str, int]) -> int:
-    return counts.get("error", 0) + counts.get("cancelled", 0)
+#: The one word for each stored task state that every display uses (status, requests,
+#: results, the bar and map's summary): a leased task is "running", an error "failed".
+TASK_STATE_WORDS = {
+    "pending": "pending",
+    "leased": "running",
+    "done": "done",
+    "error": "failed",
+    "cancelled": "cancelled",
+}
+
+
+def _finished(counts: Mapping[str, int]) -> int:
+    return counts.get("done", 0) + counts.get("error", 0) + counts.get("cancelled", 0)
+
+
+def _cancelled(counts: Mapping[str, int]) -> str:
+    n = counts.get("cancelled", 0)
+    return f", {n} cancelled" if n else ""
 
 
 def format_counts(counts: Mapping[str, int], total: int) -> str:
-    """One line such as ``40/100 done, 2 failed, 8 running, 50 pending``."""
+    """One line such as ``40/100 done, 2 failed, 8 running, 50 pending``.
+
+    Cancelled tasks are counted apart from failed ones, and named only when there are some.
+    """
     return (
-        f"{counts.get('done', 0)}/{total} done, {_failed(counts)} failed, "
-        f"{counts.get('leased', 0)} running, {counts.get('pending', 0)} pending"
+        f"{counts.get('done', 0)}/{total} done, {counts.get('error', 0)} failed"
+        f"{_cancelled(counts)}, {counts.get('leased', 0)} running, "
+        f"{counts.get('pending', 0)} pending"
     )
+
+
+def request_state(stored: str, counts: Mapping[str, int]) -> str:
+    """A request's state in the displays' words: ``running``, ``finished`` or ``cancelled``."""
+    if stored != "open":
+        return stored
+    open_tasks = counts.get("pending", 0) + counts.get("leased", 0)
+    return "running" if open_tasks else "finished"
 
 
 def _duration(seconds: float) -> str:
@@ -72,9 +100,13 @@ class Progress:
         if verbose and self.tty:
             from tqdm import tqdm  # type: ignore[import-untyped]  # only a terminal needs it
 
+            # One space less than tqdm's default after the rate, so that at 80 columns the
+            # bar keeps some width and the text is never cut.
             self._bar = tqdm(
                 total=total, desc=label, unit="task", file=self.stream, dynamic_ncols=True,
                 smoothing=0.1, leave=True,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
+                "{rate_fmt}{postfix}]",
             )
 
     def __enter__(self) -> Progress:
@@ -90,13 +122,14 @@ class Progress:
 
     def update(self, counts: Mapping[str, int]) -> None:
         """Show the new counts (nothing happens when they did not change)."""
-        done, failed, running = counts.get("done", 0), _failed(counts), counts.get("leased", 0)
+        done, running = counts.get("done", 0), counts.get("leased", 0)
+        failed = _finished(counts) - done
         if self._bar is not None:
             if (done, failed, running) != self._last:
                 if self._last is None:
                     # tqdm's rate and ETA must count only what finishes from now on.
                     self._bar.n = self._bar.last_print_n = self._bar.initial = done + failed
-                self._bar.set_postfix_str(f"{failed} failed, {running} running", refresh=False)
+                self._bar.set_postfix_str(self._postfix(counts), refresh=False)
                 if done + failed > self._bar.n:
                     self._bar.update(done + failed - self._bar.n)
                 else:
@@ -109,9 +142,21 @@ class Progress:
                 self._line(counts, now)
         self._last = (done, failed, running)
 
+    @staticmethod
+    def _postfix(counts: Mapping[str, int]) -> str:
+        """What the bar adds after the rate: failed, cancelled and running tasks, kept short."""
+        if not _finished(counts) and not counts.get("leased", 0):
+            return "waiting for workers"
+        failed = counts.get("error", 0)
+        return (
+            (f"{failed} failed, " if failed else "")
+            + (f"{counts['cancelled']} cancelled, " if counts.get("cancelled") else "")
+            + f"{counts.get('leased', 0)} running"
+        )
+
     def _line(self, counts: Mapping[str, int], now: float) -> None:
         elapsed = now - self.start
-        finished = counts.get("done", 0) + _failed(counts)
+        finished = _finished(counts)
         line = f"{self.label}: {format_counts(counts, self.total)}"
         if self._initial is None:
             self._initial = finished

@@ -1,9 +1,11 @@
 """The ``sheepdog`` command: look at requests, fetch results, cancel, restart the server.
 
 ``sheepdog --help`` lists the commands and ``sheepdog COMMAND --help`` explains
-one. Every command that reads a database takes ``--dbfile`` (default
-``./sheepdog.sqlite``, as the library). Errors are one line on stderr with exit
-status 1; a wrong command line exits with status 2.
+one. Every command that reads a database takes ``--dbfile`` (default: the
+``SHEEPDOG_DBFILE`` environment variable, else ``./sheepdog.sqlite`` as the
+library). Errors are one line on stderr with exit status 1; a wrong command
+line exits with status 2. Output fits 80 columns; a closed pipe (``| head``)
+ends a command quietly, as Unix tools do.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,11 +39,11 @@ from ._api import (
     served,
     stored_config,
 )
-from ._progress import format_counts
+from ._progress import TASK_STATE_WORDS, format_counts, request_state
 from .config import Config, as_config
-from .errors import SheepdogError
+from .errors import RemoteError, SheepdogError
 from .job_file import job_file, key_file_name, stub_source
-from .storage import OPEN_STATES, Storage
+from .storage import Storage
 from .watch import wait_for_request
 
 __all__ = ["main"]
@@ -48,6 +51,10 @@ __all__ = ["main"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_DBFILE = "./sheepdog.sqlite"
+#: Environment variable naming the database, so that --dbfile need not be repeated.
+DBFILE_ENV = "SHEEPDOG_DBFILE"
+#: Output is kept to this many columns where it is a table or a summary.
+COLUMNS = 80
 #: Names the key file in a job file that ``sheepdog jobfile`` renders: never a real secret.
 PLACEHOLDER_SECRET = "0" * 64
 
@@ -58,13 +65,30 @@ class CliError(Exception):
 
 def _open_db(dbfile: str) -> Storage:
     if not os.path.isfile(dbfile):
-        raise CliError(f"no sheepdog database at {dbfile}; pass --dbfile PATH")
-    return Storage(dbfile)
+        raise CliError(
+            f"no sheepdog database at {dbfile}: the file does not exist; "
+            f"pass --dbfile PATH or set {DBFILE_ENV}"
+        )
+    return Storage(dbfile, create=False)
 
 
-def _value_text(value: Any) -> str:
+def _value_text(value: Any, width: int = 200) -> str:
     text = repr(value)
-    return text if len(text) <= 200 else text[:197] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _fold(text: str) -> str:
+    """Fold lines wider than the terminal (remote tracebacks), indenting the rest of each."""
+    if not sys.stdout.isatty():
+        return text
+    width = shutil.get_terminal_size((COLUMNS, 24)).columns
+    out = []
+    for line in text.splitlines():
+        while len(line) > width:
+            out.append(line[:width])
+            line = "    " + line[width:]
+        out.append(line)
+    return "\n".join(out)
 
 
 def _jsonable(value: Any) -> Any:
@@ -77,6 +101,10 @@ def _jsonable(value: Any) -> Any:
 
 def _ago(created: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
+
+
+def _short_time(created: float) -> str:
+    return time.strftime("%m-%d %H:%M", time.localtime(created))
 
 
 # --- commands -----------------------------------------------------------------------
@@ -100,18 +128,18 @@ def cmd_requests(args: argparse.Namespace) -> int:
             print(f"no requests in {args.dbfile}")
             return 0
         notes = []
-        print(f"{'ID':>5}  {'CREATED':19}  {'STATE':9}  {'TASKS':>6}  {'DONE':>6}  "
-              f"{'FAILED':>6}  {'RUNNING':>7}  {'PENDING':>7}  LABEL")
+        # 73 columns before the label, which is cut to fit 80.
+        print(f"{'ID':>4} {'CREATED':11} {'STATE':9} {'TASKS':>6} {'DONE':>6} "
+              f"{'FAILED':>6} {'CANCELLED':>9} {'RUNNING':>7} {'PENDING':>7}  LABEL")
         for row in rows:
             c = storage.task_counts(row["id"])
-            state = row["state"]
-            if state == "open":
-                state = "running" if any(c[s] for s in OPEN_STATES) else "finished"
-            print(
-                f"{row['id']:>5}  {_ago(row['created']):19}  {state:9}  {row['n_tasks']:>6}  "
-                f"{c['done']:>6}  {c['error'] + c['cancelled']:>6}  {c['leased']:>7}  "
-                f"{c['pending']:>7}  {row['label'] or ''}"
+            line = (
+                f"{row['id']:>4} {_short_time(row['created']):11} "
+                f"{request_state(row['state'], c):9} {row['n_tasks']:>6} {c['done']:>6} "
+                f"{c['error']:>6} {c['cancelled']:>9} {c['leased']:>7} {c['pending']:>7}"
             )
+            label = row["label"] or ""
+            print(f"{line}  {label[: max(0, COLUMNS - len(line) - 2)]}".rstrip())
             if row["state"] == "open":
                 note = _unserved_note(storage, row["id"], args.dbfile)
                 if note is not None:
@@ -128,7 +156,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     with _open_db(args.dbfile) as storage:
         counts = storage.task_counts(args.id)
         total = storage.count_tasks(args.id)
-        state = storage.get_request_state(args.id)
+        state = request_state(storage.get_request_state(args.id), counts)
         jobs = storage.get_jobs(args.id)
         note = _unserved_note(storage, args.id, args.dbfile) if state == "open" else None
     print(f"request {args.id}: {state}, {format_counts(counts, total)}")
@@ -147,7 +175,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     if args.wait:
         wait_for_request(args.dbfile, args.id, verbose=True, timeout_s=args.timeout)
     with _open_db(args.dbfile) as storage:
-        storage.count_tasks(args.id)  # an unknown id fails here, clearly
+        states = storage.task_states(args.id)  # an unknown id fails here, clearly
     results = get_results(args.id, args.dbfile, block=False)
     if args.json:
         data = [
@@ -156,9 +184,27 @@ def cmd_results(args: argparse.Namespace) -> int:
         ]
         json.dump(data, sys.stdout, indent=1)
         print()
-    else:
-        for i, (arg, result) in enumerate(results, start=1):
-            print(f"{i}\t{_value_text(arg)}\t{_value_text(result)}")
+        return 0
+    errors: dict[int, RemoteError] = {
+        error.task_index or 0: error for _, error in get_errors(args.id, args.dbfile)
+    }
+    arg_texts = [_value_text(arg, 30) for arg, _ in results]
+    args_width = max([len("ARGS"), *map(len, arg_texts)])
+    task_width = max(4, len(str(len(results))))
+    print(f"{'TASK':>{task_width}}  {'STATE':9}  {'ARGS':{args_width}}  RESULT")
+    for i, ((_, result), state) in enumerate(zip(results, states), start=1):
+        word = TASK_STATE_WORDS.get(state, state)
+        head = f"{i:>{task_width}}  {word:9}  {arg_texts[i - 1]:{args_width}}  "
+        room = max(10, COLUMNS - 1 - len(head))
+        # Only a done task has a result; None there is a real None, not a gap.
+        if state == "done":
+            text = _value_text(result, room)
+        elif i in errors:
+            text = errors[i].summary
+            text = text if len(text) <= room else text[: room - 3] + "..."
+        else:
+            text = "-"
+        print(head + text)
     return 0
 
 
@@ -169,8 +215,8 @@ def cmd_errors(args: argparse.Namespace) -> int:
     if not errors:
         print(f"request {args.id}: no errors")
     for arg, error in errors:
-        print(f"--- task {error.task_index} ({error.kind}), args {_value_text(arg)}")
-        print(str(error))
+        print(_fold(f"--- task {error.task_index} ({error.kind}), args {_value_text(arg, 40)}"))
+        print(_fold(str(error)))
     return 0
 
 
@@ -379,8 +425,21 @@ def cmd_jobfile(args: argparse.Namespace) -> int:
 def _add_dbfile(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dbfile", default=None,
-        help=f"the sheepdog database (default {DEFAULT_DBFILE})",
+        help=f"the sheepdog database (default: ${DBFILE_ENV}, else {DEFAULT_DBFILE})",
     )
+
+
+def _command(
+    sub: Any, name: str, summary: str, description: str, examples: Sequence[str]
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help has a description and examples (argparse shows neither)."""
+    example_text = "\n".join(f"  {line}" for line in examples)
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=summary, description=description,
+        epilog=f"example{'s' if len(examples) > 1 else ''}:\n{example_text}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -389,12 +448,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sheepdog",
         description="Look at sheepdog requests, fetch their results, cancel them, restart "
         "the server for pending work.",
+        epilog=f"Commands that read a database take --dbfile, or ${DBFILE_ENV}; "
+        "`sheepdog COMMAND --help` explains one command.",
     )
     parser.add_argument("--version", action="version", version=f"sheepdog {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("requests", help="list requests with their task counts and states")
+    p = _command(
+        sub, "requests", "list requests with their task counts and states",
+        "List every request in the database: when it was made, its state (running,\n"
+        "finished or cancelled) and how many of its tasks are done, failed,\n"
+        "cancelled, running and pending.",
+        ["sheepdog requests", "SHEEPDOG_DBFILE=~/runs/sheepdog.sqlite sheepdog requests"],
+    )
     _add_dbfile(p)
     p.set_defaults(run=cmd_requests)
 
@@ -404,13 +471,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                        help="with --wait, give up after this long")
 
-    p = sub.add_parser("status", help="one request's task counts and Grid Engine jobs")
+    p = _command(
+        sub, "status", "one request's task counts and Grid Engine jobs",
+        "Show one request's state and task counts, and the Grid Engine jobs that\n"
+        "were submitted for it.",
+        ["sheepdog status 2", "sheepdog status 2 --wait --timeout 600"],
+    )
     p.add_argument("id", type=int, help="the request id")
     _add_dbfile(p)
     waiting(p)
     p.set_defaults(run=cmd_status)
 
-    p = sub.add_parser("results", help="a request's arguments and results, one task per line")
+    p = _command(
+        sub, "results", "a request's arguments and results, one task per line",
+        "Print a table of the request's tasks: task number (from 1), state,\n"
+        "arguments and result. Only a done task has a result (None is a real None);\n"
+        "a failed task shows its error, a pending or running one '-'.",
+        ["sheepdog results 1", "sheepdog results 1 --json > results.json",
+         "sheepdog results 1 | head"],
+    )
     p.add_argument("id", type=int, help="the request id")
     p.add_argument("--json", action="store_true",
                    help="print JSON: [{index, args, result}]; values JSON cannot hold become "
@@ -419,12 +498,22 @@ def build_parser() -> argparse.ArgumentParser:
     waiting(p)
     p.set_defaults(run=cmd_results)
 
-    p = sub.add_parser("errors", help="a request's failed tasks with their remote tracebacks")
+    p = _command(
+        sub, "errors", "a request's failed tasks with their remote tracebacks",
+        "Print every failed or cancelled task of a request: its number, its\n"
+        "arguments, the exception and the traceback from the worker.",
+        ["sheepdog errors 1"],
+    )
     p.add_argument("id", type=int, help="the request id")
     _add_dbfile(p)
     p.set_defaults(run=cmd_errors)
 
-    p = sub.add_parser("logs", help="the captured stdout and stderr of one task")
+    p = _command(
+        sub, "logs", "the captured stdout and stderr of one task",
+        "Print what one task wrote to stdout and stderr on its worker (each cut to\n"
+        "the config's capture_bytes).",
+        ["sheepdog logs 1 2", "sheepdog logs 1 2 --stream stderr"],
+    )
     p.add_argument("id", type=int, help="the request id")
     p.add_argument("index", type=int, help="the task index, from 1")
     p.add_argument("--stream", choices=("both", "stdout", "stderr"), default="both",
@@ -432,17 +521,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dbfile(p)
     p.set_defaults(run=cmd_logs)
 
-    p = sub.add_parser("cancel", help="qdel a request's jobs and cancel its open tasks")
+    p = _command(
+        sub, "cancel", "qdel a request's jobs and cancel its open tasks",
+        "Cancel a request: its pending and running tasks become cancelled and its\n"
+        "Grid Engine jobs are deleted with qdel on the head node, over SSH.",
+        ["sheepdog cancel 2 --config cluster.json"],
+    )
     p.add_argument("id", type=int, help="the request id")
     p.add_argument("--config", required=True, metavar="FILE",
-                   help="JSON config file naming the head node (as `ci/cluster up` writes)")
+                   help="JSON config file naming the head node (the keys of a sheepdog config)")
     _add_dbfile(p)
     p.set_defaults(run=cmd_cancel)
 
-    p = sub.add_parser(
-        "serve", help="restart the server for requests with open tasks",
-        description="Restart the server for requests with open tasks, on the port their job "
+    p = _command(
+        sub, "serve", "restart the server for requests with open tasks",
+        "Restart the server for requests with open tasks, on the port their job\n"
         "files call back to, until they are finished.",
+        ["sheepdog serve", "sheepdog serve --detach",
+         "sheepdog serve --request 2 --timeout 3600"],
     )
     _add_dbfile(p)
     p.add_argument("--port", type=int, default=None,
@@ -458,11 +554,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this long even if tasks are open (exit status 1)")
     p.set_defaults(run=cmd_serve)
 
-    p = sub.add_parser("worker-stub", help="print the worker stub that goes into job files")
+    p = _command(
+        sub, "worker-stub", "print the worker stub that goes into job files",
+        "Print the worker stub: the standard-library-only Python program that every\n"
+        "job file carries and that each array task runs. It is the same file\n"
+        "whatever the request; nothing is read or submitted.",
+        ["sheepdog worker-stub > sheepdog_worker.py"],
+    )
     p.set_defaults(run=cmd_worker_stub, dbfile=None)
 
-    p = sub.add_parser(
-        "jobfile", help="render the job file for a function and arguments, without submitting",
+    p = _command(
+        sub, "jobfile", "render the job file for a function and arguments, without submitting",
+        "Import module:function (from the current directory first), check that it and\n"
+        "the JSON arguments can be sent, and print the job file sheepdog would submit,\n"
+        "with a placeholder secret and request id. Nothing is submitted.",
+        ["sheepdog jobfile mymodule:simulate --args '[1, 2, 3]' --config cluster.json"],
     )
     p.add_argument("function", help="the function as module:function (imported from here)")
     p.add_argument("--args", default="[]", metavar="JSON",
@@ -479,17 +585,31 @@ def _fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
+def _closed_pipe() -> int:
+    """The reader went away (``| head``): stop quietly, as Unix tools do."""
+    # Python would complain again when it flushes stdout at exit; point it at /dev/null.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``sheepdog`` command; return its exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.dbfile is None and args.run not in (cmd_worker_stub, cmd_jobfile):
+        args.dbfile = os.environ.get(DBFILE_ENV) or None
     args.dbfile_given = args.dbfile is not None
     if args.dbfile is None:
         args.dbfile = DEFAULT_DBFILE
     try:
         status: int = args.run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _closed_pipe()
     except (CliError, SheepdogError, OSError) as exc:
         # One line, but all of it: a failed remote command's stderr is the useful part.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

@@ -9,6 +9,7 @@ that ``ci/cluster up`` writes.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import getpass
 import json
 import math
@@ -125,9 +126,14 @@ class Config:
         valid = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(str(k) for k in mapping if k not in valid)
         if unknown:
+            # A typo is the usual cause: name the key meant before listing all of them.
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
             raise ConfigError(
-                f"unknown config key{'s' if len(unknown) > 1 else ''} "
-                f"{', '.join(map(repr, unknown))}; valid keys are: {', '.join(sorted(valid))}",
+                f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+                f"the valid keys are: {', '.join(sorted(valid))}",
                 key=unknown[0],
             )
         values = dict(mapping)

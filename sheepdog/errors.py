@@ -175,6 +175,12 @@ class RemoteError(SheepdogError):
         self.stdout = stdout
         self.stderr = stderr
 
+    @property
+    def summary(self) -> str:
+        """One line: the exception type and the first line of its message."""
+        first = self.message.strip().splitlines()[0] if self.message.strip() else ""
+        return f"{self.type_name}: {first}" if first else self.type_name
+
     def __str__(self) -> str:
         where = []
         if self.request_id is not None:

@@ -206,8 +206,10 @@ class Storage:
 
     ``Storage()`` opens ``./sheepdog.sqlite`` as the original did, creating and
     migrating the schema. ``init=False`` skips that for callers (the server)
-    that know the schema is current. The object may be shared between threads:
-    calls are serialised on one lock.
+    that know the schema is current. ``create=False`` is for readers: a file
+    that does not exist is a :class:`StorageError` saying so, and nothing is
+    created. The object may be shared between threads: calls are serialised on
+    one lock.
     """
 
     def __init__(
@@ -217,26 +219,38 @@ class Storage:
         init: bool = True,
         synchronous: str = "FULL",
         write_queue: bool = True,
+        create: bool = True,
     ) -> None:
         if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
         self.dbfile = str(dbfile)
         self._lock = threading.RLock()
-        if self.dbfile not in ("", ":memory:"):
-            _make_private(self.dbfile)
+        self._conn: sqlite3.Connection | None = None
+        self._queue: IO[bytes] | None = None
+        in_memory = self.dbfile in ("", ":memory:")
+        if not create and not in_memory and not Path(self.dbfile).is_file():
+            raise StorageError(
+                f"no sheepdog database at {self.dbfile}: the file does not exist; "
+                "pass the dbfile the request was made with"
+            )
+        if not in_memory:
+            _make_private(self.dbfile)  # for a reader, it exists: only its mode is narrowed
         try:
-            self._conn: sqlite3.Connection | None = sqlite3.connect(
-                self.dbfile,
+            # mode=rw: a reader never creates a file, even if it vanishes after the check.
+            uri = not create and not in_memory
+            target = f"{Path(self.dbfile).resolve().as_uri()}?mode=rw" if uri else self.dbfile
+            self._conn = sqlite3.connect(
+                target,
                 timeout=BUSY_TIMEOUT_MS / 1000,
                 isolation_level=None,
                 check_same_thread=False,
+                uri=uri,
             )
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             self._conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open the database {self.dbfile}: {exc}") from exc
-        self._queue: IO[bytes] | None = None
         if write_queue and fcntl is not None and self.dbfile != ":memory:":
             try:
                 fd = os.open(f"{self.dbfile}-writers", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
@@ -621,6 +635,15 @@ class Storage:
                 (request_id,),
             ).fetchall()
         return [(bytes(a), None if r is None else bytes(r)) for a, r in rows]
+
+    def task_states(self, request_id: int) -> list[str]:
+        """Return every task's state (``pending``, ``leased``, ``done``...), in index order."""
+        self._request_row(request_id, "id")
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT state FROM tasks WHERE request_id = ? ORDER BY idx", (request_id,)
+            ).fetchall()
+        return [str(state) for (state,) in rows]
 
     def get_task(self, request_id: int, idx: int) -> dict[str, Any]:
         """Return every column of one task as a dict (``error`` decoded)."""

@@ -333,7 +333,7 @@ def wait_for_request(
         total = storage.count_tasks(request_id)
         if watcher is None and watch:
             watcher = own = _passive_watcher(storage, request_id)
-        progress = Progress(total, verbose=verbose, label=f"sheepdog request {request_id}")
+        progress = Progress(total, verbose=verbose, label=f"request {request_id}")
         try:
             while True:
                 counts = storage.task_counts(request_id)

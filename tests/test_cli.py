@@ -69,23 +69,32 @@ def test_requests(db: tuple[str, int], capsys: pytest.CaptureFixture[str]) -> No
     dbfile, rid = db
     status, out, _ = run(capsys, "requests", "--dbfile", dbfile)
     assert status == 0
-    line = [row for row in out.splitlines() if row.split()[0] == str(rid)][0]
-    # id, date, time, state, tasks, done, failed, running, pending
-    assert line.split()[3:9] == ["running", "3", "1", "1", "0", "1"]
+    header, line = out.splitlines()
+    assert header.split() == ["ID", "CREATED", "STATE", "TASKS", "DONE", "FAILED", "CANCELLED",
+                              "RUNNING", "PENDING", "LABEL"]
+    # id, date, time, state, tasks, done, failed, cancelled, running, pending
+    assert line.split()[0] == str(rid)
+    assert line.split()[3:10] == ["running", "3", "1", "1", "0", "0", "1"]
 
 
 def test_status(db: tuple[str, int], capsys: pytest.CaptureFixture[str]) -> None:
     dbfile, rid = db
     status, out, _ = run(capsys, "status", str(rid), "--dbfile", dbfile)
     assert status == 0
-    assert out.startswith(f"request {rid}: open, 1/3 done, 1 failed, 0 running, 1 pending")
+    # The same word as `requests` uses (it said "open" here, "running" there).
+    assert out.startswith(f"request {rid}: running, 1/3 done, 1 failed, 0 running, 1 pending")
 
 
 def test_results_text_and_json(db: tuple[str, int], capsys: pytest.CaptureFixture[str]) -> None:
     dbfile, rid = db
     status, out, _ = run(capsys, "results", str(rid), "--dbfile", dbfile)
     assert status == 0
-    assert out.splitlines() == ["1\t1\t2", "2\t2\tNone", "3\t3\tNone"]
+    assert out.splitlines() == [
+        "TASK  STATE      ARGS  RESULT",
+        "   1  done       1     2",
+        "   2  failed     2     ZeroDivisionError: division by zero",
+        "   3  pending    3     -",
+    ]
     status, out, _ = run(capsys, "results", str(rid), "--json", "--dbfile", dbfile)
     assert json.loads(out) == [
         {"index": 1, "args": 1, "result": 2},
@@ -276,3 +285,126 @@ def test_serve_with_nothing_open(tmp_path: Path, capsys: pytest.CaptureFixture[s
     status, out, _ = run(capsys, "serve", "--dbfile", dbfile)
     assert status == 0
     assert "nothing to serve" in out
+
+
+def test_every_command_help_has_a_description_and_an_example() -> None:
+    for command in COMMANDS:
+        done = subprocess.run(
+            [sys.executable, "-m", "sheepdog", command, "--help"],
+            capture_output=True, text=True, timeout=WAIT_S, check=False,
+            env={**os.environ, "COLUMNS": "80"},
+        )
+        text = done.stdout
+        usage, description = text.split("\n\n")[:2]
+        assert not description.startswith(("positional", "options")), (command, text)
+        assert "example" in text and f"  sheepdog {command}" in text.split("example")[-1], text
+        assert "ci/cluster" not in text, text
+        assert max(map(len, text.splitlines())) <= 80, text
+
+
+@pytest.fixture
+def mixed(tmp_path: Path) -> tuple[str, int]:
+    """A request whose tasks returned None, failed, were cancelled and are pending."""
+    dbfile = str(tmp_path / "mixed.sqlite")
+    with Storage(dbfile) as storage:
+        rid = storage.new_request(serialise_function(double), b"", serialise_args([1, 2, 3]))
+        storage.complete(rid, [
+            {"index": 1, "ok": True, "value": serialise_value(None), "stdout": "", "stderr": ""},
+            {"index": 2, "ok": False, "stdout": "", "stderr": "",
+             "error": {"type": "ValueError", "message": "bad seed\nsecond line",
+                       "traceback": "", "host": "node1"}},
+        ])
+        storage.cancel(rid, "cancelled by the test")
+    return dbfile, rid
+
+
+def test_results_tell_a_real_none_from_failed_and_cancelled(
+    mixed: tuple[str, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    dbfile, rid = mixed
+    status, out, _ = run(capsys, "results", str(rid), "--dbfile", dbfile)
+    assert status == 0
+    assert out.splitlines() == [
+        "TASK  STATE      ARGS  RESULT",
+        "   1  done       1     None",
+        "   2  failed     2     ValueError: bad seed",
+        "   3  cancelled  3     Cancelled: cancelled by the test",
+    ]
+    status, out, _ = run(capsys, "requests", "--dbfile", dbfile)
+    assert out.splitlines()[1].split()[3:10] == ["cancelled", "3", "1", "1", "1", "0", "0"]
+    status, out, _ = run(capsys, "status", str(rid), "--dbfile", dbfile)
+    assert out.startswith(
+        f"request {rid}: cancelled, 1/3 done, 1 failed, 1 cancelled, 0 running, 0 pending"
+    )
+
+
+def test_results_fit_80_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dbfile = str(tmp_path / "wide.sqlite")
+    values = [("x" * 100, i) for i in range(12)]
+    with Storage(dbfile) as storage:
+        rid = storage.new_request(serialise_function(double), b"", serialise_args(values))
+        storage.complete(rid, [
+            {"index": 1, "ok": True, "value": serialise_value("y" * 300), "stdout": "",
+             "stderr": ""},
+            {"index": 2, "ok": False, "stdout": "", "stderr": "",
+             "error": {"type": "RuntimeError", "message": "z" * 300, "traceback": ""}},
+        ])
+    for command in ("results", "requests", "status", "errors"):
+        argv = [command] + ([] if command == "requests" else [str(rid)])
+        status, out, _ = run(capsys, *argv, "--dbfile", dbfile)
+        assert status == 0
+        if command != "errors":  # a remote message is folded only on a terminal
+            assert max(map(len, out.splitlines())) <= 80, out
+    status, out, _ = run(capsys, "results", str(rid), "--dbfile", dbfile)
+    assert "   1  done       ('xxx" in out and "  'yyy" in out and "yyy..." in out
+
+
+def test_dbfile_comes_from_the_environment(
+    db: tuple[str, int], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dbfile, rid = db
+    monkeypatch.setenv("SHEEPDOG_DBFILE", dbfile)
+    status, out, _ = run(capsys, "status", str(rid))
+    assert status == 0 and out.startswith(f"request {rid}: running")
+    # --dbfile still wins over the environment.
+    status, _, err = run(capsys, "status", str(rid), "--dbfile", dbfile + ".nope")
+    assert status == 1 and "no sheepdog database at" in err and "SHEEPDOG_DBFILE" in err
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    dbfile = str(tmp_path / "many.sqlite")
+    with Storage(dbfile) as storage:
+        rid = storage.new_request(
+            serialise_function(double), b"", serialise_args(list(range(20000)))
+        )
+    done = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m sheepdog results {rid} --dbfile {dbfile} | head -3"],
+        capture_output=True, text=True, timeout=WAIT_S, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0
+    assert len(done.stdout.splitlines()) == 3
+    assert done.stderr == "", done.stderr
+
+
+def test_reading_a_database_that_does_not_exist_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sheepdog import StorageError, get_errors, get_output, get_results
+
+    nope = tmp_path / "nope.sqlite"
+    for call in (
+        lambda: get_results(1, str(nope)),
+        lambda: get_results(1, str(nope), block=False),
+        lambda: get_errors(1, str(nope)),
+        lambda: get_output(1, 1, str(nope)),
+    ):
+        with pytest.raises(StorageError, match=r"no sheepdog database at .*nope\.sqlite: "
+                                               r"the file does not exist"):
+            call()
+    for argv in (["requests"], ["status", "1"], ["results", "1"], ["errors", "1"],
+                 ["logs", "1", "1"], ["serve"]):
+        status, _, err = run(capsys, *argv, "--dbfile", str(nope))
+        assert status == 1, argv
+        assert f"no sheepdog database at {nope}: the file does not exist" in err
+    assert list(tmp_path.iterdir()) == []

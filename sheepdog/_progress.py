@@ -100,13 +100,13 @@ class Progress:
         if verbose and self.tty:
             from tqdm import tqdm  # type: ignore[import-untyped]  # only a terminal needs it
 
-            # One space less than tqdm's default after the rate, so that at 80 columns the
-            # bar keeps some width and the text is never cut.
+            # tqdm's default without the brackets, and a short postfix: at 80 columns the
+            # text of a 10,000-task request fits without being cut, and the bar keeps room.
             self._bar = tqdm(
                 total=total, desc=label, unit="task", file=self.stream, dynamic_ncols=True,
                 smoothing=0.1, leave=True,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
-                "{rate_fmt}{postfix}]",
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {elapsed}<{remaining}, "
+                "{rate_fmt}{postfix}",
             )
 
     def __enter__(self) -> Progress:

@@ -140,3 +140,17 @@ def test_from_file_errors(tmp_path: Path) -> None:
         as_config(str(bad))
     with pytest.raises(ConfigError, match="must be a dict"):
         as_config(42)  # type: ignore[arg-type]
+
+
+def test_a_misspelt_key_says_which_key_was_meant_first() -> None:
+    with pytest.raises(ConfigError) as info:
+        as_config({"host": "fear", "ssh_prot": 2222})
+    message = str(info.value)
+    assert message.startswith(
+        "unknown config key 'ssh_prot' (did you mean 'ssh_port'?); the valid keys are: "
+    )
+    with pytest.raises(ConfigError) as info:
+        as_config({"host": "fear", "workres": 2, "qqqq": 1})
+    assert str(info.value).startswith(
+        "unknown config keys 'qqqq', 'workres' (did you mean 'workers'?); "
+    )

@@ -68,3 +68,68 @@ def test_quiet_when_not_verbose_but_still_logs(caplog: pytest.LogCaptureFixture)
         progress.close()  # twice is fine
         assert stream.getvalue() == ""
         assert len(caplog.records) == 2
+
+
+def test_cancelled_tasks_are_counted_apart_from_failed_ones() -> None:
+    counts = {"done": 3, "error": 1, "cancelled": 2, "leased": 0, "pending": 0}
+    assert format_counts(counts, 6) == "3/6 done, 1 failed, 2 cancelled, 0 running, 0 pending"
+    stream = Terminal()
+    with Progress(6, verbose=True, stream=stream, label="request 7") as progress:
+        progress.update(counts)
+    assert "1 failed, 2 cancelled, 0 running" in stream.getvalue()
+
+
+def test_the_bar_says_it_waits_for_workers_until_one_starts() -> None:
+    stream = Terminal()
+    with Progress(50, verbose=True, stream=stream, label="request 7") as progress:
+        progress.update(counts(pending=50))
+        assert "waiting for workers" in stream.getvalue().replace("\r", "\n").splitlines()[-1]
+        progress.update(counts(leased=4, pending=46))
+    assert "waiting" not in stream.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("total", "state", "bar_width"),
+    [(50, counts(30, 5, 8, 7), 12), (10000, counts(6200, 120, 100, 3580), 8),
+     (99999, counts(62000, 1200, 100, 36699), 5)],
+)
+def test_the_bar_text_fits_80_columns_with_room_for_the_bar(
+    total: int, state: dict[str, int], bar_width: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    stream = Terminal()
+    with Progress(total, verbose=True, stream=stream, label="request 123") as progress:
+        progress._bar.ncols = 80  # what dynamic_ncols reads from an 80-column terminal
+        progress._bar.dynamic_ncols = False
+        progress.update(state)
+    last = stream.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert len(last) <= 80
+    assert last.rstrip().endswith(" running"), last  # nothing cut off
+    bar = last.split("|")[1]
+    assert len(bar) >= bar_width, last
+
+
+def test_map_summary_names_the_first_error_and_counts_cancelled_apart() -> None:
+    from sheepdog._api import failure_summary
+    from sheepdog.errors import RemoteError
+
+    def error(index: int, type_name: str, message: str, kind: str = "exception") -> RemoteError:
+        return RemoteError(type_name, message, "Traceback...", request_id=4, task_index=index,
+                           kind=kind)
+
+    every = [(i, error(i, "ZeroDivisionError", "division by zero\nmore")) for i in (1, 2, 3)]
+    assert failure_summary(every, 3, 4, "./sheepdog.sqlite").splitlines() == [
+        "sheepdog: 3 of 3 tasks failed; task 1: ZeroDivisionError: division by zero",
+        "sheepdog: see sheepdog.get_errors(4, './sheepdog.sqlite')",
+    ]
+    mixed = [(1, error(1, "Cancelled", "cancelled by Ctrl-C", "cancelled")),
+             (2, error(2, "KeyError", "'x'"))]
+    assert failure_summary(mixed, 5, 4, "db").splitlines()[0] == (
+        "sheepdog: 1 of 5 tasks failed and 1 was cancelled; task 2: KeyError: 'x'"
+    )
+    cancelled = [(1, error(1, "Cancelled", "cancelled by Ctrl-C", "cancelled"))]
+    assert failure_summary(cancelled, 2, 4, "db").splitlines()[0] == (
+        "sheepdog: 1 of 2 tasks was cancelled; task 1: Cancelled: cancelled by Ctrl-C"
+    )
+    long = [(1, error(1, "ValueError", "v" * 200))]
+    assert len(failure_summary(long, 1, 4, "db").splitlines()[0]) == 79

@@ -4,6 +4,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath(".."))
+sys.path.insert(0, os.path.abspath("_ext"))
 
 project = "sheepdog"
 author = "sheepdog developers"
@@ -12,11 +13,17 @@ release = "0.3.0"
 
 extensions = [
     "sphinx.ext.autodoc",
+    "sphinx.ext.graphviz",
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
+    "config_keys",
 ]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 nitpicky = False
-html_theme = "alabaster"
+# furo's content column shows 79-column code without a scroll bar at 1280 px
+# (tests/test_docs_blocks.py keeps every example within that).
+html_theme = "furo"
+html_title = "sheepdog 0.3.0"
+graphviz_output_format = "svg"
 exclude_patterns = ["_build"]

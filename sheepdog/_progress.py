@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between two log lines when stderr is not a terminal.
 LOG_EVERY_S = 10.0
+#: The bar keeps at least this many columns; the rate is left out before it gets narrower.
+MIN_BAR_COLUMNS = 10
 
 
 #: The one word for each stored task state that every display uses (status, requests,
@@ -65,6 +67,11 @@ def request_state(stored: str, counts: Mapping[str, int]) -> str:
     return "running" if open_tasks else "finished"
 
 
+def _rate(per_s: float) -> str:
+    """A rate in at most four digits: 1480, 95.3, 2.95."""
+    return f"{per_s:.0f}" if per_s >= 100 else f"{per_s:.1f}" if per_s >= 10 else f"{per_s:.2f}"
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -100,13 +107,12 @@ class Progress:
         if verbose and self.tty:
             from tqdm import tqdm  # type: ignore[import-untyped]  # only a terminal needs it
 
-            # tqdm's default without the brackets, and a short postfix: at 80 columns the
-            # text of a 10,000-task request fits without being cut, and the bar keeps room.
+            # tqdm's default without the brackets, and our own short postfix (the rate,
+            # then the counts): at 80 columns the text is never cut and the bar keeps room.
             self._bar = tqdm(
                 total=total, desc=label, unit="task", file=self.stream, dynamic_ncols=True,
                 smoothing=0.1, leave=True,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {elapsed}<{remaining}, "
-                "{rate_fmt}{postfix}",
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {elapsed}<{remaining}{postfix}",
             )
 
     def __enter__(self) -> Progress:
@@ -129,7 +135,7 @@ class Progress:
                 if self._last is None:
                     # tqdm's rate and ETA must count only what finishes from now on.
                     self._bar.n = self._bar.last_print_n = self._bar.initial = done + failed
-                self._bar.set_postfix_str(self._postfix(counts), refresh=False)
+                self._bar.set_postfix_str(self._bar_text(counts), refresh=False)
                 if done + failed > self._bar.n:
                     self._bar.update(done + failed - self._bar.n)
                 else:
@@ -141,6 +147,28 @@ class Progress:
             if (done, failed, running) != self._last and (due or finished):
                 self._line(counts, now)
         self._last = (done, failed, running)
+
+    def _columns(self) -> int:
+        """The terminal's width as tqdm sees it."""
+        dynamic = getattr(self._bar, "dynamic_ncols", None)
+        if callable(dynamic):
+            shape = dynamic(self._bar.fp)  # (columns, rows) in newer tqdm, columns in older
+            columns = shape[0] if isinstance(shape, tuple) else shape
+            return int(columns or 80)
+        return int(self._bar.ncols or 80)
+
+    def _bar_text(self, counts: Mapping[str, int]) -> str:
+        """The rate and the counts after the bar, without the rate where it would not fit."""
+        counted = self._postfix(counts)
+        elapsed = time.monotonic() - self.start
+        finished = _finished(counts) - self._bar.initial
+        rate = f"{_rate(finished / elapsed)}task/s" if finished > 0 and elapsed > 0 else "?task/s"
+        digits = len(str(self.total))
+        # label: 100%|<bar>| N/N 00:00<00:00, rate, counts
+        fixed = len(self.label) + 7 + 2 + 2 * digits + 1 + 12 + 2 + len(rate) + 2 + len(counted)
+        if self._columns() - fixed < MIN_BAR_COLUMNS:
+            return counted
+        return f"{rate}, {counted}"
 
     @staticmethod
     def _postfix(counts: Mapping[str, int]) -> str:

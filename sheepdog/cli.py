@@ -359,8 +359,8 @@ def _detach(args: argparse.Namespace, ports: list[int]) -> int:
         proc = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
         )
-    print(f"serving on port {', '.join(map(str, ports))} in the background: pid {proc.pid}, "
-          f"log {logfile}; stop it with: kill {proc.pid}")
+    print(f"serving on port {', '.join(map(str, ports))} in the background: pid {proc.pid}")
+    print(f"log {logfile}; stop it with: kill {proc.pid}")
     return 0
 
 
@@ -412,8 +412,9 @@ def cmd_jobfile(args: argparse.Namespace) -> int:
     sys.stdout.write(text)
     print(
         f"sheepdog: {len(values)} tasks, {workers} array tasks, batch "
-        f"{batch_size(config, n, workers)}, function payload {len(payload)} bytes "
-        f"({config.mode} mode); the key file's directory and the request id are placeholders",
+        f"{batch_size(config, n, workers)}, payload {len(payload)} bytes "
+        f"({config.mode} mode)\nsheepdog: the key file's directory and the request id "
+        "are placeholders",
         file=sys.stderr,
     )
     return 0

@@ -36,10 +36,16 @@ _H_RT = re.compile(r"^(\d+|\d+:\d{1,2}:\d{1,2})$")
 
 
 def _default_user() -> str:
+    """your user name on this machine"""
     try:
         return getpass.getuser()
     except Exception:  # noqa: BLE001 - getuser raises several types when no name is known
         return "nobody"
+
+
+def _default_localhost() -> str:
+    """this machine's fully qualified domain name"""
+    return socket.getfqdn()
 
 
 @dataclasses.dataclass(frozen=True, **_KW_ONLY)
@@ -52,67 +58,112 @@ class Config:
     """
 
     # --- the original's keys -------------------------------------------------
+    #: The head node to SSH into, where ``qsub`` runs. Example: ``"fear"``.
     host: str = ""
+    #: The SSH port. Example: ``2222``.
     ssh_port: int = 22
+    #: The user to log in as.
     ssh_user: str = dataclasses.field(default_factory=_default_user)
+    #: A private key file; otherwise the ssh-agent and ``~/.ssh/id_*`` are tried.
     ssh_keyfile: str | None = None
+    #: Remote directory for job files, their key files (the request secrets) and
+    #: Grid Engine's output files; relative to the home directory. Made mode 0700.
+    #: The execution nodes must see it at the same path (a shared file system):
+    #: the workers read their key file there.
     ssh_dir: str = ".sheepdog"
+    #: The SQLite file holding requests and results.
     dbfile: str = "./sheepdog.sqlite"
+    #: The local server's port; ``None`` picks a free one.
     port: int | None = None
-    localhost: str = dataclasses.field(default_factory=socket.getfqdn)
-    #: the local address the server listens on; None: the address ``localhost`` resolves to
-    #: here. "0.0.0.0" (every interface) only when you ask for it.
+    #: The name by which execution nodes reach this machine. Example:
+    #: ``"host.docker.internal"`` for the Docker cluster.
+    localhost: str = dataclasses.field(default_factory=_default_localhost)
+    #: The address of this machine the server listens on. ``None``: the address
+    #: that ``localhost`` resolves to here, so the server listens where the
+    #: workers reach it and nowhere else. Set it when ``localhost`` does not
+    #: resolve here, or resolves to the wrong interface, e.g. the Docker host's
+    #: gateway address (``172.17.0.1``) for the Docker cluster, whose
+    #: ``host.docker.internal`` only resolves inside the containers.
+    #: ``"0.0.0.0"`` listens on every interface; only when you ask for it. A
+    #: server restarted on the same port (``sheepdog serve``, or
+    #: ``Server(port, None, dbfile)``) listens where the first one did.
     listen_address: str | None = None
+    #: The workers' Python: the job file's ``#!`` line and ``qsub -S``. The
+    #: original's default was ``/usr/bin/python``.
     shell: str = "/usr/bin/python3"
+    #: A list of raw qsub options, one ``#$`` line each, for example
+    #: ``["-l h_vmem=2G", "-r y"]``. When unset, sheepdog passes ``-wd``, ``-o``
+    #: and ``-e`` for ``ssh_dir`` on the qsub command line (the original's
+    #: defaults). ``-t`` and ``-S`` are set by sheepdog and refused here.
+    #: ``-l mem_grab=2G`` (or ``h_vmem``) also limits the worker's address space
+    #: with ``setrlimit``, so the task gets a ``MemoryError``.
     ge_opts: tuple[str, ...] | None = None
 
     # --- SSH -----------------------------------------------------------------
-    #: known_hosts file to check the head node's key against (default: ~/.ssh/known_hosts).
+    #: The known_hosts file the head node's key is checked against (default:
+    #: ``~/.ssh/known_hosts``). Unknown keys are refused.
     known_hosts: str | None = None
-    #: read ~/.ssh/config (or this file) for HostName, User, Port, IdentityFile, Proxy*.
+    #: The OpenSSH config file to read for HostName, User, Port, IdentityFile,
+    #: ProxyCommand and ProxyJump (default: ``~/.ssh/config``).
     ssh_config: str | None = None
+    #: Bound on connecting and authenticating, in seconds.
     ssh_timeout_s: float = 30.0
 
     # --- the array job -------------------------------------------------------
-    #: number of array tasks; None picks one from the number of tasks.
+    #: Number of array tasks; ``None`` picks ``min(tasks, 100)``. Each leases tasks
+    #: until none is left, so fewer workers than tasks still do all of them. At
+    #: most 75,000 (SGE's ``max_aj_tasks``).
     workers: int | None = None
-    #: tasks handed to an array task per lease; None picks one from the number of tasks.
+    #: Tasks handed to an array task per lease; ``None`` picks
+    #: ``tasks // (4 * workers)``, between 1 and 64.
     batch: int | None = None
-    #: an array task exits after this many tasks (1: one task per array task, as the original).
+    #: An array task exits after this many tasks; ``1`` with ``workers=N`` gives
+    #: the original's one task per array task (a fresh process each).
     tasks_per_worker: int | None = None
-    #: SGE -tc: at most this many array tasks run at once.
+    #: SGE's ``-tc``: at most this many array tasks run at once.
     max_running: int | None = None
-    #: memory per array task in GB, requested as ``-l <mem_resource>=<mem_gb>G``.
+    #: Memory per array task in GB, requested as ``-l <mem_resource>=<mem_gb>G``.
     mem_gb: float | None = None
+    #: The memory resource your site uses: ``h_vmem``, ``mem_free``,
+    #: ``m_mem_free``...
     mem_resource: str = "h_vmem"
-    #: hard run time limit, seconds or H:MM:SS, requested as ``-l h_rt=...``.
+    #: Hard run time limit, seconds or ``H:MM:SS``, requested as ``-l h_rt=...``.
     h_rt: str | None = None
+    #: The queue, requested as ``-q <queue>``.
     queue: str | None = None
-    #: parallel environment and slots, requested as ``-pe <name> <slots>``.
+    #: Parallel environment and slots, ``(name, slots)``, requested as
+    #: ``-pe <name> <slots>``.
     pe: tuple[str, int] | None = None
 
     # --- the worker's environment -------------------------------------------
-    #: shell lines run by /bin/sh on the worker before Python starts (module load, activate).
+    #: Shell lines run by ``/bin/sh`` on the worker before Python starts
+    #: (``module load``, ``source venv/bin/activate``); see :doc:`executor`.
     prologue: tuple[str, ...] | None = None
-    #: bytes of each task's stdout and of its stderr kept with its result.
+    #: Bytes of each task's stdout and of its stderr kept with its result
+    #: (``sheepdog logs``, :func:`sheepdog.get_output`).
     capture_bytes: int = 65536
 
     # --- lifecycle -----------------------------------------------------------
-    #: per-task time limit enforced on the worker.
+    #: Per-task time limit in seconds, enforced on the worker; the task's error
+    #: says it timed out after that many seconds.
     task_timeout_s: float | None = None
-    #: overall bound on a blocking map / get_results.
+    #: Overall bound on a blocking ``map`` or ``get_results``, in seconds.
     timeout_s: float | None = None
-    #: how often a task whose worker vanished is handed out again before it is an error.
+    #: How often work whose worker vanished (killed, node lost, job gone) is
+    #: handed out or resubmitted again before it becomes an error.
     retries: int = 2
-    #: seconds a leased task stays with its worker without a heartbeat.
+    #: Seconds a leased task stays with a worker that stopped sending heartbeats.
     lease_s: float = 60.0
-    #: Ctrl-C during a blocking map cancels its jobs unless this is True.
+    #: Ctrl-C during a blocking ``map`` cancels its jobs, unless this is true.
     keep_jobs_on_interrupt: bool = False
-    #: serve HTTPS with a self-signed certificate that job files pin (see docs/security.rst).
+    #: Serve HTTPS with a self-signed certificate that the job files pin; see
+    #: :doc:`security`.
     tls: bool = False
 
     # --- serialisation -------------------------------------------------------
-    #: "bytecode" (same Python minor version on the workers) or "source".
+    #: ``"bytecode"`` (the workers run your Python minor version) or
+    #: ``"source"``, which ships the function's source, for workers on another
+    #: Python version.
     mode: str = "bytecode"
 
     def __post_init__(self) -> None:

@@ -271,7 +271,7 @@ def test_serve_detached(db: tuple[str, int]) -> None:
         capture_output=True, text=True, timeout=WAIT_S, env=_serve_env(), check=False,
     )
     assert done.returncode == 0, done.stderr
-    pid = int(done.stdout.split("pid ")[1].split(",")[0])
+    pid = int(done.stdout.split("pid ")[1].split()[0])
     try:
         _wait_for(lambda: _healthy(port), f"the detached server on port {port}")
     finally:

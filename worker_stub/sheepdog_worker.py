@@ -609,7 +609,12 @@ class Client:
                     self.armed = True
                     signal.setitimer(signal.ITIMER_REAL, timeout)
                 value = load_value(base64.b64decode(task["args"]))
-                value = self.function(*value) if is_unpacked(value) else self.function(value)
+                # Two short lines: this one shows in every remote traceback, which
+                # must fit an 80-column terminal.
+                if is_unpacked(value):
+                    value = self.function(*value)
+                else:
+                    value = self.function(value)
                 payload = dump_value(value, self.protocol)
             finally:  # an alarm that fires in here is still caught below
                 if alarm:

@@ -1,9 +1,8 @@
-from _conf import conf
-
-# --8<-- [example]
 import time
 
 import sheepdog
+
+conf = sheepdog.Config.from_file("cluster.json")  # see Getting started
 
 
 def f(a, b):

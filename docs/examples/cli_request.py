@@ -1,7 +1,6 @@
-from _conf import conf
-
-# --8<-- [example]
 import sheepdog
+
+conf = sheepdog.Config.from_file("cluster.json")  # see Getting started
 
 
 def f(a, b):

@@ -1,9 +1,8 @@
-from _conf import conf
-
-# --8<-- [example]
 from concurrent.futures import as_completed
 
 import sheepdog
+
+conf = sheepdog.Config.from_file("cluster.json")  # see Getting started
 
 
 def simulate(seed, steps=1000):

@@ -1,9 +1,8 @@
-from _conf import conf
-
-# --8<-- [example]
 import sys
 
 import sheepdog
+
+conf = sheepdog.Config.from_file("cluster.json")  # see Getting started
 
 
 def noisy(x):

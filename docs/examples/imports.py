@@ -1,9 +1,8 @@
-from _conf import conf
-
-# --8<-- [example]
 import math
 
 import sheepdog
+
+conf = sheepdog.Config.from_file("cluster.json")  # see Getting started
 
 
 def g(x):
@@ -18,7 +17,7 @@ def f(x):
 
 
 def h(x):
-    return math.sqrt(x)  # ... but a module imported at the top is sent by itself
+    return math.sqrt(x)  # ... but a module imported at the top goes by itself
 
 
 print(sheepdog.map(f, [4.0, 9.0], conf), sheepdog.map(h, [16.0], conf))

@@ -1,7 +1,6 @@
-from _conf import conf
-
-# --8<-- [example]
 import sheepdog
+
+conf = sheepdog.Config.from_file("cluster.json")  # see Getting started
 
 
 def inner_helper(table, key):
@@ -18,5 +17,6 @@ with sheepdog.Executor(conf) as pool:
         future.result()
     except sheepdog.RemoteError as error:
         print(error)  # one line, then the remote traceback
-        print(error.type_name, error.message, "inner_helper" in error.traceback)
+        in_helper = "inner_helper" in error.traceback
+        print(error.type_name, error.message, in_helper)
         # prints: KeyError 'missing 4' True

@@ -1,4 +1,4 @@
-from _conf import conf
+"""Set-up (not shown): submit slow tasks, then kill their server as a crash would."""
 
 import os
 import signal
@@ -8,6 +8,8 @@ import time
 
 import sheepdog
 from sheepdog._api import server_for
+
+conf = sheepdog.Config.from_file("cluster.json")
 
 
 def slow(x):
@@ -37,16 +39,21 @@ sys.argv[1:] = [str(request_id)]
 
 # --8<-- [example]
 import sys
+import time
 
 import sheepdog
 
+conf = sheepdog.Config.from_file("cluster.json")  # see Getting started
 request_id = int(sys.argv[1])
-server = sheepdog.Server(port, None, conf.dbfile)  # the port the job file names
 storage = sheepdog.Storage(conf.dbfile)
-deadline = time.monotonic() + 300  # never wait forever: the job itself might have died
-while storage.count_results_and_errors(request_id) < storage.count_tasks(request_id):
+# The port the job file names, where the workers look for their server:
+port = storage.get_jobs(request_id)[-1]["info"]["port"]
+server = sheepdog.Server(port, None, conf.dbfile)
+deadline = time.monotonic() + 300  # never wait forever: the job may have died
+n_tasks = storage.count_tasks(request_id)
+while storage.count_results_and_errors(request_id) < n_tasks:
     print(storage.count_results(request_id), "results", flush=True)
-    assert time.monotonic() < deadline, "no results for 5 minutes; is the job still queued?"
+    assert time.monotonic() < deadline, "no results for 5 minutes; job queued?"
     time.sleep(1)
 print(sheepdog.get_results(request_id, conf.dbfile))
 server.stop()

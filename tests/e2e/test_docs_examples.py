@@ -42,12 +42,11 @@ def test_example(example: str, config: dict[str, Any], tmp_path: Path) -> None:
     source = (EXAMPLES / example).read_text()
     expected = expected_lines(source)
     assert expected, f"{example} says nothing about what it prints"
-    config_file = tmp_path / "config.json"
-    config_file.write_text(json.dumps(config))
-    env = {**os.environ, "SHEEPDOG_CONFIG": str(config_file)}
+    # As a reader runs it: the whole file, next to a cluster.json, nothing hidden.
+    (tmp_path / "cluster.json").write_text(json.dumps(config))
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / example)],
-        cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=400,
+        cwd=tmp_path, capture_output=True, text=True, timeout=400,
     )
     assert done.returncode == 0, f"{example} failed:\n{done.stdout}\n{done.stderr}"
     printed = [line.strip() for line in done.stdout.splitlines()]
@@ -201,7 +200,7 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
     config = dict(config, dbfile=str(db))
     config_file = tmp_path / "cluster.json"
     config_file.write_text(json.dumps(config))
-    env = {**os.environ, "SHEEPDOG_CONFIG": str(config_file)}
+    env = dict(os.environ)
 
     def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
@@ -222,7 +221,7 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
 
     # Request 1 is the page's own example; request 2 is still running.
     made = subprocess.run(
-        [sys.executable, str(EXAMPLES / "cli_request.py")], cwd=EXAMPLES, env=env,
+        [sys.executable, str(EXAMPLES / "cli_request.py")], cwd=tmp_path, env=env,
         capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
     )
     assert made.returncode == 0, made.stderr
@@ -318,11 +317,9 @@ def test_the_remote_error_shown_is_what_it_prints(config: dict[str, Any], tmp_pa
         if line.strip() and not line.startswith(" " * 8):
             break
         shown_lines.append(line[8:])
-    config_file = tmp_path / "config.json"
-    config_file.write_text(json.dumps(config))
+    (tmp_path / "cluster.json").write_text(json.dumps(config))
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "remote_error.py")], cwd=EXAMPLES,
-        env={**os.environ, "SHEEPDOG_CONFIG": str(config_file)},
+        [sys.executable, str(EXAMPLES / "remote_error.py")], cwd=tmp_path,
         capture_output=True, text=True, timeout=400,
     )
     assert done.returncode == 0, done.stderr

@@ -102,6 +102,7 @@ def test_a_map_and_every_command_fit_80_columns(config: dict[str, Any], tmp_path
     (tmp_path / "cluster.json").write_text(
         json.dumps(dict(config, dbfile="./sheepdog.sqlite")), encoding="utf-8"
     )
+    db = tmp_path / "sheepdog.sqlite"
     (tmp_path / "job.py").write_text(MAP_SCRIPT, encoding="utf-8")
     status, output = run_in_terminal([sys.executable, "job.py"], tmp_path)
     assert status == 0, output
@@ -116,7 +117,8 @@ def test_a_map_and_every_command_fit_80_columns(config: dict[str, Any], tmp_path
     assert not too_wide(output), "\n".join(too_wide(output))
 
     config_arg = ["--config", str(tmp_path / "cluster.json")]
-    slow = sheepdog.map_async(time.sleep, [60.0] * 2, str(tmp_path / "cluster.json"))
+    # The same database as the commands read (the file's dbfile is relative to tmp_path).
+    slow = sheepdog.map_async(time.sleep, [60.0] * 2, dict(config, dbfile=str(db)))
     commands = [
         ["--help"],
         ["requests"],
@@ -143,7 +145,7 @@ def test_a_map_and_every_command_fit_80_columns(config: dict[str, Any], tmp_path
         )
         seen[" ".join(argv)] = ANSI.sub("", output)
     assert "Remote traceback" in seen["errors 1"]
-    assert f"request {slow}: cancelled 2 open tasks" in "".join(seen.values())
+    assert f"request {slow}: cancelled 2 open tasks" in seen[" ".join(commands[8])]
     assert "   4  failed     3     ValueError: ends in 3: 3" in seen["results 1"], seen
     assert "request 1: finished, 45/50 done, 5 failed, 0 running, 0 pending" in seen["status 1"]
     # The file-printing commands: only their stderr is for the terminal.

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Sequence
@@ -114,11 +115,13 @@ def _unserved_note(storage: Storage, request_id: int, dbfile: str) -> str | None
     """A line saying that no server serves an open request, and what to run; else None."""
     if not storage.open_task_indices(request_id) or served(storage, request_id) is not False:
         return None
-    return (
+    text = (
         f"request {request_id} has open tasks but no server is serving it: its array tasks "
         f"cannot report. Run `sheepdog serve --dbfile {dbfile}`, or `sheepdog cancel "
         f"{request_id} --config FILE --dbfile {dbfile}`"
     )
+    # Folded between words, so that it fits an 80-column terminal as the table does.
+    return textwrap.fill(text, COLUMNS - 1, break_long_words=False, break_on_hyphens=False)
 
 
 def cmd_requests(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import shlex
 import ssl
 import sys
 import threading
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -552,12 +553,21 @@ def server_answers(url: str, *, timeout_s: float = 2.0) -> bool:
 
 
 def served(storage: Storage, request_id: int) -> bool | None:
-    """Whether a server answers at the request's callback URL (None: no job recorded)."""
+    """Whether a server answers for the request on this machine (None: no job recorded)."""
     jobs = storage.get_jobs(request_id)
-    url = jobs[-1]["info"].get("url") if jobs else None
+    info = jobs[-1]["info"] if jobs else {}
+    url, port = info.get("url"), info.get("port")
     if not url:
         return None
-    return server_answers(str(url))
+    # The callback URL names this machine as the workers see it (host.docker.internal, a
+    # name only the cluster resolves): ask where the server listens instead.
+    host = str(info.get("listen_address") or "")
+    if not port or not host:
+        return server_answers(str(url))
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    scheme = urllib.parse.urlsplit(str(url)).scheme or "http"
+    return server_answers(f"{scheme}://{f'[{host}]' if ':' in host else host}:{int(port)}")
 
 
 def own_server(storage: Storage, request_id: int) -> Server | None:

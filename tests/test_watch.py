@@ -182,3 +182,19 @@ def test_status_wait_on_a_mistyped_dbfile_creates_nothing(
     assert info.value.code == 1
     assert f"no sheepdog database at {missing}" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_served_asks_where_the_server_listens_not_the_workers_name(tmp_path: Path) -> None:
+    """The callback URL's host may resolve only on the cluster (host.docker.internal)."""
+    from sheepdog._api import served
+    from sheepdog.server import Server
+
+    dbfile = str(tmp_path / "db.sqlite")
+    with Storage(dbfile) as storage:
+        rid = storage.new_request(b"F", None, [b"x"], settings={"lease_s": 30.0})
+        with Server(None, None, dbfile, host="127.0.0.1", workers=1, threads=2) as server:
+            storage.add_job(rid, "1", 1, info={
+                "url": f"http://cluster-only-name.invalid:{server.port}/",
+                "port": server.port, "listen_address": "127.0.0.1"})
+            assert served(storage, rid) is True
+        assert served(storage, rid) is False

@@ -9,12 +9,14 @@ yet); without that key the cluster runs Grid Engine.
 
 from __future__ import annotations
 
+import http.server
 import json
 import logging
 import os
 import shlex
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -316,26 +318,55 @@ def docker_cluster(workdir: Path, exec_nodes: int = 2) -> Iterator[dict[str, Any
     The nodes share a private network and a volume for /home (so job output is visible from the
     head node, as on a real cluster); SSH is published on a random port of 127.0.0.1.
     """
+    nodes = [("head", {"SGE_ROLE": "head"})] + [
+        (f"exec{i}", {"SGE_ROLE": "exec"}) for i in range(1, exec_nodes + 1)
+    ]
+    with _container_cluster(
+        workdir, kind="Docker", image=IMAGE, build_flag="--sge", prefix="sheepdog",
+        env={"SGE_MASTER": "head"}, nodes=nodes,
+        status_command=["/usr/local/sbin/sge-setup", "status", str(exec_nodes)], extra={},
+    ) as (cluster, containers):
+        DOCKER_NODES.update(containers)
+        try:
+            yield cluster
+        finally:
+            DOCKER_NODES.clear()
+
+
+@contextmanager
+def _container_cluster(
+    workdir: Path,
+    *,
+    kind: str,
+    image: str,
+    build_flag: str,
+    prefix: str,
+    env: dict[str, str],
+    nodes: list[tuple[str, dict[str, str]]],
+    status_command: list[str],
+    extra: dict[str, Any],
+) -> Iterator[tuple[dict[str, Any], list[tuple[str, Any]]]]:
+    """Start ``nodes`` (the first is the SSH login node) on a private network; remove them after.
+
+    Yields the cluster's config keys and the (name, container) pairs. Whatever was started is
+    removed when a later step fails, and the error carries the containers' logs.
+    """
     from testcontainers.core.container import DockerContainer
     from testcontainers.core.network import Network
 
     engine = _docker_engine()
-    build_image()
+    build_image(build_flag)
+    started = time.monotonic()
     keyfile, public_key = _write_key_pair(workdir)
     suffix = uuid.uuid4().hex[:8]
-    volume = engine.volumes.create(f"sheepdog-home-{suffix}")
+    volume = engine.volumes.create(f"{prefix}-home-{suffix}")
     network = Network().create()
     containers: list[tuple[str, Any]] = []
     try:
-
-        def node(name: str, role: str) -> Any:
+        for name, role_env in nodes:
             container = (
-                DockerContainer(IMAGE)
-                .with_env("SGE_ROLE", role)
-                .with_env("SGE_MASTER", "head")
-                .with_env("SHEEPDOG_USER", USER)
-                .with_env("SHEEPDOG_AUTHORIZED_KEYS", public_key)
-                .with_name(f"sheepdog-{name}-{suffix}")
+                DockerContainer(image)
+                .with_name(f"{prefix}-{name}-{suffix}")
                 .with_network(network)
                 .with_network_aliases(name)
                 .with_volume_mapping(volume.name, "/home", "rw")
@@ -345,21 +376,19 @@ def docker_cluster(workdir: Path, exec_nodes: int = 2) -> Iterator[dict[str, Any
                     extra_hosts={"host.docker.internal": "host-gateway"},
                 )
             )
-            if role == "head":
-                # Only on the loopback interface, like the compose file; a random free port.
+            for key, value in {**env, **role_env, "SHEEPDOG_USER": USER,
+                               "SHEEPDOG_AUTHORIZED_KEYS": public_key}.items():
+                container.with_env(key, value)
+            if not containers:
+                # Only on the loopback interface, like the compose files; a random free port.
                 container.ports["22/tcp"] = ("127.0.0.1",)  # type: ignore[assignment]
             containers.append((name, container))
             container.start()
-            return container
-
-        head = node("head", "head")
-        for i in range(1, exec_nodes + 1):
-            node(f"exec{i}", "exec")
-        _wait_sge_ready(head, exec_nodes, containers)
-        port = int(head.get_exposed_port(22))
-        gateway = _gateway_of(head)
+        login = containers[0][1]
+        _wait_ready(login, status_command, containers)
+        port = int(login.get_exposed_port(22))
         known_hosts = workdir / "known_hosts"
-        _known_hosts_of(head, port, known_hosts)
+        _known_hosts_of(login, port, known_hosts)
         cluster = {
             "host": "127.0.0.1",
             "ssh_port": port,
@@ -367,19 +396,19 @@ def docker_cluster(workdir: Path, exec_nodes: int = 2) -> Iterator[dict[str, Any
             "ssh_keyfile": str(keyfile),
             "known_hosts": str(known_hosts),
             "localhost": "host.docker.internal",
-            "listen_address": gateway,
+            "listen_address": _gateway_of(login),
             "shell": "/usr/bin/python3",
+            **extra,
         }
         wait_until_usable(cluster)
+        logger.info("%s cluster ready in %.1f s", kind, time.monotonic() - started)
     except Exception as exc:
         logs = _logs(containers)
         _remove(containers, network, volume)
-        raise ClusterStartError(f"the Docker test cluster did not start: {exc}\n{logs}") from exc
-    DOCKER_NODES.update(containers)
+        raise ClusterStartError(f"the {kind} test cluster did not start: {exc}\n{logs}") from exc
     try:
-        yield cluster
+        yield cluster, containers
     finally:
-        DOCKER_NODES.clear()
         _remove(containers, network, volume)
 
 
@@ -420,77 +449,17 @@ def slurm_cluster(workdir: Path, compute_nodes: int = 2) -> Iterator[dict[str, A
     127.0.0.1; the compute nodes (slurmd) are ``node1`` .. ``nodeN``. All share a private network
     and a volume for /home, as in docker/slurm/compose.yaml.
     """
-    from testcontainers.core.container import DockerContainer
-    from testcontainers.core.network import Network
-
-    engine = _docker_engine()
-    build_image("--slurm")
-    started = time.monotonic()
-    keyfile, public_key = _write_key_pair(workdir)
-    suffix = uuid.uuid4().hex[:8]
-    volume = engine.volumes.create(f"sheepdog-slurm-home-{suffix}")
-    network = Network().create()
-    containers: list[tuple[str, Any]] = []
-    try:
-
-        def node(name: str, role: str) -> Any:
-            container = (
-                DockerContainer(SLURM_IMAGE)
-                .with_env("SLURM_ROLE", role)
-                .with_env("SLURM_CONTROLLER", "controller")
-                .with_env("SLURM_COMPUTE_NODES", str(compute_nodes))
-                .with_env("SHEEPDOG_USER", USER)
-                .with_env("SHEEPDOG_AUTHORIZED_KEYS", public_key)
-                .with_name(f"sheepdog-slurm-{name}-{suffix}")
-                .with_network(network)
-                .with_network_aliases(name)
-                .with_volume_mapping(volume.name, "/home", "rw")
-                .with_kwargs(
-                    hostname=name,
-                    init=True,
-                    extra_hosts={"host.docker.internal": "host-gateway"},
-                )
-            )
-            if role == "controller":
-                container.ports["22/tcp"] = ("127.0.0.1",)  # type: ignore[assignment]
-            containers.append((name, container))
-            container.start()
-            return container
-
-        controller = node("controller", "controller")
-        for i in range(1, compute_nodes + 1):
-            node(f"node{i}", "compute")
-        _wait_ready(
-            controller, ["/usr/local/sbin/slurm-setup", "status", str(compute_nodes)], containers
-        )
-        port = int(controller.get_exposed_port(22))
-        known_hosts = workdir / "known_hosts"
-        _known_hosts_of(controller, port, known_hosts)
-        cluster = {
-            "host": "127.0.0.1",
-            "ssh_port": port,
-            "ssh_user": USER,
-            "ssh_keyfile": str(keyfile),
-            "known_hosts": str(known_hosts),
-            "localhost": "host.docker.internal",
-            "listen_address": _gateway_of(controller),
-            "shell": "/usr/bin/python3",
-            "scheduler": "slurm",
-        }
-        wait_until_usable(cluster)
-        logger.info("Slurm cluster ready in %.1f s", time.monotonic() - started)
-    except Exception as exc:
-        logs = _logs(containers)
-        _remove(containers, network, volume)
-        raise ClusterStartError(f"the Slurm test cluster did not start: {exc}\n{logs}") from exc
-    try:
+    nodes = [("controller", {"SLURM_ROLE": "controller"})] + [
+        (f"node{i}", {"SLURM_ROLE": "compute"}) for i in range(1, compute_nodes + 1)
+    ]
+    with _container_cluster(
+        workdir, kind="Slurm", image=SLURM_IMAGE, build_flag="--slurm", prefix="sheepdog-slurm",
+        env={"SLURM_CONTROLLER": "controller", "SLURM_COMPUTE_NODES": str(compute_nodes)},
+        nodes=nodes,
+        status_command=["/usr/local/sbin/slurm-setup", "status", str(compute_nodes)],
+        extra={"scheduler": "slurm"},
+    ) as (cluster, _):
         yield cluster
-    finally:
-        _remove(containers, network, volume)
-
-
-def _wait_sge_ready(head: Any, exec_nodes: int, containers: list[Any]) -> None:
-    _wait_ready(head, ["/usr/local/sbin/sge-setup", "status", str(exec_nodes)], containers)
 
 
 def _wait_ready(head: Any, status_command: list[str], containers: list[Any]) -> None:
@@ -522,3 +491,32 @@ def _remove(containers: list[Any], network: Any, volume: Any) -> None:
             thing.remove()
         except Exception:
             logger.warning("could not remove %s", thing, exc_info=True)
+
+
+@contextmanager
+def recording_http_server() -> Iterator[tuple[int, list[str]]]:
+    """An HTTP server on this machine that answers every GET with "ok" and records its path.
+
+    Yields the port and the list of paths seen, for tests whose array tasks call back.
+    """
+    seen: list[str] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # http.server calls it by this name
+            seen.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], seen
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -10,11 +10,9 @@ the machine that submitted it. They run only with ``--cluster=slurm``.
 
 from __future__ import annotations
 
-import http.server
 import json
 import re
 import shlex
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +20,14 @@ from typing import Any
 
 import paramiko
 import pytest
-from cluster_fixture import SLURM_FINAL_STATES, check, run, ssh_connect, wait_for_slurm_job
+from cluster_fixture import (
+    SLURM_FINAL_STATES,
+    check,
+    recording_http_server,
+    run,
+    ssh_connect,
+    wait_for_slurm_job,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm]
 
@@ -192,33 +197,12 @@ def test_a_job_in_urgent_preempts_jobs_in_main(ssh: paramiko.SSHClient) -> None:
         time.sleep(0.5)
 
 
-class _Recorder(http.server.BaseHTTPRequestHandler):
-    seen: list[str] = []
-
-    def do_GET(self) -> None:  # http.server calls it by this name
-        type(self).seen.append(self.path)
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 def test_task_calls_back_over_http(ssh: paramiko.SSHClient, cluster: dict[str, Any]) -> None:
-    handler: type[_Recorder] = type("Recorder", (_Recorder,), {"seen": []})
-    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://{cluster['localhost']}:{server.server_address[1]}"
+    with recording_http_server() as (port, seen):
+        url = f"http://{cluster['localhost']}:{port}"
         job_id, directory = submit(ssh, cluster, 3, shlex.quote(url))
         wait_for_slurm_job(ssh, job_id)
         status, errors, _ = run(ssh, f"cat {shlex.quote(directory)}/smoke.e{job_id}.*")
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert sorted(handler.seen) == ["/task/1", "/task/2", "/task/3"], (
-        f"the server saw {handler.seen}; task errors:\n{errors}"
+    assert sorted(seen) == ["/task/1", "/task/2", "/task/3"], (
+        f"the server saw {seen}; task errors:\n{errors}"
     )

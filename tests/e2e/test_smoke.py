@@ -7,17 +7,15 @@ HTTP to the machine that submitted it.
 
 from __future__ import annotations
 
-import http.server
 import json
 import shlex
-import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import paramiko
 import pytest
-from cluster_fixture import check, run, ssh_connect, wait_for_job
+from cluster_fixture import check, recording_http_server, run, ssh_connect, wait_for_job
 
 pytestmark = pytest.mark.e2e
 
@@ -115,33 +113,12 @@ def test_array_tasks_spread_over_exec_nodes(
     assert len(set(array_run.values())) >= 2, f"all tasks ran on one node: {array_run}"
 
 
-class _Recorder(http.server.BaseHTTPRequestHandler):
-    seen: list[str] = []
-
-    def do_GET(self) -> None:  # http.server calls it by this name
-        type(self).seen.append(self.path)
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 def test_task_calls_back_over_http(ssh: paramiko.SSHClient, cluster: dict[str, Any]) -> None:
-    handler: type[_Recorder] = type("Recorder", (_Recorder,), {"seen": []})
-    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://{cluster['localhost']}:{server.server_address[1]}"
+    with recording_http_server() as (port, seen):
+        url = f"http://{cluster['localhost']}:{port}"
         job_id, directory = submit(ssh, cluster, 3, shlex.quote(url))
         wait_for_job(ssh, job_id)
         status, errors, _ = run(ssh, f"cat {shlex.quote(directory)}/smoke.e{job_id}.*")
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert sorted(handler.seen) == ["/task/1", "/task/2", "/task/3"], (
-        f"the server saw {handler.seen}; task errors:\n{errors}"
+    assert sorted(seen) == ["/task/1", "/task/2", "/task/3"], (
+        f"the server saw {seen}; task errors:\n{errors}"
     )

@@ -6,7 +6,6 @@ import atexit
 import json
 import logging
 import os
-import secrets
 import shlex
 import ssl
 import sys
@@ -23,7 +22,7 @@ from .config import Config, ConfigLike, as_config
 from .deployment import Deployer
 from .errors import RemoteError, ServerError, SheepdogError, TaskFailedError
 from .errors import TimeoutError as SheepdogTimeoutError
-from .job_file import job_file, key_file_name
+from .job_file import job_file, job_file_name, key_file_name
 from .server import Server, get_server, listen_address
 from .sge import parse_qdel
 from .storage import OPEN_STATES, Storage
@@ -62,13 +61,11 @@ def request_settings(config: Config, n_tasks: int) -> dict[str, Any]:
     """The settings stored with a request: what the server hands to every worker, and more.
 
     ``config`` (the config, which holds no secret) lets any process watch the
-    request's jobs; ``job_tag`` makes its Grid Engine job name unique (see
-    :func:`job_name`).
+    request's jobs.
     """
     workers = array_size(config, n_tasks)
     return {
         "config": config.as_dict(),
-        "job_tag": secrets.token_hex(4),
         "lease_s": float(config.lease_s),
         "heartbeat_s": max(0.5, config.lease_s / 4),
         "task_timeout_s": config.task_timeout_s,
@@ -93,14 +90,16 @@ def open_deployer(config: Config) -> Deployer:
     )
 
 
-def job_name(storage: Storage, request_id: int) -> str | None:
-    """The Grid Engine job name (``qsub -N``) of the request's jobs; None for older requests.
+def job_name(storage: Storage, request_id: int) -> str:
+    """The Grid Engine job name (``qsub -N``) of the request's jobs: its job file's name.
 
-    Unique per request and database, and recorded before qsub runs, so the jobs can be
-    found and deleted even when qsub's answer (the job id) never arrived.
+    That is Grid Engine's own default, so output files keep their usual names; given
+    explicitly, it names jobs that a request submitted from another script too. Unique per
+    request and database (see :func:`~sheepdog.job_file.job_stem`) and known before qsub
+    runs, so the jobs can be found and deleted even when qsub's answer (the job id) never
+    arrived.
     """
-    tag = storage.get_settings(request_id).get("job_tag")
-    return f"sheepdog_{request_id}_{tag}" if tag else None
+    return job_file_name(request_id, storage.get_secret(request_id))
 
 
 def stored_config(storage: Storage, request_id: int) -> Config | None:
@@ -177,9 +176,7 @@ def submit_request(
         # The original's defaults, resolved on the head node and quoted on the command
         # line so that a home directory with spaces cannot break a #$ line.
         qsub_args = ["-wd", jobdir, "-o", jobdir, "-e", jobdir]
-    name = job_name(storage, request_id)
-    if name is not None:
-        qsub_args += ["-N", name]
+    qsub_args += ["-N", job_name(storage, request_id)]
     job_id = deployer.submit(request_id, config.ssh_dir, secret=secret, qsub_args=qsub_args)
     # `sheepdog serve` restarts the server on this port: the job file holds this URL.
     storage.add_job(
@@ -519,11 +516,7 @@ def delete_jobs(deployer: Deployer, dbfile: str, request_id: int) -> Deletion:
     """
     with Storage(dbfile) as storage:
         targets = [str(job["job_id"]) for job in storage.get_jobs(request_id)]
-        name = job_name(storage, request_id)
-    if name is not None:
-        targets.append(name)
-    if not targets:
-        return Deletion([], None)
+        targets.append(job_name(storage, request_id))
     command = f"qdel {' '.join(shlex.quote(t) for t in targets)}"
     try:
         result = deployer.run(command, check=False, timeout_s=30)

@@ -143,10 +143,9 @@ def cmd_requests(args: argparse.Namespace) -> int:
             )
             label = row["label"] or ""
             print(f"{line}  {label[: max(0, COLUMNS - len(line) - 2)]}".rstrip())
-            if row["state"] == "open":
-                note = _unserved_note(storage, row["id"], args.dbfile)
-                if note is not None:
-                    notes.append(note)
+            note = _unserved_note(storage, row["id"], args.dbfile)
+            if note is not None:
+                notes.append(note)
         for note in notes:
             print(note)
     return 0
@@ -161,7 +160,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         total = storage.count_tasks(args.id)
         state = request_state(storage.get_request_state(args.id), counts)
         jobs = storage.get_jobs(args.id)
-        note = _unserved_note(storage, args.id, args.dbfile) if state == "open" else None
+        note = _unserved_note(storage, args.id, args.dbfile)
     print(f"request {args.id}: {state}, {format_counts(counts, total)}")
     for job in jobs:
         port = job["info"].get("port")

@@ -85,6 +85,22 @@ def test_status(db: tuple[str, int], capsys: pytest.CaptureFixture[str]) -> None
     assert out.startswith(f"request {rid}: running, 1/3 done, 1 failed, 0 running, 1 pending")
 
 
+def test_status_and_requests_say_when_no_server_serves_an_open_request(
+    db: tuple[str, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    dbfile, rid = db
+    port = _free_port()  # nothing listens there
+    with Storage(dbfile) as storage:
+        storage.add_job(rid, "42", 1, info={"url": f"http://cluster-only.invalid:{port}/",
+                                            "port": port, "listen_address": "127.0.0.1"})
+    for argv in (["status", str(rid)], ["requests"]):
+        status, out, _ = run(capsys, *argv, "--dbfile", dbfile)
+        assert status == 0
+        said = " ".join(out.split())  # folded to 80 columns
+        assert f"request {rid} has open tasks but no server is serving it" in said, out
+        assert f"sheepdog serve --dbfile {dbfile}" in said, out
+
+
 def test_results_text_and_json(db: tuple[str, int], capsys: pytest.CaptureFixture[str]) -> None:
     dbfile, rid = db
     status, out, _ = run(capsys, "results", str(rid), "--dbfile", dbfile)

@@ -167,7 +167,7 @@ def test_the_request_stores_its_config_without_secrets(setup: Any) -> None:
 
     assert stored_config(storage, rid) == config
     name = job_name(storage, rid)
-    assert name is not None and name.startswith(f"sheepdog_{rid}_")
+    assert name.startswith(f"sheepdog_{rid:03d}_") and name.endswith(".py")
     assert storage.get_secret(rid) not in str(storage.get_settings(rid))
 
 

@@ -158,6 +158,9 @@ def shape(line: str) -> str:
     line = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "DATE", line)
     line = re.sub(r"\bon [\w.-]+\)", "on HOST)", line)
     line = re.sub(r"\b(running|finished)\b", "STATE", line)
+    # Whether array tasks were still queued when a request finished varies from run to run.
+    line = re.sub(r"no job of it was left on the cluster|deleted Grid Engine jobs? [\d, ]+",
+                  "JOBS GONE", line)
     line = re.sub(r"\d+", "N", line)
     return " ".join(line.split())
 

@@ -232,7 +232,11 @@ class Watcher:
     ) -> None:
         """Submit fresh array tasks for the open work, or fail it once retries are used up."""
         rid = self.request_id
-        resubmits = len(jobs) - 1
+        # One submission may be several jobs (a request split at max_aj_tasks): count the
+        # first part of each; jobs recorded before the split each count as one.
+        resubmits = sum(
+            1 for job in storage.get_jobs(rid) if int(job["info"].get("part", 1)) == 1
+        ) - 1
         if resubmits < self.config.retries:
             logger.warning(
                 "request %d: %s with %d tasks undone; resubmitting (%d of %d)",

@@ -163,11 +163,16 @@ def submit_request(
     deployer: Deployer,
     *,
     n_workers: int,
+    why: str | None = None,
+    continues: bool = False,
 ) -> str:
     """Render, copy and qsub the job file for a stored request; record and return the job ids.
 
     ``n_workers`` array tasks go into as many jobs as the cluster's ``max_aj_tasks`` and
     ``max_aj_instances`` need (read once per connection); the ids come back comma-separated.
+    A resubmission records ``why`` with its jobs, and whether it ``continues`` work that
+    the last jobs left open after making progress (workers that stopped before their
+    run-time limit), which does not count against ``retries``.
     """
     sizes = job_sizes(n_workers, deployer.array_limits().per_job)
     server = server_for(config)
@@ -195,6 +200,15 @@ def submit_request(
     name = job_name(storage, request_id)
     if name is not None:
         qsub_args += ["-N", name]
+    counts = storage.task_counts(request_id)
+    info: dict[str, Any] = {
+        "url": url, "port": server.port, "listen_address": server.host,
+        # Tasks finished before these jobs: the watcher sees whether they made progress.
+        "finished_before": counts.get("done", 0) + counts.get("error", 0),
+        "parts": len(sizes),
+    }
+    if why is not None:
+        info.update(why=why, continues=continues)
     job_ids: list[str] = []
     for part, size in enumerate(sizes, 1):
         # qsub's own -t wins over the job file's #$ -t: the last job may be smaller.
@@ -203,11 +217,7 @@ def submit_request(
             request_id, config.ssh_dir, secret=secret, qsub_args=qsub_args + extra
         )
         # `sheepdog serve` restarts the server on this port: the job file holds this URL.
-        storage.add_job(
-            request_id, job_id, size,
-            info={"url": url, "port": server.port, "listen_address": server.host,
-                  "part": part, "parts": len(sizes)},
-        )
+        storage.add_job(request_id, job_id, size, info=dict(info, part=part))
         job_ids.append(job_id)
     return ", ".join(job_ids)
 

@@ -234,7 +234,9 @@ def describe_failure(record: AccountingRecord) -> str | None:
     where = f" on {record.hostname}" if record.hostname else ""
     if failed_code not in ("", "0"):
         lowered = failed_text.lower()
-        usage = f"maxvmem {record.maxvmem or '?'}, wall clock {record.ru_wallclock or '?'} s"
+        # qacct writes ru_wallclock as "21" or, in newer versions, "21s".
+        wallclock = record.ru_wallclock.rstrip("s").strip() or "?"
+        usage = f"maxvmem {record.maxvmem or '?'}, wall clock {wallclock} s"
         time_limit = "h_rt" in lowered or "s_rt" in lowered
         mem_limit = "h_vmem" in lowered or "s_vmem" in lowered
         if time_limit and not mem_limit:

@@ -62,7 +62,9 @@ def _last_request(dbfile: str) -> int:
 
 def test_workers_stop_before_h_rt_and_no_task_is_lost(config: dict[str, Any]) -> None:
     cfg = as_config(dict(config, h_rt="0:0:20", workers=2, batch=2, timeout_s=400, retries=0))
+    started = time.monotonic()
     results = sheepdog.map(sleepy, range(12), cfg, verbose=False)
+    took_s = time.monotonic() - started
     assert results == [x * 2 for x in range(12)]
     rid = _last_request(cfg.dbfile)
     with Storage(cfg.dbfile) as storage:
@@ -72,6 +74,7 @@ def test_workers_stop_before_h_rt_and_no_task_is_lost(config: dict[str, Any]) ->
     # 12 tasks of 3 s on 2 workers of at most 20 s each need more than one round of jobs;
     # with retries=0 the later rounds are continuations, not retries.
     assert len(jobs) >= 2, jobs
+    print(f"\n12 tasks of 3 s under h_rt=20 s: {len(jobs)} jobs, {took_s:.1f} s")
     assert all(job["info"]["continues"] for job in jobs[1:]), jobs
     for job_id, records in _accounting(cfg, [(j["job_id"], j["array_size"]) for j in jobs]).items():
         for record in records:

@@ -32,8 +32,6 @@ __all__ = ["cancel", "get_errors", "get_output", "get_results", "map", "map_asyn
 
 logger = logging.getLogger(__name__)
 
-#: SGE's default max_aj_tasks: no array job may have more tasks than this.
-MAX_ARRAY_TASKS = 75_000
 #: Default cap on array tasks: beyond this, extra array tasks mostly wait in the queue.
 DEFAULT_MAX_WORKERS = 100
 #: Bytes of each task's stdout and stderr kept with its result.
@@ -41,9 +39,21 @@ CAPTURE_BYTES = 64 * 1024
 
 
 def array_size(config: Config, n_tasks: int) -> int:
-    """How many array tasks to submit for ``n_tasks`` tasks."""
+    """How many array tasks to submit for ``n_tasks`` tasks, over one or several jobs.
+
+    More than the cluster's ``max_aj_tasks`` are split into several jobs by
+    :func:`job_sizes`, not capped.
+    """
     workers = config.workers if config.workers is not None else min(n_tasks, DEFAULT_MAX_WORKERS)
-    return max(1, min(workers, n_tasks, MAX_ARRAY_TASKS))
+    return max(1, min(workers, n_tasks))
+
+
+def job_sizes(n_workers: int, per_job: int) -> list[int]:
+    """Split ``n_workers`` array tasks into jobs of at most ``per_job`` each (0: one job)."""
+    if per_job <= 0 or n_workers <= per_job:
+        return [n_workers]
+    full, rest = divmod(n_workers, per_job)
+    return [per_job] * full + ([rest] if rest else [])
 
 
 def batch_size(config: Config, n_tasks: int, workers: int) -> int:
@@ -152,8 +162,18 @@ def submit_request(
     deployer: Deployer,
     *,
     n_workers: int,
+    why: str | None = None,
+    continues: bool = False,
 ) -> str:
-    """Render, copy and qsub the job file for a stored request; record and return the job id."""
+    """Render, copy and qsub the job file for a stored request; record and return the job ids.
+
+    ``n_workers`` array tasks go into as many jobs as the cluster's ``max_aj_tasks`` and
+    ``max_aj_instances`` need (read once per connection); the ids come back comma-separated.
+    A resubmission records ``why`` with its jobs, and whether it ``continues`` work that
+    the last jobs left open after making progress (workers that stopped before their
+    run-time limit), which does not count against ``retries``.
+    """
+    sizes = job_sizes(n_workers, deployer.array_limits().per_job)
     server = server_for(config)
     url = server.url_for(config.localhost) + "/"
     fingerprint = None
@@ -168,7 +188,7 @@ def submit_request(
     text = job_file(
         url, jobdir + key_file_name(request_id, secret), request_id,
         storage.count_tasks(request_id), config.shell, ge_opts,
-        array_size=n_workers, tls_fingerprint=fingerprint, prologue=config.prologue,
+        array_size=sizes[0], tls_fingerprint=fingerprint, prologue=config.prologue,
     )
     deployer.deploy(text, request_id, config.ssh_dir, secret=secret)
     qsub_args: list[str] = []
@@ -177,13 +197,26 @@ def submit_request(
         # line so that a home directory with spaces cannot break a #$ line.
         qsub_args = ["-wd", jobdir, "-o", jobdir, "-e", jobdir]
     qsub_args += ["-N", job_name(storage, request_id)]
-    job_id = deployer.submit(request_id, config.ssh_dir, secret=secret, qsub_args=qsub_args)
-    # `sheepdog serve` restarts the server on this port: the job file holds this URL.
-    storage.add_job(
-        request_id, job_id, n_workers,
-        info={"url": url, "port": server.port, "listen_address": server.host},
-    )
-    return job_id
+    counts = storage.task_counts(request_id)
+    info: dict[str, Any] = {
+        "url": url, "port": server.port, "listen_address": server.host,
+        # Tasks finished before these jobs: the watcher sees whether they made progress.
+        "finished_before": counts.get("done", 0) + counts.get("error", 0),
+        "parts": len(sizes),
+    }
+    if why is not None:
+        info.update(why=why, continues=continues)
+    job_ids: list[str] = []
+    for part, size in enumerate(sizes, 1):
+        # qsub's own -t wins over the job file's #$ -t: the last job may be smaller.
+        extra = [] if len(sizes) == 1 else ["-t", f"1-{size}"]
+        job_id = deployer.submit(
+            request_id, config.ssh_dir, secret=secret, qsub_args=qsub_args + extra
+        )
+        # `sheepdog serve` restarts the server on this port: the job file holds this URL.
+        storage.add_job(request_id, job_id, size, info=dict(info, part=part))
+        job_ids.append(job_id)
+    return ", ".join(job_ids)
 
 
 def map_async(
@@ -232,7 +265,8 @@ def _start(
             try:
                 say(f"connecting to {cfg.ssh_user}@{cfg.host}:{cfg.ssh_port}")
                 job_id = submit_request(storage, cfg, request_id, dep, n_workers=n_workers)
-                say(f"submitted job {job_id} for request {request_id} ({len(arg_list)} "
+                jobs = "jobs" if "," in job_id else "job"
+                say(f"submitted {jobs} {job_id} for request {request_id} ({len(arg_list)} "
                     "tasks); waiting for workers")
             except BaseException as exc:
                 line = _submission_failed(storage, dep, request_id, exc)

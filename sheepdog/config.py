@@ -111,8 +111,9 @@ class Config:
 
     # --- the array job -------------------------------------------------------
     #: Number of array tasks; ``None`` picks ``min(tasks, 100)``. Each leases tasks
-    #: until none is left, so fewer workers than tasks still do all of them. At
-    #: most 75,000 (SGE's ``max_aj_tasks``).
+    #: until none is left, so fewer workers than tasks still do all of them. More
+    #: than the cluster's ``max_aj_tasks`` or ``max_aj_instances`` are submitted
+    #: as several array jobs.
     workers: int | None = None
     #: Tasks handed to an array task per lease; ``None`` picks
     #: ``tasks // (4 * workers)``, between 1 and 64.
@@ -128,6 +129,8 @@ class Config:
     #: ``m_mem_free``...
     mem_resource: str = "h_vmem"
     #: Hard run time limit, seconds or ``H:MM:SS``, requested as ``-l h_rt=...``.
+    #: A worker stops leasing when the time left is shorter than its longest task,
+    #: and the open work goes to fresh jobs.
     h_rt: str | None = None
     #: The queue, requested as ``-q <queue>``.
     queue: str | None = None

@@ -23,6 +23,7 @@ import paramiko
 
 from .errors import ConfigError, HostKeyError, RemoteCommandError, SSHError, SubmitError
 from .job_file import job_file_name, key_file_name
+from .sge import ArrayLimits, parse_global_config
 
 __all__ = ["CommandResult", "Deployer", "parse_qsub_output"]
 
@@ -111,6 +112,7 @@ class Deployer:
         self._lock = threading.RLock()
         self._closed = False
         self._home: str | None = None
+        self._array_limits: ArrayLimits | None = None
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -379,6 +381,23 @@ class Deployer:
         if self._home is None:
             self._home = self.run('printf %s "$HOME"').stdout.strip()
         return self._home
+
+    def array_limits(self) -> ArrayLimits:
+        """The cluster's ``max_aj_tasks`` and ``max_aj_instances``, read once per Deployer.
+
+        A failed ``qconf -sconf`` raises RemoteCommandError with its command, status and
+        output; an answer without the two keys raises it too, saying what did not match.
+        """
+        if self._array_limits is None:
+            result = self.run("qconf -sconf")
+            try:
+                self._array_limits = parse_global_config(result.stdout)
+            except ValueError as exc:
+                raise RemoteCommandError(
+                    result.command, result.exit_status, result.stdout,
+                    f"{result.stderr}\n{exc}", host=self.host,
+                ) from exc
+        return self._array_limits
 
     def absolute(self, directory: str) -> str:
         """Resolve a remote directory relative to the home directory, as the original did."""

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "AccountingRecord",
+    "ArrayLimits",
     "JobStatus",
     "describe_failure",
+    "parse_global_config",
     "parse_qacct",
     "parse_qdel",
     "parse_qstat",
@@ -136,6 +138,44 @@ def permanent_scheduling_problem(reasons: list[str]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class ArrayLimits:
+    """The cluster's limits on one array job, from its global configuration (0: no limit)."""
+
+    #: ``max_aj_tasks``: how many array tasks one job may have.
+    max_tasks: int
+    #: ``max_aj_instances``: how many of one job's array tasks may run at once.
+    max_instances: int
+
+    @property
+    def per_job(self) -> int:
+        """How many array tasks to put in one job (0: any number).
+
+        Beyond ``max_aj_instances`` the extra tasks of one job only wait; another job runs
+        them at once, so a request for more workers is split at the smaller limit.
+        """
+        limits = [n for n in (self.max_tasks, self.max_instances) if n > 0]
+        return min(limits) if limits else 0
+
+
+_CONF_LINE = re.compile(r"^(?P<key>max_aj_tasks|max_aj_instances)\s+(?P<value>\d+)\s*$", re.M)
+
+
+def parse_global_config(text: str) -> ArrayLimits:
+    """Read ``max_aj_tasks`` and ``max_aj_instances`` from ``qconf -sconf`` output.
+
+    Raises ValueError naming the pattern and the keys that did not match.
+    """
+    found = {m["key"]: int(m["value"]) for m in _CONF_LINE.finditer(text)}
+    missing = [k for k in ("max_aj_tasks", "max_aj_instances") if k not in found]
+    if missing:
+        raise ValueError(
+            f"qconf -sconf output has no line matching {_CONF_LINE.pattern!r} for "
+            f"{', '.join(missing)}: {text[:2000]!r}"
+        )
+    return ArrayLimits(found["max_aj_tasks"], found["max_aj_instances"])
+
+
 @dataclass
 class AccountingRecord:
     """One array task's record from ``qacct -j``."""
@@ -194,7 +234,9 @@ def describe_failure(record: AccountingRecord) -> str | None:
     where = f" on {record.hostname}" if record.hostname else ""
     if failed_code not in ("", "0"):
         lowered = failed_text.lower()
-        usage = f"maxvmem {record.maxvmem or '?'}, wall clock {record.ru_wallclock or '?'} s"
+        # qacct writes ru_wallclock as "21" or, in newer versions, "21s".
+        wallclock = record.ru_wallclock.rstrip("s").strip() or "?"
+        usage = f"maxvmem {record.maxvmem or '?'}, wall clock {wallclock} s"
         time_limit = "h_rt" in lowered or "s_rt" in lowered
         mem_limit = "h_vmem" in lowered or "s_vmem" in lowered
         if time_limit and not mem_limit:

@@ -232,17 +232,35 @@ class Watcher:
     ) -> None:
         """Submit fresh array tasks for the open work, or fail it once retries are used up."""
         rid = self.request_id
-        resubmits = len(jobs) - 1
-        if resubmits < self.config.retries:
-            logger.warning(
-                "request %d: %s with %d tasks undone; resubmitting (%d of %d)",
-                rid, why, n_open, resubmits + 1, self.config.retries,
-            )
+        records = storage.get_jobs(rid)
+        counts = storage.task_counts(rid)
+        finished = counts.get("done", 0) + counts.get("error", 0)
+        before = records[-1]["info"].get("finished_before") if records else None
+        # Jobs that finished tasks and left work open (workers that stopped before their
+        # run-time limit, tasks_per_worker) are continued, not counted as failures.
+        progressed = before is not None and finished > int(before)
+        # One submission may be several jobs (a request split at max_aj_tasks): count the
+        # first part of each; jobs recorded before the split each count as one.
+        resubmits = sum(
+            1 for job in records
+            if int(job["info"].get("part", 1)) == 1 and not job["info"].get("continues")
+        ) - 1
+        if progressed or resubmits < self.config.retries:
+            if progressed:
+                logger.info(
+                    "request %d: %s after finishing %d tasks, with %d undone; continuing",
+                    rid, why, finished - int(before or 0), n_open,
+                )
+            else:
+                logger.warning(
+                    "request %d: %s with %d tasks undone; resubmitting (%d of %d)",
+                    rid, why, n_open, resubmits + 1, self.config.retries,
+                )
             from ._api import array_size, submit_request
 
             submit_request(
                 storage, self.config, rid, self.deployer,
-                n_workers=array_size(self.config, n_open),
+                n_workers=array_size(self.config, n_open), why=why, continues=progressed,
             )
             self.interval_s = 2.0
             self._progress_at = time.monotonic()

@@ -28,6 +28,7 @@ from sheepdog.errors import RemoteError, SerialisationError, SheepdogError
 from sheepdog.executor import Executor, chunk_applier, kwargs_applier
 from sheepdog.job_file import key_file_name
 from sheepdog.serialisation import deserialise_value, serialise_function, serialise_value
+from sheepdog.sge import ArrayLimits
 from sheepdog.storage import Storage
 
 WAIT_S = 120.0
@@ -45,6 +46,9 @@ class LocalDeployer:
 
     def absolute(self, directory: str) -> str:
         return str(self.workdir / directory)
+
+    def array_limits(self) -> ArrayLimits:
+        return ArrayLimits(max_tasks=0, max_instances=0)  # no limit: one job per request
 
     def deploy(self, jobfile: str, request_id: int, directory: str, *, secret: str) -> str:
         path = self.workdir / f"job_{request_id}.py"

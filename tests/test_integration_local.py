@@ -363,3 +363,32 @@ def test_tasks_per_worker_limits_each_array_task(setup: Setup) -> None:
     for i in (2, 3):
         assert finish(setup.start(job, i))[0] == 0
     assert setup.results(rid) == [1, 4, 9, 16, 25]
+
+
+def test_a_worker_stops_leasing_before_its_run_time_limit(setup: Setup) -> None:
+    """h_rt of 9 s, tasks of 1 s, the stub's 5 s margin: a worker runs a few and exits 0."""
+    n = 8
+    rid = setup.request(sleep_for, [1.0] * n, batch=4)
+    job = write_job(
+        setup.tmp_path / "jobs", setup.server.url_for("127.0.0.1"),
+        setup.storage.get_secret(rid), rid, n, ["-l h_rt=0:0:9"],
+        client_options={"retry_s": 20.0},
+    )
+    runs = 0
+    while setup.storage.open_task_indices(rid):
+        runs += 1
+        assert runs <= n, "workers kept stopping without doing any task"
+        started = time.monotonic()
+        code, out, err = finish(setup.start(job, runs))
+        took_s = time.monotonic() - started
+        assert code == 0, f"{out}\n{err}"
+        assert took_s < 9, f"the worker ran {took_s:.1f} s, past its h_rt of 9 s"
+        done = len(re.findall(r"sheepdog: task \d+ ok", out))
+        assert 1 <= done < n, out
+        if setup.storage.open_task_indices(rid):
+            assert "stops leasing: its run-time limit (h_rt) of 9 s is near" in out, out
+        counts = setup.storage.task_counts(rid)
+        assert counts["leased"] == 0  # a clean exit leaves no lease to expire
+    assert runs >= 2
+    assert setup.results(rid) == ["woke up"] * n
+    assert all(setup.storage.get_task(rid, i)["attempts"] == 0 for i in range(1, n + 1))

@@ -43,6 +43,7 @@ from sheepdog.errors import ConfigError, RemoteCommandError
 from sheepdog.job_file import job_file_name, key_file_name, write_job_file
 from sheepdog.serialisation import deserialise_value, serialise_args, serialise_function
 from sheepdog.server import Server, create_app
+from sheepdog.sge import ArrayLimits
 from sheepdog.storage import Storage
 
 WAIT_S = 120.0
@@ -419,6 +420,9 @@ class LocalShellDeployer(Deployer):
 
     def connect(self) -> Any:
         return _LocalSFTPClient()
+
+    def array_limits(self) -> ArrayLimits:
+        return ArrayLimits(max_tasks=75_000, max_instances=2_000)  # SGE's defaults
 
 
 class _LocalSFTPClient:

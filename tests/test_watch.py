@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import sheepdog._api
 from sheepdog._api import request_settings
 from sheepdog.config import Config
 from sheepdog.deployment import CommandResult
@@ -198,3 +199,47 @@ def test_served_asks_where_the_server_listens_not_the_workers_name(tmp_path: Pat
                 "port": server.port, "listen_address": "127.0.0.1"})
             assert served(storage, rid) is True
         assert served(storage, rid) is False
+
+
+def _gone_after(storage: Storage, rid: int, finished_before: int) -> None:
+    """Job 41 was submitted when ``finished_before`` tasks were done; now it has left."""
+    storage.conn.execute(
+        "UPDATE jobs SET info = json_object('finished_before', ?) WHERE job_id = '41'",
+        (finished_before,),
+    )
+
+
+def test_jobs_that_made_progress_are_continued_not_counted_as_retries(
+    setup: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage, config, rid = setup  # retries=0
+    storage.conn.execute(  # one task done by job 41's workers
+        "UPDATE tasks SET state = 'done', lease = NULL WHERE request_id = ? AND idx = 1",
+        (rid,),
+    )
+    _gone_after(storage, rid, 0)
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(
+        sheepdog._api, "submit_request", lambda *args, **kwargs: calls.append(kwargs) or "43"
+    )
+    head = FakeHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
+    Watcher(config, rid, head)._check(storage)  # type: ignore[arg-type]
+    assert len(calls) == 1
+    assert calls[0]["continues"] is True
+    assert "job 41 left the queue" in calls[0]["why"]
+    assert storage.task_counts(rid)["error"] == 0
+
+
+def test_jobs_that_made_no_progress_count_against_retries(
+    setup: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage, config, rid = setup  # retries=0
+    _gone_after(storage, rid, 0)
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(
+        sheepdog._api, "submit_request", lambda *args, **kwargs: calls.append(kwargs) or "43"
+    )
+    head = FakeHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
+    Watcher(config, rid, head)._check(storage)  # type: ignore[arg-type]
+    assert calls == []
+    assert storage.task_counts(rid)["error"] == 3

@@ -94,6 +94,91 @@ def test_memory_limit_bad_specifier_is_an_error() -> None:
         stub.memory_limit("#$ -l h_vmem=2GB\n")
 
 
+# ---- run-time limits ----
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [("20", 20), ("0:0:20", 20), ("1:30", 90), ("1:00:00", 3600), (" 2:0:5 ", 7205),
+     ("INFINITY", None)],
+)
+def test_parse_time(spec: str, expected: int | None) -> None:
+    assert stub.parse_time(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["", "1h", "1:2:3:4", "-5", "1.5"])
+def test_parse_time_rejects_nonsense(spec: str) -> None:
+    with pytest.raises(ValueError, match="not a Grid Engine time"):
+        stub.parse_time(spec)
+
+
+@pytest.mark.parametrize(
+    ("directives", "expected"),
+    [
+        (["-l h_rt=0:0:20"], 20),
+        (["-l mem_grab=2G,h_rt=1:00:00"], 3600),
+        (["-l h_rt=600", "-l h_rt=0:5:0"], 300),  # the smaller wins
+        (["-soft -l h_rt=60"], None),  # a soft request is no limit
+        (["-l s_rt=60"], None),
+        (["-l h_rt=INFINITY"], None),
+        ([], None),
+    ],
+)
+def test_run_limit_from_directives(directives: list[str], expected: int | None) -> None:
+    text = "#!/usr/bin/python3\n" + "".join(f"#$ {d}\n" for d in directives) + "x = 1\n"
+    assert stub.run_limit(text) == expected
+
+
+def test_run_limit_reads_only_the_leading_comment_block() -> None:
+    assert stub.run_limit("#$ -l h_rt=60\nx = 1\n#$ -l h_rt=5\n") == 60
+
+
+def test_the_worker_takes_its_limit_from_its_job_file(tmp_path: Path) -> None:
+    job = tmp_path / "job.py"
+    job.write_text("#!/usr/bin/python3\n#$ -l h_rt=0:1:0\nprint(1)\n")
+    client = stub.Client("http://127.0.0.1:9/", SECRET, 1, 1)
+    assert client.set_run_limit(str(job)) == 60
+    given_limit = stub.Client("http://127.0.0.1:9/", SECRET, 1, 1, run_limit_s=30)
+    assert given_limit.set_run_limit(str(job)) == 30  # run_limit_s wins
+
+
+def test_without_a_limit_every_wanted_task_is_leased() -> None:
+    assert stub.tasks_to_lease(8, None, elapsed_s=10**6, longest_s=10**6) == 8
+
+
+def test_before_any_task_one_is_leased_to_learn_how_long_they_take() -> None:
+    assert stub.tasks_to_lease(8, 60, elapsed_s=1, longest_s=0.0, margin_s=5) == 1
+    assert stub.tasks_to_lease(8, 60, elapsed_s=56, longest_s=0.0, margin_s=5) == 0
+
+
+def test_no_lease_when_the_time_left_is_shorter_than_the_longest_task() -> None:
+    # 60 s limit, 40 s gone, 5 s margin: 15 s left.
+    assert stub.tasks_to_lease(8, 60, elapsed_s=40, longest_s=16, margin_s=5) == 0
+    assert stub.tasks_to_lease(8, 60, elapsed_s=40, longest_s=15, margin_s=5) == 1
+    assert stub.tasks_to_lease(8, 60, elapsed_s=40, longest_s=5, margin_s=5) == 3
+    assert stub.tasks_to_lease(2, 60, elapsed_s=40, longest_s=1, margin_s=5) == 2
+
+
+@given(
+    wanted=st.integers(0, 100),
+    limit_s=st.integers(1, 10**5),
+    elapsed_s=st.floats(0, 10**5),
+    longest_s=st.floats(0.001, 10**4),
+    margin_s=st.floats(0, 60),
+)
+def test_leased_tasks_fit_in_the_time_left(
+    wanted: int, limit_s: int, elapsed_s: float, longest_s: float, margin_s: float
+) -> None:
+    n = stub.tasks_to_lease(wanted, limit_s, elapsed_s, longest_s, margin_s)
+    left_s = limit_s - elapsed_s - margin_s
+    assert 0 <= n <= wanted
+    assert n * longest_s <= max(left_s, 0.0)  # at the longest pace, all end before the margin
+    if left_s < longest_s:
+        assert n == 0
+    elif wanted:
+        assert n >= 1
+
+
 def test_set_memlimit_turns_a_big_allocation_into_memory_error(tmp_path: Path) -> None:
     """In a child process, since an address-space limit cannot be lifted again."""
     job = tmp_path / "job.py"

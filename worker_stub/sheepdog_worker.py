@@ -194,9 +194,29 @@ EXIT_AUTH = 4  # the server rejected our signature, or an answer was not signed 
 EXIT_VERSION = 5  # the function cannot be loaded here (another Python version, a missing module)
 EXIT_STUCK = 6  # a task overran its timeout where Python could not interrupt it
 EXIT_SECRET = 7  # the request's secret file cannot be read here (ssh_dir is not shared?)
+#: Time kept free before a run-time limit (h_rt): the job started a little before this script
+#: (the shell, a prologue), and the last results must still reach the server.
+RUN_LIMIT_MARGIN_S = 5.0
+#: When this worker started, for its run-time limit: Grid Engine tells no job its h_rt.
+STARTED_S = time.monotonic()
 # sge_types(5) memory_specifier: k/m/g/t count in powers of 1000, K/M/G/T of 1024.
 MEMORY_UNITS = dict([("", 1)] + [(u, 1000 ** (i + 1)) for i, u in enumerate("kmgt")]
                     + [(u, 1024 ** (i + 1)) for i, u in enumerate("KMGT")])
+
+
+def tasks_to_lease(wanted, run_limit_s, elapsed_s, longest_s, margin_s=RUN_LIMIT_MARGIN_S):
+    """How many tasks to lease next: ``wanted``, or fewer (0: stop) near a run-time limit.
+
+    None leased once the time left before the limit is shorter than the longest task this
+    worker has run; before it has run one (``longest_s`` 0), one task, to learn how long
+    tasks take.
+    """
+    if run_limit_s is None or wanted <= 0:
+        return wanted
+    left_s = run_limit_s - elapsed_s - margin_s
+    if longest_s <= 0:
+        return 1 if left_s > 0 else 0
+    return max(0, min(wanted, int(left_s // longest_s)))
 
 
 class ProtocolFailure(Exception):
@@ -227,9 +247,9 @@ def parse_memory(spec):
     return int(value * MEMORY_UNITS[unit])
 
 
-def memory_limit(job_text):
-    """Return the smallest hard mem_grab/h_vmem request in a job file's #$ lines, or None."""
-    limits, hard = [], True
+def hard_requests(job_text):
+    """Yield (name, value) of each hard ``-l`` request in a job file's leading #$ lines."""
+    hard = True
     for line in job_text.splitlines():
         if not line.startswith("#"):
             break  # the directives are in the leading comment block; the rest is code
@@ -240,8 +260,32 @@ def memory_limit(job_text):
             elif word == "-l" and hard and i + 1 < len(words):
                 for item in words[i + 1].split(","):  # e.g. h_rt=1:00:00,mem_grab=2G
                     name, _, value = item.partition("=")
-                    if name in ("mem_grab", "h_vmem") and parse_memory(value):
-                        limits.append(parse_memory(value))
+                    yield name, value
+
+
+def memory_limit(job_text):
+    """Return the smallest hard mem_grab/h_vmem request in a job file's #$ lines, or None."""
+    limits = [parse_memory(value) for name, value in hard_requests(job_text)
+              if name in ("mem_grab", "h_vmem") and parse_memory(value)]
+    return min(limits) if limits else None
+
+
+def parse_time(spec):
+    """Return the seconds in an SGE time (90, 1:30, 0:0:20, 1:00:00); None for INFINITY."""
+    if spec.strip().lower() == "infinity":
+        return None
+    if not re.match(r"^\d+(?::\d+){0,2}$", spec.strip()):
+        raise ValueError("%r is not a Grid Engine time such as 3600 or 1:00:00" % spec)
+    seconds = 0
+    for part in spec.strip().split(":"):
+        seconds = seconds * 60 + int(part)
+    return seconds
+
+
+def run_limit(job_text):
+    """Return the smallest hard h_rt request in a job file's #$ lines in seconds, or None."""
+    limits = [parse_time(value) for name, value in hard_requests(job_text)
+              if name == "h_rt" and parse_time(value) is not None]
     return min(limits) if limits else None
 
 
@@ -478,8 +522,10 @@ class Client:
 
     def __init__(self, url, password, request_id, job_index, batch=None, retry_s=600.0,
                  tls_fingerprint=None, mem_limit_bytes=None, stuck_grace_s=30.0,
-                 secret_file=None):
+                 secret_file=None, run_limit_s=None):
         self.request_id, self.job_index = int(request_id), job_index
+        # The job's h_rt in seconds; the worker stops leasing before it (see tasks_to_lease).
+        self.run_limit_s, self.longest_s = run_limit_s, 0.0
         self.host = socket.gethostname()
         self.worker = "%s:%d:%s" % (self.host, os.getpid(), job_index)
         self.batch, self.mem_limit_bytes = batch, mem_limit_bytes
@@ -504,6 +550,7 @@ class Client:
                 self.password = read_secret(self.secret_file)
                 self.conn = self.connect()
             self.set_memlimit()
+            self.set_run_limit()
             self.get_details()
             self.run()
         except ProtocolFailure as e:
@@ -538,6 +585,16 @@ class Client:
             resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
         return limit
 
+    def set_run_limit(self, fname=None):
+        """Take the job file's h_rt as our run-time limit, unless run_limit_s was given."""
+        if self.run_limit_s is None:
+            try:
+                with open(fname or sys.argv[0], errors="replace") as f:
+                    self.run_limit_s = run_limit(f.read(1 << 16))
+            except (OSError, ValueError) as e:
+                say("sheepdog: not watching a run-time limit: %s" % e, self.err)
+        return self.run_limit_s
+
     def get_details(self):
         """Fetch the function and the request's settings."""
         # An array task that starts after its map is over finds no server; it must not hold
@@ -562,8 +619,7 @@ class Client:
         batch = int(self.batch or self.settings.get("batch") or 1)
         left = self.settings.get("tasks_per_worker")  # None: until no work is left
         threading.Thread(target=self.watch, name="sheepdog-heartbeat", daemon=True).start()
-        answer = self.conn.call("POST", "lease", self.hello(batch if left is None
-                                                            else min(batch, left)))
+        answer = self.conn.call("POST", "lease", self.hello(self.how_many(batch, left)))
         while answer["tasks"]:
             if left is not None:
                 left -= len(answer["tasks"])
@@ -578,13 +634,26 @@ class Client:
                                     "duration_s": 0.0})
                 elif task["lease"] not in self.lost:  # else it was leased again, to another worker
                     results.append(self.run_task(task))
-            more = 0 if self.cancelled else batch if left is None else min(batch, left)
+                    self.longest_s = max(self.longest_s, results[-1]["duration_s"])
+            more = 0 if self.cancelled else self.how_many(batch, left)
             answer = self.submit_results(results, more)
             if not more:
                 break
         self.leases = []
         if self.load_error:
             raise ProtocolFailure(self.load_error["message"], EXIT_VERSION)
+
+    def how_many(self, batch, left):
+        """How many tasks to ask for next: a batch, the tasks_per_worker left, the time left."""
+        wanted = batch if left is None else min(batch, left)
+        more = tasks_to_lease(wanted, self.run_limit_s, time.monotonic() - STARTED_S,
+                              self.longest_s)
+        if wanted and not more:
+            say("sheepdog: worker %s stops leasing: its run-time limit (h_rt) of %g s is near"
+                " (%.0f s run, longest task %.1f s)" % (
+                    self.worker, self.run_limit_s, time.monotonic() - STARTED_S, self.longest_s),
+                self.out)
+        return more
 
     def hello(self, max_tasks):
         return {"worker": self.worker, "host": self.host, "max_tasks": max_tasks}

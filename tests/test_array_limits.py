@@ -1,0 +1,100 @@
+"""The cluster's array limits: reading qconf -sconf, caching it, splitting requests into jobs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sheepdog._api import job_sizes
+from sheepdog.deployment import CommandResult, Deployer
+from sheepdog.errors import RemoteCommandError
+from sheepdog.sge import ArrayLimits, parse_global_config
+
+#: The relevant part of ``qconf -sconf`` on the Docker cluster (Debian's gridengine 8.1.9).
+SCONF = """\
+#global:
+execd_spool_dir              /var/spool/gridengine/execd
+mailer                       /usr/bin/mail
+max_unheard                  00:05:00
+max_aj_instances             2000
+max_aj_tasks                 75000
+max_u_jobs                   0
+max_jobs                     0
+"""
+
+
+def test_qconf_sconf_gives_both_limits() -> None:
+    limits = parse_global_config(SCONF)
+    assert limits == ArrayLimits(max_tasks=75_000, max_instances=2_000)
+    assert limits.per_job == 2_000
+
+
+def test_zero_means_no_limit() -> None:
+    text = SCONF.replace("max_aj_tasks                 75000", "max_aj_tasks 0")
+    assert parse_global_config(text).per_job == 2_000
+    assert ArrayLimits(max_tasks=0, max_instances=0).per_job == 0
+    assert ArrayLimits(max_tasks=3, max_instances=0).per_job == 3
+
+
+def test_an_answer_without_the_keys_says_what_did_not_match() -> None:
+    with pytest.raises(ValueError, match="max_aj_tasks") as info:
+        parse_global_config("max_aj_instances 2000\nmax_aj_tasks lots\n")
+    assert "max_aj_instances" not in str(info.value).split("for ", 1)[1].split(":")[0]
+    assert "max_aj_tasks lots" in str(info.value)
+
+
+class ScriptedDeployer(Deployer):
+    """A Deployer whose remote commands answer from a script, counted."""
+
+    def __init__(self, status: int, stdout: str) -> None:
+        super().__init__("headnode")
+        self.status, self.stdout = status, stdout
+        self.commands: list[str] = []
+
+    def run(self, command: str, **kwargs: Any) -> CommandResult:
+        self.commands.append(command)
+        result = CommandResult(command, self.status, self.stdout, "qconf: denied")
+        if self.status != 0:
+            raise RemoteCommandError(command, self.status, self.stdout, "qconf: denied")
+        return result
+
+
+def test_the_limits_are_read_once_per_connection() -> None:
+    deployer = ScriptedDeployer(0, SCONF)
+    assert deployer.array_limits().max_tasks == 75_000
+    assert deployer.array_limits().max_instances == 2_000
+    assert deployer.commands == ["qconf -sconf"]
+
+
+def test_a_failed_qconf_raises_with_command_status_and_output() -> None:
+    with pytest.raises(RemoteCommandError, match="qconf -sconf") as info:
+        ScriptedDeployer(1, "").array_limits()
+    assert info.value.exit_status == 1
+    assert "denied" in info.value.stderr
+
+
+def test_an_unreadable_answer_raises_with_the_text() -> None:
+    with pytest.raises(RemoteCommandError, match="did not match|no line matching") as info:
+        ScriptedDeployer(0, "nothing useful\n").array_limits()
+    assert info.value.stdout == "nothing useful\n"
+    assert "max_aj_tasks" in info.value.stderr
+
+
+@given(st.integers(1, 100_000), st.integers(0, 5_000))
+def test_jobs_hold_every_worker_within_the_limit(n_workers: int, per_job: int) -> None:
+    sizes = job_sizes(n_workers, per_job)
+    assert sum(sizes) == n_workers
+    assert all(size >= 1 for size in sizes)
+    if per_job:
+        assert all(size <= per_job for size in sizes)
+        assert len(sizes) == -(-n_workers // per_job)  # as few jobs as the limit allows
+    else:
+        assert sizes == [n_workers]
+
+
+def test_a_request_within_the_limit_is_one_job() -> None:
+    assert job_sizes(5, 2) == [2, 2, 1]
+    assert job_sizes(4, 4) == [4]

@@ -23,7 +23,7 @@ import paramiko
 
 from .errors import ConfigError, HostKeyError, RemoteCommandError, SSHError, SubmitError
 from .job_file import job_file_name, key_file_name
-from .sge import ArrayLimits, parse_global_config
+from .sge import DEFAULT_ARRAY_LIMITS, ArrayLimits, parse_global_config
 
 __all__ = ["CommandResult", "Deployer", "parse_qsub_output"]
 
@@ -385,18 +385,21 @@ class Deployer:
     def array_limits(self) -> ArrayLimits:
         """The cluster's ``max_aj_tasks`` and ``max_aj_instances``, read once per Deployer.
 
-        A failed ``qconf -sconf`` raises RemoteCommandError with its command, status and
-        output; an answer without the two keys raises it too, saying what did not match.
+        Where ``qconf -sconf`` fails or says something else, Grid Engine's defaults are
+        used, with a warning that shows the command and its answer: a site that hides its
+        configuration can still submit, and qsub itself refuses a job over the real limit.
         """
         if self._array_limits is None:
-            result = self.run("qconf -sconf")
             try:
+                result = self.run("qconf -sconf")
                 self._array_limits = parse_global_config(result.stdout)
-            except ValueError as exc:
-                raise RemoteCommandError(
-                    result.command, result.exit_status, result.stdout,
-                    f"{result.stderr}\n{exc}", host=self.host,
-                ) from exc
+            except (RemoteCommandError, ValueError) as exc:
+                logger.warning(
+                    "could not read the array job limits (%s); assuming Grid Engine's "
+                    "defaults, max_aj_tasks %d and max_aj_instances %d",
+                    exc, DEFAULT_ARRAY_LIMITS.max_tasks, DEFAULT_ARRAY_LIMITS.max_instances,
+                )
+                self._array_limits = DEFAULT_ARRAY_LIMITS
         return self._array_limits
 
     def absolute(self, directory: str) -> str:

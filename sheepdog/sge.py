@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "AccountingRecord",
+    "DEFAULT_ARRAY_LIMITS",
     "ArrayLimits",
     "JobStatus",
     "describe_failure",
@@ -157,6 +158,9 @@ class ArrayLimits:
         limits = [n for n in (self.max_tasks, self.max_instances) if n > 0]
         return min(limits) if limits else 0
 
+
+#: Grid Engine's defaults for ``max_aj_tasks`` and ``max_aj_instances`` (sge_conf(5)).
+DEFAULT_ARRAY_LIMITS = ArrayLimits(75_000, 2_000)
 
 _CONF_LINE = re.compile(r"^(?P<key>max_aj_tasks|max_aj_instances)\s+(?P<value>\d+)\s*$", re.M)
 

@@ -112,6 +112,7 @@ class _Outstanding:
     futures: list[Future[Any]]
     watcher: Watcher
     finished_seen: int = 0
+    mark: int = 0
     resolved: set[int] = field(default_factory=set)
 
 
@@ -389,27 +390,25 @@ class Executor(concurrent.futures.Executor):
                     delete_jobs(self._deployer, self.config.dbfile, request_id)
 
     def _resolve(self, storage: Storage, request_id: int, out: _Outstanding) -> None:
+        # Only what finished since the last look: each result is read once per request.
+        out.mark, rows = storage.finished_since(request_id, out.mark)
         settle: list[tuple[Future[Any], bool, Any]] = []
-        rows = storage.get_tasks_with_results(request_id)
-        for index, (_, result) in enumerate(rows, start=1):
-            if result is None or index in out.resolved:
+        for index, _, result, error in rows:
+            if index in out.resolved:
                 continue
             out.resolved.add(index)
+            future = out.futures[index - 1]
+            if error is not None:
+                remote = RemoteError.from_dict(error, request_id=request_id, task_index=index)
+                settle.append((future, False, remote))
+                continue
             try:
-                value = serialisation.deserialise_value(result)
-                settle.append((out.futures[index - 1], True, value))
+                settle.append((future, True, serialisation.deserialise_value(result or b"")))
             except Exception as exc:  # noqa: BLE001 - any unpickling error belongs to the future
-                error = SerialisationError(
+                error_ = SerialisationError(
                     f"request {request_id} task {index}: cannot unpickle the result: {exc!r}"
                 )
-                settle.append((out.futures[index - 1], False, error))
-        if len(out.resolved) < len(rows):
-            for index, _, data in storage.get_task_errors(request_id):
-                if index in out.resolved:
-                    continue
-                out.resolved.add(index)
-                remote = RemoteError.from_dict(data, request_id=request_id, task_index=index)
-                settle.append((out.futures[index - 1], False, remote))
+                settle.append((future, False, error_))
         # Outside any lock: done-callbacks run here and may call submit().
         for future, ok, value in settle:
             if ok:

@@ -39,6 +39,7 @@ __all__ = [
     "DB_FILE_MODE",
     "DEFAULT_SETTINGS",
     "OPEN_STATES",
+    "RERUN_CHOICES",
     "SCHEMA_VERSION",
     "Lease",
     "NonceReusedError",
@@ -128,8 +129,57 @@ def _migrate_to_2(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+_V3_STATEMENTS = (
+    # Every time a task reaches a final state it gets the next number here, so that a
+    # reader (the Executor) asks only for what finished since it last looked, instead
+    # of re-reading every task's result each time the count moves. A trigger keeps it
+    # in one place, whichever code path finishes the task (and ties in time do not
+    # matter: the numbers are distinct).
+    """CREATE TABLE IF NOT EXISTS finished_log (
+        seq         INTEGER PRIMARY KEY,
+        request_id  INTEGER NOT NULL,
+        idx         INTEGER NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS finished_log_by_request ON finished_log (request_id, seq)",
+    """CREATE TRIGGER IF NOT EXISTS tasks_finished AFTER UPDATE OF state ON tasks
+    WHEN OLD.state IN ('pending', 'leased') AND NEW.state NOT IN ('pending', 'leased')
+    BEGIN
+        INSERT INTO finished_log (request_id, idx) VALUES (NEW.request_id, NEW.idx);
+    END""",
+    # What a task's earlier runs ended with, kept when a rerun makes it pending again.
+    """CREATE TABLE IF NOT EXISTS task_history (
+        request_id  INTEGER NOT NULL REFERENCES requests (id),
+        idx         INTEGER NOT NULL,
+        run         INTEGER NOT NULL,
+        state       TEXT    NOT NULL,
+        error       TEXT,
+        host        TEXT,
+        stdout      TEXT,
+        stderr      TEXT,
+        attempts    INTEGER NOT NULL,
+        finished    REAL,
+        PRIMARY KEY (request_id, idx, run)
+    )""",
+)
+
+
+def _migrate_to_3(conn: sqlite3.Connection) -> None:
+    for statement in _V3_STATEMENTS:
+        conn.execute(statement)
+
+
 #: Migration steps: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _migrate_to_1, _migrate_to_2, _migrate_to_3,
+]
+
+#: What :meth:`Storage.rerun_tasks` may choose, each as a condition on a task's row:
+#: ``failed`` is an error of any kind but a lost worker's.
+RERUN_CHOICES: dict[str, str] = {
+    "failed": "(state = 'error' AND coalesce(json_extract(error, '$.kind'), '') != 'lost')",
+    "lost": "(state = 'error' AND json_extract(error, '$.kind') = 'lost')",
+    "cancelled": "state = 'cancelled'",
+}
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -636,6 +686,45 @@ class Storage:
             ).fetchall()
         return [(bytes(a), None if r is None else bytes(r)) for a, r in rows]
 
+    def finished_since(
+        self, request_id: int, after: int = 0
+    ) -> tuple[int, list[tuple[int, str, bytes | None, dict[str, Any] | None]]]:
+        """Return the tasks that finished after mark ``after``, and the mark to pass next.
+
+        Each task comes as ``(index, state, result or None, error dict or None)``,
+        in the order they finished, read once: a caller polling with the mark it
+        got back reads every finished task's result once over a request (a task
+        rerun and finished again comes again). Start with ``after=0``.
+        """
+        self._request_row(request_id, "id")
+        with self._lock:
+            marks = self.conn.execute(
+                "SELECT seq, idx FROM finished_log WHERE request_id = ? AND seq > ?"
+                " ORDER BY seq",
+                (request_id, after),
+            ).fetchall()
+            if not marks:
+                return after, []
+            rows = []
+            for _, idx in marks:
+                rows.append(self.conn.execute(
+                    "SELECT idx, state, CASE WHEN state = 'done' THEN result END, error,"
+                    " stdout, stderr FROM tasks WHERE request_id = ? AND idx = ?",
+                    (request_id, idx),
+                ).fetchone())
+        out: list[tuple[int, str, bytes | None, dict[str, Any] | None]] = []
+        for idx, state, result, error, stdout, stderr in rows:
+            if state in OPEN_STATES:  # rerun since it finished: it will come again
+                continue
+            data = None
+            if state != "done":
+                data = _load_error(error)
+                data.setdefault("kind", "exception")
+                data.setdefault("stdout", stdout or "")
+                data.setdefault("stderr", stderr or "")
+            out.append((int(idx), str(state), None if result is None else bytes(result), data))
+        return int(marks[-1][0]), out
+
     def task_states(self, request_id: int) -> list[str]:
         """Return every task's state (``pending``, ``leased``, ``done``...), in index order."""
         self._request_row(request_id, "id")
@@ -1089,6 +1178,69 @@ class Storage:
                 if cursor.rowcount:
                     changed.append(int(idx))
         return changed
+
+    def rerun_tasks(self, request_id: int, which: Iterable[str]) -> list[int]:
+        """Make the request's tasks in the chosen end states pending again; return their indices.
+
+        ``which`` holds names from :data:`RERUN_CHOICES`. What each task ended
+        with is kept in its history (:meth:`get_task_history`); a task with a
+        result is never chosen. The request is reopened (a cancelled request
+        takes leases again).
+        """
+        chosen = list(dict.fromkeys(which))
+        unknown = [w for w in chosen if w not in RERUN_CHOICES]
+        if unknown or not chosen:
+            raise ValueError(
+                f"cannot rerun {unknown or chosen!r}: choose one or more of "
+                f"{', '.join(RERUN_CHOICES)}"
+            )
+        where = " OR ".join(RERUN_CHOICES[w] for w in chosen)
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM requests WHERE id = ?", (request_id,)).fetchone() is None:
+                raise UnknownRequestError(request_id, self.dbfile)
+            rows = conn.execute(
+                f"SELECT idx FROM tasks WHERE request_id = ? AND ({where}) ORDER BY idx",  # noqa: S608 - fixed conditions
+                (request_id,),
+            ).fetchall()
+            indices = [int(r[0]) for r in rows]
+            for idx in indices:
+                conn.execute(
+                    "INSERT INTO task_history (request_id, idx, run, state, error, host, stdout,"
+                    " stderr, attempts, finished) SELECT request_id, idx, 1 + (SELECT count(*)"
+                    " FROM task_history h WHERE h.request_id = t.request_id AND h.idx = t.idx),"
+                    " state, error, host, stdout, stderr, attempts, finished FROM tasks t"
+                    " WHERE request_id = ? AND idx = ?",
+                    (request_id, idx),
+                )
+                conn.execute(
+                    "UPDATE tasks SET state = 'pending', attempts = 0, lease = NULL,"
+                    " lease_expires = NULL, error = NULL, result = NULL, finished = NULL,"
+                    " started = NULL, stdout = NULL, stderr = NULL, duration_s = NULL"
+                    " WHERE request_id = ? AND idx = ?",
+                    (request_id, idx),
+                )
+            if indices:
+                conn.execute("UPDATE requests SET state = 'open' WHERE id = ?", (request_id,))
+        return indices
+
+    def get_task_history(self, request_id: int, idx: int) -> list[dict[str, Any]]:
+        """Return how the task's earlier runs ended, oldest first (``error`` decoded)."""
+        (n_tasks,) = self._request_row(request_id, "n_tasks")
+        if not 1 <= idx <= int(n_tasks):
+            raise UnknownTaskError(request_id, idx, int(n_tasks))
+        with self._lock:
+            cursor = self.conn.execute(
+                "SELECT * FROM task_history WHERE request_id = ? AND idx = ? ORDER BY run",
+                (request_id, idx),
+            )
+            names = [d[0] for d in cursor.description]
+            rows = cursor.fetchall()
+        out = []
+        for row in rows:
+            entry = dict(zip(names, row))
+            entry["error"] = _load_error(entry["error"]) if entry["error"] is not None else None
+            out.append(entry)
+        return out
 
     # -- Grid Engine jobs ----------------------------------------------------------
 

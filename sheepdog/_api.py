@@ -29,7 +29,9 @@ from .sge import parse_qdel
 from .storage import OPEN_STATES, Storage
 from .watch import Watcher, wait_for_request
 
-__all__ = ["cancel", "get_errors", "get_output", "get_results", "map", "map_async"]
+__all__ = [
+    "cancel", "get_errors", "get_output", "get_results", "map", "map_async", "rerun",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +206,52 @@ def map_async(
     request_id, cfg = _start(f, args, config, ns)
     _async_requests.append((cfg.dbfile, request_id))
     return request_id
+
+
+#: What :func:`rerun` runs again unless told otherwise: every task that ended without a result.
+RERUN_DEFAULT = ("failed", "lost", "cancelled")
+
+
+def rerun(
+    request_id: int,
+    config: ConfigLike,
+    which: Iterable[str] = RERUN_DEFAULT,
+    *,
+    deployer: Deployer | None = None,
+) -> list[int]:
+    """Run a request's failed, lost or cancelled tasks again; return their indices.
+
+    ``which`` chooses among ``"failed"`` (the function raised, or the job
+    was never submitted), ``"lost"`` (the worker died or its job was killed)
+    and ``"cancelled"``. They run under the same request id; tasks with a
+    result are never run again; what the chosen ones ended with stays in
+    their history (:meth:`Storage.get_task_history`). A new array job is submitted for them
+    with the config stored with the request (``config`` names the database,
+    and is used for a request stored without one). Returns at once, as
+    :func:`map_async`: wait with :func:`get_results`. No task chosen: nothing
+    is submitted and the list is empty.
+    """
+    cfg = as_config(config)
+    with Storage(cfg.dbfile) as storage:
+        cfg = stored_config(storage, request_id) or cfg
+        indices = storage.rerun_tasks(request_id, which)
+        if not indices:
+            return []
+        own = deployer is None
+        dep = deployer if deployer is not None else open_deployer(cfg)
+        try:
+            submit_request(storage, cfg, request_id, dep,
+                           n_workers=array_size(cfg, len(indices)))
+        except BaseException as exc:
+            line = _submission_failed(storage, dep, request_id, exc)
+            if isinstance(exc, KeyboardInterrupt):
+                raise KeyboardInterrupt(line) from None
+            raise
+        finally:
+            if own:
+                dep.close()
+    _async_requests.append((cfg.dbfile, request_id))
+    return indices
 
 
 def _start(

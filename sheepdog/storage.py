@@ -1196,7 +1196,8 @@ class Storage:
             )
         where = " OR ".join(RERUN_CHOICES[w] for w in chosen)
         with self._write() as conn:
-            if conn.execute("SELECT 1 FROM requests WHERE id = ?", (request_id,)).fetchone() is None:
+            found = conn.execute("SELECT 1 FROM requests WHERE id = ?", (request_id,)).fetchone()
+            if found is None:
                 raise UnknownRequestError(request_id, self.dbfile)
             rows = conn.execute(
                 f"SELECT idx FROM tasks WHERE request_id = ? AND ({where}) ORDER BY idx",  # noqa: S608 - fixed conditions

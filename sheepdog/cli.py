@@ -162,8 +162,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         total = storage.count_tasks(args.id)
         state = request_state(storage.get_request_state(args.id), counts)
         jobs = storage.get_jobs(args.id)
+        cached = storage.count_cached(args.id)
         note = _unserved_note(storage, args.id, args.dbfile) if state == "open" else None
-    print(f"request {args.id}: {state}, {format_counts(counts, total)}")
+    from_cache = f" ({cached} from the cache)" if cached else ""
+    print(f"request {args.id}: {state}, {format_counts(counts, total)}{from_cache}")
     for job in jobs:
         port = job["info"].get("port")
         where = f", server port {port}" if port else ""

@@ -12,6 +12,7 @@ acknowledged survives the server being killed (and, with ``FULL``, a power cut).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ __all__ = [
     "Lease",
     "NonceReusedError",
     "Storage",
+    "content_digest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -160,6 +162,14 @@ _V3_STATEMENTS = (
         finished    REAL,
         PRIMARY KEY (request_id, idx, run)
     )""",
+    # The result cache: a task is known by its function's payload digest (on the
+    # request) and its argument pickle's digest. Only results are indexed, so a
+    # failure is never found.
+    "ALTER TABLE requests ADD COLUMN func_digest TEXT",
+    "ALTER TABLE tasks ADD COLUMN args_digest TEXT",
+    "ALTER TABLE tasks ADD COLUMN cached INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX IF NOT EXISTS tasks_by_args_digest ON tasks (args_digest)"
+    " WHERE state = 'done' AND args_digest IS NOT NULL",
 )
 
 
@@ -181,6 +191,11 @@ RERUN_CHOICES: dict[str, str] = {
     "cancelled": "state = 'cancelled'",
 }
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def content_digest(data: bytes) -> str:
+    """The digest that identifies a function payload or an argument pickle in the cache."""
+    return hashlib.sha256(data).hexdigest()
 
 
 class NonceReusedError(StorageError):
@@ -461,11 +476,15 @@ class Storage:
         secret: str | None = None,
         settings: dict[str, Any] | None = None,
         label: str | None = None,
+        func_digest: str | None = None,
+        args_digests: Sequence[str] | None = None,
     ) -> int:
         """Store a request and one pending task per serialised argument; return its id.
 
         Task indices count from 1. ``secret`` (64 hex characters) is generated when
-        not given. ``settings`` are merged over ``DEFAULT_SETTINGS``.
+        not given. ``settings`` are merged over ``DEFAULT_SETTINGS``. The digests
+        (of the function's payload, and of each argument) let later requests take
+        these results from the cache (:meth:`fill_from_cache`).
         """
         if secret is None:
             secret = secrets.token_hex(32)
@@ -477,8 +496,8 @@ class Storage:
         args = list(args_list)
         with self._write() as conn:
             cursor = conn.execute(
-                "INSERT INTO requests (created, func, ns, secret, n_tasks, settings, label)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO requests (created, func, ns, secret, n_tasks, settings, label,"
+                " func_digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     time.time(),
                     serialised_function,
@@ -487,15 +506,67 @@ class Storage:
                     len(args),
                     json.dumps(merged),
                     label,
+                    func_digest,
                 ),
             )
             request_id = cursor.lastrowid
             assert request_id is not None
+            digests = list(args_digests) if args_digests is not None else [None] * len(args)
+            if len(digests) != len(args):
+                raise ValueError(f"{len(digests)} argument digests for {len(args)} arguments")
             conn.executemany(
-                "INSERT INTO tasks (request_id, idx, args) VALUES (?, ?, ?)",
-                ((request_id, i, a) for i, a in enumerate(args, start=1)),
+                "INSERT INTO tasks (request_id, idx, args, args_digest) VALUES (?, ?, ?, ?)",
+                ((request_id, i, a, d) for i, (a, d) in enumerate(zip(args, digests), start=1)),
             )
         return int(request_id)
+
+    def fill_from_cache(self, request_id: int) -> int:
+        """Finish the request's pending tasks whose result is already stored; return how many.
+
+        A task matches an earlier task with a result (never a failure) of a
+        request whose function has the same payload digest, and the same
+        argument digest. Such tasks are done at once, marked ``cached``.
+        """
+        now = time.time()
+        filled = 0
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT func_digest FROM requests WHERE id = ?", (request_id,)
+            ).fetchone()
+            if row is None:
+                raise UnknownRequestError(request_id, self.dbfile)
+            if row[0] is None:
+                return 0
+            pending = conn.execute(
+                "SELECT idx, args_digest FROM tasks WHERE request_id = ? AND state = 'pending'"
+                " AND args_digest IS NOT NULL ORDER BY idx",
+                (request_id,),
+            ).fetchall()
+            for idx, digest in pending:
+                found = conn.execute(
+                    "SELECT t.result FROM tasks t JOIN requests r ON r.id = t.request_id"
+                    " WHERE t.args_digest = ? AND t.state = 'done' AND r.func_digest = ?"
+                    " AND t.request_id != ? LIMIT 1",
+                    (digest, row[0], request_id),
+                ).fetchone()
+                if found is None:
+                    continue
+                conn.execute(
+                    "UPDATE tasks SET state = 'done', result = ?, cached = 1, finished = ?"
+                    " WHERE request_id = ? AND idx = ?",
+                    (found[0], now, request_id, idx),
+                )
+                filled += 1
+        return filled
+
+    def count_cached(self, request_id: int) -> int:
+        """Return how many of the request's tasks took their result from the cache."""
+        self._request_row(request_id, "id")
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT count(*) FROM tasks WHERE request_id = ? AND cached = 1", (request_id,)
+            ).fetchone()
+        return int(row[0])
 
     def _request_row(self, request_id: int, columns: str) -> tuple[Any, ...]:
         with self._lock:

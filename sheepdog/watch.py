@@ -333,7 +333,9 @@ def wait_for_request(
         total = storage.count_tasks(request_id)
         if watcher is None and watch:
             watcher = own = _passive_watcher(storage, request_id)
-        progress = Progress(total, verbose=verbose, label=f"request {request_id}")
+        cached = storage.count_cached(request_id)
+        label = f"request {request_id}" + (f" ({cached} cached)" if cached else "")
+        progress = Progress(total, verbose=verbose, label=label)
         try:
             while True:
                 counts = storage.task_counts(request_id)

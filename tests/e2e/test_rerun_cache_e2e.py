@@ -1,7 +1,7 @@
 """Reruns and the result cache on a real Grid Engine.
 
 The flag file lives in the config's ``ssh_dir``, which every node shares (it
-holds the key files), so tasks on any node see it appear.
+holds the key files); the tasks read it, so it says "no" until the fix.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def flaky(x: int, flag: str) -> int:
-    """Fails for odd x until the flag file (a path under the home directory) exists."""
+    """Fails for odd x until the flag file (a path under the home directory) says yes."""
     import os
 
-    if x % 2 and not os.path.exists(os.path.expanduser(flag)):
-        raise RuntimeError(f"no flag for {x}")
+    with open(os.path.expanduser(flag)) as f:
+        if x % 2 and f.read().strip() != "yes":
+            raise RuntimeError(f"no flag for {x}")
     return x * 10
 
 
@@ -42,14 +43,16 @@ def on_head_node(config: dict[str, Any], command: str) -> None:
 
 def test_rerun_failed_from_the_cli_keeps_the_earlier_errors(config: dict[str, Any]) -> None:
     ssh_dir = Config.from_mapping(config).ssh_dir
-    flag = f"{ssh_dir}/sheepdog-flag-{uuid.uuid4().hex[:8]}"
+    name = f"{ssh_dir}/sheepdog-flag-{uuid.uuid4().hex[:8]}"
+    flag = f"~/{name}"
     config = dict(config, retries=0)
     args = [(x, flag) for x in range(6)]
+    on_head_node(config, f"echo no > ~/{shlex.quote(name)}")
     try:
         first = sheepdog.map(flaky, args, config, verbose=False, timeout_s=WAIT_S)
         assert first == [0, None, 20, None, 40, None]
         (request_id,) = [r["id"] for r in sheepdog.Storage(config["dbfile"]).list_requests()]
-        on_head_node(config, f"touch ~/{shlex.quote(flag)}")
+        on_head_node(config, f"echo yes > ~/{shlex.quote(name)}")
         done = subprocess.run(
             [sys.executable, "-m", "sheepdog", "rerun", str(request_id), "--failed", "--wait",
              "--dbfile", config["dbfile"]],
@@ -67,7 +70,7 @@ def test_rerun_failed_from_the_cli_keeps_the_earlier_errors(config: dict[str, An
             assert storage.get_task_history(request_id, 1) == []
             assert len(storage.get_jobs(request_id)) == 2
     finally:
-        on_head_node(config, f"rm -f ~/{shlex.quote(flag)}")
+        on_head_node(config, f"rm -f ~/{shlex.quote(name)}")
 
 
 def tripled(x: int) -> int:

@@ -183,11 +183,19 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migrate_to_1, _migrate_to_2, _migrate_to_3,
 ]
 
+#: Error kinds of tasks whose worker or job went away: a worker that stopped renewing
+#: its lease, a job that left the queue with work undone, a job in Grid Engine's error
+#: state.
+LOST_KINDS = ("lost", "job_lost", "job_error")
+_LOST_SQL = ", ".join(f"'{kind}'" for kind in LOST_KINDS)
+
 #: What :meth:`Storage.rerun_tasks` may choose, each as a condition on a task's row:
-#: ``failed`` is an error of any kind but a lost worker's.
+#: ``failed`` is an error of any other kind (the function raised, a timeout, a job
+#: never submitted or never schedulable).
 RERUN_CHOICES: dict[str, str] = {
-    "failed": "(state = 'error' AND coalesce(json_extract(error, '$.kind'), '') != 'lost')",
-    "lost": "(state = 'error' AND json_extract(error, '$.kind') = 'lost')",
+    "failed": f"(state = 'error' AND coalesce(json_extract(error, '$.kind'), '')"
+              f" NOT IN ({_LOST_SQL}))",
+    "lost": f"(state = 'error' AND json_extract(error, '$.kind') IN ({_LOST_SQL}))",
     "cancelled": "state = 'cancelled'",
 }
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -38,18 +38,22 @@ def fail(db: Storage, rid: int, index: int, message: str = "boom") -> None:
 
 
 def test_rerun_chooses_failed_lost_and_cancelled_and_keeps_history(db: Storage) -> None:
-    rid = db.new_request(b"F", b"", [b"a"] * 5)
+    rid = db.new_request(b"F", b"", [b"a"] * 8)
     db.complete(rid, [{"index": 1, "ok": True, "value": b"R1"}])
     fail(db, rid, 2)
     db.fail_tasks(rid, [3], "lost", "the worker died")
+    db.fail_tasks(rid, [6], "job_lost", "the job left the queue")
+    db.fail_tasks(rid, [7], "job_error", "the job sat in Eqw")
+    db.fail_tasks(rid, [8], "submit", "the job was never submitted")
     db.cancel(rid)  # 4 and 5 become cancelled, the request too
-    assert db.task_states(rid) == ["done", "error", "error", "cancelled", "cancelled"]
+    assert db.task_states(rid) == ["done", "error", "error", "cancelled", "cancelled"] + [
+        "error"] * 3
 
-    assert db.rerun_tasks(rid, ["failed"]) == [2]
+    assert db.rerun_tasks(rid, ["failed"]) == [2, 8]
     assert db.get_request_state(rid) == "open"  # reopened: workers may lease again
-    assert db.task_states(rid) == ["done", "pending", "error", "cancelled", "cancelled"]
-    assert db.rerun_tasks(rid, ["lost", "cancelled"]) == [3, 4, 5]
-    assert db.task_states(rid) == ["done"] + ["pending"] * 4
+    assert db.task_states(rid)[:5] == ["done", "pending", "error", "cancelled", "cancelled"]
+    assert db.rerun_tasks(rid, ["lost", "cancelled"]) == [3, 4, 5, 6, 7]
+    assert db.task_states(rid) == ["done"] + ["pending"] * 7
     assert db.rerun_tasks(rid, ["failed", "lost", "cancelled"]) == []  # nothing ended
     assert db.get_results(rid) == [(b"a", b"R1")]  # a result is never rerun
 

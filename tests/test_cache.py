@@ -106,6 +106,8 @@ def test_map_with_cache_runs_only_what_is_new(
     capsys.readouterr()
     assert cli.main(["status", str(rid), "--dbfile", config["dbfile"]]) == 0
     assert "(4 from the cache)" in capsys.readouterr().out
+    sheepdog.get_results(rid, config["dbfile"], verbose=True)  # the progress bar's line
+    assert f"request {rid} (4 cached): 6/6 done" in capsys.readouterr().err
     # refresh runs everything again.
     sheepdog.map(counted, args, config, verbose=False, timeout_s=WAIT_S, cache="refresh")
     assert deployer.submitted == 3

@@ -143,6 +143,9 @@ _V3_STATEMENTS = (
         idx         INTEGER NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS finished_log_by_request ON finished_log (request_id, seq)",
+    # Tasks that finished before this version are in the log too, in finishing order.
+    "INSERT INTO finished_log (request_id, idx) SELECT request_id, idx FROM tasks"
+    " WHERE state NOT IN ('pending', 'leased') ORDER BY finished, request_id, idx",
     """CREATE TRIGGER IF NOT EXISTS tasks_finished AFTER UPDATE OF state ON tasks
     WHEN OLD.state IN ('pending', 'leased') AND NEW.state NOT IN ('pending', 'leased')
     BEGIN

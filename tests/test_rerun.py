@@ -8,6 +8,7 @@ stand-in for SSH and qsub, from test_executor).
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ import sheepdog.executor
 from sheepdog.errors import UnknownRequestError
 from sheepdog.executor import Executor
 from sheepdog.serialisation import serialise_value
-from sheepdog.storage import Storage
+from sheepdog.storage import MIGRATIONS, Storage
 
 
 @pytest.fixture
@@ -75,6 +76,22 @@ def test_rerun_refuses_unknown_choices_and_requests(db: Storage) -> None:
         db.rerun_tasks(rid, [])
     with pytest.raises(UnknownRequestError):
         db.rerun_tasks(rid + 1, ["failed"])
+
+
+def test_tasks_finished_before_the_finish_log_are_in_it(tmp_path: Path) -> None:
+    path = str(tmp_path / "v2.sqlite")
+    conn = sqlite3.connect(path, isolation_level=None)
+    for step in MIGRATIONS[:2]:
+        step(conn)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute("INSERT INTO requests (id, created, func, secret, n_tasks) VALUES"
+                 " (1, 0, x'00', 'S', 2)")
+    conn.execute("INSERT INTO tasks (request_id, idx, args, state, result, finished) VALUES"
+                 " (1, 1, x'00', 'pending', NULL, NULL), (1, 2, x'00', 'done', x'52', 5)")
+    conn.close()
+    with Storage(path) as db:
+        _, rows = db.finished_since(1)
+        assert [(i, s, r) for i, s, r, _ in rows] == [(2, "done", b"R")]
 
 
 def test_finished_since_gives_each_finished_task_once(db: Storage) -> None:

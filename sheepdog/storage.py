@@ -1304,6 +1304,12 @@ class Storage:
                 )
             if indices:
                 conn.execute("UPDATE requests SET state = 'open' WHERE id = ?", (request_id,))
+                # The watcher counts resubmissions from the rerun's job on.
+                conn.execute(
+                    "UPDATE jobs SET info = json_set(info, '$.before_rerun', json('true'))"
+                    " WHERE request_id = ?",
+                    (request_id,),
+                )
         return indices
 
     def get_task_history(self, request_id: int, idx: int) -> list[dict[str, Any]]:

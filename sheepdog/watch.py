@@ -232,7 +232,10 @@ class Watcher:
     ) -> None:
         """Submit fresh array tasks for the open work, or fail it once retries are used up."""
         rid = self.request_id
-        resubmits = len(jobs) - 1
+        # A rerun starts the count afresh: the jobs before it had their own retries.
+        resubmits = sum(
+            1 for job in storage.get_jobs(rid) if not job["info"].get("before_rerun")
+        ) - 1
         if resubmits < self.config.retries:
             logger.warning(
                 "request %d: %s with %d tasks undone; resubmitting (%d of %d)",

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import sheepdog._api
 from sheepdog._api import request_settings
 from sheepdog.config import Config
 from sheepdog.deployment import CommandResult
@@ -198,3 +199,24 @@ def test_served_asks_where_the_server_listens_not_the_workers_name(tmp_path: Pat
                 "port": server.port, "listen_address": "127.0.0.1"})
             assert served(storage, rid) is True
         assert served(storage, rid) is False
+
+
+def test_a_rerun_gets_its_own_resubmissions(
+    setup: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage, config, rid = setup
+    config = config.replace(retries=1)
+    storage.add_job(rid, "42", 3)  # request's one resubmission is used up
+    storage.conn.execute(
+        "UPDATE tasks SET state = 'error', lease = NULL, error = '{\"kind\": \"job_lost\"}'"
+        " WHERE request_id = ?", (rid,)
+    )
+    assert storage.rerun_tasks(rid, ["lost"]) == [1, 2, 3]
+    storage.add_job(rid, "43", 3)  # the rerun's job, which then leaves the queue
+    resubmitted: list[int] = []
+    monkeypatch.setattr(sheepdog._api, "submit_request",
+                        lambda storage, config, rid, deployer, **_: resubmitted.append(rid))
+    head = FakeHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
+    Watcher(config, rid, head)._check(storage)  # type: ignore[arg-type]
+    assert resubmitted == [rid]
+    assert storage.task_states(rid) == ["pending"] * 3

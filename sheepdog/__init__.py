@@ -8,7 +8,7 @@
 import logging
 
 from . import serialisation
-from ._api import cancel, get_errors, get_output, get_results, map, map_async
+from ._api import cancel, get_errors, get_output, get_results, map, map_async, rerun
 from .config import Config
 from .deployment import Deployer
 from .errors import (
@@ -78,6 +78,7 @@ __all__ = [
     "map",
     "map_async",
     "map_sync",
+    "rerun",
     "serialisation",
 ]
 

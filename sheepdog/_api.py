@@ -25,10 +25,12 @@ from .errors import TimeoutError as SheepdogTimeoutError
 from .job_file import job_file, job_file_name, key_file_name
 from .server import Server, get_server, listen_address
 from .sge import parse_qdel
-from .storage import OPEN_STATES, Storage
+from .storage import OPEN_STATES, Storage, content_digest
 from .watch import Watcher, wait_for_request
 
-__all__ = ["cancel", "get_errors", "get_output", "get_results", "map", "map_async"]
+__all__ = [
+    "cancel", "get_errors", "get_output", "get_results", "map", "map_async", "rerun",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -219,21 +221,101 @@ def submit_request(
     return ", ".join(job_ids)
 
 
+#: What ``cache=`` may be: off, on, or recompute (and store for later).
+CACHE_CHOICES = (False, True, "refresh")
+
+
+def check_cache(cache: object) -> None:
+    """Refuse a ``cache=`` value that is not one of :data:`CACHE_CHOICES`."""
+    if not (cache is True or cache is False or cache == "refresh"):
+        raise ValueError(f"cache must be False, True or 'refresh', got {cache!r}")
+
+
+def new_cached_request(
+    storage: Storage,
+    payload: bytes,
+    blobs: list[bytes],
+    cache: bool | str,
+    **options: Any,
+) -> tuple[int, int]:
+    """Store a request with its cache digests; with ``cache=True`` fill what the cache has.
+
+    Returns the request id and how many tasks came from the cache.
+    """
+    request_id = storage.new_request(
+        payload, b"", blobs, func_digest=content_digest(payload),
+        args_digests=[content_digest(blob) for blob in blobs], **options,
+    )
+    filled = storage.fill_from_cache(request_id) if cache is True else 0
+    return request_id, filled
+
+
 def map_async(
     f: Callable[..., Any],
     args: Iterable[Any],
     config: ConfigLike,
     ns: Mapping[str, Any] | None = None,
+    *,
+    cache: bool | str = False,
 ) -> int:
     """Submit ``f`` with each of ``args`` on Grid Engine; return the request id at once.
 
     A tuple or list argument is unpacked into positional arguments, as Sheepdog
     0.2 did; any other value is passed as the single argument. Everything is
-    validated and serialised before anything is submitted.
+    validated and serialised before anything is submitted. With ``cache=True``
+    a task whose function and argument already have a result in the database
+    takes it at once; if all do, nothing is submitted. ``cache="refresh"``
+    runs every task again (its results serve later cached maps).
     """
-    request_id, cfg = _start(f, args, config, ns)
+    request_id, cfg = _start(f, args, config, ns, cache=cache)
     _async_requests.append((cfg.dbfile, request_id))
     return request_id
+
+
+#: What :func:`rerun` runs again unless told otherwise: every task that ended without a result.
+RERUN_DEFAULT = ("failed", "lost", "cancelled")
+
+
+def rerun(
+    request_id: int,
+    config: ConfigLike,
+    which: Iterable[str] = RERUN_DEFAULT,
+    *,
+    deployer: Deployer | None = None,
+) -> list[int]:
+    """Run a request's failed, lost or cancelled tasks again; return their indices.
+
+    ``which`` chooses among ``"failed"`` (the function raised, or the job
+    was never submitted), ``"lost"`` (the worker died or its job was killed)
+    and ``"cancelled"``. They run under the same request id; tasks with a
+    result are never run again; what the chosen ones ended with stays in
+    their history (:meth:`Storage.get_task_history`). A new array job is submitted for them
+    with the config stored with the request (``config`` names the database,
+    and is used for a request stored without one). Returns at once, as
+    :func:`map_async`: wait with :func:`get_results`. No task chosen: nothing
+    is submitted and the list is empty.
+    """
+    cfg = as_config(config)
+    with Storage(cfg.dbfile) as storage:
+        cfg = stored_config(storage, request_id) or cfg
+        indices = storage.rerun_tasks(request_id, which)
+        if not indices:
+            return []
+        own = deployer is None
+        dep = deployer if deployer is not None else open_deployer(cfg)
+        try:
+            submit_request(storage, cfg, request_id, dep,
+                           n_workers=array_size(cfg, len(indices)))
+        except BaseException as exc:
+            line = _submission_failed(storage, dep, request_id, exc)
+            if isinstance(exc, KeyboardInterrupt):
+                raise KeyboardInterrupt(line) from None
+            raise
+        finally:
+            if own:
+                dep.close()
+    _async_requests.append((cfg.dbfile, request_id))
+    return indices
 
 
 def _start(
@@ -243,8 +325,11 @@ def _start(
     ns: Mapping[str, Any] | None,
     deployer: Deployer | None = None,
     say: Callable[[str], None] = lambda message: None,
+    *,
+    cache: bool | str = False,
 ) -> tuple[int, Config]:
     cfg = as_config(config)
+    check_cache(cache)
     if not callable(f):
         raise TypeError(f"sheepdog.map needs a callable, got {type(f).__name__}")
     arg_list = list(args)
@@ -256,17 +341,20 @@ def _start(
     dep = deployer if deployer is not None else open_deployer(cfg)
     try:
         with Storage(cfg.dbfile) as storage:
-            request_id = storage.new_request(
-                payload, b"", blobs, settings=request_settings(cfg, len(arg_list))
+            request_id, cached = new_cached_request(
+                storage, payload, blobs, cache, settings=request_settings(cfg, len(arg_list))
             )
-            if not arg_list:
+            to_run = len(arg_list) - cached
+            if cached:
+                say(f"request {request_id}: {cached} of {len(arg_list)} tasks from the cache")
+            if not to_run:
                 return request_id, cfg
-            n_workers = array_size(cfg, len(arg_list))
+            n_workers = array_size(cfg, to_run)
             try:
                 say(f"connecting to {cfg.ssh_user}@{cfg.host}:{cfg.ssh_port}")
                 job_id = submit_request(storage, cfg, request_id, dep, n_workers=n_workers)
                 jobs = "jobs" if "," in job_id else "job"
-                say(f"submitted {jobs} {job_id} for request {request_id} ({len(arg_list)} "
+                say(f"submitted {jobs} {job_id} for request {request_id} ({to_run} "
                     "tasks); waiting for workers")
             except BaseException as exc:
                 line = _submission_failed(storage, dep, request_id, exc)
@@ -337,13 +425,14 @@ def map(  # noqa: A001 - the original's name, kept on purpose
     *,
     errors: str = "none",
     timeout_s: float | None = None,
+    cache: bool | str = False,
 ) -> list[Any]:
     """Run ``f`` with each of ``args`` on Grid Engine and return the results in order.
 
     A task that failed gives ``None`` in its place (call :func:`get_errors`
     for the remote traceback), or, with ``errors="raise"``, a
     :class:`~sheepdog.errors.TaskFailedError` carrying every
-    :class:`~sheepdog.errors.RemoteError`.
+    :class:`~sheepdog.errors.RemoteError`. ``cache`` as :func:`map_async`.
     """
     if errors not in ("none", "raise"):
         raise ValueError(f"errors must be 'none' or 'raise', got {errors!r}")
@@ -351,11 +440,16 @@ def map(  # noqa: A001 - the original's name, kept on purpose
     arg_list = list(args)
     deployer = open_deployer(cfg)
     try:
-        request_id, cfg = _start(f, arg_list, cfg, ns, deployer, say=_say if verbose else _quiet)
+        request_id, cfg = _start(f, arg_list, cfg, ns, deployer, say=_say if verbose else _quiet,
+                                 cache=cache)
         if not arg_list:
             return []
+        with Storage(cfg.dbfile) as storage:
+            submitted = bool(storage.get_jobs(request_id))
         bound = timeout_s if timeout_s is not None else cfg.timeout_s
-        watcher = Watcher(cfg, request_id, deployer, server=server_for(cfg))
+        # Every task from the cache: no job, so no server to start or watch.
+        server = server_for(cfg) if submitted else None
+        watcher = Watcher(cfg, request_id, deployer, server=server)
         try:
             wait_for_request(cfg.dbfile, request_id, verbose=verbose, timeout_s=bound,
                              watcher=watcher)
@@ -377,7 +471,8 @@ def map(  # noqa: A001 - the original's name, kept on purpose
             ) from None
         # Array tasks still queued would start, find nothing to do and exit; deleting
         # them frees their slots now (and never leaves them waiting on a stopped server).
-        delete_jobs(deployer, cfg.dbfile, request_id)
+        if submitted:
+            delete_jobs(deployer, cfg.dbfile, request_id)
         results = get_results(request_id, cfg.dbfile, block=False)
         failed = get_errors(request_id, cfg.dbfile)
     finally:

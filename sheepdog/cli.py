@@ -37,6 +37,7 @@ from ._api import (
     get_output,
     get_results,
     open_deployer,
+    rerun,
     served,
     stored_config,
 )
@@ -160,8 +161,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         total = storage.count_tasks(args.id)
         state = request_state(storage.get_request_state(args.id), counts)
         jobs = storage.get_jobs(args.id)
+        cached = storage.count_cached(args.id)
         note = _unserved_note(storage, args.id, args.dbfile)
-    print(f"request {args.id}: {state}, {format_counts(counts, total)}")
+    from_cache = f" ({cached} from the cache)" if cached else ""
+    print(f"request {args.id}: {state}, {format_counts(counts, total)}{from_cache}")
     for job in jobs:
         port = job["info"].get("port")
         where = f", server port {port}" if port else ""
@@ -247,6 +250,33 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     done = cancel_request(args.id, config)
     print(done.describe())
     return 0 if done.jobs.error is None else 1
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    which = [w for w in ("failed", "lost", "cancelled") if getattr(args, w)]
+    which = which or ["failed", "lost", "cancelled"]
+    with _open_db(args.dbfile) as storage:
+        config = stored_config(storage, args.id)
+        storage.count_tasks(args.id)  # an unknown id fails here, naming the database
+    if args.config is not None:
+        config = as_config(args.config).replace(dbfile=args.dbfile)
+    if config is None:
+        raise CliError(
+            f"request {args.id} has no stored config (an older request): pass --config FILE"
+        )
+    indices = rerun(args.id, config, which)
+    if not indices:
+        print(f"request {args.id}: no {'/'.join(which)} tasks to run again")
+        return 0
+    print(f"request {args.id}: running {len(indices)} tasks again ({'/'.join(which)})",
+          flush=True)
+    if not args.wait:
+        # This process's server stops when it exits: the jobs need one.
+        print("the jobs call back to a server: keep `sheepdog serve` running, "
+              "or pass --wait")
+        return 0
+    counts = wait_for_request(config.dbfile, args.id, verbose=True)
+    return 0 if counts.get("done", 0) == sum(counts.values()) else 1
 
 
 def _ports_to_serve(
@@ -535,6 +565,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON config file naming the head node (the keys of a sheepdog config)")
     _add_dbfile(p)
     p.set_defaults(run=cmd_cancel)
+
+    p = _command(
+        sub, "rerun", "run a request's failed, lost or cancelled tasks again",
+        "Run the tasks of a request that ended without a result again, under the\n"
+        "same request id, as a new array job with the request's stored config.\n"
+        "Earlier errors stay in each task's history; results are never rerun.\n"
+        "Without --failed, --lost or --cancelled, all three are run again.",
+        ["sheepdog rerun 2 --failed --wait", "sheepdog rerun 2"],
+    )
+    p.add_argument("id", type=int, help="the request id")
+    p.add_argument("--failed", action="store_true",
+                   help="tasks whose function raised (or that were never submitted)")
+    p.add_argument("--lost", action="store_true",
+                   help="tasks whose worker died or whose job was killed")
+    p.add_argument("--cancelled", action="store_true", help="cancelled tasks")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="JSON config file (default: the config stored with the request)")
+    p.add_argument("--wait", action="store_true",
+                   help="serve the jobs and wait for them, with a progress bar")
+    _add_dbfile(p)
+    p.set_defaults(run=cmd_rerun)
 
     p = _command(
         sub, "serve", "restart the server for requests with open tasks",

@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 from . import serialisation
 from ._api import (
     array_size,
+    check_cache,
     delete_jobs,
+    new_cached_request,
     open_deployer,
     request_settings,
     server_for,
@@ -110,8 +112,9 @@ class _Outstanding:
     """A submitted request whose futures are not all resolved."""
 
     futures: list[Future[Any]]
-    watcher: Watcher
+    watcher: Watcher | None  # None: every task came from the cache, no job was submitted
     finished_seen: int = 0
+    mark: int = 0
     resolved: set[int] = field(default_factory=set)
 
 
@@ -123,7 +126,9 @@ class Executor(concurrent.futures.Executor):
     A failed call's future raises :class:`~sheepdog.errors.RemoteError`
     showing the remote traceback. Leaving the ``with`` block (or
     ``shutdown(wait=True)``) waits for every future; results also stay in the
-    config's database, one request per group of calls.
+    config's database, one request per group of calls. ``cache`` is as
+    :func:`sheepdog.map_async`'s: with ``True`` a call whose function and
+    arguments have a result in the database resolves without running.
     """
 
     def __init__(
@@ -134,7 +139,10 @@ class Executor(concurrent.futures.Executor):
         flush_delay_s: float = 0.1,
         max_hold_s: float = 2.0,
         poll_s: float = 0.2,
+        cache: bool | str = False,
     ) -> None:
+        check_cache(cache)
+        self.cache = cache
         self.config = as_config(config)
         self.ns = dict(ns) if ns is not None else None
         self.flush_delay_s = flush_delay_s
@@ -342,16 +350,21 @@ class Executor(concurrent.futures.Executor):
         values = [group.values[i] for i in keep]
         request_id = None
         try:
-            request_id = storage.new_request(
-                group.payload, b"", values, settings=request_settings(self.config, len(values)),
-                label="Executor",
+            request_id, cached = new_cached_request(
+                storage, group.payload, values, self.cache,
+                settings=request_settings(self.config, len(values)), label="Executor",
             )
             self.request_ids.append(request_id)
+            if cached == len(values):
+                logger.info("request %d: all %d calls from the cache", request_id, cached)
+                with self._cond:
+                    self._outstanding[request_id] = _Outstanding(futures, None)
+                return
             if self._deployer is None:
                 self._deployer = open_deployer(self.config)
             submit_request(
                 storage, self.config, request_id, self._deployer,
-                n_workers=array_size(self.config, len(values)),
+                n_workers=array_size(self.config, len(values) - cached),
             )
         except Exception as exc:
             logger.error("could not submit %d calls: %s", len(values), exc)
@@ -381,35 +394,34 @@ class Executor(concurrent.futures.Executor):
                 self._resolve(storage, request_id, out)
                 out.finished_seen = finished
             if finished < len(out.futures):
-                out.watcher.poll(storage)
+                if out.watcher is not None:
+                    out.watcher.poll(storage)
             elif len(out.resolved) >= len(out.futures):
                 with self._cond:
                     del self._outstanding[request_id]
-                if self._deployer is not None:
+                if self._deployer is not None and out.watcher is not None:
                     delete_jobs(self._deployer, self.config.dbfile, request_id)
 
     def _resolve(self, storage: Storage, request_id: int, out: _Outstanding) -> None:
+        # Only what finished since the last look: each result is read once per request.
+        out.mark, rows = storage.finished_since(request_id, out.mark)
         settle: list[tuple[Future[Any], bool, Any]] = []
-        rows = storage.get_tasks_with_results(request_id)
-        for index, (_, result) in enumerate(rows, start=1):
-            if result is None or index in out.resolved:
+        for index, _, result, error in rows:
+            if index in out.resolved:
                 continue
             out.resolved.add(index)
+            future = out.futures[index - 1]
+            if error is not None:
+                remote = RemoteError.from_dict(error, request_id=request_id, task_index=index)
+                settle.append((future, False, remote))
+                continue
             try:
-                value = serialisation.deserialise_value(result)
-                settle.append((out.futures[index - 1], True, value))
+                settle.append((future, True, serialisation.deserialise_value(result or b"")))
             except Exception as exc:  # noqa: BLE001 - any unpickling error belongs to the future
-                error = SerialisationError(
+                error_ = SerialisationError(
                     f"request {request_id} task {index}: cannot unpickle the result: {exc!r}"
                 )
-                settle.append((out.futures[index - 1], False, error))
-        if len(out.resolved) < len(rows):
-            for index, _, data in storage.get_task_errors(request_id):
-                if index in out.resolved:
-                    continue
-                out.resolved.add(index)
-                remote = RemoteError.from_dict(data, request_id=request_id, task_index=index)
-                settle.append((out.futures[index - 1], False, remote))
+                settle.append((future, False, error_))
         # Outside any lock: done-callbacks run here and may call submit().
         for future, ok, value in settle:
             if ok:

@@ -12,6 +12,7 @@ acknowledged survives the server being killed (and, with ``FULL``, a power cut).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,10 +40,12 @@ __all__ = [
     "DB_FILE_MODE",
     "DEFAULT_SETTINGS",
     "OPEN_STATES",
+    "RERUN_CHOICES",
     "SCHEMA_VERSION",
     "Lease",
     "NonceReusedError",
     "Storage",
+    "content_digest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -128,9 +131,82 @@ def _migrate_to_2(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+_V3_STATEMENTS = (
+    # Every time a task reaches a final state it gets the next number here, so that a
+    # reader (the Executor) asks only for what finished since it last looked, instead
+    # of re-reading every task's result each time the count moves. A trigger keeps it
+    # in one place, whichever code path finishes the task (and ties in time do not
+    # matter: the numbers are distinct).
+    """CREATE TABLE IF NOT EXISTS finished_log (
+        seq         INTEGER PRIMARY KEY,
+        request_id  INTEGER NOT NULL,
+        idx         INTEGER NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS finished_log_by_request ON finished_log (request_id, seq)",
+    # Tasks that finished before this version are in the log too, in finishing order.
+    "INSERT INTO finished_log (request_id, idx) SELECT request_id, idx FROM tasks"
+    " WHERE state NOT IN ('pending', 'leased') ORDER BY finished, request_id, idx",
+    """CREATE TRIGGER IF NOT EXISTS tasks_finished AFTER UPDATE OF state ON tasks
+    WHEN OLD.state IN ('pending', 'leased') AND NEW.state NOT IN ('pending', 'leased')
+    BEGIN
+        INSERT INTO finished_log (request_id, idx) VALUES (NEW.request_id, NEW.idx);
+    END""",
+    # What a task's earlier runs ended with, kept when a rerun makes it pending again.
+    """CREATE TABLE IF NOT EXISTS task_history (
+        request_id  INTEGER NOT NULL REFERENCES requests (id),
+        idx         INTEGER NOT NULL,
+        run         INTEGER NOT NULL,
+        state       TEXT    NOT NULL,
+        error       TEXT,
+        host        TEXT,
+        stdout      TEXT,
+        stderr      TEXT,
+        attempts    INTEGER NOT NULL,
+        finished    REAL,
+        PRIMARY KEY (request_id, idx, run)
+    )""",
+    # The result cache: a task is known by its function's payload digest (on the
+    # request) and its argument pickle's digest. Only results are indexed, so a
+    # failure is never found.
+    "ALTER TABLE requests ADD COLUMN func_digest TEXT",
+    "ALTER TABLE tasks ADD COLUMN args_digest TEXT",
+    "ALTER TABLE tasks ADD COLUMN cached INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX IF NOT EXISTS tasks_by_args_digest ON tasks (args_digest)"
+    " WHERE state = 'done' AND args_digest IS NOT NULL",
+)
+
+
+def _migrate_to_3(conn: sqlite3.Connection) -> None:
+    for statement in _V3_STATEMENTS:
+        conn.execute(statement)
+
+
 #: Migration steps: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _migrate_to_1, _migrate_to_2, _migrate_to_3,
+]
+
+#: Error kinds of tasks whose worker or job went away: a worker that stopped renewing
+#: its lease, a job that left the queue with work undone, a job in Grid Engine's error
+#: state.
+LOST_KINDS = ("lost", "job_lost", "job_error")
+_LOST_SQL = ", ".join(f"'{kind}'" for kind in LOST_KINDS)
+
+#: What :meth:`Storage.rerun_tasks` may choose, each as a condition on a task's row:
+#: ``failed`` is an error of any other kind (the function raised, a timeout, a job
+#: never submitted or never schedulable).
+RERUN_CHOICES: dict[str, str] = {
+    "failed": f"(state = 'error' AND coalesce(json_extract(error, '$.kind'), '')"
+              f" NOT IN ({_LOST_SQL}))",
+    "lost": f"(state = 'error' AND json_extract(error, '$.kind') IN ({_LOST_SQL}))",
+    "cancelled": "state = 'cancelled'",
+}
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def content_digest(data: bytes) -> str:
+    """The digest that identifies a function payload or an argument pickle in the cache."""
+    return hashlib.sha256(data).hexdigest()
 
 
 class NonceReusedError(StorageError):
@@ -411,11 +487,15 @@ class Storage:
         secret: str | None = None,
         settings: dict[str, Any] | None = None,
         label: str | None = None,
+        func_digest: str | None = None,
+        args_digests: Sequence[str] | None = None,
     ) -> int:
         """Store a request and one pending task per serialised argument; return its id.
 
         Task indices count from 1. ``secret`` (64 hex characters) is generated when
-        not given. ``settings`` are merged over ``DEFAULT_SETTINGS``.
+        not given. ``settings`` are merged over ``DEFAULT_SETTINGS``. The digests
+        (of the function's payload, and of each argument) let later requests take
+        these results from the cache (:meth:`fill_from_cache`).
         """
         if secret is None:
             secret = secrets.token_hex(32)
@@ -427,8 +507,8 @@ class Storage:
         args = list(args_list)
         with self._write() as conn:
             cursor = conn.execute(
-                "INSERT INTO requests (created, func, ns, secret, n_tasks, settings, label)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO requests (created, func, ns, secret, n_tasks, settings, label,"
+                " func_digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     time.time(),
                     serialised_function,
@@ -437,15 +517,67 @@ class Storage:
                     len(args),
                     json.dumps(merged),
                     label,
+                    func_digest,
                 ),
             )
             request_id = cursor.lastrowid
             assert request_id is not None
+            digests = list(args_digests) if args_digests is not None else [None] * len(args)
+            if len(digests) != len(args):
+                raise ValueError(f"{len(digests)} argument digests for {len(args)} arguments")
             conn.executemany(
-                "INSERT INTO tasks (request_id, idx, args) VALUES (?, ?, ?)",
-                ((request_id, i, a) for i, a in enumerate(args, start=1)),
+                "INSERT INTO tasks (request_id, idx, args, args_digest) VALUES (?, ?, ?, ?)",
+                ((request_id, i, a, d) for i, (a, d) in enumerate(zip(args, digests), start=1)),
             )
         return int(request_id)
+
+    def fill_from_cache(self, request_id: int) -> int:
+        """Finish the request's pending tasks whose result is already stored; return how many.
+
+        A task matches an earlier task with a result (never a failure) of a
+        request whose function has the same payload digest, and the same
+        argument digest. Such tasks are done at once, marked ``cached``.
+        """
+        now = time.time()
+        filled = 0
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT func_digest FROM requests WHERE id = ?", (request_id,)
+            ).fetchone()
+            if row is None:
+                raise UnknownRequestError(request_id, self.dbfile)
+            if row[0] is None:
+                return 0
+            pending = conn.execute(
+                "SELECT idx, args_digest FROM tasks WHERE request_id = ? AND state = 'pending'"
+                " AND args_digest IS NOT NULL ORDER BY idx",
+                (request_id,),
+            ).fetchall()
+            for idx, digest in pending:
+                found = conn.execute(
+                    "SELECT t.result FROM tasks t JOIN requests r ON r.id = t.request_id"
+                    " WHERE t.args_digest = ? AND t.state = 'done' AND r.func_digest = ?"
+                    " AND t.request_id != ? LIMIT 1",
+                    (digest, row[0], request_id),
+                ).fetchone()
+                if found is None:
+                    continue
+                conn.execute(
+                    "UPDATE tasks SET state = 'done', result = ?, cached = 1, finished = ?"
+                    " WHERE request_id = ? AND idx = ?",
+                    (found[0], now, request_id, idx),
+                )
+                filled += 1
+        return filled
+
+    def count_cached(self, request_id: int) -> int:
+        """Return how many of the request's tasks took their result from the cache."""
+        self._request_row(request_id, "id")
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT count(*) FROM tasks WHERE request_id = ? AND cached = 1", (request_id,)
+            ).fetchone()
+        return int(row[0])
 
     def _request_row(self, request_id: int, columns: str) -> tuple[Any, ...]:
         with self._lock:
@@ -635,6 +767,45 @@ class Storage:
                 (request_id,),
             ).fetchall()
         return [(bytes(a), None if r is None else bytes(r)) for a, r in rows]
+
+    def finished_since(
+        self, request_id: int, after: int = 0
+    ) -> tuple[int, list[tuple[int, str, bytes | None, dict[str, Any] | None]]]:
+        """Return the tasks that finished after mark ``after``, and the mark to pass next.
+
+        Each task comes as ``(index, state, result or None, error dict or None)``,
+        in the order they finished, read once: a caller polling with the mark it
+        got back reads every finished task's result once over a request (a task
+        rerun and finished again comes again). Start with ``after=0``.
+        """
+        self._request_row(request_id, "id")
+        with self._lock:
+            marks = self.conn.execute(
+                "SELECT seq, idx FROM finished_log WHERE request_id = ? AND seq > ?"
+                " ORDER BY seq",
+                (request_id, after),
+            ).fetchall()
+            if not marks:
+                return after, []
+            rows = []
+            for _, idx in marks:
+                rows.append(self.conn.execute(
+                    "SELECT idx, state, CASE WHEN state = 'done' THEN result END, error,"
+                    " stdout, stderr FROM tasks WHERE request_id = ? AND idx = ?",
+                    (request_id, idx),
+                ).fetchone())
+        out: list[tuple[int, str, bytes | None, dict[str, Any] | None]] = []
+        for idx, state, result, error, stdout, stderr in rows:
+            if state in OPEN_STATES:  # rerun since it finished: it will come again
+                continue
+            data = None
+            if state != "done":
+                data = _load_error(error)
+                data.setdefault("kind", "exception")
+                data.setdefault("stdout", stdout or "")
+                data.setdefault("stderr", stderr or "")
+            out.append((int(idx), str(state), None if result is None else bytes(result), data))
+        return int(marks[-1][0]), out
 
     def task_states(self, request_id: int) -> list[str]:
         """Return every task's state (``pending``, ``leased``, ``done``...), in index order."""
@@ -1089,6 +1260,76 @@ class Storage:
                 if cursor.rowcount:
                     changed.append(int(idx))
         return changed
+
+    def rerun_tasks(self, request_id: int, which: Iterable[str]) -> list[int]:
+        """Make the request's tasks in the chosen end states pending again; return their indices.
+
+        ``which`` holds names from :data:`RERUN_CHOICES`. What each task ended
+        with is kept in its history (:meth:`get_task_history`); a task with a
+        result is never chosen. The request is reopened (a cancelled request
+        takes leases again).
+        """
+        chosen = list(dict.fromkeys(which))
+        unknown = [w for w in chosen if w not in RERUN_CHOICES]
+        if unknown or not chosen:
+            raise ValueError(
+                f"cannot rerun {unknown or chosen!r}: choose one or more of "
+                f"{', '.join(RERUN_CHOICES)}"
+            )
+        where = " OR ".join(RERUN_CHOICES[w] for w in chosen)
+        with self._write() as conn:
+            found = conn.execute("SELECT 1 FROM requests WHERE id = ?", (request_id,)).fetchone()
+            if found is None:
+                raise UnknownRequestError(request_id, self.dbfile)
+            rows = conn.execute(
+                f"SELECT idx FROM tasks WHERE request_id = ? AND ({where}) ORDER BY idx",  # noqa: S608 - fixed conditions
+                (request_id,),
+            ).fetchall()
+            indices = [int(r[0]) for r in rows]
+            for idx in indices:
+                conn.execute(
+                    "INSERT INTO task_history (request_id, idx, run, state, error, host, stdout,"
+                    " stderr, attempts, finished) SELECT request_id, idx, 1 + (SELECT count(*)"
+                    " FROM task_history h WHERE h.request_id = t.request_id AND h.idx = t.idx),"
+                    " state, error, host, stdout, stderr, attempts, finished FROM tasks t"
+                    " WHERE request_id = ? AND idx = ?",
+                    (request_id, idx),
+                )
+                conn.execute(
+                    "UPDATE tasks SET state = 'pending', attempts = 0, lease = NULL,"
+                    " lease_expires = NULL, error = NULL, result = NULL, finished = NULL,"
+                    " started = NULL, stdout = NULL, stderr = NULL, duration_s = NULL"
+                    " WHERE request_id = ? AND idx = ?",
+                    (request_id, idx),
+                )
+            if indices:
+                conn.execute("UPDATE requests SET state = 'open' WHERE id = ?", (request_id,))
+                # The watcher counts resubmissions from the rerun's job on.
+                conn.execute(
+                    "UPDATE jobs SET info = json_set(info, '$.before_rerun', json('true'))"
+                    " WHERE request_id = ?",
+                    (request_id,),
+                )
+        return indices
+
+    def get_task_history(self, request_id: int, idx: int) -> list[dict[str, Any]]:
+        """Return how the task's earlier runs ended, oldest first (``error`` decoded)."""
+        (n_tasks,) = self._request_row(request_id, "n_tasks")
+        if not 1 <= idx <= int(n_tasks):
+            raise UnknownTaskError(request_id, idx, int(n_tasks))
+        with self._lock:
+            cursor = self.conn.execute(
+                "SELECT * FROM task_history WHERE request_id = ? AND idx = ? ORDER BY run",
+                (request_id, idx),
+            )
+            names = [d[0] for d in cursor.description]
+            rows = cursor.fetchall()
+        out = []
+        for row in rows:
+            entry = dict(zip(names, row))
+            entry["error"] = _load_error(entry["error"]) if entry["error"] is not None else None
+            out.append(entry)
+        return out
 
     # -- Grid Engine jobs ----------------------------------------------------------
 

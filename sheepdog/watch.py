@@ -240,10 +240,12 @@ class Watcher:
         # run-time limit, tasks_per_worker) are continued, not counted as failures.
         progressed = before is not None and finished > int(before)
         # One submission may be several jobs (a request split at max_aj_tasks): count the
-        # first part of each; jobs recorded before the split each count as one.
+        # first part of each; jobs recorded before the split each count as one. A rerun
+        # starts the count afresh: the jobs before it had their own retries.
         resubmits = sum(
             1 for job in records
             if int(job["info"].get("part", 1)) == 1 and not job["info"].get("continues")
+            and not job["info"].get("before_rerun")
         ) - 1
         if progressed or resubmits < self.config.retries:
             if progressed:
@@ -351,7 +353,9 @@ def wait_for_request(
         total = storage.count_tasks(request_id)
         if watcher is None and watch:
             watcher = own = _passive_watcher(storage, request_id)
-        progress = Progress(total, verbose=verbose, label=f"request {request_id}")
+        cached = storage.count_cached(request_id)
+        label = f"request {request_id}" + (f" ({cached} cached)" if cached else "")
+        progress = Progress(total, verbose=verbose, label=label)
         try:
             while True:
                 counts = storage.task_counts(request_id)

@@ -20,7 +20,7 @@ from sheepdog.serialisation import serialise_args, serialise_function, serialise
 from sheepdog.storage import Storage
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ["requests", "status", "results", "errors", "logs", "cancel", "serve",
+COMMANDS = ["requests", "status", "results", "errors", "logs", "cancel", "rerun", "serve",
             "worker-stub", "jobfile"]
 WAIT_S = 60.0
 
@@ -424,3 +424,23 @@ def test_reading_a_database_that_does_not_exist_creates_nothing(
         assert status == 1, argv
         assert f"no sheepdog database at {nope}: the file does not exist" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rerun_needs_a_config_and_a_known_request(
+    db: tuple[str, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dbfile, rid = db
+    status, _, err = run(capsys, "rerun", str(rid), "--dbfile", dbfile)
+    assert status == 1
+    assert f"request {rid} has no stored config (an older request): pass --config FILE" in err
+    status, _, err = run(capsys, "rerun", str(rid + 5), "--dbfile", dbfile)
+    assert status == 1
+    assert f"request {rid + 5}" in err
+    # Nothing of the chosen kind: nothing submitted (the head node is never asked).
+    config = tmp_path / "cluster.json"
+    config.write_text(json.dumps({"host": "headnode.invalid"}))
+    status, out, _ = run(capsys, "rerun", str(rid), "--cancelled", "--lost", "--config",
+                         str(config), "--dbfile", dbfile)
+    assert (status, out) == (0, f"request {rid}: no lost/cancelled tasks to run again\n")
+    with Storage(dbfile) as storage:
+        assert storage.task_states(rid) == ["done", "error", "pending"]

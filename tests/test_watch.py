@@ -243,3 +243,24 @@ def test_jobs_that_made_no_progress_count_against_retries(
     Watcher(config, rid, head)._check(storage)  # type: ignore[arg-type]
     assert calls == []
     assert storage.task_counts(rid)["error"] == 3
+
+
+def test_a_rerun_gets_its_own_resubmissions(
+    setup: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage, config, rid = setup
+    config = config.replace(retries=1)
+    storage.add_job(rid, "42", 3)  # request's one resubmission is used up
+    storage.conn.execute(
+        "UPDATE tasks SET state = 'error', lease = NULL, error = '{\"kind\": \"job_lost\"}'"
+        " WHERE request_id = ?", (rid,)
+    )
+    assert storage.rerun_tasks(rid, ["lost"]) == [1, 2, 3]
+    storage.add_job(rid, "43", 3)  # the rerun's job, which then leaves the queue
+    resubmitted: list[int] = []
+    monkeypatch.setattr(sheepdog._api, "submit_request",
+                        lambda storage, config, rid, deployer, **_: resubmitted.append(rid))
+    head = FakeHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
+    Watcher(config, rid, head)._check(storage)  # type: ignore[arg-type]
+    assert resubmitted == [rid]
+    assert storage.task_states(rid) == ["pending"] * 3

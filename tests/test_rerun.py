@@ -1,0 +1,200 @@
+"""Reruns and the Executor's incremental reads, without Grid Engine.
+
+Storage tests use a real SQLite file; the end-to-end rerun runs real job files
+as local processes against the real server (:class:`LocalDeployer`, the one
+stand-in for SSH and qsub, from test_executor).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from stubrunner import WORKER_PYTHON
+from test_executor import WAIT_S, LocalDeployer, add
+
+import sheepdog
+import sheepdog._api
+import sheepdog.executor
+from sheepdog.errors import UnknownRequestError
+from sheepdog.executor import Executor
+from sheepdog.serialisation import serialise_value
+from sheepdog.storage import MIGRATIONS, Storage
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Storage]:
+    with Storage(str(tmp_path / "sheepdog.sqlite")) as storage:
+        yield storage
+
+
+def fail(db: Storage, rid: int, index: int, message: str = "boom") -> None:
+    db.complete(rid, [{"index": index, "ok": False,
+                       "error": {"type": "ValueError", "message": message, "traceback": "TB"}}])
+
+
+def test_rerun_chooses_failed_lost_and_cancelled_and_keeps_history(db: Storage) -> None:
+    rid = db.new_request(b"F", b"", [b"a"] * 8)
+    db.complete(rid, [{"index": 1, "ok": True, "value": b"R1"}])
+    fail(db, rid, 2)
+    db.fail_tasks(rid, [3], "lost", "the worker died")
+    db.fail_tasks(rid, [6], "job_lost", "the job left the queue")
+    db.fail_tasks(rid, [7], "job_error", "the job sat in Eqw")
+    db.fail_tasks(rid, [8], "submit", "the job was never submitted")
+    db.cancel(rid)  # 4 and 5 become cancelled, the request too
+    assert db.task_states(rid) == ["done", "error", "error", "cancelled", "cancelled"] + [
+        "error"] * 3
+
+    assert db.rerun_tasks(rid, ["failed"]) == [2, 8]
+    assert db.get_request_state(rid) == "open"  # reopened: workers may lease again
+    assert db.task_states(rid)[:5] == ["done", "pending", "error", "cancelled", "cancelled"]
+    assert db.rerun_tasks(rid, ["lost", "cancelled"]) == [3, 4, 5, 6, 7]
+    assert db.task_states(rid) == ["done"] + ["pending"] * 7
+    assert db.rerun_tasks(rid, ["failed", "lost", "cancelled"]) == []  # nothing ended
+    assert db.get_results(rid) == [(b"a", b"R1")]  # a result is never rerun
+
+    fail(db, rid, 2, "boom again")
+    assert db.rerun_tasks(rid, ["failed"]) == [2]
+    history = db.get_task_history(rid, 2)
+    assert [h["run"] for h in history] == [1, 2]
+    assert [h["error"]["message"] for h in history] == ["boom", "boom again"]
+    assert db.get_task_history(rid, 3)[0]["error"]["kind"] == "lost"
+    assert db.get_task_history(rid, 4)[0]["state"] == "cancelled"
+    assert db.get_task_history(rid, 1) == []
+
+
+def test_rerun_refuses_unknown_choices_and_requests(db: Storage) -> None:
+    rid = db.new_request(b"F", b"", [b"a"])
+    with pytest.raises(ValueError, match="'broken'.*failed, lost, cancelled"):
+        db.rerun_tasks(rid, ["broken"])
+    with pytest.raises(ValueError, match="choose one or more"):
+        db.rerun_tasks(rid, [])
+    with pytest.raises(UnknownRequestError):
+        db.rerun_tasks(rid + 1, ["failed"])
+
+
+def test_tasks_finished_before_the_finish_log_are_in_it(tmp_path: Path) -> None:
+    path = str(tmp_path / "v2.sqlite")
+    conn = sqlite3.connect(path, isolation_level=None)
+    for step in MIGRATIONS[:2]:
+        step(conn)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute("INSERT INTO requests (id, created, func, secret, n_tasks) VALUES"
+                 " (1, 0, x'00', 'S', 2)")
+    conn.execute("INSERT INTO tasks (request_id, idx, args, state, result, finished) VALUES"
+                 " (1, 1, x'00', 'pending', NULL, NULL), (1, 2, x'00', 'done', x'52', 5)")
+    conn.close()
+    with Storage(path) as db:
+        _, rows = db.finished_since(1)
+        assert [(i, s, r) for i, s, r, _ in rows] == [(2, "done", b"R")]
+
+
+def test_finished_since_gives_each_finished_task_once(db: Storage) -> None:
+    rid = db.new_request(b"F", b"", [b"a"] * 4)
+    other = db.new_request(b"F", b"", [b"a"] * 2)
+    assert db.finished_since(rid) == (0, [])
+    # Two tasks finish in one call, so in the same second: both come, each once.
+    db.complete(rid, [{"index": 3, "ok": True, "value": b"R3"},
+                      {"index": 1, "ok": True, "value": b"R1"}])
+    db.complete(other, [{"index": 1, "ok": True, "value": b"X"}])
+    mark, rows = db.finished_since(rid)
+    assert [(i, s, r) for i, s, r, _ in rows] == [(3, "done", b"R3"), (1, "done", b"R1")]
+    assert db.finished_since(rid, mark) == (mark, [])
+    fail(db, rid, 2)
+    mark2, rows = db.finished_since(rid, mark)
+    assert [(i, s, r, e["message"] if e else None) for i, s, r, e in rows] == [
+        (2, "error", None, "boom")
+    ]
+    # A rerun task is read again once it finishes again, and not before.
+    db.rerun_tasks(rid, ["failed"])
+    assert db.finished_since(rid, mark2) == (mark2, [])
+    db.complete(rid, [{"index": 2, "ok": True, "value": b"R2"}])
+    _, rows = db.finished_since(rid, mark2)
+    assert [(i, r) for i, _, r, _ in rows] == [(2, b"R2")]
+
+
+def test_the_executor_reads_each_result_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finishing N tasks one by one reads N rows and N results, not N²/2."""
+    n = 40
+    submitted: list[int] = []
+    read = {"rows": 0, "bytes": 0, "full_reads": 0}
+    real_since = Storage.finished_since
+
+    def counting_since(self: Storage, request_id: int, after: int = 0) -> Any:
+        mark, rows = real_since(self, request_id, after)
+        read["rows"] += len(rows)
+        read["bytes"] += sum(len(r or b"") for _, _, r, _ in rows)
+        return mark, rows
+
+    def full_read(self: Storage, request_id: int) -> Any:
+        read["full_reads"] += 1
+        raise AssertionError("the Executor must not re-read every task")
+
+    def fake_submit(storage: Storage, config: Any, request_id: int, deployer: Any, **_: Any) -> str:
+        submitted.append(request_id)
+        return "1"
+
+    monkeypatch.setattr(Storage, "finished_since", counting_since)
+    monkeypatch.setattr(Storage, "get_tasks_with_results", full_read)
+    monkeypatch.setattr(sheepdog.executor, "submit_request", fake_submit)
+    monkeypatch.setattr(sheepdog.executor, "open_deployer", lambda config: LocalDeployer(tmp_path))
+    dbfile = str(tmp_path / "db.sqlite")
+    value = serialise_value("x" * 1000)
+    with Executor({"host": "h", "dbfile": dbfile}, poll_s=0.01) as pool:
+        futures = [pool.submit(add, i, 1) for i in range(n)]
+        deadline = time.monotonic() + WAIT_S
+        while not submitted and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert submitted
+        with Storage(dbfile) as storage:
+            for index in range(1, n + 1):
+                storage.complete(submitted[0], [{"index": index, "ok": True, "value": value}])
+                # Let the Executor look between finishes: the worst case for re-reading.
+                assert futures[index - 1].result(WAIT_S) == "x" * 1000
+    assert read == {"rows": n, "bytes": n * len(value), "full_reads": 0}
+
+
+def flaky(x: int, flag: str) -> int:
+    """Fails for odd x until the flag file exists."""
+    if x % 2 and not os.path.exists(flag):
+        raise RuntimeError(f"no flag for {x}")
+    return x * 10
+
+
+def test_rerun_failed_runs_only_the_failed_tasks_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployer = LocalDeployer(tmp_path)
+    monkeypatch.setattr(sheepdog._api, "open_deployer", lambda config: deployer)
+    config = {
+        "host": "headnode.invalid",
+        "dbfile": str(tmp_path / "sheepdog.sqlite"),
+        "localhost": "127.0.0.1",
+        "shell": WORKER_PYTHON,
+        "retries": 0,
+    }
+    flag = str(tmp_path / "flag")
+    try:
+        rid = sheepdog.map_async(flaky, [(x, flag) for x in range(6)], config)
+        first = sheepdog.get_results(rid, config["dbfile"], timeout_s=WAIT_S)
+        assert [r for _, r in first] == [0, None, 20, None, 40, None]
+        Path(flag).touch()
+        assert sheepdog.rerun(rid, config, ["failed"]) == [2, 4, 6]
+        assert deployer.submitted == 2  # one new array job for the request
+        again = sheepdog.get_results(rid, config["dbfile"], timeout_s=WAIT_S)
+        assert [r for _, r in again] == [0, 10, 20, 30, 40, 50]
+        assert sheepdog.rerun(rid, config) == []  # nothing left: nothing submitted
+        assert deployer.submitted == 2
+        with Storage(config["dbfile"]) as storage:
+            history = storage.get_task_history(rid, 2)
+            assert [h["error"]["message"] for h in history] == ["no flag for 1"]
+            assert storage.get_task_history(rid, 1) == []
+    finally:
+        deployer.close()

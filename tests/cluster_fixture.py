@@ -520,3 +520,41 @@ def recording_http_server() -> Iterator[tuple[int, list[str]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def task_script(index_variable: str) -> str:
+    """The smoke tests' array task: prints its index and host, or calls back to a URL first.
+
+    ``index_variable`` is the scheduler's array index (``SGE_TASK_ID``, ``SLURM_ARRAY_TASK_ID``).
+    Without a URL argument a task holds its slot for 2 s, so 10 tasks cannot all fit on one node.
+    """
+    return f"""\
+import json, os, socket, sys, time, urllib.request
+task = int(os.environ["{index_variable}"])
+url = sys.argv[1] if len(sys.argv) > 1 else ""
+if url:
+    with urllib.request.urlopen("%s/task/%d" % (url, task), timeout=30) as reply:
+        reply.read()
+else:
+    time.sleep(2)
+print(json.dumps({{"task": task, "host": socket.gethostname()}}))
+"""
+
+
+def parse_task_outputs(text: str, errors: str) -> dict[int, str]:
+    """Map task index to host from the smoke tasks' stdout; fail if any task wrote to stderr."""
+    # Any error output means a task went wrong, even if other tasks printed their line.
+    assert not errors.strip(), f"tasks wrote errors:\n{errors}"
+    found = {}
+    for line in text.splitlines():
+        record = json.loads(line)
+        found[record["task"]] = record["host"]
+    return found
+
+
+def task_outputs(client: paramiko.SSHClient, directory: str, job_id: str) -> dict[int, str]:
+    """Map task index to the host it ran on, from the smoke job's output files in ``directory``."""
+    d = shlex.quote(directory)
+    text = check(client, f"cat {d}/smoke.o{job_id}.* 2>/dev/null || true")
+    errors = check(client, f"cat {d}/smoke.e{job_id}.* 2>/dev/null || true")
+    return parse_task_outputs(text, errors)

@@ -10,7 +10,6 @@ the machine that submitted it. They run only with ``--cluster=slurm``.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import time
@@ -26,26 +25,14 @@ from cluster_fixture import (
     recording_http_server,
     run,
     ssh_connect,
+    task_outputs,
+    task_script,
     wait_for_slurm_job,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm]
 
 TASKS = 10
-
-# Runs as each array task, under the cluster's Python (as sheepdog's job file will).
-TASK_SCRIPT = """\
-import json, os, socket, sys, time, urllib.request
-task = int(os.environ["SLURM_ARRAY_TASK_ID"])
-url = sys.argv[1] if len(sys.argv) > 1 else ""
-if url:
-    with urllib.request.urlopen("%s/task/%d" % (url, task), timeout=30) as reply:
-        reply.read()
-else:
-    time.sleep(2)  # hold the CPU, so 10 tasks cannot all fit on one node's CPUs
-print(json.dumps({"task": task, "host": socket.gethostname()}))
-"""
-
 
 @pytest.fixture(scope="module")
 def ssh(cluster: dict[str, Any]) -> Iterator[paramiko.SSHClient]:
@@ -66,7 +53,7 @@ def submit(
     check(ssh, f"mkdir -p {shlex.quote(directory)}")
     with ssh.open_sftp() as sftp:
         with sftp.open(f"{directory}/task.py", "w") as f:
-            f.write(f"#!{cluster['shell']}\n" + TASK_SCRIPT)
+            f.write(f"#!{cluster['shell']}\n" + task_script("SLURM_ARRAY_TASK_ID"))
     d = shlex.quote(directory)
     out = check(
         ssh,
@@ -79,25 +66,12 @@ def submit(
     return job_id, directory
 
 
-def outputs(ssh: paramiko.SSHClient, directory: str, job_id: str) -> dict[int, str]:
-    """Map task index to the host it ran on, from the tasks' output files."""
-    d = shlex.quote(directory)
-    text = check(ssh, f"cat {d}/smoke.o{job_id}.* 2>/dev/null || true")
-    errors = check(ssh, f"cat {d}/smoke.e{job_id}.* 2>/dev/null || true")
-    found = {}
-    for line in text.splitlines():
-        record = json.loads(line)
-        found[record["task"]] = record["host"]
-    assert not errors.strip() or found, f"tasks wrote errors:\n{errors}"
-    return found
-
-
 @pytest.fixture(scope="module")
 def array_job(ssh: paramiko.SSHClient, cluster: dict[str, Any]) -> tuple[str, dict[int, str]]:
     """Run a 10-task array job to its end; return its id and where each task ran."""
     job_id, directory = submit(ssh, cluster, TASKS)
     wait_for_slurm_job(ssh, job_id)
-    return job_id, outputs(ssh, directory, job_id)
+    return job_id, task_outputs(ssh, directory, job_id)
 
 
 def test_array_job_gives_every_output(array_job: tuple[str, dict[int, str]]) -> None:

@@ -7,7 +7,6 @@ HTTP to the machine that submitted it.
 
 from __future__ import annotations
 
-import json
 import shlex
 import uuid
 from collections.abc import Iterator
@@ -15,25 +14,20 @@ from typing import Any
 
 import paramiko
 import pytest
-from cluster_fixture import check, recording_http_server, run, ssh_connect, wait_for_job
+from cluster_fixture import (
+    check,
+    parse_task_outputs,
+    recording_http_server,
+    run,
+    ssh_connect,
+    task_outputs,
+    task_script,
+    wait_for_job,
+)
 
 pytestmark = pytest.mark.e2e
 
 TASKS = 10
-
-# Runs as each array task, under the cluster's Python (like sheepdog's job file does).
-TASK_SCRIPT = """\
-import json, os, socket, sys, time, urllib.request
-task = int(os.environ["SGE_TASK_ID"])
-url = sys.argv[1] if len(sys.argv) > 1 else ""
-if url:
-    with urllib.request.urlopen("%s/task/%d" % (url, task), timeout=30) as reply:
-        reply.read()
-else:
-    time.sleep(2)  # hold the slot, so 10 tasks cannot all fit on one node's slots
-print(json.dumps({"task": task, "host": socket.gethostname()}))
-"""
-
 
 @pytest.fixture(scope="module")
 def ssh(cluster: dict[str, Any]) -> Iterator[paramiko.SSHClient]:
@@ -53,7 +47,7 @@ def submit(
     check(ssh, f"mkdir -p {shlex.quote(directory)}")
     with ssh.open_sftp() as sftp:
         with sftp.open(f"{directory}/task.py", "w") as f:
-            f.write(TASK_SCRIPT)
+            f.write(task_script("SGE_TASK_ID"))
     d = shlex.quote(directory)
     out = check(
         ssh,
@@ -65,38 +59,19 @@ def submit(
     return job_id, directory
 
 
-def outputs(ssh: paramiko.SSHClient, directory: str, job_id: str) -> dict[int, str]:
-    """Map task index to the host it ran on, from the tasks' output files."""
-    d = shlex.quote(directory)
-    text = check(ssh, f"cat {d}/smoke.o{job_id}.* 2>/dev/null || true")
-    errors = check(ssh, f"cat {d}/smoke.e{job_id}.* 2>/dev/null || true")
-    return parse_outputs(text, errors)
-
-
-def parse_outputs(text: str, errors: str) -> dict[int, str]:
-    """Map task index to host from the tasks' stdout; fail if any task wrote to stderr."""
-    # Any error output means a task went wrong, even if other tasks printed their line.
-    assert not errors.strip(), f"tasks wrote errors:\n{errors}"
-    found = {}
-    for line in text.splitlines():
-        record = json.loads(line)
-        found[record["task"]] = record["host"]
-    return found
-
-
 def test_a_task_error_fails_the_check_even_when_other_tasks_printed() -> None:
     # Before, `assert not errors.strip() or found` let it through once any task printed.
     printed = '{"task": 1, "host": "exec1"}\n'
     with pytest.raises(AssertionError, match="tasks wrote errors"):
-        parse_outputs(printed, "Traceback (most recent call last):\n  ...\nOSError: boom\n")
-    assert parse_outputs(printed, "") == {1: "exec1"}
+        parse_task_outputs(printed, "Traceback (most recent call last):\n  ...\nOSError: boom\n")
+    assert parse_task_outputs(printed, "") == {1: "exec1"}
 
 
 @pytest.fixture(scope="module")
 def array_run(ssh: paramiko.SSHClient, cluster: dict[str, Any]) -> dict[int, str]:
     job_id, directory = submit(ssh, cluster, TASKS)
     wait_for_job(ssh, job_id)
-    return outputs(ssh, directory, job_id)
+    return task_outputs(ssh, directory, job_id)
 
 
 def test_array_job_gives_every_output(array_run: dict[int, str]) -> None:

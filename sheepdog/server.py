@@ -60,7 +60,7 @@ from sheepdog._signing import (
 )
 from sheepdog._tls import hold_while_serving
 from sheepdog.errors import ServerError, StorageError, UnknownRequestError
-from sheepdog.storage import Lease, NonceReusedError, Storage
+from sheepdog.storage import CallAuth, Lease, NonceReusedError, Storage
 
 __all__ = [
     "BODY_BASE_S",
@@ -140,10 +140,7 @@ class _Replayed(Exception):
 @dataclass(frozen=True)
 class _Call:
     request_id: int
-    secret: str
-    n_tasks: int
-    state: str
-    settings: dict[str, Any]
+    auth: CallAuth
     signature: str
     nonce: str
     stamp: int
@@ -429,16 +426,18 @@ def create_app(
         if request_id > _MAX_SQLITE_INT:
             raise refuse_unread(ApiError(404, "unknown_request", f"no request {request_id}"))
         try:
-            secret, n_tasks, state, settings = storage().get_auth(request_id)
+            # The request row, and the answer recorded for this nonce, in one query.
+            auth = storage().call_auth(request_id, None if request.method == "GET" else nonce)
         except UnknownRequestError:
             raise refuse_unread(
                 ApiError(404, "unknown_request", f"no request {request_id}")
             ) from None
+        secret = auth.secret
         expected = sign_request(secret, request.method, request.path, stamp, nonce, length, digest)
         if not verify(expected, signature):
             raise refuse("bad signature")
         if request.method != "GET":
-            seen = storage().seen_nonce(request_id, nonce)
+            seen = auth.seen
             if seen is not None:
                 if not verify(seen[0], signature):
                     raise refuse_unread(nonce_reused(request_id, nonce))
@@ -450,9 +449,7 @@ def create_app(
                     request.environ[CLOSE_KEY] = True
                 raise _Replayed(secret, signature, seen[1])
         body = read_body(length, digest, refuse)
-        return _Call(
-            request_id, secret, n_tasks, state, settings, signature, nonce, int(stamp), body
-        )
+        return _Call(request_id, auth, signature, nonce, int(stamp), body)
 
     def nonce_reused(request_id: int, nonce: str) -> ApiError:
         return ApiError(
@@ -503,7 +500,7 @@ def create_app(
     def signed(call: _Call, payload: object) -> Response:
         response = _json_response(payload)
         response.headers[SIGNATURE_HEADER] = sign_response(
-            call.secret, call.signature, response.get_data()
+            call.auth.secret, call.signature, response.get_data()
         )
         return response
 
@@ -522,7 +519,7 @@ def create_app(
         if replayed:
             logger.info("answering %s %s again from its recorded answer",
                         request.method, request.path)
-        return signed_answer(call.secret, call.signature, answer)
+        return signed_answer(call.auth.secret, call.signature, answer)
 
     def signed_answer(secret: str, signature: str, answer: bytes) -> Response:
         response = Response(answer, status=200, mimetype="application/json")
@@ -537,7 +534,7 @@ def create_app(
     def function(request_id: int) -> Response:
         call = authenticate(request_id)
         func, _ns = storage().get_function(request_id)
-        settings = {key: call.settings.get(key) for key in _SETTINGS_SENT}
+        settings = {key: call.auth.settings.get(key) for key in _SETTINGS_SENT}
         payload = {"payload": base64.b64encode(func).decode("ascii"), "settings": settings}
         return signed(call, payload)
 
@@ -549,14 +546,14 @@ def create_app(
         host = _get_str(body, "host", "lease")
         max_tasks = _get_int(body, "max_tasks", "lease", 0, MAX_TASKS_PER_CALL)
         reclaim = _get_retry(body, "lease")
-        lease_s = float(call.settings["lease_s"])
+        lease_s = float(call.auth.settings["lease_s"])
 
         def effect(conn: sqlite3.Connection) -> object:
             leases = storage().lease_in(
                 conn, request_id, worker=worker, host=host, max_tasks=max_tasks, lease_s=lease_s,
-                reclaim=reclaim,
+                reclaim=reclaim, info=call.auth.info,
             )
-            return _lease_payload(leases, lease_s, call.state)
+            return _lease_payload(leases, lease_s, call.auth.state)
 
         return once(call, effect)
 
@@ -574,7 +571,7 @@ def create_app(
         def effect(conn: sqlite3.Connection) -> object:
             renewed, lost = storage().renew_in(
                 conn, request_id, _text(worker), [_text(t) for t in tokens],
-                float(call.settings["lease_s"]),
+                float(call.auth.settings["lease_s"]),
             )
             (state,) = conn.execute(
                 "SELECT state FROM requests WHERE id = ?", (request_id,)
@@ -596,14 +593,14 @@ def create_app(
             raise ApiError(400, "bad_field", "results: 'results' must be a list")
         if len(items) > MAX_TASKS_PER_CALL:
             raise ApiError(400, "bad_field", f"results: at most {MAX_TASKS_PER_CALL} per call")
-        parsed = [_parse_result(item, call.n_tasks, worker, host) for item in items]
-        lease_s = float(call.settings["lease_s"])
+        parsed = [_parse_result(item, call.auth.n_tasks, worker, host) for item in items]
+        lease_s = float(call.auth.settings["lease_s"])
 
         def effect(conn: sqlite3.Connection) -> object:
             try:
                 accepted, duplicates, leases = storage().complete_and_lease_in(
                     conn, request_id, parsed, worker=worker, host=host, max_tasks=max_tasks,
-                    lease_s=lease_s, reclaim=reclaim,
+                    lease_s=lease_s, reclaim=reclaim, info=call.auth.info,
                 )
             except UnknownRequestError:
                 raise ApiError(404, "unknown_request", f"no request {request_id}") from None
@@ -611,7 +608,7 @@ def create_app(
                 raise ApiError(404, "unknown_task", str(exc)) from None
             payload: dict[str, Any] = {"accepted": accepted, "duplicates": duplicates}
             if max_tasks > 0:
-                payload.update(_lease_payload(leases, lease_s, call.state))
+                payload.update(_lease_payload(leases, lease_s, call.auth.state))
             return payload
 
         return once(call, effect)

@@ -597,3 +597,43 @@ def test_bug_gives_json_500(app: Flask, caplog: pytest.LogCaptureFixture) -> Non
     assert error_of(response, 500)["code"] == "internal"
     assert "a bug" not in response.get_data(as_text=True)
     assert any("internal error" in r.getMessage() for r in caplog.records)
+
+
+# -- the cost of a round trip ------------------------------------------------------------
+
+
+def test_a_results_round_trip_reads_the_request_row_once(
+    dbfile: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One task per lease: the request row is read once, and every statement is needed."""
+    import sheepdog.server
+
+    statements: list[str] = []
+
+    class Traced(Storage):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.conn.set_trace_callback(statements.append)
+
+    monkeypatch.setattr(sheepdog.server, "Storage", Traced)
+    app = create_app(dbfile)
+    with Storage(dbfile) as db:
+        rid = db.new_request(b"F", None, [pickle.dumps(i) for i in range(50)])
+        db.complete(rid, [{"index": i, "ok": True, "value": VALUE} for i in range(1, 40)])
+        api = Api(app.test_client(), rid, db.get_secret(rid))
+        [task] = api.call("POST", "lease", lease_body()).get_json()["tasks"]
+        statements.clear()
+        body = results_body([result(task["index"], task["lease"])], max_tasks=1)
+        answer = api.call("POST", "results", body).get_json()
+        assert answer["accepted"] == [task["index"]] and len(answer["tasks"]) == 1
+        # SQLite traces a statement again for each trigger program it runs.
+        executed = [s for i, s in enumerate(statements) if i == 0 or s != statements[i - 1]]
+        reads = [s for s in executed if " FROM requests" in s]
+        assert len(reads) == 1, executed
+        # Read the request row and the nonce; BEGIN; store the result; expire overdue
+        # leases; find the next pending task; lease it; record the answer; COMMIT.
+        assert len(executed) <= 8, "\n".join(executed)
+        [scan] = [s for s in executed if "state = 'pending'" in s]
+        plan = " ".join(str(row[3]) for row in db.conn.execute(f"EXPLAIN QUERY PLAN {scan}"))
+        # Walking the primary key would visit every finished task on every lease.
+        assert "tasks_by_state" in plan and "TEMP B-TREE" not in plan, plan

@@ -81,6 +81,32 @@ BUSY_TIMEOUT_MS = 30_000  # as the original's 0.2.3: many writers wait rather th
 #: them on every call cost a statement per call, and keeping them longer only keeps more.
 NONCE_PRUNE_EVERY_S = 10.0
 
+#: One lock per database and process, taken before the write queue's flock: threads of
+#: one process (a gunicorn worker's) wait on it without polling, so at most one of them
+#: polls the flock. Keyed by the write queue's path; rebuilt in a forked child, where a
+#: lock held by another thread at the fork would never be released.
+_writer_locks: dict[str, threading.RLock] = {}
+_writer_locks_guard = threading.Lock()
+
+
+def _forget_writer_locks() -> None:
+    global _writer_locks_guard
+    _writer_locks.clear()
+    _writer_locks_guard = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_writer_locks)
+
+
+def _writer_lock(path: str) -> threading.RLock:
+    with _writer_locks_guard:
+        lock = _writer_locks.get(path)
+        if lock is None:
+            lock = _writer_locks[path] = threading.RLock()
+        return lock
+
+
 _SCHEMA_FILE = Path(__file__).with_name("schema.sql")
 _V1_TABLES = {"requests", "tasks", "jobs"}
 
@@ -336,6 +362,7 @@ class Storage:
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._queue: IO[bytes] | None = None
+        self._queue_path = ""
         self._nonces_pruned_at = 0.0
         in_memory = self.dbfile in ("", ":memory:")
         if not create and not in_memory and not Path(self.dbfile).is_file():
@@ -366,6 +393,7 @@ class Storage:
                 fd = os.open(f"{self.dbfile}-writers", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                              DB_FILE_MODE)
                 self._queue = os.fdopen(fd, "ab")
+                self._queue_path = os.path.realpath(f"{self.dbfile}-writers")
             except OSError as exc:
                 logger.debug("no write queue for %s: %s", self.dbfile, exc)
         if init:
@@ -420,8 +448,12 @@ class Storage:
         """Run a block in one ``BEGIN IMMEDIATE`` transaction, committed on success."""
         with self._lock:
             conn = self.conn
-            queued = self._queue_for_writing()
+            local = None if self._queue is None else _writer_lock(self._queue_path)
+            # Past the busy timeout, go on: SQLite's own locking still keeps us safe.
+            ours = local is not None and local.acquire(timeout=BUSY_TIMEOUT_MS / 1000)
+            queued = False
             try:
+                queued = self._queue_for_writing()
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -433,6 +465,8 @@ class Storage:
             finally:
                 if queued and self._queue is not None:
                     fcntl.flock(self._queue, fcntl.LOCK_UN)
+                if ours and local is not None:
+                    local.release()
 
     def _queue_for_writing(self) -> bool:
         """Wait in a kernel queue (flock) for our turn to write; True if we hold it.

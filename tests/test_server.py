@@ -637,3 +637,34 @@ def test_a_results_round_trip_reads_the_request_row_once(
         plan = " ".join(str(row[3]) for row in db.conn.execute(f"EXPLAIN QUERY PLAN {scan}"))
         # Walking the primary key would visit every finished task on every lease.
         assert "tasks_by_state" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_the_workers_calls_skip_flask_and_other_paths_still_reach_it(
+    app: Flask, api: Api
+) -> None:
+    """lease, heartbeat and results are answered without Flask's request machinery."""
+    from flask import request_started
+
+    seen: list[str] = []
+
+    def started(sender: Flask, **extra: Any) -> None:
+        from flask import request
+
+        seen.append(request.path)
+
+    request_started.connect(started, app)
+    try:
+        [task] = api.call("POST", "lease", lease_body()).get_json()["tasks"]
+        body = {"worker": "w1", "leases": [task["lease"]]}
+        assert api.call("POST", "heartbeat", body).get_json()["renewed"] == [task["lease"]]
+        answer = api.call("POST", "results", results_body([result(task["index"], task["lease"])]))
+        assert answer.get_json()["accepted"] == [task["index"]]
+        assert seen == []
+        # A path the hot path does not take (a leading zero) gets the same call from Flask.
+        path = f"/api/v1/requests/0{api.rid}/lease"
+        leased = api.call("POST", "lease", lease_body(), path=path)
+        assert leased.status_code == 200 and len(leased.get_json()["tasks"]) == 1
+        assert seen == [path]
+        error_of(api.call("POST", "lease", {"worker": 5}, path=path), 400)
+    finally:
+        request_started.disconnect(started, app)

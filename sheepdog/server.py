@@ -155,7 +155,7 @@ class _Call:
 _Answer = tuple[int, list[tuple[str, str]], bytes]
 
 #: The worker's state-changing calls, answered without Flask (see create_app's hot_path).
-#: Ids with a leading zero or beyond SQLite's integers take Flask's route, as before.
+#: Ids with a leading zero or of 20 digits or more take Flask's route, as before.
 _HOT_PATH = re.compile(r"/api/v1/requests/([1-9][0-9]{0,18})/(lease|results|heartbeat)")
 _STATUS_LINES = {code: f"{code} {phrase}" for code, phrase in HTTP_STATUS_CODES.items()}
 

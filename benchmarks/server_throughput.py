@@ -29,6 +29,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -40,12 +41,22 @@ from typing import Any
 from benchmarks._original import ORIGINAL_VENV, ensure_original_venv, original_env
 from benchmarks._report import ROOT, print_table, summarise, write_json
 
-__all__ = ["ORIGINAL_VENV", "ensure_original_venv", "main", "run_original", "run_ours"]
+__all__ = [
+    "ORIGINAL_VENV", "ensure_original_venv", "main", "run_floor", "run_original", "run_ours",
+]
 
 STUB = ROOT / "worker_stub" / "sheepdog_worker.py"
 WORKERS = 64
 LOAD_PROCESSES = 4
 PASSWORD = "bench-password"
+#: Targets against 0.2.3 in the same run (issue #17): tasks/s at one task per lease and
+#: at the default batch, and server CPU per round trip at one task per lease.
+RATE_TARGET_1 = 4.0
+RATE_TARGET_BATCHED = 20.0
+CPU_TARGET_1 = 0.5
+#: The server's gunicorn settings (sheepdog.server.Server's defaults), for the floor run.
+FLOOR_WORKERS = 2
+FLOOR_THREADS = 4
 
 _ORIGINAL_LAUNCHER = r"""
 import json, socket, sys, time
@@ -174,6 +185,28 @@ def _original_worker(target: dict[str, Any], indices: list[int], out: list[Any])
     out.append((latencies, len(indices)))
 
 
+def _floor_worker(target: dict[str, Any], rounds: int, out: list[Any]) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", target["port"], timeout=60)
+    body = json.dumps({"worker": "bench:0", "host": "bench", "max_tasks": 1, "results": [{
+        "index": 1, "lease": "0123456789abcdef", "ok": True, "value": "gASVAgAAAAAAAABLAi4=",
+        "stdout": "", "stderr": "", "duration_s": 0.0}]}).encode()
+    # The headers a signed call carries, so that gunicorn parses as much.
+    headers = {"Content-Type": "application/json", "X-Sheepdog-Time": "0",
+               "X-Sheepdog-Nonce": "0" * 32, "X-Sheepdog-Body-SHA256": "0" * 64,
+               "X-Sheepdog-Signature": "0" * 64}
+    latencies = []
+    for _ in range(rounds):
+        start = time.monotonic()
+        conn.request("POST", "/api/v1/requests/1/results", body=body, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"the floor app answered {response.status}")
+        latencies.append(time.monotonic() - start)
+    conn.close()
+    out.append((latencies, rounds))
+
+
 def _load_process(target: dict[str, Any], names: list[int], go: Any, queue: Any) -> None:
     stub = _stub() if target["kind"] == "ours" else None
     out: list[Any] = []
@@ -182,6 +215,9 @@ def _load_process(target: dict[str, Any], names: list[int], go: Any, queue: Any)
         if stub is not None:
             args: tuple[Any, ...] = (stub, target, f"bench:{w}", out)
             threads.append(threading.Thread(target=_ours_worker, args=args))
+        elif target["kind"] == "floor":
+            rounds = len(range(w + 1, target["n_tasks"] + 1, target["workers"]))
+            threads.append(threading.Thread(target=_floor_worker, args=(target, rounds, out)))
         else:
             indices = list(range(w + 1, target["n_tasks"] + 1, target["workers"]))
             threads.append(threading.Thread(target=_original_worker, args=(target, indices, out)))
@@ -232,6 +268,7 @@ def _drive(target: dict[str, Any], server_pid: int, timeout_s: float) -> dict[st
         "tasks_per_s": round(tasks / (end - start), 1),
         "round_trips": len(latencies),
         "server_cpu_ms_per_round_trip": round(cpu * 1000 / max(1, len(latencies)), 3),
+        "server_cpu_ms_per_task": round(cpu * 1000 / max(1, tasks), 3),
         **summarise(latencies),
     }
 
@@ -259,6 +296,42 @@ def run_ours(n_tasks: int, batch: int, workdir: Path, workers: int = WORKERS) ->
     if counts.get("done") != n_tasks:
         raise RuntimeError(f"our server stored {counts}, not {n_tasks} results")
     return figures
+
+
+def run_floor(n_tasks: int, workers: int = WORKERS) -> dict[str, Any]:
+    """One run against gunicorn serving an app that does nothing, with our server's settings."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    fd = sock.fileno()
+    command = [
+        sys.executable, "-m", "gunicorn", "--bind", f"fd://{fd}", "--workers", str(FLOOR_WORKERS),
+        "--threads", str(FLOOR_THREADS), "--worker-class", "gthread", "--keep-alive", "30",
+        "--log-level", "warning", "--chdir", str(ROOT), "benchmarks._floor_app:app",
+    ]
+    server = subprocess.Popen(command, pass_fds=(fd,), start_new_session=True)
+    port = sock.getsockname()[1]
+    sock.close()
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # wait until a worker answers
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/")
+                conn.getresponse().read()
+                conn.close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("gunicorn with the floor app did not answer") from None
+                time.sleep(0.05)
+        target = {"kind": "floor", "port": port, "workers": workers, "n_tasks": n_tasks}
+        return _drive(target, server.pid, timeout_s=600)
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def run_original(n_tasks: int, workdir: Path, workers: int = WORKERS) -> dict[str, Any]:
@@ -291,6 +364,10 @@ def run_original(n_tasks: int, workdir: Path, workers: int = WORKERS) -> dict[st
     return figures
 
 
+def _verdict(met: bool | None) -> str:
+    return "met" if met else "MISSED"
+
+
 def default_batch(n_tasks: int, workers: int) -> int:
     """The batch sheepdog picks by default for ``n_tasks`` over ``workers`` array tasks."""
     from sheepdog._api import batch_size
@@ -309,13 +386,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_tasks = args.tasks or (3000 if args.quick else 20_000)
     reps = args.reps or (1 if args.quick else 2)
     batch = default_batch(n_tasks, WORKERS)
-    runs: dict[str, list[dict[str, Any]]] = {"original": [], "ours_1": [], f"ours_{batch}": []}
+    runs: dict[str, list[dict[str, Any]]] = {
+        "original": [], "ours_1": [], f"ours_{batch}": [], "floor": [],
+    }
     workdir = Path(tempfile.mkdtemp(prefix="sheepdog-bench-"))
     try:
         for rep in range(reps):  # alternate, so drift in the machine hits all alike
             for key in runs:
                 if key == "original":
                     figures = run_original(n_tasks, workdir)
+                elif key == "floor":
+                    figures = run_floor(n_tasks)
                 else:
                     figures = run_ours(n_tasks, int(key.split("_")[1]), workdir)
                 print(f"[bench] rep {rep + 1}/{reps} {key}: {figures}", flush=True)
@@ -326,25 +407,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def best(key: str) -> dict[str, Any]:
         return max(runs[key], key=lambda r: r["tasks_per_s"])
 
-    base = statistics.median(r["tasks_per_s"] for r in runs["original"])
+    def median(key: str, figure: str) -> float:
+        return float(statistics.median(r[figure] for r in runs[key]))
+
+    base = median("original", "tasks_per_s")
+    base_cpu = median("original", "server_cpu_ms_per_round_trip")
     rows, summary = [], {}
     labels = {"original": "Sheepdog 0.2.3 (Tornado)", "ours_1": "sheepdog, 1 task/lease",
-              f"ours_{batch}": f"sheepdog, {batch} tasks/lease (default)"}
-    targets = {"original": None, "ours_1": 4.0, f"ours_{batch}": 20.0}
+              f"ours_{batch}": f"sheepdog, {batch} tasks/lease (default)",
+              "floor": "gunicorn alone, an app doing nothing"}
+    targets = {"original": None, "ours_1": RATE_TARGET_1, f"ours_{batch}": RATE_TARGET_BATCHED,
+               "floor": None}
+    # The CPU target is for one task per lease, where a round trip is one task's.
+    cpu_targets = {"original": None, "ours_1": CPU_TARGET_1, f"ours_{batch}": None,
+                   "floor": None}
     for key, label in labels.items():
-        rate = statistics.median(r["tasks_per_s"] for r in runs[key])
+        rate = median(key, "tasks_per_s")
+        cpu = median(key, "server_cpu_ms_per_round_trip")
         b = best(key)
-        ratio = rate / base
-        target = targets[key]
-        verdict = "-" if target is None else ("met" if ratio >= target else "MISSED")
-        rows.append([label, rate, b["p50_ms"], b["p99_ms"], b["server_cpu_ms_per_round_trip"],
-                     f"{ratio:.1f}x", "-" if target is None else f">= {target:g}x {verdict}"])
-        summary[key] = {"label": label, "tasks_per_s": rate, "ratio": round(ratio, 2),
-                        "target": target, "met": None if target is None else ratio >= target}
+        ratio, cpu_ratio = rate / base, cpu / base_cpu
+        target, cpu_target = targets[key], cpu_targets[key]
+        met = None if target is None else ratio >= target
+        cpu_met = None if cpu_target is None else cpu_ratio <= cpu_target
+        rows.append([
+            label, rate, b["p50_ms"], b["p99_ms"], cpu, f"{cpu_ratio:.2f}x",
+            "-" if cpu_target is None else f"<= {cpu_target:g}x {_verdict(cpu_met)}",
+            median(key, "server_cpu_ms_per_task"), f"{ratio:.1f}x",
+            "-" if target is None else f">= {target:g}x {_verdict(met)}",
+        ])
+        summary[key] = {
+            "label": label, "tasks_per_s": rate, "ratio": round(ratio, 2), "target": target,
+            "met": met, "server_cpu_ms_per_round_trip": cpu,
+            "server_cpu_ms_per_task": median(key, "server_cpu_ms_per_task"),
+            "cpu_ratio": round(cpu_ratio, 3), "cpu_target": cpu_target, "cpu_met": cpu_met,
+        }
     print_table(
         f"Server throughput: {n_tasks:,} tasks, {WORKERS} workers, {LOAD_PROCESSES} load "
-        f"processes, {reps} rep(s), median tasks/s ({os.cpu_count()} cores shared with the load)",
-        ["server", "tasks/s", "p50 ms", "p99 ms", "server CPU ms/req", "vs 0.2.3", "target"],
+        f"processes, {reps} rep(s), medians ({os.cpu_count()} cores shared with the load)",
+        ["server", "tasks/s", "p50 ms", "p99 ms", "server CPU ms/round trip", "vs 0.2.3",
+         "CPU target", "server CPU ms/task", "tasks/s vs 0.2.3", "tasks/s target"],
         rows,
     )
     data = {"quick": args.quick, "n_tasks": n_tasks, "workers": WORKERS,

@@ -21,11 +21,12 @@ import sqlite3
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import IO, Any, Callable
 
 from sheepdog import _upgrade02
@@ -42,6 +43,7 @@ __all__ = [
     "OPEN_STATES",
     "RERUN_CHOICES",
     "SCHEMA_VERSION",
+    "CallAuth",
     "Lease",
     "NonceReusedError",
     "Storage",
@@ -75,6 +77,35 @@ DB_FILE_MODE = 0o600
 SIBLING_SUFFIXES = ("-wal", "-shm", "-journal", "-writers")
 
 BUSY_TIMEOUT_MS = 30_000  # as the original's 0.2.3: many writers wait rather than fail
+#: A connection forgets nonces that left the clock window at most this often: forgetting
+#: them on every call cost a statement per call, and keeping them longer only keeps more.
+NONCE_PRUNE_EVERY_S = 10.0
+
+#: One lock per database and process, taken before the write queue's flock: threads of
+#: one process (a gunicorn worker's) wait on it without polling, so at most one of them
+#: polls the flock. Keyed by the write queue's path; rebuilt in a forked child, where a
+#: lock held by another thread at the fork would never be released.
+_writer_locks: dict[str, threading.RLock] = {}
+_writer_locks_guard = threading.Lock()
+
+
+def _forget_writer_locks() -> None:
+    global _writer_locks_guard
+    _writer_locks.clear()
+    _writer_locks_guard = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_writer_locks)
+
+
+def _writer_lock(path: str) -> threading.RLock:
+    with _writer_locks_guard:
+        lock = _writer_locks.get(path)
+        if lock is None:
+            lock = _writer_locks[path] = threading.RLock()
+        return lock
+
 
 _SCHEMA_FILE = Path(__file__).with_name("schema.sql")
 _V1_TABLES = {"requests", "tasks", "jobs"}
@@ -213,6 +244,34 @@ class NonceReusedError(StorageError):
     """A nonce already recorded for another call of the same request."""
 
 
+class _NonceRecorded(Exception):
+    """Raised inside ``answer_once``'s transaction to roll it back: the nonce has an answer."""
+
+
+@lru_cache(maxsize=256)
+def _settings(text: str) -> Mapping[str, Any]:
+    """A request's stored settings over the defaults, parsed once per distinct text."""
+    # Settings never change after new_request, and every call of the server needs them.
+    return MappingProxyType({**DEFAULT_SETTINGS, **json.loads(text)})
+
+
+@dataclass(frozen=True)
+class CallAuth:
+    """What the server needs to check and carry out one signed call, read in one query."""
+
+    secret: str
+    n_tasks: int
+    state: str
+    settings: Mapping[str, Any]
+    #: ``(signature, answer)`` recorded for the call's nonce, or None if unseen.
+    seen: tuple[str, bytes] | None
+
+    @property
+    def info(self) -> tuple[str, int, int]:
+        """``(state, n_tasks, max_attempts)``, as the ``*_in`` methods take it."""
+        return self.state, self.n_tasks, int(self.settings["max_attempts"])
+
+
 @dataclass(frozen=True)
 class Lease:
     """One task handed to a worker until ``expires`` (unix time)."""
@@ -303,6 +362,8 @@ class Storage:
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._queue: IO[bytes] | None = None
+        self._queue_path = ""
+        self._nonces_pruned_at = 0.0
         in_memory = self.dbfile in ("", ":memory:")
         if not create and not in_memory and not Path(self.dbfile).is_file():
             raise StorageError(
@@ -332,6 +393,7 @@ class Storage:
                 fd = os.open(f"{self.dbfile}-writers", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                              DB_FILE_MODE)
                 self._queue = os.fdopen(fd, "ab")
+                self._queue_path = os.path.realpath(f"{self.dbfile}-writers")
             except OSError as exc:
                 logger.debug("no write queue for %s: %s", self.dbfile, exc)
         if init:
@@ -386,8 +448,12 @@ class Storage:
         """Run a block in one ``BEGIN IMMEDIATE`` transaction, committed on success."""
         with self._lock:
             conn = self.conn
-            queued = self._queue_for_writing()
+            local = None if self._queue is None else _writer_lock(self._queue_path)
+            # Past the busy timeout, go on: SQLite's own locking still keeps us safe.
+            ours = local is not None and local.acquire(timeout=BUSY_TIMEOUT_MS / 1000)
+            queued = False
             try:
+                queued = self._queue_for_writing()
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -399,6 +465,8 @@ class Storage:
             finally:
                 if queued and self._queue is not None:
                     fcntl.flock(self._queue, fcntl.LOCK_UN)
+                if ours and local is not None:
+                    local.release()
 
     def _queue_for_writing(self) -> bool:
         """Wait in a kernel queue (flock) for our turn to write; True if we hold it.
@@ -603,6 +671,25 @@ class Storage:
             request_id, "secret, n_tasks, state, settings"
         )
         return str(secret), int(n_tasks), str(state), {**DEFAULT_SETTINGS, **json.loads(text)}
+
+    def call_auth(self, request_id: int, nonce: str | None = None) -> CallAuth:
+        """Read the request's secret, size, state and settings, and what ``nonce`` got, at once.
+
+        One query per call: the server reads the request row here and nowhere else
+        (the ``*_in`` methods take ``CallAuth.info``).
+        """
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT r.secret, r.n_tasks, r.state, r.settings, n.signature, n.answer"
+                " FROM requests r LEFT JOIN nonces n ON n.request_id = r.id AND n.nonce = ?"
+                " WHERE r.id = ?",
+                (nonce, request_id),
+            ).fetchone()
+        if row is None:
+            raise UnknownRequestError(request_id, self.dbfile)
+        secret, n_tasks, state, text, signature, answer = row
+        seen = None if signature is None else (str(signature), bytes(answer))
+        return CallAuth(str(secret), int(n_tasks), str(state), _settings(text), seen)
 
     def get_function(self, request_id: int) -> tuple[bytes, bytes | None]:
         """Return the request's serialised function and namespace."""
@@ -950,10 +1037,15 @@ class Storage:
         lease_s: float,
         now: float | None = None,
         reclaim: bool = False,
+        info: tuple[str, int, int] | None = None,
     ) -> list[Lease]:
-        """``lease`` inside the caller's write transaction (see ``answer_once``)."""
+        """``lease`` inside the caller's write transaction (see ``answer_once``).
+
+        ``info`` is the request's ``(state, n_tasks, max_attempts)`` when the caller
+        has read it already (``CallAuth.info``); else it is read here.
+        """
         now = time.time() if now is None else now
-        info = self._info(conn, request_id)
+        info = self._info(conn, request_id) if info is None else info
         return self._lease(conn, request_id, info, worker, host, max_tasks, lease_s, now, reclaim)
 
     def _lease(
@@ -985,9 +1077,13 @@ class Storage:
                 (request_id, worker, host, max_tasks),
             ).fetchall()
         if len(rows) < max_tasks:
+            # "lease_expires IS NULL" holds for every pending task (each way into 'pending'
+            # clears it); saying so lets SQLite read tasks_by_state in idx order. Without
+            # it SQLite walked the primary key from task 1, over every finished task, on
+            # every lease: the cost of a lease grew with the request's progress.
             rows += conn.execute(
                 "SELECT idx, attempts, args FROM tasks WHERE request_id = ? AND state = 'pending'"
-                " ORDER BY idx LIMIT ?",
+                " AND lease_expires IS NULL ORDER BY idx LIMIT ?",
                 (request_id, max_tasks - len(rows)),
             ).fetchall()
         expires = now + lease_s
@@ -1086,10 +1182,14 @@ class Storage:
         lease_s: float,
         now: float | None = None,
         reclaim: bool = False,
+        info: tuple[str, int, int] | None = None,
     ) -> tuple[list[int], list[int], list[Lease]]:
-        """``complete_and_lease`` inside the caller's write transaction (see ``answer_once``)."""
+        """``complete_and_lease`` inside the caller's write transaction (see ``answer_once``).
+
+        ``info`` as for ``lease_in``.
+        """
         now = time.time() if now is None else now
-        info = self._info(conn, request_id)
+        info = self._info(conn, request_id) if info is None else info
         accepted, duplicates = self._complete(conn, request_id, info[1], results)
         leases = self._lease(conn, request_id, info, worker, host, max_tasks, lease_s, now,
                              reclaim)
@@ -1117,32 +1217,45 @@ class Storage:
     ) -> tuple[bytes, bool]:
         """Run a signed call's ``effect`` once per nonce; return ``(answer, replayed)``.
 
-        In one write transaction: forget nonces whose time left the clock window
-        (the server refuses those calls anyway), then either return the answer
-        recorded for this nonce (``replayed`` True: a retry or a replay changes
-        nothing) or run ``effect`` and record its answer with the nonce. If
-        ``effect`` raises, nothing is recorded. The same nonce with another
-        signature raises NonceReusedError.
+        In one write transaction: run ``effect`` and record its answer with the
+        nonce, so that the effect and its answer are committed together. A nonce
+        recorded already (a retry or a replay racing its first call past the
+        caller's ``CallAuth.seen`` check) rolls the effect back and returns the
+        recorded answer (``replayed`` True: changing nothing). If ``effect`` raises,
+        nothing is recorded. The same nonce with another signature raises
+        NonceReusedError. Every ``NONCE_PRUNE_EVERY_S`` the transaction also forgets
+        nonces whose time left the clock window (the server refuses those calls anyway).
         """
-        with self._write() as conn:
-            conn.execute("DELETE FROM nonces WHERE stamp < ?", (time.time() - window_s,))
-            row = conn.execute(
+        try:
+            with self._write() as conn:
+                now = time.time()
+                if now - self._nonces_pruned_at >= NONCE_PRUNE_EVERY_S:
+                    conn.execute("DELETE FROM nonces WHERE stamp < ?", (now - window_s,))
+                    self._nonces_pruned_at = now
+                answer = effect(conn)
+                try:
+                    conn.execute(
+                        "INSERT INTO nonces (request_id, nonce, stamp, signature, answer)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (request_id, nonce, stamp, signature, answer),
+                    )
+                except sqlite3.IntegrityError as exc:
+                    if "UNIQUE" not in str(exc):
+                        raise
+                    raise _NonceRecorded from None  # _write rolls the effect back
+                return answer, False
+        except _NonceRecorded:
+            pass
+        with self._lock:
+            row = self.conn.execute(
                 "SELECT signature, answer FROM nonces WHERE request_id = ? AND nonce = ?",
                 (request_id, nonce),
             ).fetchone()
-            if row is not None:
-                if str(row[0]) != signature:
-                    raise NonceReusedError(
-                        f"nonce {nonce} was already used by another call of request {request_id}"
-                    )
-                return bytes(row[1]), True
-            answer = effect(conn)
-            conn.execute(
-                "INSERT INTO nonces (request_id, nonce, stamp, signature, answer)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (request_id, nonce, stamp, signature, answer),
+        if row is None or str(row[0]) != signature:
+            raise NonceReusedError(
+                f"nonce {nonce} was already used by another call of request {request_id}"
             )
-            return answer, False
+        return bytes(row[1]), True
 
     def _complete(
         self,

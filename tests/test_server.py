@@ -597,3 +597,74 @@ def test_bug_gives_json_500(app: Flask, caplog: pytest.LogCaptureFixture) -> Non
     assert error_of(response, 500)["code"] == "internal"
     assert "a bug" not in response.get_data(as_text=True)
     assert any("internal error" in r.getMessage() for r in caplog.records)
+
+
+# -- the cost of a round trip ------------------------------------------------------------
+
+
+def test_a_results_round_trip_reads_the_request_row_once(
+    dbfile: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One task per lease: the request row is read once, and every statement is needed."""
+    import sheepdog.server
+
+    statements: list[str] = []
+
+    class Traced(Storage):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.conn.set_trace_callback(statements.append)
+
+    monkeypatch.setattr(sheepdog.server, "Storage", Traced)
+    app = create_app(dbfile)
+    with Storage(dbfile) as db:
+        rid = db.new_request(b"F", None, [pickle.dumps(i) for i in range(50)])
+        db.complete(rid, [{"index": i, "ok": True, "value": VALUE} for i in range(1, 40)])
+        api = Api(app.test_client(), rid, db.get_secret(rid))
+        [task] = api.call("POST", "lease", lease_body()).get_json()["tasks"]
+        statements.clear()
+        body = results_body([result(task["index"], task["lease"])], max_tasks=1)
+        answer = api.call("POST", "results", body).get_json()
+        assert answer["accepted"] == [task["index"]] and len(answer["tasks"]) == 1
+        # SQLite traces a statement again for each trigger program it runs.
+        executed = [s for i, s in enumerate(statements) if i == 0 or s != statements[i - 1]]
+        reads = [s for s in executed if " FROM requests" in s]
+        assert len(reads) == 1, executed
+        # Read the request row and the nonce; BEGIN; store the result; expire overdue
+        # leases; find the next pending task; lease it; record the answer; COMMIT.
+        assert len(executed) <= 8, "\n".join(executed)
+        [scan] = [s for s in executed if "state = 'pending'" in s]
+        plan = " ".join(str(row[3]) for row in db.conn.execute(f"EXPLAIN QUERY PLAN {scan}"))
+        # Walking the primary key would visit every finished task on every lease.
+        assert "tasks_by_state" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_the_workers_calls_skip_flask_and_other_paths_still_reach_it(
+    app: Flask, api: Api
+) -> None:
+    """lease, heartbeat and results are answered without Flask's request machinery."""
+    from flask import request_started
+
+    seen: list[str] = []
+
+    def started(sender: Flask, **extra: Any) -> None:
+        from flask import request
+
+        seen.append(request.path)
+
+    request_started.connect(started, app)
+    try:
+        [task] = api.call("POST", "lease", lease_body()).get_json()["tasks"]
+        body = {"worker": "w1", "leases": [task["lease"]]}
+        assert api.call("POST", "heartbeat", body).get_json()["renewed"] == [task["lease"]]
+        answer = api.call("POST", "results", results_body([result(task["index"], task["lease"])]))
+        assert answer.get_json()["accepted"] == [task["index"]]
+        assert seen == []
+        # A path the hot path does not take (a leading zero) gets the same call from Flask.
+        path = f"/api/v1/requests/0{api.rid}/lease"
+        leased = api.call("POST", "lease", lease_body(), path=path)
+        assert leased.status_code == 200 and len(leased.get_json()["tasks"]) == 1
+        assert seen == [path]
+        error_of(api.call("POST", "lease", {"worker": 5}, path=path), 400)
+    finally:
+        request_started.disconnect(started, app)

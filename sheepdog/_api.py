@@ -526,14 +526,14 @@ def get_results(
     with Storage(dbfile, create=False) as storage:  # a read never creates a database
         if block:
             wait_for_request(dbfile, request_id, verbose=verbose, timeout_s=timeout_s)
-        rows = storage.get_tasks_with_results(request_id)
-    return [
-        (
-            serialisation.deserialise_value(arg),
-            None if result is None else serialisation.deserialise_value(result),
-        )
-        for arg, result in rows
-    ]
+        rows = storage.get_tasks_with_stored_results(request_id)
+
+        def load(stored: bytes | str) -> Any:
+            # From the blob's file when large: no second copy of the value as a pickle.
+            with storage.open_value(stored) as f:
+                return serialisation.deserialise_file(f)
+
+        return [(load(arg), None if result is None else load(result)) for arg, result in rows]
 
 
 def get_errors(request_id: int, dbfile: str = "./sheepdog.sqlite") -> list[tuple[Any, RemoteError]]:

@@ -25,6 +25,7 @@ __all__ = [
     "response_message",
     "sign_request",
     "sign_response",
+    "sign_response_digest",
     "signed_headers",
     "verify",
 ]
@@ -53,8 +54,11 @@ def request_message(
 
 def response_message(request_signature: str, body: bytes) -> bytes:
     """Return the bytes that an answer's signature covers."""
-    digest = hashlib.sha256(body).hexdigest()
-    return f"response\n{request_signature}\n{digest}".encode()
+    return _response_message(request_signature, hashlib.sha256(body).hexdigest())
+
+
+def _response_message(request_signature: str, body_sha256: str) -> bytes:
+    return f"response\n{request_signature}\n{body_sha256}".encode()
 
 
 def sign_request(
@@ -94,7 +98,12 @@ def signed_headers(
 
 def sign_response(secret_hex: str, request_signature: str, body: bytes) -> str:
     """Sign an answer ``body`` to the call that carried ``request_signature``."""
-    message = response_message(request_signature, body)
+    return sign_response_digest(secret_hex, request_signature, hashlib.sha256(body).hexdigest())
+
+
+def sign_response_digest(secret_hex: str, request_signature: str, body_sha256: str) -> str:
+    """Sign an answer whose body's SHA-256 is known (a stored blob) without reading it."""
+    message = _response_message(request_signature, body_sha256)
     return hmac.new(_key(secret_hex), message, hashlib.sha256).hexdigest()
 
 

@@ -113,13 +113,14 @@ import textwrap
 import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sheepdog.errors import SerialisationError
 
 __all__ = [
     "deserialise_arg",
     "deserialise_args",
+    "deserialise_file",
     "deserialise_function",
     "deserialise_namespace",
     "deserialise_pickle",
@@ -234,6 +235,11 @@ def serialise_value(obj: object, *, what: str = "value") -> bytes:
 def deserialise_value(data: bytes) -> object:
     """Unpickle an argument or result value."""
     return pickle.loads(data)
+
+
+def deserialise_file(f: IO[bytes]) -> object:
+    """Unpickle an argument or result value from a binary file (a large value's blob)."""
+    return pickle.load(f)
 
 
 def deserialise_args(blobs: Iterable[bytes]) -> list[object]:

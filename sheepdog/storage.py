@@ -13,6 +13,7 @@ acknowledged survives the server being killed (and, with ``FULL``, a power cut).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,6 +32,7 @@ from types import MappingProxyType, TracebackType
 from typing import IO, Any, Callable
 
 from sheepdog import _upgrade02
+from sheepdog.blobs import INLINE_MAX_BYTES, BlobStore, is_ref, make_ref
 from sheepdog.errors import StorageError, UnknownRequestError, UnknownTaskError
 
 try:
@@ -76,6 +79,8 @@ DB_FILE_MODE = 0o600
 #: Files SQLite (and our write queue) keep beside the database, named by these suffixes.
 SIBLING_SUFFIXES = ("-wal", "-shm", "-journal", "-writers")
 
+#: Threads that write a new request's large arguments to the blob store.
+BLOB_WRITERS = 4
 BUSY_TIMEOUT_MS = 30_000  # as the original's 0.2.3: many writers wait rather than fail
 #: A connection forgets nonces that left the clock window at most this often: forgetting
 #: them on every call cost a statement per call, and keeping them longer only keeps more.
@@ -279,7 +284,8 @@ class Lease:
     index: int
     attempt: int
     lease: str
-    args: bytes
+    #: The pickled argument, or a blob reference (``sha256:<hex>:<size>``) when it is large.
+    args: bytes | str
     expires: float
 
 
@@ -365,6 +371,8 @@ class Storage:
         self._queue_path = ""
         self._nonces_pruned_at = 0.0
         in_memory = self.dbfile in ("", ":memory:")
+        #: Values longer than INLINE_MAX_BYTES live here; an in-memory database keeps all inline.
+        self.blobs: BlobStore | None = None if in_memory else BlobStore(self.dbfile + ".blobs")
         if not create and not in_memory and not Path(self.dbfile).is_file():
             raise StorageError(
                 f"no sheepdog database at {self.dbfile}: the file does not exist; "
@@ -572,7 +580,12 @@ class Storage:
         else:
             bytes.fromhex(secret)  # fail here, not when the first worker calls
         merged = {**DEFAULT_SETTINGS, **(settings or {})}
-        args = list(args_list)
+        values = list(args_list)
+        digests = list(args_digests) if args_digests is not None else [None] * len(values)
+        if len(digests) != len(values):
+            raise ValueError(f"{len(digests)} argument digests for {len(values)} arguments")
+        # Blobs first: a row never names a blob that is not durable yet.
+        args = self.store_values(values, digests)
         with self._write() as conn:
             cursor = conn.execute(
                 "INSERT INTO requests (created, func, ns, secret, n_tasks, settings, label,"
@@ -590,9 +603,6 @@ class Storage:
             )
             request_id = cursor.lastrowid
             assert request_id is not None
-            digests = list(args_digests) if args_digests is not None else [None] * len(args)
-            if len(digests) != len(args):
-                raise ValueError(f"{len(digests)} argument digests for {len(args)} arguments")
             conn.executemany(
                 "INSERT INTO tasks (request_id, idx, args, args_digest) VALUES (?, ?, ?, ?)",
                 ((request_id, i, a, d) for i, (a, d) in enumerate(zip(args, digests), start=1)),
@@ -722,7 +732,66 @@ class Storage:
         if row is None:
             self._check_task(request_id, job_index)
         func, ns, args = row
-        return bytes(func), (None if ns is None else bytes(ns)), bytes(args)
+        return bytes(func), (None if ns is None else bytes(ns)), self.load_value(args)
+
+    def store_value(self, value: bytes, digest: str | None = None) -> bytes | str:
+        """Return what a column keeps for ``value``: itself, or a blob reference when large.
+
+        ``digest`` is the value's SHA-256 (:func:`content_digest`) if the caller has it.
+        """
+        if self.blobs is None or len(value) <= INLINE_MAX_BYTES:
+            return value
+        return self.blobs.put(value, digest)
+
+    def store_values(
+        self, values: Sequence[bytes], digests: Sequence[str | None]
+    ) -> list[bytes | str]:
+        """:meth:`store_value` for many values, writing large ones on a few threads.
+
+        Hashing, writing and fsync release the GIL: several blobs are written at once.
+        """
+        large = sum(1 for v in values if len(v) > INLINE_MAX_BYTES)
+        if large < 2 or self.blobs is None:
+            return [self.store_value(v, d) for v, d in zip(values, digests)]
+        with ThreadPoolExecutor(max_workers=BLOB_WRITERS, thread_name_prefix="blobs") as pool:
+            return list(pool.map(self.store_value, values, digests))
+
+    def load_value(self, stored: bytes | str) -> bytes:
+        """Return the bytes a column's value stands for, reading a blob reference's file."""
+        if not isinstance(stored, str):  # is_ref, spelled out for the type checker
+            return bytes(stored)
+        if self.blobs is None:
+            raise StorageError(f"{stored} names a blob, but an in-memory database has none")
+        return self.blobs.read(stored)
+
+    def open_value(self, stored: bytes | str) -> IO[bytes]:
+        """Open the bytes a column's value stands for as a file: a blob's own, or in memory.
+
+        Unpickling from it reads a large value straight into its objects, without first
+        holding its pickle in memory.
+        """
+        if not isinstance(stored, str):
+            return io.BytesIO(stored)  # shares the bytes' buffer; no copy
+        if self.blobs is None:
+            raise StorageError(f"{stored} names a blob, but an in-memory database has none")
+        return self.blobs.open(stored)
+
+    def blob_ref(self, digest: str, size: int) -> str:
+        """Return the reference of a stored blob; StorageError if no such blob is stored."""
+        if self.blobs is None or not self.blobs.has(digest, size):
+            raise StorageError(f"no blob {digest} of {size} bytes is stored; upload it first")
+        return make_ref(digest, size)
+
+    def task_args(self, request_id: int, job_index: int) -> bytes | str:
+        """Return task ``job_index``'s stored argument: inline bytes or a blob reference."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT args FROM tasks WHERE request_id = ? AND idx = ?", (request_id, job_index)
+            ).fetchone()
+        if row is None:
+            self._check_task(request_id, job_index)
+        stored: bytes | str = row[0]
+        return stored
 
     def _check_task(self, request_id: int, job_index: int) -> None:
         (n_tasks,) = self._request_row(request_id, "n_tasks")
@@ -730,12 +799,13 @@ class Storage:
 
     def store_result(self, request_id: int, job_index: int, result: bytes) -> bool:
         """Store a pickled result unless the task is already finished; True if stored."""
+        stored = self.store_value(result)  # a blob is durable before the row names it
         with self._write() as conn:
             cursor = conn.execute(
                 "UPDATE tasks SET state = 'done', result = ?, finished = ?, lease = NULL,"
                 " lease_expires = NULL WHERE request_id = ? AND idx = ?"
                 " AND state IN ('pending', 'leased')",
-                (result, time.time(), request_id, job_index),
+                (stored, time.time(), request_id, job_index),
             )
         if cursor.rowcount == 0:
             self._raise_if_missing(request_id, job_index)
@@ -810,7 +880,7 @@ class Storage:
                 " ORDER BY idx",
                 (request_id,),
             ).fetchall()
-        return [(bytes(a), bytes(r)) for a, r in rows]
+        return [(self.load_value(a), self.load_value(r)) for a, r in rows]
 
     def get_errors(self, request_id: int) -> list[tuple[bytes, str]]:
         """Return ``(args, error text)`` for every failed or cancelled task, in index order.
@@ -841,11 +911,23 @@ class Storage:
             data.setdefault("kind", "exception")
             data.setdefault("stdout", stdout or "")
             data.setdefault("stderr", stderr or "")
-            out.append((int(idx), bytes(args), data))
+            out.append((int(idx), self.load_value(args), data))
         return out
 
     def get_tasks_with_results(self, request_id: int) -> list[tuple[bytes, bytes | None]]:
         """Return ``(args, result or None)`` for every task, in index order."""
+        return [
+            (self.load_value(a), None if r is None else self.load_value(r))
+            for a, r in self.get_tasks_with_stored_results(request_id)
+        ]
+
+    def get_tasks_with_stored_results(
+        self, request_id: int
+    ) -> list[tuple[bytes | str, bytes | str | None]]:
+        """As :meth:`get_tasks_with_results`, with large values as blob references.
+
+        Read each with :meth:`open_value`, so that only one is in memory at a time.
+        """
         self._request_row(request_id, "id")
         with self._lock:
             rows = self.conn.execute(
@@ -853,7 +935,7 @@ class Storage:
                 " WHERE request_id = ? ORDER BY idx",
                 (request_id,),
             ).fetchall()
-        return [(bytes(a), None if r is None else bytes(r)) for a, r in rows]
+        return [(a, r) for a, r in rows]
 
     def finished_since(
         self, request_id: int, after: int = 0
@@ -891,7 +973,8 @@ class Storage:
                 data.setdefault("kind", "exception")
                 data.setdefault("stdout", stdout or "")
                 data.setdefault("stderr", stderr or "")
-            out.append((int(idx), str(state), None if result is None else bytes(result), data))
+            value = None if result is None else self.load_value(result)
+            out.append((int(idx), str(state), value, data))
         return int(marks[-1][0]), out
 
     def task_states(self, request_id: int) -> list[str]:
@@ -1095,7 +1178,8 @@ class Storage:
                 " host = ?, started = ? WHERE request_id = ? AND idx = ?",
                 (token, expires, worker, host, now, request_id, idx),
             )
-            leases.append(Lease(int(idx), int(attempts) + 1, token, bytes(args), expires))
+            stored = args if is_ref(args) else bytes(args)  # a blob is fetched by the worker
+            leases.append(Lease(int(idx), int(attempts) + 1, token, stored, expires))
         return leases
 
     def renew(
@@ -1272,7 +1356,9 @@ class Storage:
             if not 1 <= index <= n_tasks:
                 raise UnknownTaskError(request_id, index, n_tasks)
             if r["ok"]:
-                state, value, error = "done", r["value"], None
+                # The server names an uploaded blob by its reference; other callers give bytes.
+                value = r["value"] if is_ref(r["value"]) else self.store_value(r["value"])
+                state, error = "done", None
             else:
                 state, value = "error", None
                 error = json.dumps({"kind": "exception", **r["error"]})

@@ -392,3 +392,20 @@ def test_a_worker_stops_leasing_before_its_run_time_limit(setup: Setup) -> None:
     assert runs >= 2
     assert setup.results(rid) == ["woke up"] * n
     assert all(setup.storage.get_task(rid, i)["attempts"] == 0 for i in range(1, n + 1))
+
+
+def reversed_bytes(data: bytes, factor: int) -> bytes:
+    return data[::-1] * factor
+
+
+def test_large_arguments_and_results_travel_as_blobs(setup: Setup) -> None:
+    # Both above the inline threshold: the lease names the argument's blob, the worker
+    # fetches it, and uploads its result before naming it in /results.
+    values = [os.urandom(300_000), b"small"]
+    rid = setup.request(reversed_bytes, [(values[0], 3), (values[1], 1)])
+    code, out, err = finish(setup.start(setup.job(rid, 2), 1))
+    assert code == 0, f"worker failed:\n{out}\n{err}"
+    assert setup.results(rid) == [values[0][::-1] * 3, b"llams"]
+    blobs = Path(f"{setup.dbfile}.blobs")
+    assert len(os.listdir(blobs)) == 2  # the large argument and the large result
+    assert all((blobs / name).stat().st_mode & 0o777 == 0o600 for name in os.listdir(blobs))

@@ -176,6 +176,7 @@ def test_function(api: Api) -> None:
         "batch": 1,
         "capture_bytes": 65536,
         "tasks_per_worker": None,
+        "inline_max_bytes": 65536,
     }
 
 

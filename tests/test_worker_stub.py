@@ -8,6 +8,7 @@ import http.server
 import json
 import pickle
 import re
+import reprlib
 import subprocess
 import sys
 import threading
@@ -564,3 +565,10 @@ def test_read_secret_says_what_is_wrong(tmp_path: Path) -> None:
         stub.read_secret(str(key))
     assert bad.value.exit_status == stub.EXIT_SECRET
     assert "not a secret" not in str(bad.value)
+
+
+def test_a_large_bytes_result_is_summarised_without_repr_of_all_of_it() -> None:
+    big = b"ab" * 10_000_000
+    assert stub.short_repr(big) == "b'abababababababab'... (20000000 bytes)"
+    assert stub.short_repr(b"small") == "b'small'"
+    assert stub.short_repr(list(range(100))) == reprlib.repr(list(range(100)))

@@ -311,9 +311,10 @@ def signed_headers(secret_hex, method, path, body, time_s=None, nonce=None):
                                                  len(body), digest)}
 
 
-def sign_response(secret_hex, request_signature, body):
-    """Sign an answer to the call that carried `request_signature`."""
-    message = "response\n%s\n%s" % (request_signature, hashlib.sha256(body).hexdigest())
+def sign_response(secret_hex, request_signature, body, body_sha256=None):
+    """Sign an answer to the call that carried `request_signature` (body's hash if known)."""
+    message = "response\n%s\n%s" % (request_signature,
+                                     body_sha256 or hashlib.sha256(body).hexdigest())
     return hmac.new(bytes.fromhex(secret_hex), message.encode(), hashlib.sha256).hexdigest()
 
 
@@ -349,6 +350,15 @@ def safe_text(obj):
             return "<unprintable %s: str() raised %s>" % (type(obj).__name__, type(e).__name__)
         except Exception:
             return "<unprintable object>"
+
+
+def short_repr(value):
+    """A short repr of a task's value: reprlib's, but not of all of a large bytes value."""
+    if isinstance(value, (bytes, bytearray)) and len(value) > 64:
+        # reprlib.repr of bytes reprs the whole value before cutting it: 80 MB of text
+        # for a 20 MB result.
+        return "%r... (%d bytes)" % (bytes(value[:16]), len(value))
+    return reprlib.repr(value)
 
 
 def say(message, stream):
@@ -430,14 +440,20 @@ class Connection:
             self.conn.close()
             self.conn = None
 
-    def send(self, method, path, body, headers):
-        """One exchange of a signed call: return (status, its answer's signature, answer body)."""
+    def send(self, method, path, body, headers, sink=None, kind="application/json"):
+        """One exchange of a signed call: return (status, its answer's signature, answer body).
+
+        With `sink`, a 200 answer's body is not returned but passed to sink(response).
+        """
         self.conn = self.conn or self.connect()
         try:
-            self.conn.request(method, path, body=body,
-                              headers=dict(headers, **{"Content-Type": "application/json"}))
+            self.conn.request(method, path, body=body, headers=dict(headers, **{
+                "Content-Type": kind}))
             response = self.conn.getresponse()
-            answer = response.read()
+            if sink is not None and response.status == 200:
+                answer = sink(response)
+            else:
+                answer = response.read()
         except BaseException:
             self.close()
             raise
@@ -445,16 +461,44 @@ class Connection:
             self.close()
         return response.status, response.getheader("X-Sheepdog-Signature", ""), answer
 
-    def call(self, method, name, body=None, retry_s=None):
+    def upload(self, data, retry_s=None):
+        """PUT a large value as a binary body, named by its SHA-256; return {sha256, size}."""
+        digest = hashlib.sha256(data).hexdigest()
+        self.call("PUT", "blobs/" + digest, raw=data, retry_s=retry_s)
+        return {"sha256": digest, "size": len(data)}
+
+    def download(self, name, sha256, size, retry_s=None):
+        """GET a binary body that a signed answer named by its SHA-256 and size; return it."""
+        def sink(response):  # read into one buffer, hashing as the bytes arrive
+            data, hasher, got = bytearray(size), hashlib.sha256(), 0
+            view = memoryview(data)
+            while got < size:
+                n = response.readinto(view[got:got + (1 << 20)])
+                if not n:
+                    raise http.client.IncompleteRead(bytes(0), size - got)
+                hasher.update(view[got:got + n])
+                got += n
+            if response.read(1) or hasher.hexdigest() != sha256:
+                raise ProtocolFailure("%s from the server is not the %d bytes with SHA-256 %s "
+                                      "that its signed lease named" % (name, size, sha256),
+                                      EXIT_AUTH)
+            return data
+        return self.call("GET", name, retry_s=retry_s, sink=sink, sink_sha256=sha256)
+
+    def call(self, method, name, body=None, retry_s=None, raw=None, sink=None, sink_sha256=None):
         """Make a signed call to .../requests/<id>/<name>; return its checked JSON answer.
 
         Connection errors and 5xx answers are retried with backoff for up to
         `retry_s` seconds; any other failure raises ProtocolFailure at once. A retry
         sends the same signed call (the same nonce), so a call whose answer was lost
         gets that same answer, not a second effect; after RESIGN_AFTER_S it is signed
-        anew, so that a retry stays inside the server's clock window.
+        anew, so that a retry stays inside the server's clock window. `raw` is a binary
+        body sent instead of JSON; with `sink`, the 200 answer is what sink(response)
+        returns: a binary answer that sink checked to have SHA-256 `sink_sha256`.
         """
-        path, data = self.prefix + name, b"" if body is None else json.dumps(body).encode()
+        path = self.prefix + name
+        data = raw if raw is not None else b"" if body is None else json.dumps(body).encode()
+        kind = "application/json" if raw is None else "application/octet-stream"
         retry_s = self.retry_s if retry_s is None else retry_s
         deadline, attempt, rid = time.monotonic() + retry_s, 0, self.request_id
         signed_at, headers = time.monotonic(), signed_headers(self.secret, method, path, data)
@@ -468,7 +512,7 @@ class Connection:
                 signed_at, headers = time.monotonic(), signed_headers(self.secret, method, path,
                                                                       data)
             try:
-                status, given, answer = self.send(method, path, data, headers)
+                status, given, answer = self.send(method, path, data, headers, sink, kind)
                 if status < 500:
                     break
                 problem = "the server answered HTTP %d" % status
@@ -481,10 +525,11 @@ class Connection:
             say("sheepdog: %s; retrying in %.1f s" % (problem, delay), sys.stderr)
             time.sleep(delay)
             attempt += 1
-        signature = headers["X-Sheepdog-Signature"]
+        signature, detail = headers["X-Sheepdog-Signature"], ""
         try:
-            error = json.loads(answer.decode("utf-8"))["error"]
-            detail = "%s: %s" % (error["code"], error["message"])
+            if status >= 300:  # a refusal's reason; a 200 answer may be a 20 MB binary
+                error = json.loads(answer.decode("utf-8"))["error"]
+                detail = "%s: %s" % (error["code"], error["message"])
         except Exception:
             detail = answer[:200].decode("utf-8", "replace")
         if status == 401:
@@ -497,11 +542,14 @@ class Connection:
         if not 200 <= status < 300:
             raise ProtocolFailure("the server refused %s %s with HTTP %d (%s)"
                                   % (method, path, status, detail))
-        expected = sign_response(self.secret, signature, answer)
+        binary = sink is not None and status == 200
+        expected = sign_response(self.secret, signature, answer, sink_sha256 if binary else None)
         if not hmac.compare_digest(expected.encode(), given.encode("latin-1", "replace")):
             raise ProtocolFailure("the answer to %s %s is not signed with request %d's secret: "
                                   "another server answers at %s:%s, or something on the way "
                                   "changed it" % ((method, path, rid) + self.address), EXIT_AUTH)
+        if binary:
+            return answer
         try:
             return json.loads(answer.decode("utf-8"))
         except ValueError:
@@ -667,6 +715,11 @@ class Client:
         index, limit = task["index"], int(self.settings.get("capture_bytes", 65536))
         timeout = self.settings.get("task_timeout_s")
         alarm = bool(timeout) and threading.current_thread() is threading.main_thread()
+        # Fetched before the task's clock starts; a failure here stops the worker, it is not
+        # the task's error.
+        blob = task.get("args_blob")
+        data = (self.conn.download("tasks/%d/args" % index, blob["sha256"], blob["size"])
+                if blob else base64.b64decode(task["args"]))
         out, err = Capture(self.out, limit), Capture(self.err, limit)
         result, value, start = {"index": index, "lease": task["lease"]}, None, time.monotonic()
         self.running = (index, task["lease"], start, out, err)
@@ -677,7 +730,7 @@ class Client:
                     signal.signal(signal.SIGALRM, self.on_alarm)
                     self.armed = True
                     signal.setitimer(signal.ITIMER_REAL, timeout)
-                value = load_value(base64.b64decode(task["args"]))
+                value, data = load_value(data), None
                 # Two short lines: this one shows in every remote traceback, which
                 # must fit an 80-column terminal.
                 if is_unpacked(value):
@@ -689,20 +742,29 @@ class Client:
                 if alarm:
                     signal.setitimer(signal.ITIMER_REAL, 0)
                     self.armed = False
-            result.update(ok=True, value=base64.b64encode(payload).decode("ascii"))
+            result["ok"] = True
         except (Exception, TaskTimeout, SystemExit) as e:
             result.update(ok=False, error=self.describe(e, traceback.format_exc()))
         finally:
             sys.stdout, sys.stderr, self.running = out.stream, err.stream, None
         result.update(stdout=out.text(), stderr=err.text(), duration_s=time.monotonic() - start)
+        if result["ok"]:  # outside the try: a failed upload stops the worker, as any call does
+            result.update(self.encode_value(payload))
         if result["ok"]:
-            say("sheepdog: task %d ok: %s" % (index, reprlib.repr(value)), self.out)
+            say("sheepdog: task %d ok: %s" % (index, short_repr(value)), self.out)
         else:
             error = result["error"]
             say("sheepdog: task %d error: %s: %s" % (index, error["type"], error["message"]),
                 self.out)
             say(error["traceback"].rstrip(), self.err)
         return result
+
+    def encode_value(self, payload):
+        """A result's value for /results: inline base64, or a blob uploaded first if large."""
+        inline_max = self.settings.get("inline_max_bytes")
+        if inline_max is not None and len(payload) > inline_max:
+            return {"blob": self.conn.upload(payload)}
+        return {"value": base64.b64encode(payload).decode("ascii")}
 
     def on_alarm(self, signum, frame):
         if self.armed:

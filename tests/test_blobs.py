@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import ssl
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_server import Api, error_of, lease_body
 
+from sheepdog._tls import certificate_for
 from sheepdog.blobs import INLINE_MAX_BYTES, BlobStore, make_ref, parse_ref
 from sheepdog.client import stub
 from sheepdog.errors import StorageError
@@ -230,17 +232,24 @@ def test_a_lease_names_a_large_argument_and_the_worker_gets_it_signed(api: Api) 
 # ---- the stub, against a real server ----
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[Server, Storage]]:
+@pytest.fixture(params=["http", "https"])
+def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Server, Storage]]:
+    # Over TLS an upload is read from the SSL socket past gunicorn's reader: test both.
     dbfile = tmp_path / "served.sqlite"
-    with Storage(dbfile) as db, Server(None, None, dbfile, host="127.0.0.1") as server:
+    tls = certificate_for(dbfile) if request.param == "https" else None
+    files = {"certfile": tls.certfile, "keyfile": tls.keyfile} if tls else {}
+    with Storage(dbfile) as db, Server(None, None, dbfile, host="127.0.0.1", **files) as server:
+        server.fingerprint = tls.fingerprint if tls else None  # type: ignore[attr-defined]
         yield server, db
 
 
 def test_the_stub_uploads_and_downloads_blobs(served: tuple[Server, Storage]) -> None:
     server, db = served
     rid = db.new_request(b"F", None, [BIG])
-    conn = stub.Connection(server.url_for("127.0.0.1"), db.get_secret(rid), rid, retry_s=10.0)
+    conn = stub.Connection(
+        server.url_for("127.0.0.1"), db.get_secret(rid), rid, retry_s=10.0,
+        tls_fingerprint=server.fingerprint,  # type: ignore[attr-defined]
+    )
     result = pickle.dumps(os.urandom(300_000))
     named = conn.upload(result)
     assert named == {"sha256": hashlib.sha256(result).hexdigest(), "size": len(result)}
@@ -286,7 +295,15 @@ def test_the_real_server_refuses_a_tampered_upload_and_keeps_nothing(
     digest = hashlib.sha256(data).hexdigest()
     path = f"/api/v1/requests/{rid}/blobs/{digest}"
     headers = signed_headers(db.get_secret(rid), "PUT", path, data)
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+
+    def connect() -> http.client.HTTPConnection:
+        if server.scheme == "http":
+            return http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        # The test checks the server's handling of the body, not its certificate.
+        context = ssl._create_unverified_context()
+        return http.client.HTTPSConnection("127.0.0.1", server.port, timeout=30, context=context)
+
+    conn = connect()
     try:
         # Read from the socket itself (past gunicorn's reader): still hashed, still refused.
         conn.request("PUT", path, body=data[:-1] + b"!", headers=headers)
@@ -297,7 +314,7 @@ def test_the_real_server_refuses_a_tampered_upload_and_keeps_nothing(
         conn.close()
     assert db.blobs is not None
     assert stored_files(db.blobs) == []
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn = connect()
     try:
         conn.request("PUT", path, body=data, headers=signed_headers(
             db.get_secret(rid), "PUT", path, data))

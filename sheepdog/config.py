@@ -23,6 +23,7 @@ from typing import Any, Union
 
 from ._directives import LINE_BREAKS, check_ge_opt, check_prologue_line, check_shell
 from .errors import ConfigError
+from .scheduler.base import SCHEDULER_NAMES
 
 __all__ = ["Config", "as_config"]
 
@@ -98,6 +99,13 @@ class Config:
     #: ``-l mem_grab=2G`` (or ``h_vmem``) also limits the worker's address space
     #: with ``setrlimit``, so the task gets a ``MemoryError``.
     ge_opts: tuple[str, ...] | None = None
+
+    # --- the scheduler -------------------------------------------------------
+    #: Where the array tasks run: ``"gridengine"`` submits them with qsub on
+    #: ``host``; ``"local"`` runs them as processes on this machine (the same
+    #: job file, worker and server), to try a map before sending it to the
+    #: cluster. ``host`` is not needed for ``"local"``; see :doc:`getting-started`.
+    scheduler: str = "gridengine"
 
     # --- SSH -----------------------------------------------------------------
     #: The known_hosts file the head node's key is checked against (default:
@@ -298,10 +306,15 @@ def _check_number(
 
 
 def _validate(c: Config) -> None:
-    if c.host == "":
+    if c.scheduler not in SCHEDULER_NAMES:
+        raise _fail(
+            "scheduler",
+            f"must be one of {', '.join(repr(n) for n in SCHEDULER_NAMES)}, got {c.scheduler!r}",
+        )
+    if c.host == "" and c.scheduler != "local":  # a local run SSHes nowhere
         raise _fail("host", "is required: the Grid Engine head node to SSH into")
     _check_text("host", c.host)
-    if not _HOST.match(c.host) or c.host.startswith("-"):
+    if c.host and (not _HOST.match(c.host) or c.host.startswith("-")):
         raise _fail("host", f"is not a valid host name or address: {c.host!r}")
     _check_number("ssh_port", c.ssh_port, minimum=1, integer=True)
     if c.ssh_port > 65535:

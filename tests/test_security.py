@@ -38,12 +38,12 @@ from sheepdog import _api
 from sheepdog._signing import SIGNATURE_HEADER, signed_headers
 from sheepdog._tls import certificate_for, fingerprint_sha256, tls_dir
 from sheepdog.config import Config
-from sheepdog.deployment import CommandResult, Deployer
 from sheepdog.errors import ConfigError, RemoteCommandError
 from sheepdog.job_file import job_file_name, key_file_name, write_job_file
 from sheepdog.serialisation import deserialise_value, serialise_args, serialise_function
 from sheepdog.server import Server, create_app
-from sheepdog.sge import ArrayLimits
+from sheepdog.remote import CommandResult, Remote
+from sheepdog.scheduler.gridengine import DEFAULT_ARRAY_LIMITS, GridEngine
 from sheepdog.storage import Storage
 
 WAIT_S = 120.0
@@ -394,8 +394,8 @@ def test_tls_must_be_a_bool() -> None:
 # -- hostile config values, with remote commands run by a local bash ----------------------
 
 
-class LocalShellDeployer(Deployer):
-    """A Deployer whose remote commands run in a local bash, with a fake qsub, and are kept.
+class LocalShellRemote(Remote):
+    """A head node whose commands run in a local bash, with a fake qsub, and are kept.
 
     Running the commands for real, rather than inspecting their text, shows that
     quoting holds against an actual shell.
@@ -421,8 +421,15 @@ class LocalShellDeployer(Deployer):
     def connect(self) -> Any:
         return _LocalSFTPClient()
 
-    def array_limits(self) -> ArrayLimits:
-        return ArrayLimits(max_tasks=75_000, max_instances=2_000)  # SGE's defaults
+
+class LocalShellDeployer(GridEngine):
+    """The real Grid Engine scheduler on a :class:`LocalShellRemote`."""
+
+    def __init__(self, home: Path, bin_dir: Path) -> None:
+        self.remote = LocalShellRemote(home, bin_dir)
+        super().__init__(self.remote)
+        self.commands = self.remote.commands
+        self._array_limits = DEFAULT_ARRAY_LIMITS  # SGE's defaults; no qconf here
 
 
 class _LocalSFTPClient:

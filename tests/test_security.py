@@ -40,10 +40,10 @@ from sheepdog._tls import certificate_for, fingerprint_sha256, tls_dir
 from sheepdog.config import Config
 from sheepdog.errors import ConfigError, RemoteCommandError
 from sheepdog.job_file import job_file_name, key_file_name, write_job_file
-from sheepdog.serialisation import deserialise_value, serialise_args, serialise_function
-from sheepdog.server import Server, create_app
 from sheepdog.remote import CommandResult, Remote
 from sheepdog.scheduler.gridengine import DEFAULT_ARRAY_LIMITS, GridEngine
+from sheepdog.serialisation import deserialise_value, serialise_args, serialise_function
+from sheepdog.server import Server, create_app
 from sheepdog.storage import Storage
 
 WAIT_S = 120.0

@@ -21,6 +21,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import _submit
+from ._poll import poll_until
 from ._progress import Progress
 from .errors import SheepdogError, StorageError
 from .errors import TimeoutError as SheepdogTimeoutError
@@ -307,8 +308,6 @@ def wait_for_request(
     seconds, and StorageError if ``dbfile`` does not exist (it is never created).
     """
     start = time.monotonic()
-    deadline = None if timeout_s is None else start + timeout_s
-    interval = poll_s
     if dbfile != ":memory:" and not os.path.isfile(dbfile):
         # Opening would create an empty database where a path was mistyped.
         raise StorageError(f"no sheepdog database at {dbfile}; check the dbfile path")
@@ -320,23 +319,29 @@ def wait_for_request(
         cached = storage.count_cached(request_id)
         label = f"request {request_id}" + (f" ({cached} cached)" if cached else "")
         progress = Progress(total, verbose=verbose, label=label)
+        counts: dict[str, int] = {}
+
+        def finished() -> bool:
+            nonlocal counts
+            counts = storage.task_counts(request_id)
+            progress.update(counts)
+            if not any(counts.get(s, 0) for s in OPEN_STATES):
+                return True
+            if watcher is not None:
+                watcher.poll(storage)
+            return False
+
+        left_s = None if timeout_s is None else timeout_s - (time.monotonic() - start)
         try:
-            while True:
-                counts = storage.task_counts(request_id)
-                progress.update(counts)
-                if not any(counts.get(s, 0) for s in OPEN_STATES):
-                    return counts
-                if watcher is not None:
-                    watcher.poll(storage)
-                if deadline is not None and time.monotonic() >= deadline:
-                    done = total - sum(counts.get(s, 0) for s in OPEN_STATES)
-                    raise SheepdogTimeoutError(
-                        f"request {request_id}: {done} of {total} tasks finished within "
-                        f"{timeout_s:g} s; the rest are still running. Fetch them later with "
-                        f"sheepdog.get_results({request_id}, {dbfile!r})"
-                    )
-                time.sleep(interval)
-                interval = min(max_poll_s, interval * 1.5)
+            if poll_until(finished, timeout_s=left_s, interval_s=poll_s,
+                          max_interval_s=max_poll_s):
+                return counts
+            done = total - sum(counts.get(s, 0) for s in OPEN_STATES)
+            raise SheepdogTimeoutError(
+                f"request {request_id}: {done} of {total} tasks finished within "
+                f"{timeout_s:g} s; the rest are still running. Fetch them later with "
+                f"sheepdog.get_results({request_id}, {dbfile!r})"
+            )
         finally:
             progress.close()
             if own is not None:

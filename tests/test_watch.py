@@ -269,3 +269,12 @@ def test_a_rerun_gets_its_own_resubmissions(
     Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
     assert resubmitted == [rid]
     assert storage.task_states(rid) == ["pending"] * 3
+
+
+def test_a_job_in_a_state_the_module_does_not_know_is_not_gone(setup: Any) -> None:
+    storage, config, rid = setup  # retries=0: a job taken for gone would fail the work
+    head = FakeHead({"qstat -u": ok(HEADER + qstat_line("41", "t")), "qacct": ok("")})
+    Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
+    assert storage.task_counts(rid)["leased"] == 2
+    assert storage.task_counts(rid)["error"] == 0
+    assert not any(c.startswith(("qacct", "qdel", "qsub")) for c in head.commands)

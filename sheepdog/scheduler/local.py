@@ -14,6 +14,7 @@ whether they still run, and ``sheepdog cancel`` can stop them.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from .._poll import poll_until
 from ..errors import RemoteCommandError, SheepdogError, SSHError
 from ..remote import CommandResult
 from .base import Deletion, JobStatus, Scheduler, State, Waiting, describe_exit
@@ -157,6 +159,10 @@ def _start_time(pid: int) -> str | None:
 def _alive(task: tuple[int, str]) -> bool:
     started = _start_time(task[0])
     return started is not None and (started == task[1] or "" in (started, task[1]))
+
+
+def _none_alive(tasks: list[tuple[int, str]]) -> bool:
+    return not any(_alive(task) for task in tasks)
 
 
 class LocalScheduler(Scheduler):
@@ -304,8 +310,8 @@ def _kill(tasks: list[tuple[int, str]], procs: list[subprocess.Popen[bytes]]) ->
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        if not procs:
-            while any(_alive(t) for t in live) and time.monotonic() < deadline:
-                time.sleep(0.05)
+        if not procs:  # another process's tasks: no wait() to block on
+            poll_until(functools.partial(_none_alive, live),
+                       timeout_s=max(0.0, deadline - time.monotonic()), interval_s=0.05)
         if not any(_alive(t) for t in tasks):
             return

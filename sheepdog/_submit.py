@@ -20,7 +20,6 @@ from .server import Server, get_server, listen_address
 from .storage import Storage
 
 __all__ = [
-    "DEFAULT_MAX_WORKERS",
     "array_size",
     "batch_size",
     "delete_jobs",
@@ -35,18 +34,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Default cap on array tasks on a cluster: beyond this, extra array tasks mostly wait in
-#: the queue (a scheduler may have its own: one per core for ``scheduler="local"``).
-DEFAULT_MAX_WORKERS = Scheduler.default_max_workers
-#: Bytes of each task's stdout and stderr kept with its result.
-CAPTURE_BYTES = 64 * 1024
-
-
 def array_size(config: Config, n_tasks: int) -> int:
     """How many array tasks to submit for ``n_tasks`` tasks, over one or several jobs.
 
     More than the cluster's ``max_aj_tasks`` are split into several jobs by
-    :func:`job_sizes`, not capped.
+    :func:`job_sizes`, not capped. Without ``workers``, the scheduler's
+    ``default_max_workers`` caps it.
     """
     default = scheduler_class(config.scheduler).default_max_workers
     workers = config.workers if config.workers is not None else min(n_tasks, default)

@@ -118,7 +118,8 @@ class Config:
     ssh_timeout_s: float = 30.0
 
     # --- the array job -------------------------------------------------------
-    #: Number of array tasks; ``None`` picks ``min(tasks, 100)``. Each leases tasks
+    #: Number of array tasks; ``None`` picks ``min(tasks, 100)`` (one per core
+    #: for ``scheduler="local"``). Each leases tasks
     #: until none is left, so fewer workers than tasks still do all of them. More
     #: than the cluster's ``max_aj_tasks`` or ``max_aj_instances`` are submitted
     #: as several array jobs.

@@ -178,7 +178,8 @@ class Scheduler:
     label: ClassVar[str]
     #: The environment variable that holds an array task's index (from 1).
     array_index_var: ClassVar[str]
-    #: How many array tasks a request gets when the config does not say (``workers``).
+    #: At most this many array tasks when the config does not say (``workers``): on a
+    #: cluster, beyond this, extra array tasks mostly wait in the queue.
     default_max_workers: ClassVar[int] = 100
 
     def __init__(self, host: Host) -> None:

@@ -422,7 +422,7 @@ class LocalShellRemote(Remote):
         return _LocalSFTPClient()
 
 
-class LocalShellDeployer(GridEngine):
+class LocalShellGridEngine(GridEngine):
     """The real Grid Engine scheduler on a :class:`LocalShellRemote`."""
 
     def __init__(self, home: Path, bin_dir: Path) -> None:
@@ -509,11 +509,11 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 except ConfigError as exc:
                     outcome["rejected"].append((key, value, str(exc), exc.key))
                     continue
-                deployer = LocalShellDeployer(home, bin_dir)
+                scheduler = LocalShellGridEngine(home, bin_dir)
                 with Storage(dbfile) as storage:
                     rid = storage.new_request(b"F", None, [b"x"], settings={"lease_s": 30.0})
-                    job_id = _api.submit_request(storage, cfg, rid, deployer, n_workers=1)
-                outcome["submitted"].append((key, value, rid, job_id, deployer.commands, cfg))
+                    job_id = _api.submit_request(storage, cfg, rid, scheduler, n_workers=1)
+                outcome["submitted"].append((key, value, rid, job_id, scheduler.commands, cfg))
     finally:
         server = _api._servers_by_db.pop(os.path.abspath(dbfile), None)
         if server is not None:
@@ -587,7 +587,7 @@ def test_secrets_are_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixtu
                 rid = storage.new_request(serialise_function(square), None,
                                           serialise_args([1, 2]), settings={"lease_s": 30.0})
                 secret = storage.get_secret(rid)
-                _api.submit_request(storage, cfg, rid, LocalShellDeployer(home, bin_dir),
+                _api.submit_request(storage, cfg, rid, LocalShellGridEngine(home, bin_dir),
                                     n_workers=1)
             job = home / "jobs" / job_file_name(rid, secret)
             # The job file names the key file; only the key file (0600) holds the secret.
@@ -645,7 +645,7 @@ def test_two_databases_sharing_ssh_dir_keep_their_own_job_files(tmp_path: Path) 
             with Storage(dbfile) as storage:
                 rid = storage.new_request(b"F", None, [b"x"])
                 assert rid == 1
-                _api.submit_request(storage, cfg, rid, LocalShellDeployer(home, bin_dir),
+                _api.submit_request(storage, cfg, rid, LocalShellGridEngine(home, bin_dir),
                                     n_workers=1)
                 secret = storage.get_secret(rid)
         finally:

@@ -168,7 +168,7 @@ class Watcher:
             why = str(last["info"].get("reason") or f"job {last['job_id']} was in an error state")
             self._resubmit(storage, jobs, len(open_tasks), why, reason=why, kind="job_error")
             return
-        reason = self._accounting_reason(jobs[-1])
+        reason = self.scheduler.accounting(jobs[-1])
         self._resubmit(
             storage, jobs, len(open_tasks),
             f"job {jobs[-1]} left the queue" + (f" ({reason})" if reason else ""),
@@ -189,8 +189,7 @@ class Watcher:
         logger.warning(
             "request %d: its %s jobs left the queue with work open %.0f s ago and "
             "no other process acted; this process takes over", self.request_id,
-            self.scheduler.label,
-            now - self._gone[1],
+            self.scheduler.label, now - self._gone[1],
         )
         self.passive = False
         return True
@@ -284,10 +283,6 @@ class Watcher:
             {},
         )
         storage.set_job_state(self.request_id, job, "error", {**info, "reason": message})
-
-    def _accounting_reason(self, job: str) -> str:
-        return self.scheduler.accounting(job)
-
 
 def wait_for_request(
     dbfile: str,

@@ -34,6 +34,7 @@ __all__ = [
     "State",
     "Waiting",
     "describe_exit",
+    "quote_all",
 ]
 
 #: The values of the ``scheduler`` config key (``"auto"`` and ``"slurm"`` come with Slurm).
@@ -188,8 +189,8 @@ class Scheduler:
     # --- the job file ---------------------------------------------------------------
 
     @classmethod
-    def directives(cls, shell: str | None, array_size: int, options: Sequence[str]) -> list[str]:
-        """The job file's directive lines: the interpreter (None: ``/bin/sh``), array, options."""
+    def directives(cls, shell: str, array_size: int, options: Sequence[str]) -> list[str]:
+        """The job file's directive lines: the interpreter, the array of tasks, raw options."""
         raise NotImplementedError
 
     # --- jobs -------------------------------------------------------------------------

@@ -340,10 +340,10 @@ class GridEngine(Scheduler):
         self._array_limits: ArrayLimits | None = None
 
     @classmethod
-    def directives(cls, shell: str | None, array_size: int, options: Sequence[str]) -> list[str]:
+    def directives(cls, shell: str, array_size: int, options: Sequence[str]) -> list[str]:
         """``#$ -S shell``, ``#$ -t 1-N`` and one ``#$`` line per raw qsub option."""
         return [
-            f"#$ -S {shlex.quote(shell or '/bin/sh')}",
+            f"#$ -S {shlex.quote(shell)}",
             f"#$ -t 1-{array_size}",
             *(f"#$ {opt}" for opt in options),
         ]

@@ -181,7 +181,7 @@ class LocalScheduler(Scheduler):
         self.jobdir = jobdir
 
     @classmethod
-    def directives(cls, shell: str | None, array_size: int, options: Sequence[str]) -> list[str]:
+    def directives(cls, shell: str, array_size: int, options: Sequence[str]) -> list[str]:
         """Grid Engine's directive lines: to a local run they are comments."""
         return GridEngine.directives(shell, array_size, options)
 
@@ -211,7 +211,7 @@ class LocalScheduler(Scheduler):
                 job.procs.append(proc)
                 job.tasks.append((proc.pid, _start_time(proc.pid) or ""))
         except OSError as exc:
-            _kill([t for t in job.tasks], job.procs)
+            _kill(job.tasks, job.procs)
             raise SheepdogError(f"could not start local job {job_path}: {exc}") from exc
         with _lock:
             _STARTED[job_id] = job

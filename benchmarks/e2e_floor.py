@@ -48,30 +48,30 @@ def run_sheepdog(config: Any, n: int, dbfile: Path) -> float:
 
 def run_floor(config: Any, n: int, poll_s: float = 0.2, max_poll_s: float = 2.0) -> float:
     """Seconds to qsub -t 1-n a trivial Python script over SSH and see it leave qstat."""
-    from sheepdog._api import open_deployer
-    from sheepdog.deployment import parse_qsub_output
+    from sheepdog.scheduler import open_remote
+    from sheepdog.scheduler.gridengine import parse_qsub_output
 
     start = time.monotonic()
-    with open_deployer(config) as deployer:
-        jobdir = deployer.absolute(".sheepdog-bench")
+    with open_remote(config) as remote:
+        jobdir = remote.absolute(".sheepdog-bench")
         script = f"{jobdir}/floor.py"
         q = shlex.quote
-        deployer.run(f"mkdir -p {q(jobdir)}")
-        deployer.run(f"cat > {q(script)}", stdin=FLOOR_SCRIPT.encode())
-        out = deployer.run(
+        remote.run(f"mkdir -p {q(jobdir)}")
+        remote.run(f"cat > {q(script)}", stdin=FLOOR_SCRIPT.encode())
+        out = remote.run(
             f"cd {q(jobdir)} && qsub -terse -t 1-{n} -S {q(config.shell)} -wd {q(jobdir)}"
             f" -o {q(jobdir)} -e {q(jobdir)} {q(script)}"
         ).stdout
         job_id = parse_qsub_output(out).split(".")[0]
         interval, deadline = poll_s, time.monotonic() + 600
-        while deployer.run(f"qstat -j {job_id}", check=False).exit_status == 0:
+        while remote.run(f"qstat -j {job_id}", check=False).exit_status == 0:
             if time.monotonic() > deadline:
-                deployer.run(f"qdel {job_id}", check=False)
+                remote.run(f"qdel {job_id}", check=False)
                 raise RuntimeError(f"the floor job {job_id} (N={n}) did not finish in 600 s")
             time.sleep(interval)
             interval = min(max_poll_s, interval * 1.5)
         elapsed = time.monotonic() - start
-        deployer.run(f"rm -f {q(jobdir)}/floor.py.[oe]{job_id}.*", check=False)
+        remote.run(f"rm -f {q(jobdir)}/floor.py.[oe]{job_id}.*", check=False)
     return elapsed
 
 

@@ -82,10 +82,10 @@ def ensure_dask_venv() -> Path:
 
 def total_slots(config: Any) -> int:
     """The cluster's total slots, from ``qstat -g c`` on the head node."""
-    from sheepdog._api import open_deployer
+    from sheepdog.scheduler import open_remote
 
-    with open_deployer(config) as deployer:
-        out = deployer.run("qstat -g c").stdout
+    with open_remote(config) as remote:
+        out = remote.run("qstat -g c").stdout
     lines = out.splitlines()
     try:
         column = lines[0].split().index("TOTAL") - 1  # "CLUSTER QUEUE" is two words

@@ -9,6 +9,7 @@ import logging
 
 from . import serialisation
 from ._api import cancel, get_errors, get_output, get_results, map, map_async, rerun
+from ._version import __version__
 from .config import Config
 from .deployment import Deployer
 from .errors import (
@@ -33,7 +34,6 @@ from .executor import Executor
 from .server import Server, get_server
 from .storage import Storage
 
-__version__ = "0.3.0"
 #: The name Sheepdog 0.2's quickstart still used for :func:`map`.
 map_sync = map
 #: ``(0, 3, 0)``, as Sheepdog 0.2 had it.

@@ -5,11 +5,9 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import os
 import shlex
 import ssl
 import sys
-import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
@@ -17,14 +15,48 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import serialisation
-from ._tls import certificate_for, fingerprint_sha256
+
+# Re-exported (``name as name``): the CLI, the Executor and tests find them here too.
+from ._submit import (
+    _servers_by_db as _servers_by_db,
+)
+from ._submit import (
+    _servers_lock as _servers_lock,
+)
+from ._submit import (
+    array_size as array_size,
+)
+from ._submit import (
+    batch_size as batch_size,
+)
+from ._submit import (
+    delete_jobs as delete_jobs,
+)
+from ._submit import (
+    job_name as job_name,
+)
+from ._submit import (
+    job_sizes as job_sizes,
+)
+from ._submit import (
+    own_server as own_server,
+)
+from ._submit import (
+    request_settings as request_settings,
+)
+from ._submit import (
+    server_for as server_for,
+)
+from ._submit import (
+    stored_config as stored_config,
+)
+from ._submit import (
+    submit_request as submit_request,
+)
 from .config import Config, ConfigLike, as_config
-from .deployment import Deployer
-from .errors import RemoteError, ServerError, SheepdogError, TaskFailedError
+from .errors import RemoteError, SheepdogError, TaskFailedError
 from .errors import TimeoutError as SheepdogTimeoutError
-from .job_file import job_file, job_file_name, key_file_name
-from .server import Server, get_server, listen_address
-from .sge import parse_qdel
+from .scheduler import Deletion, Scheduler, open_scheduler
 from .storage import OPEN_STATES, Storage, content_digest
 from .watch import Watcher, wait_for_request
 
@@ -32,194 +64,8 @@ __all__ = [
     "cancel", "get_errors", "get_output", "get_results", "map", "map_async", "rerun",
 ]
 
+
 logger = logging.getLogger(__name__)
-
-#: Default cap on array tasks: beyond this, extra array tasks mostly wait in the queue.
-DEFAULT_MAX_WORKERS = 100
-#: Bytes of each task's stdout and stderr kept with its result.
-CAPTURE_BYTES = 64 * 1024
-
-
-def array_size(config: Config, n_tasks: int) -> int:
-    """How many array tasks to submit for ``n_tasks`` tasks, over one or several jobs.
-
-    More than the cluster's ``max_aj_tasks`` are split into several jobs by
-    :func:`job_sizes`, not capped.
-    """
-    workers = config.workers if config.workers is not None else min(n_tasks, DEFAULT_MAX_WORKERS)
-    return max(1, min(workers, n_tasks))
-
-
-def job_sizes(n_workers: int, per_job: int) -> list[int]:
-    """Split ``n_workers`` array tasks into jobs of at most ``per_job`` each (0: one job)."""
-    if per_job <= 0 or n_workers <= per_job:
-        return [n_workers]
-    full, rest = divmod(n_workers, per_job)
-    return [per_job] * full + ([rest] if rest else [])
-
-
-def batch_size(config: Config, n_tasks: int, workers: int) -> int:
-    """How many tasks an array task leases at once.
-
-    Enough that tiny tasks do not pay a round trip each, small enough that
-    every array task gets a share and a lost worker loses little.
-    """
-    if config.batch is not None:
-        return config.batch
-    return max(1, min(64, n_tasks // (workers * 4)))
-
-
-def request_settings(config: Config, n_tasks: int) -> dict[str, Any]:
-    """The settings stored with a request: what the server hands to every worker, and more.
-
-    ``config`` (the config, which holds no secret) lets any process watch the
-    request's jobs.
-    """
-    workers = array_size(config, n_tasks)
-    return {
-        "config": config.as_dict(),
-        "lease_s": float(config.lease_s),
-        "heartbeat_s": max(0.5, config.lease_s / 4),
-        "task_timeout_s": config.task_timeout_s,
-        "batch": batch_size(config, n_tasks, workers),
-        "capture_bytes": config.capture_bytes,
-        "max_attempts": config.retries + 1,
-        "tasks_per_worker": config.tasks_per_worker,
-        "workers": workers,
-    }
-
-
-def open_deployer(config: Config) -> Deployer:
-    """A Deployer for the config's head node (not yet connected)."""
-    return Deployer(
-        config.host,
-        config.ssh_port,
-        config.ssh_user,
-        config.ssh_keyfile,
-        known_hosts=config.known_hosts,
-        ssh_config=config.ssh_config,
-        timeout_s=config.ssh_timeout_s,
-    )
-
-
-def job_name(storage: Storage, request_id: int) -> str:
-    """The Grid Engine job name (``qsub -N``) of the request's jobs: its job file's name.
-
-    That is Grid Engine's own default, so output files keep their usual names; given
-    explicitly, it names jobs that a request submitted from another script too. Unique per
-    request and database (see :func:`~sheepdog.job_file.job_stem`) and known before qsub
-    runs, so the jobs can be found and deleted even when qsub's answer (the job id) never
-    arrived.
-    """
-    return job_file_name(request_id, storage.get_secret(request_id))
-
-
-def stored_config(storage: Storage, request_id: int) -> Config | None:
-    """The config the request was submitted with (for its database), or None if not stored."""
-    mapping = storage.get_settings(request_id).get("config")
-    if not isinstance(mapping, dict):
-        return None
-    return Config.from_mapping({**mapping, "dbfile": storage.dbfile})
-
-
-_servers_by_db: dict[str, Server] = {}
-_servers_lock = threading.Lock()
-
-
-def server_for(config: Config) -> Server:
-    """The running server for the config: its fixed port, or one random-port server per dbfile.
-
-    The original's ``get_server(None, ...)`` keeps one server for every
-    ``port=None`` call and refuses another database; maps with different
-    dbfiles in one process must just work, so each database gets its own.
-    """
-    options: dict[str, Any] = {}
-    if config.tls:
-        files = certificate_for(config.dbfile)
-        options = {"certfile": files.certfile, "keyfile": files.keyfile}
-    options["host"] = config.listen_address or listen_address(config.localhost)
-    if config.port is not None:
-        fixed = get_server(config.port, None, config.dbfile, **options)
-        if (fixed.scheme == "https") != config.tls:
-            raise ServerError(
-                f"the server on port {config.port} serves {fixed.scheme}, but this config has "
-                f"tls={config.tls}; use another port or the same tls setting"
-            )
-        return fixed
-    # HTTP and HTTPS servers on one database may run side by side.
-    key = os.path.abspath(config.dbfile) + (" (tls)" if config.tls else "")
-    with _servers_lock:
-        server = _servers_by_db.get(key)
-        if server is None or server.stopped:
-            server = _servers_by_db[key] = Server(None, None, config.dbfile, **options)
-        elif not server.alive:
-            server.restart()
-        return server
-
-
-def submit_request(
-    storage: Storage,
-    config: Config,
-    request_id: int,
-    deployer: Deployer,
-    *,
-    n_workers: int,
-    why: str | None = None,
-    continues: bool = False,
-) -> str:
-    """Render, copy and qsub the job file for a stored request; record and return the job ids.
-
-    ``n_workers`` array tasks go into as many jobs as the cluster's ``max_aj_tasks`` and
-    ``max_aj_instances`` need (read once per connection); the ids come back comma-separated.
-    A resubmission records ``why`` with its jobs, and whether it ``continues`` work that
-    the last jobs left open after making progress (workers that stopped before their
-    run-time limit), which does not count against ``retries``.
-    """
-    sizes = job_sizes(n_workers, deployer.array_limits().per_job)
-    server = server_for(config)
-    url = server.url_for(config.localhost) + "/"
-    fingerprint = None
-    if server.certfile is not None:
-        with open(server.certfile, encoding="ascii") as cert:
-            fingerprint = fingerprint_sha256(cert.read())
-    secret = storage.get_secret(request_id)
-    ge_opts = list(config.ge_opts or ()) + config.resource_directives()
-    # The job file names the key file beside it; the secret itself never goes into a job
-    # script, which Grid Engine copies world-readable onto the execution nodes.
-    jobdir = deployer.absolute(config.ssh_dir) + "/"
-    text = job_file(
-        url, jobdir + key_file_name(request_id, secret), request_id,
-        storage.count_tasks(request_id), config.shell, ge_opts,
-        array_size=sizes[0], tls_fingerprint=fingerprint, prologue=config.prologue,
-    )
-    deployer.deploy(text, request_id, config.ssh_dir, secret=secret)
-    qsub_args: list[str] = []
-    if config.ge_opts is None:
-        # The original's defaults, resolved on the head node and quoted on the command
-        # line so that a home directory with spaces cannot break a #$ line.
-        qsub_args = ["-wd", jobdir, "-o", jobdir, "-e", jobdir]
-    qsub_args += ["-N", job_name(storage, request_id)]
-    counts = storage.task_counts(request_id)
-    info: dict[str, Any] = {
-        "url": url, "port": server.port, "listen_address": server.host,
-        # Tasks finished before these jobs: the watcher sees whether they made progress.
-        "finished_before": counts.get("done", 0) + counts.get("error", 0),
-        "parts": len(sizes),
-    }
-    if why is not None:
-        info.update(why=why, continues=continues)
-    job_ids: list[str] = []
-    for part, size in enumerate(sizes, 1):
-        # qsub's own -t wins over the job file's #$ -t: the last job may be smaller.
-        extra = [] if len(sizes) == 1 else ["-t", f"1-{size}"]
-        job_id = deployer.submit(
-            request_id, config.ssh_dir, secret=secret, qsub_args=qsub_args + extra
-        )
-        # `sheepdog serve` restarts the server on this port: the job file holds this URL.
-        storage.add_job(request_id, job_id, size, info=dict(info, part=part))
-        job_ids.append(job_id)
-    return ", ".join(job_ids)
-
 
 #: What ``cache=`` may be: off, on, or recompute (and store for later).
 CACHE_CHOICES = (False, True, "refresh")
@@ -281,7 +127,7 @@ def rerun(
     config: ConfigLike,
     which: Iterable[str] = RERUN_DEFAULT,
     *,
-    deployer: Deployer | None = None,
+    scheduler: Scheduler | None = None,
 ) -> list[int]:
     """Run a request's failed, lost or cancelled tasks again; return their indices.
 
@@ -301,8 +147,8 @@ def rerun(
         indices = storage.rerun_tasks(request_id, which)
         if not indices:
             return []
-        own = deployer is None
-        dep = deployer if deployer is not None else open_deployer(cfg)
+        own = scheduler is None
+        dep = scheduler if scheduler is not None else open_scheduler(cfg)
         try:
             submit_request(storage, cfg, request_id, dep,
                            n_workers=array_size(cfg, len(indices)))
@@ -323,7 +169,7 @@ def _start(
     args: Iterable[Any],
     config: ConfigLike,
     ns: Mapping[str, Any] | None,
-    deployer: Deployer | None = None,
+    scheduler: Scheduler | None = None,
     say: Callable[[str], None] = lambda message: None,
     *,
     cache: bool | str = False,
@@ -336,9 +182,9 @@ def _start(
     payload = serialisation.serialise_function(f, dict(ns) if ns is not None else None,
                                                mode=cfg.mode)
     blobs = serialisation.serialise_args(arg_list)
-    own = deployer is None
+    own = scheduler is None
     # Before anything is stored: a bad ssh_keyfile is refused here, not by a failed request.
-    dep = deployer if deployer is not None else open_deployer(cfg)
+    dep = scheduler if scheduler is not None else open_scheduler(cfg)
     try:
         with Storage(cfg.dbfile) as storage:
             request_id, cached = new_cached_request(
@@ -351,7 +197,8 @@ def _start(
                 return request_id, cfg
             n_workers = array_size(cfg, to_run)
             try:
-                say(f"connecting to {cfg.ssh_user}@{cfg.host}:{cfg.ssh_port}")
+                if cfg.scheduler != "local":
+                    say(f"connecting to {cfg.ssh_user}@{cfg.host}:{cfg.ssh_port}")
                 job_id = submit_request(storage, cfg, request_id, dep, n_workers=n_workers)
                 jobs = "jobs" if "," in job_id else "job"
                 say(f"submitted {jobs} {job_id} for request {request_id} ({to_run} "
@@ -373,7 +220,7 @@ def _why(exc: BaseException) -> str:
 
 
 def _submission_failed(
-    storage: Storage, deployer: Deployer, request_id: int, exc: BaseException
+    storage: Storage, scheduler: Scheduler, request_id: int, exc: BaseException
 ) -> str:
     """Fail the tasks of a request whose submission failed, after deleting any job it made.
 
@@ -385,12 +232,12 @@ def _submission_failed(
     recorded = storage.get_jobs(request_id)
     deleted = (
         Deletion([], None) if recorded and not interrupted
-        else delete_jobs(deployer, storage.dbfile, request_id)
+        else delete_jobs(scheduler, storage.dbfile, request_id)
     )
     if deleted.job_ids:
         message = (
             f"the submission was interrupted ({_why(exc)}) after qsub had created "
-            f"Grid Engine job {', '.join(deleted.job_ids)}, which was deleted"
+            f"{scheduler.label} job {', '.join(deleted.job_ids)}, which was deleted"
         )
     elif interrupted:
         message = "the job was never submitted: the submission was interrupted (Ctrl-C)"
@@ -438,9 +285,9 @@ def map(  # noqa: A001 - the original's name, kept on purpose
         raise ValueError(f"errors must be 'none' or 'raise', got {errors!r}")
     cfg = as_config(config)
     arg_list = list(args)
-    deployer = open_deployer(cfg)
+    scheduler = open_scheduler(cfg)
     try:
-        request_id, cfg = _start(f, arg_list, cfg, ns, deployer, say=_say if verbose else _quiet,
+        request_id, cfg = _start(f, arg_list, cfg, ns, scheduler, say=_say if verbose else _quiet,
                                  cache=cache)
         if not arg_list:
             return []
@@ -449,13 +296,13 @@ def map(  # noqa: A001 - the original's name, kept on purpose
         bound = timeout_s if timeout_s is not None else cfg.timeout_s
         # Every task from the cache: no job, so no server to start or watch.
         server = server_for(cfg) if submitted else None
-        watcher = Watcher(cfg, request_id, deployer, server=server)
+        watcher = Watcher(cfg, request_id, scheduler, server=server)
         try:
             wait_for_request(cfg.dbfile, request_id, verbose=verbose, timeout_s=bound,
                              watcher=watcher)
         except KeyboardInterrupt:
             line = f"request {request_id}: " + _stop_on_interrupt(
-                deployer, cfg, request_id, "cancelled by Ctrl-C"
+                scheduler, cfg, request_id, "cancelled by Ctrl-C"
             )
             print(f"sheepdog: interrupted: {line}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt(line) from None
@@ -463,7 +310,7 @@ def map(  # noqa: A001 - the original's name, kept on purpose
             assert bound is not None
             done = len(arg_list) - _count_open(cfg.dbfile, request_id)
             line = _stop_on_interrupt(
-                deployer, cfg, request_id, f"cancelled: timeout_s={bound:g} ran out"
+                scheduler, cfg, request_id, f"cancelled: timeout_s={bound:g} ran out"
             )
             raise SheepdogTimeoutError(
                 f"request {request_id}: {done} of {len(arg_list)} tasks finished within "
@@ -472,11 +319,11 @@ def map(  # noqa: A001 - the original's name, kept on purpose
         # Array tasks still queued would start, find nothing to do and exit; deleting
         # them frees their slots now (and never leaves them waiting on a stopped server).
         if submitted:
-            delete_jobs(deployer, cfg.dbfile, request_id)
+            delete_jobs(scheduler, cfg.dbfile, request_id)
         results = get_results(request_id, cfg.dbfile, block=False)
         failed = get_errors(request_id, cfg.dbfile)
     finally:
-        deployer.close()
+        scheduler.close()
     if failed and errors == "raise":
         raise TaskFailedError(
             f"{len(failed)} of {len(arg_list)} tasks of request {request_id} failed; "
@@ -563,26 +410,8 @@ def get_output(
 
 
 def cancel(request_id: int, config: ConfigLike) -> int:
-    """Delete the request's jobs with qdel and mark its open tasks cancelled; return how many."""
+    """Delete the request's jobs (qdel) and mark its open tasks cancelled; return how many."""
     return cancel_request(request_id, config).n_tasks
-
-
-@dataclass(frozen=True)
-class Deletion:
-    """What qdel did to a request's jobs."""
-
-    #: The jobs Grid Engine said it deleted (or will delete).
-    job_ids: list[str]
-    #: Why the jobs may still be there (qdel failed or did not answer); None if it answered.
-    error: str | None
-
-    def describe(self) -> str:
-        """Say in words what was deleted, truthfully."""
-        if self.error is not None:
-            return f"could not delete its Grid Engine jobs ({self.error})"
-        if not self.job_ids:
-            return "no job of it was left on the cluster"
-        return f"deleted Grid Engine job {', '.join(self.job_ids)}"
 
 
 @dataclass(frozen=True)
@@ -605,14 +434,14 @@ class Cancellation:
 def cancel_request(request_id: int, config: ConfigLike) -> Cancellation:
     """Cancel the request's open tasks and delete its jobs; say what was done."""
     cfg = as_config(config)
-    with open_deployer(cfg) as deployer:
-        return _cancel_with(deployer, cfg.dbfile, request_id, "cancelled by sheepdog.cancel")
+    with open_scheduler(cfg) as scheduler:
+        return _cancel_with(scheduler, cfg.dbfile, request_id, "cancelled by sheepdog.cancel")
 
 
-def _cancel_with(deployer: Deployer, dbfile: str, request_id: int, reason: str) -> Cancellation:
+def _cancel_with(scheduler: Scheduler, dbfile: str, request_id: int, reason: str) -> Cancellation:
     with Storage(dbfile) as storage:
         n = storage.cancel(request_id, reason)
-    return Cancellation(request_id, n, delete_jobs(deployer, dbfile, request_id))
+    return Cancellation(request_id, n, delete_jobs(scheduler, dbfile, request_id))
 
 
 def _count_open(dbfile: str, request_id: int) -> int:
@@ -621,42 +450,20 @@ def _count_open(dbfile: str, request_id: int) -> int:
     return sum(counts.get(state, 0) for state in OPEN_STATES)
 
 
-def _stop_on_interrupt(deployer: Deployer, cfg: Config, request_id: int, reason: str) -> str:
+def _stop_on_interrupt(scheduler: Scheduler, cfg: Config, request_id: int, reason: str) -> str:
     """Cancel the request unless ``keep_jobs_on_interrupt``; say the state it is left in."""
     if not cfg.keep_jobs_on_interrupt:
-        return _cancel_with(deployer, cfg.dbfile, request_id, reason).what()
+        return _cancel_with(scheduler, cfg.dbfile, request_id, reason).what()
     with Storage(cfg.dbfile) as storage:
         job_ids = [str(job["job_id"]) for job in storage.get_jobs(request_id)]
     n_open = _count_open(cfg.dbfile, request_id)
     return (
-        f"{n_open} tasks are still open and Grid Engine job "
+        f"{n_open} tasks are still open and {scheduler.label} job "
         f"{', '.join(job_ids) or '(none recorded)'} is left running (keep_jobs_on_interrupt); "
         f"nothing serves it once this process exits: run `sheepdog serve --dbfile "
         f"{shlex.quote(cfg.dbfile)}` or cancel it with `sheepdog cancel {request_id} "
         f"--config FILE --dbfile {shlex.quote(cfg.dbfile)}`"
     )
-
-
-def delete_jobs(deployer: Deployer, dbfile: str, request_id: int) -> Deletion:
-    """qdel the request's jobs, by the ids recorded and by its job name; say what went.
-
-    Jobs that already ended are fine. The name finds a job whose id was never
-    recorded (qsub's answer lost to Ctrl-C or a dropped connection).
-    """
-    with Storage(dbfile) as storage:
-        targets = [str(job["job_id"]) for job in storage.get_jobs(request_id)]
-        targets.append(job_name(storage, request_id))
-    command = f"qdel {' '.join(shlex.quote(t) for t in targets)}"
-    try:
-        result = deployer.run(command, check=False, timeout_s=30)
-    except SheepdogError as exc:
-        logger.warning("%s failed: %s", command, exc)
-        return Deletion([], str(exc))
-    deleted, other = parse_qdel(result.stdout + "\n" + result.stderr)
-    if other and result.exit_status != 0:
-        return Deletion(deleted, f"{command} exited with status {result.exit_status}: "
-                        + "; ".join(other))
-    return Deletion(deleted, None)
 
 
 def server_answers(url: str, *, timeout_s: float = 2.0) -> bool:
@@ -690,15 +497,6 @@ def served(storage: Storage, request_id: int) -> bool | None:
         host = "127.0.0.1" if host == "0.0.0.0" else "::1"
     scheme = urllib.parse.urlsplit(str(url)).scheme or "http"
     return server_answers(f"{scheme}://{f'[{host}]' if ':' in host else host}:{int(port)}")
-
-
-def own_server(storage: Storage, request_id: int) -> Server | None:
-    """This process's running server for the request's latest job, if it has one."""
-    jobs = storage.get_jobs(request_id)
-    port = jobs[-1]["info"].get("port") if jobs else None
-    with _servers_lock:
-        servers = list(_servers_by_db.values())
-    return next((s for s in servers if s.alive and s.port == port), None)
 
 
 #: Requests that map_async submitted from this process, to warn about at exit.

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from . import __version__, serialisation
+from . import serialisation
 from ._api import (
     array_size,
     batch_size,
@@ -36,15 +36,16 @@ from ._api import (
     get_errors,
     get_output,
     get_results,
-    open_deployer,
     rerun,
     served,
     stored_config,
 )
 from ._progress import TASK_STATE_WORDS, format_counts, request_state
+from ._version import __version__
 from .config import Config, as_config
 from .errors import RemoteError, SheepdogError
 from .job_file import job_file, key_file_name, stub_source
+from .scheduler import open_scheduler
 from .storage import Storage
 from .watch import wait_for_request
 
@@ -367,8 +368,8 @@ def _delete_leftovers(storage: Storage, request_id: int) -> None:
               "array tasks (if any) were not deleted", flush=True)
         return
     try:
-        with open_deployer(config) as deployer:
-            deletion = delete_jobs(deployer, storage.dbfile, request_id)
+        with open_scheduler(config) as scheduler:
+            deletion = delete_jobs(scheduler, storage.dbfile, request_id)
     except SheepdogError as exc:
         print(f"request {request_id} is finished; could not delete its leftover array "
               f"tasks: {exc}", flush=True)

@@ -13,7 +13,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from .job_file import stub_path
+from ._stubfile import stub_path
 
 __all__ = ["Client", "stub"]
 

@@ -23,6 +23,7 @@ from typing import Any, Union
 
 from ._directives import LINE_BREAKS, check_ge_opt, check_prologue_line, check_shell
 from .errors import ConfigError
+from .scheduler.base import SCHEDULER_NAMES
 
 __all__ = ["Config", "as_config"]
 
@@ -99,6 +100,13 @@ class Config:
     #: with ``setrlimit``, so the task gets a ``MemoryError``.
     ge_opts: tuple[str, ...] | None = None
 
+    # --- the scheduler -------------------------------------------------------
+    #: Where the array tasks run: ``"gridengine"`` submits them with qsub on
+    #: ``host``; ``"local"`` runs them as processes on this machine (the same
+    #: job file, worker and server), to try a map before sending it to the
+    #: cluster. ``host`` is not needed for ``"local"``; see :doc:`getting-started`.
+    scheduler: str = "gridengine"
+
     # --- SSH -----------------------------------------------------------------
     #: The known_hosts file the head node's key is checked against (default:
     #: ``~/.ssh/known_hosts``). Unknown keys are refused.
@@ -110,7 +118,8 @@ class Config:
     ssh_timeout_s: float = 30.0
 
     # --- the array job -------------------------------------------------------
-    #: Number of array tasks; ``None`` picks ``min(tasks, 100)``. Each leases tasks
+    #: Number of array tasks; ``None`` picks ``min(tasks, 100)`` (one per core
+    #: for ``scheduler="local"``). Each leases tasks
     #: until none is left, so fewer workers than tasks still do all of them. More
     #: than the cluster's ``max_aj_tasks`` or ``max_aj_instances`` are submitted
     #: as several array jobs.
@@ -298,10 +307,15 @@ def _check_number(
 
 
 def _validate(c: Config) -> None:
-    if c.host == "":
+    if c.scheduler not in SCHEDULER_NAMES:
+        raise _fail(
+            "scheduler",
+            f"must be one of {', '.join(repr(n) for n in SCHEDULER_NAMES)}, got {c.scheduler!r}",
+        )
+    if c.host == "" and c.scheduler != "local":  # a local run SSHes nowhere
         raise _fail("host", "is required: the Grid Engine head node to SSH into")
     _check_text("host", c.host)
-    if not _HOST.match(c.host) or c.host.startswith("-"):
+    if c.host and (not _HOST.match(c.host) or c.host.startswith("-")):
         raise _fail("host", f"is not a valid host name or address: {c.host!r}")
     _check_number("ssh_port", c.ssh_port, minimum=1, integer=True)
     if c.ssh_port > 65535:

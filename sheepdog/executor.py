@@ -33,18 +33,18 @@ from ._api import (
     check_cache,
     delete_jobs,
     new_cached_request,
-    open_deployer,
     request_settings,
     server_for,
     submit_request,
 )
 from .config import ConfigLike, as_config
 from .errors import RemoteError, SerialisationError, SheepdogError
+from .scheduler import open_scheduler
 from .storage import OPEN_STATES, Storage
 from .watch import Watcher
 
 if TYPE_CHECKING:
-    from .deployment import Deployer
+    from .scheduler import Scheduler
 
 __all__ = ["Executor"]
 
@@ -154,7 +154,7 @@ class Executor(concurrent.futures.Executor):
         self._outstanding: dict[int, _Outstanding] = {}
         self._shutdown = False
         self._thread: threading.Thread | None = None
-        self._deployer: Deployer | None = None
+        self._scheduler: Scheduler | None = None
         self._payloads: dict[tuple[str, int], tuple[Callable[..., Any], Callable[..., Any], bytes]]
         self._payloads = {}
         self._broken: BaseException | None = None
@@ -325,8 +325,8 @@ class Executor(concurrent.futures.Executor):
         finally:
             if storage is not None:
                 storage.close()
-            if self._deployer is not None:
-                self._deployer.close()
+            if self._scheduler is not None:
+                self._scheduler.close()
 
     def _fail_everything(self, exc: BaseException) -> None:
         error = SheepdogError(f"the sheepdog Executor's background thread failed: {exc!r}")
@@ -342,7 +342,7 @@ class Executor(concurrent.futures.Executor):
                 future.set_exception(error)
 
     def _launch(self, storage: Storage, group: _Group) -> None:
-        """Store and qsub one group's calls as a request; fail their futures if that fails."""
+        """Store and submit one group's calls as a request; fail their futures if that fails."""
         keep = [i for i, f in enumerate(group.futures) if f.set_running_or_notify_cancel()]
         if not keep:
             return
@@ -360,10 +360,10 @@ class Executor(concurrent.futures.Executor):
                 with self._cond:
                     self._outstanding[request_id] = _Outstanding(futures, None)
                 return
-            if self._deployer is None:
-                self._deployer = open_deployer(self.config)
+            if self._scheduler is None:
+                self._scheduler = open_scheduler(self.config)
             submit_request(
-                storage, self.config, request_id, self._deployer,
+                storage, self.config, request_id, self._scheduler,
                 n_workers=array_size(self.config, len(values) - cached),
             )
         except Exception as exc:
@@ -378,7 +378,7 @@ class Executor(concurrent.futures.Executor):
             return
         logger.info("request %d: submitted %d calls", request_id, len(values))
         watcher = Watcher(
-            self.config, request_id, self._deployer, server=server_for(self.config)
+            self.config, request_id, self._scheduler, server=server_for(self.config)
         )
         with self._cond:
             self._outstanding[request_id] = _Outstanding(futures, watcher)
@@ -399,8 +399,8 @@ class Executor(concurrent.futures.Executor):
             elif len(out.resolved) >= len(out.futures):
                 with self._cond:
                     del self._outstanding[request_id]
-                if self._deployer is not None and out.watcher is not None:
-                    delete_jobs(self._deployer, self.config.dbfile, request_id)
+                if self._scheduler is not None and out.watcher is not None:
+                    delete_jobs(self._scheduler, self.config.dbfile, request_id)
 
     def _resolve(self, storage: Storage, request_id: int, out: _Outstanding) -> None:
         # Only what finished since the last look: each result is read once per request.

@@ -22,10 +22,11 @@ import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import sheepdog
-
 from ._directives import check_ge_opt, check_line, check_prologue_line, check_shell
+from ._stubfile import stub_path, stub_source
 from .errors import ConfigError
+from .scheduler.base import Scheduler
+from .scheduler.gridengine import GridEngine
 
 __all__ = [
     "JOB_DIR_MODE",
@@ -50,25 +51,6 @@ KEY_FILE_MODE = 0o600
 JOB_DIR_MODE = 0o700
 
 _OPTION_TYPES = (bool, int, float, str, type(None))
-
-
-def stub_path() -> Path:
-    """Return the path of the worker stub's source file, installed or in a source checkout."""
-    installed = Path(sheepdog.__file__).parent / "_stub" / "sheepdog_worker.py"
-    if installed.is_file():
-        return installed
-    checkout = Path(sheepdog.__file__).parent.parent / "worker_stub" / "sheepdog_worker.py"
-    if checkout.is_file():
-        return checkout
-    raise FileNotFoundError(
-        f"the worker stub is neither at {installed} (installed wheel) nor at {checkout} "
-        "(source checkout): reinstall sheepdog"
-    )
-
-
-def stub_source() -> str:
-    """Return the worker stub's source text, as pasted into every job file."""
-    return stub_path().read_text(encoding="utf-8")
 
 
 def job_stem(request_id: int, secret: str) -> str:
@@ -141,6 +123,7 @@ def job_file(
     tls_fingerprint: str | None = None,
     client_options: Mapping[str, object] | None = None,
     prologue: Sequence[str] | None = None,
+    scheduler: type[Scheduler] = GridEngine,
 ) -> str:
     """Format the job file for one request, ready for deployment.
 
@@ -155,7 +138,8 @@ def job_file(
     ConfigError for a value that cannot be written safely, by the same rules
     as :class:`~sheepdog.Config`. ``prologue`` lines run in ``/bin/sh`` on the
     worker before it execs ``shell`` on this same file (``module load``,
-    activating a virtualenv).
+    activating a virtualenv). ``scheduler`` writes the directive lines and
+    names the variable that holds the array index (Grid Engine's by default).
     """
     if isinstance(prologue, str):
         raise ConfigError("prologue must be a list of shell lines, not one string", key="prologue")
@@ -180,7 +164,7 @@ def job_file(
     if prologue_lines:
         # sh runs the prologue, then execs the worker Python on this same file; to Python,
         # ''''true opens a string that the closing ''' ends, so it skips the shell block.
-        # The #$ lines stay above it: qsub reads directives from the leading comments.
+        # The directives stay above it: qsub reads them from the leading comments.
         head = [
             "#!/bin/sh",
             "#$ -S /bin/sh",
@@ -192,8 +176,7 @@ def job_file(
             "'''",
         ]
     else:
-        head = [f"#!{shell}", f"#$ -S {shlex.quote(shell)}", f"#$ -t 1-{size}"]
-        head += [f"#$ {opt}" for opt in opts]
+        head = [f"#!{shell}", *scheduler.directives(shell, size, opts)]
     lines = [
         *head,
         f"# sheepdog job file for request {request_id}: {n_args} tasks. The request's",
@@ -203,7 +186,8 @@ def job_file(
         "",
         'if __name__ == "__main__":',
         f"    Client({url!r}, None, {request_id!r},"
-        f' int(os.environ.get("SGE_TASK_ID", "1")){_render_options(options)}).go()',
+        f' int(os.environ.get("{scheduler.array_index_var}", "1"))'
+        f"{_render_options(options)}).go()",
         "",
     ]
     return "\n".join(lines)

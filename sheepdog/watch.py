@@ -1,11 +1,11 @@
-"""Wait for a request to finish, and watch its Grid Engine jobs so the wait can end.
+"""Wait for a request to finish, and watch its jobs so the wait can end.
 
-The wait polls SQLite (cheap, local). The :class:`Watcher` also asks the head
-node, with a backoff, what became of the request's jobs (by their job ids, among
-the jobs of the user actually logged in): a job in an error state is deleted
-and its work goes to the request's other jobs or to fresh ones; when every job
-has left the queue with work still open, that work is resubmitted, up to
-``retries`` times, and then failed with the reason qacct gives. A qstat that
+The wait polls SQLite (cheap, local). The :class:`Watcher` also asks the
+scheduler (:mod:`sheepdog.scheduler`), with a backoff, what became of the
+request's jobs: a job in an error state is deleted and its work goes to the
+request's other jobs or to fresh ones; when every job has left the queue with
+work still open, that work is resubmitted, up to ``retries`` times, and then
+failed with the reason the scheduler's accounting gives. A status query that
 fails or does not answer tells nothing: nothing is expired or resubmitted on it.
 
 Any process can watch a request: the config is stored with it. A process that
@@ -20,23 +20,16 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from . import _submit
+from ._poll import poll_until
 from ._progress import Progress
 from .errors import SheepdogError, StorageError
 from .errors import TimeoutError as SheepdogTimeoutError
-from .sge import (
-    JobStatus,
-    describe_failure,
-    parse_qacct,
-    parse_qstat,
-    parse_qstat_j_errors,
-    parse_scheduling_info,
-    permanent_scheduling_problem,
-)
+from .scheduler import Scheduler, open_scheduler
 from .storage import Storage
 
 if TYPE_CHECKING:
     from .config import Config
-    from .deployment import Deployer
     from .server import Server
 
 __all__ = ["Watcher", "wait_for_request"]
@@ -44,12 +37,9 @@ __all__ = ["Watcher", "wait_for_request"]
 logger = logging.getLogger(__name__)
 
 OPEN_STATES = ("pending", "leased")
-#: The jobs of the user the SSH session is logged in as: that user may come from
-#: ~/.ssh/config, so it is asked on the head node, not taken from the config.
-QSTAT_COMMAND = 'qstat -u "$(id -un)"'
 #: A passive watcher takes over a request whose jobs have all been gone this long.
 TAKEOVER_S = 60.0
-#: A job waiting this long with nothing running is asked why (qstat -j).
+#: A job waiting this long with nothing running is asked why (Grid Engine's qstat -j).
 SCHEDULABLE_CHECK_S = 10.0
 
 
@@ -64,13 +54,13 @@ def now_due(owner: object, attribute: str, every_s: float) -> bool:
 
 
 class Watcher:
-    """Checks a request's Grid Engine jobs now and then, and acts on what it finds."""
+    """Checks a request's jobs now and then, and acts on what it finds."""
 
     def __init__(
         self,
         config: Config,
         request_id: int,
-        deployer: Deployer,
+        scheduler: Scheduler,
         *,
         first_interval_s: float = 2.0,
         max_interval_s: float = 15.0,
@@ -80,7 +70,7 @@ class Watcher:
     ) -> None:
         self.config = config
         self.request_id = request_id
-        self.deployer = deployer
+        self.scheduler = scheduler
         self.interval_s = first_interval_s
         self.max_interval_s = max_interval_s
         self._next_check = time.monotonic() + first_interval_s
@@ -120,22 +110,6 @@ class Watcher:
                 "nothing is expired or resubmitted until it answers", self.request_id, exc,
             )
 
-    def _listing(self, jobs: list[str]) -> dict[str, JobStatus] | None:
-        """qstat's word on the given jobs (those it lists), or None if qstat failed."""
-        result = self.deployer.run(QSTAT_COMMAND, check=False, timeout_s=60)
-        if result.exit_status != 0:
-            # "unable to contact qmaster" and the like: the jobs' state is unknown, and
-            # reading that as "no jobs" would expire and resubmit running work.
-            said = " ".join((result.stderr or result.stdout).split())[:300]
-            logger.warning(
-                "request %d: the cluster did not answer %s (exit status %d: %s); nothing "
-                "is expired or resubmitted until it answers",
-                self.request_id, QSTAT_COMMAND, result.exit_status, said or "no output",
-            )
-            return None
-        listing = parse_qstat(result.stdout)
-        return {job: listing[job] for job in jobs if job in listing}
-
     def _check(self, storage: Storage) -> None:
         rid = self.request_id
         storage.expire_leases(rid)
@@ -147,9 +121,9 @@ class Watcher:
         jobs = [str(job["job_id"]) for job in records]
         if not jobs:
             return
-        listing = self._listing(jobs)
+        listing = self.scheduler.status(jobs)
         if listing is None:
-            return
+            return  # the scheduler did not answer: the jobs' state is unknown, not gone
         live = []
         for job in jobs:
             if job not in listing:
@@ -167,9 +141,9 @@ class Watcher:
             # A job still listed as running may be on a node that died: Grid Engine can take
             # minutes to notice, while the dead workers' leases have long expired. Work that
             # nobody leases while no array task waits in the queue gets fresh array tasks.
-            queued = any("q" in state for job in live for state in listing[job].states)
+            queued = any(listing[job].queued for job in live)
             stalled_s = now - self._progress_at
-            running = any("r" in state for job in live for state in listing[job].states)
+            running = any(listing[job].running for job in live)
             if queued and not running and stalled_s > SCHEDULABLE_CHECK_S:
                 self._check_schedulable(storage, live[-1], stalled_s)
             if (
@@ -194,7 +168,7 @@ class Watcher:
             why = str(last["info"].get("reason") or f"job {last['job_id']} was in an error state")
             self._resubmit(storage, jobs, len(open_tasks), why, reason=why, kind="job_error")
             return
-        reason = self._accounting_reason(jobs[-1])
+        reason = self.scheduler.accounting(jobs[-1])
         self._resubmit(
             storage, jobs, len(open_tasks),
             f"job {jobs[-1]} left the queue" + (f" ({reason})" if reason else ""),
@@ -213,9 +187,9 @@ class Watcher:
         if now - self._gone[1] < self.takeover_s:
             return False
         logger.warning(
-            "request %d: its Grid Engine jobs left the queue with work open %.0f s ago and "
+            "request %d: its %s jobs left the queue with work open %.0f s ago and "
             "no other process acted; this process takes over", self.request_id,
-            now - self._gone[1],
+            self.scheduler.label, now - self._gone[1],
         )
         self.passive = False
         return True
@@ -258,17 +232,16 @@ class Watcher:
                     "request %d: %s with %d tasks undone; resubmitting (%d of %d)",
                     rid, why, n_open, resubmits + 1, self.config.retries,
                 )
-            from ._api import array_size, submit_request
-
-            submit_request(
-                storage, self.config, rid, self.deployer,
-                n_workers=array_size(self.config, n_open), why=why, continues=progressed,
+            # Looked up on the module at each call: a test may stand in for it.
+            _submit.submit_request(
+                storage, self.config, rid, self.scheduler,
+                n_workers=_submit.array_size(self.config, n_open), why=why, continues=progressed,
             )
             self.interval_s = 2.0
             self._progress_at = time.monotonic()
             return
         message = (
-            f"Grid Engine job {jobs[-1]} did not run this task: {why}, "
+            f"{self.scheduler.label} job {jobs[-1]} did not run this task: {why}, "
             f"after {resubmits} resubmission(s)"
         )
         if reason and reason not in why:
@@ -277,13 +250,12 @@ class Watcher:
 
     def _check_schedulable(self, storage: Storage, job: str, waited_s: float) -> None:
         """Fail the work of a job the scheduler can never start; say why one is waiting."""
-        details = self.deployer.run(f"qstat -j {job}", check=False)
-        reasons = parse_scheduling_info(details.stdout)
-        problem = permanent_scheduling_problem(reasons)
+        waiting = self.scheduler.why_waiting(job)
+        reasons, problem = waiting.reasons, waiting.permanent
         if problem is not None:
-            message = f"Grid Engine can never start job {job}: {problem}"
+            message = f"{self.scheduler.label} can never start job {job}: {problem}"
             logger.error("request %d: %s", self.request_id, message)
-            self.deployer.run(f"qdel {job}", check=False)
+            self.scheduler.delete([job])
             storage.fail_tasks(
                 self.request_id, storage.open_task_indices(self.request_id),
                 "unschedulable", message,
@@ -295,34 +267,22 @@ class Watcher:
             )
 
     def _delete_job_in_error(self, storage: Storage, job: str) -> None:
-        """Delete one job in an error state (Eqw) and record why; other jobs go on.
+        """Delete one job in an error state (Grid Engine's Eqw) and record why; others go on.
 
         Its tasks are not failed: those it leased return to pending when their
         leases run out, for the request's other jobs or a resubmission to run.
         """
-        details = self.deployer.run(f"qstat -j {job}", check=False)
-        reasons = parse_qstat_j_errors(details.stdout + details.stderr)
-        why = "; ".join(reasons) or "qstat shows the job in an error state (Eqw)"
-        message = f"Grid Engine job {job} is in an error state: {why}"
+        label = self.scheduler.label
+        reasons = self.scheduler.error_reasons(job)
+        why = "; ".join(reasons) or f"{label} lists the job in an error state"
+        message = f"{label} job {job} is in an error state: {why}"
         logger.warning("request %d: %s; deleting it", self.request_id, message)
-        self.deployer.run(f"qdel {job}", check=False)
+        self.scheduler.delete([job])
         info = next(
             (dict(j["info"]) for j in storage.get_jobs(self.request_id) if str(j["job_id"]) == job),
             {},
         )
         storage.set_job_state(self.request_id, job, "error", {**info, "reason": message})
-
-    def _accounting_reason(self, job: str) -> str:
-        result = self.deployer.run(f"qacct -j {job}", check=False, timeout_s=30)
-        if result.exit_status != 0:
-            return ""
-        reasons = []
-        for record in parse_qacct(result.stdout):
-            why = describe_failure(record)
-            if why and why not in reasons:
-                reasons.append(why)
-        return "; ".join(reasons[:3])
-
 
 def wait_for_request(
     dbfile: str,
@@ -343,8 +303,6 @@ def wait_for_request(
     seconds, and StorageError if ``dbfile`` does not exist (it is never created).
     """
     start = time.monotonic()
-    deadline = None if timeout_s is None else start + timeout_s
-    interval = poll_s
     if dbfile != ":memory:" and not os.path.isfile(dbfile):
         # Opening would create an empty database where a path was mistyped.
         raise StorageError(f"no sheepdog database at {dbfile}; check the dbfile path")
@@ -356,41 +314,45 @@ def wait_for_request(
         cached = storage.count_cached(request_id)
         label = f"request {request_id}" + (f" ({cached} cached)" if cached else "")
         progress = Progress(total, verbose=verbose, label=label)
+        counts: dict[str, int] = {}
+
+        def finished() -> bool:
+            nonlocal counts
+            counts = storage.task_counts(request_id)
+            progress.update(counts)
+            if not any(counts.get(s, 0) for s in OPEN_STATES):
+                return True
+            if watcher is not None:
+                watcher.poll(storage)
+            return False
+
+        left_s = None if timeout_s is None else timeout_s - (time.monotonic() - start)
         try:
-            while True:
-                counts = storage.task_counts(request_id)
-                progress.update(counts)
-                if not any(counts.get(s, 0) for s in OPEN_STATES):
-                    return counts
-                if watcher is not None:
-                    watcher.poll(storage)
-                if deadline is not None and time.monotonic() >= deadline:
-                    done = total - sum(counts.get(s, 0) for s in OPEN_STATES)
-                    raise SheepdogTimeoutError(
-                        f"request {request_id}: {done} of {total} tasks finished within "
-                        f"{timeout_s:g} s; the rest are still running. Fetch them later with "
-                        f"sheepdog.get_results({request_id}, {dbfile!r})"
-                    )
-                time.sleep(interval)
-                interval = min(max_poll_s, interval * 1.5)
+            if poll_until(finished, timeout_s=left_s, interval_s=poll_s,
+                          max_interval_s=max_poll_s):
+                return counts
+            done = total - sum(counts.get(s, 0) for s in OPEN_STATES)
+            raise SheepdogTimeoutError(
+                f"request {request_id}: {done} of {total} tasks finished within "
+                f"{timeout_s:g} s; the rest are still running. Fetch them later with "
+                f"sheepdog.get_results({request_id}, {dbfile!r})"
+            )
         finally:
             progress.close()
             if own is not None:
-                own.deployer.close()
+                own.scheduler.close()
 
 
 def _passive_watcher(storage: Storage, request_id: int) -> Watcher | None:
     """A watcher for a request from its stored config: active if this process serves it."""
-    from ._api import open_deployer, own_server, stored_config
-
     if not storage.open_task_indices(request_id):
         return None
-    config = stored_config(storage, request_id)
+    config = _submit.stored_config(storage, request_id)
     if config is None:
         logger.info("request %d has no stored config: its jobs are not watched", request_id)
         return None
     # map_async then get_results(block=True) in one process: that process is the server
     # and the only one to act, at once, as map would.
-    server = own_server(storage, request_id)
-    return Watcher(config, request_id, open_deployer(config), server=server,
+    server = _submit.own_server(storage, request_id)
+    return Watcher(config, request_id, open_scheduler(config), server=server,
                    passive=server is None)

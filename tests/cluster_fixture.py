@@ -3,8 +3,8 @@
 A cluster is described by a dict with sheepdog's own config keys (``host``, ``ssh_port``,
 ``ssh_user``, ``ssh_keyfile``, ``known_hosts``, ``localhost``, ``shell``), the same as the
 ``.cluster/*.json`` files that ``ci/cluster up`` writes, so it can be passed straight to sheepdog.
-A Slurm cluster's dict also has ``"scheduler": "slurm"`` (a key sheepdog's config does not read
-yet); without that key the cluster runs Grid Engine.
+A Slurm cluster's dict also has ``"scheduler": "slurm"`` (a value sheepdog's ``scheduler`` key
+does not take yet); without that key the cluster runs Grid Engine.
 """
 
 from __future__ import annotations

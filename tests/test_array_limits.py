@@ -9,9 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sheepdog._api import job_sizes
-from sheepdog.deployment import CommandResult, Deployer
 from sheepdog.errors import RemoteCommandError
-from sheepdog.sge import DEFAULT_ARRAY_LIMITS, ArrayLimits, parse_global_config
+from sheepdog.remote import CommandResult, Remote
+from sheepdog.scheduler.gridengine import (
+    DEFAULT_ARRAY_LIMITS,
+    ArrayLimits,
+    GridEngine,
+    parse_global_config,
+)
 
 #: The relevant part of ``qconf -sconf`` on the Docker cluster (Debian's gridengine 8.1.9).
 SCONF = """\
@@ -46,8 +51,8 @@ def test_an_answer_without_the_keys_says_what_did_not_match() -> None:
     assert "max_aj_tasks lots" in str(info.value)
 
 
-class ScriptedDeployer(Deployer):
-    """A Deployer whose remote commands answer from a script, counted."""
+class ScriptedRemote(Remote):
+    """A head node whose commands answer from a script, counted."""
 
     def __init__(self, status: int, stdout: str) -> None:
         super().__init__("headnode")
@@ -63,26 +68,28 @@ class ScriptedDeployer(Deployer):
 
 
 def test_the_limits_are_read_once_per_connection() -> None:
-    deployer = ScriptedDeployer(0, SCONF)
-    assert deployer.array_limits().max_tasks == 75_000
-    assert deployer.array_limits().max_instances == 2_000
-    assert deployer.commands == ["qconf -sconf"]
+    head = ScriptedRemote(0, SCONF)
+    scheduler = GridEngine(head)
+    assert scheduler.array_limits().max_tasks == 75_000
+    assert scheduler.array_limits().max_instances == 2_000
+    assert head.commands == ["qconf -sconf"]
 
 
 def test_a_failed_qconf_warns_with_its_answer_and_assumes_the_defaults(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    deployer = ScriptedDeployer(1, "")
-    assert deployer.array_limits() == DEFAULT_ARRAY_LIMITS
+    head = ScriptedRemote(1, "")
+    scheduler = GridEngine(head)
+    assert scheduler.array_limits() == DEFAULT_ARRAY_LIMITS
     assert "qconf -sconf" in caplog.text and "denied" in caplog.text
-    assert deployer.array_limits() == DEFAULT_ARRAY_LIMITS
-    assert deployer.commands == ["qconf -sconf"]  # asked once
+    assert scheduler.array_limits() == DEFAULT_ARRAY_LIMITS
+    assert head.commands == ["qconf -sconf"]  # asked once
 
 
 def test_an_unreadable_answer_warns_saying_what_did_not_match(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    assert ScriptedDeployer(0, "nothing useful\n").array_limits() == DEFAULT_ARRAY_LIMITS
+    assert GridEngine(ScriptedRemote(0, "nothing useful\n")).array_limits() == DEFAULT_ARRAY_LIMITS
     assert "max_aj_tasks" in caplog.text and "nothing useful" in caplog.text
 
 

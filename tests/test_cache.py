@@ -1,7 +1,7 @@
 """The result cache, without Grid Engine: real storage, real server, local workers.
 
-:class:`LocalDeployer` (from test_executor) is the one stand-in for SSH and
-qsub; it counts the jobs submitted.
+The array tasks run as local processes (``scheduler="local"``);
+:class:`LocalJobs` (from test_executor) counts the jobs submitted.
 """
 
 from __future__ import annotations
@@ -12,12 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stubrunner import WORKER_PYTHON
-from test_executor import WAIT_S, LocalDeployer
+from test_executor import WAIT_S, LocalJobs, local_config
 
 import sheepdog
-import sheepdog._api
-import sheepdog.executor
 from sheepdog import cli
 from sheepdog.storage import Storage, content_digest
 
@@ -64,15 +61,8 @@ def counted(x: int, log: str) -> int:
 
 @pytest.fixture
 def local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    deployer = LocalDeployer(tmp_path)
-    monkeypatch.setattr(sheepdog._api, "open_deployer", lambda config: deployer)
-    monkeypatch.setattr(sheepdog.executor, "open_deployer", lambda config: deployer)
-    config = {
-        "host": "headnode.invalid",
-        "dbfile": str(tmp_path / "sheepdog.sqlite"),
-        "localhost": "127.0.0.1",
-        "shell": WORKER_PYTHON,
-    }
+    deployer = LocalJobs(monkeypatch)
+    config = local_config(tmp_path)
     yield {"config": config, "deployer": deployer, "log": str(tmp_path / "runs.log")}
     deployer.close()
 

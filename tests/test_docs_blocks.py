@@ -38,6 +38,7 @@ PYTHON_COLUMNS = 79
 CONFIG_LINE = 'conf = {"host": "fear", "ge_opts": ["-l ubuntu=1", "-l lr=0"]}'
 CLIENT_LINE = "Client("
 GETTING_STARTED_FETCH = "import sheepdog"
+GETTING_STARTED_LOCAL = "import sys"
 
 UPGRADING_TEST = "tests/test_upgrade_02.py::test_the_upgrading_page_examples_run"
 
@@ -46,6 +47,7 @@ FRAGMENTS = {
     ("configuration.rst", CONFIG_LINE): "test_the_three_ways_to_write_a_config",
     ("tips.rst", CLIENT_LINE): "test_the_client_line_is_the_last_line_of_a_job_file",
     ("getting-started.rst", GETTING_STARTED_FETCH): "test_getting_started_fetches_results",
+    ("getting-started.rst", GETTING_STARTED_LOCAL): "test_the_local_try_out_runs_as_shown",
     ("index.rst", ">>> import sheepdog"): "tests/e2e/test_docs_examples.py::test_doctest_blocks",
     ("README.md", ">>> import sheepdog"): "tests/e2e/test_docs_examples.py::test_doctest_blocks",
     ("upgrading.rst", "import sheepdog"): UPGRADING_TEST,
@@ -262,6 +264,18 @@ def test_getting_started_fetches_results(
         ])
     exec("\n".join(block("getting-started.rst", GETTING_STARTED_FETCH).lines), {})  # noqa: S102
     assert capsys.readouterr().out == "0 (0, 'node1')\n1 (1, 'node2')\n"
+
+
+@pytest.mark.slow
+def test_the_local_try_out_runs_as_shown(tmp_path: Path) -> None:
+    """The scheduler="local" map of Getting started, in a fresh Python, from an empty home."""
+    source = "\n".join(block("getting-started.rst", GETTING_STARTED_LOCAL).lines)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", source], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "[32, 9]\n"
+    assert (tmp_path / ".sheepdog").is_dir()  # ssh_dir, under this home
 
 
 def test_the_config_tables_show_every_key_of_config() -> None:

@@ -1,15 +1,13 @@
 """Executor tests without Grid Engine: real storage, real server, real job files.
 
-The only stand-in is :class:`LocalDeployer`: instead of copying the job file to
-a head node and running ``qsub -t``, it writes the file locally and starts each
-array task as ``python3 <job file>`` with ``SGE_TASK_ID`` set, as SGE would.
-The worker Python runs from an empty directory with ``-I``-like isolation
-(``PYTHONNOUSERSITE``, no ``PYTHONPATH``), so sheepdog is not importable there.
+No stand-in: ``scheduler="local"`` writes the job file locally and starts each
+array task as a process running it with ``SGE_TASK_ID`` set, as SGE would. The
+worker Python runs without the caller's ``PYTHONPATH`` and with
+``PYTHONNOUSERSITE``, so this checkout of sheepdog is not importable there.
 """
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import threading
@@ -23,89 +21,62 @@ import pytest
 from stubrunner import WORKER_PYTHON, StubProcess
 
 import sheepdog
+import sheepdog._submit
 import sheepdog.executor
-from sheepdog.errors import RemoteError, SerialisationError, SheepdogError
+from sheepdog.errors import RemoteError, SerialisationError
 from sheepdog.executor import Executor, chunk_applier, kwargs_applier
-from sheepdog.job_file import key_file_name
+from sheepdog.scheduler import local as local_jobs
+from sheepdog.scheduler.local import LocalScheduler
 from sheepdog.serialisation import deserialise_value, serialise_function, serialise_value
-from sheepdog.sge import ArrayLimits
 from sheepdog.storage import Storage
 
 WAIT_S = 120.0
 
 
-class LocalDeployer:
-    """Runs a job's array tasks as local processes (the one stand-in for SSH and qsub)."""
+class LocalJobs:
+    """Counts the array jobs that ``scheduler="local"`` starts, and stops them at the end."""
 
-    def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
-        self.workdir = workdir
-        self.env = env or {}
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.files: dict[int, Path] = {}
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.submitted = 0
+        self.job_ids: list[str] = []
+        real = LocalScheduler.submit
 
-    def absolute(self, directory: str) -> str:
-        return str(self.workdir / directory)
+        def counting(scheduler: LocalScheduler, *args: Any, **kwargs: Any) -> str:
+            job_id = real(scheduler, *args, **kwargs)
+            self.submitted += 1
+            self.job_ids.append(job_id)
+            return job_id
 
-    def array_limits(self) -> ArrayLimits:
-        return ArrayLimits(max_tasks=0, max_instances=0)  # no limit: one job per request
-
-    def deploy(self, jobfile: str, request_id: int, directory: str, *, secret: str) -> str:
-        path = self.workdir / f"job_{request_id}.py"
-        path.write_text(jobfile, encoding="utf-8")
-        # The key file the job file names, as Deployer.deploy writes it beside the job file.
-        folder = Path(self.absolute(directory))
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / key_file_name(request_id, secret)).write_text(secret + "\n")
-        self.files[request_id] = path
-        return str(path)
-
-    def submit(self, request_id: int, directory: str, *, secret: str, qsub_args: Any = ()) -> str:
-        path = self.files[request_id]
-        match = re.search(r"^#\$ -t 1-(\d+)$", path.read_text(encoding="utf-8"), re.M)
-        assert match is not None
-        env = {"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1", **self.env}
-        empty = self.workdir / "empty"
-        empty.mkdir(exist_ok=True)
-        for task in range(1, int(match.group(1)) + 1):
-            self.procs.append(
-                subprocess.Popen(
-                    [WORKER_PYTHON, str(path)],
-                    env={**env, "SGE_TASK_ID": str(task)},
-                    cwd=empty,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-        self.submitted += 1
-        return str(1000 + request_id)
-
-    def run(self, command: str, **_: Any) -> Any:
-        # The watcher asks qstat; a local run has no scheduler to ask.
-        raise SheepdogError(f"no Grid Engine in this test: {command}")
+        monkeypatch.setattr(LocalScheduler, "submit", counting)
 
     def close(self) -> None:
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=WAIT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for job_id in self.job_ids:
+            for proc in local_jobs._STARTED[job_id].procs:
+                try:
+                    proc.wait(timeout=WAIT_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def local_config(tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    """A config whose array tasks run as local processes (no host, no SSH)."""
+    return {
+        "scheduler": "local",
+        "ssh_dir": str(tmp_path / "jobs"),
+        "dbfile": str(tmp_path / "sheepdog.sqlite"),
+        "localhost": "127.0.0.1",
+        "shell": WORKER_PYTHON,
+        **extra,
+    }
 
 
 @pytest.fixture
 def local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    """A config whose jobs run as local processes, and the deployer that runs them."""
-    deployer = LocalDeployer(tmp_path)
-    monkeypatch.setattr(sheepdog.executor, "open_deployer", lambda config: deployer)
-    config = {
-        "host": "headnode.invalid",
-        "dbfile": str(tmp_path / "sheepdog.sqlite"),
-        "localhost": "127.0.0.1",
-        "shell": WORKER_PYTHON,
-    }
-    yield {"config": config, "deployer": deployer}
-    deployer.close()
+    """A config whose jobs run as local processes, and what counts them."""
+    jobs = LocalJobs(monkeypatch)
+    yield {"config": local_config(tmp_path), "jobs": jobs}
+    jobs.close()
 
 
 def add(a: int, b: int) -> int:
@@ -134,7 +105,7 @@ def test_submit_and_as_completed(local: dict[str, Any]) -> None:
         got = {futures[f]: f.result() for f in as_completed(futures, timeout=WAIT_S)}
     assert got == {i: 2 * i for i in range(20)}
     # Twenty submits in a quick loop are one request, one qsub.
-    assert local["deployer"].submitted == 1
+    assert local["jobs"].submitted == 1
     assert len(pool.request_ids) == 1
 
 
@@ -210,7 +181,7 @@ def test_cancel_futures_on_shutdown_before_they_are_sent(local: dict[str, Any]) 
     future = pool.submit(add, 1, 2)
     pool.shutdown(wait=True, cancel_futures=True)
     assert future.cancelled()
-    assert local["deployer"].submitted == 0
+    assert local["jobs"].submitted == 0
 
 
 def test_captured_output_is_stored_for_successful_tasks(local: dict[str, Any]) -> None:
@@ -226,7 +197,7 @@ def test_a_submit_failure_fails_the_futures(
     def refuse(*args: Any, **kwargs: Any) -> str:
         raise sheepdog.SubmitError("qsub", 1, "", "Unable to run job: denied")
 
-    monkeypatch.setattr(local["deployer"], "submit", refuse)
+    monkeypatch.setattr(LocalScheduler, "submit", refuse)
     with Executor(local["config"]) as pool:
         future = pool.submit(add, 1, 2)
         with pytest.raises(sheepdog.SubmitError, match="denied"):
@@ -244,9 +215,9 @@ def test_futures_resolve_from_results_stored_by_another_thread(
         return "1"
 
     monkeypatch.setattr(sheepdog.executor, "submit_request", fake_submit)
-    monkeypatch.setattr(sheepdog.executor, "open_deployer", lambda config: LocalDeployer(tmp_path))
+    monkeypatch.setattr(sheepdog._submit, "submit_request", fake_submit)  # the watcher's
     dbfile = str(tmp_path / "db.sqlite")
-    with Executor({"host": "h", "dbfile": dbfile}, poll_s=0.05) as pool:
+    with Executor(local_config(tmp_path, dbfile=dbfile), poll_s=0.05) as pool:
         futures = [pool.submit(add, i, 1) for i in range(3)]
         deadline = time.monotonic() + WAIT_S
         while not submitted and time.monotonic() < deadline:

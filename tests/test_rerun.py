@@ -1,8 +1,8 @@
 """Reruns and the Executor's incremental reads, without Grid Engine.
 
 Storage tests use a real SQLite file; the end-to-end rerun runs real job files
-as local processes against the real server (:class:`LocalDeployer`, the one
-stand-in for SSH and qsub, from test_executor).
+as local processes against the real server (``scheduler="local"``; its jobs
+are counted by :class:`LocalJobs`, from test_executor).
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stubrunner import WORKER_PYTHON
-from test_executor import WAIT_S, LocalDeployer, add
+from test_executor import WAIT_S, LocalJobs, add, local_config
 
 import sheepdog
-import sheepdog._api
+import sheepdog._submit
 import sheepdog.executor
 from sheepdog.errors import UnknownRequestError
 from sheepdog.executor import Executor
@@ -144,10 +143,10 @@ def test_the_executor_reads_each_result_once(
     monkeypatch.setattr(Storage, "finished_since", counting_since)
     monkeypatch.setattr(Storage, "get_tasks_with_results", full_read)
     monkeypatch.setattr(sheepdog.executor, "submit_request", fake_submit)
-    monkeypatch.setattr(sheepdog.executor, "open_deployer", lambda config: LocalDeployer(tmp_path))
+    monkeypatch.setattr(sheepdog._submit, "submit_request", fake_submit)  # the watcher's
     dbfile = str(tmp_path / "db.sqlite")
     value = serialise_value("x" * 1000)
-    with Executor({"host": "h", "dbfile": dbfile}, poll_s=0.01) as pool:
+    with Executor(local_config(tmp_path, dbfile=dbfile), poll_s=0.01) as pool:
         futures = [pool.submit(add, i, 1) for i in range(n)]
         deadline = time.monotonic() + WAIT_S
         while not submitted and time.monotonic() < deadline:
@@ -171,15 +170,8 @@ def flaky(x: int, flag: str) -> int:
 def test_rerun_failed_runs_only_the_failed_tasks_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    deployer = LocalDeployer(tmp_path)
-    monkeypatch.setattr(sheepdog._api, "open_deployer", lambda config: deployer)
-    config = {
-        "host": "headnode.invalid",
-        "dbfile": str(tmp_path / "sheepdog.sqlite"),
-        "localhost": "127.0.0.1",
-        "shell": WORKER_PYTHON,
-        "retries": 0,
-    }
+    deployer = LocalJobs(monkeypatch)
+    config = local_config(tmp_path, retries=0)
     flag = str(tmp_path / "flag")
     try:
         rid = sheepdog.map_async(flaky, [(x, flag) for x in range(6)], config)

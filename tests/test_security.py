@@ -38,12 +38,12 @@ from sheepdog import _api
 from sheepdog._signing import SIGNATURE_HEADER, signed_headers
 from sheepdog._tls import certificate_for, fingerprint_sha256, tls_dir
 from sheepdog.config import Config
-from sheepdog.deployment import CommandResult, Deployer
 from sheepdog.errors import ConfigError, RemoteCommandError
 from sheepdog.job_file import job_file_name, key_file_name, write_job_file
+from sheepdog.remote import CommandResult, Remote
+from sheepdog.scheduler.gridengine import DEFAULT_ARRAY_LIMITS, GridEngine
 from sheepdog.serialisation import deserialise_value, serialise_args, serialise_function
 from sheepdog.server import Server, create_app
-from sheepdog.sge import ArrayLimits
 from sheepdog.storage import Storage
 
 WAIT_S = 120.0
@@ -394,8 +394,8 @@ def test_tls_must_be_a_bool() -> None:
 # -- hostile config values, with remote commands run by a local bash ----------------------
 
 
-class LocalShellDeployer(Deployer):
-    """A Deployer whose remote commands run in a local bash, with a fake qsub, and are kept.
+class LocalShellRemote(Remote):
+    """A head node whose commands run in a local bash, with a fake qsub, and are kept.
 
     Running the commands for real, rather than inspecting their text, shows that
     quoting holds against an actual shell.
@@ -421,8 +421,15 @@ class LocalShellDeployer(Deployer):
     def connect(self) -> Any:
         return _LocalSFTPClient()
 
-    def array_limits(self) -> ArrayLimits:
-        return ArrayLimits(max_tasks=75_000, max_instances=2_000)  # SGE's defaults
+
+class LocalShellGridEngine(GridEngine):
+    """The real Grid Engine scheduler on a :class:`LocalShellRemote`."""
+
+    def __init__(self, home: Path, bin_dir: Path) -> None:
+        self.remote = LocalShellRemote(home, bin_dir)
+        super().__init__(self.remote)
+        self.commands = self.remote.commands
+        self._array_limits = DEFAULT_ARRAY_LIMITS  # SGE's defaults; no qconf here
 
 
 class _LocalSFTPClient:
@@ -502,11 +509,11 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 except ConfigError as exc:
                     outcome["rejected"].append((key, value, str(exc), exc.key))
                     continue
-                deployer = LocalShellDeployer(home, bin_dir)
+                scheduler = LocalShellGridEngine(home, bin_dir)
                 with Storage(dbfile) as storage:
                     rid = storage.new_request(b"F", None, [b"x"], settings={"lease_s": 30.0})
-                    job_id = _api.submit_request(storage, cfg, rid, deployer, n_workers=1)
-                outcome["submitted"].append((key, value, rid, job_id, deployer.commands, cfg))
+                    job_id = _api.submit_request(storage, cfg, rid, scheduler, n_workers=1)
+                outcome["submitted"].append((key, value, rid, job_id, scheduler.commands, cfg))
     finally:
         server = _api._servers_by_db.pop(os.path.abspath(dbfile), None)
         if server is not None:
@@ -580,7 +587,7 @@ def test_secrets_are_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixtu
                 rid = storage.new_request(serialise_function(square), None,
                                           serialise_args([1, 2]), settings={"lease_s": 30.0})
                 secret = storage.get_secret(rid)
-                _api.submit_request(storage, cfg, rid, LocalShellDeployer(home, bin_dir),
+                _api.submit_request(storage, cfg, rid, LocalShellGridEngine(home, bin_dir),
                                     n_workers=1)
             job = home / "jobs" / job_file_name(rid, secret)
             # The job file names the key file; only the key file (0600) holds the secret.
@@ -638,7 +645,7 @@ def test_two_databases_sharing_ssh_dir_keep_their_own_job_files(tmp_path: Path) 
             with Storage(dbfile) as storage:
                 rid = storage.new_request(b"F", None, [b"x"])
                 assert rid == 1
-                _api.submit_request(storage, cfg, rid, LocalShellDeployer(home, bin_dir),
+                _api.submit_request(storage, cfg, rid, LocalShellGridEngine(home, bin_dir),
                                     n_workers=1)
                 secret = storage.get_secret(rid)
         finally:

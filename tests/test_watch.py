@@ -1,6 +1,7 @@
 """The Watcher against a fake head node: what it does on each answer qstat can give.
 
-Grid Engine itself is faked here (a scripted Deployer); tests/e2e/test_faults.py
+Grid Engine's head node is faked here (a scripted host for the real GridEngine
+scheduler class); tests/e2e/test_faults.py
 runs the same situations on a real cluster.
 """
 
@@ -13,13 +14,14 @@ from typing import Any
 
 import pytest
 
-import sheepdog._api
+import sheepdog._submit
 from sheepdog._api import request_settings
 from sheepdog.config import Config
-from sheepdog.deployment import CommandResult
 from sheepdog.errors import StorageError
+from sheepdog.remote import CommandResult
+from sheepdog.scheduler.gridengine import QSTAT_COMMAND, GridEngine
 from sheepdog.storage import Storage
-from sheepdog.watch import QSTAT_COMMAND, Watcher, wait_for_request
+from sheepdog.watch import Watcher, wait_for_request
 
 HEADER = (
     "job-ID  prior   name       user         state submit/start at     queue"
@@ -35,7 +37,9 @@ def qstat_line(job: str, state: str, user: str = "sheep") -> str:
 
 
 class FakeHead:
-    """A Deployer stand-in: answers commands from a script and records them."""
+    """A head node stand-in (a Remote): answers commands from a script and records them."""
+
+    host = "head"
 
     def __init__(self, answers: dict[str, CommandResult]) -> None:
         self.answers = answers
@@ -74,7 +78,7 @@ def setup(tmp_path: Path) -> tuple[Storage, Config, int]:
 def test_jobs_running_as_the_login_user_are_not_lost(setup: Any) -> None:
     storage, config, rid = setup
     head = FakeHead({"qstat -u": ok(HEADER + qstat_line("41", "r", user="sheep"))})
-    Watcher(config, rid, head)._check(storage)  # type: ignore[arg-type]
+    Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
     assert head.commands[0] == QSTAT_COMMAND
     assert "not-the-login-user" not in " ".join(head.commands)
     assert storage.task_counts(rid)["leased"] == 2
@@ -94,7 +98,7 @@ def test_a_failed_qstat_is_unknown_not_gone(
     storage, config, rid = setup
     head = FakeHead({"qstat -u": answer})
     with caplog.at_level(logging.WARNING, logger="sheepdog.watch"):
-        Watcher(config, rid, head)._check(storage)  # type: ignore[arg-type]
+        Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
     assert storage.task_counts(rid) == {**storage.task_counts(rid), "leased": 2, "error": 0}
     assert head.commands == [QSTAT_COMMAND]  # no qacct, no qdel, no qsub
     assert "the cluster did not answer" in caplog.text
@@ -107,7 +111,7 @@ def test_one_job_in_eqw_is_deleted_alone(setup: Any) -> None:
         "qstat -u": ok(HEADER + qstat_line("41", "r") + qstat_line("42", "Eqw")),
         "qstat -j 42": ok("error reason    1:   can't chdir to /nowhere\n"),
     })
-    Watcher(config, rid, head)._check(storage)  # type: ignore[arg-type]
+    Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
     assert "qdel 42" in head.commands
     assert not any(c.startswith("qdel") and "41" in c for c in head.commands)
     counts = storage.task_counts(rid)
@@ -123,7 +127,7 @@ def test_the_last_job_in_eqw_fails_the_work_with_its_reason(setup: Any) -> None:
         "qstat -u": ok(HEADER + qstat_line("41", "Eqw")),
         "qstat -j 41": ok("error reason    1:   can't chdir to /nowhere\n"),
     })
-    Watcher(config, rid, head)._check(storage)  # type: ignore[arg-type]  # retries=0
+    Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]  # retries=0
     errors = storage.get_task_errors(rid)
     assert len(errors) == 3
     assert all(e["kind"] == "job_error" and "/nowhere" in e["message"] for _, _, e in errors)
@@ -136,7 +140,7 @@ def test_tasks_lost_with_their_jobs_finish_now_not_in_ten_years(setup: Any) -> N
     )
     head = FakeHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
     before = time.time()
-    Watcher(config, rid, head)._check(storage)  # type: ignore[arg-type]
+    Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
     finished = storage.conn.execute(
         "SELECT finished FROM tasks WHERE request_id = ? AND state = 'error'", (rid,)
     ).fetchall()
@@ -147,7 +151,8 @@ def test_tasks_lost_with_their_jobs_finish_now_not_in_ten_years(setup: Any) -> N
 def test_a_passive_watcher_waits_for_the_serving_process_then_takes_over(setup: Any) -> None:
     storage, config, rid = setup
     head = FakeHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
-    watcher = Watcher(config, rid, head, passive=True, takeover_s=0.0)  # type: ignore[arg-type]
+    watcher = Watcher(config, rid, GridEngine(head), passive=True,  # type: ignore[arg-type]
+                      takeover_s=0.0)
     watcher._check(storage)
     assert storage.task_counts(rid)["error"] == 0, "acted before giving the server its chance"
     watcher._check(storage)
@@ -220,10 +225,10 @@ def test_jobs_that_made_progress_are_continued_not_counted_as_retries(
     _gone_after(storage, rid, 0)
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(
-        sheepdog._api, "submit_request", lambda *args, **kwargs: calls.append(kwargs) or "43"
+        sheepdog._submit, "submit_request", lambda *args, **kwargs: calls.append(kwargs) or "43"
     )
     head = FakeHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
-    Watcher(config, rid, head)._check(storage)  # type: ignore[arg-type]
+    Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
     assert len(calls) == 1
     assert calls[0]["continues"] is True
     assert "job 41 left the queue" in calls[0]["why"]
@@ -237,10 +242,10 @@ def test_jobs_that_made_no_progress_count_against_retries(
     _gone_after(storage, rid, 0)
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(
-        sheepdog._api, "submit_request", lambda *args, **kwargs: calls.append(kwargs) or "43"
+        sheepdog._submit, "submit_request", lambda *args, **kwargs: calls.append(kwargs) or "43"
     )
     head = FakeHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
-    Watcher(config, rid, head)._check(storage)  # type: ignore[arg-type]
+    Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
     assert calls == []
     assert storage.task_counts(rid)["error"] == 3
 
@@ -258,9 +263,18 @@ def test_a_rerun_gets_its_own_resubmissions(
     assert storage.rerun_tasks(rid, ["lost"]) == [1, 2, 3]
     storage.add_job(rid, "43", 3)  # the rerun's job, which then leaves the queue
     resubmitted: list[int] = []
-    monkeypatch.setattr(sheepdog._api, "submit_request",
+    monkeypatch.setattr(sheepdog._submit, "submit_request",
                         lambda storage, config, rid, deployer, **_: resubmitted.append(rid))
     head = FakeHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
-    Watcher(config, rid, head)._check(storage)  # type: ignore[arg-type]
+    Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
     assert resubmitted == [rid]
     assert storage.task_states(rid) == ["pending"] * 3
+
+
+def test_a_job_in_a_state_the_module_does_not_know_is_not_gone(setup: Any) -> None:
+    storage, config, rid = setup  # retries=0: a job taken for gone would fail the work
+    head = FakeHead({"qstat -u": ok(HEADER + qstat_line("41", "t")), "qacct": ok("")})
+    Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
+    assert storage.task_counts(rid)["leased"] == 2
+    assert storage.task_counts(rid)["error"] == 0
+    assert not any(c.startswith(("qacct", "qdel", "qsub")) for c in head.commands)

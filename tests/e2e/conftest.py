@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from sheepdog import Config, _api
-from sheepdog._api import open_deployer
+from sheepdog.scheduler import open_remote
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def no_stray_jobs(cluster: dict[str, Any], request: pytest.FixtureRequest) -> It
 
 def _delete_all_jobs(cluster: dict[str, Any]) -> None:
     config = Config.from_mapping(cluster)
-    with open_deployer(config) as deployer:
-        deployer.run(
+    with open_remote(config) as remote:
+        remote.run(
             f"qdel -u {shlex.quote(config.ssh_user)} 'sheepdog_*'", check=False, timeout_s=60
         )

@@ -9,8 +9,8 @@ import pytest
 from cluster_fixture import DOCKER_NODES
 
 import sheepdog
-from sheepdog._api import open_deployer
 from sheepdog.config import as_config
+from sheepdog.scheduler import GridEngine, open_remote
 from sheepdog.storage import Storage
 
 pytestmark = pytest.mark.e2e
@@ -68,10 +68,10 @@ def test_more_workers_than_max_aj_tasks_run_as_several_jobs(
     config: dict[str, Any], low_max_aj_tasks: str
 ) -> None:
     cfg = as_config(dict(config, workers=5, batch=1, timeout_s=300))
-    with open_deployer(cfg) as deployer:
-        assert deployer.array_limits().max_tasks == MAX_AJ_TASKS
+    with open_remote(cfg) as remote:
+        assert GridEngine(remote).array_limits().max_tasks == MAX_AJ_TASKS
         # The limit is real: one job of five array tasks is refused.
-        refused = deployer.run("echo true | qsub -terse -t 1-5", check=False)
+        refused = remote.run("echo true | qsub -terse -t 1-5", check=False)
         assert refused.exit_status != 0, refused
     results = sheepdog.map(plus_one, range(12), cfg, verbose=False)
     assert results == [x + 1 for x in range(12)]

@@ -20,7 +20,8 @@ import pytest
 
 import sheepdog
 from sheepdog import _api
-from sheepdog._api import open_deployer, server_for
+from sheepdog._api import server_for
+from sheepdog.scheduler import open_remote
 
 pytestmark = pytest.mark.e2e
 
@@ -258,10 +259,10 @@ def test_ctrl_c_cancels_the_jobs(config: dict[str, Any], tmp_path: Path) -> None
     assert counts.get("cancelled", 0) == 4, counts
     errors = sheepdog.get_errors(request_id, config["dbfile"])
     assert all(error.kind == "cancelled" for _arg, error in errors)
-    with open_deployer(sheepdog.Config.from_mapping(config)) as deployer:
+    with open_remote(sheepdog.Config.from_mapping(config)) as remote:
         deadline = time.monotonic() + 60
         while True:
-            listing = deployer.run(f"qstat -u {config['ssh_user']}").stdout
+            listing = remote.run(f"qstat -u {config['ssh_user']}").stdout
             if not any(job_id in listing.split() for job_id in job_ids):
                 break
             assert time.monotonic() < deadline, f"job still queued after Ctrl-C:\n{listing}"

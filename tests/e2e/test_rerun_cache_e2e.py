@@ -17,7 +17,7 @@ import pytest
 
 import sheepdog
 from sheepdog import Config
-from sheepdog._api import open_deployer
+from sheepdog.scheduler import open_remote
 
 pytestmark = pytest.mark.e2e
 
@@ -36,8 +36,8 @@ def flaky(x: int, flag: str) -> int:
 
 
 def on_head_node(config: dict[str, Any], command: str) -> None:
-    with open_deployer(Config.from_mapping(config)) as deployer:
-        result = deployer.run(command, check=False, timeout_s=60)
+    with open_remote(Config.from_mapping(config)) as remote:
+        result = remote.run(command, check=False, timeout_s=60)
     assert result.exit_status == 0, result.stderr
 
 

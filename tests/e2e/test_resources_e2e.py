@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 import sheepdog
-from sheepdog._api import open_deployer
 from sheepdog.config import as_config
 from sheepdog.job_file import job_file_name
+from sheepdog.scheduler import open_remote
 from sheepdog.storage import Storage
 
 pytestmark = pytest.mark.e2e
@@ -27,9 +27,9 @@ def _deployed_job_file(config: dict[str, Any], request_id: int) -> str:
     cfg = as_config(config)
     with Storage(cfg.dbfile) as storage:
         name = job_file_name(request_id, storage.get_secret(request_id))
-    with open_deployer(cfg) as deployer:
-        path = deployer.absolute(cfg.ssh_dir) + "/" + name
-        return deployer.run(f"cat {shlex.quote(path)}").stdout
+    with open_remote(cfg) as remote:
+        path = remote.absolute(cfg.ssh_dir) + "/" + name
+        return remote.run(f"cat {shlex.quote(path)}").stdout
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 import sheepdog
-from sheepdog._api import open_deployer
 from sheepdog.config import as_config
-from sheepdog.sge import parse_qacct
+from sheepdog.scheduler import open_remote
+from sheepdog.scheduler.gridengine import parse_qacct
 from sheepdog.storage import Storage
 
 pytestmark = pytest.mark.e2e
@@ -42,10 +42,10 @@ def _accounting(config: Any, job_ids: list[str]) -> dict[str, list[Any]]:
     """qacct's records of each job, waited for until every array task has one."""
     out: dict[str, list[Any]] = {}
     deadline = time.monotonic() + QACCT_WAIT_S
-    with open_deployer(config) as deployer:
+    with open_remote(config) as remote:
         for job_id, size in job_ids:
             while True:
-                result = deployer.run(f"qacct -j {job_id}", check=False)
+                result = remote.run(f"qacct -j {job_id}", check=False)
                 records = parse_qacct(result.stdout)
                 if len(records) >= size:
                     out[job_id] = records
@@ -90,8 +90,8 @@ def test_a_task_killed_by_h_rt_is_leased_again_with_the_reason(config: dict[str,
     try:
         assert sheepdog.map(slow_the_first_time, [marker], cfg, verbose=False) == ["second run"]
     finally:
-        with open_deployer(cfg) as deployer:
-            deployer.run(f"rm -f {marker}", check=False)
+        with open_remote(cfg) as remote:
+            remote.run(f"rm -f {marker}", check=False)
     rid = _last_request(cfg.dbfile)
     with Storage(cfg.dbfile) as storage:
         jobs = storage.get_jobs(rid)

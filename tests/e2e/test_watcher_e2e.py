@@ -24,8 +24,8 @@ import pytest
 
 import sheepdog
 from sheepdog import cli
-from sheepdog._api import open_deployer
-from sheepdog.deployment import Deployer
+from sheepdog.remote import Remote
+from sheepdog.scheduler import open_remote
 
 pytestmark = pytest.mark.e2e
 
@@ -43,12 +43,12 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
-def _listed(deployer: Deployer, job_id: str) -> bool:
-    listing = deployer.run('qstat -u "$(id -un)"').stdout
+def _listed(remote: Remote, job_id: str) -> bool:
+    listing = remote.run('qstat -u "$(id -un)"').stdout
     return any(line.split()[:1] == [job_id] for line in listing.splitlines())
 
 
-def _wait_deleted(deployer: Deployer, job_id: str, timeout_s: float) -> None:
+def _wait_deleted(remote: Remote, job_id: str, timeout_s: float) -> None:
     """Wait until the job has left qstat or is being deleted (a ``d`` state).
 
     An array task that qdel caught while starting can stay ``dr``/``dt`` until its
@@ -58,7 +58,7 @@ def _wait_deleted(deployer: Deployer, job_id: str, timeout_s: float) -> None:
 
     def deleted() -> bool:
         nonlocal listing
-        listing = deployer.run('qstat -u "$(id -un)"').stdout
+        listing = remote.run('qstat -u "$(id -un)"').stdout
         rows = [line.split() for line in listing.splitlines()]
         states = [row[4] for row in rows if row[:1] == [job_id] and len(row) > 4]
         return all("d" in state for state in states)
@@ -102,9 +102,9 @@ def _job_ids(dbfile: str, request_id: int) -> list[str]:
 
 
 @pytest.fixture
-def head(config: dict[str, Any]) -> Iterator[Deployer]:
-    with open_deployer(sheepdog.Config.from_mapping(config)) as deployer:
-        yield deployer
+def head(config: dict[str, Any]) -> Iterator[Remote]:
+    with open_remote(sheepdog.Config.from_mapping(config)) as remote:
+        yield remote
 
 
 # --- 4. running work is never taken for lost -----------------------------------------------
@@ -123,7 +123,7 @@ def test_a_login_user_from_ssh_config_does_not_make_jobs_look_gone(
 
 
 @pytest.fixture
-def failing_qstat(head: Deployer) -> Iterator[None]:
+def failing_qstat(head: Remote) -> Iterator[None]:
     """Make qstat on the head node fail as it does when the qmaster is down.
 
     A shim directory goes first on PATH through ~/.bashrc, which bash reads for
@@ -166,7 +166,7 @@ def test_a_failing_qstat_expires_and_resubmits_nothing(
 
 
 def test_one_job_in_eqw_is_deleted_and_the_others_go_on(
-    config: dict[str, Any], head: Deployer
+    config: dict[str, Any], head: Remote
 ) -> None:
     cfg = dict(config, retries=0, workers=2, timeout_s=300)
     outcome: dict[str, Any] = {}
@@ -209,7 +209,7 @@ def test_one_job_in_eqw_is_deleted_and_the_others_go_on(
 
 
 def test_status_wait_in_another_process_ends_when_the_jobs_died(
-    config: dict[str, Any], head: Deployer
+    config: dict[str, Any], head: Remote
 ) -> None:
     cfg = dict(config, workers=1, timeout_s=300)
     request_id = sheepdog.map_async(sleepy_for, [3, 3], cfg)
@@ -232,7 +232,7 @@ def test_status_wait_in_another_process_ends_when_the_jobs_died(
 
 
 def test_get_results_after_map_async_in_one_process_resubmits_dead_jobs(
-    config: dict[str, Any], head: Deployer
+    config: dict[str, Any], head: Remote
 ) -> None:
     cfg = dict(config, workers=1)
     request_id = sheepdog.map_async(sleepy_for, [3, 3], cfg)
@@ -251,19 +251,19 @@ def test_get_results_after_map_async_in_one_process_resubmits_dead_jobs(
 
 
 def test_ctrl_c_between_qsub_and_its_answer_leaves_no_job(
-    config: dict[str, Any], tmp_path: Path, head: Deployer
+    config: dict[str, Any], tmp_path: Path, head: Remote
 ) -> None:
     script = tmp_path / "interrupted_submit.py"
     # The interrupt lands after qsub went through but before its answer was read,
     # as a Ctrl-C 1.6 s into a map did on the Docker cluster.
     script.write_text(
         "import json, sys, sheepdog\n"
-        "from sheepdog.deployment import Deployer\n"
-        "real = Deployer.submit\n"
+        "from sheepdog.scheduler.gridengine import GridEngine\n"
+        "real = GridEngine.submit\n"
         "def submit(self, *args, **kwargs):\n"
         "    real(self, *args, **kwargs)\n"
         "    raise KeyboardInterrupt\n"
-        "Deployer.submit = submit\n"
+        "GridEngine.submit = submit\n"
         "def slow(x):\n"
         "    import time\n"
         "    time.sleep(60)\n"
@@ -287,7 +287,7 @@ def test_ctrl_c_between_qsub_and_its_answer_leaves_no_job(
 
 
 def test_cancel_finds_a_job_whose_id_was_never_recorded(
-    config: dict[str, Any], head: Deployer, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    config: dict[str, Any], head: Remote, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     request_id = sheepdog.map_async(sleepy_for, [60, 60], config)
     dbfile = config["dbfile"]
@@ -304,7 +304,7 @@ def test_cancel_finds_a_job_whose_id_was_never_recorded(
 
 
 def test_map_timeout_deletes_the_jobs_and_says_so(
-    config: dict[str, Any], head: Deployer
+    config: dict[str, Any], head: Remote
 ) -> None:
     with pytest.raises(sheepdog.TimeoutError) as info:
         sheepdog.map(sleepy_for, [120, 120], config, verbose=False, timeout_s=20)
@@ -318,7 +318,7 @@ def test_map_timeout_deletes_the_jobs_and_says_so(
 
 
 def test_map_async_then_exit_warns_and_serve_cleans_up(
-    config: dict[str, Any], tmp_path: Path, head: Deployer
+    config: dict[str, Any], tmp_path: Path, head: Remote
 ) -> None:
     script = tmp_path / "fire_and_forget.py"
     script.write_text(

@@ -1,4 +1,4 @@
-"""Parsing Grid Engine's answers: qsub -terse, qstat, qstat -j, qacct."""
+"""Parsing Grid Engine's answers (scheduler/gridengine.py): qsub -terse, qstat, qstat -j, qacct."""
 # ruff: noqa: E501 - real Grid Engine output is wider than our lines
 
 from __future__ import annotations
@@ -7,9 +7,14 @@ import re
 
 import pytest
 
-from sheepdog.deployment import parse_qsub_output
 from sheepdog.job_file import job_file_name
-from sheepdog.sge import describe_failure, parse_qacct, parse_qstat, parse_qstat_j_errors
+from sheepdog.scheduler.gridengine import (
+    describe_failure,
+    parse_qacct,
+    parse_qstat,
+    parse_qstat_j_errors,
+    parse_qsub_output,
+)
 
 QSTAT = """\
 job-ID  prior   name       user         state submit/start at     queue                          slots ja-task-ID
@@ -131,7 +136,7 @@ scheduling info:            queue instance "all.q@exec1" dropped because it is f
 
 
 def test_scheduling_info_and_permanent_problems() -> None:
-    from sheepdog.sge import parse_scheduling_info, permanent_scheduling_problem
+    from sheepdog.scheduler.gridengine import parse_scheduling_info, permanent_scheduling_problem
 
     reasons = parse_scheduling_info(QSTAT_J_WAITING)
     assert len(reasons) == 2 and "unknown resource (mem_grab)" in reasons[0]

@@ -1,0 +1,228 @@
+"""Submit a stored request to its scheduler, and the servers its workers call back to.
+
+What :mod:`sheepdog._api` (map, rerun, cancel), the Executor and the Watcher
+(which resubmits work whose jobs were lost) share; it imports none of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from ._tls import certificate_for, fingerprint_sha256
+from .config import Config
+from .errors import ServerError
+from .job_file import JOB_FILE_MODE, KEY_FILE_MODE, job_file, job_file_name, key_file_name
+from .scheduler import Deletion, Scheduler, scheduler_class
+from .server import Server, get_server, listen_address
+from .storage import Storage
+
+__all__ = [
+    "array_size",
+    "batch_size",
+    "delete_jobs",
+    "job_name",
+    "job_sizes",
+    "own_server",
+    "request_settings",
+    "server_for",
+    "stored_config",
+    "submit_request",
+]
+
+logger = logging.getLogger(__name__)
+
+def array_size(config: Config, n_tasks: int) -> int:
+    """How many array tasks to submit for ``n_tasks`` tasks, over one or several jobs.
+
+    More than the cluster's ``max_aj_tasks`` are split into several jobs by
+    :func:`job_sizes`, not capped. Without ``workers``, the scheduler's
+    ``default_max_workers`` caps it.
+    """
+    default = scheduler_class(config.scheduler).default_max_workers
+    workers = config.workers if config.workers is not None else min(n_tasks, default)
+    return max(1, min(workers, n_tasks))
+
+
+def job_sizes(n_workers: int, per_job: int) -> list[int]:
+    """Split ``n_workers`` array tasks into jobs of at most ``per_job`` each (0: one job)."""
+    if per_job <= 0 or n_workers <= per_job:
+        return [n_workers]
+    full, rest = divmod(n_workers, per_job)
+    return [per_job] * full + ([rest] if rest else [])
+
+
+def batch_size(config: Config, n_tasks: int, workers: int) -> int:
+    """How many tasks an array task leases at once.
+
+    Enough that tiny tasks do not pay a round trip each, small enough that
+    every array task gets a share and a lost worker loses little.
+    """
+    if config.batch is not None:
+        return config.batch
+    return max(1, min(64, n_tasks // (workers * 4)))
+
+
+def request_settings(config: Config, n_tasks: int) -> dict[str, Any]:
+    """The settings stored with a request: what the server hands to every worker, and more.
+
+    ``config`` (the config, which holds no secret) lets any process watch the
+    request's jobs.
+    """
+    workers = array_size(config, n_tasks)
+    return {
+        "config": config.as_dict(),
+        "lease_s": float(config.lease_s),
+        "heartbeat_s": max(0.5, config.lease_s / 4),
+        "task_timeout_s": config.task_timeout_s,
+        "batch": batch_size(config, n_tasks, workers),
+        "capture_bytes": config.capture_bytes,
+        "max_attempts": config.retries + 1,
+        "tasks_per_worker": config.tasks_per_worker,
+        "workers": workers,
+    }
+
+
+def job_name(storage: Storage, request_id: int) -> str:
+    """The job name (Grid Engine's ``qsub -N``) of the request's jobs: its job file's name.
+
+    That is Grid Engine's own default, so output files keep their usual names; given
+    explicitly, it names jobs that a request submitted from another script too. Unique per
+    request and database (see :func:`~sheepdog.job_file.job_stem`) and known before qsub
+    runs, so the jobs can be found and deleted even when qsub's answer (the job id) never
+    arrived.
+    """
+    return job_file_name(request_id, storage.get_secret(request_id))
+
+
+def stored_config(storage: Storage, request_id: int) -> Config | None:
+    """The config the request was submitted with (for its database), or None if not stored."""
+    mapping = storage.get_settings(request_id).get("config")
+    if not isinstance(mapping, dict):
+        return None
+    return Config.from_mapping({**mapping, "dbfile": storage.dbfile})
+
+
+_servers_by_db: dict[str, Server] = {}
+_servers_lock = threading.Lock()
+
+
+def server_for(config: Config) -> Server:
+    """The running server for the config: its fixed port, or one random-port server per dbfile.
+
+    The original's ``get_server(None, ...)`` keeps one server for every
+    ``port=None`` call and refuses another database; maps with different
+    dbfiles in one process must just work, so each database gets its own.
+    """
+    options: dict[str, Any] = {}
+    if config.tls:
+        files = certificate_for(config.dbfile)
+        options = {"certfile": files.certfile, "keyfile": files.keyfile}
+    options["host"] = config.listen_address or listen_address(config.localhost)
+    if config.port is not None:
+        fixed = get_server(config.port, None, config.dbfile, **options)
+        if (fixed.scheme == "https") != config.tls:
+            raise ServerError(
+                f"the server on port {config.port} serves {fixed.scheme}, but this config has "
+                f"tls={config.tls}; use another port or the same tls setting"
+            )
+        return fixed
+    # HTTP and HTTPS servers on one database may run side by side.
+    key = os.path.abspath(config.dbfile) + (" (tls)" if config.tls else "")
+    with _servers_lock:
+        server = _servers_by_db.get(key)
+        if server is None or server.stopped:
+            server = _servers_by_db[key] = Server(None, None, config.dbfile, **options)
+        elif not server.alive:
+            server.restart()
+        return server
+
+
+def submit_request(
+    storage: Storage,
+    config: Config,
+    request_id: int,
+    scheduler: Scheduler,
+    *,
+    n_workers: int,
+    why: str | None = None,
+    continues: bool = False,
+) -> str:
+    """Render, copy and submit the job file for a stored request; record and return the job ids.
+
+    ``n_workers`` array tasks go into as many jobs as the cluster's ``max_aj_tasks`` and
+    ``max_aj_instances`` need (read once per connection); the ids come back comma-separated.
+    A resubmission records ``why`` with its jobs, and whether it ``continues`` work that
+    the last jobs left open after making progress (workers that stopped before their
+    run-time limit), which does not count against ``retries``.
+    """
+    sizes = job_sizes(n_workers, scheduler.array_limits().per_job)
+    server = server_for(config)
+    url = server.url_for(config.localhost) + "/"
+    fingerprint = None
+    if server.certfile is not None:
+        with open(server.certfile, encoding="ascii") as cert:
+            fingerprint = fingerprint_sha256(cert.read())
+    secret = storage.get_secret(request_id)
+    ge_opts = list(config.ge_opts or ()) + config.resource_directives()
+    # The job file names the key file beside it; the secret itself never goes into a job
+    # script, which Grid Engine copies world-readable onto the execution nodes.
+    jobdir = scheduler.host.absolute(config.ssh_dir) + "/"
+    key_name, name = key_file_name(request_id, secret), job_name(storage, request_id)
+    text = job_file(
+        url, jobdir + key_name, request_id,
+        storage.count_tasks(request_id), config.shell, ge_opts,
+        array_size=sizes[0], tls_fingerprint=fingerprint, prologue=config.prologue,
+        scheduler=type(scheduler),
+    )
+    # The key file first, made 0600 before the secret is written; both never on a command line.
+    scheduler.host.put(
+        config.ssh_dir, [(key_name, secret + "\n", KEY_FILE_MODE), (name, text, JOB_FILE_MODE)]
+    )
+    logger.info("deployed job file for request %d to %s:%s", request_id,
+                scheduler.host.host, jobdir + name)
+    # The original's defaults when ge_opts is unset: the jobs run and write their output in
+    # ssh_dir, resolved on the head node.
+    workdir = jobdir if config.ge_opts is None else None
+    counts = storage.task_counts(request_id)
+    info: dict[str, Any] = {
+        "url": url, "port": server.port, "listen_address": server.host,
+        # Tasks finished before these jobs: the watcher sees whether they made progress.
+        "finished_before": counts.get("done", 0) + counts.get("error", 0),
+        "parts": len(sizes),
+    }
+    if why is not None:
+        info.update(why=why, continues=continues)
+    job_ids: list[str] = []
+    for part, size in enumerate(sizes, 1):
+        job_id = scheduler.submit(
+            jobdir + name, name=name, array_size=size, workdir=workdir, split=len(sizes) > 1
+        )
+        logger.info("request %d submitted as %s job %s", request_id, scheduler.label, job_id)
+        # `sheepdog serve` restarts the server on this port: the job file holds this URL.
+        storage.add_job(request_id, job_id, size, info=dict(info, part=part))
+        job_ids.append(job_id)
+    return ", ".join(job_ids)
+
+
+def own_server(storage: Storage, request_id: int) -> Server | None:
+    """This process's running server for the request's latest job, if it has one."""
+    jobs = storage.get_jobs(request_id)
+    port = jobs[-1]["info"].get("port") if jobs else None
+    with _servers_lock:
+        servers = list(_servers_by_db.values())
+    return next((s for s in servers if s.alive and s.port == port), None)
+
+
+def delete_jobs(scheduler: Scheduler, dbfile: str, request_id: int) -> Deletion:
+    """Delete the request's jobs, by the ids recorded and by its job name; say what went.
+
+    Jobs that already ended are fine. The name finds a job whose id was never
+    recorded (qsub's answer lost to Ctrl-C or a dropped connection).
+    """
+    with Storage(dbfile) as storage:
+        targets = [str(job["job_id"]) for job in storage.get_jobs(request_id)]
+        targets.append(job_name(storage, request_id))
+    return scheduler.delete(targets)

@@ -1,0 +1,317 @@
+"""``scheduler="local"``: a request's array tasks run as processes on this machine.
+
+The same job file, worker stub and server as on a cluster: each array task
+runs the job file with ``SGE_TASK_ID`` set, as Grid Engine would, from the job
+file's directory. Try a map on a laptop before sending it to the cluster, and
+test without one. The job files and their key files go into ``ssh_dir`` under
+your home directory here; each task's output goes beside them, named as Grid
+Engine names it (``<job name>.o<job id>.<task>``).
+
+Each job's processes are recorded in a small state file in that directory, so
+another process (``sheepdog status --wait``, a passive watcher) can tell
+whether they still run, and ``sheepdog cancel`` can stop them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from .._poll import poll_until
+from ..errors import RemoteCommandError, SheepdogError, SSHError
+from ..remote import CommandResult
+from .base import Deletion, JobStatus, Scheduler, State, Waiting, describe_exit
+from .gridengine import GridEngine
+from .stubexits import stub_exit_reasons
+
+__all__ = ["LocalHost", "LocalScheduler"]
+
+logger = logging.getLogger(__name__)
+
+#: Variables that would let a local task import what a cluster's task could not.
+_DROPPED_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")
+#: A deleted task gets SIGTERM, then SIGKILL after this long.
+KILL_GRACE_S = 5.0
+
+
+class LocalHost:
+    """This machine as a scheduler's host: commands run in a local bash, files are written here."""
+
+    host = "localhost"
+
+    def run(
+        self,
+        command: str,
+        *,
+        timeout_s: float = 120.0,
+        check: bool = True,
+        stdin: bytes | None = None,
+        error: type[RemoteCommandError] = RemoteCommandError,
+    ) -> CommandResult:
+        """Run ``command`` in bash from the home directory; raise ``error`` if it fails."""
+        try:
+            proc = subprocess.run(
+                ["bash", "-c", command], input=stdin, capture_output=True, timeout=timeout_s,
+                cwd=Path.home(), check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise SSHError(
+                f"command on localhost did not finish within {timeout_s:g} s: {command}",
+                host=self.host,
+            ) from exc
+        result = CommandResult(command, proc.returncode, proc.stdout.decode("utf-8", "replace"),
+                               proc.stderr.decode("utf-8", "replace"))
+        if check and proc.returncode != 0:
+            raise error(command, proc.returncode, result.stdout, result.stderr, host=self.host)
+        return result
+
+    def absolute(self, directory: str) -> str:
+        """Resolve a directory relative to the home directory, as on a head node."""
+        if directory.startswith("~/"):
+            directory = directory[2:]
+        elif directory == "~":
+            directory = ""
+        if directory.startswith("/"):
+            return directory.rstrip("/") or "/"
+        return f"{str(Path.home()).rstrip('/')}/{directory}".rstrip("/")
+
+    def put(self, directory: str, files: Sequence[tuple[str, str, int]]) -> None:
+        """Make ``directory`` (0700) and write each ``(name, text, mode)`` file, whole, into it."""
+        folder = Path(self.absolute(directory))
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)  # an existing directory may have been group-readable
+        for name, text, mode in files:
+            _write_whole(folder / name, text, mode)
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def _write_whole(path: Path, text: str, mode: int) -> None:
+    """Write ``text`` with ``mode`` set before any byte; readers never see half a file."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), mode)  # an older partial file may have had other bits
+            f.write(text)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class _Job:
+    """One local array job: its tasks' processes (started by this process) or their pids."""
+
+    job_id: str
+    name: str
+    #: ``(pid, start time)`` of each task; the start time tells a reused pid apart.
+    tasks: list[tuple[int, str]]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+
+#: Jobs started by this process: their Popen objects reap the tasks and hold exit statuses.
+_STARTED: dict[str, _Job] = {}
+_lock = threading.Lock()
+_last_id = 0
+
+
+def _new_job_id() -> str:
+    """A numeric job id, increasing within a process, unlikely to repeat across processes."""
+    global _last_id
+    with _lock:
+        _last_id = max(_last_id + 1, int(time.time() * 1000) % 10**12)
+        return str(_last_id)
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (Linux ``/proc``), "" where there is no /proc; None if dead."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # someone else's process: alive, if perhaps not ours
+        return ""
+    fields = text.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None  # exited, not yet reaped
+    return fields[19]
+
+
+def _alive(task: tuple[int, str]) -> bool:
+    started = _start_time(task[0])
+    return started is not None and (started == task[1] or "" in (started, task[1]))
+
+
+def _none_alive(tasks: list[tuple[int, str]]) -> bool:
+    return not any(_alive(task) for task in tasks)
+
+
+class LocalScheduler(Scheduler):
+    """Runs each array task as a local process: the same job file as on Grid Engine."""
+
+    name: ClassVar[str] = "local"
+    label: ClassVar[str] = "local"
+    #: The job file is Grid Engine's, so a task's index is where Grid Engine puts it.
+    array_index_var: ClassVar[str] = GridEngine.array_index_var
+    #: One array task per core.
+    default_max_workers: ClassVar[int] = max(1, os.cpu_count() or 1)
+
+    def __init__(self, host: LocalHost, jobdir: str) -> None:
+        super().__init__(host)
+        #: Where the job files, the task output and the jobs' state files are.
+        self.jobdir = jobdir
+
+    @classmethod
+    def directives(cls, shell: str, array_size: int, options: Sequence[str]) -> list[str]:
+        """Grid Engine's directive lines: to a local run they are comments."""
+        return GridEngine.directives(shell, array_size, options)
+
+    def _state_file(self, job_id: str) -> Path:
+        return Path(self.jobdir) / f".local-job-{job_id}.json"
+
+    def submit(
+        self, job_path: str, *, name: str, array_size: int, workdir: str | None = None,
+        split: bool = False,
+    ) -> str:
+        """Start ``array_size`` processes running the job file; return the job's id."""
+        job_id = _new_job_id()
+        cwd = workdir or os.path.dirname(job_path)
+        env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
+        env.update(JOB_ID=job_id, JOB_NAME=name, PYTHONNOUSERSITE="1")
+        job = _Job(job_id, name, [])
+        try:
+            for task in range(1, array_size + 1):
+                out = Path(cwd) / f"{name}.o{job_id}.{task}"
+                err = Path(cwd) / f"{name}.e{job_id}.{task}"
+                with open(out, "wb") as stdout, open(err, "wb") as stderr:
+                    proc = subprocess.Popen(
+                        [job_path], cwd=cwd, stdin=subprocess.DEVNULL, stdout=stdout,
+                        stderr=stderr, start_new_session=True,
+                        env={**env, self.array_index_var: str(task)},
+                    )
+                job.procs.append(proc)
+                job.tasks.append((proc.pid, _start_time(proc.pid) or ""))
+        except OSError as exc:
+            _kill(job.tasks, job.procs)
+            raise SheepdogError(f"could not start local job {job_path}: {exc}") from exc
+        with _lock:
+            _STARTED[job_id] = job
+        _write_whole(self._state_file(job_id),
+                     json.dumps({"name": name, "tasks": job.tasks}), 0o600)
+        logger.info("started local job %s: %d processes running %s", job_id, array_size,
+                    job_path)
+        return job_id
+
+    def _job(self, job_id: str) -> _Job | None:
+        with _lock:
+            job = _STARTED.get(job_id)
+        if job is not None:
+            return job
+        try:
+            record = json.loads(self._state_file(job_id).read_text())
+        except (OSError, ValueError):
+            return None
+        return _Job(job_id, str(record["name"]), [(int(p), str(s)) for p, s in record["tasks"]])
+
+    def _running(self, job: _Job) -> bool:
+        if job.procs:
+            return any(proc.poll() is None for proc in job.procs)
+        return any(_alive(task) for task in job.tasks)
+
+    def status(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        """The jobs with a task still running; a job without a record here has none."""
+        listed: dict[str, JobStatus] = {}
+        for job_id in job_ids:
+            job = self._job(job_id)
+            if job is not None and self._running(job):
+                listed[job_id] = JobStatus(job_id, {State.RUNNING}, {"r"})
+        return listed
+
+    def accounting(self, job_id: str) -> str:
+        """Why the job's tasks ended badly, from their exit statuses (if this process ran them)."""
+        job = self._job(job_id)
+        reasons: list[str] = []
+        for proc in job.procs if job is not None else []:
+            code = proc.poll()
+            status = 128 - code if code is not None and code < 0 else code
+            why = describe_exit(status, " on localhost", stub_exit_reasons())
+            if why and why not in reasons:
+                reasons.append(why)
+        return "; ".join(reasons[:3])
+
+    def why_waiting(self, job_id: str) -> Waiting:
+        """Local jobs never wait in a queue."""
+        return Waiting([])
+
+    def error_reasons(self, job_id: str) -> list[str]:
+        """Local jobs have no error state."""
+        return []
+
+    def delete(self, targets: Sequence[str]) -> Deletion:
+        """Stop the tasks of the jobs named by id or name (SIGTERM, then SIGKILL)."""
+        wanted = set(targets)
+        jobs: dict[str, _Job] = {}
+        for job_id in targets:
+            job = self._job(job_id)
+            if job is not None:
+                jobs[job_id] = job
+        with _lock:
+            started = list(_STARTED.values())
+        for job in started:
+            if job.name in wanted:
+                jobs.setdefault(job.job_id, job)
+        deleted = []
+        for job_id, job in jobs.items():
+            if self._running(job):
+                _kill(job.tasks, job.procs)
+                deleted.append(job_id)
+        return Deletion(deleted, None, self.label)
+
+    def close(self) -> None:
+        """Reap the tasks that have ended; running ones go on, as a cluster's jobs would."""
+        with _lock:
+            started = list(_STARTED.values())
+        for job in started:
+            for proc in job.procs:
+                proc.poll()
+
+
+def _kill(tasks: list[tuple[int, str]], procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each live task's process group, SIGKILL what is left after the grace time."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        live = [t for t in tasks if _alive(t)]
+        for pid, _ in live:
+            try:
+                os.killpg(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + KILL_GRACE_S
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        if not procs:  # another process's tasks: no wait() to block on
+            poll_until(functools.partial(_none_alive, live),
+                       timeout_s=max(0.0, deadline - time.monotonic()), interval_s=0.05)
+        if not any(_alive(t) for t in tasks):
+            return

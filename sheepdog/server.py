@@ -65,6 +65,7 @@ from sheepdog._signing import (
     verify,
 )
 from sheepdog._tls import hold_while_serving
+from sheepdog._version import __version__
 from sheepdog.blobs import INLINE_MAX_BYTES, parse_ref
 from sheepdog.errors import ServerError, StorageError, UnknownRequestError
 from sheepdog.storage import CallAuth, Lease, NonceReusedError, Storage
@@ -106,23 +107,6 @@ BIND_RETRY_S = 10.0
 
 _SETTINGS_SENT = ("lease_s", "heartbeat_s", "task_timeout_s", "batch", "capture_bytes",
                   "tasks_per_worker")
-
-
-def _version() -> str:
-    import sheepdog
-
-    version = getattr(sheepdog, "__version__", None)
-    if isinstance(version, str):
-        return version
-    try:
-        from importlib.metadata import PackageNotFoundError
-        from importlib.metadata import version as dist_version
-    except ImportError:  # pragma: no cover - Python < 3.8 is not supported anyway
-        return "unknown"
-    try:
-        return dist_version("sheepdog")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 # -- the WSGI app --------------------------------------------------------------------
@@ -442,7 +426,7 @@ def create_app(
     Storage(dbfile, synchronous=synchronous).close()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
-    version = _version()
+    version = __version__
 
     # One connection per thread, for the thread's life. flaskr opens one per request;
     # reusing it keeps SQLite's prepared statements and measured about a third faster

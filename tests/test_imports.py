@@ -99,11 +99,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
 
 
 #: Modules that still import the package root, each with why it is not fixed here.
-KNOWN_ROOT_IMPORTS = {
-    # It reads sheepdog.__version__, now in sheepdog/_version.py; server.py is being reworked
-    # on another branch, which takes this change with it.
-    "sheepdog.server",
-}
+KNOWN_ROOT_IMPORTS: set[str] = set()
 
 
 def test_no_module_imports_the_package_root() -> None:

@@ -466,6 +466,14 @@ def _stop_on_interrupt(scheduler: Scheduler, cfg: Config, request_id: int, reaso
     )
 
 
+def stop_interrupted(request_id: int, config: ConfigLike) -> str:
+    """Stop a request whose wait a person interrupted, as ``map`` does; one line says how."""
+    cfg = as_config(config)
+    with open_scheduler(cfg) as scheduler:
+        line = _stop_on_interrupt(scheduler, cfg, request_id, "cancelled by Ctrl-C")
+    return f"request {request_id}: {line}"
+
+
 def server_answers(url: str, *, timeout_s: float = 2.0) -> bool:
     """True if a sheepdog server answers its health check at the job's callback ``url``."""
     context = ssl.create_default_context()

@@ -38,6 +38,7 @@ from ._api import (
     get_results,
     rerun,
     served,
+    stop_interrupted,
     stored_config,
 )
 from ._progress import TASK_STATE_WORDS, format_counts, request_state
@@ -276,7 +277,13 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         print("the jobs call back to a server: keep `sheepdog serve` running, "
               "or pass --wait")
         return 0
-    counts = wait_for_request(config.dbfile, args.id, verbose=True)
+    try:
+        counts = wait_for_request(config.dbfile, args.id, verbose=True)
+    except KeyboardInterrupt:
+        # The jobs lose their server with this process: cancel them, as map does.
+        print(f"sheepdog: interrupted: {stop_interrupted(args.id, config)}", file=sys.stderr,
+              flush=True)
+        return 130
     return 0 if counts.get("done", 0) == sum(counts.values()) else 1
 
 

@@ -8,7 +8,10 @@ are counted by :class:`LocalJobs`, from test_executor).
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +23,10 @@ from test_executor import WAIT_S, LocalJobs, add, local_config
 import sheepdog
 import sheepdog._submit
 import sheepdog.executor
+from sheepdog.config import Config
 from sheepdog.errors import UnknownRequestError
 from sheepdog.executor import Executor
+from sheepdog.scheduler import open_scheduler
 from sheepdog.serialisation import serialise_value
 from sheepdog.storage import MIGRATIONS, Storage
 
@@ -190,3 +195,58 @@ def test_rerun_failed_runs_only_the_failed_tasks_again(
             assert storage.get_task_history(rid, 1) == []
     finally:
         deployer.close()
+
+
+def stuck(x: int, flag: str) -> int:
+    """Fails until the flag file exists, then takes a minute: a rerun to interrupt."""
+    if not os.path.exists(flag):
+        raise RuntimeError(f"no flag for {x}")
+    time.sleep(60)
+    return x
+
+
+def test_ctrl_c_during_rerun_wait_cancels_the_rerun(tmp_path: Path) -> None:
+    config = local_config(tmp_path, retries=0)
+    flag = str(tmp_path / "flag")
+    rid = sheepdog.map_async(stuck, [(x, flag) for x in range(3)], config)
+    assert [r for _, r in sheepdog.get_results(rid, config["dbfile"], timeout_s=WAIT_S)] == [
+        None, None, None]
+    Path(flag).touch()
+    # As in a terminal: a process started in the background by a non-interactive shell (as CI
+    # may start this suite) inherits SIGINT ignored, and would never raise KeyboardInterrupt.
+    script = ("import signal, sys\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+              "from sheepdog.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    root = str(Path(sheepdog.__file__).resolve().parents[1])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "rerun", str(rid), "--wait", "--dbfile", config["dbfile"]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": root},
+    )
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            with Storage(config["dbfile"]) as storage:
+                if storage.task_counts(rid).get("leased", 0):
+                    break
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no task of the rerun started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=WAIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (out, err)
+    said = [line for line in err.splitlines() if line.startswith("sheepdog: interrupted:")]
+    assert len(said) == 1, err
+    assert said[0].startswith(f"sheepdog: interrupted: request {rid}: cancelled 3 open tasks; "
+                              "deleted local job "), said
+    with Storage(config["dbfile"]) as storage:
+        assert storage.task_counts(rid)["cancelled"] == 3
+        job_ids = [str(job["job_id"]) for job in storage.get_jobs(rid)]
+    # The rerun's array tasks are gone, not left sleeping on a server that has gone.
+    with open_scheduler(Config.from_mapping(config)) as scheduler:
+        assert scheduler.status(job_ids) == {}

@@ -6,7 +6,9 @@ gunicorn server and database. Reports the time of the
 submit loop, the time until every future is resolved, and how many finished
 rows (and result bytes) the Executor read: once each, not N²/2.
 
-    python -m benchmarks.executor_submits [--tasks N] [--workers W]
+    python -m benchmarks.executor_submits [--quick] [--tasks N] [--workers W]
+
+--quick: 10,000 submits instead of 100,000. In ``ci/bench`` as ``executor``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from concurrent.futures import wait
 from pathlib import Path
 from typing import Any
 
+from benchmarks._report import print_table, write_json
 from sheepdog.executor import Executor
 from sheepdog.storage import Storage
 
@@ -31,9 +34,12 @@ def increment(x: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=100_000)
+    parser.add_argument("--quick", action="store_true", help="10,000 submits")
+    parser.add_argument("--tasks", type=int, default=None, help="default 100,000")
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args(argv)
+    if args.tasks is None:
+        args.tasks = 10_000 if args.quick else 100_000
     read = {"rows": 0, "bytes": 0}
     real_since = Storage.finished_since
 
@@ -56,10 +62,21 @@ def main(argv: list[str] | None = None) -> int:
             assert len(done) == args.tasks
             assert sum(f.result() for f in futures) == args.tasks * (args.tasks + 1) // 2
             requests = len(pool.request_ids)
-    print(f"{args.tasks} submits, {args.workers} local workers, {requests} requests: "
-          f"submit loop {submitted_s:.1f} s, all resolved {total_s:.1f} s "
-          f"({args.tasks / total_s:.0f} tasks/s); finished rows read {read['rows']}, "
-          f"result bytes read {read['bytes']}")
+    rate = args.tasks / total_s
+    print_table(
+        f"Executor: {args.tasks:,} submits, {args.workers} local workers, {requests} requests",
+        ["figure", "value"],
+        [["submit loop (s)", round(submitted_s, 2)], ["all resolved (s)", round(total_s, 2)],
+         ["tasks/s", round(rate)], ["finished rows read", read["rows"]],
+         ["result bytes read", read["bytes"]],
+         ["rows read per task (target 1)", round(read["rows"] / args.tasks, 3)]],
+    )
+    write_json("executor_submits", {
+        "quick": args.quick, "n_tasks": args.tasks, "workers": args.workers,
+        "requests": requests, "submit_loop_s": submitted_s, "resolved_s": total_s,
+        "tasks_per_s": rate, "finished_rows_read": read["rows"],
+        "result_bytes_read": read["bytes"], "met": read["rows"] == args.tasks,
+    })
     return 0
 
 

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ._directives import check_ge_opt, check_line, check_prologue_line, check_shell
+from ._files import write_whole
 from ._stubfile import stub_path, stub_source
 from .errors import ConfigError
 from .scheduler.base import Scheduler
@@ -193,18 +194,6 @@ def job_file(
     return "\n".join(lines)
 
 
-def _write_private(path: Path, data: str, mode: int) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), mode)  # an older partial file may have had other bits
-            f.write(data)
-        os.replace(partial, path)  # readers never see half a file
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-
 
 def write_job_file(
     text: str, directory: str | os.PathLike[str], request_id: int, secret: str
@@ -219,8 +208,8 @@ def write_job_file(
     folder = Path(directory)
     folder.mkdir(mode=JOB_DIR_MODE, parents=True, exist_ok=True)
     os.chmod(folder, JOB_DIR_MODE)  # an existing directory may have been group-readable
-    _write_private(folder / key_file_name(request_id, secret), secret + "\n", KEY_FILE_MODE)
+    write_whole(folder / key_file_name(request_id, secret), secret + "\n", KEY_FILE_MODE)
     path = folder / job_file_name(request_id, secret)
-    _write_private(path, text, JOB_FILE_MODE)
+    write_whole(path, text, JOB_FILE_MODE)
     logger.debug("wrote job file %s", path)
     return path

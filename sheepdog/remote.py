@@ -15,7 +15,7 @@ import re
 import shlex
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +25,7 @@ import paramiko
 
 from .errors import ConfigError, HostKeyError, RemoteCommandError, SSHError
 
-__all__ = ["CommandResult", "Remote"]
+__all__ = ["CommandResult", "Remote", "under_home"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,22 @@ class CommandResult:
     stdout: str
     stderr: str
 
+
+
+def under_home(directory: str, home: str | Callable[[], str]) -> str:
+    """Resolve ``directory`` as the original did: absolute as given, else under ``home``.
+
+    ``home`` may be a function, asked only for a relative directory (on a head node that
+    costs a round trip).
+    """
+    if directory.startswith("~/"):
+        directory = directory[2:]
+    elif directory == "~":
+        directory = ""
+    if directory.startswith("/"):
+        return directory.rstrip("/") or "/"
+    base = home() if callable(home) else home
+    return f"{base.rstrip('/')}/{directory}".rstrip("/")
 
 class Remote:
     """Connect to a remote SSH server, run commands there and put files.
@@ -357,13 +373,7 @@ class Remote:
 
     def absolute(self, directory: str) -> str:
         """Resolve a remote directory relative to the home directory, as the original did."""
-        if directory.startswith("~/"):
-            directory = directory[2:]
-        elif directory == "~":
-            directory = ""
-        if directory.startswith("/"):
-            return directory.rstrip("/") or "/"
-        return f"{self.home().rstrip('/')}/{directory}".rstrip("/")
+        return under_home(directory, self.home)
 
     def put(self, directory: str, files: Sequence[tuple[str, str, int]]) -> None:
         """Make ``directory`` (mode 0700) and write each ``(name, text, mode)`` file into it.

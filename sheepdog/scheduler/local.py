@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from .._files import write_whole
 from .._poll import poll_until
 from ..errors import RemoteCommandError, SheepdogError, SSHError
-from ..remote import CommandResult
+from ..remote import CommandResult, under_home
 from .base import Deletion, JobStatus, Scheduler, State, Waiting, describe_exit
 from .gridengine import GridEngine
 from .stubexits import stub_exit_reasons
@@ -77,13 +78,7 @@ class LocalHost:
 
     def absolute(self, directory: str) -> str:
         """Resolve a directory relative to the home directory, as on a head node."""
-        if directory.startswith("~/"):
-            directory = directory[2:]
-        elif directory == "~":
-            directory = ""
-        if directory.startswith("/"):
-            return directory.rstrip("/") or "/"
-        return f"{str(Path.home()).rstrip('/')}/{directory}".rstrip("/")
+        return under_home(directory, str(Path.home()))
 
     def put(self, directory: str, files: Sequence[tuple[str, str, int]]) -> None:
         """Make ``directory`` (0700) and write each ``(name, text, mode)`` file, whole, into it."""
@@ -91,24 +86,11 @@ class LocalHost:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(folder, 0o700)  # an existing directory may have been group-readable
         for name, text, mode in files:
-            _write_whole(folder / name, text, mode)
+            write_whole(folder / name, text, mode)
 
     def close(self) -> None:
         """Nothing to close."""
 
-
-def _write_whole(path: Path, text: str, mode: int) -> None:
-    """Write ``text`` with ``mode`` set before any byte; readers never see half a file."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), mode)  # an older partial file may have had other bits
-            f.write(text)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -215,7 +197,7 @@ class LocalScheduler(Scheduler):
             raise SheepdogError(f"could not start local job {job_path}: {exc}") from exc
         with _lock:
             _STARTED[job_id] = job
-        _write_whole(self._state_file(job_id),
+        write_whole(self._state_file(job_id),
                      json.dumps({"name": name, "tasks": job.tasks}), 0o600)
         logger.info("started local job %s: %d processes running %s", job_id, array_size,
                     job_path)

@@ -32,6 +32,7 @@ from types import MappingProxyType, TracebackType
 from typing import IO, Any, Callable
 
 from sheepdog import _upgrade02
+from sheepdog._poll import poll_until
 from sheepdog.blobs import INLINE_MAX_BYTES, BlobStore, is_ref, make_ref
 from sheepdog.errors import StorageError, UnknownRequestError, UnknownTaskError
 
@@ -110,6 +111,32 @@ def _writer_lock(path: str) -> threading.RLock:
         if lock is None:
             lock = _writer_locks[path] = threading.RLock()
         return lock
+
+
+def _switch_to_wal(conn: sqlite3.Connection) -> str:
+    """Put the database in WAL mode; return the journal mode SQLite reports.
+
+    Two connections switching a new database at the same moment: SQLite answers one
+    "database is locked" at once, without its busy handler (seen with two maps started
+    together in one process). Ask again within the busy timeout; a lasting lock still fails.
+    """
+    answer: list[str] = []
+
+    def switched() -> bool:
+        try:
+            answer.append(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            return False
+        return True
+
+    if not poll_until(switched, timeout_s=BUSY_TIMEOUT_MS / 1000, interval_s=0.01,
+                      max_interval_s=0.5):
+        raise sqlite3.OperationalError(
+            f"database is locked: could not switch to WAL mode in {BUSY_TIMEOUT_MS / 1000:g} s"
+        )
+    return answer[-1]
 
 
 _SCHEMA_FILE = Path(__file__).with_name("schema.sql")
@@ -506,7 +533,7 @@ class Storage:
             conn = self.conn
             try:
                 backup = self._backup_original(conn)
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                mode = _switch_to_wal(conn)
                 if str(mode).lower() != "wal":
                     logger.warning("%s: SQLite refused WAL mode (%s)", self.dbfile, mode)
                 version = conn.execute("PRAGMA user_version").fetchone()[0]

@@ -702,13 +702,6 @@ class Storage:
         (text,) = self._request_row(request_id, "settings")
         return {**DEFAULT_SETTINGS, **json.loads(text)}
 
-    def get_auth(self, request_id: int) -> tuple[str, int, str, dict[str, Any]]:
-        """Return ``(secret, n_tasks, state, settings)`` in one query, for the server."""
-        secret, n_tasks, state, text = self._request_row(
-            request_id, "secret, n_tasks, state, settings"
-        )
-        return str(secret), int(n_tasks), str(state), {**DEFAULT_SETTINGS, **json.loads(text)}
-
     def call_auth(self, request_id: int, nonce: str | None = None) -> CallAuth:
         """Read the request's secret, size, state and settings, and what ``nonce`` got, at once.
 
@@ -1307,15 +1300,6 @@ class Storage:
         return accepted, duplicates, leases
 
     # -- nonces ----------------------------------------------------------------------
-
-    def seen_nonce(self, request_id: int, nonce: str) -> tuple[str, bytes] | None:
-        """Return ``(signature, answer)`` recorded for a call's nonce, or None if unseen."""
-        with self._lock:
-            row = self.conn.execute(
-                "SELECT signature, answer FROM nonces WHERE request_id = ? AND nonce = ?",
-                (request_id, nonce),
-            ).fetchone()
-        return None if row is None else (str(row[0]), bytes(row[1]))
 
     def answer_once(
         self,

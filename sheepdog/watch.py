@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from . import _submit
 from ._poll import poll_until
@@ -43,9 +43,11 @@ TAKEOVER_S = 60.0
 SCHEDULABLE_CHECK_S = 10.0
 
 
-def now_due(owner: object, attribute: str, every_s: float) -> bool:
+def now_due(
+    owner: object, attribute: str, every_s: float, *, now: float | None = None
+) -> bool:
     """True at most once every ``every_s`` seconds per owner and attribute (for warnings)."""
-    now = time.monotonic()
+    now = time.monotonic() if now is None else now
     last = getattr(owner, attribute, None)
     if last is not None and now - last < every_s:
         return False
@@ -67,18 +69,21 @@ class Watcher:
         server: Server | None = None,
         passive: bool = False,
         takeover_s: float = TAKEOVER_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        #: Seconds from a fixed point (``time.monotonic``); a test passes a fake clock.
+        self.clock = clock
         self.request_id = request_id
         self.scheduler = scheduler
         self.interval_s = first_interval_s
         self.max_interval_s = max_interval_s
-        self._next_check = time.monotonic() + first_interval_s
+        self._next_check = clock() + first_interval_s
         #: Pending work that nobody leases for this long, with no array task queued, gets
         #: fresh array tasks (the node running them may be dead).
         self.stall_s = max(30.0, 2 * config.lease_s)
         self._progress: tuple[int, int] | None = None
-        self._progress_at = time.monotonic()
+        self._progress_at = clock()
         self.server = server
         #: True in a process that does not serve the request: it leaves resubmission to
         #: the process that does, unless the jobs stay gone for ``takeover_s``.
@@ -96,7 +101,7 @@ class Watcher:
                 self.server.restart()
             except SheepdogError as exc:
                 logger.error("could not restart the server: %s", exc)
-        now = time.monotonic()
+        now = self.clock()
         if now < self._next_check:
             return
         self._next_check = now + self.interval_s
@@ -132,7 +137,7 @@ class Watcher:
                 self._delete_job_in_error(storage, job)
             else:
                 live.append(job)
-        now = time.monotonic()
+        now = self.clock()
         progress = (counts.get("done", 0) + counts.get("error", 0), leased)
         if progress != self._progress:
             self._progress, self._progress_at = progress, now
@@ -238,7 +243,7 @@ class Watcher:
                 n_workers=_submit.array_size(self.config, n_open), why=why, continues=progressed,
             )
             self.interval_s = 2.0
-            self._progress_at = time.monotonic()
+            self._progress_at = self.clock()
             return
         message = (
             f"{self.scheduler.label} job {jobs[-1]} did not run this task: {why}, "
@@ -260,7 +265,7 @@ class Watcher:
                 self.request_id, storage.open_task_indices(self.request_id),
                 "unschedulable", message,
             )
-        elif now_due(self, "_warned_at", 60.0):
+        elif now_due(self, "_warned_at", 60.0, now=self.clock()):
             logger.warning(
                 "request %d: job %s still waits in the queue after %.0f s: %s",
                 self.request_id, job, waited_s, "; ".join(reasons[:3]) or "no reason given",

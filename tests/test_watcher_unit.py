@@ -1,0 +1,486 @@
+"""The Watcher's decisions, with a fake scheduler and a fake clock over a real Storage.
+
+A scripted :class:`~sheepdog.scheduler.base.Scheduler` answers ``status``,
+``accounting``, ``why_waiting`` and ``error_reasons`` and records every
+``delete`` and ``submit``; the watcher's clock is a number the test moves, so
+the backoff, the stall and the takeover are checked without waiting. The
+resubmission runs the real :func:`sheepdog._submit.submit_request` (the job
+file, the job sizes, the jobs recorded) against the fake scheduler; only the
+server it would start is stood in for. tests/test_watch.py runs the Grid
+Engine scheduler's parsers under the same watcher, and tests/e2e/test_faults.py
+the same situations on a real cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+import sheepdog._submit
+from sheepdog._submit import request_settings
+from sheepdog.config import Config
+from sheepdog.errors import RemoteCommandError
+from sheepdog.scheduler.base import Deletion, JobStatus, Scheduler, State, Waiting
+from sheepdog.scheduler.gridengine import GridEngine
+from sheepdog.storage import Storage
+from sheepdog.watch import SCHEDULABLE_CHECK_S, Watcher
+
+N_TASKS = 3
+
+
+class FakeClock:
+    """Monotonic seconds that move only when the test says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeHost:
+    """Where the fake scheduler's job files go: recorded, never written."""
+
+    host = "head"
+
+    def __init__(self) -> None:
+        self.files: list[tuple[str, str, int]] = []
+        self.closed = False
+
+    def absolute(self, directory: str) -> str:
+        return "/home/sheep/" + directory.strip("/")
+
+    def put(self, directory: str, files: Sequence[tuple[str, str, int]]) -> None:
+        self.files.extend(files)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeScheduler(Scheduler):
+    """A scheduler that answers from a script and records what was asked of it."""
+
+    name: ClassVar[str] = "fake"
+    label: ClassVar[str] = "Fake"
+    array_index_var: ClassVar[str] = GridEngine.array_index_var
+
+    def __init__(self) -> None:
+        super().__init__(FakeHost())  # type: ignore[arg-type]
+        #: What ``status`` answers: job id -> states; None: the scheduler did not answer.
+        self.listing: dict[str, set[State]] | None = {}
+        self.accounting_reason = ""
+        self.reasons: dict[str, list[str]] = {}
+        self.waiting = Waiting(["queue instance all.q@exec1 is full"])
+        self.status_error: Exception | None = None
+        self.calls: list[tuple[str, Any]] = []
+        self.submitted: list[tuple[str, int]] = []
+        self._next_id = 50
+
+    @classmethod
+    def directives(cls, shell: str, array_size: int, options: Sequence[str]) -> list[str]:
+        return GridEngine.directives(shell, array_size, options)
+
+    def submit(
+        self, job_path: str, *, name: str, array_size: int, workdir: str | None = None,
+        split: bool = False,
+    ) -> str:
+        job_id = str(self._next_id)
+        self._next_id += 1
+        self.calls.append(("submit", job_id))
+        self.submitted.append((job_id, array_size))
+        return job_id
+
+    def delete(self, targets: Sequence[str]) -> Deletion:
+        self.calls.append(("delete", list(targets)))
+        return Deletion(list(targets), None, self.label)
+
+    def status(self, job_ids: Sequence[str]) -> dict[str, JobStatus] | None:
+        self.calls.append(("status", list(job_ids)))
+        if self.status_error is not None:
+            raise self.status_error
+        if self.listing is None:
+            return None
+        return {
+            job: JobStatus(job, set(states))
+            for job, states in self.listing.items() if job in job_ids
+        }
+
+    def accounting(self, job_id: str) -> str:
+        self.calls.append(("accounting", job_id))
+        return self.accounting_reason
+
+    def why_waiting(self, job_id: str) -> Waiting:
+        self.calls.append(("why_waiting", job_id))
+        return self.waiting
+
+    def error_reasons(self, job_id: str) -> list[str]:
+        self.calls.append(("error_reasons", job_id))
+        return self.reasons.get(job_id, [])
+
+    def asked(self, *kinds: str) -> list[tuple[str, Any]]:
+        """The calls of these kinds, in order."""
+        return [call for call in self.calls if call[0] in kinds]
+
+
+class FakeServer:
+    """What submit_request reads from the server its workers call back to."""
+
+    port = 9
+    host = "127.0.0.1"
+    certfile = None
+
+    def url_for(self, localhost: str | None) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class World:
+    """A request of three tasks, job 41 submitted for it, and a watcher on a fake clock."""
+
+    def __init__(self, tmp_path: Path, *, retries: int, passive: bool = False) -> None:
+        self.config = Config(host="head", retries=retries, lease_s=60.0,
+                             dbfile=str(tmp_path / "db.sqlite"))
+        self.storage = Storage(self.config.dbfile)
+        settings = {**request_settings(self.config, N_TASKS), "max_attempts": 5}
+        self.rid = self.storage.new_request(
+            b"f", None, [b"a", b"b", b"c"][:N_TASKS], settings=settings
+        )
+        self.storage.add_job(self.rid, "41", N_TASKS, info={"finished_before": 0, "part": 1})
+        self.scheduler = FakeScheduler()
+        self.clock = FakeClock()
+        self.watcher = Watcher(self.config, self.rid, self.scheduler, passive=passive,
+                               clock=self.clock)
+
+    def lease(self, n: int, *, expired: bool = False) -> None:
+        """Lease ``n`` tasks to a worker; ``expired``: the lease ran out long ago."""
+        now = time.time() - (3600 if expired else 0)
+        self.storage.lease(self.rid, worker="w", host="exec1", max_tasks=n, lease_s=600,
+                           now=now)
+
+    def check(self) -> None:
+        """One check, as poll makes when it is due."""
+        self.clock.advance(self.watcher.interval_s)
+        self.watcher.poll(self.storage)
+
+    def counts(self) -> dict[str, int]:
+        return {k: v for k, v in self.storage.task_counts(self.rid).items() if v}
+
+    def job_ids(self) -> list[str]:
+        return [str(job["job_id"]) for job in self.storage.get_jobs(self.rid)]
+
+
+@pytest.fixture(autouse=True)
+def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resubmission renders and submits for real, to a server that is not started."""
+    monkeypatch.setattr(sheepdog._submit, "server_for", lambda config: FakeServer())
+
+
+def world(tmp_path: Path, **kwargs: Any) -> World:
+    return World(tmp_path, **kwargs)
+
+
+# --- the clock: when the watcher asks at all ----------------------------------------
+
+
+def test_poll_asks_the_scheduler_only_when_due_and_backs_off(tmp_path: Path) -> None:
+    w = world(tmp_path, retries=1)
+    w.scheduler.listing = {"41": {State.RUNNING}}
+    w.lease(2)
+    asked_at = []
+    while w.clock.now < 1060.0:
+        w.clock.advance(0.125)  # a binary fraction: the sums are exact
+        before = len(w.scheduler.asked("status"))
+        w.watcher.poll(w.storage)
+        if len(w.scheduler.asked("status")) > before:
+            asked_at.append(w.clock.now - 1000.0)
+    # first_interval_s, then x1.5 each time up to max_interval_s
+    assert asked_at == [2.0, 4.0, 7.0, 11.5, 18.25, 28.375, 43.375, 58.375]
+    assert w.counts() == {"leased": 2, "pending": 1}
+
+
+def test_a_finished_request_asks_the_scheduler_nothing(tmp_path: Path) -> None:
+    w = world(tmp_path, retries=0)
+    for idx in range(1, N_TASKS + 1):
+        assert w.storage.store_result(w.rid, idx, b"r")
+    w.check()
+    assert w.scheduler.calls == []
+
+
+# --- job gone: it left the queue with work open -------------------------------------
+
+
+def test_a_job_gone_with_work_open_is_resubmitted_with_the_accounting_reason(
+    tmp_path: Path,
+) -> None:
+    w = world(tmp_path, retries=1)
+    w.lease(2)  # the leases have not run out: the workers died with the job
+    w.scheduler.listing = {}
+    w.scheduler.accounting_reason = "the array task died with signal SIGKILL"
+    w.check()
+    assert w.scheduler.asked("accounting") == [("accounting", "41")]
+    assert w.scheduler.submitted == [("50", N_TASKS)]
+    assert w.counts() == {"pending": N_TASKS}, "leases of a gone job are given back"
+    new = w.storage.get_jobs(w.rid)[-1]
+    assert new["job_id"] == "50"
+    assert new["info"]["why"] == (
+        "job 41 left the queue (the array task died with signal SIGKILL)"
+    )
+    assert new["info"]["continues"] is False
+    assert w.scheduler.host.files, "the job file was put on the host"  # type: ignore[attr-defined]
+    assert w.watcher.interval_s == 2.0, "the new job is checked soon"
+
+
+def test_a_job_gone_when_retries_are_used_up_fails_the_work_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    w = world(tmp_path, retries=0)
+    w.lease(2)
+    w.scheduler.listing = {}
+    w.scheduler.accounting_reason = "exit status 137 on exec1"
+    w.check()
+    assert w.scheduler.submitted == []
+    errors = w.storage.get_task_errors(w.rid)
+    assert [idx for idx, _, _ in errors] == [1, 2, 3]
+    for _, _, error in errors:
+        assert error["kind"] == "job_lost"
+        assert error["message"] == (
+            "Fake job 41 did not run this task: job 41 left the queue "
+            "(exit status 137 on exec1), after 0 resubmission(s)"
+        )
+
+
+def test_resubmissions_stop_at_retries(tmp_path: Path) -> None:
+    w = world(tmp_path, retries=2)
+    w.scheduler.listing = {}  # every job leaves the queue at once, having done nothing
+    for expected in (["41", "50"], ["41", "50", "51"]):
+        w.check()
+        assert w.job_ids() == expected
+        assert w.counts() == {"pending": N_TASKS}
+    w.check()
+    assert len(w.scheduler.submitted) == 2
+    assert w.counts() == {"error": N_TASKS}
+    (_, _, error), *_ = w.storage.get_task_errors(w.rid)
+    assert error["message"].startswith("Fake job 51 did not run this task: job 51 left")
+    assert error["message"].endswith("after 2 resubmission(s)")
+
+
+def test_a_gone_job_that_made_progress_is_continued_without_using_a_retry(
+    tmp_path: Path,
+) -> None:
+    w = world(tmp_path, retries=0)
+    w.lease(1)
+    assert w.storage.store_result(w.rid, 1, b"r")
+    w.scheduler.listing = {}
+    w.check()
+    assert w.scheduler.submitted == [("50", 2)], "two tasks left: two array tasks"
+    assert w.storage.get_jobs(w.rid)[-1]["info"]["continues"] is True
+    assert w.counts() == {"done": 1, "pending": 2}
+
+
+def test_a_passive_watcher_leaves_a_gone_job_to_the_serving_process_then_takes_over(
+    tmp_path: Path,
+) -> None:
+    w = world(tmp_path, retries=1, passive=True)
+    w.watcher.takeover_s = 60.0
+    w.scheduler.listing = {}
+    w.check()
+    w.clock.advance(59.0 - w.watcher.interval_s)
+    w.check()
+    assert w.scheduler.submitted == [] and w.scheduler.asked("accounting") == []
+    w.clock.advance(1.0)
+    w.check()
+    assert w.watcher.passive is False
+    assert w.scheduler.submitted == [("50", N_TASKS)]
+
+
+# --- job in error (Grid Engine's Eqw) ----------------------------------------------
+
+
+def test_one_job_in_error_is_deleted_with_its_reason_and_the_others_go_on(
+    tmp_path: Path,
+) -> None:
+    w = world(tmp_path, retries=0)
+    w.storage.add_job(w.rid, "42", N_TASKS, info={"part": 1})
+    w.lease(2)
+    w.scheduler.listing = {"41": {State.RUNNING}, "42": {State.ERROR}}
+    w.scheduler.reasons = {"42": ["can't chdir to /nowhere"]}
+    w.check()
+    assert w.scheduler.asked("delete", "error_reasons") == [
+        ("error_reasons", "42"), ("delete", ["42"])
+    ]
+    job42 = w.storage.get_jobs(w.rid)[-1]
+    assert job42["state"] == "error"
+    assert job42["info"] == {
+        "part": 1, "reason": "Fake job 42 is in an error state: can't chdir to /nowhere"
+    }
+    assert w.counts() == {"leased": 2, "pending": 1}, "its work is not failed"
+    assert w.scheduler.submitted == []
+
+
+def test_the_last_job_in_error_fails_the_work_with_its_reason(tmp_path: Path) -> None:
+    w = world(tmp_path, retries=0)
+    w.lease(2)
+    w.scheduler.listing = {"41": {State.ERROR, State.QUEUED}}
+    w.check()
+    assert ("delete", ["41"]) in w.scheduler.calls
+    assert w.scheduler.asked("accounting") == [], "the error reason says why, not qacct"
+    errors = w.storage.get_task_errors(w.rid)
+    assert len(errors) == N_TASKS
+    for _, _, error in errors:
+        assert error["kind"] == "job_error"
+        # No reason from the scheduler: the message says so rather than nothing.
+        assert "Fake job 41 is in an error state: Fake lists the job in an error state" in (
+            error["message"]
+        )
+
+
+def test_the_last_job_in_error_is_resubmitted_while_retries_remain(tmp_path: Path) -> None:
+    w = world(tmp_path, retries=1)
+    w.scheduler.listing = {"41": {State.ERROR}}
+    w.scheduler.reasons = {"41": ["no such file: /shared/venv/bin/python"]}
+    w.check()
+    assert w.scheduler.submitted == [("50", N_TASKS)]
+    why = w.storage.get_jobs(w.rid)[-1]["info"]["why"]
+    assert why == "Fake job 41 is in an error state: no such file: /shared/venv/bin/python"
+    assert w.counts() == {"pending": N_TASKS}
+
+
+# --- stalled work: the job is listed, nobody leases ----------------------------------
+
+
+def test_expired_leases_go_back_to_pending_while_the_job_runs(tmp_path: Path) -> None:
+    w = world(tmp_path, retries=0)
+    w.lease(2, expired=True)
+    w.scheduler.listing = {"41": {State.RUNNING}}
+    w.check()
+    assert w.counts() == {"pending": N_TASKS}
+    assert [w.storage.get_task(w.rid, idx)["attempts"] for idx in (1, 2, 3)] == [1, 1, 0]
+    assert w.scheduler.asked("submit", "delete", "accounting") == []
+
+
+def test_stalled_pending_work_gets_fresh_array_tasks_after_stall_s(tmp_path: Path) -> None:
+    w = world(tmp_path, retries=1)
+    w.lease(2, expired=True)  # the node that ran them died; the job is still listed
+    w.scheduler.listing = {"41": {State.RUNNING}}
+    assert w.watcher.stall_s == 120.0  # 2 * lease_s
+    w.check()
+    while w.clock.now + w.watcher.interval_s < 1000.0 + w.watcher.stall_s:
+        w.check()
+    assert w.scheduler.submitted == [], "resubmitted before stall_s"
+    w.clock.advance(w.watcher.stall_s)
+    w.check()
+    assert w.scheduler.submitted == [("50", N_TASKS)]
+    why = w.storage.get_jobs(w.rid)[-1]["info"]["why"]
+    assert why.startswith(f"no worker has leased its {N_TASKS} pending tasks for ")
+    assert w.scheduler.asked("delete", "accounting") == [], "the listed job is left alone"
+    assert w.storage.get_task_errors(w.rid) == []
+
+
+def test_progress_restarts_the_stall_clock(tmp_path: Path) -> None:
+    w = world(tmp_path, retries=1)
+    w.scheduler.listing = {"41": {State.RUNNING}}
+    w.check()
+    w.clock.advance(w.watcher.stall_s - 20)
+    w.lease(1)  # a worker of job 41 finishes a task: progress
+    assert w.storage.store_result(w.rid, 1, b"r")
+    w.check()
+    w.clock.advance(w.watcher.stall_s - 20)
+    w.check()
+    assert w.scheduler.submitted == [], "stalled counted from before the progress"
+    w.clock.advance(20)
+    w.check()
+    assert w.scheduler.submitted == [("50", 2)]
+
+
+def test_stalled_work_is_not_resubmitted_while_an_array_task_waits_in_the_queue(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    w = world(tmp_path, retries=1)
+    w.scheduler.listing = {"41": {State.QUEUED}}
+    with caplog.at_level(logging.WARNING, logger="sheepdog.watch"):
+        w.check()
+        assert w.scheduler.asked("why_waiting") == [], "asked before it waited long"
+        w.clock.advance(w.watcher.stall_s * 10)
+        w.check()
+    assert w.scheduler.asked("why_waiting") == [("why_waiting", "41")]
+    assert "job 41 still waits in the queue" in caplog.text
+    assert "queue instance all.q@exec1 is full" in caplog.text
+    assert w.scheduler.asked("submit", "delete") == []
+    assert w.counts() == {"pending": N_TASKS}
+
+
+def test_a_job_that_can_never_start_is_deleted_and_its_work_failed(tmp_path: Path) -> None:
+    w = world(tmp_path, retries=3)
+    w.scheduler.listing = {"41": {State.QUEUED}}
+    w.scheduler.waiting = Waiting(["no queue fits"], permanent="unknown resource 'gpu'")
+    w.check()
+    w.clock.advance(SCHEDULABLE_CHECK_S)
+    w.check()
+    assert ("delete", ["41"]) in w.scheduler.calls
+    assert w.scheduler.submitted == [], "retrying cannot help: it is not resubmitted"
+    errors = w.storage.get_task_errors(w.rid)
+    assert len(errors) == N_TASKS
+    assert {e["kind"] for _, _, e in errors} == {"unschedulable"}
+    assert errors[0][2]["message"] == "Fake can never start job 41: unknown resource 'gpu'"
+
+
+def test_a_passive_watcher_does_not_resubmit_stalled_work(tmp_path: Path) -> None:
+    w = world(tmp_path, retries=1, passive=True)
+    w.scheduler.listing = {"41": {State.RUNNING}}
+    w.check()
+    w.clock.advance(w.watcher.stall_s * 10)
+    w.check()
+    assert w.scheduler.submitted == []
+
+
+# --- unknown: the scheduler did not answer, or lists a state nobody knows ------------
+
+
+@pytest.mark.parametrize("failure", ["no answer", "command failed"])
+def test_an_unanswered_status_is_unknown_not_gone(tmp_path: Path, failure: str) -> None:
+    w = world(tmp_path, retries=0)  # a job taken for gone would fail the work at once
+    w.lease(2)
+    if failure == "no answer":
+        w.scheduler.listing = None
+    else:
+        w.scheduler.status_error = RemoteCommandError(
+            "qstat -u '*'", 255, "", "ssh: connect to host head port 22: Connection refused"
+        )
+    for _ in range(10):  # long past stall_s and takeover_s
+        w.clock.advance(w.watcher.stall_s)
+        w.check()
+    assert len(w.scheduler.asked("status")) == 10
+    assert w.scheduler.asked("accounting", "delete", "submit", "error_reasons") == []
+    assert w.counts() == {"leased": 2, "pending": 1}
+    assert w.storage.get_task_errors(w.rid) == []
+    assert w.job_ids() == ["41"]
+
+
+def test_a_job_in_an_unknown_state_is_not_gone(tmp_path: Path) -> None:
+    w = world(tmp_path, retries=0)
+    w.lease(N_TASKS)  # its workers hold every task (a suspended job: Grid Engine's s)
+    w.scheduler.listing = {"41": {State.UNKNOWN}}
+    for _ in range(10):
+        w.clock.advance(w.watcher.stall_s)
+        w.check()
+    assert w.scheduler.asked("accounting", "delete", "submit", "error_reasons") == []
+    assert w.counts() == {"leased": N_TASKS}
+    assert w.storage.get_task_errors(w.rid) == []
+
+
+def test_unknown_then_gone_acts_only_once_the_scheduler_answers(tmp_path: Path) -> None:
+    w = world(tmp_path, retries=1)
+    w.lease(2)
+    w.scheduler.listing = None
+    w.check()
+    assert w.scheduler.submitted == []
+    w.scheduler.listing = {}
+    w.check()
+    assert w.scheduler.submitted == [("50", N_TASKS)]

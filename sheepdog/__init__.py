@@ -32,7 +32,7 @@ from .errors import (
 )
 from .executor import Executor
 from .server import Server, get_server
-from .storage import Storage
+from .store import Storage
 
 #: The name Sheepdog 0.2's quickstart still used for :func:`map`.
 map_sync = map

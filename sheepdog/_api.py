@@ -57,7 +57,7 @@ from .config import Config, ConfigLike, as_config
 from .errors import RemoteError, SheepdogError, TaskFailedError
 from .errors import TimeoutError as SheepdogTimeoutError
 from .scheduler import Deletion, Scheduler, open_scheduler
-from .storage import OPEN_STATES, Storage, content_digest
+from .store import OPEN_STATES, Storage, content_digest
 from .watch import Watcher, wait_for_request
 
 __all__ = [

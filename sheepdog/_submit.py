@@ -17,7 +17,7 @@ from .errors import ServerError
 from .job_file import JOB_FILE_MODE, KEY_FILE_MODE, job_file, job_file_name, key_file_name
 from .scheduler import Deletion, Scheduler, scheduler_class
 from .server import Server, get_server, listen_address
-from .storage import Storage
+from .store import Storage
 
 __all__ = [
     "array_size",

@@ -47,7 +47,7 @@ from .config import Config, as_config
 from .errors import RemoteError, SheepdogError
 from .job_file import job_file, key_file_name, stub_source
 from .scheduler import open_scheduler
-from .storage import Storage
+from .store import Storage
 from .watch import wait_for_request
 
 __all__ = ["main"]

@@ -40,7 +40,7 @@ from ._api import (
 from .config import ConfigLike, as_config
 from .errors import RemoteError, SerialisationError, SheepdogError
 from .scheduler import open_scheduler
-from .storage import OPEN_STATES, Storage
+from .store import OPEN_STATES, Storage
 from .watch import Watcher
 
 if TYPE_CHECKING:

@@ -68,7 +68,7 @@ from sheepdog._tls import hold_while_serving
 from sheepdog._version import __version__
 from sheepdog.blobs import INLINE_MAX_BYTES, parse_ref
 from sheepdog.errors import ServerError, StorageError, UnknownRequestError
-from sheepdog.storage import CallAuth, Lease, NonceReusedError, Storage
+from sheepdog.store import CallAuth, Lease, NonceReusedError, Storage
 
 __all__ = [
     "BODY_BASE_S",

@@ -26,7 +26,7 @@ from ._progress import Progress
 from .errors import SheepdogError, StorageError
 from .errors import TimeoutError as SheepdogTimeoutError
 from .scheduler import Scheduler, open_scheduler
-from .storage import Storage
+from .store import OPEN_STATES, Storage
 
 if TYPE_CHECKING:
     from .config import Config
@@ -36,7 +36,6 @@ __all__ = ["Watcher", "wait_for_request"]
 
 logger = logging.getLogger(__name__)
 
-OPEN_STATES = ("pending", "leased")
 #: A passive watcher takes over a request whose jobs have all been gone this long.
 TAKEOVER_S = 60.0
 #: A job waiting this long with nothing running is asked why (Grid Engine's qstat -j).

@@ -28,7 +28,8 @@ from sheepdog.errors import UnknownRequestError
 from sheepdog.executor import Executor
 from sheepdog.scheduler import open_scheduler
 from sheepdog.serialisation import serialise_value
-from sheepdog.storage import MIGRATIONS, Storage
+from sheepdog.storage import Storage
+from sheepdog.store.db import MIGRATIONS
 
 
 @pytest.fixture

@@ -12,13 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from store_helpers import Storage
 
 from sheepdog import _api
 from sheepdog._signing import signed_headers
 from sheepdog.config import Config
 from sheepdog.errors import ConfigError, ServerError
 from sheepdog.server import Server, listen_address
-from sheepdog.storage import RENEW_SQL, SCHEMA_VERSION, Storage, _migrate_to_1
+from sheepdog.store.db import SCHEMA_VERSION, _migrate_to_1
+from sheepdog.store.queue import RENEW_SQL
 
 
 @pytest.fixture

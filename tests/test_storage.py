@@ -15,9 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from store_helpers import Storage
 
 from sheepdog.errors import StorageError, UnknownRequestError
-from sheepdog.storage import DEFAULT_SETTINGS, SCHEMA_VERSION, Storage
+from sheepdog.storage import DEFAULT_SETTINGS, SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from original02 import EXPECTED, copy_database, read_with_original
+from store_helpers import Storage
 from test_docs_blocks import block
 from test_integration_local import Setup, finish
 
@@ -32,7 +33,7 @@ from sheepdog.errors import (
     UnknownRequestError,
     UnknownTaskError,
 )
-from sheepdog.storage import SCHEMA_VERSION, Storage
+from sheepdog.storage import SCHEMA_VERSION
 
 MIGRATED = "was a Sheepdog 0.2.3 database"
 

@@ -1,0 +1,28 @@
+"""The SQLite store of requests, their tasks, results, errors and scheduler jobs.
+
+One concern per module: :mod:`.db` (the connection, WAL, migrations, the
+write queue, blobs), :mod:`.queue` (the lease state machine), :mod:`.records`
+(requests, results and jobs as the library reads them) and :mod:`.compat`
+(:class:`Storage`, all of it under the name and with the per-task API of
+Sheepdog 0.2, still importable as ``sheepdog.storage``).
+"""
+
+from __future__ import annotations
+
+from .compat import Storage
+from .db import DB_FILE_MODE, DEFAULT_SETTINGS, OPEN_STATES, SCHEMA_VERSION
+from .queue import RERUN_CHOICES, Lease, NonceReusedError
+from .records import CallAuth, content_digest
+
+__all__ = [
+    "DB_FILE_MODE",
+    "DEFAULT_SETTINGS",
+    "OPEN_STATES",
+    "RERUN_CHOICES",
+    "SCHEMA_VERSION",
+    "CallAuth",
+    "Lease",
+    "NonceReusedError",
+    "Storage",
+    "content_digest",
+]

@@ -82,7 +82,8 @@ __all__ = [
     "listen_address",
 ]
 
-logger = logging.getLogger(__name__)
+# The server package logs under one name, the one it had as a module.
+logger = logging.getLogger("sheepdog.server")
 
 DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
 #: One uploaded blob (a large pickled result) at most; it streams to disk, never to memory.
@@ -424,7 +425,7 @@ def create_app(
     """
     dbfile = str(dbfile)
     Storage(dbfile, synchronous=synchronous).close()
-    app = Flask(__name__)
+    app = Flask("sheepdog.server")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     version = __version__
 

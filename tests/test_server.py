@@ -607,7 +607,7 @@ def test_a_results_round_trip_reads_the_request_row_once(
     dbfile: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One task per lease: the request row is read once, and every statement is needed."""
-    import sheepdog.server
+    import sheepdog.server.app
 
     statements: list[str] = []
 
@@ -616,7 +616,7 @@ def test_a_results_round_trip_reads_the_request_row_once(
             super().__init__(*args, **kwargs)
             self.conn.set_trace_callback(statements.append)
 
-    monkeypatch.setattr(sheepdog.server, "Storage", Traced)
+    monkeypatch.setattr(sheepdog.server.app, "Storage", Traced)
     app = create_app(dbfile)
     with Storage(dbfile) as db:
         rid = db.new_request(b"F", None, [pickle.dumps(i) for i in range(50)])

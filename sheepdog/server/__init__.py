@@ -23,7 +23,9 @@ arguments are sent from their file with ``GET .../tasks/<index>/args``; see
 
 from __future__ import annotations
 
-from .process import (
+from .app import create_app
+from .process import Server, get_server, listen_address
+from .protocol import (
     BODY_BASE_S,
     BODY_MIN_BYTES_PER_S,
     CLOSE_KEY,
@@ -31,10 +33,6 @@ from .process import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CLOCK_SKEW_S,
     MAX_TASKS_PER_CALL,
-    Server,
-    create_app,
-    get_server,
-    listen_address,
 )
 
 __all__ = [

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._report import machine, print_table, write_json
-from sheepdog._signing import (
+from sheepdog.server import Server
+from sheepdog.server.auth import (
     SIGNATURE_HEADER,
     new_nonce,
     sign_request,
@@ -37,8 +38,7 @@ from sheepdog._signing import (
     signed_headers,
     verify,
 )
-from sheepdog._tls import certificate_for
-from sheepdog.server import Server
+from sheepdog.server.tls import certificate_for
 from sheepdog.storage import Storage
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,12 +11,12 @@ import os
 import threading
 from typing import Any
 
-from ._tls import certificate_for, fingerprint_sha256
 from .config import Config
 from .errors import ServerError
 from .job_file import JOB_FILE_MODE, KEY_FILE_MODE, job_file, job_file_name, key_file_name
 from .scheduler import Deletion, Scheduler, scheduler_class
 from .server import Server, get_server, listen_address
+from .server.tls import certificate_for, fingerprint_sha256
 from .store import Storage
 
 __all__ = [

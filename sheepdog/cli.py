@@ -334,7 +334,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for port, (scheme, address, ids) in sorted(ports.items()):
             tls: dict[str, Any] = {}
             if scheme == "https":
-                from ._tls import certificate_for
+                from .server.tls import certificate_for
 
                 files = certificate_for(args.dbfile)
                 tls = {"certfile": files.certfile, "keyfile": files.keyfile}

@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_server import Api, error_of, lease_body
 
-from sheepdog._tls import certificate_for
 from sheepdog.blobs import INLINE_MAX_BYTES, BlobStore, make_ref, parse_ref
 from sheepdog.client import stub
 from sheepdog.errors import StorageError
 from sheepdog.server import Server, create_app
+from sheepdog.server.tls import certificate_for
 from sheepdog.storage import Storage
 
 BIG = pickle.dumps(b"x" * (INLINE_MAX_BYTES + 1000) + os.urandom(64))
@@ -181,7 +181,7 @@ def test_an_upload_named_for_other_bytes_is_refused_unread(api: Api, db: Storage
 def test_tampered_body_under_a_valid_signature_is_refused_and_nothing_written(
     app: Flask, api: Api, db: Storage
 ) -> None:
-    from sheepdog._signing import signed_headers
+    from sheepdog.server.auth import signed_headers
 
     assert db.blobs is not None
     before = stored_files(db.blobs)
@@ -287,7 +287,7 @@ def test_the_real_server_refuses_a_tampered_upload_and_keeps_nothing(
 ) -> None:
     import http.client
 
-    from sheepdog._signing import signed_headers
+    from sheepdog.server.auth import signed_headers
 
     server, db = served
     rid = db.new_request(b"F", None, [b"x"])

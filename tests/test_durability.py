@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from sheepdog._signing import signed_headers
 from sheepdog.serialisation import serialise_args, serialise_function
 from sheepdog.server import Server
+from sheepdog.server.auth import signed_headers
 from sheepdog.storage import Storage
 
 pytestmark = pytest.mark.slow

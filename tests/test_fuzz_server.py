@@ -28,7 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import register_profiles
 
-from sheepdog._signing import (
+from sheepdog.server import MAX_TASKS_PER_CALL, Server, create_app
+from sheepdog.server.auth import (
     BODY_HASH_HEADER,
     NONCE_HEADER,
     SIGNATURE_HEADER,
@@ -36,7 +37,6 @@ from sheepdog._signing import (
     sign_response,
     signed_headers,
 )
-from sheepdog.server import MAX_TASKS_PER_CALL, Server, create_app
 from sheepdog.storage import Storage
 
 ENDPOINTS = ("health", "function", "lease", "heartbeat", "results")

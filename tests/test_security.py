@@ -32,11 +32,9 @@ from typing import Any
 import pytest
 from stubrunner import write_job
 
-import sheepdog._signing as signing
-import sheepdog._tls as _tls
+import sheepdog.server.auth as signing
+import sheepdog.server.tls as _tls
 from sheepdog import _api
-from sheepdog._signing import SIGNATURE_HEADER, signed_headers
-from sheepdog._tls import certificate_for, fingerprint_sha256, tls_dir
 from sheepdog.config import Config
 from sheepdog.errors import ConfigError, RemoteCommandError
 from sheepdog.job_file import job_file_name, key_file_name, write_job_file
@@ -44,6 +42,8 @@ from sheepdog.remote import CommandResult, Remote
 from sheepdog.scheduler.gridengine import DEFAULT_ARRAY_LIMITS, GridEngine
 from sheepdog.serialisation import deserialise_value, serialise_args, serialise_function
 from sheepdog.server import Server, create_app
+from sheepdog.server.auth import SIGNATURE_HEADER, signed_headers
+from sheepdog.server.tls import certificate_for, fingerprint_sha256, tls_dir
 from sheepdog.storage import Storage
 
 WAIT_S = 120.0
@@ -331,7 +331,7 @@ def test_a_certificate_is_renewed_only_when_no_server_uses_it(
 def test_two_processes_generating_at_once_leave_a_key_that_matches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="sheepdog._tls")
+    caplog.set_level(logging.DEBUG, logger="sheepdog.server.tls")
     dbfile = tmp_path / "db.sqlite"
     key_written, go_on = threading.Event(), threading.Event()
     real_write = _tls._write_private

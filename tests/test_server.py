@@ -18,7 +18,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from sheepdog._signing import (
+from sheepdog.server import create_app
+from sheepdog.server.auth import (
     BODY_HASH_HEADER,
     NONCE_HEADER,
     SIGNATURE_HEADER,
@@ -29,7 +30,6 @@ from sheepdog._signing import (
     signed_headers,
     verify,
 )
-from sheepdog.server import create_app
 from sheepdog.storage import Storage
 
 VALUE = pickle.dumps({"answer": 42})

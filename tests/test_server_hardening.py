@@ -15,10 +15,10 @@ import pytest
 from store_helpers import Storage
 
 from sheepdog import _api
-from sheepdog._signing import signed_headers
 from sheepdog.config import Config
 from sheepdog.errors import ConfigError, ServerError
 from sheepdog.server import Server, listen_address
+from sheepdog.server.auth import signed_headers
 from sheepdog.store.db import SCHEMA_VERSION, _migrate_to_1
 from sheepdog.store.queue import RENEW_SQL
 

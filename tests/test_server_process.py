@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from sheepdog._signing import SIGNATURE_HEADER, sign_response, signed_headers
 from sheepdog.errors import ServerError
 from sheepdog.server import Server, get_server
 from sheepdog.server import process as server_module
+from sheepdog.server.auth import SIGNATURE_HEADER, sign_response, signed_headers
 from sheepdog.storage import Storage
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,9 +21,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sheepdog import _signing
 from sheepdog.client import stub
 from sheepdog.job_file import stub_path
+from sheepdog.server import auth as _signing
 
 SECRET = "5e" * 32
 GiB, MiB = 1024**3, 1024**2

@@ -295,7 +295,7 @@ def backoff_delay(attempt, base_s=0.5, cap_s=30.0, rand=random.random):
 
 
 def sign_request(secret_hex, method, path, time_s, nonce, length, body_sha256):
-    """Sign a call as docs/protocol.rst says (as sheepdog/_signing.py does)."""
+    """Sign a call as docs/protocol.rst says (as sheepdog/server/auth.py does)."""
     message = "%s\n%s\n%s\n%s\n%d\n%s" % (method.upper(), path, time_s, nonce, length,
                                           body_sha256)
     return hmac.new(bytes.fromhex(secret_hex), message.encode(), hashlib.sha256).hexdigest()

@@ -6,7 +6,7 @@ process binds first, so a random port has no bind-then-close race.
 ``get_server`` keeps one server per port, as the original did.
 
 Authentication is per request: every call under ``/api/v1/requests/<id>/`` is
-signed with that request's secret (see ``sheepdog._signing``), in headers that
+signed with that request's secret (see :mod:`.auth`), in headers that
 cover the body's length and SHA-256, so no body is read before its call is
 authenticated. Each ``POST`` is carried out once per nonce: a call sent again
 (a worker's retry, or a replay) gets the answer recorded with its nonce. The
@@ -19,6 +19,10 @@ do not travel in JSON: results are uploaded with ``PUT .../blobs/<sha256>`` and
 streamed to a file beside the database (up to ``DEFAULT_MAX_BLOB_BYTES``),
 arguments are sent from their file with ``GET .../tasks/<index>/args``; see
 "Payloads" in docs/protocol.rst.
+
+The modules: :mod:`.app` (``create_app`` and its routes), :mod:`.protocol`
+(parsing, validation, answers), :mod:`.auth` (signing), :mod:`.tls` (the
+certificate), :mod:`.process` (``Server``, ``get_server``).
 """
 
 from __future__ import annotations

@@ -25,7 +25,10 @@ from flask import Flask, Response, request, send_file
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
-from sheepdog._signing import (
+from sheepdog._version import __version__
+from sheepdog.blobs import INLINE_MAX_BYTES, parse_ref
+from sheepdog.errors import StorageError, UnknownRequestError
+from sheepdog.server.auth import (
     BODY_HASH_HEADER,
     NONCE_HEADER,
     SIGNATURE_HEADER,
@@ -35,9 +38,6 @@ from sheepdog._signing import (
     sign_response_digest,
     verify,
 )
-from sheepdog._version import __version__
-from sheepdog.blobs import INLINE_MAX_BYTES, parse_ref
-from sheepdog.errors import StorageError, UnknownRequestError
 from sheepdog.store import NonceReusedError, Storage
 
 from .protocol import (

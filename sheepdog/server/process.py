@@ -25,8 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from sheepdog._tls import hold_while_serving
 from sheepdog.errors import ServerError
+from sheepdog.server.tls import hold_while_serving
 from sheepdog.store import Storage
 
 from .protocol import (

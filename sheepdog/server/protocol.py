@@ -18,11 +18,11 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from sheepdog._signing import (
+from sheepdog.blobs import parse_ref
+from sheepdog.server.auth import (
     SIGNATURE_HEADER,
     sign_response,
 )
-from sheepdog.blobs import parse_ref
 from sheepdog.store import CallAuth, Lease
 
 __all__ = [

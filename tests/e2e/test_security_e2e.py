@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 import sheepdog
-from sheepdog._tls import certificate_for
 from sheepdog.job_file import job_file_name, key_file_name
+from sheepdog.server.tls import certificate_for
 from sheepdog.storage import Storage
 
 pytestmark = pytest.mark.e2e

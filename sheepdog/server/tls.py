@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ServerError
+from ..errors import ServerError
 
 __all__ = ["TlsFiles", "certificate_for", "fingerprint_sha256", "hold_while_serving", "tls_dir"]
 

@@ -469,3 +469,4 @@ def get_server(
 def _servers() -> dict[int, Server]:
     """Return the registry (for tests)."""
     return _registry
+

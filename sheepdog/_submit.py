@@ -86,7 +86,7 @@ def request_settings(config: Config, n_tasks: int) -> dict[str, Any]:
 
 
 def job_name(storage: Storage, request_id: int) -> str:
-    """The job name (Grid Engine's ``qsub -N``) of the request's jobs: its job file's name.
+    """The job name (``qsub -N``, ``sbatch --job-name``) of the request's jobs: its job file's name.
 
     That is Grid Engine's own default, so output files keep their usual names; given
     explicitly, it names jobs that a request submitted from another script too. Unique per
@@ -166,16 +166,16 @@ def submit_request(
         with open(server.certfile, encoding="ascii") as cert:
             fingerprint = fingerprint_sha256(cert.read())
     secret = storage.get_secret(request_id)
-    ge_opts = list(config.ge_opts or ()) + config.resource_directives()
+    options = config.job_options(type(scheduler))
     # The job file names the key file beside it; the secret itself never goes into a job
     # script, which Grid Engine copies world-readable onto the execution nodes.
     jobdir = scheduler.host.absolute(config.ssh_dir) + "/"
     key_name, name = key_file_name(request_id, secret), job_name(storage, request_id)
     text = job_file(
         url, jobdir + key_name, request_id,
-        storage.count_tasks(request_id), config.shell, ge_opts,
+        storage.count_tasks(request_id), config.shell, options,
         array_size=sizes[0], tls_fingerprint=fingerprint, prologue=config.prologue,
-        scheduler=type(scheduler),
+        scheduler=type(scheduler), max_running=config.max_running,
     )
     # The key file first, made 0600 before the secret is written; both never on a command line.
     scheduler.host.put(
@@ -183,9 +183,9 @@ def submit_request(
     )
     logger.info("deployed job file for request %d to %s:%s", request_id,
                 scheduler.host.host, jobdir + name)
-    # The original's defaults when ge_opts is unset: the jobs run and write their output in
-    # ssh_dir, resolved on the head node.
-    workdir = jobdir if config.ge_opts is None else None
+    # The original's defaults when no raw option is set: the jobs run and write their
+    # output in ssh_dir, resolved on the head node.
+    workdir = jobdir if config.raw_options is None else None
     counts = storage.task_counts(request_id)
     info: dict[str, Any] = {
         "url": url, "port": server.port, "listen_address": server.host,
@@ -198,7 +198,8 @@ def submit_request(
     job_ids: list[str] = []
     for part, size in enumerate(sizes, 1):
         job_id = scheduler.submit(
-            jobdir + name, name=name, array_size=size, workdir=workdir, split=len(sizes) > 1
+            jobdir + name, name=name, array_size=size, workdir=workdir, split=len(sizes) > 1,
+            max_running=config.max_running,
         )
         logger.info("request %d submitted as %s job %s", request_id, scheduler.label, job_id)
         # `sheepdog serve` restarts the server on this port: the job file holds this URL.

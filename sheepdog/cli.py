@@ -46,7 +46,7 @@ from ._version import __version__
 from .config import Config, as_config
 from .errors import RemoteError, SheepdogError
 from .job_file import job_file, key_file_name, stub_source
-from .scheduler import open_scheduler
+from .scheduler import open_scheduler, scheduler_class
 from .storage import Storage
 from .watch import wait_for_request
 
@@ -444,12 +444,18 @@ def cmd_jobfile(args: argparse.Namespace) -> int:
     scheme = "https" if getattr(config, "tls", False) else "http"
     # Without a fixed port the server picks one when it starts: show where it goes.
     url = f"{scheme}://{config.localhost}:{config.port if config.port else 'PORT'}/"
-    ge_opts = list(config.ge_opts or ()) + config.resource_directives()
+    # Without a connection "auto" cannot ask the head node: show Grid Engine's, its first choice.
+    scheduler = scheduler_class(config.scheduler if config.scheduler != "auto" else "gridengine")
+    config.check_raw_options(scheduler)
     text = job_file(
-        url, f"/SSH_DIR/{key_file_name(1, PLACEHOLDER_SECRET)}", 1, n, config.shell, ge_opts,
-        array_size=workers, prologue=config.prologue,
+        url, f"/SSH_DIR/{key_file_name(1, PLACEHOLDER_SECRET)}", 1, n, config.shell,
+        config.job_options(scheduler), array_size=workers, prologue=config.prologue,
+        scheduler=scheduler, max_running=config.max_running,
     )
     sys.stdout.write(text)
+    if config.scheduler == "auto":
+        print("sheepdog: scheduler 'auto' is shown as Grid Engine's job file; set scheduler "
+              "to 'slurm' to see Slurm's", file=sys.stderr)
     print(
         f"sheepdog: {len(values)} tasks, {workers} array tasks, batch "
         f"{batch_size(config, n, workers)}, payload {len(payload)} bytes "

@@ -15,7 +15,7 @@ from ._tls import certificate_for, fingerprint_sha256
 from .config import Config
 from .errors import ServerError
 from .job_file import JOB_FILE_MODE, KEY_FILE_MODE, job_file, job_file_name, key_file_name
-from .scheduler import Deletion, Scheduler, scheduler_class
+from .scheduler import SCHEDULERS, Deletion, Scheduler, scheduler_class
 from .server import Server, get_server, listen_address
 from .storage import Storage
 
@@ -98,11 +98,20 @@ def job_name(storage: Storage, request_id: int) -> str:
 
 
 def stored_config(storage: Storage, request_id: int) -> Config | None:
-    """The config the request was submitted with (for its database), or None if not stored."""
+    """The config the request was submitted with (for its database), or None if not stored.
+
+    ``scheduler="auto"`` becomes the scheduler its jobs were submitted to, so a process that
+    watches or cancels them later need not ask the head node again.
+    """
     mapping = storage.get_settings(request_id).get("config")
     if not isinstance(mapping, dict):
         return None
-    return Config.from_mapping({**mapping, "dbfile": storage.dbfile})
+    values = {**mapping, "dbfile": storage.dbfile}
+    if values.get("scheduler", "auto") == "auto":
+        used = [job["info"].get("scheduler") for job in storage.get_jobs(request_id)]
+        if used and used[-1] in SCHEDULERS:
+            values["scheduler"] = used[-1]
+    return Config.from_mapping(values)
 
 
 _servers_by_db: dict[str, Server] = {}
@@ -192,6 +201,8 @@ def submit_request(
         # Tasks finished before these jobs: the watcher sees whether they made progress.
         "finished_before": counts.get("done", 0) + counts.get("error", 0),
         "parts": len(sizes),
+        # What "auto" found: later processes watch and cancel the jobs without asking again.
+        "scheduler": scheduler.name,
     }
     if why is not None:
         info.update(why=why, continues=continues)

@@ -347,10 +347,13 @@ def describe_record(record: JobRecord) -> str | None:
     if state == "CANCELLED":
         return f"cancelled (scancel, or an administrator){where}{because}"
     if state == "FAILED" or (state == "COMPLETED" and record.exit_status):
-        if record.signal:
-            return describe_exit(128 + record.signal, where, stub_exit_reasons())
-        why = describe_exit(record.exit_status, where, stub_exit_reasons())
-        return why or f"Slurm reports {state}{because}{where}"
+        status = 128 + record.signal if record.signal else record.exit_status
+        why = describe_exit(status, where, stub_exit_reasons())
+        if why is None:
+            return f"Slurm reports {state}{because}{where}"
+        # NonZeroExitCode only repeats the status; another reason is Slurm's own word on it.
+        said = record.reason not in ("", "None", "(null)", "NonZeroExitCode")
+        return f"{why} (Slurm: {state}, {record.reason})" if said else why
     return None
 
 

@@ -112,7 +112,7 @@ def test_bad_values_name_the_key(values: dict[str, object], key: str) -> None:
     assert repr(key) in str(info.value)
 
 
-def test_resource_directives() -> None:
+def test_grid_engine_resource_options() -> None:
     config = Config(
         host="h", mem_gb=2, h_rt="1:00:00", queue="all.q", pe=("smp", 4), max_running=5,
         mem_resource="mem_free",

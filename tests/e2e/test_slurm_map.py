@@ -7,7 +7,9 @@ first checks of the Slurm scheduler itself.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +29,21 @@ def test_the_quickstart_runs_on_slurm(config: dict[str, Any]) -> None:
     with sheepdog.Storage(config["dbfile"]) as storage:
         (job,) = storage.get_jobs(_last_request(config))
     assert job["info"]["scheduler"] == "slurm"
+
+
+def test_the_slurm_quickstart_of_the_docs_runs_as_shown(
+    config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """docs/schedulers.rst's quickstart, with .cluster/slurm.json as ci/cluster up writes it."""
+    from test_docs_blocks import block
+
+    (tmp_path / ".cluster").mkdir()
+    (tmp_path / ".cluster" / "slurm.json").write_text(json.dumps(config), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    code = "\n".join(block("schedulers.rst", "import sheepdog").lines)
+    exec(compile(code, "schedulers.rst", "exec"), {"__name__": "__main__"})
+    assert capsys.readouterr().out == "[2, 3, 4]\n"
 
 
 def what_slurm_gave(_: int) -> dict[str, Any]:

@@ -175,7 +175,8 @@ def submit_request(
         with open(server.certfile, encoding="ascii") as cert:
             fingerprint = fingerprint_sha256(cert.read())
     secret = storage.get_secret(request_id)
-    options = config.job_options(type(scheduler))
+    kind = scheduler.kind  # for "auto", asks the head node (once per login)
+    options = config.job_options(kind)
     # The job file names the key file beside it; the secret itself never goes into a job
     # script, which Grid Engine copies world-readable onto the execution nodes.
     jobdir = scheduler.host.absolute(config.ssh_dir) + "/"
@@ -184,7 +185,7 @@ def submit_request(
         url, jobdir + key_name, request_id,
         storage.count_tasks(request_id), config.shell, options,
         array_size=sizes[0], tls_fingerprint=fingerprint, prologue=config.prologue,
-        scheduler=type(scheduler), max_running=config.max_running,
+        scheduler=kind, max_running=config.max_running,
     )
     # The key file first, made 0600 before the secret is written; both never on a command line.
     scheduler.host.put(

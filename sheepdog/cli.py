@@ -519,9 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --wait, give up after this long")
 
     p = _command(
-        sub, "status", "one request's task counts and Grid Engine jobs",
-        "Show one request's state and task counts, and the Grid Engine jobs that\n"
-        "were submitted for it.",
+        sub, "status", "one request's task counts and cluster jobs",
+        "Show one request's state and task counts, and the Grid Engine or Slurm\n"
+        "jobs that were submitted for it.",
         ["sheepdog status 2", "sheepdog status 2 --wait --timeout 600"],
     )
     p.add_argument("id", type=int, help="the request id")
@@ -569,9 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_logs)
 
     p = _command(
-        sub, "cancel", "qdel a request's jobs and cancel its open tasks",
+        sub, "cancel", "delete a request's jobs and cancel its open tasks",
         "Cancel a request: its pending and running tasks become cancelled and its\n"
-        "Grid Engine jobs are deleted with qdel on the head node, over SSH.",
+        "jobs are deleted on the head node, over SSH (qdel, or scancel on Slurm).",
         ["sheepdog cancel 2 --config cluster.json"],
     )
     p.add_argument("id", type=int, help="the request id")

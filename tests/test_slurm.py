@@ -20,6 +20,7 @@ from sheepdog.config import Config
 from sheepdog.errors import ConfigError, SSHError, SubmitError
 from sheepdog.remote import CommandResult
 from sheepdog.scheduler import (
+    AutoScheduler,
     GridEngine,
     Slurm,
     State,
@@ -243,6 +244,9 @@ def test_invalid_job_id_for_the_one_job_asked_means_gone() -> None:
     "answer",
     [
         failed(1, "slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n"),
+        # Not exactly the answer for a job that left: a wrapper's words, or another error too.
+        failed(1, "squeue: wrapper failed; slurm_load_jobs error: Invalid job id specified\n"),
+        failed(1, "Invalid job id specified\nslurm_load_jobs error: Socket timed out\n"),
         failed(255, ""),
         ok("Welcome to the cluster!\n12|1|RUNNING|None\n"),  # a banner: the answer is not squeue's
     ],
@@ -549,9 +553,9 @@ def test_the_worker_takes_its_limits_from_the_sbatch_lines() -> None:
 
 @pytest.fixture(autouse=True)
 def _forget_detections(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sheepdog import scheduler as scheduler_package
+    from sheepdog.scheduler import auto
 
-    monkeypatch.setattr(scheduler_package, "_detected", {})
+    monkeypatch.setattr(auto, "_detected", {})
 
 
 @pytest.mark.parametrize(
@@ -590,15 +594,45 @@ def test_a_failed_detection_raises_and_is_not_remembered() -> None:
     assert detect_scheduler(config, login) is Slurm
 
 
-def test_auto_opens_the_scheduler_it_found_with_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    login = FakeLogin({"": ok("sbatch\n")})
+def test_auto_asks_on_first_use_and_then_acts_as_what_it_found(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    login = FakeLogin({"squeue": ok("12|1|RUNNING|None\n"), "": ok("sbatch\n")})
     monkeypatch.setattr("sheepdog.scheduler.open_remote", lambda config, scheduler: login)
     scheduler = open_scheduler(Config(host="login"))
-    assert isinstance(scheduler, Slurm) and login.preamble == Slurm.preamble
-    # ge_opts are qsub options: on a Slurm login node they are refused, naming the fix.
+    assert isinstance(scheduler, AutoScheduler) and login.commands == []  # nothing asked yet
+    assert scheduler.kind is Slurm and scheduler.label == "Slurm" and scheduler.name == "slurm"
+    assert scheduler.array_index_var == "SLURM_ARRAY_TASK_ID"
+    assert login.preamble == Slurm.preamble  # Slurm's environment before each command
+    listing = scheduler.status(["12"])
+    assert listing is not None and listing["12"].running
+    assert len([c for c in login.commands if "command -v" in c]) == 1
+
+
+def test_auto_refuses_grid_engine_options_on_slurm_when_it_finds_slurm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    login = FakeLogin({"": ok("sbatch\n")})
+    monkeypatch.setattr("sheepdog.scheduler.open_remote", lambda config, scheduler: login)
+    scheduler = open_scheduler(Config(host="login", ge_opts=("-l h_vmem=1G",)))
     with pytest.raises(ConfigError, match="found by scheduler='auto' on login.*scheduler_opts"):
-        open_scheduler(Config(host="login", ge_opts=("-l h_vmem=1G",)))
-    assert login.closed
+        scheduler.submit("/j/job.py", name="job.py", array_size=1)
+    assert not any(c.startswith("cd ") for c in login.commands)  # nothing submitted
+
+
+def test_an_unreachable_head_node_under_auto_fails_on_use_and_delete_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Down(FakeLogin):
+        def run(self, command: str, **kwargs: Any) -> CommandResult:
+            raise SSHError("cannot connect to login", host=self.host)
+
+    monkeypatch.setattr("sheepdog.scheduler.open_remote", lambda config, scheduler: Down())
+    scheduler = open_scheduler(Config(host="login"))  # does not connect
+    with pytest.raises(SSHError):
+        scheduler.status(["1"])
+    deletion = scheduler.delete(["1", "sheepdog_001_abc.py"])
+    assert deletion.error is not None and "cannot connect to login" in deletion.error
 
 
 def test_auto_sizes_arrays_like_the_cluster_schedulers() -> None:

@@ -192,6 +192,11 @@ class Scheduler:
     def __init__(self, host: Host) -> None:
         self.host = host
 
+    @property
+    def kind(self) -> type[Scheduler]:
+        """The class that writes this scheduler's job files (``auto``: the one it found)."""
+        return type(self)
+
     # --- the job file ---------------------------------------------------------------
 
     @classmethod

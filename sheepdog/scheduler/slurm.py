@@ -69,9 +69,10 @@ SLURM_ENV_PREAMBLE = (
     ". /etc/profile >/dev/null 2>&1; fi; "
 )
 
-#: What squeue and scontrol answer for a job id that slurmctld no longer knows: the job left
-#: the queue (and MinJobAge) long ago. Only exactly this answer means "gone".
-INVALID_JOB_ID = "Invalid job id specified"
+#: What squeue answers (exit status 1, nothing on stdout) when the one job id it was asked
+#: about is one slurmctld no longer knows: the job left the queue (and MinJobAge) long ago.
+#: Only exactly this answer means "gone"; any other failure leaves the state unknown.
+INVALID_JOB_ID = re.compile(r"^(?:slurm_load_jobs error: )?Invalid job id specified$")
 
 #: Slurm's default MaxArraySize (slurm.conf(5)): array indices 0 .. 1000.
 DEFAULT_MAX_ARRAY_SIZE = 1001
@@ -499,7 +500,7 @@ class Slurm(Scheduler):
         result = self.host.run(command, check=False, timeout_s=60)
         said = " ".join((result.stderr or result.stdout).split())[:300]
         if result.exit_status != 0:
-            if result.stderr.strip().endswith(INVALID_JOB_ID) and not result.stdout.strip():
+            if INVALID_JOB_ID.match(result.stderr.strip()) and not result.stdout.strip():
                 return [], ""  # the only job asked for has left the queue
             return None, (f"{command} exited with status {result.exit_status}: "
                           f"{said or 'no output'}")

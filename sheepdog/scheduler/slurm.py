@@ -517,11 +517,12 @@ class Slurm(Scheduler):
         """
         ids = [t for t in targets if re.fullmatch(r"\d+(?:_\d+)?", t)]
         names = [t for t in targets if t not in ids]
+        selections = [f"--jobs={','.join(ids)}"] if ids else []
+        if names:
+            selections.append(f"--user={_ME} --name={shlex.quote(','.join(names))}")
         live: list[str] = []
         try:
-            for selection in (
-                [f"--jobs={','.join(ids)}"] if ids else []
-            ) + ([f"--user={_ME} --name={shlex.quote(','.join(names))}"] if names else []):
+            for selection in selections:
                 rows, why = self._squeue(selection)
                 if rows is None:
                     logger.warning("could not list the jobs before cancelling them: %s", why)

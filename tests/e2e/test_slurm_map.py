@@ -31,6 +31,16 @@ def test_the_quickstart_runs_on_slurm(config: dict[str, Any]) -> None:
     assert job["info"]["scheduler"] == "slurm"
 
 
+def test_auto_finds_slurm_on_the_login_node(config: dict[str, Any]) -> None:
+    # A config without the scheduler key, as every config before Slurm support.
+    cfg = {key: value for key, value in config.items() if key != "scheduler"}
+    assert sheepdog.Config.from_mapping(cfg).scheduler == "auto"
+    assert sheepdog.map(add, [(1, 1), (1, 2), (2, 2)], cfg, verbose=False) == [2, 3, 4]
+    with sheepdog.Storage(cfg["dbfile"]) as storage:
+        (job,) = storage.get_jobs(_last_request(cfg))
+    assert job["info"]["scheduler"] == "slurm"
+
+
 def test_the_slurm_quickstart_of_the_docs_runs_as_shown(
     config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],

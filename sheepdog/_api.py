@@ -224,7 +224,7 @@ def _submission_failed(
 ) -> str:
     """Fail the tasks of a request whose submission failed, after deleting any job it made.
 
-    An interruption (Ctrl-C) or a dropped connection can come after qsub went through
+    An interruption (Ctrl-C) or a dropped connection can come after qsub/sbatch went through
     but before its answer arrived: the job is then found by its unique name and deleted,
     since nothing would ever serve it.
     """
@@ -236,13 +236,14 @@ def _submission_failed(
     )
     if deleted.job_ids:
         message = (
-            f"the submission was interrupted ({_why(exc)}) after qsub had created "
+            f"the submission was interrupted ({_why(exc)}) after it had created "
             f"{scheduler.label} job {', '.join(deleted.job_ids)}, which was deleted"
         )
     elif interrupted:
         message = "the job was never submitted: the submission was interrupted (Ctrl-C)"
         if deleted.error:
-            message += f"; whether qsub had created a job is unknown ({deleted.error})"
+            message += (f"; whether {scheduler.label} had made a job of it is unknown "
+                        f"({deleted.error})")
     else:
         message = f"the job was never submitted: {_why(exc)}"
     storage.fail_tasks(

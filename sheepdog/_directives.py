@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import re
 import shlex
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 
+if TYPE_CHECKING:
+    from .scheduler.base import Scheduler
+
 __all__ = [
     "LINE_BREAKS",
-    "RESERVED_OPTIONS",
     "TRIPLE_QUOTE",
     "check_ge_opt",
     "check_line",
     "check_prologue_line",
+    "check_raw_option",
     "check_shell",
 ]
 
@@ -28,12 +32,6 @@ LINE_BREAKS = re.compile(r"[\n\r\x00\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 
 #: Ends the string that makes Python skip a prologue's shell block.
 TRIPLE_QUOTE = "'" * 3
-
-#: Options that sheepdog sets itself; a second one in ge_opts would conflict.
-RESERVED_OPTIONS = {
-    "-t": "the array range is set by sheepdog from the number of tasks and workers (array_size)",
-    "-S": "the interpreter is set by sheepdog from the `shell` option",
-}
 
 
 def _fail(key: str, message: str) -> ConfigError:
@@ -53,23 +51,40 @@ def check_line(key: str, value: object) -> str:
     return value
 
 
-def check_ge_opt(index: int, opt: object) -> str:
-    """Return ge_opts entry ``index`` (one ``#$`` line) if it is safe and not one sheepdog sets."""
-    text = check_line(f"ge_opts[{index}]", opt)
+def check_raw_option(
+    key: str, index: int, opt: object, scheduler: type[Scheduler] | None = None
+) -> str:
+    """Return raw option ``index`` of ``key`` (one directive line) if it is safe to write.
+
+    Every scheduler: one line, starting with ``-``. With ``scheduler``, also none of the
+    options that scheduler's jobs get from sheepdog (its ``reserved_option``).
+    """
+    text = check_line(f"{key}[{index}]", opt)
+    what = f"a {scheduler.options_label} option" if scheduler is not None else "an option"
     if not text.strip().startswith("-"):
-        raise _fail("ge_opts", f"entry {index} is not a qsub option (no leading '-'): {text!r}")
+        raise _fail(key, f"entry {index} is not {what} (no leading '-'): {text!r}")
+    if scheduler is None:
+        return text
     try:
         words = shlex.split(text)
     except ValueError:
         words = text.split()
     for word in words:
-        if word in RESERVED_OPTIONS:
+        why = scheduler.reserved_option(word)
+        if why is not None:
+            name = word.split("=", 1)[0]
             raise _fail(
-                "ge_opts",
-                f"entry {index} ({text!r}) sets {word}, but {RESERVED_OPTIONS[word]}; "
-                f"remove {word} from ge_opts",
+                key,
+                f"entry {index} ({text!r}) sets {name}, but {why}; remove {name} from {key}",
             )
     return text
+
+
+def check_ge_opt(index: int, opt: object) -> str:
+    """Return ge_opts entry ``index`` (one ``#$`` line) if it is safe and not one sheepdog sets."""
+    from .scheduler.gridengine import GridEngine  # imported late: config imports this first
+
+    return check_raw_option("ge_opts", index, opt, GridEngine)
 
 
 def check_prologue_line(index: int, line: object) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 from .config import Config
 from .errors import ServerError
 from .job_file import JOB_FILE_MODE, KEY_FILE_MODE, job_file, job_file_name, key_file_name
-from .scheduler import Deletion, Scheduler, scheduler_class
+from .scheduler import SCHEDULERS, Deletion, Scheduler, scheduler_class
 from .server import Server, get_server, listen_address
 from .server.tls import certificate_for, fingerprint_sha256
 from .store import Storage
@@ -86,7 +86,7 @@ def request_settings(config: Config, n_tasks: int) -> dict[str, Any]:
 
 
 def job_name(storage: Storage, request_id: int) -> str:
-    """The job name (Grid Engine's ``qsub -N``) of the request's jobs: its job file's name.
+    """The job name (``qsub -N``, ``sbatch --job-name``) of the request's jobs: its job file's name.
 
     That is Grid Engine's own default, so output files keep their usual names; given
     explicitly, it names jobs that a request submitted from another script too. Unique per
@@ -98,11 +98,20 @@ def job_name(storage: Storage, request_id: int) -> str:
 
 
 def stored_config(storage: Storage, request_id: int) -> Config | None:
-    """The config the request was submitted with (for its database), or None if not stored."""
+    """The config the request was submitted with (for its database), or None if not stored.
+
+    ``scheduler="auto"`` becomes the scheduler its jobs were submitted to, so a process that
+    watches or cancels them later need not ask the head node again.
+    """
     mapping = storage.get_settings(request_id).get("config")
     if not isinstance(mapping, dict):
         return None
-    return Config.from_mapping({**mapping, "dbfile": storage.dbfile})
+    values = {**mapping, "dbfile": storage.dbfile}
+    if values.get("scheduler", "auto") == "auto":
+        used = [job["info"].get("scheduler") for job in storage.get_jobs(request_id)]
+        if used and used[-1] in SCHEDULERS:
+            values["scheduler"] = used[-1]
+    return Config.from_mapping(values)
 
 
 _servers_by_db: dict[str, Server] = {}
@@ -166,16 +175,17 @@ def submit_request(
         with open(server.certfile, encoding="ascii") as cert:
             fingerprint = fingerprint_sha256(cert.read())
     secret = storage.get_secret(request_id)
-    ge_opts = list(config.ge_opts or ()) + config.resource_directives()
+    kind = scheduler.kind  # for "auto", asks the head node (once per login)
+    options = config.job_options(kind)
     # The job file names the key file beside it; the secret itself never goes into a job
     # script, which Grid Engine copies world-readable onto the execution nodes.
     jobdir = scheduler.host.absolute(config.ssh_dir) + "/"
     key_name, name = key_file_name(request_id, secret), job_name(storage, request_id)
     text = job_file(
         url, jobdir + key_name, request_id,
-        storage.count_tasks(request_id), config.shell, ge_opts,
+        storage.count_tasks(request_id), config.shell, options,
         array_size=sizes[0], tls_fingerprint=fingerprint, prologue=config.prologue,
-        scheduler=type(scheduler),
+        scheduler=kind, max_running=config.max_running,
     )
     # The key file first, made 0600 before the secret is written; both never on a command line.
     scheduler.host.put(
@@ -183,22 +193,25 @@ def submit_request(
     )
     logger.info("deployed job file for request %d to %s:%s", request_id,
                 scheduler.host.host, jobdir + name)
-    # The original's defaults when ge_opts is unset: the jobs run and write their output in
-    # ssh_dir, resolved on the head node.
-    workdir = jobdir if config.ge_opts is None else None
+    # The original's defaults when no raw option is set: the jobs run and write their
+    # output in ssh_dir, resolved on the head node.
+    workdir = jobdir if config.raw_options is None else None
     counts = storage.task_counts(request_id)
     info: dict[str, Any] = {
         "url": url, "port": server.port, "listen_address": server.host,
         # Tasks finished before these jobs: the watcher sees whether they made progress.
         "finished_before": counts.get("done", 0) + counts.get("error", 0),
         "parts": len(sizes),
+        # What "auto" found: later processes watch and cancel the jobs without asking again.
+        "scheduler": scheduler.name,
     }
     if why is not None:
         info.update(why=why, continues=continues)
     job_ids: list[str] = []
     for part, size in enumerate(sizes, 1):
         job_id = scheduler.submit(
-            jobdir + name, name=name, array_size=size, workdir=workdir, split=len(sizes) > 1
+            jobdir + name, name=name, array_size=size, workdir=workdir, split=len(sizes) > 1,
+            max_running=config.max_running,
         )
         logger.info("request %d submitted as %s job %s", request_id, scheduler.label, job_id)
         # `sheepdog serve` restarts the server on this port: the job file holds this URL.

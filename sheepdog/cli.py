@@ -46,7 +46,7 @@ from ._version import __version__
 from .config import Config, as_config
 from .errors import RemoteError, SheepdogError
 from .job_file import job_file, key_file_name, stub_source
-from .scheduler import open_scheduler
+from .scheduler import open_scheduler, scheduler_class
 from .store import Storage
 from .watch import wait_for_request
 
@@ -444,12 +444,18 @@ def cmd_jobfile(args: argparse.Namespace) -> int:
     scheme = "https" if getattr(config, "tls", False) else "http"
     # Without a fixed port the server picks one when it starts: show where it goes.
     url = f"{scheme}://{config.localhost}:{config.port if config.port else 'PORT'}/"
-    ge_opts = list(config.ge_opts or ()) + config.resource_directives()
+    # Without a connection "auto" cannot ask the head node: show Grid Engine's, its first choice.
+    scheduler = scheduler_class(config.scheduler if config.scheduler != "auto" else "gridengine")
+    config.check_raw_options(scheduler)
     text = job_file(
-        url, f"/SSH_DIR/{key_file_name(1, PLACEHOLDER_SECRET)}", 1, n, config.shell, ge_opts,
-        array_size=workers, prologue=config.prologue,
+        url, f"/SSH_DIR/{key_file_name(1, PLACEHOLDER_SECRET)}", 1, n, config.shell,
+        config.job_options(scheduler), array_size=workers, prologue=config.prologue,
+        scheduler=scheduler, max_running=config.max_running,
     )
     sys.stdout.write(text)
+    if config.scheduler == "auto":
+        print("sheepdog: scheduler 'auto' is shown as Grid Engine's job file; set scheduler "
+              "to 'slurm' to see Slurm's", file=sys.stderr)
     print(
         f"sheepdog: {len(values)} tasks, {workers} array tasks, batch "
         f"{batch_size(config, n, workers)}, payload {len(payload)} bytes "
@@ -513,9 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --wait, give up after this long")
 
     p = _command(
-        sub, "status", "one request's task counts and Grid Engine jobs",
-        "Show one request's state and task counts, and the Grid Engine jobs that\n"
-        "were submitted for it.",
+        sub, "status", "one request's task counts and cluster jobs",
+        "Show one request's state and task counts, and the Grid Engine or Slurm\n"
+        "jobs that were submitted for it.",
         ["sheepdog status 2", "sheepdog status 2 --wait --timeout 600"],
     )
     p.add_argument("id", type=int, help="the request id")
@@ -563,9 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_logs)
 
     p = _command(
-        sub, "cancel", "qdel a request's jobs and cancel its open tasks",
+        sub, "cancel", "delete a request's jobs and cancel its open tasks",
         "Cancel a request: its pending and running tasks become cancelled and its\n"
-        "Grid Engine jobs are deleted with qdel on the head node, over SSH.",
+        "jobs are deleted on the head node, over SSH (qdel, or scancel on Slurm).",
         ["sheepdog cancel 2 --config cluster.json"],
     )
     p.add_argument("id", type=int, help="the request id")

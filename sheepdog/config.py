@@ -19,11 +19,16 @@ import socket
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
-from ._directives import LINE_BREAKS, check_ge_opt, check_prologue_line, check_shell
+from ._directives import LINE_BREAKS, check_prologue_line, check_raw_option, check_shell
 from .errors import ConfigError
+from .scheduler import scheduler_class
 from .scheduler.base import SCHEDULER_NAMES
+from .scheduler.gridengine import GridEngine
+
+if TYPE_CHECKING:
+    from .scheduler.base import Scheduler
 
 __all__ = ["Config", "as_config"]
 
@@ -93,7 +98,8 @@ class Config:
     #: original's default was ``/usr/bin/python``.
     shell: str = "/usr/bin/python3"
     #: A list of raw qsub options, one ``#$`` line each, for example
-    #: ``["-l h_vmem=2G", "-r y"]``. When unset, sheepdog passes ``-wd``, ``-o``
+    #: ``["-l h_vmem=2G", "-r y"]``: the Grid Engine name of ``scheduler_opts``
+    #: (set one of them, not both). When unset, sheepdog passes ``-wd``, ``-o``
     #: and ``-e`` for ``ssh_dir`` on the qsub command line (the original's
     #: defaults). ``-t`` and ``-S`` are set by sheepdog and refused here.
     #: ``-l mem_grab=2G`` (or ``h_vmem``) also limits the worker's address space
@@ -102,10 +108,21 @@ class Config:
 
     # --- the scheduler -------------------------------------------------------
     #: Where the array tasks run: ``"gridengine"`` submits them with qsub on
-    #: ``host``; ``"local"`` runs them as processes on this machine (the same
+    #: ``host``, ``"slurm"`` with sbatch; ``"auto"`` asks ``host`` which of
+    #: qsub and sbatch it offers (Grid Engine where both answer), once per
+    #: login; ``"local"`` runs them as processes on this machine (the same
     #: job file, worker and server), to try a map before sending it to the
-    #: cluster. ``host`` is not needed for ``"local"``; see :doc:`getting-started`.
-    scheduler: str = "gridengine"
+    #: cluster. ``host`` is not needed for ``"local"``; see :doc:`getting-started`
+    #: and :doc:`schedulers`.
+    scheduler: str = "auto"
+    #: Raw options for the scheduler, one directive line each (``#$`` for Grid
+    #: Engine, ``#SBATCH`` for Slurm), for example ``["--qos=long"]``. Grid
+    #: Engine also takes them as ``ge_opts``. When unset, sheepdog runs the jobs
+    #: in ``ssh_dir`` and writes their output files there (qsub ``-wd -o -e``,
+    #: sbatch ``--chdir --output --error``). Options sheepdog sets itself are
+    #: refused: ``-t``, ``-S`` (Grid Engine); ``--array``/``-a``,
+    #: ``--job-name``/``-J``, ``--parsable`` (Slurm).
+    scheduler_opts: tuple[str, ...] | None = None
 
     # --- SSH -----------------------------------------------------------------
     #: The known_hosts file the head node's key is checked against (default:
@@ -130,21 +147,26 @@ class Config:
     #: An array task exits after this many tasks; ``1`` with ``workers=N`` gives
     #: the original's one task per array task (a fresh process each).
     tasks_per_worker: int | None = None
-    #: SGE's ``-tc``: at most this many array tasks run at once.
+    #: At most this many array tasks of a job run at once: Grid Engine's
+    #: ``-tc``, Slurm's ``--array=1-N%max_running``.
     max_running: int | None = None
-    #: Memory per array task in GB, requested as ``-l <mem_resource>=<mem_gb>G``.
+    #: Memory per array task in GB, requested as ``-l <mem_resource>=<mem_gb>G``
+    #: (Grid Engine) or ``--mem=<mem_gb>G`` (Slurm).
     mem_gb: float | None = None
-    #: The memory resource your site uses: ``h_vmem``, ``mem_free``,
-    #: ``m_mem_free``...
+    #: The Grid Engine memory resource your site uses: ``h_vmem``, ``mem_free``,
+    #: ``m_mem_free``... (Slurm has one: ``--mem``).
     mem_resource: str = "h_vmem"
-    #: Hard run time limit, seconds or ``H:MM:SS``, requested as ``-l h_rt=...``.
+    #: Hard run time limit, seconds or ``H:MM:SS``, requested as ``-l h_rt=...``
+    #: (Grid Engine) or ``--time=H:MM:SS`` (Slurm, which rounds up to a minute).
     #: A worker stops leasing when the time left is shorter than its longest task,
     #: and the open work goes to fresh jobs.
     h_rt: str | None = None
-    #: The queue, requested as ``-q <queue>``.
+    #: The queue, requested as ``-q <queue>`` (Grid Engine) or
+    #: ``--partition=<queue>`` (Slurm).
     queue: str | None = None
     #: Parallel environment and slots, ``(name, slots)``, requested as
-    #: ``-pe <name> <slots>``.
+    #: ``-pe <name> <slots>`` (Grid Engine) or ``--cpus-per-task=<slots>``
+    #: (Slurm, which has no parallel environments: the name is not used).
     pe: tuple[str, int] | None = None
 
     # --- the worker's environment -------------------------------------------
@@ -200,8 +222,9 @@ class Config:
                 key=unknown[0],
             )
         values = dict(mapping)
-        if "ge_opts" in values and isinstance(values["ge_opts"], list):
-            values["ge_opts"] = tuple(values["ge_opts"])
+        for key in ("ge_opts", "scheduler_opts"):
+            if key in values and isinstance(values[key], list):
+                values[key] = tuple(values[key])
         if "prologue" in values and isinstance(values["prologue"], list):
             values["prologue"] = tuple(values["prologue"])
         if "pe" in values and isinstance(values["pe"], list):
@@ -228,31 +251,37 @@ class Config:
     def as_dict(self) -> dict[str, Any]:
         """The config as a JSON-friendly dict with every key."""
         out = dataclasses.asdict(self)
-        for key in ("ge_opts", "pe", "prologue"):
+        for key in ("ge_opts", "scheduler_opts", "pe", "prologue"):
             if out[key] is not None:
                 out[key] = list(out[key])
         return out
 
-    def resource_directives(self) -> list[str]:
-        """The ``#$`` options that the typed resource keys stand for."""
-        opts: list[str] = []
-        if self.mem_gb is not None:
-            opts.append(f"-l {self.mem_resource}={_format_gb(self.mem_gb)}")
-        if self.h_rt is not None:
-            opts.append(f"-l h_rt={self.h_rt}")
-        if self.queue is not None:
-            opts.append(f"-q {self.queue}")
-        if self.pe is not None:
-            opts.append(f"-pe {self.pe[0]} {self.pe[1]}")
-        if self.max_running is not None:
-            opts.append(f"-tc {self.max_running}")
-        return opts
+    @property
+    def raw_options_key(self) -> str:
+        """The key that holds the raw scheduler options: ``ge_opts`` or ``scheduler_opts``."""
+        return "ge_opts" if self.ge_opts is not None else "scheduler_opts"
 
+    @property
+    def raw_options(self) -> tuple[str, ...] | None:
+        """The raw scheduler options (``scheduler_opts``, or its Grid Engine alias ``ge_opts``)."""
+        return self.ge_opts if self.ge_opts is not None else self.scheduler_opts
 
-def _format_gb(mem_gb: float) -> str:
-    if float(mem_gb).is_integer():
-        return f"{int(mem_gb)}G"
-    return f"{max(1, round(mem_gb * 1024))}M"
+    def check_raw_options(self, scheduler: type[Scheduler]) -> None:
+        """Raise ConfigError if the raw options do not suit ``scheduler`` (found by ``auto``)."""
+        if self.ge_opts is not None and scheduler.name == "slurm":
+            auto = self.scheduler == "auto"
+            found = f" (found by scheduler='auto' on {self.host})" if auto else ""
+            raise _fail(
+                "ge_opts",
+                f"holds Grid Engine (qsub) options, but the scheduler is Slurm{found}; put "
+                "sbatch options in scheduler_opts instead",
+            )
+        for i, opt in enumerate(self.raw_options or ()):
+            check_raw_option(self.raw_options_key, i, opt, scheduler)
+
+    def job_options(self, scheduler: type[Scheduler]) -> list[str]:
+        """The raw options, then what the typed resources stand for: ``scheduler``'s lines."""
+        return list(self.raw_options or ()) + scheduler.resource_options(self)
 
 
 def as_config(config: ConfigLike) -> Config:
@@ -313,7 +342,7 @@ def _validate(c: Config) -> None:
             f"must be one of {', '.join(repr(n) for n in SCHEDULER_NAMES)}, got {c.scheduler!r}",
         )
     if c.host == "" and c.scheduler != "local":  # a local run SSHes nowhere
-        raise _fail("host", "is required: the Grid Engine head node to SSH into")
+        raise _fail("host", "is required: the head node (Grid Engine or Slurm) to SSH into")
     _check_text("host", c.host)
     if c.host and (not _HOST.match(c.host) or c.host.startswith("-")):
         raise _fail("host", f"is not a valid host name or address: {c.host!r}")
@@ -348,11 +377,27 @@ def _validate(c: Config) -> None:
         )
     # What goes into the job file is checked here by the job file's own rules.
     check_shell("shell", c.shell)
-    if c.ge_opts is not None:
-        if isinstance(c.ge_opts, str) or not isinstance(c.ge_opts, Sequence):
-            raise _fail("ge_opts", f"must be a list of strings, not {type(c.ge_opts).__name__}")
+    if c.ge_opts is not None and c.scheduler_opts is not None:
+        raise _fail(
+            "scheduler_opts",
+            "and 'ge_opts' are both set, but ge_opts is only scheduler_opts' Grid Engine name; "
+            "put every raw option in one of them (scheduler_opts)",
+        )
+    for key in ("ge_opts", "scheduler_opts"):
+        opts = getattr(c, key)
+        if opts is None:
+            continue
+        if isinstance(opts, str) or not isinstance(opts, Sequence):
+            raise _fail(key, f"must be a list of strings, not {type(opts).__name__}")
+        for i, opt in enumerate(opts):
+            check_raw_option(key, i, opt)
+    if c.scheduler != "auto":
+        # Under "auto" the head node's answer decides, when the scheduler is opened.
+        c.check_raw_options(scheduler_class(c.scheduler))
+    elif c.ge_opts is not None:
+        # Grid Engine options: check them by its rules now, as before "auto" existed.
         for i, opt in enumerate(c.ge_opts):
-            check_ge_opt(i, opt)
+            check_raw_option("ge_opts", i, opt, GridEngine)
     _check_number("ssh_timeout_s", c.ssh_timeout_s, minimum=0.1)
     _check_number("workers", c.workers, minimum=1, optional=True, integer=True)
     _check_number("batch", c.batch, minimum=1, optional=True, integer=True)

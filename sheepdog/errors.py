@@ -13,8 +13,8 @@ The hierarchy::
     │   ├── SSHError                the SSH connection could not be made
     │   │   └── HostKeyError        the head node's host key is unknown or has changed
     │   ├── RemoteCommandError      a command on the head node exited non-zero
-    │   └── SubmitError             qsub refused the job or its answer made no sense
-    ├── JobError                    Grid Engine reports a job in error, or it vanished
+    │   └── SubmitError             qsub/sbatch refused the job or its answer made no sense
+    ├── JobError                    the scheduler reports a job in error, or it vanished
     ├── TaskFailedError             a task failed (``errors="raise"``); wraps the RemoteError
     ├── RemoteError                 a task raised on the worker; carries the remote traceback
     └── TimeoutError                a wait exceeded its bound (also a builtin TimeoutError)
@@ -132,7 +132,7 @@ class RemoteCommandError(DeploymentError):
 
 
 class SubmitError(RemoteCommandError):
-    """qsub refused the job, or its answer did not contain a job id."""
+    """qsub or sbatch refused the job, or its answer did not contain a job id."""
 
 
 class JobError(SheepdogError):

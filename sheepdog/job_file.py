@@ -1,15 +1,18 @@
 """Generate job files to send to the cluster.
 
-A job file is a Python script with Grid Engine directives in its leading
-comment block: ``#!shell``, ``#$ -S shell``, ``#$ -t 1-N``, the user's
-``ge_opts``, then the worker stub's source and a call
+A job file is a Python script with its scheduler's directives in its leading
+comment block: ``#!shell``, then for Grid Engine ``#$ -S shell``, ``#$ -t 1-N``
+and the raw options (``scheduler_opts``/``ge_opts``) as ``#$`` lines, for
+Slurm ``#SBATCH --array=1-N[%M]`` and ``#SBATCH`` lines; then the worker stub's
+source and a call
 ``Client(url, None, request_id, job_index, secret_file=..., ...).go()``.
 
 A job file never holds its request's secret: ``qsub`` hands the script to
 Grid Engine, which copies it world-readable into every execution node's
-spool. The secret goes into a key file beside it (mode 0600, in the 0700
-``ssh_dir``), and the job file names that file's path. Rendering is a pure
-function; :func:`write_job_file` does the local I/O with owner-only modes.
+spool (Slurm keeps a copy in its spool too). The secret goes into a key file
+beside it (mode 0600, in the 0700 ``ssh_dir``), and the job file names that
+file's path. Rendering is a pure function; :func:`write_job_file` does the
+local I/O with owner-only modes.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ._directives import check_ge_opt, check_line, check_prologue_line, check_shell
+from ._directives import check_line, check_prologue_line, check_raw_option, check_shell
 from ._files import write_whole
 from ._stubfile import stub_path, stub_source
 from .errors import ConfigError
@@ -125,6 +128,7 @@ def job_file(
     client_options: Mapping[str, object] | None = None,
     prologue: Sequence[str] | None = None,
     scheduler: type[Scheduler] = GridEngine,
+    max_running: int | None = None,
 ) -> str:
     """Format the job file for one request, ready for deployment.
 
@@ -132,15 +136,18 @@ def job_file(
     path, on the cluster, of the 0600 file that holds the request's secret
     (named by :func:`key_file_name`; the job file never holds the secret);
     ``n_args`` the number of tasks; ``shell`` the worker Python (used for
-    ``#!`` and ``-S``); ``grid_engine_opts`` raw qsub options, one ``#$`` line
-    each. ``array_size`` makes the array smaller than ``n_args`` (each array
+    ``#!`` and ``-S``); ``grid_engine_opts`` raw options for ``scheduler``, one
+    directive line each (the name is the original's: they are sbatch options for
+    Slurm). ``array_size`` makes the array smaller than ``n_args`` (each array
     task leases until no work is left). ``client_options`` are passed to the
     stub's ``Client`` (``batch``, ``retry_s``, ``mem_limit_bytes``). Raises
     ConfigError for a value that cannot be written safely, by the same rules
     as :class:`~sheepdog.Config`. ``prologue`` lines run in ``/bin/sh`` on the
     worker before it execs ``shell`` on this same file (``module load``,
     activating a virtualenv). ``scheduler`` writes the directive lines and
-    names the variable that holds the array index (Grid Engine's by default).
+    names the variable that holds the array index (Grid Engine's by default);
+    ``max_running`` is the throttle for a scheduler that writes it into the array
+    range (Slurm), which Grid Engine takes as ``-tc`` among the options.
     """
     if isinstance(prologue, str):
         raise ConfigError("prologue must be a list of shell lines, not one string", key="prologue")
@@ -155,9 +162,10 @@ def job_file(
         raise ConfigError(f"the server URL must start with http:// or https://, not {url!r}")
     key_path = _check_secret_file(secret_file)
     check_shell("shell", shell)
+    key = "ge_opts" if scheduler.name == "gridengine" else "scheduler_opts"
     if isinstance(grid_engine_opts, str):
-        raise ConfigError("ge_opts must be a list of strings, not one string", key="ge_opts")
-    opts = [check_ge_opt(i, opt) for i, opt in enumerate(grid_engine_opts)]
+        raise ConfigError(f"{key} must be a list of strings, not one string", key=key)
+    opts = [check_raw_option(key, i, opt, scheduler) for i, opt in enumerate(grid_engine_opts)]
     options = dict(client_options or {})
     if tls_fingerprint is not None:
         options["tls_fingerprint"] = tls_fingerprint
@@ -165,19 +173,17 @@ def job_file(
     if prologue_lines:
         # sh runs the prologue, then execs the worker Python on this same file; to Python,
         # ''''true opens a string that the closing ''' ends, so it skips the shell block.
-        # The directives stay above it: qsub reads them from the leading comments.
+        # The directives stay above it: qsub and sbatch read them from the leading comments.
         head = [
             "#!/bin/sh",
-            "#$ -S /bin/sh",
-            f"#$ -t 1-{size}",
-            *(f"#$ {opt}" for opt in opts),
+            *scheduler.directives("/bin/sh", size, opts, max_running=max_running),
             "''''true",
             *prologue_lines,
             f'exec {shlex.quote(shell)} "$0" "$@"',
             "'''",
         ]
     else:
-        head = [f"#!{shell}", *scheduler.directives(shell, size, opts)]
+        head = [f"#!{shell}", *scheduler.directives(shell, size, opts, max_running=max_running)]
     lines = [
         *head,
         f"# sheepdog job file for request {request_id}: {n_args} tasks. The request's",

@@ -11,6 +11,7 @@ import pytest
 
 from sheepdog.config import Config, as_config
 from sheepdog.errors import ConfigError
+from sheepdog.scheduler import GridEngine
 
 ORIGINAL_KEYS = {
     "host", "ssh_port", "ssh_user", "ssh_keyfile", "ssh_dir", "dbfile", "port",
@@ -111,15 +112,15 @@ def test_bad_values_name_the_key(values: dict[str, object], key: str) -> None:
     assert repr(key) in str(info.value)
 
 
-def test_resource_directives() -> None:
+def test_grid_engine_resource_options() -> None:
     config = Config(
         host="h", mem_gb=2, h_rt="1:00:00", queue="all.q", pe=("smp", 4), max_running=5,
         mem_resource="mem_free",
     )
-    assert config.resource_directives() == [
+    assert GridEngine.resource_options(config) == [
         "-l mem_free=2G", "-l h_rt=1:00:00", "-q all.q", "-pe smp 4", "-tc 5",
     ]
-    assert Config(host="h", mem_gb=0.5).resource_directives() == ["-l h_vmem=512M"]
+    assert GridEngine.resource_options(Config(host="h", mem_gb=0.5)) == ["-l h_vmem=512M"]
 
 
 def test_from_file_and_round_trip(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from sheepdog.job_file import (
     stub_source,
     write_job_file,
 )
+from sheepdog.scheduler import Slurm
 
 GOLDEN = Path(__file__).parent / "golden" / "job_file.txt"
 STUB_PLACEHOLDER = "# <worker stub source: worker_stub/sheepdog_worker.py>"
@@ -330,3 +331,87 @@ def test_stub_source_is_the_checkout_file() -> None:
 def test_sheepdog_client_exports_the_stub_client() -> None:
     assert sheepdog.client.Client is sheepdog.client.stub.Client
     assert sheepdog.client.stub.__file__ == str(stub_path())
+
+
+# --- Slurm's job files ----------------------------------------------------------------------
+
+GOLDEN_SLURM = Path(__file__).parent / "golden" / "job_file_slurm.txt"
+GOLDEN_SLURM_PROLOGUE = Path(__file__).parent / "golden" / "job_file_slurm_prologue.txt"
+SLURM_CONFIG = Config(host="h", scheduler="slurm", mem_gb=2, h_rt="3600", queue="main",
+                      pe=("smp", 2), max_running=4, scheduler_opts=("--qos=normal",))
+
+
+def render_slurm(**overrides: object) -> str:
+    values: dict[str, object] = {
+        "grid_engine_opts": SLURM_CONFIG.job_options(Slurm), "scheduler": Slurm,
+        "max_running": SLURM_CONFIG.max_running,
+    }
+    values.update(overrides)
+    return render(**values)
+
+
+def check_golden(path: Path, text: str) -> None:
+    text = text.replace(stub_source().rstrip("\n"), STUB_PLACEHOLDER)
+    if not path.exists():
+        path.write_text(text, encoding="utf-8")
+        pytest.fail(f"{path} was missing and has been written: review it, commit it, rerun")
+    assert text == path.read_text(encoding="utf-8")
+
+
+def test_golden_slurm_job_file() -> None:
+    """A Slurm job file matches tests/golden/job_file_slurm.txt (rewritten when deleted)."""
+    check_golden(GOLDEN_SLURM, render_slurm(
+        array_size=10, client_options={"batch": 4, "retry_s": 900.0}
+    ))
+
+
+def test_golden_slurm_prologue_job_file() -> None:
+    """A Slurm job file with a prologue matches tests/golden/job_file_slurm_prologue.txt."""
+    check_golden(GOLDEN_SLURM_PROLOGUE, render_slurm(
+        array_size=10, prologue=["module load python/3.11", ". '/opt/my env/bin/activate'"]
+    ))
+
+
+def test_a_slurm_job_file_is_python_that_reads_slurms_index_and_limits() -> None:
+    text = render_slurm()
+    compile(text, "sheepdog_012.py", "exec")
+    header = text.split('"""', 1)[0].splitlines()
+    assert header[0] == "#!/usr/bin/python3"
+    assert [line for line in header if line.startswith("#")][1:6] == [
+        "#SBATCH --array=1-30%4", "#SBATCH --qos=normal", "#SBATCH --mem=2G",
+        "#SBATCH --time=1:00:00", "#SBATCH --partition=main",
+    ]
+    assert not any(line.startswith("#$") for line in header)
+    assert ast.unparse(client_call(text).args[3]) == (
+        "int(os.environ.get('SLURM_ARRAY_TASK_ID', '1'))"
+    )
+    assert sheepdog.client.stub.memory_limit(text) == 2 * 1024**3
+    assert sheepdog.client.stub.run_limit(text) == 3600
+
+
+def test_awkward_slurm_options_are_kept_on_their_line_or_rejected(awkward: str) -> None:
+    opt = f"--comment=job{awkward}"
+    if has_line_break(awkward):
+        with pytest.raises(ConfigError, match="line break") as info:
+            render_slurm(grid_engine_opts=[opt])
+        assert info.value.key == "scheduler_opts[0]"
+        with pytest.raises(ConfigError, match="line break"):
+            Config(host="h", scheduler="slurm", scheduler_opts=(opt,))
+        return
+    assert Config(host="h", scheduler="slurm", scheduler_opts=(opt,)).scheduler_opts == (opt,)
+    text = render_slurm(grid_engine_opts=[opt])
+    compile(text, "job", "exec")
+    header = text.split('"""', 1)[0].splitlines()
+    assert all(line.startswith("#") for line in header)
+    assert f"#SBATCH {opt}" in header
+    assert sum(line.startswith("#SBATCH --array") for line in header) == 1
+
+
+@pytest.mark.parametrize("opt", ["--array=1-5", "-a 1-5", "-J name", "--job-name=x",
+                                 "--parsable"])
+def test_options_that_sheepdog_sets_on_slurm_are_rejected_by_the_job_file(opt: str) -> None:
+    with pytest.raises(ConfigError, match="remove .* from scheduler_opts"):
+        render_slurm(grid_engine_opts=[opt])
+    # Grid Engine would have taken some of them: the rule is the scheduler's.
+    if opt == "--parsable":
+        assert "#$ --parsable" in render(grid_engine_opts=[opt])

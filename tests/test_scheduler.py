@@ -33,20 +33,22 @@ WAIT_S = 60.0
 
 
 def test_the_scheduler_key_names_the_valid_values() -> None:
-    with pytest.raises(ConfigError, match="'gridengine', 'local'") as info:
-        Config(host="h", scheduler="slurm")
-    assert info.value.key == "scheduler" and "'slurm'" in str(info.value)
-    assert tuple(SCHEDULERS) == SCHEDULER_NAMES
+    with pytest.raises(ConfigError, match="'auto', 'gridengine', 'slurm', 'local'") as info:
+        Config(host="h", scheduler="pbs")
+    assert info.value.key == "scheduler" and "'pbs'" in str(info.value)
+    assert set(SCHEDULERS) | {"auto"} == set(SCHEDULER_NAMES)
 
 
-def test_old_configs_submit_to_grid_engine_and_local_needs_no_host() -> None:
-    assert Config.from_mapping({"host": "fear"}).scheduler == "gridengine"
+def test_old_configs_ask_the_head_node_and_local_needs_no_host() -> None:
+    # No scheduler key: "auto", which finds Grid Engine on a Grid Engine head node (see
+    # test_slurm.py for the detection itself).
+    assert Config.from_mapping({"host": "fear"}).scheduler == "auto"
     with pytest.raises(ConfigError, match="host"):
         Config()
     local = Config(scheduler="local")
     assert local.host == "" and local.as_dict()["scheduler"] == "local"
     assert isinstance(open_scheduler(local), LocalScheduler)
-    assert isinstance(open_scheduler(Config(host="h")), GridEngine)
+    assert isinstance(open_scheduler(Config(host="h", scheduler="gridengine")), GridEngine)
 
 
 @pytest.mark.parametrize(
@@ -64,7 +66,9 @@ def test_the_job_file_takes_the_schedulers_directives_and_index_variable() -> No
         array_index_var = "OTHER_TASK_ID"
 
         @classmethod
-        def directives(cls, shell: str, array_size: int, options: object) -> list[str]:
+        def directives(
+            cls, shell: str, array_size: int, options: object, *, max_running: int | None = None
+        ) -> list[str]:
             return [f"#OTHER --array=1-{array_size}"]
 
     text = job_file("http://h:1/", "/k/key", 3, 5, "/usr/bin/python3", [], scheduler=Other)

@@ -263,10 +263,60 @@ def hard_requests(job_text):
                     yield name, value
 
 
+def slurm_requests(job_text):
+    """Yield ("--mem" or "--time", value) for each in a job file's leading #SBATCH lines."""
+    for line in job_text.splitlines():
+        if not line.startswith("#"):
+            break  # sbatch, too, reads directives only from the leading comment block
+        if not line.startswith("#SBATCH"):
+            continue
+        words = line[len("#SBATCH"):].split()
+        for i, word in enumerate(words):
+            name, eq, value = word.partition("=")
+            if name == "-t" or name in ("--mem", "--time"):
+                if not eq:  # "--mem 2G", "-t 10"
+                    value = words[i + 1] if i + 1 < len(words) else ""
+                yield ("--time" if name == "-t" else name), value
+            elif word.startswith("-t") and not word.startswith("--"):
+                yield "--time", word[2:]  # "-t10"
+
+
+def parse_slurm_memory(spec):
+    """Return the bytes in a Slurm --mem value (2G, 500, 1536M); None for 0 (the whole node)."""
+    match = re.match(r"^(\d+)([kKmMgGtT]?)$", spec.strip())
+    if not match:
+        raise ValueError("%r is not a Slurm memory size such as 2G or 500M" % spec)
+    number, unit = int(match.group(1)), (match.group(2) or "M").upper()
+    return number * MEMORY_UNITS[unit] or None  # Slurm's units are powers of 1024; MB alone
+
+
+def parse_slurm_time(spec):
+    """Return the seconds in a Slurm --time (30, 1:30, 1:00:00, 2-0, 2-12:00:00); None if none."""
+    text = spec.strip()
+    if text.upper() in ("INFINITE", "UNLIMITED"):
+        return None
+    match = re.match(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$", text)
+    if not match:
+        raise ValueError("%r is not a Slurm time such as 30, 1:00:00 or 2-12:00:00" % spec)
+    days, first, second, third = match.groups()
+    parts = [int(p) for p in (first, second, third) if p is not None]
+    if days is not None:  # days-hours[:minutes[:seconds]]
+        parts += [0] * (3 - len(parts))
+        hours, minutes, seconds = parts
+        return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
+    if len(parts) == 3:  # hours:minutes:seconds
+        return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+    if len(parts) == 2:  # minutes:seconds
+        return parts[0] * 60 + parts[1]
+    return parts[0] * 60  # minutes
+
+
 def memory_limit(job_text):
-    """Return the smallest hard mem_grab/h_vmem request in a job file's #$ lines, or None."""
+    """Return the smallest hard mem_grab/h_vmem request (#$) or --mem (#SBATCH), or None."""
     limits = [parse_memory(value) for name, value in hard_requests(job_text)
               if name in ("mem_grab", "h_vmem") and parse_memory(value)]
+    limits += [parse_slurm_memory(value) for name, value in slurm_requests(job_text)
+               if name == "--mem" and parse_slurm_memory(value)]
     return min(limits) if limits else None
 
 
@@ -283,9 +333,11 @@ def parse_time(spec):
 
 
 def run_limit(job_text):
-    """Return the smallest hard h_rt request in a job file's #$ lines in seconds, or None."""
+    """Return the smallest hard h_rt (#$) or --time (#SBATCH) in seconds, or None."""
     limits = [parse_time(value) for name, value in hard_requests(job_text)
               if name == "h_rt" and parse_time(value) is not None]
+    limits += [parse_slurm_time(value) for name, value in slurm_requests(job_text)
+               if name == "--time" and parse_slurm_time(value) is not None]
     return min(limits) if limits else None
 
 
@@ -618,7 +670,7 @@ class Client:
         say("sheepdog: worker %s: no tasks left" % self.worker, self.out)
 
     def set_memlimit(self, fname=None):
-        """Limit our address space to mem_limit_bytes, or the job file's mem_grab/h_vmem."""
+        """Limit our address space to mem_limit_bytes, or the job file's mem_grab/h_vmem/--mem."""
         limit = self.mem_limit_bytes
         if limit is None:
             try:
@@ -634,7 +686,7 @@ class Client:
         return limit
 
     def set_run_limit(self, fname=None):
-        """Take the job file's h_rt as our run-time limit, unless run_limit_s was given."""
+        """Take the job file's h_rt or --time as our run-time limit, unless run_limit_s is set."""
         if self.run_limit_s is None:
             try:
                 with open(fname or sys.argv[0], errors="replace") as f:

@@ -18,10 +18,13 @@ import enum
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from ..errors import RemoteCommandError
 from ..remote import CommandResult
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 __all__ = [
     "SCHEDULER_NAMES",
@@ -34,11 +37,12 @@ __all__ = [
     "State",
     "Waiting",
     "describe_exit",
+    "format_gb",
     "quote_all",
 ]
 
-#: The values of the ``scheduler`` config key (``"auto"`` and ``"slurm"`` come with Slurm).
-SCHEDULER_NAMES = ("gridengine", "local")
+#: The values of the ``scheduler`` config key: ``"auto"`` asks the head node which it runs.
+SCHEDULER_NAMES = ("auto", "gridengine", "slurm", "local")
 
 
 class State(str, enum.Enum):
@@ -182,29 +186,54 @@ class Scheduler:
     #: At most this many array tasks when the config does not say (``workers``): on a
     #: cluster, beyond this, extra array tasks mostly wait in the queue.
     default_max_workers: ClassVar[int] = 100
+    #: What the raw options of the config (``scheduler_opts``) are called in messages.
+    options_label: ClassVar[str] = "scheduler"
 
     def __init__(self, host: Host) -> None:
         self.host = host
 
+    @property
+    def kind(self) -> type[Scheduler]:
+        """The class that writes this scheduler's job files (``auto``: the one it found)."""
+        return type(self)
+
     # --- the job file ---------------------------------------------------------------
 
     @classmethod
-    def directives(cls, shell: str, array_size: int, options: Sequence[str]) -> list[str]:
-        """The job file's directive lines: the interpreter, the array of tasks, raw options."""
+    def directives(
+        cls, shell: str, array_size: int, options: Sequence[str], *, max_running: int | None = None
+    ) -> list[str]:
+        """The job file's directive lines: the interpreter, the array of tasks, raw options.
+
+        ``max_running`` is the throttle for a scheduler that writes it into the array range
+        (Slurm's ``%``); the others map it in :meth:`resource_options`.
+        """
         raise NotImplementedError
+
+    @classmethod
+    def resource_options(cls, config: Config) -> list[str]:
+        """The raw options that the config's typed resources (``mem_gb``, ``h_rt``...) stand for."""
+        return []
+
+    @classmethod
+    def reserved_option(cls, word: str) -> str | None:
+        """Why sheepdog sets the option ``word`` (of a raw option) itself; None if it may be set."""
+        return None
 
     # --- jobs -------------------------------------------------------------------------
 
     def submit(
         self, job_path: str, *, name: str, array_size: int, workdir: str | None = None,
-        split: bool = False,
+        split: bool = False, max_running: int | None = None,
     ) -> str:
         """Submit the job file at ``job_path`` (on the host) as an array job; return its id.
 
         ``name`` names the job (unique per request, so it can be deleted by name when its
         id never arrived); ``array_size`` is the number of array tasks, which the job file
-        already says unless ``split`` (one of several jobs of one request). With
-        ``workdir`` the job runs there and writes its output files there.
+        already says unless ``split`` (one of several jobs of one request; ``max_running``
+        is then the throttle written with the array range, as in :meth:`directives`). With
+        ``workdir`` the job runs there and writes its output files there, named
+        ``<name>.o<job id>.<task>`` and ``<name>.e<job id>.<task>``.
         """
         raise NotImplementedError
 
@@ -253,6 +282,13 @@ def quote_all(words: Sequence[str]) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
+def format_gb(mem_gb: float) -> str:
+    """A memory size for a scheduler option: ``2G``, or whole megabytes (``1536M``)."""
+    if float(mem_gb).is_integer():
+        return f"{int(mem_gb)}G"
+    return f"{max(1, round(mem_gb * 1024))}M"
+
+
 _SIGNALS = {9: "SIGKILL", 15: "SIGTERM", 6: "SIGABRT", 11: "SIGSEGV"}
 
 
@@ -269,7 +305,7 @@ def describe_exit(status: int | None, where: str, stub_reasons: dict[int, str]) 
         signal = status - 128
         hint = ""
         if signal == 9:
-            hint = " (killed: often an exceeded memory or time limit, or qdel)"
+            hint = " (killed: often an exceeded memory or time limit, or the job was deleted)"
         return f"the array task died with signal {_SIGNALS.get(signal, signal)}{hint}{where}"
     why = stub_reasons.get(status)
     if why:

@@ -14,7 +14,7 @@ import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import RemoteCommandError, SheepdogError, SubmitError
 from .base import (
@@ -26,9 +26,13 @@ from .base import (
     State,
     Waiting,
     describe_exit,
+    format_gb,
     quote_all,
 )
 from .stubexits import stub_exit_reasons
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 __all__ = [
     "DEFAULT_ARRAY_LIMITS",
@@ -335,22 +339,56 @@ class GridEngine(Scheduler):
     #: Sourced before every command on the head node (see :data:`SGE_ENV_PREAMBLE`).
     preamble: ClassVar[str] = SGE_ENV_PREAMBLE
 
+    options_label: ClassVar[str] = "qsub"
+    #: Options sheepdog sets itself; a second one in the raw options would conflict.
+    reserved_options: ClassVar[dict[str, str]] = {
+        "-t": "the array range is set by sheepdog from the number of tasks and workers "
+              "(array_size)",
+        "-S": "the interpreter is set by sheepdog from the `shell` option",
+    }
+
     def __init__(self, host: Host) -> None:
         super().__init__(host)
         self._array_limits: ArrayLimits | None = None
 
     @classmethod
-    def directives(cls, shell: str, array_size: int, options: Sequence[str]) -> list[str]:
-        """``#$ -S shell``, ``#$ -t 1-N`` and one ``#$`` line per raw qsub option."""
+    def directives(
+        cls, shell: str, array_size: int, options: Sequence[str], *, max_running: int | None = None
+    ) -> list[str]:
+        """``#$ -S shell``, ``#$ -t 1-N`` and one ``#$`` line per raw qsub option.
+
+        ``max_running`` is not written here: it is ``-tc``, one of the resource options.
+        """
         return [
             f"#$ -S {shlex.quote(shell)}",
             f"#$ -t 1-{array_size}",
             *(f"#$ {opt}" for opt in options),
         ]
 
+    @classmethod
+    def resource_options(cls, config: Config) -> list[str]:
+        """``-l <mem_resource>=``, ``-l h_rt=``, ``-q``, ``-pe`` and ``-tc`` for the typed keys."""
+        opts: list[str] = []
+        if config.mem_gb is not None:
+            opts.append(f"-l {config.mem_resource}={format_gb(config.mem_gb)}")
+        if config.h_rt is not None:
+            opts.append(f"-l h_rt={config.h_rt}")
+        if config.queue is not None:
+            opts.append(f"-q {config.queue}")
+        if config.pe is not None:
+            opts.append(f"-pe {config.pe[0]} {config.pe[1]}")
+        if config.max_running is not None:
+            opts.append(f"-tc {config.max_running}")
+        return opts
+
+    @classmethod
+    def reserved_option(cls, word: str) -> str | None:
+        """Why sheepdog sets ``-t`` or ``-S`` itself (a whole word: ``-tc`` is fine)."""
+        return cls.reserved_options.get(word)
+
     def submit(
         self, job_path: str, *, name: str, array_size: int, workdir: str | None = None,
-        split: bool = False,
+        split: bool = False, max_running: int | None = None,
     ) -> str:
         """``qsub -terse`` the job file from its directory; return the Grid Engine job id."""
         directory = job_path.rsplit("/", 1)[0] or "/"

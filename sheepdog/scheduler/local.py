@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from .._files import write_whole
 from .._poll import poll_until
@@ -34,6 +34,9 @@ from ..remote import CommandResult, under_home
 from .base import Deletion, JobStatus, Scheduler, State, Waiting, describe_exit
 from .gridengine import GridEngine
 from .stubexits import stub_exit_reasons
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 __all__ = ["LocalHost", "LocalScheduler"]
 
@@ -162,17 +165,31 @@ class LocalScheduler(Scheduler):
         #: Where the job files, the task output and the jobs' state files are.
         self.jobdir = jobdir
 
+    options_label: ClassVar[str] = GridEngine.options_label
+
     @classmethod
-    def directives(cls, shell: str, array_size: int, options: Sequence[str]) -> list[str]:
+    def directives(
+        cls, shell: str, array_size: int, options: Sequence[str], *, max_running: int | None = None
+    ) -> list[str]:
         """Grid Engine's directive lines: to a local run they are comments."""
-        return GridEngine.directives(shell, array_size, options)
+        return GridEngine.directives(shell, array_size, options, max_running=max_running)
+
+    @classmethod
+    def resource_options(cls, config: Config) -> list[str]:
+        """Grid Engine's: the worker reads its memory and run-time limits from them."""
+        return GridEngine.resource_options(config)
+
+    @classmethod
+    def reserved_option(cls, word: str) -> str | None:
+        """Grid Engine's: the job file is Grid Engine's."""
+        return GridEngine.reserved_option(word)
 
     def _state_file(self, job_id: str) -> Path:
         return Path(self.jobdir) / f".local-job-{job_id}.json"
 
     def submit(
         self, job_path: str, *, name: str, array_size: int, workdir: str | None = None,
-        split: bool = False,
+        split: bool = False, max_running: int | None = None,
     ) -> str:
         """Start ``array_size`` processes running the job file; return the job's id."""
         job_id = _new_job_id()

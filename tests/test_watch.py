@@ -18,7 +18,7 @@ import sheepdog._submit
 from sheepdog._api import request_settings
 from sheepdog.config import Config
 from sheepdog.errors import StorageError
-from sheepdog.remote import CommandResult
+from sheepdog.remote import CommandResult, under_home
 from sheepdog.scheduler.gridengine import QSTAT_COMMAND, GridEngine
 from sheepdog.storage import Storage
 from sheepdog.watch import Watcher, wait_for_request
@@ -52,6 +52,13 @@ class FakeHead:
             if command.startswith(prefix):
                 return result
         return CommandResult(command, 0, "", "")
+
+    def absolute(self, directory: str) -> str:
+        return under_home(directory, "/home/sheep")
+
+    def list_dir(self, directory: str) -> list[str] | None:
+        self.commands.append(f"list {directory}")
+        return None  # no worker spooled anything
 
     def close(self) -> None:
         self.closed = True

@@ -52,8 +52,11 @@ def slow_square(x: int) -> int:
     return x * x
 
 
-def big(x: int) -> bytes:
-    time.sleep(1.0)
+def big(x: int, go: str = "") -> bytes:
+    """A value too large to go inline; with ``go``, made once that file exists (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while go and not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return bytes([x]) * (INLINE_MAX_BYTES + 1000)
 
 
@@ -261,7 +264,8 @@ def test_a_worker_that_cannot_reach_the_server_spools_and_exits_8(tmp_path: Path
 def test_a_large_result_spools_when_its_upload_finds_no_server(tmp_path: Path) -> None:
     setup = Setup(tmp_path)
     try:
-        rid = setup.request(big, [1, 2], batch=1)
+        go = str(tmp_path / "go")
+        rid = setup.request(big, [(1, go), (2, go)], batch=1)
         directory = str(tmp_path / "jobs" / "spool")
         job = write_job(
             tmp_path / "jobs", setup.server.url_for("127.0.0.1"),
@@ -271,6 +275,7 @@ def test_a_large_result_spools_when_its_upload_finds_no_server(tmp_path: Path) -
         proc = setup.start(job, 1)
         wait_for(lambda: setup.storage.task_counts(rid).get("leased", 0) >= 1, "a lease")
         setup.server.stop()  # gone before the task ends: its upload finds no server
+        Path(go).touch()
         code, out, err = finish(proc)
         assert code == stub.EXIT_SPOOLED, f"{out}\n{err}"
         assert "gave up on PUT" in err  # the upload, not the post of the results

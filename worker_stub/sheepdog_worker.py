@@ -830,7 +830,7 @@ class Client:
             sys.stdout, sys.stderr, self.running = out.stream, err.stream, None
         result.update(stdout=out.text(), stderr=err.text(), duration_s=time.monotonic() - start)
         if result["ok"]:  # outside the try: a failed upload stops the worker, as any call does
-            result.update(self.encode_value(index, payload))
+            result.update(self.encode_value(payload, index))
         if result["ok"]:
             say("sheepdog: task %d ok: %s" % (index, short_repr(value)), self.out)
         else:
@@ -840,7 +840,7 @@ class Client:
             say(error["traceback"].rstrip(), self.err)
         return result
 
-    def encode_value(self, index, payload):
+    def encode_value(self, payload, index=None):
         """A result's value for /results: inline base64, or a blob uploaded first if large.
 
         A large value is kept until the server has its result, to be spooled if it never
@@ -848,7 +848,7 @@ class Client:
         """
         inline_max = self.settings.get("inline_max_bytes")
         if inline_max is not None and len(payload) > inline_max:
-            if self.spool_dir:
+            if self.spool_dir and index is not None:
                 self.payloads[index] = payload
             try:
                 return {"blob": self.conn.upload(payload)}

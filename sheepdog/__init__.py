@@ -10,6 +10,7 @@ import logging
 from . import serialisation
 from ._api import cancel, get_errors, get_output, get_results, map, map_async, rerun
 from ._version import __version__
+from .attach import attach
 from .config import Config
 from .deployment import Deployer
 from .errors import (
@@ -69,6 +70,7 @@ __all__ = [
     "UnknownTaskError",
     "__version__",
     "__version_info__",
+    "attach",
     "cancel",
     "default_config",
     "get_errors",

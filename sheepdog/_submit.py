@@ -13,7 +13,14 @@ from typing import Any
 
 from .config import Config
 from .errors import ServerError
-from .job_file import JOB_FILE_MODE, KEY_FILE_MODE, job_file, job_file_name, key_file_name
+from .job_file import (
+    JOB_FILE_MODE,
+    KEY_FILE_MODE,
+    job_file,
+    job_file_name,
+    key_file_name,
+    spool_dir_name,
+)
 from .scheduler import SCHEDULERS, Deletion, Scheduler, scheduler_class
 from .server import Server, get_server, listen_address
 from .server.tls import certificate_for, fingerprint_sha256
@@ -181,11 +188,15 @@ def submit_request(
     # script, which Grid Engine copies world-readable onto the execution nodes.
     jobdir = scheduler.host.absolute(config.ssh_dir) + "/"
     key_name, name = key_file_name(request_id, secret), job_name(storage, request_id)
+    # Workers that cannot reach the server for worker_retry_s spool their results beside
+    # the job file (see sheepdog/spool.py).
+    client_options = {"retry_s": float(config.worker_retry_s),
+                      "spool_dir": jobdir + spool_dir_name(request_id, secret)}
     text = job_file(
         url, jobdir + key_name, request_id,
         storage.count_tasks(request_id), config.shell, options,
         array_size=sizes[0], tls_fingerprint=fingerprint, prologue=config.prologue,
-        scheduler=kind, max_running=config.max_running,
+        scheduler=kind, max_running=config.max_running, client_options=client_options,
     )
     # The key file first, made 0600 before the secret is written; both never on a command line.
     scheduler.host.put(

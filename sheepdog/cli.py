@@ -287,6 +287,29 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     return 0 if counts.get("done", 0) == sum(counts.values()) else 1
 
 
+def cmd_attach(args: argparse.Namespace) -> int:
+    from .attach import attach
+
+    with _open_db(args.dbfile) as storage:
+        config = stored_config(storage, args.id)
+        storage.count_tasks(args.id)  # an unknown id fails here, naming the database
+    if args.config is not None:
+        config = as_config(args.config).replace(dbfile=args.dbfile)
+    if config is None:
+        raise CliError(
+            f"request {args.id} has no stored config (an older request): pass --config FILE"
+        )
+    try:
+        attach(args.id, config, timeout_s=args.timeout)
+    except KeyboardInterrupt:
+        return 130  # attach said what became of the jobs
+    args.wait = False
+    cmd_results(args)
+    with _open_db(args.dbfile) as storage:
+        counts = storage.task_counts(args.id)
+    return 0 if counts.get("done", 0) == sum(counts.values()) else 1
+
+
 def _ports_to_serve(
     storage: Storage, only: Sequence[int] | None
 ) -> dict[int, tuple[str, str, list[int]]]:
@@ -600,6 +623,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve the jobs and wait for them, with a progress bar")
     _add_dbfile(p)
     p.set_defaults(run=cmd_rerun)
+
+    p = _command(
+        sub, "attach", "watch a request again from here: collect, resubmit, wait, print",
+        "Bring a request back under watch from this process, after the process that\n"
+        "submitted it went away (a laptop that slept, a closed terminal): serve its\n"
+        "jobs again, collect the results its workers spooled while no server\n"
+        "answered, resubmit the work whose jobs are gone, wait with a progress bar,\n"
+        "then print its results as `sheepdog results` does. Exit status 1 unless\n"
+        "every task is done.",
+        ["sheepdog attach 2", "sheepdog attach 2 --json > results.json"],
+    )
+    p.add_argument("id", type=int, help="the request id")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="JSON config file (default: the config stored with the request)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="give up waiting after this long (the jobs go on; attach again)")
+    _add_dbfile(p)
+    p.set_defaults(run=cmd_attach)
 
     p = _command(
         sub, "serve", "restart the server for requests with open tasks",

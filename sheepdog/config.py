@@ -188,6 +188,11 @@ class Config:
     retries: int = 2
     #: Seconds a leased task stays with a worker that stopped sending heartbeats.
     lease_s: float = 60.0
+    #: How long a worker keeps trying to reach the server before it gives up. It then
+    #: writes the results it finished to the request's spool beside the job file and
+    #: exits; sheepdog collects them when it is back (a laptop that slept; see
+    #: :doc:`failures`). Longer than a lid closed over lunch costs only a slot held.
+    worker_retry_s: float = 600.0
     #: Ctrl-C during a blocking ``map`` cancels its jobs, unless this is true.
     keep_jobs_on_interrupt: bool = False
     #: Serve HTTPS with a self-signed certificate that the job files pin; see
@@ -435,6 +440,7 @@ def _validate(c: Config) -> None:
     _check_number("timeout_s", c.timeout_s, minimum=0.001, optional=True)
     _check_number("retries", c.retries, minimum=0, integer=True)
     _check_number("lease_s", c.lease_s, minimum=1)
+    _check_number("worker_retry_s", c.worker_retry_s, minimum=1)
     _check_type("keep_jobs_on_interrupt", c.keep_jobs_on_interrupt, (bool,), "True or False")
     _check_type("tls", c.tls, (bool,), "True or False")
     if c.mode not in ("bytecode", "source"):

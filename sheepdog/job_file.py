@@ -40,6 +40,7 @@ __all__ = [
     "job_file_name",
     "job_stem",
     "key_file_name",
+    "spool_dir_name",
     "stub_path",
     "stub_source",
     "write_job_file",
@@ -79,6 +80,11 @@ def job_file_name(request_id: int, secret: str) -> str:
 def key_file_name(request_id: int, secret: str) -> str:
     """Return the name of the file beside the job file that holds the request's secret."""
     return job_stem(request_id, secret) + ".key"
+
+
+def spool_dir_name(request_id: int, secret: str) -> str:
+    """Return the name of the directory beside the job file where workers spool results."""
+    return job_stem(request_id, secret) + ".spool"
 
 
 def _check_secret(secret: str) -> None:

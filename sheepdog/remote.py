@@ -396,6 +396,49 @@ class Remote:
             raise SSHError(f"cannot write job file {target} on {self.host}: {exc}") from exc
 
 
+    # --- files (the workers' spool; see sheepdog/_spool.py) -------------------------
+
+    def _sftp(self, what: str, action: Callable[[paramiko.SFTPClient], Any]) -> Any:
+        client = self.connect()
+        try:
+            with client.open_sftp() as sftp:
+                return action(sftp)
+        except FileNotFoundError:
+            raise
+        except (OSError, paramiko.SSHException) as exc:
+            raise SSHError(f"cannot {what} on {self.host}: {exc}", host=self.host) from exc
+
+    def list_dir(self, directory: str) -> list[str] | None:
+        """The names in an absolute ``directory``, or None if it does not exist."""
+        try:
+            names: list[str] = self._sftp(f"list {directory}", lambda s: s.listdir(directory))
+        except FileNotFoundError:
+            return None
+        return names
+
+    def read_bytes(self, path: str) -> bytes:
+        """The contents of the file at an absolute ``path``."""
+
+        def read(sftp: paramiko.SFTPClient) -> bytes:
+            with sftp.open(path, "rb") as fh:
+                fh.prefetch()
+                return bytes(fh.read())
+
+        data: bytes = self._sftp(f"read {path}", read)
+        return data
+
+    def remove(self, path: str) -> None:
+        """Delete the file at an absolute ``path``; one already gone is fine."""
+        try:
+            self._sftp(f"delete {path}", lambda s: s.remove(path))
+        except FileNotFoundError:
+            pass
+
+    def rename(self, source: str, target: str) -> None:
+        """Rename a file (absolute paths, one file system)."""
+        self._sftp(f"rename {source}", lambda s: s.posix_rename(source, target))
+
+
 def _local_user() -> str:
     import getpass
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import _submit
+from . import _submit, spool
 from ._poll import poll_until
 from ._progress import Progress
 from .errors import SheepdogError, StorageError
@@ -162,6 +162,9 @@ class Watcher:
             return
         if self.passive and not self._take_over(tuple(jobs), now):
             return
+        # Workers that could not reach the server (a laptop asleep) spooled what they
+        # finished before they exited: stored first, it is not run again.
+        self.collect_spool(storage)
         # Every job has left the queue, so no worker is left to renew a lease: the
         # leases still open belong to dead workers and their tasks go back to pending.
         storage.expire_leases(rid, every_lease=True)
@@ -178,6 +181,12 @@ class Watcher:
             storage, jobs, len(open_tasks),
             f"job {jobs[-1]} left the queue" + (f" ({reason})" if reason else ""),
             reason=reason,
+        )
+
+    def collect_spool(self, storage: Storage) -> spool.Collection:
+        """Store the results the request's workers spooled (see :mod:`sheepdog.spool`)."""
+        return spool.collect_request_spool(
+            storage, self.config, self.scheduler.host, self.request_id
         )
 
     def _take_over(self, jobs: tuple[str, ...], now: float) -> bool:

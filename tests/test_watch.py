@@ -7,7 +7,10 @@ runs the same situations on a real cluster.
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -16,10 +19,13 @@ import pytest
 
 import sheepdog._submit
 from sheepdog._api import request_settings
+from sheepdog.client import stub
 from sheepdog.config import Config
 from sheepdog.errors import StorageError
-from sheepdog.remote import CommandResult
+from sheepdog.remote import CommandResult, under_home
 from sheepdog.scheduler.gridengine import QSTAT_COMMAND, GridEngine
+from sheepdog.scheduler.local import LocalHost
+from sheepdog.spool import spool_directory
 from sheepdog.storage import Storage
 from sheepdog.watch import Watcher, wait_for_request
 
@@ -52,6 +58,13 @@ class FakeHead:
             if command.startswith(prefix):
                 return result
         return CommandResult(command, 0, "", "")
+
+    def absolute(self, directory: str) -> str:
+        return under_home(directory, "/home/sheep")
+
+    def list_dir(self, directory: str) -> list[str] | None:
+        self.commands.append(f"list {directory}")
+        return None  # no worker spooled anything
 
     def close(self) -> None:
         self.closed = True
@@ -278,3 +291,42 @@ def test_a_job_in_a_state_the_module_does_not_know_is_not_gone(setup: Any) -> No
     assert storage.task_counts(rid)["leased"] == 2
     assert storage.task_counts(rid)["error"] == 0
     assert not any(c.startswith(("qacct", "qdel", "qsub")) for c in head.commands)
+
+
+class SpoolingHead(FakeHead):
+    """A head node whose files are this machine's (in a test's directory): it has a spool."""
+
+    def list_dir(self, directory: str) -> list[str] | None:
+        self.commands.append(f"list {directory}")
+        return LocalHost().list_dir(directory)
+
+    def read_bytes(self, path: str) -> bytes:
+        return LocalHost().read_bytes(path)
+
+    def remove(self, path: str) -> None:
+        LocalHost().remove(path)
+
+    def rename(self, source: str, target: str) -> None:
+        LocalHost().rename(source, target)
+
+
+def test_the_watcher_collects_the_spool_before_it_resubmits(
+    setup: Any, tmp_path: Path
+) -> None:
+    """The laptop woke up: the jobs are gone, and what the workers spooled is stored first."""
+    storage, config, rid = setup
+    config = config.replace(ssh_dir=str(tmp_path / "jobs"))
+    head = SpoolingHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
+    directory = spool_directory(storage, config, head, rid)  # type: ignore[arg-type]
+    value = base64.b64encode(pickle.dumps("spooled")).decode()
+    stub.spool_results(directory, storage.get_secret(rid), rid, [
+        {"index": 2, "lease": "L", "ok": True, "value": value, "stdout": "", "stderr": "",
+         "duration_s": 0.1},
+    ], {})
+    Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
+    assert f"list {directory}" in head.commands
+    assert storage.get_task(rid, 2)["state"] == "done"
+    assert pickle.loads(storage.get_results(rid)[0][1]) == "spooled"
+    assert os.listdir(directory) == []
+    # retries=0: the rest is failed, not resubmitted; the spooled task is not among them.
+    assert sorted(index for index, _, _ in storage.get_task_errors(rid)) == [1, 3]

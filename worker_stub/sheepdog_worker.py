@@ -5,7 +5,8 @@ kept short and readable. The protocol it speaks is documented in
 docs/protocol.rst of the sheepdog project. Exit status: 0 when no work is left,
 3 protocol failure, 4 authentication failure, 5 the function cannot be loaded
 here, 6 a task overran its timeout where it could not be interrupted, 7 the request's
-secret file cannot be read on this node.
+secret file cannot be read on this node, 8 the server stayed unreachable and the
+finished results were spooled to files beside the job file (docs/failures.rst).
 """
 
 import base64
@@ -194,6 +195,9 @@ EXIT_AUTH = 4  # the server rejected our signature, or an answer was not signed 
 EXIT_VERSION = 5  # the function cannot be loaded here (another Python version, a missing module)
 EXIT_STUCK = 6  # a task overran its timeout where Python could not interrupt it
 EXIT_SECRET = 7  # the request's secret file cannot be read here (ssh_dir is not shared?)
+EXIT_SPOOLED = 8  # the server stayed unreachable; finished results were written to the spool
+#: A spool file's first line: what it is and its format's version.
+SPOOL_MAGIC = "sheepdog-spool/1"
 #: Time kept free before a run-time limit (h_rt): the job started a little before this script
 #: (the shell, a prologue), and the last results must still reach the server.
 RUN_LIMIT_MARGIN_S = 5.0
@@ -220,11 +224,11 @@ def tasks_to_lease(wanted, run_limit_s, elapsed_s, longest_s, margin_s=RUN_LIMIT
 
 
 class ProtocolFailure(Exception):
-    """The worker cannot go on; `exit_status` says why."""
+    """The worker cannot go on; `exit_status` says why; `unreachable`: no answer came at all."""
 
-    def __init__(self, message, exit_status=EXIT_PROTOCOL):
+    def __init__(self, message, exit_status=EXIT_PROTOCOL, unreachable=False):
         super().__init__(message)
-        self.exit_status = exit_status
+        self.exit_status, self.unreachable = exit_status, unreachable
 
 
 class TaskTimeout(BaseException):  # not Exception: a task's `except Exception` must not eat it
@@ -368,6 +372,56 @@ def sign_response(secret_hex, request_signature, body, body_sha256=None):
     message = "response\n%s\n%s" % (request_signature,
                                      body_sha256 or hashlib.sha256(body).hexdigest())
     return hmac.new(bytes.fromhex(secret_hex), message.encode(), hashlib.sha256).hexdigest()
+
+
+def spool_signature(secret_hex, request_id, index, result_text):
+    """Sign a spooled result: its request, task and JSON text (as sheepdog/spool.py does)."""
+    message = "spool\n%d\n%d\n%s" % (request_id, index,
+                                        hashlib.sha256(result_text.encode("utf-8")).hexdigest())
+    return hmac.new(bytes.fromhex(secret_hex), message.encode(), hashlib.sha256).hexdigest()
+
+
+def write_private(path, data):
+    """Write bytes to `path` whole (a temporary file, fsync, rename), readable by us only."""
+    temp = os.path.join(os.path.dirname(path), ".tmp-" + binascii.hexlify(os.urandom(8)).decode())
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+
+
+def spool_results(directory, secret_hex, request_id, results, payloads):
+    """Write each result to its own signed 0600 file in `directory`; return how many.
+
+    A large value (in `payloads`, by task index) goes into a blob file beside its
+    result, written first: a result file is only there once all it names is.
+    """
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    for result in results:
+        stem = "%d-%s" % (result["index"], binascii.hexlify(os.urandom(8)).decode())
+        payload = payloads.get(result["index"]) if result.get("ok") else None
+        record = dict(result)
+        if payload is not None:
+            record["blob"] = {"sha256": hashlib.sha256(payload).hexdigest(),
+                              "size": len(payload)}
+            record.pop("value", None)
+            write_private(os.path.join(directory, stem + ".blob"), payload)
+        text = json.dumps(record, sort_keys=True)
+        head = {"format": SPOOL_MAGIC, "request_id": request_id, "index": result["index"],
+                "blob": stem + ".blob" if payload is not None else None,
+                "signature": spool_signature(secret_hex, request_id, result["index"], text)}
+        write_private(os.path.join(directory, stem + ".json"),
+                      (json.dumps(head, sort_keys=True) + "\n" + text + "\n").encode("utf-8"))
+    return len(results)
 
 
 def read_secret(path):
@@ -573,7 +627,7 @@ class Connection:
             delay = backoff_delay(attempt)
             if time.monotonic() + delay > deadline:
                 raise ProtocolFailure("%s; gave up on %s %s after retrying for %g s"
-                                      % (problem, method, path, retry_s))
+                                      % (problem, method, path, retry_s), unreachable=True)
             say("sheepdog: %s; retrying in %.1f s" % (problem, delay), sys.stderr)
             time.sleep(delay)
             attempt += 1
@@ -622,7 +676,7 @@ class Client:
 
     def __init__(self, url, password, request_id, job_index, batch=None, retry_s=600.0,
                  tls_fingerprint=None, mem_limit_bytes=None, stuck_grace_s=30.0,
-                 secret_file=None, run_limit_s=None):
+                 secret_file=None, run_limit_s=None, spool_dir=None):
         self.request_id, self.job_index = int(request_id), job_index
         # The job's h_rt in seconds; the worker stops leasing before it (see tasks_to_lease).
         self.run_limit_s, self.longest_s = run_limit_s, 0.0
@@ -642,6 +696,9 @@ class Client:
         self.running = None  # (index, lease, start, stdout Capture, stderr Capture)
         self.armed = False  # whether SIGALRM may interrupt the running task now
         self.stuck_grace_s = stuck_grace_s  # past the timeout, SIGALRM's time before the backstop
+        # Where finished results go when the server stays unreachable (None: they are lost),
+        # and, until the server has them, the pickled large values (by task index).
+        self.spool_dir, self.payloads, self.unreachable = spool_dir, {}, None
 
     def go(self):
         """Run tasks until none is left; on a failure say why on stderr and exit non-zero."""
@@ -724,7 +781,10 @@ class Client:
             if left is not None:
                 left -= len(answer["tasks"])
             self.leases, results = [task["lease"] for task in answer["tasks"]], []
+            self.payloads = {}
             for task in answer["tasks"]:
+                if self.unreachable:
+                    break  # the rest go back to pending when their leases run out
                 if self.cancelled:
                     say("sheepdog: request %d was cancelled" % self.request_id, self.out)
                     break
@@ -736,7 +796,7 @@ class Client:
                     results.append(self.run_task(task))
                     self.longest_s = max(self.longest_s, results[-1]["duration_s"])
             more = 0 if self.cancelled else self.how_many(batch, left)
-            answer = self.submit_results(results, more)
+            answer = self.submit_or_spool(results, more)
             if not more:
                 break
         self.leases = []
@@ -757,6 +817,27 @@ class Client:
 
     def hello(self, max_tasks):
         return {"worker": self.worker, "host": self.host, "max_tasks": max_tasks}
+
+    def submit_or_spool(self, results, max_tasks):
+        """Post results and lease more; if the server stays unreachable, spool them and stop."""
+        try:
+            if self.unreachable:
+                raise self.unreachable
+            return self.submit_results(results, max_tasks)
+        except ProtocolFailure as e:
+            if not (e.unreachable and self.spool_dir and results):
+                raise
+            try:
+                n = spool_results(self.spool_dir, self.password, self.request_id, results,
+                                  self.payloads)
+            except OSError as oe:
+                raise ProtocolFailure("%s; and the %d finished results could not be spooled to "
+                                      "%s (%s): they are lost" % (e, len(results),
+                                                                  self.spool_dir, oe)) from None
+            raise ProtocolFailure(
+                "%s; spooled %d finished results to %s, where sheepdog collects them when it is "
+                "back (sheepdog attach %d)" % (e, n, self.spool_dir, self.request_id),
+                EXIT_SPOOLED) from None
 
     def submit_results(self, results, max_tasks=0):
         """Post results; the answer holds the next lease when max_tasks > 0."""
@@ -801,7 +882,7 @@ class Client:
             sys.stdout, sys.stderr, self.running = out.stream, err.stream, None
         result.update(stdout=out.text(), stderr=err.text(), duration_s=time.monotonic() - start)
         if result["ok"]:  # outside the try: a failed upload stops the worker, as any call does
-            result.update(self.encode_value(payload))
+            result.update(self.encode_value(payload, index))
         if result["ok"]:
             say("sheepdog: task %d ok: %s" % (index, short_repr(value)), self.out)
         else:
@@ -811,11 +892,24 @@ class Client:
             say(error["traceback"].rstrip(), self.err)
         return result
 
-    def encode_value(self, payload):
-        """A result's value for /results: inline base64, or a blob uploaded first if large."""
+    def encode_value(self, payload, index=None):
+        """A result's value for /results: inline base64, or a blob uploaded first if large.
+
+        A large value is kept until the server has its result, to be spooled if it never
+        does; an upload that finds the server unreachable leaves it for the spool.
+        """
         inline_max = self.settings.get("inline_max_bytes")
         if inline_max is not None and len(payload) > inline_max:
-            return {"blob": self.conn.upload(payload)}
+            if self.spool_dir and index is not None:
+                self.payloads[index] = payload
+            try:
+                return {"blob": self.conn.upload(payload)}
+            except ProtocolFailure as e:
+                if not (e.unreachable and self.spool_dir):
+                    raise
+                self.unreachable = e
+                return {"blob": {"sha256": hashlib.sha256(payload).hexdigest(),
+                                 "size": len(payload)}}
         return {"value": base64.b64encode(payload).decode("ascii")}
 
     def on_alarm(self, signum, frame):
@@ -872,6 +966,12 @@ class Client:
             conn.call("POST", "results", dict(self.hello(0), results=[result]), retry_s=60.0)
         except ProtocolFailure as e:
             say("sheepdog: could not report the timeout: %s" % e, self.err)
+            if e.unreachable and self.spool_dir:
+                try:
+                    spool_results(self.spool_dir, self.password, self.request_id, [result], {})
+                    say("sheepdog: spooled its result to %s" % self.spool_dir, self.err)
+                except OSError as oe:
+                    say("sheepdog: could not spool it either: %s" % oe, self.err)
         os._exit(EXIT_STUCK)
 
 # ---- end protocol client ----

@@ -162,6 +162,22 @@ class Host(Protocol):
         """Make ``directory`` (0700) and write ``(name, text, mode)`` files into it."""
         ...
 
+    def list_dir(self, directory: str) -> list[str] | None:
+        """The names in an absolute directory, or None if it does not exist."""
+        ...
+
+    def read_bytes(self, path: str) -> bytes:
+        """The contents of a file."""
+        ...
+
+    def remove(self, path: str) -> None:
+        """Delete a file; one already gone is fine."""
+        ...
+
+    def rename(self, source: str, target: str) -> None:
+        """Rename a file."""
+        ...
+
     def close(self) -> None:
         """Let go of the connection; safe to call twice."""
         ...

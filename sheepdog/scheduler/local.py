@@ -91,6 +91,25 @@ class LocalHost:
         for name, text, mode in files:
             write_whole(folder / name, text, mode)
 
+    def list_dir(self, directory: str) -> list[str] | None:
+        """The names in an absolute ``directory``, or None if it does not exist."""
+        try:
+            return os.listdir(directory)
+        except FileNotFoundError:
+            return None
+
+    def read_bytes(self, path: str) -> bytes:
+        """The contents of the file at ``path``."""
+        return Path(path).read_bytes()
+
+    def remove(self, path: str) -> None:
+        """Delete the file at ``path``; one already gone is fine."""
+        Path(path).unlink(missing_ok=True)
+
+    def rename(self, source: str, target: str) -> None:
+        """Rename a file."""
+        os.replace(source, target)
+
     def close(self) -> None:
         """Nothing to close."""
 

@@ -19,4 +19,9 @@ def stub_exit_reasons() -> dict[int, str]:
             "file in ssh_dir on the head node: the execution nodes must see ssh_dir at the "
             "same path (a shared file system); see the job's .e file"
         ),
+        stub.EXIT_SPOOLED: (
+            "it could not reach the server for its retry time (worker_retry_s) and wrote its "
+            "finished results to the request's spool beside the job file; sheepdog collects "
+            "them when it is back (the same map, or `sheepdog attach`)"
+        ),
     }

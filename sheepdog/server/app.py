@@ -69,10 +69,10 @@ from .protocol import (
     _json_bytes,
     _lease_payload,
     _parse_body,
-    _parse_result,
     _Replayed,
     _signed_answer,
     _text,
+    parse_result,
 )
 
 __all__ = [
@@ -456,7 +456,7 @@ def create_app(
             raise ApiError(400, "bad_field", "results: 'results' must be a list")
         if len(items) > MAX_TASKS_PER_CALL:
             raise ApiError(400, "bad_field", f"results: at most {MAX_TASKS_PER_CALL} per call")
-        parsed = [_parse_result(item, call.auth.n_tasks, worker, host) for item in items]
+        parsed = [parse_result(item, call.auth.n_tasks, worker, host) for item in items]
         for item in parsed:
             if "blob" in item:
                 digest, size = item.pop("blob")

@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_MAX_CLOCK_SKEW_S",
     "MAX_TASKS_PER_CALL",
     "ApiError",
+    "parse_result",
 ]
 
 # The server package logs under one name, the one it had as a module.
@@ -202,7 +203,7 @@ def _parse_body(call: _Call) -> dict[str, Any]:
     return body
 
 
-def _parse_result(item: object, n_tasks: int, worker: str, host: str) -> dict[str, Any]:
+def parse_result(item: object, n_tasks: int, worker: str, host: str) -> dict[str, Any]:
     if not isinstance(item, dict):
         raise ApiError(400, "bad_field", "each entry of 'results' must be an object")
     index = item.get("index")

@@ -1,0 +1,128 @@
+"""Bring a request back under watch from any process: ``sheepdog.attach``.
+
+A map whose process went away (a laptop that slept or shut down, a terminal
+closed after ``map_async``) leaves its request in the database with the config
+it was submitted with (no secrets: the config holds none). Its workers retried
+for ``worker_retry_s``, then spooled what they finished beside the job file and
+exited (:mod:`sheepdog.spool`). :func:`attach` picks it up again: the server
+back on the port the job files call, the spool collected, the jobs checked, the
+open work resubmitted, and a wait to the end with the progress bar.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+from . import _submit
+from ._api import _stop_on_interrupt, get_results
+from .config import ConfigLike, as_config
+from .errors import SheepdogError, StorageError
+from .scheduler import open_scheduler
+from .server import Server
+from .spool import collect_request_spool
+from .storage import Storage
+from .watch import Watcher, wait_for_request
+
+if TYPE_CHECKING:
+    from .config import Config
+
+__all__ = ["attach"]
+
+logger = logging.getLogger(__name__)
+
+
+def attach(
+    request_id: int,
+    config: ConfigLike,
+    *,
+    verbose: bool = True,
+    timeout_s: float | None = None,
+) -> list[tuple[Any, Any]]:
+    """Watch a request again from this process until it ends; return ``[(arg, result)]``.
+
+    ``config`` names the database (its ``dbfile``); the request's own stored
+    config says where its jobs run (``config`` itself is used for a request
+    stored without one). The server is started again on the port the request's
+    job files call back to, results that workers spooled while no server
+    answered are collected and stored once each, and work whose jobs are gone
+    is resubmitted. Ctrl-C acts as in :func:`sheepdog.map` (cancels, unless
+    ``keep_jobs_on_interrupt``). Results come back as from
+    :func:`sheepdog.get_results`: ``None`` where a task failed.
+    """
+    cfg = as_config(config)
+    if not os.path.isfile(cfg.dbfile):
+        raise StorageError(f"no sheepdog database at {cfg.dbfile}; check the dbfile path")
+    say = _say if verbose else logger.info
+    with Storage(cfg.dbfile, create=False) as storage:
+        storage.count_tasks(request_id)  # an unknown id fails here, naming the database
+        cfg = _submit.stored_config(storage, request_id) or cfg
+        submitted = bool(storage.get_jobs(request_id))
+        open_before = len(storage.open_task_indices(request_id))
+    if not submitted:
+        # Never submitted (every task from the cache, or a failed submission): nothing runs.
+        return get_results(request_id, cfg.dbfile, block=False)
+    with open_scheduler(cfg) as scheduler, Storage(cfg.dbfile) as storage:
+        server = _serve_again(storage, cfg, request_id) if open_before else None
+        collected = collect_request_spool(storage, cfg, scheduler.host, request_id)
+        if collected.stored or collected.duplicates or collected.rejected:
+            say(collected.describe())
+        if not storage.open_task_indices(request_id):
+            _submit.delete_jobs(scheduler, cfg.dbfile, request_id)
+            return get_results(request_id, cfg.dbfile, block=False)
+        say(f"attached to request {request_id}: {len(storage.open_task_indices(request_id))}"
+            f" tasks open; watching its {scheduler.label} jobs")
+        watcher = Watcher(cfg, request_id, scheduler, server=server)
+        try:
+            wait_for_request(cfg.dbfile, request_id, verbose=verbose, timeout_s=timeout_s,
+                             watcher=watcher)
+        except KeyboardInterrupt:
+            line = f"request {request_id}: " + _stop_on_interrupt(
+                scheduler, cfg, request_id, "cancelled by Ctrl-C"
+            )
+            print(f"sheepdog: interrupted: {line}", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt(line) from None
+        # Array tasks still queued would find nothing to do: free their slots, as map does.
+        _submit.delete_jobs(scheduler, cfg.dbfile, request_id)
+    return get_results(request_id, cfg.dbfile, block=False)
+
+
+def _say(message: str) -> None:
+    print(f"sheepdog: {message}", file=sys.stderr, flush=True)
+
+
+def _serve_again(storage: Storage, cfg: Config, request_id: int) -> Server:
+    """This process's server for the request: on the port its job files call back to.
+
+    If that port is taken (another process serves it, or something else took it),
+    a server on a new port: jobs resubmitted from here call that one.
+    """
+    own = _submit.own_server(storage, request_id)
+    if own is not None:
+        return own
+    jobs = storage.get_jobs(request_id)
+    info = jobs[-1]["info"] if jobs else {}
+    port, address = info.get("port"), info.get("listen_address")
+    if port and address and cfg.port is None:
+        options: dict[str, Any] = {"host": str(address)}
+        if cfg.tls:
+            from .server.tls import certificate_for
+
+            files = certificate_for(cfg.dbfile)
+            options.update(certfile=files.certfile, keyfile=files.keyfile)
+        try:
+            server = Server(int(port), None, cfg.dbfile, **options)
+        except SheepdogError as exc:
+            logger.warning(
+                "request %d: cannot serve again on port %s (%s); its running array tasks "
+                "cannot report here, resubmitted ones will", request_id, port, exc,
+            )
+        else:
+            # submit_request finds it there: resubmitted jobs call this same server.
+            key = os.path.abspath(cfg.dbfile) + (" (tls)" if cfg.tls else "")
+            with _submit._servers_lock:
+                _submit._servers_by_db[key] = server
+            return server
+    return _submit.server_for(cfg)

@@ -61,6 +61,9 @@ class FakeHost:
     def put(self, directory: str, files: Sequence[tuple[str, str, int]]) -> None:
         self.files.extend(files)
 
+    def list_dir(self, directory: str) -> list[str] | None:
+        return None  # no worker spooled anything
+
     def close(self) -> None:
         self.closed = True
 
@@ -85,12 +88,14 @@ class FakeScheduler(Scheduler):
         self._next_id = 50
 
     @classmethod
-    def directives(cls, shell: str, array_size: int, options: Sequence[str]) -> list[str]:
-        return GridEngine.directives(shell, array_size, options)
+    def directives(
+        cls, shell: str, array_size: int, options: Sequence[str], *, max_running: int | None = None
+    ) -> list[str]:
+        return GridEngine.directives(shell, array_size, options, max_running=max_running)
 
     def submit(
         self, job_path: str, *, name: str, array_size: int, workdir: str | None = None,
-        split: bool = False,
+        split: bool = False, max_running: int | None = None,
     ) -> str:
         job_id = str(self._next_id)
         self._next_id += 1

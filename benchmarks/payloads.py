@@ -183,7 +183,7 @@ def _settle(config: Any, request_id: int, timeout_s: float = 300.0) -> None:
     queue behind them and its fixed cost would vary by seconds.
     """
     import sheepdog
-    from sheepdog._api import open_deployer
+    from sheepdog.scheduler import open_remote as open_deployer
 
     sheepdog.cancel(request_id, config)
     deadline = time.monotonic() + timeout_s
@@ -244,7 +244,7 @@ def raw_transfer(config: Any, total_bytes: int, bind_host: str) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the payload benchmark, print the table, write bench-results/payloads.json."""
-    from sheepdog._api import server_for
+    from sheepdog._submit import server_for
     from sheepdog.config import as_config
     from sheepdog.server import listen_address
 

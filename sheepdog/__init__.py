@@ -8,8 +8,8 @@
 import logging
 
 from . import serialisation
-from ._api import cancel, get_errors, get_output, get_results, map, map_async, rerun
 from ._version import __version__
+from .api import cancel, get_errors, get_output, get_results, map, map_async, rerun
 from .attach import attach
 from .config import Config
 from .deployment import Deployer

@@ -1,6 +1,6 @@
 """Submit a stored request to its scheduler, and the servers its workers call back to.
 
-What :mod:`sheepdog._api` (map, rerun, cancel), the Executor and the Watcher
+What :class:`~sheepdog.session.Session` (map, rerun, cancel), the Executor and the Watcher
 (which resubmits work whose jobs were lost) share; it imports none of them.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from typing import Any
 
 from .config import Config
@@ -22,7 +21,7 @@ from .job_file import (
     spool_dir_name,
 )
 from .scheduler import SCHEDULERS, Deletion, Scheduler, scheduler_class
-from .server import Server, get_server, listen_address
+from .server import Server, get_server, listen_address, registry
 from .server.tls import certificate_for, fingerprint_sha256
 from .store import Storage
 
@@ -121,16 +120,13 @@ def stored_config(storage: Storage, request_id: int) -> Config | None:
     return Config.from_mapping(values)
 
 
-_servers_by_db: dict[str, Server] = {}
-_servers_lock = threading.Lock()
-
-
 def server_for(config: Config) -> Server:
     """The running server for the config: its fixed port, or one random-port server per dbfile.
 
     The original's ``get_server(None, ...)`` keeps one server for every
     ``port=None`` call and refuses another database; maps with different
-    dbfiles in one process must just work, so each database gets its own.
+    dbfiles in one process must just work, so each database gets its own
+    (kept in :data:`sheepdog.server.registry`, the one registry).
     """
     options: dict[str, Any] = {}
     if config.tls:
@@ -146,14 +142,8 @@ def server_for(config: Config) -> Server:
             )
         return fixed
     # HTTP and HTTPS servers on one database may run side by side.
-    key = os.path.abspath(config.dbfile) + (" (tls)" if config.tls else "")
-    with _servers_lock:
-        server = _servers_by_db.get(key)
-        if server is None or server.stopped:
-            server = _servers_by_db[key] = Server(None, None, config.dbfile, **options)
-        elif not server.alive:
-            server.restart()
-        return server
+    key = (os.path.abspath(config.dbfile), config.tls)
+    return registry.share(key, lambda: Server(None, None, config.dbfile, **options))
 
 
 def submit_request(
@@ -165,6 +155,8 @@ def submit_request(
     n_workers: int,
     why: str | None = None,
     continues: bool = False,
+    jobdir: str | None = None,
+    server: Server | None = None,
 ) -> str:
     """Render, copy and submit the job file for a stored request; record and return the job ids.
 
@@ -172,10 +164,13 @@ def submit_request(
     ``max_aj_instances`` need (read once per connection); the ids come back comma-separated.
     A resubmission records ``why`` with its jobs, and whether it ``continues`` work that
     the last jobs left open after making progress (workers that stopped before their
-    run-time limit), which does not count against ``retries``.
+    run-time limit), which does not count against ``retries``. A
+    :class:`~sheepdog.session.Session` passes the ``jobdir`` it resolved (the absolute
+    ``ssh_dir``) and its ``server``, so that a map asks for each once.
     """
     sizes = job_sizes(n_workers, scheduler.array_limits().per_job)
-    server = server_for(config)
+    if server is None:
+        server = server_for(config)
     url = server.url_for(config.localhost) + "/"
     fingerprint = None
     if server.certfile is not None:
@@ -186,7 +181,7 @@ def submit_request(
     options = config.job_options(kind)
     # The job file names the key file beside it; the secret itself never goes into a job
     # script, which Grid Engine copies world-readable onto the execution nodes.
-    jobdir = scheduler.host.absolute(config.ssh_dir) + "/"
+    jobdir = (jobdir or scheduler.host.absolute(config.ssh_dir)).rstrip("/") + "/"
     key_name, name = key_file_name(request_id, secret), job_name(storage, request_id)
     # Workers that cannot reach the server for worker_retry_s spool their results beside
     # the job file (see sheepdog/spool.py).
@@ -200,7 +195,8 @@ def submit_request(
     )
     # The key file first, made 0600 before the secret is written; both never on a command line.
     scheduler.host.put(
-        config.ssh_dir, [(key_name, secret + "\n", KEY_FILE_MODE), (name, text, JOB_FILE_MODE)]
+        jobdir.rstrip("/") or "/",
+        [(key_name, secret + "\n", KEY_FILE_MODE), (name, text, JOB_FILE_MODE)],
     )
     logger.info("deployed job file for request %d to %s:%s", request_id,
                 scheduler.host.host, jobdir + name)
@@ -235,18 +231,15 @@ def own_server(storage: Storage, request_id: int) -> Server | None:
     """This process's running server for the request's latest job, if it has one."""
     jobs = storage.get_jobs(request_id)
     port = jobs[-1]["info"].get("port") if jobs else None
-    with _servers_lock:
-        servers = list(_servers_by_db.values())
-    return next((s for s in servers if s.alive and s.port == port), None)
+    return next((s for s in registry.servers(storage.dbfile) if s.alive and s.port == port), None)
 
 
-def delete_jobs(scheduler: Scheduler, dbfile: str, request_id: int) -> Deletion:
+def delete_jobs(scheduler: Scheduler, storage: Storage, request_id: int) -> Deletion:
     """Delete the request's jobs, by the ids recorded and by its job name; say what went.
 
     Jobs that already ended are fine. The name finds a job whose id was never
     recorded (qsub's answer lost to Ctrl-C or a dropped connection).
     """
-    with Storage(dbfile) as storage:
-        targets = [str(job["job_id"]) for job in storage.get_jobs(request_id)]
-        targets.append(job_name(storage, request_id))
+    targets = [str(job["job_id"]) for job in storage.get_jobs(request_id)]
+    targets.append(job_name(storage, request_id))
     return scheduler.delete(targets)

@@ -14,20 +14,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import _submit
-from ._api import _stop_on_interrupt, get_results
 from .config import ConfigLike, as_config
 from .errors import SheepdogError, StorageError
-from .scheduler import open_scheduler
-from .server import Server
+from .server import Server, registry
+from .session import Session
 from .spool import collect_request_spool
-from .storage import Storage
-from .watch import Watcher, wait_for_request
-
-if TYPE_CHECKING:
-    from .config import Config
+from .watch import Watcher
 
 __all__ = ["attach"]
 
@@ -56,49 +51,47 @@ def attach(
     if not os.path.isfile(cfg.dbfile):
         raise StorageError(f"no sheepdog database at {cfg.dbfile}; check the dbfile path")
     say = _say if verbose else logger.info
-    with Storage(cfg.dbfile, create=False) as storage:
+    with Session(cfg, create=False) as session:
+        storage = session.storage
         storage.count_tasks(request_id)  # an unknown id fails here, naming the database
-        cfg = _submit.stored_config(storage, request_id) or cfg
-        submitted = bool(storage.get_jobs(request_id))
-        open_before = len(storage.open_task_indices(request_id))
-    if not submitted:
-        # Never submitted (every task from the cache, or a failed submission): nothing runs.
-        return get_results(request_id, cfg.dbfile, block=False)
-    with open_scheduler(cfg) as scheduler, Storage(cfg.dbfile) as storage:
-        server = _serve_again(storage, cfg, request_id) if open_before else None
+        if not storage.get_jobs(request_id):
+            # Never submitted (every task from the cache, or a failed submission): nothing runs.
+            return session.results(request_id)
+        cfg = session.use_stored_config(request_id)
+        open_now = storage.open_task_indices(request_id)
+        server = _serve_again(session, request_id) if open_now else None
+        scheduler = session.scheduler
         collected = collect_request_spool(storage, cfg, scheduler.host, request_id)
         if collected.stored or collected.duplicates or collected.rejected:
             say(collected.describe())
         if not storage.open_task_indices(request_id):
-            _submit.delete_jobs(scheduler, cfg.dbfile, request_id)
-            return get_results(request_id, cfg.dbfile, block=False)
+            session.delete_jobs(request_id)
+            return session.results(request_id)
         say(f"attached to request {request_id}: {len(storage.open_task_indices(request_id))}"
             f" tasks open; watching its {scheduler.label} jobs")
         watcher = Watcher(cfg, request_id, scheduler, server=server)
         try:
-            wait_for_request(cfg.dbfile, request_id, verbose=verbose, timeout_s=timeout_s,
-                             watcher=watcher)
+            session.watch(request_id, verbose=verbose, timeout_s=timeout_s, watcher=watcher)
         except KeyboardInterrupt:
-            line = f"request {request_id}: " + _stop_on_interrupt(
-                scheduler, cfg, request_id, "cancelled by Ctrl-C"
-            )
+            line = f"request {request_id}: " + session.stop(request_id, "cancelled by Ctrl-C")
             print(f"sheepdog: interrupted: {line}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt(line) from None
         # Array tasks still queued would find nothing to do: free their slots, as map does.
-        _submit.delete_jobs(scheduler, cfg.dbfile, request_id)
-    return get_results(request_id, cfg.dbfile, block=False)
+        session.delete_jobs(request_id)
+        return session.results(request_id)
 
 
 def _say(message: str) -> None:
     print(f"sheepdog: {message}", file=sys.stderr, flush=True)
 
 
-def _serve_again(storage: Storage, cfg: Config, request_id: int) -> Server:
+def _serve_again(session: Session, request_id: int) -> Server:
     """This process's server for the request: on the port its job files call back to.
 
     If that port is taken (another process serves it, or something else took it),
     a server on a new port: jobs resubmitted from here call that one.
     """
+    storage, cfg = session.storage, session.config
     own = _submit.own_server(storage, request_id)
     if own is not None:
         return own
@@ -121,8 +114,6 @@ def _serve_again(storage: Storage, cfg: Config, request_id: int) -> Server:
             )
         else:
             # submit_request finds it there: resubmitted jobs call this same server.
-            key = os.path.abspath(cfg.dbfile) + (" (tls)" if cfg.tls else "")
-            with _submit._servers_lock:
-                _submit._servers_by_db[key] = server
+            registry.shared[(os.path.abspath(cfg.dbfile), cfg.tls)] = server
             return server
     return _submit.server_for(cfg)

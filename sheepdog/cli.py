@@ -28,21 +28,18 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from . import serialisation
-from ._api import (
-    array_size,
-    batch_size,
+from ._progress import TASK_STATE_WORDS, format_counts, request_state
+from ._submit import array_size, batch_size, delete_jobs, stored_config
+from ._version import __version__
+from .api import (
     cancel_request,
-    delete_jobs,
     get_errors,
     get_output,
     get_results,
     rerun,
     served,
     stop_interrupted,
-    stored_config,
 )
-from ._progress import TASK_STATE_WORDS, format_counts, request_state
-from ._version import __version__
 from .config import Config, as_config
 from .errors import RemoteError, SheepdogError
 from .job_file import job_file, key_file_name, stub_source
@@ -381,8 +378,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise CliError(f"requests still open after --timeout {args.timeout:g} s")
                 for server in servers:
-                    if not server.alive:
-                        server.restart()
+                    server.ensure_running()
                 stop.wait(1.0)
     finally:
         for server in servers:
@@ -399,7 +395,7 @@ def _delete_leftovers(storage: Storage, request_id: int) -> None:
         return
     try:
         with open_scheduler(config) as scheduler:
-            deletion = delete_jobs(scheduler, storage.dbfile, request_id)
+            deletion = delete_jobs(scheduler, storage, request_id)
     except SheepdogError as exc:
         print(f"request {request_id} is finished; could not delete its leftover array "
               f"tasks: {exc}", flush=True)

@@ -25,26 +25,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import serialisation
-from ._api import (
-    array_size,
-    check_cache,
-    delete_jobs,
-    new_cached_request,
-    request_settings,
-    server_for,
-    submit_request,
-)
 from .config import ConfigLike, as_config
 from .errors import RemoteError, SerialisationError, SheepdogError
-from .scheduler import open_scheduler
-from .store import OPEN_STATES, Storage
+from .session import Session, check_cache
+from .store import OPEN_STATES
 from .watch import Watcher
-
-if TYPE_CHECKING:
-    from .scheduler import Scheduler
 
 __all__ = ["Executor"]
 
@@ -154,7 +142,6 @@ class Executor(concurrent.futures.Executor):
         self._outstanding: dict[int, _Outstanding] = {}
         self._shutdown = False
         self._thread: threading.Thread | None = None
-        self._scheduler: Scheduler | None = None
         self._payloads: dict[tuple[str, int], tuple[Callable[..., Any], Callable[..., Any], bytes]]
         self._payloads = {}
         self._broken: BaseException | None = None
@@ -304,29 +291,25 @@ class Executor(concurrent.futures.Executor):
         return due
 
     def _run(self) -> None:
-        storage: Storage | None = None
         try:
-            storage = Storage(self.config.dbfile)
-            storage.initdb()
-            while True:
-                with self._cond:
-                    due = self._due_groups()
-                    if not due:
-                        if self._shutdown and not self._groups and not self._outstanding:
-                            return
-                        self._cond.wait(self.flush_delay_s / 2 if self._groups else self.poll_s)
+            # One session for the executor's life: one database connection, one scheduler.
+            with Session(self.config) as session:
+                while True:
+                    with self._cond:
                         due = self._due_groups()
-                for group in due:
-                    self._launch(storage, group)
-                self._poll(storage)
+                        if not due:
+                            if self._shutdown and not self._groups and not self._outstanding:
+                                return
+                            self._cond.wait(
+                                self.flush_delay_s / 2 if self._groups else self.poll_s
+                            )
+                            due = self._due_groups()
+                    for group in due:
+                        self._launch(session, group)
+                    self._poll(session)
         except BaseException as exc:  # noqa: BLE001 - every future must learn why
             logger.exception("the sheepdog Executor's thread failed")
             self._fail_everything(exc)
-        finally:
-            if storage is not None:
-                storage.close()
-            if self._scheduler is not None:
-                self._scheduler.close()
 
     def _fail_everything(self, exc: BaseException) -> None:
         error = SheepdogError(f"the sheepdog Executor's background thread failed: {exc!r}")
@@ -341,18 +324,16 @@ class Executor(concurrent.futures.Executor):
             if not future.done():
                 future.set_exception(error)
 
-    def _launch(self, storage: Storage, group: _Group) -> None:
+    def _launch(self, session: Session, group: _Group) -> None:
         """Store and submit one group's calls as a request; fail their futures if that fails."""
         keep = [i for i, f in enumerate(group.futures) if f.set_running_or_notify_cancel()]
         if not keep:
             return
         futures = [group.futures[i] for i in keep]
         values = [group.values[i] for i in keep]
-        request_id = None
         try:
-            request_id, cached = new_cached_request(
-                storage, group.payload, values, self.cache,
-                settings=request_settings(self.config, len(values)), label="Executor",
+            request_id, cached = session.store(
+                group.payload, values, cache=self.cache, label="Executor"
             )
             self.request_ids.append(request_id)
             if cached == len(values):
@@ -360,38 +341,28 @@ class Executor(concurrent.futures.Executor):
                 with self._cond:
                     self._outstanding[request_id] = _Outstanding(futures, None)
                 return
-            if self._scheduler is None:
-                self._scheduler = open_scheduler(self.config)
-            submit_request(
-                storage, self.config, request_id, self._scheduler,
-                n_workers=array_size(self.config, len(values) - cached),
-            )
+            # A failed submission fails the request's tasks there and is raised again here.
+            session.launch(request_id, len(values) - cached)
         except Exception as exc:
             logger.error("could not submit %d calls: %s", len(values), exc)
-            if request_id is not None:
-                storage.fail_tasks(
-                    request_id, storage.open_task_indices(request_id), "submit",
-                    f"the job was never submitted: {exc}",
-                )
             for future in futures:
                 future.set_exception(exc)
             return
         logger.info("request %d: submitted %d calls", request_id, len(values))
-        watcher = Watcher(
-            self.config, request_id, self._scheduler, server=server_for(self.config)
-        )
+        watcher = Watcher(self.config, request_id, session.scheduler, server=session.server)
         with self._cond:
             self._outstanding[request_id] = _Outstanding(futures, watcher)
 
-    def _poll(self, storage: Storage) -> None:
+    def _poll(self, session: Session) -> None:
         """Resolve the futures of finished tasks; let the watchers check the jobs."""
+        storage = session.storage
         with self._cond:
             outstanding = list(self._outstanding.items())
         for request_id, out in outstanding:
             counts = storage.task_counts(request_id)
             finished = sum(n for state, n in counts.items() if state not in OPEN_STATES)
             if finished != out.finished_seen:
-                self._resolve(storage, request_id, out)
+                self._resolve(session, request_id, out)
                 out.finished_seen = finished
             if finished < len(out.futures):
                 if out.watcher is not None:
@@ -399,12 +370,12 @@ class Executor(concurrent.futures.Executor):
             elif len(out.resolved) >= len(out.futures):
                 with self._cond:
                     del self._outstanding[request_id]
-                if self._scheduler is not None and out.watcher is not None:
-                    delete_jobs(self._scheduler, self.config.dbfile, request_id)
+                if out.watcher is not None:
+                    session.delete_jobs(request_id)
 
-    def _resolve(self, storage: Storage, request_id: int, out: _Outstanding) -> None:
+    def _resolve(self, session: Session, request_id: int, out: _Outstanding) -> None:
         # Only what finished since the last look: each result is read once per request.
-        out.mark, rows = storage.finished_since(request_id, out.mark)
+        out.mark, rows = session.storage.finished_since(request_id, out.mark)
         settle: list[tuple[Future[Any], bool, Any]] = []
         for index, _, result, error in rows:
             if index in out.resolved:

@@ -15,6 +15,7 @@ when the jobs have been gone for a while and nobody else acted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -93,12 +94,11 @@ class Watcher:
 
     def poll(self, storage: Storage) -> None:
         """Check the jobs if it is time to; fail or resubmit work whose jobs are gone."""
-        if self.server is not None and not self.server.alive and not self.server.stopped:
-            # Workers retry for minutes, so a server that died (OOM killer, kill -9) is
-            # simply started again on its port and the map goes on.
-            logger.warning("the server for request %d died; restarting it", self.request_id)
+        if self.server is not None:
             try:
-                self.server.restart()
+                if self.server.ensure_running():
+                    logger.warning("the server for request %d had died; restarted it",
+                                   self.request_id)
             except SheepdogError as exc:
                 logger.error("could not restart the server: %s", exc)
         now = self.clock()
@@ -308,6 +308,7 @@ def wait_for_request(
     watch: bool = True,
     poll_s: float = 0.2,
     max_poll_s: float = 2.0,
+    storage: Storage | None = None,
 ) -> dict[str, int]:
     """Block until every task of the request is done, failed or cancelled; return the counts.
 
@@ -315,13 +316,17 @@ def wait_for_request(
     config stored with the request, so that a wait in any process ends when the
     jobs die. Raises :class:`sheepdog.errors.TimeoutError` after ``timeout_s``
     seconds, and StorageError if ``dbfile`` does not exist (it is never created).
+    A :class:`~sheepdog.session.Session` passes its open ``storage``.
     """
     start = time.monotonic()
     if dbfile != ":memory:" and not os.path.isfile(dbfile):
         # Opening would create an empty database where a path was mistyped.
         raise StorageError(f"no sheepdog database at {dbfile}; check the dbfile path")
     own: Watcher | None = None
-    with Storage(dbfile) as storage:
+    context: contextlib.AbstractContextManager[Storage] = (
+        Storage(dbfile) if storage is None else contextlib.nullcontext(storage)
+    )
+    with context as storage:
         total = storage.count_tasks(request_id)
         if watcher is None and watch:
             watcher = own = _passive_watcher(storage, request_id)

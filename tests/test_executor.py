@@ -214,8 +214,8 @@ def test_futures_resolve_from_results_stored_by_another_thread(
         submitted.append(request_id)
         return "1"
 
-    monkeypatch.setattr(sheepdog.executor, "submit_request", fake_submit)
-    monkeypatch.setattr(sheepdog._submit, "submit_request", fake_submit)  # the watcher's
+    # The one submit path: the Session's (the Executor's) and the watcher's.
+    monkeypatch.setattr(sheepdog._submit, "submit_request", fake_submit)
     dbfile = str(tmp_path / "db.sqlite")
     with Executor(local_config(tmp_path, dbfile=dbfile), poll_s=0.05) as pool:
         futures = [pool.submit(add, i, 1) for i in range(3)]

@@ -110,8 +110,8 @@ def test_the_bar_text_fits_80_columns_with_room_for_the_bar(
 
 
 def test_map_summary_names_the_first_error_and_counts_cancelled_apart() -> None:
-    from sheepdog._api import failure_summary
     from sheepdog.errors import RemoteError
+    from sheepdog.session import failure_summary
 
     def error(index: int, type_name: str, message: str, kind: str = "exception") -> RemoteError:
         return RemoteError(type_name, message, "Traceback...", request_id=4, task_index=index,

@@ -148,8 +148,8 @@ def test_the_executor_reads_each_result_once(
 
     monkeypatch.setattr(Storage, "finished_since", counting_since)
     monkeypatch.setattr(Storage, "get_tasks_with_results", full_read)
-    monkeypatch.setattr(sheepdog.executor, "submit_request", fake_submit)
-    monkeypatch.setattr(sheepdog._submit, "submit_request", fake_submit)  # the watcher's
+    # The one submit path: the Session's (the Executor's) and the watcher's.
+    monkeypatch.setattr(sheepdog._submit, "submit_request", fake_submit)
     dbfile = str(tmp_path / "db.sqlite")
     value = serialise_value("x" * 1000)
     with Executor(local_config(tmp_path, dbfile=dbfile), poll_s=0.01) as pool:

@@ -34,14 +34,14 @@ from stubrunner import write_job
 
 import sheepdog.server.auth as signing
 import sheepdog.server.tls as _tls
-from sheepdog import _api
-from sheepdog.config import Config
+from sheepdog import _submit
+from sheepdog.config import Config, as_config
 from sheepdog.errors import ConfigError, RemoteCommandError
 from sheepdog.job_file import job_file_name, key_file_name, write_job_file
 from sheepdog.remote import CommandResult, Remote
 from sheepdog.scheduler.gridengine import DEFAULT_ARRAY_LIMITS, GridEngine
 from sheepdog.serialisation import deserialise_value, serialise_args, serialise_function
-from sheepdog.server import Server, create_app
+from sheepdog.server import Server, create_app, registry
 from sheepdog.server.auth import SIGNATURE_HEADER, signed_headers
 from sheepdog.server.tls import certificate_for, fingerprint_sha256, tls_dir
 from sheepdog.storage import Storage
@@ -505,19 +505,17 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         for key in KEYS:
             for value in hostile_values(markers):
                 try:
-                    cfg = _api.as_config(config_with(key, value, dbfile))
+                    cfg = as_config(config_with(key, value, dbfile))
                 except ConfigError as exc:
                     outcome["rejected"].append((key, value, str(exc), exc.key))
                     continue
                 scheduler = LocalShellGridEngine(home, bin_dir)
                 with Storage(dbfile) as storage:
                     rid = storage.new_request(b"F", None, [b"x"], settings={"lease_s": 30.0})
-                    job_id = _api.submit_request(storage, cfg, rid, scheduler, n_workers=1)
+                    job_id = _submit.submit_request(storage, cfg, rid, scheduler, n_workers=1)
                 outcome["submitted"].append((key, value, rid, job_id, scheduler.commands, cfg))
     finally:
-        server = _api._servers_by_db.pop(os.path.abspath(dbfile), None)
-        if server is not None:
-            server.stop()
+        registry.stop(dbfile)
     return outcome
 
 
@@ -580,14 +578,14 @@ def test_secrets_are_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixtu
                  shell=WORKER_PYTHON)
     outputs: list[str] = []
     server = Server(None, None, dbfile, host="127.0.0.1", log_level="debug")
-    _api._servers_by_db[os.path.abspath(dbfile)] = server
+    registry.shared[(os.path.abspath(dbfile), False)] = server
     try:
         with caplog.at_level(logging.DEBUG):
             with Storage(dbfile) as storage:
                 rid = storage.new_request(serialise_function(square), None,
                                           serialise_args([1, 2]), settings={"lease_s": 30.0})
                 secret = storage.get_secret(rid)
-                _api.submit_request(storage, cfg, rid, LocalShellGridEngine(home, bin_dir),
+                _submit.submit_request(storage, cfg, rid, LocalShellGridEngine(home, bin_dir),
                                     n_workers=1)
             job = home / "jobs" / job_file_name(rid, secret)
             # The job file names the key file; only the key file (0600) holds the secret.
@@ -619,7 +617,7 @@ def test_secrets_are_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixtu
         server_log = server.output()
     finally:
         server.stop()
-        _api._servers_by_db.pop(os.path.abspath(dbfile), None)
+        registry.shared.pop((os.path.abspath(dbfile), False), None)
     logged = "\n".join(r.getMessage() for r in caplog.records)
     # The refusals were logged (so the check below looked at real log lines).
     assert server_log.count("bad signature") >= 2, server_log
@@ -645,13 +643,11 @@ def test_two_databases_sharing_ssh_dir_keep_their_own_job_files(tmp_path: Path) 
             with Storage(dbfile) as storage:
                 rid = storage.new_request(b"F", None, [b"x"])
                 assert rid == 1
-                _api.submit_request(storage, cfg, rid, LocalShellGridEngine(home, bin_dir),
+                _submit.submit_request(storage, cfg, rid, LocalShellGridEngine(home, bin_dir),
                                     n_workers=1)
                 secret = storage.get_secret(rid)
         finally:
-            server = _api._servers_by_db.pop(os.path.abspath(dbfile), None)
-            if server is not None:
-                server.stop()
+            registry.stop(dbfile)
         jobs.append((home / "jobs" / job_file_name(rid, secret), secret))
     (job_a, secret_a), (job_b, secret_b) = jobs
     assert job_a != job_b

@@ -57,15 +57,14 @@ def dbfile(tmp_path: Path) -> str:
 @pytest.fixture
 def registry() -> Iterator[None]:
     """Leave get_server's registry as it was, stopping what the test started."""
-    before = dict(server_module._registry)
-    default = server_module._default_port
+    shared = server_module.registry.shared
+    before = dict(shared)
     yield
-    for port, server in list(server_module._registry.items()):
-        if before.get(port) is not server:
+    for key, server in list(shared.items()):
+        if before.get(key) is not server:
             server.stop()
-    server_module._registry.clear()
-    server_module._registry.update(before)
-    server_module._default_port = default
+    shared.clear()
+    shared.update(before)
 
 
 def signed_post(base: str, secret: str, path: str, payload: object) -> requests.Response:
@@ -163,13 +162,13 @@ def test_random_port_is_bound_before_the_child_starts(dbfile: str) -> None:
 
 def test_start_failure_reports_child_output(dbfile: str, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-cert.pem"
-    before = set(server_module._running)  # other tests' servers may still be registered
+    before = set(server_module.registry.running)  # other tests' servers may still be registered
     with pytest.raises(ServerError) as info:
         Server(dbfile=dbfile, host="127.0.0.1", certfile=missing, start_timeout_s=20)
     message = str(info.value)
     assert "exited with status" in message
     assert "no-such-cert.pem" in message and "does not exist" in message
-    assert set(server_module._running) <= before, "the failed server is still registered"
+    assert set(server_module.registry.running) <= before, "the failed server is still registered"
 
 
 def test_unusable_dbfile_fails_before_forking(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import sheepdog._submit
-from sheepdog._api import request_settings
+from sheepdog._submit import request_settings
 from sheepdog.client import stub
 from sheepdog.config import Config
 from sheepdog.errors import StorageError
@@ -182,7 +182,7 @@ def test_waiting_on_a_missing_database_does_not_create_it(tmp_path: Path) -> Non
 
 def test_the_request_stores_its_config_without_secrets(setup: Any) -> None:
     storage, config, rid = setup
-    from sheepdog._api import job_name, stored_config
+    from sheepdog._submit import job_name, stored_config
 
     assert stored_config(storage, rid) == config
     name = job_name(storage, rid)
@@ -205,7 +205,7 @@ def test_status_wait_on_a_mistyped_dbfile_creates_nothing(
 
 def test_served_asks_where_the_server_listens_not_the_workers_name(tmp_path: Path) -> None:
     """The callback URL's host may resolve only on the cluster (host.docker.internal)."""
-    from sheepdog._api import served
+    from sheepdog.api import served
     from sheepdog.server import Server
 
     dbfile = str(tmp_path / "db.sqlite")

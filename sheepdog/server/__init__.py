@@ -22,13 +22,13 @@ arguments are sent from their file with ``GET .../tasks/<index>/args``; see
 
 The modules: :mod:`.app` (``create_app`` and its routes), :mod:`.protocol`
 (parsing, validation, answers), :mod:`.auth` (signing), :mod:`.tls` (the
-certificate), :mod:`.process` (``Server``, ``get_server``).
+certificate), :mod:`.process` (``Server``, ``get_server``, ``registry``).
 """
 
 from __future__ import annotations
 
 from .app import create_app
-from .process import Server, get_server, listen_address
+from .process import Server, get_server, listen_address, registry
 from .protocol import (
     BODY_BASE_S,
     BODY_MIN_BYTES_PER_S,
@@ -51,4 +51,5 @@ __all__ = [
     "create_app",
     "get_server",
     "listen_address",
+    "registry",
 ]

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -40,6 +41,7 @@ __all__ = [
     "Server",
     "get_server",
     "listen_address",
+    "registry",
 ]
 
 # The server package logs under one name, the one it had as a module.
@@ -50,14 +52,62 @@ logger = logging.getLogger("sheepdog.server")
 BIND_RETRY_S = 10.0
 
 
-_running: set[Server] = set()
-_running_lock = threading.Lock()
+class _Registry:
+    """Every server this process runs (stopped at exit), and the ones shared by a key.
+
+    The one registry: :func:`get_server` shares a server per port (and one for
+    ``port=None``); :func:`server_for` one random-port server per database and
+    TLS setting. A stopped server leaves it; a dead one is started again on its
+    port when asked for (:meth:`Server.ensure_running`).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        #: Started and not yet stopped, whoever started them.
+        self.running: set[Server] = set()
+        #: Key -> server: a port, ``DEFAULT_PORT_KEY``, or ``(database path, tls)``.
+        self.shared: dict[object, Server] = {}
+
+    def share(
+        self,
+        key: object,
+        start: Callable[[], Server],
+        check: Callable[[Server], None] | None = None,
+    ) -> Server:
+        """The running server under ``key``: restarted if it died, ``start()``-ed if none."""
+        with self.lock:
+            server = self.shared.get(key)
+            if server is not None and server.stopped:
+                server = None
+            if server is None:
+                server = self.shared[key] = start()
+                return server
+            if check is not None:
+                check(server)
+            server.ensure_running()
+            return server
+
+    def servers(self, dbfile: str | Path | None = None) -> list[Server]:
+        """The running servers (of one database, if given)."""
+        with self.lock:
+            found = list(self.running)
+        if dbfile is None:
+            return found
+        return [s for s in found if s.dbfile == os.path.abspath(dbfile)]
+
+    def stop(self, dbfile: str | Path) -> None:
+        """Stop every server of a database (a test's, at its end)."""
+        for server in self.servers(dbfile):
+            server.stop()
+
+
+#: The key under which :func:`get_server` keeps its ``port=None`` server.
+DEFAULT_PORT_KEY = "default"
+registry = _Registry()
 
 
 def _stop_all() -> None:
-    with _running_lock:
-        servers = list(_running)
-    for server in servers:
+    for server in registry.servers():
         try:
             server.stop()
         except Exception:  # at exit, stop the rest even if one fails
@@ -282,8 +332,8 @@ class Server:
                 sock.close()
                 if in_use is not None:
                     os.close(in_use)
-            with _running_lock:
-                _running.add(self)
+            with registry.lock:
+                registry.running.add(self)
             try:
                 self._wait_healthy()
             except BaseException:
@@ -361,8 +411,8 @@ class Server:
         self._release()
 
     def _release(self) -> None:
-        with _running_lock:
-            _running.discard(self)
+        with registry.lock:
+            registry.running.discard(self)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -390,6 +440,18 @@ class Server:
                 pass
             proc.wait()
             self._release()
+
+    def ensure_running(self) -> bool:
+        """Start the child again on its port if it died; True if it did (not after ``stop()``).
+
+        Workers retry for minutes, so a server that died (OOM killer, kill -9) is
+        simply started again and the map goes on. The one place this rule lives.
+        """
+        with self._lock:
+            if self._stopped or self.alive:
+                return False
+            self.restart()
+            return True
 
     def restart(self) -> None:
         """Start the child again on the same port after it died; no-op while alive."""
@@ -419,11 +481,6 @@ class Server:
         self.stop()
 
 
-_registry: dict[int, Server] = {}
-_default_port: int | None = None
-_registry_lock = threading.Lock()
-
-
 def get_server(
     port: int | None = None,
     password: str | None = None,
@@ -438,35 +495,32 @@ def get_server(
     first time, and returns that same server on later ``None`` calls.
     ``options`` go to ``Server`` when one is started.
     """
-    global _default_port
-    with _registry_lock:
-        key = _default_port if port is None else port
-        server = None if key is None else _registry.get(key)
-        if server is not None and server.stopped:
-            _registry.pop(server.port or 0, None)
-            server = None
-        if server is not None:
-            if server.dbfile != os.path.abspath(dbfile):
-                raise RuntimeError(
-                    f"the server on port {server.port} uses {server.dbfile}, not "
-                    f"{os.path.abspath(dbfile)}; use another port for another database"
-                )
-            if server.password != password:
-                raise RuntimeError(
-                    f"the server on port {server.port} was started with another password"
-                )
-            if not server.alive:
-                server.restart()
-            return server
-        server = Server(key, password, dbfile, **options)
-        assert server.port is not None
-        _registry[server.port] = server
+
+    def check(server: Server) -> None:
+        if server.dbfile != os.path.abspath(dbfile):
+            raise RuntimeError(
+                f"the server on port {server.port} uses {server.dbfile}, not "
+                f"{os.path.abspath(dbfile)}; use another port for another database"
+            )
+        if server.password != password:
+            raise RuntimeError(
+                f"the server on port {server.port} was started with another password"
+            )
+
+    with registry.lock:
+        key: object = port
         if port is None:
-            _default_port = server.port
+            # The port=None server, by its port: started again there once it was stopped.
+            default = registry.shared.get(DEFAULT_PORT_KEY)
+            key = default.port if default is not None else DEFAULT_PORT_KEY
+
+        def start() -> Server:
+            server = Server(key if isinstance(key, int) else None, password, dbfile, **options)
+            assert server.port is not None
+            registry.shared[server.port] = server
+            return server
+
+        server = registry.share(key, start, check)
+        if port is None:
+            registry.shared[DEFAULT_PORT_KEY] = server
         return server
-
-
-def _servers() -> dict[int, Server]:
-    """Return the registry (for tests)."""
-    return _registry
-

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from sheepdog import Config, _api
+from sheepdog import Config
 from sheepdog.scheduler import open_remote
+from sheepdog.server import registry
 
 
 @pytest.fixture
@@ -23,10 +23,7 @@ def config(cluster: dict[str, Any], tmp_path: Path) -> Iterator[dict[str, Any]]:
     """
     dbfile = str(tmp_path / "sheepdog.sqlite")
     yield dict(cluster, dbfile=dbfile)
-    mine = os.path.abspath(dbfile)
-    for key, server in list(_api._servers_by_db.items()):
-        if key in (mine, f"{mine} (tls)"):
-            server.stop()
+    registry.stop(dbfile)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import sheepdog
-from sheepdog._api import server_for
+from sheepdog._submit import server_for
 from sheepdog.config import as_config
 
 pytestmark = pytest.mark.e2e

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 import sheepdog
-from sheepdog import _api
-from sheepdog._api import server_for
+from sheepdog._submit import server_for
 from sheepdog.scheduler import open_remote
+from sheepdog.server import registry
 
 pytestmark = pytest.mark.e2e
 
@@ -340,9 +340,7 @@ def cluster_to_break(
             yield dict(details, dbfile=dbfile)
     finally:
         cluster_fixture.DOCKER_NODES.update(session_nodes)
-        for key, server in list(_api._servers_by_db.items()):
-            if key.startswith(os.path.abspath(dbfile)):
-                server.stop()
+        registry.stop(dbfile)
 
 
 def test_an_execution_node_stopped_mid_map(cluster_to_break: dict[str, Any]) -> None:

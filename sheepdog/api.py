@@ -1,0 +1,233 @@
+"""The functions users call: map, map_async, get_results, get_errors, cancel, rerun.
+
+Each is a ``with Session(...) as session: return session.…`` wrapper (as httpx's
+module-level functions wrap a ``Client``): the :class:`~sheepdog.session.Session`
+owns the database, the scheduler and the server for the call.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import shlex
+import ssl
+import sys
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from ._submit import own_server
+from .config import ConfigLike
+from .errors import RemoteError, SheepdogError
+from .scheduler import Scheduler
+from .session import Cancellation, Session
+from .store import Storage
+
+__all__ = [
+    "RERUN_DEFAULT",
+    "cancel",
+    "cancel_request",
+    "get_errors",
+    "get_output",
+    "get_results",
+    "map",
+    "map_async",
+    "rerun",
+    "served",
+    "stop_interrupted",
+]
+
+logger = logging.getLogger(__name__)
+
+#: What :func:`rerun` runs again unless told otherwise: every task that ended without a result.
+RERUN_DEFAULT = ("failed", "lost", "cancelled")
+
+
+def map_async(
+    f: Callable[..., Any],
+    args: Iterable[Any],
+    config: ConfigLike,
+    ns: Mapping[str, Any] | None = None,
+    *,
+    cache: bool | str = False,
+) -> int:
+    """Submit ``f`` with each of ``args`` to the config's scheduler; return the request id at once.
+
+    A tuple or list argument is unpacked into positional arguments, as Sheepdog
+    0.2 did; any other value is passed as the single argument. Everything is
+    validated and serialised before anything is submitted. With ``cache=True``
+    a task whose function and argument already have a result in the database
+    takes it at once; if all do, nothing is submitted. ``cache="refresh"``
+    runs every task again (its results serve later cached maps).
+    """
+    with Session(config) as session:
+        request_id = session.submit(f, args, ns, cache=cache)
+    _async_requests.append((session.dbfile, request_id))
+    return request_id
+
+
+def rerun(
+    request_id: int,
+    config: ConfigLike,
+    which: Iterable[str] = RERUN_DEFAULT,
+    *,
+    scheduler: Scheduler | None = None,
+) -> list[int]:
+    """Run a request's failed, lost or cancelled tasks again; return their indices.
+
+    ``which`` chooses among ``"failed"`` (the function raised, or the job
+    was never submitted), ``"lost"`` (the worker died or its job was killed)
+    and ``"cancelled"``. They run under the same request id; tasks with a
+    result are never run again; what the chosen ones ended with stays in
+    their history (:meth:`Storage.get_task_history`). A new array job is submitted for them
+    with the config stored with the request (``config`` names the database,
+    and is used for a request stored without one). Returns at once, as
+    :func:`map_async`: wait with :func:`get_results`. No task chosen: nothing
+    is submitted and the list is empty.
+    """
+    with Session(config, scheduler=scheduler) as session:
+        indices = session.resubmit(request_id, which)
+    if indices:
+        _async_requests.append((session.dbfile, request_id))
+    return indices
+
+
+def map(  # noqa: A001 - the original's name, kept on purpose
+    f: Callable[..., Any],
+    args: Iterable[Any],
+    config: ConfigLike,
+    ns: Mapping[str, Any] | None = None,
+    verbose: bool = True,
+    *,
+    errors: str = "none",
+    timeout_s: float | None = None,
+    cache: bool | str = False,
+) -> list[Any]:
+    """Run ``f`` with each of ``args`` on the config's scheduler; return the results in order.
+
+    A task that failed gives ``None`` in its place (call :func:`get_errors`
+    for the remote traceback), or, with ``errors="raise"``, a
+    :class:`~sheepdog.errors.TaskFailedError` carrying every
+    :class:`~sheepdog.errors.RemoteError`. ``cache`` as :func:`map_async`.
+    """
+    with Session(config) as session:
+        return session.map(f, args, ns, verbose=verbose, errors=errors, timeout_s=timeout_s,
+                           cache=cache)
+
+
+def get_results(
+    request_id: int,
+    dbfile: str = "./sheepdog.sqlite",
+    block: bool = True,
+    verbose: bool = False,
+    *,
+    timeout_s: float | None = None,
+) -> list[tuple[Any, Any]]:
+    """Fetch ``[(arg, result)]`` for a request; with ``block``, wait until all are in.
+
+    Where a task failed or has no result yet, its result is ``None``. The wait
+    is bounded by ``timeout_s`` (None: until every task is finished).
+    """
+    with Session(dbfile=dbfile, create=False) as session:  # a read never creates a database
+        if block:
+            session.watch(request_id, verbose=verbose, timeout_s=timeout_s, passive=True)
+        return session.results(request_id)
+
+
+def get_errors(request_id: int, dbfile: str = "./sheepdog.sqlite") -> list[tuple[Any, RemoteError]]:
+    """Fetch ``[(arg, error)]`` for every failed task; each error holds the remote traceback."""
+    with Session(dbfile=dbfile, create=False) as session:
+        return session.errors(request_id)
+
+
+def get_output(
+    request_id: int, index: int, dbfile: str = "./sheepdog.sqlite"
+) -> tuple[str, str]:
+    """Return the captured ``(stdout, stderr)`` of task ``index`` (from 1) of a request.
+
+    Each is cut to the request's ``capture_bytes``; both are empty for a task
+    that has not finished.
+    """
+    with Session(dbfile=dbfile, create=False) as session:
+        return session.output(request_id, index)
+
+
+def cancel(request_id: int, config: ConfigLike) -> int:
+    """Delete the request's jobs and mark its open tasks cancelled; return how many tasks."""
+    return cancel_request(request_id, config).n_tasks
+
+
+def cancel_request(request_id: int, config: ConfigLike) -> Cancellation:
+    """Cancel the request's open tasks and delete its jobs; say what was done."""
+    with Session(config) as session:
+        return session.cancel(request_id, "cancelled by sheepdog.cancel")
+
+
+def stop_interrupted(request_id: int, config: ConfigLike) -> str:
+    """Stop a request whose wait a person interrupted, as ``map`` does; one line says how."""
+    with Session(config) as session:
+        return f"request {request_id}: {session.stop(request_id, 'cancelled by Ctrl-C')}"
+
+
+def server_answers(url: str, *, timeout_s: float = 2.0) -> bool:
+    """True if a sheepdog server answers its health check at the job's callback ``url``."""
+    context = ssl.create_default_context()
+    # Only a liveness probe that sends nothing: the workers pin the certificate.
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(  # noqa: S310 - the URL is our own server's
+            url.rstrip("/") + "/api/v1/health", timeout=timeout_s, context=context
+        ) as response:
+            return bool(json.loads(response.read(4096)).get("ok"))
+    except (OSError, ValueError):
+        return False
+
+
+def served(storage: Storage, request_id: int) -> bool | None:
+    """Whether a server answers for the request on this machine (None: no job recorded)."""
+    jobs = storage.get_jobs(request_id)
+    info = jobs[-1]["info"] if jobs else {}
+    url, port = info.get("url"), info.get("port")
+    if not url:
+        return None
+    # The callback URL names this machine as the workers see it (host.docker.internal, a
+    # name only the cluster resolves): ask where the server listens instead.
+    host = str(info.get("listen_address") or "")
+    if not port or not host:
+        return server_answers(str(url))
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    scheme = urllib.parse.urlsplit(str(url)).scheme or "http"
+    return server_answers(f"{scheme}://{f'[{host}]' if ':' in host else host}:{int(port)}")
+
+
+#: Requests that map_async submitted from this process, to warn about at exit.
+_async_requests: list[tuple[str, int]] = []
+
+
+def _warn_unserved_at_exit() -> None:
+    """At exit, say which map_async requests lose their only server with this process."""
+    for dbfile, request_id in _async_requests:
+        try:
+            with Storage(dbfile) as storage:
+                n_open = len(storage.open_task_indices(request_id))
+                mine = own_server(storage, request_id) is not None
+        except SheepdogError:
+            continue
+        if not n_open or not mine:
+            continue
+        print(
+            f"sheepdog: request {request_id} still has {n_open} open tasks, and this process "
+            "was its only server: its array tasks wait for a server until they give up. "
+            f"Serve them with `sheepdog serve --dbfile {shlex.quote(dbfile)}`, or cancel "
+            f"them with `sheepdog cancel {request_id} --config FILE --dbfile "
+            f"{shlex.quote(dbfile)}`.",
+            file=sys.stderr, flush=True,
+        )
+
+
+# Registered after server.py's own handler, so it runs first, while the servers still run.
+atexit.register(_warn_unserved_at_exit)

@@ -8,10 +8,19 @@
 import logging
 
 from . import serialisation
-from ._version import __version__
-from .api import cancel, get_errors, get_output, get_results, map, map_async, rerun
+from ._version import __version__, __version_info__
+from .api import (
+    cancel,
+    get_errors,
+    get_output,
+    get_results,
+    map,
+    map_async,
+    map_sync,
+    rerun,
+)
 from .attach import attach
-from .config import Config
+from .config import Config, default_config
 from .deployment import Deployer
 from .errors import (
     ConfigError,
@@ -33,18 +42,8 @@ from .errors import (
 )
 from .executor import Executor
 from .server import Server, get_server
+from .session import Session
 from .store import Storage
-
-#: The name Sheepdog 0.2's quickstart still used for :func:`map`.
-map_sync = map
-#: ``(0, 3, 0)``, as Sheepdog 0.2 had it.
-__version_info__ = tuple(int(part) for part in __version__.split("."))
-
-#: Sheepdog 0.2's name: every config key with its default (``host`` has none: it is required).
-#: A copy, built from :class:`Config`; changing it changes nothing.
-default_config = {
-    key: value for key, value in Config(host="headnode").as_dict().items() if key != "host"
-}
 
 __all__ = [
     "Config",
@@ -60,6 +59,7 @@ __all__ = [
     "SerialisationError",
     "Server",
     "ServerError",
+    "Session",
     "SheepdogError",
     "Storage",
     "StorageError",

@@ -34,6 +34,7 @@ __all__ = [
     "get_results",
     "map",
     "map_async",
+    "map_sync",
     "rerun",
     "served",
     "stop_interrupted",
@@ -115,6 +116,10 @@ def map(  # noqa: A001 - the original's name, kept on purpose
     with Session(config) as session:
         return session.map(f, args, ns, verbose=verbose, errors=errors, timeout_s=timeout_s,
                            cache=cache)
+
+
+#: The name Sheepdog 0.2's quickstart still used for :func:`map`.
+map_sync = map
 
 
 def get_results(

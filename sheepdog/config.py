@@ -30,7 +30,7 @@ from .scheduler.gridengine import GridEngine
 if TYPE_CHECKING:
     from .scheduler.base import Scheduler
 
-__all__ = ["Config", "as_config"]
+__all__ = ["Config", "as_config", "default_config"]
 
 ConfigLike = Union["Config", Mapping[str, Any], str, "os.PathLike[str]"]
 
@@ -445,3 +445,10 @@ def _validate(c: Config) -> None:
     _check_type("tls", c.tls, (bool,), "True or False")
     if c.mode not in ("bytecode", "source"):
         raise _fail("mode", f"must be 'bytecode' or 'source', got {c.mode!r}")
+
+
+#: Sheepdog 0.2's name: every config key with its default (``host`` has none: it is required).
+#: A copy, built from :class:`Config`; changing it changes nothing.
+default_config = {
+    key: value for key, value in Config(host="headnode").as_dict().items() if key != "host"
+}

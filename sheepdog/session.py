@@ -107,9 +107,10 @@ class Session:
     ``config`` is a :class:`~sheepdog.Config`, the original's dict or a JSON
     file path. Without one (``dbfile=`` only) the session reads and waits, but
     submits nothing. ``scheduler`` is one already open (the caller closes it);
-    without it the config's scheduler is opened on first use, so reading
-    results never connects to the cluster. ``create=False`` refuses a database
-    that does not exist instead of creating it.
+    without it the session opens the config's, which connects on its first
+    command, so reading results never connects to the cluster.
+    ``create=False`` refuses a database that does not exist instead of
+    creating it.
     """
 
     def __init__(
@@ -140,10 +141,14 @@ class Session:
     # -- lifecycle ------------------------------------------------------------------
 
     def start(self) -> Session:
-        """Open the database (the scheduler waits for its first use); return the session."""
+        """Open the scheduler (it connects on first use), then the database; return self."""
         if self._state == "closed":
             raise RuntimeError(f"{self!r} was closed; make a new Session")
         if self._state == "new":
+            if self._config is not None and self._scheduler is None:
+                # First: a bad ssh_keyfile is refused before the database is even created.
+                # Opening connects to nothing yet; that waits for the first command.
+                self._scheduler = self._given or open_scheduler(self._config)
             self._storage = Storage(self.dbfile, create=self._create)
             self._state = "open"
         return self
@@ -196,7 +201,7 @@ class Session:
 
     @property
     def scheduler(self) -> Scheduler:
-        """The config's scheduler, opened on first use (for Grid Engine, an SSH connection)."""
+        """The config's scheduler (for Grid Engine, an SSH connection made on first use)."""
         if self._scheduler is None:
             if self._storage is None:
                 raise RuntimeError(f"{self!r} is not started: use it in a with block")
@@ -239,8 +244,6 @@ class Session:
         payload = serialisation.serialise_function(f, dict(ns) if ns is not None else None,
                                                    mode=cfg.mode)
         blobs = serialisation.serialise_args(arg_list)
-        # Before anything is stored: a bad ssh_keyfile is refused here, not by a failed request.
-        self.scheduler  # noqa: B018 - opened for that check
         request_id, cached = self.store(payload, blobs, cache=cache)
         if cached:
             say(f"request {request_id}: {cached} of {len(blobs)} tasks from the cache")

@@ -121,3 +121,27 @@ def test_there_is_no_import_cycle() -> None:
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_package_root_only_re_exports_with_one_sorted_all() -> None:
+    """``sheepdog/__init__.py`` defines nothing of its own; ``__all__`` is sorted and complete."""
+    import sheepdog
+
+    root = PACKAGE / "__init__.py"
+    tree = ast.parse(root.read_text())
+    own = [
+        node for node in tree.body
+        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.FunctionDef, ast.ClassDef))
+        and not (isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets]
+                 == ["__all__"])
+    ]
+    assert not own, f"{root} defines {[ast.unparse(node)[:60] for node in own]}"
+    assert sheepdog.__all__ == sorted(sheepdog.__all__)
+    public = {
+        name for name, value in vars(sheepdog).items()
+        if not name.startswith("_") and getattr(value, "__module__", "sheepdog") != "sheepdog"
+        and not isinstance(value, type(sheepdog))
+    }
+    missing = public - set(sheepdog.__all__) - {"annotations", "logging"}
+    assert not missing, f"public names not in sheepdog.__all__: {sorted(missing)}"
+    assert all(hasattr(sheepdog, name) for name in sheepdog.__all__)

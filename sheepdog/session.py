@@ -384,8 +384,11 @@ class Session:
         """Wait until every task of the request is finished; return the counts.
 
         With ``passive``, the request's stored config watches its jobs (any process
-        may wait on any request); else this session's ``watcher``.
+        may wait on any request); else ``watcher``, by default this session's
+        (:meth:`watcher`), so the jobs are watched (resubmitted, failed) while it waits.
         """
+        if watcher is None and not passive:
+            watcher = self.watcher(request_id)
         return wait_for_request(
             self.dbfile, request_id, verbose=verbose, timeout_s=timeout_s,
             watcher=None if passive else watcher, watch=passive, storage=self.storage,

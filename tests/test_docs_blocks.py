@@ -56,6 +56,7 @@ FRAGMENTS = {
     ("README.md", "import sheepdog"): "tests/e2e/test_docs_examples.py::test_readme_examples",
     ("README.md", "from sheepdog import Executor"):
         "tests/e2e/test_docs_examples.py::test_readme_examples",
+    ("api.rst", "import sys"): "tests/test_session.py::test_the_api_page_session_runs_as_shown",
     ("schedulers.rst", "import sheepdog"):
         "tests/e2e/test_slurm_map.py::test_the_slurm_quickstart_of_the_docs_runs_as_shown",
 }

@@ -7,10 +7,13 @@ the real server (see test_executor.py's ``local_config``).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_docs_blocks import REPO, block
 from test_executor import LocalJobs, add, local_config
 
 import sheepdog
@@ -119,3 +122,13 @@ def test_a_reading_session_cannot_submit(tmp_path: Path) -> None:
     with Session(dbfile=dbfile) as session:
         with pytest.raises(RuntimeError, match="dbfile only"):
             session.submit(add, [(1, 2)])
+
+
+def test_the_api_page_session_runs_as_shown(tmp_path: Path) -> None:
+    """The Session example of the API page, in a fresh Python, from an empty home."""
+    source = "\n".join(block("api.rst", "import sys").lines)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", source], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "[((2, 5), 32), ((3, 2), 9)]\n"

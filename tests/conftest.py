@@ -72,6 +72,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    config.stash[_NOT_FOR_THIS_SCHEDULER] = [item.nodeid for item in drop]
+
+
+_NOT_FOR_THIS_SCHEDULER = pytest.StashKey[list[str]]()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Name the tests deselected for the cluster's scheduler, so none goes unnoticed."""
+    dropped = config.stash.get(_NOT_FOR_THIS_SCHEDULER, [])
+    if dropped:
+        terminalreporter.write_sep(
+            "-", f"{len(dropped)} deselected: not for --cluster={config.getoption('--cluster')}"
+        )
+        for nodeid in dropped:
+            terminalreporter.write_line(nodeid)
 
 
 @pytest.fixture(scope="session")

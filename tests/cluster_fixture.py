@@ -170,7 +170,7 @@ def open_cluster_scheduler(cluster: dict[str, Any]) -> Any:
 
 
 #: The raw-directives config key of each scheduler (Grid Engine's is the original's ``ge_opts``).
-RAW_OPTIONS_KEY = {"gridengine": "ge_opts", "slurm": "directives"}
+RAW_OPTIONS_KEY = {"gridengine": "ge_opts", "slurm": "scheduler_opts"}
 
 
 def raw_options(

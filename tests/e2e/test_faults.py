@@ -182,14 +182,19 @@ def test_a_job_in_eqw_is_reported_with_the_reason(config: dict[str, Any]) -> Non
 
 
 def test_a_job_that_can_never_be_scheduled_is_reported(config: dict[str, Any]) -> None:
-    cfg = dict(config, ge_opts=["-l mem_grab=2T"], timeout_s=240)
+    # More memory than any node has (Grid Engine queues it); three nodes per array task from
+    # a partition of two (Slurm queues it, PENDING with PartitionNodeLimit).
+    cfg = dict(config, timeout_s=240, **raw_options(
+        config, gridengine=["-l mem_grab=2T"], slurm=["--nodes=3"]
+    ))
+    reason = "PartitionNodeLimit" if is_slurm(config) else "mem_grab"
     results = sheepdog.map(abs, [-1, -2], cfg, verbose=False)
     assert results == [None, None]
     errors = sheepdog.get_errors(_last_request(cfg), cfg["dbfile"])
     assert len(errors) == 2
     for _arg, error in errors:
         assert error.kind == "unschedulable"
-        assert "can never start" in error.message and "mem_grab" in error.message
+        assert "can never start" in error.message and reason in error.message
 
 
 def test_a_task_over_its_timeout_says_so(config: dict[str, Any]) -> None:

@@ -161,6 +161,18 @@ def label_of(cluster: dict[str, Any]) -> str:
     return scheduler_class(scheduler_of(cluster)).label
 
 
+def open_cluster_remote(cluster: dict[str, Any]) -> Any:
+    """An SSH connection to the head node set up as sheepdog's scheduler sets it up.
+
+    Grid Engine's preamble reads /etc/profile where ``qsub`` is missing, which resets PATH
+    on a Slurm head node: commands there must run with Slurm's.
+    """
+    from sheepdog import Config
+    from sheepdog.scheduler import open_remote, scheduler_class
+
+    return open_remote(Config.from_mapping(cluster), scheduler_class(scheduler_of(cluster)))
+
+
 def open_cluster_scheduler(cluster: dict[str, Any]) -> Any:
     """The cluster's :class:`~sheepdog.scheduler.Scheduler`, as sheepdog opens it."""
     from sheepdog import Config

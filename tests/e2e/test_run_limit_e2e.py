@@ -99,7 +99,9 @@ def test_workers_stop_before_h_rt_and_no_task_is_lost(config: dict[str, Any]) ->
     cfg = as_config(dict(config, h_rt=as_h_rt(limit_s), workers=2, batch=2, timeout_s=600,
                          retries=0))
     started = time.monotonic()
-    task_s = limit_s * 3 / 20
+    # Each worker has more to do than fits in one limit: 12 x 3 s / 2 > 20 s (12 x 12 s on
+    # Slurm, whose limit is 60 s).
+    task_s = 12.0 if is_slurm(config) else 3.0
     results = sheepdog.map(sleepy, [(x, task_s) for x in range(12)], cfg, verbose=False)
     took_s = time.monotonic() - started
     assert results == [x * 2 for x in range(12)]
@@ -108,8 +110,8 @@ def test_workers_stop_before_h_rt_and_no_task_is_lost(config: dict[str, Any]) ->
         jobs = storage.get_jobs(rid)
         attempts = [storage.get_task(rid, i)["attempts"] for i in range(1, 13)]
     assert attempts == [0] * 12, "a task was leased twice: its worker was killed with it"
-    # 12 tasks of 3 s on 2 workers of at most 20 s each (9 s and 60 s on Slurm) need more
-    # than one round of jobs; with retries=0 the later rounds are continuations, not retries.
+    # So they need more than one round of jobs; with retries=0 the later rounds are
+    # continuations, not retries.
     assert len(jobs) >= 2, jobs
     print(f"\n12 tasks of {task_s:g} s under h_rt={limit_s} s: {len(jobs)} jobs, {took_s:.1f} s")
     assert all(job["info"]["continues"] for job in jobs[1:]), jobs

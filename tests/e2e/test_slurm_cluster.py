@@ -19,6 +19,7 @@ import pytest
 from cluster_fixture import (
     SLURM_FINAL_STATES,
     check,
+    delete_all_jobs,
     run,
     ssh_connect,
     submit_smoke_array,
@@ -92,7 +93,16 @@ def job_states(ssh: paramiko.SSHClient, job_ids: list[str]) -> dict[str, str]:
     return dict(line.split() for line in out.splitlines() if line.strip())
 
 
-def test_a_job_in_urgent_preempts_jobs_in_main(ssh: paramiko.SSHClient) -> None:
+def test_a_job_in_urgent_preempts_jobs_in_main(
+    ssh: paramiko.SSHClient, cluster: dict[str, Any]
+) -> None:
+    # The test fills every CPU itself: no job of earlier tests (a worker still waiting for a
+    # server that has gone) may hold one.
+    delete_all_jobs(cluster)
+    deadline = time.monotonic() + 60
+    while left := check(ssh, 'squeue -h -u "$(id -un)" -o "%i %T"').strip():
+        assert time.monotonic() < deadline, f"earlier jobs still there:\n{left}"
+        time.sleep(0.5)
     # %C: allocated/idle/other/total CPUs of the partition; %c: CPUs per node.
     cpus = int(check(ssh, "sinfo -h -p main -o %C").strip().split("/")[-1])
     per_node = int(check(ssh, "sinfo -h -p main -o %c").strip().rstrip("+"))

@@ -29,13 +29,13 @@ from cluster_fixture import (
     job_deleted,
     job_listed,
     label_of,
+    open_cluster_remote,
     scheduler_of,
 )
 
 import sheepdog
 from sheepdog import cli
 from sheepdog.remote import Remote
-from sheepdog.scheduler import open_remote
 
 pytestmark = pytest.mark.e2e
 
@@ -101,7 +101,7 @@ def _job_ids(dbfile: str, request_id: int) -> list[str]:
 
 @pytest.fixture
 def head(config: dict[str, Any]) -> Iterator[Remote]:
-    with open_remote(sheepdog.Config.from_mapping(config)) as remote:
+    with open_cluster_remote(config) as remote:
         yield remote
 
 

@@ -8,6 +8,11 @@ needs the NATIVE cluster (``ci/cluster up --native``): its side runs on this
 host as the cluster user (``runuser``) from ``.venv-dask``, a virtualenv of
 its own made with the system Python so that the cluster user can read it.
 
+On Slurm (a config with ``"scheduler": "slurm"``, such as ``.cluster/slurm.json``) only
+sheepdog's side runs, with the same defaults, and its figure goes to ``tiny_tasks_slurm.json``:
+dask-jobqueue's SLURMCluster would call ``sbatch`` on this host, which the Docker Slurm cluster
+does not offer.
+
     python -m benchmarks.tiny_tasks [--quick] [--tasks N] [--config FILE]
 """
 
@@ -97,6 +102,38 @@ def total_slots(config: Any) -> int:
     return sum(totals)
 
 
+def slurm_cpus(config: Any) -> int:
+    """The Slurm cluster's total CPUs: each node's once, though it is in several partitions."""
+    from sheepdog.scheduler import open_remote
+
+    with open_remote(config) as remote:
+        out = remote.run("sinfo -h -N -o '%N %c'").stdout
+    try:
+        cpus = {node: int(count.rstrip("+")) for node, count in map(str.split, out.splitlines())}
+    except ValueError:
+        cpus = {}
+    if not cpus:
+        raise RuntimeError(f"cannot read nodes and CPUs from sinfo -h -N -o '%N %c':\n{out}")
+    return sum(cpus.values())
+
+
+def main_slurm(config: Any, n: int, quick: bool) -> dict[str, Any]:
+    """sheepdog's side alone on a Slurm cluster: print its row, write tiny_tasks_slurm.json."""
+    cpus = slurm_cpus(config)
+    with tempfile.TemporaryDirectory(prefix="sheepdog-bench-tiny-") as tmp:
+        ours = run_sheepdog(config, n, Path(tmp) / "tiny.sqlite")
+    print(f"[bench] sheepdog on Slurm, {n:,} tasks: {ours:.2f} s", flush=True)
+    print_table(
+        f"Tiny tasks on Slurm: {n:,} no-ops on {cpus} CPUs",
+        ["tool", "seconds", "tasks/s"],
+        [["sheepdog.map (defaults)", ours, n / ours]],
+    )
+    data = {"quick": quick, "scheduler": "slurm", "n_tasks": n, "cpus": cpus,
+            "sheepdog_s": round(ours, 3)}
+    write_json("tiny_tasks_slurm", data)
+    return data
+
+
 def run_sheepdog(config: Any, n: int, dbfile: Path) -> float:
     """Seconds for ``sheepdog.map`` of ``n`` no-op tasks with the default settings."""
     import sheepdog
@@ -149,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"no native cluster config at {args.config}: "
                          "run 'ci/cluster up --native' first")
     config = as_config(args.config)
+    if config.scheduler == "slurm":
+        return main_slurm(config, n, args.quick)
     slots = total_slots(config)
     with tempfile.TemporaryDirectory(prefix="sheepdog-bench-tiny-") as tmp:
         dask = run_dask(config, n, slots)

@@ -3,8 +3,10 @@
 A cluster is described by a dict with sheepdog's own config keys (``host``, ``ssh_port``,
 ``ssh_user``, ``ssh_keyfile``, ``known_hosts``, ``localhost``, ``shell``), the same as the
 ``.cluster/*.json`` files that ``ci/cluster up`` writes, so it can be passed straight to sheepdog.
-A Slurm cluster's dict also has ``"scheduler": "slurm"`` (a value sheepdog's ``scheduler`` key
-does not take yet); without that key the cluster runs Grid Engine.
+A Slurm cluster's dict also has ``"scheduler": "slurm"``; without that key the cluster runs
+Grid Engine. Tests that act on the cluster behind sheepdog's back (submit a raw array job, delete
+or list a job, shim a command) go through the per-scheduler helpers below, so that one test runs on
+either scheduler.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ READY_TIMEOUT = float(os.environ.get("SHEEPDOG_CLUSTER_TIMEOUT", "240"))
 USER = "sheep"
 
 
-#: The Docker cluster's containers while it runs, by node name (head, exec1, ...): for tests
-#: that act on a node as someone else (see run_as_stranger).
+#: The Docker or Slurm cluster's containers while it runs, by node name (head, exec1, ... or
+#: controller, node1, ...): for tests that act on a node as someone else (see run_as_stranger).
 DOCKER_NODES: dict[str, Any] = {}
 #: An ordinary user other than the cluster's user, made on the execution nodes when needed.
 STRANGER = "stranger"
@@ -137,6 +139,179 @@ def wait_for_slurm_job(client: paramiko.SSHClient, job_id: str, timeout: float =
     raise AssertionError(f"Slurm job {job_id} still not finished after {timeout:.0f}s:\n{out}")
 
 
+# ---- one test, either scheduler ----------------------------------------------------------------
+
+
+def scheduler_of(cluster: dict[str, Any]) -> str:
+    """The cluster's scheduler: ``"gridengine"`` (no ``scheduler`` key) or ``"slurm"``."""
+    name = str(cluster.get("scheduler", "gridengine"))
+    assert name in ("gridengine", "slurm"), f"a test cluster runs gridengine or slurm, not {name!r}"
+    return name
+
+
+def is_slurm(cluster: dict[str, Any]) -> bool:
+    """True when the cluster runs Slurm."""
+    return scheduler_of(cluster) == "slurm"
+
+
+def label_of(cluster: dict[str, Any]) -> str:
+    """What sheepdog calls the cluster's jobs in messages ("Grid Engine", "Slurm")."""
+    from sheepdog.scheduler import scheduler_class
+
+    return scheduler_class(scheduler_of(cluster)).label
+
+
+def open_cluster_remote(cluster: dict[str, Any]) -> Any:
+    """An SSH connection to the head node set up as sheepdog's scheduler sets it up.
+
+    Grid Engine's preamble reads /etc/profile where ``qsub`` is missing, which resets PATH
+    on a Slurm head node: commands there must run with Slurm's.
+    """
+    from sheepdog import Config
+    from sheepdog.scheduler import open_remote, scheduler_class
+
+    return open_remote(Config.from_mapping(cluster), scheduler_class(scheduler_of(cluster)))
+
+
+def open_cluster_scheduler(cluster: dict[str, Any]) -> Any:
+    """The cluster's :class:`~sheepdog.scheduler.Scheduler`, as sheepdog opens it."""
+    from sheepdog import Config
+    from sheepdog.scheduler import open_scheduler
+
+    return open_scheduler(Config.from_mapping(cluster))
+
+
+#: The raw-directives config key of each scheduler (Grid Engine's is the original's ``ge_opts``).
+RAW_OPTIONS_KEY = {"gridengine": "ge_opts", "slurm": "scheduler_opts"}
+
+
+def raw_options(
+    cluster: dict[str, Any], *, gridengine: list[str], slurm: list[str]
+) -> dict[str, Any]:
+    """The config entry that passes raw scheduler options: ``gridengine``'s or ``slurm``'s."""
+    name = scheduler_of(cluster)
+    return {RAW_OPTIONS_KEY[name]: gridengine if name == "gridengine" else slurm}
+
+
+#: Slurm job states in which a job is leaving or has left: what a deleted job ends in.
+SLURM_LEAVING_STATES = frozenset({"COMPLETING", "CANCELLED"})
+
+
+def job_listed(cluster: dict[str, Any], job_id: str) -> bool:
+    """True while the scheduler still lists job ``job_id`` as queued, running or in error.
+
+    A scheduler that does not answer raises: an unknown state is never read as "gone".
+    """
+    with open_cluster_scheduler(cluster) as scheduler:
+        found = scheduler.status([job_id])
+    assert found is not None, f"the {label_of(cluster)} scheduler did not answer about {job_id}"
+    return job_id in found and bool(found[job_id].states - {_done_state()})
+
+
+def job_deleted(cluster: dict[str, Any], job_id: str) -> bool:
+    """True once job ``job_id`` has left the queue or is being deleted.
+
+    Grid Engine: an array task that qdel caught while starting can stay ``dr``/``dt`` until its
+    execd reports; Grid Engine has accepted the deletion by then. Slurm: ``CANCELLED`` or
+    ``COMPLETING`` (its processes being killed).
+    """
+    with open_cluster_scheduler(cluster) as scheduler:
+        found = scheduler.status([job_id])
+    if found is None:
+        return False
+    job = found.get(job_id)
+    if job is None or not job.states - {_done_state()}:
+        return True
+    if is_slurm(cluster):
+        return all(state in SLURM_LEAVING_STATES | SLURM_FINAL_STATES for state in job.native)
+    return all("d" in state for state in job.native)
+
+
+def _done_state() -> Any:
+    from sheepdog.scheduler import State
+
+    return State.DONE
+
+
+def delete_job(cluster: dict[str, Any], job_id: str) -> None:
+    """Delete job ``job_id`` with the scheduler's own command (qdel, scancel); fail if it fails."""
+    with open_cluster_scheduler(cluster) as scheduler:
+        deletion = scheduler.delete([job_id])
+    assert deletion.error is None, deletion.describe()
+
+
+def delete_all_jobs(cluster: dict[str, Any]) -> None:
+    """Delete every sheepdog job of the cluster's user (best effort: a test cluster of ours)."""
+    user = shlex.quote(cluster["ssh_user"])
+    if is_slurm(cluster):
+        command = f"scancel -u {user}"
+    else:
+        command = f"qdel -u {user} 'sheepdog_*'"
+    with open_cluster_scheduler(cluster) as scheduler:
+        scheduler.host.run(command, check=False, timeout_s=60)
+
+
+#: The command that lists jobs, which sheepdog's watcher runs on the head node.
+STATUS_COMMAND = {"gridengine": "qstat", "slurm": "squeue"}
+#: What each says when its scheduler daemon is down.
+STATUS_DOWN_MESSAGE = {
+    "gridengine": 'error: unable to contact qmaster using port 6444 on host "head"',
+    "slurm": "slurm_load_jobs error: Unable to contact slurm controller (connect failure)",
+}
+
+
+def compute_nodes(client: paramiko.SSHClient, cluster: dict[str, Any]) -> list[str]:
+    """The names of the cluster's execution (compute) nodes, from the scheduler."""
+    command = "sinfo -h -N -o %N" if is_slurm(cluster) else "qconf -sel"
+    return sorted(set(check(client, command).split()))
+
+
+def submit_smoke_array(
+    client: paramiko.SSHClient, cluster: dict[str, Any], tasks: int, args: str = ""
+) -> tuple[str, str]:
+    """Copy the smoke task script to a fresh directory and submit it as an array job, raw.
+
+    ``qsub -terse -t 1-N`` or ``sbatch --parsable --array=1-N``; the tasks write
+    ``smoke.o<job>.<task>`` and ``smoke.e<job>.<task>`` there. Returns (job id, directory).
+    """
+    slurm = is_slurm(cluster)
+    directory = check(client, "echo $HOME").strip() + f"/.sheepdog/smoke-{uuid.uuid4().hex[:8]}"
+    check(client, f"mkdir -p {shlex.quote(directory)}")
+    index_variable = "SLURM_ARRAY_TASK_ID" if slurm else "SGE_TASK_ID"
+    shebang = f"#!{cluster['shell']}\n" if slurm else ""
+    with client.open_sftp() as sftp:
+        with sftp.open(f"{directory}/task.py", "w") as f:
+            f.write(shebang + task_script(index_variable))
+    d = shlex.quote(directory)
+    if slurm:
+        out = check(
+            client,
+            f"sbatch --parsable --job-name=smoke --array=1-{tasks} --chdir={d} "
+            f"--output={d}/smoke.o%A.%a --error={d}/smoke.e%A.%a {d}/task.py {args}",
+        )
+        # --parsable prints "jobid" or "jobid;cluster".
+        job_id = out.strip().split(";")[0]
+    else:
+        out = check(
+            client,
+            f"qsub -terse -N smoke -t 1-{tasks} -S {shlex.quote(cluster['shell'])} "
+            f"-wd {d} -o {d}/ -e {d}/ {d}/task.py {args}",
+        )
+        job_id = out.strip().split(".")[0]
+    assert job_id.isdigit(), f"the submission printed {out!r}"
+    return job_id, directory
+
+
+def wait_for_array(
+    client: paramiko.SSHClient, cluster: dict[str, Any], job_id: str, timeout: float = 180
+) -> None:
+    """Wait until every task of job ``job_id`` has ended, on either scheduler."""
+    if is_slurm(cluster):
+        wait_for_slurm_job(client, job_id, timeout)
+    else:
+        wait_for_job(client, job_id, timeout)
+
+
 def wait_until_usable(cluster: dict[str, Any], timeout: float = READY_TIMEOUT) -> None:
     """Wait until the ordinary user can log in over SSH and query the queue, as sheepdog does."""
     deadline = time.monotonic() + timeout
@@ -165,13 +340,13 @@ def run_as_stranger(choice: str, script: str, timeout: float = 120) -> dict[str,
     """Run ``python3 -c script`` as STRANGER on every execution node; return {node: (status, out)}.
 
     STRANGER is an ordinary user other than the one sheepdog logs in as, made here if missing:
-    in the execution containers of the Docker cluster (as root, with docker exec), or on this
-    host for the native cluster, whose execution daemon runs here.
+    in the execution containers of the Docker or Slurm cluster (as root, with docker exec), or
+    on this host for the native cluster, whose execution daemon runs here.
     """
     results: dict[str, tuple[int, str]] = {}
-    if choice == "docker":
-        nodes = {n: c for n, c in DOCKER_NODES.items() if n.startswith("exec")}
-        assert nodes, "the Docker cluster has no execution nodes running"
+    if choice in ("docker", "slurm"):
+        nodes = {n: c for n, c in DOCKER_NODES.items() if n.startswith(("exec", "node"))}
+        assert nodes, f"the {choice} cluster has no execution nodes running"
         for name, container in nodes.items():
             wrapped = container.get_wrapped_container()
             made = wrapped.exec_run(
@@ -194,7 +369,7 @@ def run_as_stranger(choice: str, script: str, timeout: float = 120) -> dict[str,
         results[socket.gethostname()] = (done.returncode, done.stdout + done.stderr)
         return results
     raise AssertionError(
-        f"--cluster={choice}: this test needs --cluster=docker or --cluster=native, where it "
+        f"--cluster={choice}: this test needs --cluster=docker, slurm or native, where it "
         f"can make a second ordinary user ({STRANGER}) on the execution nodes"
     )
 
@@ -458,8 +633,12 @@ def slurm_cluster(workdir: Path, compute_nodes: int = 2) -> Iterator[dict[str, A
         nodes=nodes,
         status_command=["/usr/local/sbin/slurm-setup", "status", str(compute_nodes)],
         extra={"scheduler": "slurm"},
-    ) as (cluster, _):
-        yield cluster
+    ) as (cluster, containers):
+        DOCKER_NODES.update(containers)
+        try:
+            yield cluster
+        finally:
+            DOCKER_NODES.clear()
 
 
 def _wait_ready(head: Any, status_command: list[str], containers: list[Any]) -> None:

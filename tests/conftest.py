@@ -5,8 +5,9 @@
 ``--cluster=ssh://user@host:port`` uses an existing cluster (see ``--cluster-keyfile`` and friends);
 ``--cluster=slurm`` starts a Slurm controller and two compute nodes with testcontainers.
 
-Tests marked ``slurm`` need the Slurm cluster: ``--cluster=slurm`` runs only them, and every other
-choice deselects them (deselected, not skipped: CI fails on any skip).
+The end-to-end suite runs on either scheduler. Tests marked ``gridengine("why")`` test something
+only Grid Engine has and run on every cluster but Slurm; tests marked ``slurm`` need the Slurm
+cluster and run only there. The others are deselected (not skipped: CI fails on any skip).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--cluster",
         default=os.environ.get("SHEEPDOG_TEST_CLUSTER", "docker"),
         help="cluster for the e2e tests: docker (default), native or ssh://user@host:port "
-        "(Grid Engine), or slurm (runs only the slurm-marked tests) [env SHEEPDOG_TEST_CLUSTER]",
+        "(Grid Engine), or slurm (all but the gridengine-marked tests) [env SHEEPDOG_TEST_CLUSTER]",
     )
     for name, env, text in [
         ("keyfile", "SHEEPDOG_TEST_KEYFILE", "private key for ssh:// clusters"),
@@ -44,15 +45,48 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Keep the slurm-marked tests for --cluster=slurm and the others for every other cluster."""
-    want_slurm = config.getoption("--cluster") == "slurm"
+    """Keep the tests that apply to the chosen cluster's scheduler; deselect the others.
+
+    ``gridengine``-marked tests run on every cluster but Slurm, ``slurm``-marked ones only on
+    Slurm. A ``gridengine`` marker must say why the test is Grid Engine's alone.
+    """
+    on_slurm = config.getoption("--cluster") == "slurm"
     keep, drop = [], []
     for item in items:
-        is_slurm = item.get_closest_marker("slurm") is not None
-        (keep if is_slurm == want_slurm else drop).append(item)
+        only_ge = item.get_closest_marker("gridengine")
+        only_slurm = item.get_closest_marker("slurm") is not None
+        if only_ge is not None and not (only_ge.args or only_ge.kwargs.get("reason")):
+            raise pytest.UsageError(
+                f"{item.nodeid}: @pytest.mark.gridengine needs a reason, as in "
+                '@pytest.mark.gridengine("qmod: Slurm has no such command")'
+            )
+        if only_ge is not None and only_slurm:
+            raise pytest.UsageError(f"{item.nodeid} is marked both gridengine and slurm")
+        if only_slurm:
+            wanted = on_slurm
+        elif only_ge is not None:
+            wanted = not on_slurm
+        else:
+            wanted = True
+        (keep if wanted else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    config.stash[_NOT_FOR_THIS_SCHEDULER] = [item.nodeid for item in drop]
+
+
+_NOT_FOR_THIS_SCHEDULER = pytest.StashKey[list[str]]()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Name the tests deselected for the cluster's scheduler, so none goes unnoticed."""
+    dropped = config.stash.get(_NOT_FOR_THIS_SCHEDULER, [])
+    if dropped:
+        terminalreporter.write_sep(
+            "-", f"{len(dropped)} deselected: not for --cluster={config.getoption('--cluster')}"
+        )
+        for nodeid in dropped:
+            terminalreporter.write_line(nodeid)
 
 
 @pytest.fixture(scope="session")

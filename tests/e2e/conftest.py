@@ -1,16 +1,14 @@
-"""Fixtures for the end-to-end tests on a real Grid Engine."""
+"""Fixtures for the end-to-end tests on a real cluster, Grid Engine or Slurm."""
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cluster_fixture import delete_all_jobs
 
-from sheepdog import Config
-from sheepdog.scheduler import open_remote
 from sheepdog.server import registry
 
 
@@ -34,17 +32,9 @@ def no_stray_jobs(cluster: dict[str, Any], request: pytest.FixtureRequest) -> It
     slots while they wait for a server that has gone; the next run must not inherit them.
     On a cluster of yours (``--cluster=ssh://...``) nothing is deleted.
     """
-    ours = request.config.getoption("--cluster") in ("docker", "native")
+    ours = request.config.getoption("--cluster") in ("docker", "native", "slurm")
     if ours:
-        _delete_all_jobs(cluster)
+        delete_all_jobs(cluster)
     yield
     if ours:
-        _delete_all_jobs(cluster)
-
-
-def _delete_all_jobs(cluster: dict[str, Any]) -> None:
-    config = Config.from_mapping(cluster)
-    with open_remote(config) as remote:
-        remote.run(
-            f"qdel -u {shlex.quote(config.ssh_user)} 'sheepdog_*'", check=False, timeout_s=60
-        )
+        delete_all_jobs(cluster)

@@ -1,4 +1,4 @@
-"""The top-level API on a real Grid Engine: every example of the original's quickstart."""
+"""The top-level API on a real cluster: every example of the original's quickstart."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cluster_fixture import raw_options
 
 import sheepdog
 from sheepdog._submit import server_for
@@ -157,7 +158,10 @@ def allocate(megabytes: int) -> int:
 
 
 def test_mem_grab_is_enforced(config: dict[str, Any]) -> None:
-    cfg = dict(config, ge_opts=["-l mem_grab=300M"])
+    # The worker's memory limit comes from the job's own request, on either scheduler.
+    cfg = dict(config, **raw_options(
+        config, gridengine=["-l mem_grab=300M"], slurm=["--mem=300M"]
+    ))
     results = sheepdog.map(allocate, [10, 1000], cfg)
     assert results[0] == 10 * 1024 * 1024
     assert results[1] is None

@@ -13,7 +13,13 @@ from sheepdog.config import as_config
 from sheepdog.scheduler import GridEngine, open_remote
 from sheepdog.storage import Storage
 
-pytestmark = pytest.mark.e2e
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.gridengine(
+        "lowers Grid Engine's max_aj_tasks with qconf as its admin; the Slurm test cluster's "
+        "MaxArraySize is checked in test_slurm_cluster.py"
+    ),
+]
 
 #: The low limit set on the test cluster for this test.
 MAX_AJ_TASKS = 2

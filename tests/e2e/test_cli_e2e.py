@@ -1,4 +1,4 @@
-"""Every ``sheepdog`` CLI command against requests run on a real Grid Engine."""
+"""Every ``sheepdog`` CLI command against requests run on a real cluster (Grid Engine, Slurm)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cluster_fixture import scheduler_of
 
 import sheepdog
 from sheepdog._submit import server_for
 from sheepdog.config import as_config
+from sheepdog.scheduler import scheduler_class
 
 pytestmark = pytest.mark.e2e
 
@@ -90,8 +92,10 @@ def test_serve_restarts_the_server_on_the_submitted_port(config: dict[str, Any])
     assert [r for _, r in sheepdog.get_results(rid, db, block=False)] == [1] * 6
 
 
-def test_worker_stub_and_jobfile(config_file: str) -> None:
+def test_worker_stub_and_jobfile(config: dict[str, Any], config_file: str) -> None:
     assert cli("worker-stub").stdout.startswith('"""sheepdog worker stub')
     done = cli("jobfile", "e2e.test_cli_e2e:shout", "--args", "[1, 2]", "--config", config_file)
-    assert "#$ -t 1-2" in done.stdout
+    # The cluster's scheduler's own directives: `#$ -t 1-2` or `#SBATCH --array=1-2`.
+    directives = scheduler_class(scheduler_of(config)).directives(config["shell"], 2, [])
+    assert set(directives) <= set(done.stdout.splitlines()), done.stdout
     assert "2 tasks" in done.stderr

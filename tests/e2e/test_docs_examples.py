@@ -1,4 +1,4 @@
-"""Every code example of the documentation runs, on a real Grid Engine, and prints what it says."""
+"""Every code example of the documentation runs, on a real cluster, and prints what it says."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cluster_fixture import scheduler_of
 
 import sheepdog
 from sheepdog.job_file import stub_source
+from sheepdog.scheduler import GridEngine, scheduler_class
 from sheepdog.storage import Storage
 
 pytestmark = pytest.mark.e2e
@@ -159,10 +161,26 @@ def shape(line: str) -> str:
     line = re.sub(r"\bon [\w.-]+\)", "on HOST)", line)
     line = re.sub(r"\b(running|finished)\b", "STATE", line)
     # Whether array tasks were still queued when a request finished varies from run to run.
-    line = re.sub(r"no job of it was left on the cluster|deleted Grid Engine jobs? [\d, ]+",
-                  "JOBS GONE", line)
+    line = re.sub(
+        r"no job of it was left on the cluster|deleted (Grid Engine|Slurm) jobs? [\d, ]+",
+        "JOBS GONE", line,
+    )
     line = re.sub(r"\d+", "N", line)
     return " ".join(line.split())
+
+
+def as_the_cluster_writes_them(shown: list[str], config: dict[str, Any]) -> list[str]:
+    """The page's job file (Grid Engine's ``#$`` lines) with the cluster's scheduler's directives.
+
+    The page shows a Grid Engine job file of three array tasks; on Slurm, its ``#SBATCH`` lines
+    stand in their place.
+    """
+    shell = config["shell"]
+    page = GridEngine.directives(shell, 3, [])
+    ours = scheduler_class(scheduler_of(config)).directives(shell, 3, [])
+    start = shown.index(page[0])
+    assert shown[start:start + len(page)] == page, shown
+    return shown[:start] + ours + shown[start + len(page):]
 
 
 def assert_shaped_like(shown: list[str], printed: str, what: str) -> None:
@@ -254,6 +272,8 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
             done = run(argv)
             printed = done.stdout + (done.stderr if argv[0] == "jobfile" else "")
             outputs[command] = done.stdout
+            if argv[0] == "jobfile":
+                output = as_the_cluster_writes_them(output, config)
             if output:
                 assert_shaped_like(output, printed, command)
             if "--detach" in argv:

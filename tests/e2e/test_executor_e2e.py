@@ -1,4 +1,4 @@
-"""The Executor, tiny tasks, prologue and captured output on a real Grid Engine."""
+"""The Executor, tiny tasks, prologue and captured output on a real cluster."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Never hang, never lose: faults injected into real maps on a real Grid Engine.
+"""Never hang, never lose: faults injected into real maps on a real cluster (Grid Engine, Slurm).
 
 Each test bounds its wait, so a regression shows as a failure, not a hung suite.
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cluster_fixture import is_slurm, job_listed, label_of, raw_options
 
 import sheepdog
 from sheepdog._submit import server_for
-from sheepdog.scheduler import open_remote
 from sheepdog.server import registry
 
 pytestmark = pytest.mark.e2e
@@ -144,21 +144,31 @@ def test_kill_9_of_the_server_mid_map_loses_nothing(config: dict[str, Any]) -> N
     assert acknowledged >= 1
 
 
-def test_qsub_rejecting_the_job_is_an_error_at_once(config: dict[str, Any]) -> None:
-    cfg = dict(config, ge_opts=["-l no_such_resource=1"])
+def test_the_scheduler_rejecting_the_job_is_an_error_at_once(config: dict[str, Any]) -> None:
+    cfg = dict(config, **raw_options(
+        config, gridengine=["-l no_such_resource=1"], slurm=["--gres=no_such_resource:1"]
+    ))
     started = time.monotonic()
     with pytest.raises(sheepdog.SubmitError) as info:
         sheepdog.map(abs, [-1], cfg)
     assert time.monotonic() - started < 60
     error = info.value
     assert error.exit_status != 0
-    assert "no_such_resource" in error.stderr
-    assert "qsub" in error.command
+    if is_slurm(config):
+        assert "gres" in error.stderr.lower()
+        assert "sbatch" in error.command
+    else:
+        assert "no_such_resource" in error.stderr
+        assert "qsub" in error.command
     request_id = _last_request(cfg)
     ((_arg, task_error),) = sheepdog.get_errors(request_id, cfg["dbfile"])
     assert "never submitted" in task_error.message
 
 
+@pytest.mark.gridengine(
+    "Eqw (a job Grid Engine cannot start waits in error) has no Slurm counterpart: a Slurm job "
+    "whose directory is missing runs in /tmp; Slurm's failed jobs are in test_slurm_faults.py"
+)
 def test_a_job_in_eqw_is_reported_with_the_reason(config: dict[str, Any]) -> None:
     cfg = dict(config, ge_opts=["-wd /nonexistent/sheepdog-test"], timeout_s=240)
     results = sheepdog.map(abs, [-1, -2], cfg, verbose=False)
@@ -172,14 +182,19 @@ def test_a_job_in_eqw_is_reported_with_the_reason(config: dict[str, Any]) -> Non
 
 
 def test_a_job_that_can_never_be_scheduled_is_reported(config: dict[str, Any]) -> None:
-    cfg = dict(config, ge_opts=["-l mem_grab=2T"], timeout_s=240)
+    # More memory than any node has (Grid Engine queues it); three nodes per array task from
+    # a partition of two (Slurm queues it, PENDING with PartitionNodeLimit).
+    cfg = dict(config, timeout_s=240, **raw_options(
+        config, gridengine=["-l mem_grab=2T"], slurm=["--nodes=3"]
+    ))
+    reason = "PartitionNodeLimit" if is_slurm(config) else "mem_grab"
     results = sheepdog.map(abs, [-1, -2], cfg, verbose=False)
     assert results == [None, None]
     errors = sheepdog.get_errors(_last_request(cfg), cfg["dbfile"])
     assert len(errors) == 2
     for _arg, error in errors:
         assert error.kind == "unschedulable"
-        assert "can never start" in error.message and "mem_grab" in error.message
+        assert "can never start" in error.message and reason in error.message
 
 
 def test_a_task_over_its_timeout_says_so(config: dict[str, Any]) -> None:
@@ -204,7 +219,7 @@ def allocate(megabytes: int) -> int:
 
 
 def test_a_task_over_its_memory_limit_says_so(config: dict[str, Any]) -> None:
-    cfg = dict(config, mem_gb=0.25)  # -l h_vmem=256M
+    cfg = dict(config, mem_gb=0.25)  # -l h_vmem=256M, --mem=256M
     results = sheepdog.map(allocate, [8, 2048], cfg, verbose=False)
     assert results == [8 * 1024 * 1024, None]
     ((arg, error),) = sheepdog.get_errors(_last_request(cfg), cfg["dbfile"])
@@ -251,7 +266,7 @@ def test_ctrl_c_cancels_the_jobs(config: dict[str, Any], tmp_path: Path) -> None
     # One line says what was cancelled and which job was deleted (issue 18).
     said = [line for line in err.splitlines() if line.startswith("sheepdog: interrupted:")]
     assert len(said) == 1, err
-    assert "cancelled 4 open tasks; deleted Grid Engine job" in said[0], said
+    assert f"cancelled 4 open tasks; deleted {label_of(config)} job" in said[0], said
     request_id = _last_request(config)
     with sheepdog.Storage(config["dbfile"]) as storage:
         counts = storage.task_counts(request_id)
@@ -259,14 +274,10 @@ def test_ctrl_c_cancels_the_jobs(config: dict[str, Any], tmp_path: Path) -> None
     assert counts.get("cancelled", 0) == 4, counts
     errors = sheepdog.get_errors(request_id, config["dbfile"])
     assert all(error.kind == "cancelled" for _arg, error in errors)
-    with open_remote(sheepdog.Config.from_mapping(config)) as remote:
-        deadline = time.monotonic() + 60
-        while True:
-            listing = remote.run(f"qstat -u {config['ssh_user']}").stdout
-            if not any(job_id in listing.split() for job_id in job_ids):
-                break
-            assert time.monotonic() < deadline, f"job still queued after Ctrl-C:\n{listing}"
-            time.sleep(1)
+    deadline = time.monotonic() + 60
+    while any(job_listed(config, job_id) for job_id in job_ids):
+        assert time.monotonic() < deadline, f"a job of {job_ids} still queued after Ctrl-C"
+        time.sleep(1)
 
 
 def _last_request(config: dict[str, Any]) -> int:
@@ -321,22 +332,26 @@ def sleep_then_square(x: int) -> int:
 def cluster_to_break(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[dict[str, Any]]:
-    """A Docker cluster of the test's own, for a test that kills an execution node.
+    """A Docker or Slurm cluster of the test's own, for a test that kills an execution node.
 
     A node's container started again after ``docker kill`` does not always take jobs again:
     in one CI run Grid Engine kept a job in state ``t`` on it for minutes. The tests after
     this one need both nodes, so the node is broken on a cluster that is thrown away.
     """
-    if request.config.getoption("--cluster") != "docker":
-        pytest.skip("kills an execution node: needs --cluster=docker")
     import cluster_fixture
 
+    choice = request.config.getoption("--cluster")
+    start = {"docker": cluster_fixture.docker_cluster, "slurm": cluster_fixture.slurm_cluster}
+    assert choice in start, (
+        f"--cluster={choice}: this test kills an execution node's container, so it needs "
+        "--cluster=docker or --cluster=slurm (ci/test deselects it for the native cluster)"
+    )
     session_nodes = dict(cluster_fixture.DOCKER_NODES)
     dbfile = str(tmp_path / "sheepdog.sqlite")
     try:
         workdir = tmp_path / "to-break"
         workdir.mkdir()
-        with cluster_fixture.docker_cluster(workdir) as details:
+        with start[choice](workdir) as details:
             yield dict(details, dbfile=dbfile)
     finally:
         cluster_fixture.DOCKER_NODES.update(session_nodes)

@@ -1,4 +1,4 @@
-"""Large arguments and results on a real Grid Engine: binary bodies, files beside the database."""
+"""Large arguments and results on a real cluster: binary bodies, files beside the database."""
 
 from __future__ import annotations
 

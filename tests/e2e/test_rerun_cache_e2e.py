@@ -1,4 +1,4 @@
-"""Reruns and the result cache on a real Grid Engine.
+"""Reruns and the result cache on a real cluster.
 
 The flag file lives in the config's ``ssh_dir``, which every node shares (it
 holds the key files); the tasks read it, so it says "no" until the fix.

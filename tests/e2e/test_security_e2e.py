@@ -1,4 +1,4 @@
-"""Security on a real Grid Engine: TLS end to end, private job files, hostile ssh_dir, host keys."""
+"""Security on a real cluster: TLS end to end, private job files, hostile ssh_dir, host keys."""
 
 from __future__ import annotations
 
@@ -13,7 +13,16 @@ from typing import Any
 
 import paramiko
 import pytest
-from cluster_fixture import STRANGER, check, run, run_as_stranger, ssh_connect, wait_for_job
+from cluster_fixture import (
+    STRANGER,
+    check,
+    is_slurm,
+    raw_options,
+    run,
+    run_as_stranger,
+    ssh_connect,
+    wait_for_array,
+)
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -80,14 +89,14 @@ def hold_until(marker: str) -> str:
 
 # Run as another ordinary user on an execution node: look for the secret wherever a stranger
 # can read. argv[1] is the secret reversed (so this scanner's own command line never holds
-# it), argv[2] the Grid Engine job id.
+# it), argv[2] what marks a worker's command line, argv[3] the spool's job scripts (globs).
 SCAN = r"""
 import glob, json, os, sys
-secret, job = sys.argv[1][::-1].encode(), sys.argv[2]
+secret, mark, spool = sys.argv[1][::-1].encode(), sys.argv[2], json.loads(sys.argv[3])
 found = {"hits": [], "scripts": [], "unreadable": [], "procs": 0, "workers": 0}
 paths = set()
-for root in ("/var/spool/gridengine", "/var/lib/gridengine"):
-    paths.update(glob.glob(root + "/**/job_scripts/*", recursive=True))
+for pattern in spool:
+    paths.update(glob.glob(pattern, recursive=True))
 for path in sorted(paths):
     try:
         with open(path, "rb") as f:
@@ -109,7 +118,7 @@ for pid in os.listdir("/proc"):
             continue
         if what == "cmdline":
             found["procs"] += 1
-            found["workers"] += ("job_scripts/" + job).encode() in data
+            found["workers"] += mark.encode() in data
         if secret in data:
             found["hits"].append("/proc/%s/%s" % (pid, what))
 print(json.dumps(found))
@@ -123,7 +132,8 @@ def test_a_stranger_on_an_execution_node_cannot_find_the_secret(
 
     Grid Engine copies each job script world-readable into the execution node's spool
     (job_scripts/<job id>), and command lines are world-readable in /proc: before, the job
-    script's last line held the secret.
+    script's last line held the secret. Slurm spools it as job<id>/slurm_script, in a
+    directory of the job's user.
     """
     ssh_dir = f".sheepdog/stranger-{uuid.uuid4().hex[:8]}"
     home = check(ssh, 'printf %s "$HOME"')
@@ -139,21 +149,29 @@ def test_a_stranger_on_an_execution_node_cannot_find_the_secret(
                 time.sleep(0.5)
             (job,) = [str(j["job_id"]) for j in storage.get_jobs(request_id)]
         choice = request.config.getoption("--cluster")
+        if is_slurm(cfg):
+            mark, spool = "/slurm_script", ["/var/spool/slurmd/**/slurm_script"]
+        else:
+            mark = f"job_scripts/{job}"
+            spool = [f"{root}/**/job_scripts/*"
+                     for root in ("/var/spool/gridengine", "/var/lib/gridengine")]
         reports = {}
+        argv = [secret[::-1], mark, json.dumps(spool)]
         for node, (status, out) in run_as_stranger(
-            choice, f"import sys; sys.argv[1:] = {[secret[::-1], job]!r}\n{SCAN}"
+            choice, f"import sys; sys.argv[1:] = {argv!r}\n{SCAN}"
         ).items():
             assert status == 0, f"the scan as {STRANGER} failed on {node}: {out}"
             reports[node] = json.loads(out.strip().splitlines()[-1])
     finally:
         check(ssh, f"touch {shlex.quote(marker)}")
     assert all(not r["hits"] for r in reports.values()), reports
-    # The scan was not blind: the stranger read this job's spooled script and saw its
-    # workers' command lines.
-    spooled = [p for r in reports.values() for p in r["scripts"]
-               if p.endswith(f"/job_scripts/{job}")]
-    assert spooled, reports
+    # The scan was not blind: the stranger saw the workers' command lines and, on Grid
+    # Engine, read this job's spooled script (Slurm's spool directory is the user's alone).
     assert sum(r["workers"] for r in reports.values()) >= 1, reports
+    if not is_slurm(cfg):
+        spooled = [p for r in reports.values() for p in r["scripts"]
+                   if p.endswith(f"/job_scripts/{job}")]
+        assert spooled, reports
     results = sheepdog.get_results(request_id, cfg["dbfile"], timeout_s=300)
     assert all(isinstance(host, str) and host for _, host in results), results
 
@@ -228,17 +246,23 @@ def test_a_node_that_cannot_see_the_key_file_says_why(
     """
     ssh_dir = f".sheepdog/unshared-{uuid.uuid4().hex[:8]}"
     folder = check(ssh, 'printf %s "$HOME"') + "/" + ssh_dir
-    opts = ["-h", f"-wd {folder}", f"-o {folder}/", f"-e {folder}/"]
-    cfg = dict(config, ssh_dir=ssh_dir, ge_opts=opts)
+    held = raw_options(
+        config,
+        gridengine=["-h", f"-wd {folder}", f"-o {folder}/", f"-e {folder}/"],
+        slurm=["--hold", f"--chdir={folder}", f"--output={folder}/out.%A.%a",
+               f"--error={folder}/err.%A.%a"],
+    )
+    cfg = dict(config, ssh_dir=ssh_dir, **held)
     request_id = sheepdog.map_async(cube, [2], cfg)
     with Storage(cfg["dbfile"]) as storage:
         secret = storage.get_secret(request_id)
         (job,) = [str(j["job_id"]) for j in storage.get_jobs(request_id)]
     check(ssh, f"rm {shlex.quote(folder + '/' + key_file_name(request_id, secret))}")
-    check(ssh, f"qrls {job}")
-    wait_for_job(ssh, job, timeout=240)
+    check(ssh, f"scontrol release {job}" if is_slurm(config) else f"qrls {job}")
+    wait_for_array(ssh, config, job, timeout=240)
     name = job_file_name(request_id, secret)
-    errors = check(ssh, f"cat {shlex.quote(folder)}/{name}.e{job}.* 2>/dev/null || true")
+    error_files = f"err.{job}.*" if is_slurm(config) else f"{name}.e{job}.*"
+    errors = check(ssh, f"cat {shlex.quote(folder)}/{error_files} 2>/dev/null || true")
     assert "the request's secret file" in errors and "does not exist on" in errors, errors
     assert "the execution nodes must see ssh_dir at the same path" in errors, errors
     assert "Traceback" not in errors and "Client(" not in errors, errors

@@ -1,28 +1,28 @@
-"""Smoke tests of the Grid Engine cluster itself, over SSH as sheepdog uses it.
+"""Smoke tests of the cluster itself (Grid Engine or Slurm), over SSH as sheepdog uses it.
 
 They check what sheepdog relies on: an ordinary user submits an array job over a non-interactive
-SSH session, every task runs (spread over the execution nodes), and a task can call back over
-HTTP to the machine that submitted it.
+SSH session (``qsub -t`` or ``sbatch --array``), every task runs (spread over the execution
+nodes), and a task can call back over HTTP to the machine that submitted it. What only Slurm's
+commands show is checked in test_slurm_cluster.py.
 """
 
 from __future__ import annotations
 
 import shlex
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import paramiko
 import pytest
 from cluster_fixture import (
-    check,
+    compute_nodes,
     parse_task_outputs,
     recording_http_server,
     run,
     ssh_connect,
+    submit_smoke_array,
     task_outputs,
-    task_script,
-    wait_for_job,
+    wait_for_array,
 )
 
 pytestmark = pytest.mark.e2e
@@ -36,29 +36,6 @@ def ssh(cluster: dict[str, Any]) -> Iterator[paramiko.SSHClient]:
     client.close()
 
 
-def submit(
-    ssh: paramiko.SSHClient, cluster: dict[str, Any], tasks: int, args: str = ""
-) -> tuple[str, str]:
-    """Copy the task script to a fresh directory on the head node and qsub it as an array job.
-
-    Returns (job id, directory).
-    """
-    directory = check(ssh, "echo $HOME").strip() + f"/.sheepdog/smoke-{uuid.uuid4().hex[:8]}"
-    check(ssh, f"mkdir -p {shlex.quote(directory)}")
-    with ssh.open_sftp() as sftp:
-        with sftp.open(f"{directory}/task.py", "w") as f:
-            f.write(task_script("SGE_TASK_ID"))
-    d = shlex.quote(directory)
-    out = check(
-        ssh,
-        f"qsub -terse -N smoke -t 1-{tasks} -S {shlex.quote(cluster['shell'])} "
-        f"-wd {d} -o {d}/ -e {d}/ {d}/task.py {args}",
-    )
-    job_id = out.strip().split(".")[0]
-    assert job_id.isdigit(), f"qsub -terse printed {out!r}"
-    return job_id, directory
-
-
 def test_a_task_error_fails_the_check_even_when_other_tasks_printed() -> None:
     # Before, `assert not errors.strip() or found` let it through once any task printed.
     printed = '{"task": 1, "host": "exec1"}\n'
@@ -69,8 +46,8 @@ def test_a_task_error_fails_the_check_even_when_other_tasks_printed() -> None:
 
 @pytest.fixture(scope="module")
 def array_run(ssh: paramiko.SSHClient, cluster: dict[str, Any]) -> dict[int, str]:
-    job_id, directory = submit(ssh, cluster, TASKS)
-    wait_for_job(ssh, job_id)
+    job_id, directory = submit_smoke_array(ssh, cluster, TASKS)
+    wait_for_array(ssh, cluster, job_id)
     return task_outputs(ssh, directory, job_id)
 
 
@@ -79,9 +56,9 @@ def test_array_job_gives_every_output(array_run: dict[int, str]) -> None:
 
 
 def test_array_tasks_spread_over_exec_nodes(
-    ssh: paramiko.SSHClient, array_run: dict[int, str]
+    ssh: paramiko.SSHClient, cluster: dict[str, Any], array_run: dict[int, str]
 ) -> None:
-    exec_hosts = check(ssh, "qconf -sel").split()
+    exec_hosts = compute_nodes(ssh, cluster)
     assert len(exec_hosts) >= 2, (
         f"this test needs a cluster with two or more execution hosts; it has {exec_hosts}"
     )
@@ -91,8 +68,8 @@ def test_array_tasks_spread_over_exec_nodes(
 def test_task_calls_back_over_http(ssh: paramiko.SSHClient, cluster: dict[str, Any]) -> None:
     with recording_http_server() as (port, seen):
         url = f"http://{cluster['localhost']}:{port}"
-        job_id, directory = submit(ssh, cluster, 3, shlex.quote(url))
-        wait_for_job(ssh, job_id)
+        job_id, directory = submit_smoke_array(ssh, cluster, 3, shlex.quote(url))
+        wait_for_array(ssh, cluster, job_id)
         status, errors, _ = run(ssh, f"cat {shlex.quote(directory)}/smoke.e{job_id}.*")
     assert sorted(seen) == ["/task/1", "/task/2", "/task/3"], (
         f"the server saw {seen}; task errors:\n{errors}"

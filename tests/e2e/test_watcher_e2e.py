@@ -1,10 +1,11 @@
-"""The watcher and the cluster's leftovers, on a real Grid Engine (issue 12, items 4 and 5).
+"""The watcher and the cluster's leftovers, on a real cluster (issue 12, items 4 and 5).
 
 Each test first makes the situation that fooled sheepdog 0.3 (a login user from
-~/.ssh/config, a qstat that fails, one job in Eqw, jobs that died while another
-process waits, Ctrl-C between qsub and its answer, a timeout, a script that exits
-after map_async) and then checks that no running work is taken for lost and no
-job is left behind. Every wait is bounded.
+~/.ssh/config, a qstat or squeue that fails, one job in Eqw, jobs that died while another
+process waits, Ctrl-C between qsub or sbatch and its answer, a timeout, a script that
+exits after map_async) and then checks that no running work is taken for lost and no
+job is left behind. Every wait is bounded. They run on Grid Engine and on Slurm, but
+for Eqw, which only Grid Engine has.
 """
 
 from __future__ import annotations
@@ -21,11 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cluster_fixture import (
+    STATUS_COMMAND,
+    STATUS_DOWN_MESSAGE,
+    delete_job,
+    job_deleted,
+    job_listed,
+    label_of,
+    open_cluster_remote,
+    scheduler_of,
+)
 
 import sheepdog
 from sheepdog import cli
 from sheepdog.remote import Remote
-from sheepdog.scheduler import open_remote
 
 pytestmark = pytest.mark.e2e
 
@@ -44,28 +54,16 @@ def _env() -> dict[str, str]:
 
 
 def _listed(remote: Remote, job_id: str) -> bool:
+    """True while Grid Engine's qstat lists the job (for the Grid Engine-only test)."""
     listing = remote.run('qstat -u "$(id -un)"').stdout
     return any(line.split()[:1] == [job_id] for line in listing.splitlines())
 
 
-def _wait_deleted(remote: Remote, job_id: str, timeout_s: float) -> None:
-    """Wait until the job has left qstat or is being deleted (a ``d`` state).
-
-    An array task that qdel caught while starting can stay ``dr``/``dt`` until its
-    execd reports; Grid Engine has accepted the deletion by then.
-    """
-    listing = ""
-
-    def deleted() -> bool:
-        nonlocal listing
-        listing = remote.run('qstat -u "$(id -un)"').stdout
-        rows = [line.split() for line in listing.splitlines()]
-        states = [row[4] for row in rows if row[:1] == [job_id] and len(row) > 4]
-        return all("d" in state for state in states)
-
+def _wait_deleted(cluster: dict[str, Any], job_id: str, timeout_s: float) -> None:
+    """Wait until the job has left the queue or is being deleted (see job_deleted)."""
     deadline = time.monotonic() + timeout_s
-    while not deleted():
-        assert time.monotonic() < deadline, f"job {job_id} still runs:\n{listing}"
+    while not job_deleted(cluster, job_id):
+        assert time.monotonic() < deadline, f"job {job_id} still runs after {timeout_s:g} s"
         time.sleep(0.5)
 
 
@@ -103,7 +101,7 @@ def _job_ids(dbfile: str, request_id: int) -> list[str]:
 
 @pytest.fixture
 def head(config: dict[str, Any]) -> Iterator[Remote]:
-    with open_remote(sheepdog.Config.from_mapping(config)) as remote:
+    with open_cluster_remote(config) as remote:
         yield remote
 
 
@@ -123,29 +121,27 @@ def test_a_login_user_from_ssh_config_does_not_make_jobs_look_gone(
 
 
 @pytest.fixture
-def failing_qstat(head: Remote) -> Iterator[None]:
-    """Make qstat on the head node fail as it does when the qmaster is down.
+def failing_qstat(config: dict[str, Any], head: Remote) -> Iterator[None]:
+    """Make the scheduler's status command (qstat, squeue) fail as when its daemon is down.
 
     A shim directory goes first on PATH through ~/.bashrc, which bash reads for
     commands run over SSH; it is removed afterwards.
     """
-    shim = (
-        "#!/bin/sh\n"
-        "echo 'error: unable to contact qmaster using port 6444 on host \"head\"' >&2\n"
-        "exit 1\n"
-    )
+    command = STATUS_COMMAND[scheduler_of(config)]
+    message = STATUS_DOWN_MESSAGE[scheduler_of(config)]
+    shim = f"#!/bin/sh\necho {_quote(message)} >&2\nexit 1\n"
     head.run(
-        "mkdir -p ~/qstat-shim && printf %s " + _quote(shim) + " > ~/qstat-shim/qstat && "
-        "chmod +x ~/qstat-shim/qstat && touch ~/.bashrc && "
-        "{ echo 'export PATH=$HOME/qstat-shim:$PATH # sheepdog-test'; cat ~/.bashrc; } "
+        f"mkdir -p ~/status-shim && printf %s {_quote(shim)} > ~/status-shim/{command} && "
+        f"chmod +x ~/status-shim/{command} && touch ~/.bashrc && "
+        "{ echo 'export PATH=$HOME/status-shim:$PATH # sheepdog-test'; cat ~/.bashrc; } "
         "> ~/.bashrc.new && mv ~/.bashrc.new ~/.bashrc"
     )
     try:
-        probe = head.run("qstat", check=False)
-        assert probe.exit_status != 0 and "qmaster" in probe.stderr, probe
+        probe = head.run(command, check=False)
+        assert probe.exit_status != 0 and message in probe.stderr, probe
         yield
     finally:
-        head.run("sed -i '/# sheepdog-test$/d' ~/.bashrc; rm -rf ~/qstat-shim")
+        head.run("sed -i '/# sheepdog-test$/d' ~/.bashrc; rm -rf ~/status-shim")
 
 
 def _quote(text: str) -> str:
@@ -165,6 +161,7 @@ def test_a_failing_qstat_expires_and_resubmits_nothing(
     assert len(_job_ids(cfg["dbfile"], _last_request(cfg["dbfile"]))) == 1  # none resubmitted
 
 
+@pytest.mark.gridengine("Eqw, a job Grid Engine cannot start, is Grid Engine's own state")
 def test_one_job_in_eqw_is_deleted_and_the_others_go_on(
     config: dict[str, Any], head: Remote
 ) -> None:
@@ -209,7 +206,7 @@ def test_one_job_in_eqw_is_deleted_and_the_others_go_on(
 
 
 def test_status_wait_in_another_process_ends_when_the_jobs_died(
-    config: dict[str, Any], head: Remote
+    config: dict[str, Any],
 ) -> None:
     cfg = dict(config, workers=1, timeout_s=300)
     request_id = sheepdog.map_async(sleepy_for, [3, 3], cfg)
@@ -217,8 +214,8 @@ def test_status_wait_in_another_process_ends_when_the_jobs_died(
     _wait_until(lambda: _counts(dbfile, request_id).get("leased", 0) > 0, "a task is leased",
                 180)
     (job_id,) = _job_ids(dbfile, request_id)
-    head.run(f"qdel {job_id}")
-    _wait_until(lambda: not _listed(head, job_id), "the job is gone", 60)
+    delete_job(config, job_id)
+    _wait_until(lambda: not job_listed(config, job_id), "the job is gone", 60)
     # This process serves the request but watches nothing (map_async); the waiting
     # process must notice the dead job and get the work done.
     proc = subprocess.run(
@@ -232,7 +229,7 @@ def test_status_wait_in_another_process_ends_when_the_jobs_died(
 
 
 def test_get_results_after_map_async_in_one_process_resubmits_dead_jobs(
-    config: dict[str, Any], head: Remote
+    config: dict[str, Any],
 ) -> None:
     cfg = dict(config, workers=1)
     request_id = sheepdog.map_async(sleepy_for, [3, 3], cfg)
@@ -240,7 +237,7 @@ def test_get_results_after_map_async_in_one_process_resubmits_dead_jobs(
     _wait_until(lambda: _counts(dbfile, request_id).get("leased", 0) > 0, "a task is leased",
                 180)
     (job_id,) = _job_ids(dbfile, request_id)
-    head.run(f"qdel {job_id}")
+    delete_job(config, job_id)
     # This process serves the request, so its wait acts at once, as map's would.
     results = sheepdog.get_results(request_id, dbfile, block=True, timeout_s=150)
     assert results == [(3, 3), (3, 3)]
@@ -251,19 +248,20 @@ def test_get_results_after_map_async_in_one_process_resubmits_dead_jobs(
 
 
 def test_ctrl_c_between_qsub_and_its_answer_leaves_no_job(
-    config: dict[str, Any], tmp_path: Path, head: Remote
+    config: dict[str, Any], tmp_path: Path
 ) -> None:
     script = tmp_path / "interrupted_submit.py"
-    # The interrupt lands after qsub went through but before its answer was read,
+    # The interrupt lands after qsub (sbatch) went through but before its answer was read,
     # as a Ctrl-C 1.6 s into a map did on the Docker cluster.
     script.write_text(
         "import json, sys, sheepdog\n"
-        "from sheepdog.scheduler.gridengine import GridEngine\n"
-        "real = GridEngine.submit\n"
+        "from sheepdog.scheduler import scheduler_class\n"
+        f"cls = scheduler_class({scheduler_of(config)!r})\n"
+        "real = cls.submit\n"
         "def submit(self, *args, **kwargs):\n"
         "    real(self, *args, **kwargs)\n"
         "    raise KeyboardInterrupt\n"
-        "GridEngine.submit = submit\n"
+        "cls.submit = submit\n"
         "def slow(x):\n"
         "    import time\n"
         "    time.sleep(60)\n"
@@ -278,16 +276,17 @@ def test_ctrl_c_between_qsub_and_its_answer_leaves_no_job(
         line for line in proc.stderr.splitlines() if line.startswith("sheepdog: interrupted")
     ]
     assert len(lines) == 1, proc.stderr
-    assert "deleted" in lines[0] and "Grid Engine job" in lines[0], lines[0]
-    job_id = lines[0].split("Grid Engine job ")[1].split(",")[0].split()[0]
+    label = label_of(config)
+    assert "deleted" in lines[0] and f"{label} job" in lines[0], lines[0]
+    job_id = lines[0].split(f"{label} job ")[1].split(",")[0].split()[0]
     errors = sheepdog.get_errors(1, config["dbfile"])
     assert len(errors) == 3
     assert all(job_id in error.message and "interrupted" in error.message for _, error in errors)
-    _wait_deleted(head, job_id, 60)
+    _wait_deleted(config, job_id, 60)
 
 
 def test_cancel_finds_a_job_whose_id_was_never_recorded(
-    config: dict[str, Any], head: Remote, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    config: dict[str, Any], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     request_id = sheepdog.map_async(sleepy_for, [60, 60], config)
     dbfile = config["dbfile"]
@@ -299,33 +298,32 @@ def test_cancel_finds_a_job_whose_id_was_never_recorded(
     assert cli.main(["cancel", str(request_id), "--config", str(config_file),
                      "--dbfile", dbfile]) == 0
     out = capsys.readouterr().out
-    assert f"deleted Grid Engine job {job_id}" in out, out
-    _wait_deleted(head, job_id, 60)
+    assert f"deleted {label_of(config)} job {job_id}" in out, out
+    _wait_deleted(config, job_id, 60)
 
 
-def test_map_timeout_deletes_the_jobs_and_says_so(
-    config: dict[str, Any], head: Remote
-) -> None:
+def test_map_timeout_deletes_the_jobs_and_says_so(config: dict[str, Any]) -> None:
     with pytest.raises(sheepdog.TimeoutError) as info:
         sheepdog.map(sleepy_for, [120, 120], config, verbose=False, timeout_s=20)
     request_id = _last_request(config["dbfile"])
     (job_id,) = _job_ids(config["dbfile"], request_id)
     message = str(info.value)
     assert "0 of 2 tasks finished within 20 s" in message
-    assert "cancelled 2 open tasks" in message and f"deleted Grid Engine job {job_id}" in message
+    assert "cancelled 2 open tasks" in message
+    assert f"deleted {label_of(config)} job {job_id}" in message
     assert _counts(config["dbfile"], request_id).get("cancelled", 0) == 2
-    _wait_deleted(head, job_id, 60)
+    _wait_deleted(config, job_id, 60)
 
 
 def test_map_async_then_exit_warns_and_serve_cleans_up(
-    config: dict[str, Any], tmp_path: Path, head: Remote
+    config: dict[str, Any], tmp_path: Path
 ) -> None:
     script = tmp_path / "fire_and_forget.py"
     script.write_text(
         "import json, sys, sheepdog\n"
         "print(sheepdog.map_async(abs, [-1, -2], json.loads(sys.argv[1])))\n"
     )
-    # One array task at a time (-tc 1): the first does both tasks; the other two wait.
+    # One array task at a time (-tc 1, %1): the first does both tasks; the other two wait.
     cfg = dict(config, workers=3, max_running=1)
     proc = subprocess.run(
         [sys.executable, str(script), json.dumps(cfg)],
@@ -358,4 +356,4 @@ def test_map_async_then_exit_warns_and_serve_cleans_up(
     assert sheepdog.get_results(request_id, dbfile, block=False) == [(-1, 1), (-2, 2)]
     assert f"request {request_id} is finished" in serve.stdout, serve.stdout
     # Without the deletion, the queued array tasks start after serve has gone and wait.
-    _wait_deleted(head, job_id, 20)
+    _wait_deleted(config, job_id, 20)

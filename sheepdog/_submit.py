@@ -10,11 +10,14 @@ import logging
 import os
 from typing import Any
 
+from . import tunnel
 from .config import Config
 from .errors import ServerError
 from .job_file import (
+    ADDRESS_FILE_MODE,
     JOB_FILE_MODE,
     KEY_FILE_MODE,
+    address_file_name,
     job_file,
     job_file_name,
     key_file_name,
@@ -32,6 +35,7 @@ __all__ = [
     "job_name",
     "job_sizes",
     "own_server",
+    "publish_address",
     "request_settings",
     "server_for",
     "stored_config",
@@ -171,7 +175,9 @@ def submit_request(
     sizes = job_sizes(n_workers, scheduler.array_limits().per_job)
     if server is None:
         server = server_for(config)
-    url = server.url_for(config.localhost) + "/"
+    mode = tunnel.choose_mode(config.connect, scheduler.host, config.localhost, _port(server))
+    host, port = _worker_address(config, scheduler, server, mode)
+    url = server.url_for(host).rsplit(":", 1)[0] + f":{port}/"
     fingerprint = None
     if server.certfile is not None:
         with open(server.certfile, encoding="ascii") as cert:
@@ -187,6 +193,8 @@ def submit_request(
     # the job file (see sheepdog/spool.py).
     client_options = {"retry_s": float(config.worker_retry_s),
                       "spool_dir": jobdir + spool_dir_name(request_id, secret)}
+    address_name = address_file_name(request_id, secret)
+    client_options["address_file"] = jobdir + address_name
     text = job_file(
         url, jobdir + key_name, request_id,
         storage.count_tasks(request_id), config.shell, options,
@@ -194,10 +202,11 @@ def submit_request(
         scheduler=kind, max_running=config.max_running, client_options=client_options,
     )
     # The key file first, made 0600 before the secret is written; both never on a command line.
-    scheduler.host.put(
-        jobdir.rstrip("/") or "/",
-        [(key_name, secret + "\n", KEY_FILE_MODE), (name, text, JOB_FILE_MODE)],
-    )
+    scheduler.host.put(jobdir.rstrip("/") or "/", [
+        (key_name, secret + "\n", KEY_FILE_MODE),
+        (address_name, _address_line(host, port), ADDRESS_FILE_MODE),
+        (name, text, JOB_FILE_MODE),
+    ])
     logger.info("deployed job file for request %d to %s:%s", request_id,
                 scheduler.host.host, jobdir + name)
     # The original's defaults when no raw option is set: the jobs run and write their
@@ -205,7 +214,7 @@ def submit_request(
     workdir = jobdir if config.raw_options is None else None
     counts = storage.task_counts(request_id)
     info: dict[str, Any] = {
-        "url": url, "port": server.port, "listen_address": server.host,
+        "url": url, "port": server.port, "listen_address": server.host, "connect": mode,
         # Tasks finished before these jobs: the watcher sees whether they made progress.
         "finished_before": counts.get("done", 0) + counts.get("error", 0),
         "parts": len(sizes),
@@ -225,6 +234,49 @@ def submit_request(
         storage.add_job(request_id, job_id, size, info=dict(info, part=part))
         job_ids.append(job_id)
     return ", ".join(job_ids)
+
+
+def _address_line(host: str, port: int) -> str:
+    """The address file's text: ``host:port``, an IPv6 address in brackets."""
+    return (f"[{host}]" if ":" in host else host) + f":{port}\n"
+
+
+def _local_target(server: Server) -> tuple[str, int]:
+    """Where this process reaches its own server (for the tunnel's forwarded connections)."""
+    host = server.host or "127.0.0.1"
+    return ({"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), _port(server))
+
+
+def _port(server: Server) -> int:
+    """The running server's port (a started server always has one)."""
+    if server.port is None:
+        raise ServerError("the server has no port: it was never started")
+    return server.port
+
+
+def _worker_address(
+    config: Config, scheduler: Scheduler, server: Server, mode: str
+) -> tuple[str, int]:
+    """Where workers reach ``server`` in ``mode``: ``localhost``:port, or the tunnel's relay."""
+    return tunnel.worker_address(
+        mode, scheduler.host, _port(server), lambda: _local_target(server),
+        (config.localhost, _port(server)),
+    )
+
+
+def publish_address(
+    storage: Storage, config: Config, request_id: int, scheduler: Scheduler, server: Server,
+    mode: str,
+) -> tuple[str, int]:
+    """Write where workers reach the server now (``mode``) into the request's address file.
+
+    Workers read it at every reconnection, so moving to the tunnel, or a relay started
+    again on another port, costs them one retry. Returns the address written.
+    """
+    host, port = _worker_address(config, scheduler, server, mode)
+    name = address_file_name(request_id, storage.get_secret(request_id))
+    scheduler.host.put(config.ssh_dir, [(name, _address_line(host, port), ADDRESS_FILE_MODE)])
+    return host, port
 
 
 def own_server(storage: Storage, request_id: int) -> Server | None:

@@ -41,6 +41,10 @@ _LISTEN = re.compile(r"^[A-Za-z0-9_.:%-]+$")
 _H_RT = re.compile(r"^(\d+|\d+:\d{1,2}:\d{1,2})$")
 
 
+#: The values of the ``connect`` key: how workers reach the server (docs/connecting.rst).
+CONNECT_MODES = ("direct", "tunnel", "auto")
+
+
 def _default_user() -> str:
     """your user name on this machine"""
     try:
@@ -133,6 +137,12 @@ class Config:
     ssh_config: str | None = None
     #: Bound on connecting and authenticating, in seconds.
     ssh_timeout_s: float = 30.0
+    #: How the workers reach this machine's server (:doc:`connecting`):
+    #: ``"direct"`` at ``localhost``:``port``; ``"tunnel"`` through sheepdog's
+    #: own SSH connection and a relay on the head node; ``"auto"`` tries
+    #: whether the head node can reach the server and picks one, and moves to
+    #: the tunnel when array tasks run but none calls in.
+    connect: str = "auto"
 
     # --- the array job -------------------------------------------------------
     #: Number of array tasks; ``None`` picks ``min(tasks, 100)`` (one per core
@@ -370,6 +380,12 @@ def _validate(c: Config) -> None:
     _check_number("port", c.port, minimum=0, optional=True, integer=True)
     if c.port is not None and c.port > 65535:
         raise _fail("port", f"must be at most 65535, got {c.port}")
+    if c.connect not in CONNECT_MODES:
+        raise _fail(
+            "connect",
+            f"must be one of {', '.join(repr(m) for m in CONNECT_MODES)}, got {c.connect!r}; "
+            "see docs/connecting.rst",
+        )
     _check_text("localhost", c.localhost)
     if not _HOST.match(c.localhost):
         raise _fail("localhost", f"is not a valid host name or address: {c.localhost!r}")

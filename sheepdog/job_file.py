@@ -33,9 +33,11 @@ from .scheduler.base import Scheduler
 from .scheduler.gridengine import GridEngine
 
 __all__ = [
+    "ADDRESS_FILE_MODE",
     "JOB_DIR_MODE",
     "JOB_FILE_MODE",
     "KEY_FILE_MODE",
+    "address_file_name",
     "job_file",
     "job_file_name",
     "job_stem",
@@ -52,6 +54,8 @@ logger = logging.getLogger(__name__)
 JOB_FILE_MODE = 0o700
 #: Key files hold their request's secret: only their owner may read them.
 KEY_FILE_MODE = 0o600
+#: Address files hold no secret, but only their owner needs them.
+ADDRESS_FILE_MODE = 0o600
 #: The directory that holds job and key files: only its owner may list or enter it.
 JOB_DIR_MODE = 0o700
 
@@ -85,6 +89,14 @@ def key_file_name(request_id: int, secret: str) -> str:
 def spool_dir_name(request_id: int, secret: str) -> str:
     """Return the name of the directory beside the job file where workers spool results."""
     return job_stem(request_id, secret) + ".spool"
+
+
+def address_file_name(request_id: int, secret: str) -> str:
+    """Return the name of the file beside the job file that holds the server's ``host:port``.
+
+    Workers read it at every reconnection (docs/connecting.rst); it holds no secret.
+    """
+    return job_stem(request_id, secret) + ".addr"
 
 
 def _check_secret(secret: str) -> None:

@@ -500,6 +500,8 @@ class Capture:
         return getattr(self.stream, name)
 
 
+#: What the address file holds: host:port, with an IPv6 host in brackets.
+ADDRESS_LINE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})$")
 #: How long an array task keeps trying to reach the server the first time.
 FIRST_CONTACT_S = 120.0
 #: A call still retried this long after it was signed is signed again with a new nonce:
@@ -511,17 +513,37 @@ class Connection:
     """A keep-alive HTTP(S) connection that signs calls, checks the answers and retries."""
 
     def __init__(self, url, secret, request_id, retry_s=600.0, tls_fingerprint=None,
-                 timeout_s=60.0):
+                 timeout_s=60.0, address_file=None):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ProtocolFailure("the server URL %r is not an http:// or https:// URL" % url)
         self.https, self.address = parts.scheme == "https", (parts.hostname, parts.port)
+        # Where sheepdog writes the server's current host:port (a tunnel's relay may move
+        # to another port); the job file's URL is the fallback.
+        self.address_file, self.job_address = address_file, self.address
         self.prefix = "%s/api/v1/requests/%d/" % (parts.path.rstrip("/"), request_id)
         self.secret, self.request_id, self.retry_s = secret, request_id, retry_s
         self.fingerprint = (tls_fingerprint or "").replace(":", "").lower()
         self.timeout_s, self.conn = timeout_s, None
 
+    def current_address(self):
+        """The server's address from the address file, read now; the job file's without one."""
+        if not self.address_file:
+            return self.job_address
+        try:
+            with open(self.address_file) as f:
+                text = f.read(512).strip()
+        except (OSError, UnicodeDecodeError):
+            return self.job_address
+        found = ADDRESS_LINE.match(text)
+        if not found:
+            say("sheepdog: ignoring the address file %s: %r is not host:port"
+                % (self.address_file, text[:80]), sys.stderr)
+            return self.job_address
+        return (found.group(1).strip("[]"), int(found.group(2)))
+
     def connect(self):
+        self.address = self.current_address()  # at every (re)connection: a retry finds a move
         if not self.https:
             conn = http.client.HTTPConnection(*self.address, timeout=self.timeout_s)
         else:
@@ -676,7 +698,7 @@ class Client:
 
     def __init__(self, url, password, request_id, job_index, batch=None, retry_s=600.0,
                  tls_fingerprint=None, mem_limit_bytes=None, stuck_grace_s=30.0,
-                 secret_file=None, run_limit_s=None, spool_dir=None):
+                 secret_file=None, run_limit_s=None, spool_dir=None, address_file=None):
         self.request_id, self.job_index = int(request_id), job_index
         # The job's h_rt in seconds; the worker stops leasing before it (see tasks_to_lease).
         self.run_limit_s, self.longest_s = run_limit_s, 0.0
@@ -687,7 +709,7 @@ class Client:
         # job scripts world-readable into each execution node's spool. It is read in go().
         self.password, self.secret_file = password, secret_file
         self.connect = lambda: Connection(url, self.password, self.request_id, retry_s,
-                                          tls_fingerprint)
+                                          tls_fingerprint, address_file=address_file)
         self.conn = self.connect()
         self.out, self.err = sys.stdout, sys.stderr  # the real streams, whatever a task does
         self.function, self.protocol, self.settings = None, None, {}

@@ -1,0 +1,356 @@
+"""Carry the workers' calls to this machine over sheepdog's own SSH connection.
+
+For ``connect="tunnel"`` (and ``"auto"`` when it picks it; docs/connecting.rst):
+
+- a remote port forward (paramiko's ``request_port_forward``) puts the server on
+  a loopback port of the head node; each connection made there comes back as an
+  SSH channel, which :func:`_pipe_channel` joins to a socket on the local server;
+- a relay, :data:`RELAY_SOURCE` (standard library only), which sheepdog starts on
+  the head node over the same connection, listens where execution nodes reach
+  the head node and pipes each connection to that loopback port. It exits when
+  its SSH channel closes (it reads its stdin until EOF), so nothing is left
+  running on the head node.
+
+Workers read the relay's ``host:port`` from the request's address file at every
+reconnection (:mod:`sheepdog._submit` writes it), so a relay started again on
+another port after a dropped connection costs them one retry. It is a TCP pipe:
+HTTPS with the pinned certificate goes through unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paramiko
+
+from .errors import SSHError
+from .remote import Remote
+
+__all__ = [
+    "RELAY_SOURCE",
+    "Probe",
+    "Tunnel",
+    "choose_mode",
+    "probe_from_head",
+    "switch_to_tunnel",
+    "tunnel_for",
+    "worker_address",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The head node's Python for the relay and the reachability probe (found on its PATH).
+HEAD_PYTHON = "python3"
+#: Bound on the relay saying which port it listens on.
+RELAY_START_S = 30.0
+#: Bound on the head node's TCP connection to the server when ``auto`` decides.
+PROBE_TIMEOUT_S = 5.0
+#: Bytes moved per read in the pipes.
+CHUNK_BYTES = 65536
+
+#: The relay run on the head node as ``python3 -c RELAY_SOURCE BIND PORT TARGET_PORT``.
+#: Python 3.6+, standard library only. It prints ``hostname port`` once it listens, pipes
+#: every connection to 127.0.0.1:TARGET_PORT (the forwarded port), and exits at EOF on
+#: stdin, which comes when sheepdog's SSH channel (or connection) closes.
+RELAY_SOURCE = r'''
+import os, socket, sys, threading
+def pipe(src, dst):
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass
+    try:
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+def serve(conn, target):
+    try:
+        up = socket.create_connection(target, timeout=30)
+        up.settimeout(None)
+    except OSError as e:
+        sys.stderr.write("sheepdog relay: cannot reach %s:%d: %s\n" % (target + (e,)))
+        conn.close()
+        return
+    back = threading.Thread(target=pipe, args=(up, conn))
+    back.daemon = True
+    back.start()
+    pipe(conn, up)
+    back.join()
+    conn.close()
+    up.close()
+def accept(listener, target):
+    while True:
+        conn, _ = listener.accept()
+        worker = threading.Thread(target=serve, args=(conn, target))
+        worker.daemon = True
+        worker.start()
+bind, port, target_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind((bind, port))
+listener.listen(128)
+sys.stdout.write("%s %d\n" % (socket.gethostname(), listener.getsockname()[1]))
+sys.stdout.flush()
+thread = threading.Thread(target=accept, args=(listener, ("127.0.0.1", target_port)))
+thread.daemon = True
+thread.start()
+while os.read(0, 65536):
+    pass
+os._exit(0)
+'''
+
+
+def _copy(read: Callable[[int], bytes], write: Callable[[bytes], None],
+          done: Callable[[], None]) -> None:
+    """Copy until EOF or an error, then half-close the other side."""
+    try:
+        while True:
+            data = read(CHUNK_BYTES)
+            if not data:
+                break
+            write(data)
+    except (OSError, EOFError, paramiko.SSHException):
+        pass
+    try:
+        done()
+    except (OSError, EOFError, paramiko.SSHException):
+        pass
+
+
+def _pipe_channel(channel: paramiko.Channel, target: tuple[str, int]) -> None:
+    """Join one forwarded SSH channel to a new TCP connection to the local server."""
+    try:
+        sock = socket.create_connection(target, timeout=30)
+        sock.settimeout(None)
+    except OSError as exc:
+        logger.warning("tunnel: cannot reach the local server at %s:%d: %s", *target, exc)
+        channel.close()
+        return
+    back = threading.Thread(
+        target=_copy, args=(sock.recv, channel.sendall, channel.shutdown_write),
+        name="sheepdog-tunnel-back", daemon=True,
+    )
+    back.start()
+    _copy(channel.recv, sock.sendall, lambda: sock.shutdown(socket.SHUT_WR))
+    back.join()
+    channel.close()
+    sock.close()
+
+
+class Tunnel:
+    """A remote port forward and a relay on the head node, to one local server.
+
+    ``target`` gives the local server's (host, port) when a connection comes (a
+    restarted server keeps its port). :meth:`address` starts them, or starts them
+    again when the SSH connection they ran on has gone.
+    """
+
+    def __init__(self, remote: Remote, target: Callable[[], tuple[str, int]]) -> None:
+        self.remote = remote
+        self.target = target
+        self._transport: paramiko.Transport | None = None
+        self._relay: paramiko.Channel | None = None
+        self._address: tuple[str, int] | None = None
+        self._loop_port = 0
+        self._lock = threading.Lock()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the forward's connection and the relay's channel are both still open."""
+        transport, relay = self._transport, self._relay
+        return bool(
+            transport is not None and transport.is_active() and relay is not None
+            and not relay.closed and not relay.exit_status_ready()
+        )
+
+    def address(self) -> tuple[str, int]:
+        """Where execution nodes reach the relay: (head node's host name, port)."""
+        with self._lock:
+            if not self.alive or self._address is None:
+                self._start()
+            assert self._address is not None
+            return self._address
+
+    def _start(self) -> None:
+        self.close()
+        transport = self.remote.connect().get_transport()
+        if transport is None or not transport.is_active():
+            raise SSHError("the SSH connection closed before the tunnel started",
+                           host=self.remote.host)
+
+        def handler(channel: paramiko.Channel, origin: object, server: object) -> None:
+            # Called in paramiko's transport thread, which must not block.
+            threading.Thread(target=_pipe_channel, args=(channel, self.target()),
+                             name="sheepdog-tunnel", daemon=True).start()
+
+        try:
+            loop_port = transport.request_port_forward("127.0.0.1", 0, handler=handler)
+        except paramiko.SSHException as exc:
+            raise SSHError(
+                f"the SSH server on {self.remote.host} refused to forward a port ({exc}), so "
+                "connect='tunnel' cannot work there: its sshd has AllowTcpForwarding set to no "
+                "or local (ask the admins for 'remote' or 'yes'), or use connect='direct' with "
+                "a localhost the execution nodes can reach",
+                host=self.remote.host,
+            ) from exc
+        self._transport, self._loop_port = transport, loop_port
+        self._relay = relay = transport.open_session(timeout=RELAY_START_S)
+        command = " ".join(shlex.quote(word) for word in (
+            HEAD_PYTHON, "-c", RELAY_SOURCE, "0.0.0.0", "0", str(loop_port)))
+        relay.settimeout(RELAY_START_S)
+        relay.exec_command(command)
+        line = b""
+        try:
+            while not line.endswith(b"\n"):
+                data = relay.recv(256)
+                if not data:
+                    break
+                line += data
+        except (OSError, paramiko.SSHException) as exc:
+            line = b"" if not line.endswith(b"\n") else line
+            logger.debug("tunnel: no answer from the relay: %s", exc)
+        words = line.decode("utf-8", "replace").split()
+        if len(words) != 2 or not words[1].isdigit():
+            err = b""
+            while relay.recv_stderr_ready():
+                err += relay.recv_stderr(65536)
+            self.close()
+            raise SSHError(
+                f"the tunnel's relay did not start on {self.remote.host} within "
+                f"{RELAY_START_S:g} s: it printed {line!r}, stderr "
+                f"{err.decode('utf-8', 'replace')[-2000:]!r}; it needs {HEAD_PYTHON} on the "
+                "head node's PATH",
+                host=self.remote.host,
+            )
+        relay.settimeout(None)
+        self._address = (words[0], int(words[1]))
+        logger.info(
+            "tunnel up: the relay on %s listens on %s:%d, forwarded over SSH to the head "
+            "node's 127.0.0.1:%d and on to this machine's server", self.remote.host,
+            words[0], int(words[1]), loop_port,
+        )
+
+    def close(self) -> None:
+        """Stop the relay (its channel closes, it sees EOF) and cancel the forward."""
+        relay, transport, self._relay, self._transport = self._relay, self._transport, None, None
+        if relay is not None:
+            relay.close()
+        if transport is not None and transport.is_active():
+            try:
+                transport.cancel_port_forward("127.0.0.1", self._loop_port)
+            except (paramiko.SSHException, OSError, EOFError):
+                pass
+
+
+_tunnels: dict[tuple[int, int], Tunnel] = {}
+_tunnels_lock = threading.Lock()
+
+
+def tunnel_for(remote: Remote, target: Callable[[], tuple[str, int]], port: int) -> Tunnel:
+    """The one tunnel on this SSH connection (Remote) to the server on ``port``."""
+    key = (id(remote), port)
+    with _tunnels_lock:
+        tunnel = _tunnels.get(key)
+        if tunnel is None or tunnel.remote is not remote:
+            tunnel = _tunnels[key] = Tunnel(remote, target)
+        return tunnel
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Whether the head node could open a TCP connection to the server, and what it said."""
+
+    reachable: bool | None
+    detail: str
+
+
+PROBE_SOURCE = r'''
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
+except Exception as e:
+    print("%s: %s" % (type(e).__name__, e))
+    sys.exit(3)
+print("connected")
+'''
+
+
+def probe_from_head(remote: Remote, host: str, port: int) -> Probe:
+    """Try a TCP connection from the head node to ``host:port``, bounded; say how it went.
+
+    ``reachable`` is None when the probe itself could not run (no python3 there).
+    """
+    command = " ".join(shlex.quote(word) for word in (
+        HEAD_PYTHON, "-c", PROBE_SOURCE, host, str(port), f"{PROBE_TIMEOUT_S:g}"))
+    try:
+        result = remote.run(command, check=False, timeout_s=PROBE_TIMEOUT_S + 30)
+    except SSHError as exc:
+        return Probe(None, f"the probe did not run: {exc}")
+    said = (result.stdout.strip() or result.stderr.strip())[-300:]
+    if result.exit_status == 0:
+        return Probe(True, said)
+    if result.exit_status == 3:
+        return Probe(False, said)
+    return Probe(None, f"the probe exited with {result.exit_status}: {said}")
+
+
+#: What ``auto`` chose, per SSH connection and server port: "direct" or "tunnel".
+_chosen: dict[tuple[int, int], str] = {}
+
+
+def choose_mode(connect: str, host: object, server_host: str, server_port: int) -> str:
+    """``"direct"`` or ``"tunnel"`` for workers reaching ``server_host:server_port``.
+
+    ``connect`` is the config's key; ``host`` the scheduler's host (a tunnel needs an SSH
+    connection: a local scheduler's workers always connect directly). ``auto`` asks the
+    head node once per connection and server, and says in one log line what it chose and why.
+    """
+    if not isinstance(host, Remote):
+        return "direct"
+    if connect != "auto":
+        return connect
+    key = (id(host), server_port)
+    if key in _chosen:
+        return _chosen[key]
+    probe = probe_from_head(host, server_host, server_port)
+    where = f"{server_host}:{server_port}"
+    if probe.reachable is False:
+        mode = "tunnel"
+        logger.info("connect=auto chose the tunnel: the head node %s cannot open the server's "
+                    "address %s (%s)", host.host, where, probe.detail)
+    elif probe.reachable:
+        mode = "direct"
+        logger.info("connect=auto chose direct: the head node %s reaches the server at %s; "
+                    "it moves to the tunnel if array tasks run but none calls in",
+                    host.host, where)
+    else:
+        mode = "direct"
+        logger.info("connect=auto chose direct: could not test from the head node %s whether "
+                    "it reaches %s (%s); it moves to the tunnel if array tasks run but none "
+                    "calls in", host.host, where, probe.detail)
+    _chosen[key] = mode
+    return mode
+
+
+def switch_to_tunnel(host: object, server_port: int) -> None:
+    """From now on, ``auto`` uses the tunnel for this connection and server."""
+    _chosen[(id(host), server_port)] = "tunnel"
+
+
+def worker_address(
+    mode: str, host: object, server_port: int, target: Callable[[], tuple[str, int]],
+    direct: tuple[str, int],
+) -> tuple[str, int]:
+    """Where workers reach the server in ``mode``: ``direct``, or the relay (started if need be)."""
+    if mode != "tunnel" or not isinstance(host, Remote):
+        return direct
+    return tunnel_for(host, target, server_port).address()

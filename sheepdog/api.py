@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from . import tunnel
 from ._submit import own_server
 from .config import ConfigLike
 from .errors import RemoteError, SheepdogError
@@ -65,6 +66,9 @@ def map_async(
     """
     with Session(config) as session:
         request_id = session.submit(f, args, ns, cache=cache)
+        # Its workers reach this process through the tunnel on this connection, if one
+        # runs: it stays open, as the server does, until the process exits.
+        tunnel.hold_open(session.scheduler.host)
     _async_requests.append((session.dbfile, request_id))
     return request_id
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, NoReturn
 
-from . import _submit, serialisation
+from . import _submit, serialisation, tunnel
 from ._submit import array_size, job_name, request_settings, server_for
 from .config import Config, ConfigLike, as_config
 from .errors import RemoteError, TaskFailedError
@@ -165,7 +165,9 @@ class Session:
             if storage is not None:
                 storage.close()
         finally:
-            if scheduler is not None and scheduler is not self._given:
+            # A connection held open for map_async's tunnel stays open until the process exits.
+            if (scheduler is not None and scheduler is not self._given
+                    and not tunnel.is_held(scheduler.host)):
                 scheduler.close()
 
     def __enter__(self) -> Session:
@@ -366,11 +368,17 @@ class Session:
 
     # -- watching -------------------------------------------------------------------
 
-    def watcher(self, request_id: int) -> Watcher | None:
-        """The watcher of a request this session submitted (None: no job, all from the cache)."""
+    def watcher(
+        self, request_id: int, notify: Callable[[str], None] | None = None
+    ) -> Watcher | None:
+        """The watcher of a request this session submitted (None: no job, all from the cache).
+
+        ``notify`` tells a person watching what they must know (no worker calls in).
+        """
         if not self.storage.get_jobs(request_id):
             return None
-        return Watcher(self.config, request_id, self.scheduler, server=self.server)
+        return Watcher(self.config, request_id, self.scheduler, server=self.server,
+                       notify=notify)
 
     def watch(
         self,
@@ -415,7 +423,7 @@ class Session:
             return []
         bound = timeout_s if timeout_s is not None else cfg.timeout_s
         # Every task from the cache: no job, so no server to start or watch.
-        watcher = self.watcher(request_id)
+        watcher = self.watcher(request_id, notify=_say if verbose else None)
         try:
             self.watch(request_id, timeout_s=bound, verbose=verbose,
                        watcher=watcher or Watcher(cfg, request_id, self.scheduler))

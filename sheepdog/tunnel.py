@@ -36,6 +36,7 @@ __all__ = [
     "Probe",
     "Tunnel",
     "choose_mode",
+    "is_up",
     "probe_from_head",
     "switch_to_tunnel",
     "tunnel_for",
@@ -339,6 +340,35 @@ def choose_mode(connect: str, host: object, server_host: str, server_port: int) 
                     "calls in", host.host, where, probe.detail)
     _chosen[key] = mode
     return mode
+
+
+def is_up(host: object, server_port: int) -> bool:
+    """Whether this connection's tunnel to the server on ``server_port`` is up (a local
+    scheduler needs none, so it counts as up)."""
+    if not isinstance(host, Remote):
+        return True
+    found = _tunnels.get((id(host), server_port))
+    return found is not None and found.alive
+
+
+#: SSH connections kept open for their tunnels after the call that opened them returned
+#: (map_async): the workers reach the server through them until the process exits.
+_held: list[Remote] = []
+
+
+def hold_open(host: object) -> bool:
+    """Keep ``host``'s SSH connection open if a tunnel runs on it; True if it does."""
+    if not isinstance(host, Remote) or not any(t.alive for t in _tunnels.get(host, {}).values()):
+        return False
+    with _tunnels_lock:
+        if all(held is not host for held in _held):
+            _held.append(host)
+    return True
+
+
+def is_held(host: object) -> bool:
+    """Whether :func:`hold_open` keeps ``host``'s connection open."""
+    return any(held is host for held in _held)
 
 
 def switch_to_tunnel(host: object, server_port: int) -> None:

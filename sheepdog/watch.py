@@ -18,11 +18,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from . import _submit, spool
+from . import _submit, spool, tunnel
 from ._poll import poll_until
 from ._progress import Progress
 from .errors import SheepdogError, StorageError
@@ -42,6 +43,11 @@ logger = logging.getLogger(__name__)
 TAKEOVER_S = 60.0
 #: A job waiting this long with nothing running is asked why (Grid Engine's qstat -j).
 SCHEDULABLE_CHECK_S = 10.0
+#: Array tasks that run this long with none calling in are reported (and ``connect="auto"``
+#: moves to the tunnel): long enough for a worker's Python to start on a busy node.
+SILENT_S = 30.0
+#: Lines of a worker's stderr (.e) file shown when no worker calls in.
+ERR_TAIL_LINES = 6
 
 
 def now_due(
@@ -71,6 +77,8 @@ class Watcher:
         passive: bool = False,
         takeover_s: float = TAKEOVER_S,
         clock: Callable[[], float] = time.monotonic,
+        notify: Callable[[str], None] | None = None,
+        silent_s: float | None = None,
     ) -> None:
         self.config = config
         #: Seconds from a fixed point (``time.monotonic``); a test passes a fake clock.
@@ -91,6 +99,12 @@ class Watcher:
         self.passive = passive
         self.takeover_s = takeover_s
         self._gone: tuple[tuple[str, ...], float] | None = None
+        #: Tells a person watching (map's stderr) what they must know, besides the log.
+        self.notify = notify
+        self.silent_s = SILENT_S if silent_s is None else silent_s
+        self._silent_since: float | None = None
+        self._silence_told = False
+        self._mode: str | None = None
 
     def poll(self, storage: Storage) -> None:
         """Check the jobs if it is time to; fail or resubmit work whose jobs are gone."""
@@ -143,6 +157,7 @@ class Watcher:
             self._progress, self._progress_at = progress, now
         if live:
             self._gone = None
+            self._check_called_in(storage, records, [listing[job] for job in live], counts)
             # A job still listed as running may be on a node that died: Grid Engine can take
             # minutes to notice, while the dead workers' leases have long expired. Work that
             # nobody leases while no array task waits in the queue gets fresh array tasks.
@@ -188,6 +203,101 @@ class Watcher:
         return spool.collect_request_spool(
             storage, self.config, self.scheduler.host, self.request_id
         )
+
+    def _check_called_in(
+        self, storage: Storage, records: list[dict[str, Any]], live: list[Any],
+        counts: dict[str, int],
+    ) -> None:
+        """Keep a tunnel up; when array tasks run but none calls in, say so, or move to it.
+
+        Never a silent 0 %: a worker that cannot reach the server says why in its .e
+        file, and that is shown here with the fix. With ``connect="auto"`` started
+        direct, the request moves to the tunnel first (the workers find it in the
+        address file at their next retry).
+        """
+        if self.server is None or self.passive or self.server.port is None:
+            return
+        info = records[-1]["info"]
+        mode = self._mode or info.get("connect")
+        if mode is None:
+            return  # submitted by a sheepdog without the connect key
+        if mode == "tunnel":
+            self._keep_tunnel(storage)
+        before = int(info.get("finished_before") or 0)
+        finished = counts.get("done", 0) + counts.get("error", 0)
+        if counts.get("leased", 0) or finished > before or not any(j.running for j in live):
+            self._silent_since = None
+            return
+        now = self.clock()
+        if self._silent_since is None:
+            self._silent_since = now
+            return
+        silent_s = now - self._silent_since
+        if silent_s < self.silent_s:
+            return
+        where = str(info.get("url") or "")
+        if self.config.connect == "auto" and mode == "direct":
+            tunnel.switch_to_tunnel(self.scheduler.host, self.server.port)
+            host, port = _submit.publish_address(
+                storage, self.config, self.request_id, self.scheduler, self.server, "tunnel"
+            )
+            self._mode, self._silent_since = "tunnel", now
+            self._tell(
+                f"request {self.request_id}: connect=auto moves to the tunnel: array tasks "
+                f"have run for {silent_s:.0f} s and none has called in at {where}; the "
+                f"workers find the relay at {host}:{port} at their next retry"
+            )
+            return
+        if self._silence_told:
+            return
+        self._silence_told = True
+        tail = self._worker_stderr_tail(storage)
+        fix = (
+            "check the tunnel with `sheepdog doctor`" if mode == "tunnel" else
+            "if the execution nodes cannot reach this machine, set connect=\"tunnel\" "
+            "(or \"auto\"), and run `sheepdog doctor`"
+        )
+        self._tell(
+            f"request {self.request_id}: array tasks have run for {silent_s:.0f} s and none "
+            f"has called in at {where} (connect={mode}); {fix}"
+            + (f". A worker's stderr ends:\n{tail}" if tail else "")
+        )
+
+    def _keep_tunnel(self, storage: Storage) -> None:
+        """Start the tunnel again if its SSH connection dropped, and publish its new address."""
+        assert self.server is not None and self.server.port is not None
+        if tunnel.is_up(self.scheduler.host, self.server.port):
+            return
+        try:
+            host, port = _submit.publish_address(
+                storage, self.config, self.request_id, self.scheduler, self.server, "tunnel"
+            )
+        except SheepdogError as exc:
+            logger.warning("request %d: the tunnel is down and could not start again: %s",
+                           self.request_id, exc)
+            return
+        logger.warning("request %d: the tunnel started again; workers find the relay at "
+                       "%s:%d at their next retry", self.request_id, host, port)
+
+    def _worker_stderr_tail(self, storage: Storage) -> str:
+        """The last lines of the newest .e file of the request's array tasks, or ''."""
+        jobdir = self.scheduler.host.absolute(self.config.ssh_dir)
+        name = _submit.job_name(storage, self.request_id)
+        pattern = f"{shlex.quote(jobdir)}/{shlex.quote(name)}.e*"
+        try:
+            result = self.scheduler.host.run(
+                f"f=$(ls -t {pattern} 2>/dev/null | head -n 1); "
+                f'[ -n "$f" ] && tail -n {ERR_TAIL_LINES} "$f"',
+                check=False, timeout_s=30.0,
+            )
+        except SheepdogError:
+            return ""
+        return "\n".join("    " + line for line in result.stdout.rstrip().splitlines())
+
+    def _tell(self, message: str) -> None:
+        logger.warning("%s", message)
+        if self.notify is not None:
+            self.notify(message)
 
     def _take_over(self, jobs: tuple[str, ...], now: float) -> bool:
         """In a passive watcher: True once the jobs have been gone for ``takeover_s``.

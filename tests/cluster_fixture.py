@@ -46,6 +46,8 @@ USER = "sheep"
 #: The Docker or Slurm cluster's containers while it runs, by node name (head, exec1, ... or
 #: controller, node1, ...): for tests that act on a node as someone else (see run_as_stranger).
 DOCKER_NODES: dict[str, Any] = {}
+#: The firewalled Docker cluster's containers while it runs, by node name.
+FIREWALLED_NODES: dict[str, Any] = {}
 #: An ordinary user other than the cluster's user, made on the execution nodes when needed.
 STRANGER = "stranger"
 
@@ -486,12 +488,25 @@ def _logs(containers: list[Any]) -> str:
     return "\n".join(chunks)
 
 
+#: Where host.docker.internal points on the firewalled cluster: TEST-NET-1 (RFC 5737), an
+#: address routed nowhere, as this machine is from a cluster behind NAT or a firewall.
+UNROUTED_ADDRESS = "192.0.2.1"
+
+
 @contextmanager
-def docker_cluster(workdir: Path, exec_nodes: int = 2) -> Iterator[dict[str, Any]]:
+def docker_cluster(
+    workdir: Path, exec_nodes: int = 2, *, firewalled: bool = False
+) -> Iterator[dict[str, Any]]:
     """Start a head node and ``exec_nodes`` execution nodes with testcontainers; remove them after.
 
     The nodes share a private network and a volume for /home (so job output is visible from the
     head node, as on a real cluster); SSH is published on a random port of 127.0.0.1.
+
+    ``firewalled``: no node has a route to this machine, as on a cluster whose users sit
+    behind NAT or a VPN. The nodes are on an internal network (Docker forwards nothing from
+    it), the name the workers are given for this machine (host.docker.internal) points at an
+    address routed nowhere, and the server listens on this machine's loopback only. This
+    machine reaches the head node's SSH at its address on that network (only it can).
     """
     nodes = [("head", {"SGE_ROLE": "head"})] + [
         (f"exec{i}", {"SGE_ROLE": "exec"}) for i in range(1, exec_nodes + 1)
@@ -500,12 +515,15 @@ def docker_cluster(workdir: Path, exec_nodes: int = 2) -> Iterator[dict[str, Any
         workdir, kind="Docker", image=IMAGE, build_flag="--sge", prefix="sheepdog",
         env={"SGE_MASTER": "head"}, nodes=nodes,
         status_command=["/usr/local/sbin/sge-setup", "status", str(exec_nodes)], extra={},
+        firewalled=firewalled,
     ) as (cluster, containers):
-        DOCKER_NODES.update(containers)
+        # Each kind of cluster has its own registry: both may run in one session.
+        nodes_of = FIREWALLED_NODES if firewalled else DOCKER_NODES
+        nodes_of.update(containers)
         try:
             yield cluster
         finally:
-            DOCKER_NODES.clear()
+            nodes_of.clear()
 
 
 @contextmanager
@@ -520,6 +538,7 @@ def _container_cluster(
     nodes: list[tuple[str, dict[str, str]]],
     status_command: list[str],
     extra: dict[str, Any],
+    firewalled: bool = False,
 ) -> Iterator[tuple[dict[str, Any], list[tuple[str, Any]]]]:
     """Start ``nodes`` (the first is the SSH login node) on a private network; remove them after.
 
@@ -535,7 +554,8 @@ def _container_cluster(
     keyfile, public_key = _write_key_pair(workdir)
     suffix = uuid.uuid4().hex[:8]
     volume = engine.volumes.create(f"{prefix}-home-{suffix}")
-    network = Network().create()
+    network = Network(docker_network_kw={"internal": True} if firewalled else None).create()
+    gateway = UNROUTED_ADDRESS if firewalled else "host-gateway"
     containers: list[tuple[str, Any]] = []
     try:
         for name, role_env in nodes:
@@ -548,30 +568,36 @@ def _container_cluster(
                 .with_kwargs(
                     hostname=name,
                     init=True,
-                    extra_hosts={"host.docker.internal": "host-gateway"},
+                    extra_hosts={"host.docker.internal": gateway},
                 )
             )
             for key, value in {**env, **role_env, "SHEEPDOG_USER": USER,
                                "SHEEPDOG_AUTHORIZED_KEYS": public_key}.items():
                 container.with_env(key, value)
-            if not containers:
+            if not containers and not firewalled:
                 # Only on the loopback interface, like the compose files; a random free port.
                 container.ports["22/tcp"] = ("127.0.0.1",)  # type: ignore[assignment]
             containers.append((name, container))
             container.start()
         login = containers[0][1]
         _wait_ready(login, status_command, containers)
-        port = int(login.get_exposed_port(22))
+        if firewalled:
+            # No published port: a port published from an internal network is not forwarded.
+            login.get_wrapped_container().reload()
+            ssh_host, port = _address_on(login, network), 22
+        else:
+            ssh_host, port = "127.0.0.1", int(login.get_exposed_port(22))
         known_hosts = workdir / "known_hosts"
-        _known_hosts_of(login, port, known_hosts)
+        _known_hosts_of(login, port, known_hosts, ssh_host)
         cluster = {
-            "host": "127.0.0.1",
+            "host": ssh_host,
             "ssh_port": port,
             "ssh_user": USER,
             "ssh_keyfile": str(keyfile),
             "known_hosts": str(known_hosts),
             "localhost": "host.docker.internal",
-            "listen_address": _gateway_of(login),
+            # Firewalled: where no node can reach, this machine's loopback.
+            "listen_address": "127.0.0.1" if firewalled else _gateway_of(login),
             "shell": "/usr/bin/python3",
             **extra,
         }
@@ -602,14 +628,24 @@ def _docker_engine() -> Any:
     return engine
 
 
-def _known_hosts_of(container: Any, port: int, path: Path) -> None:
-    """Write ``path`` as a known_hosts file for [127.0.0.1]:port from the container's host keys."""
+def _address_on(container: Any, network: Any) -> str:
+    """The container's IP address on ``network`` (a testcontainers Network)."""
+    networks = container.get_wrapped_container().attrs["NetworkSettings"]["Networks"]
+    address = networks.get(network.name, {}).get("IPAddress")
+    if not address:
+        raise ClusterStartError(f"the head node has no address on network {network.name}")
+    return str(address)
+
+
+def _known_hosts_of(container: Any, port: int, path: Path, host: str = "127.0.0.1") -> None:
+    """Write ``path`` as a known_hosts file for host:port from the container's host keys."""
     code, keys = container.exec(["sh", "-c", "cat /etc/ssh/ssh_host_*_key.pub"])
     if code != 0 or not keys.strip():
         raise ClusterStartError(f"could not read the node's SSH host keys (exit {code})")
+    entry = host if port == 22 else f"[{host}]:{port}"
     path.write_text(
         "".join(
-            f"[127.0.0.1]:{port} {' '.join(line.split()[:2])}\n"
+            f"{entry} {' '.join(line.split()[:2])}\n"
             for line in keys.decode().splitlines()
             if line.strip()
         )

@@ -8,6 +8,8 @@
 The end-to-end suite runs on either scheduler. Tests marked ``gridengine("why")`` test something
 only Grid Engine has and run on every cluster but Slurm; tests marked ``slurm`` need the Slurm
 cluster and run only there. The others are deselected (not skipped: CI fails on any skip).
+Tests marked ``firewalled`` start a second Docker cluster whose nodes cannot reach this machine
+(``firewalled_cluster``); they run with ``--cluster=docker`` and are deselected otherwise.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ``gridengine``-marked tests run on every cluster but Slurm, ``slurm``-marked ones only on
     Slurm. A ``gridengine`` marker must say why the test is Grid Engine's alone.
     """
-    on_slurm = config.getoption("--cluster") == "slurm"
+    choice = config.getoption("--cluster")
+    on_slurm = choice == "slurm"
     keep, drop = [], []
     for item in items:
         only_ge = item.get_closest_marker("gridengine")
@@ -68,6 +71,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             wanted = not on_slurm
         else:
             wanted = True
+        if item.get_closest_marker("firewalled") is not None and choice != "docker":
+            wanted = False  # the firewalled cluster is a Docker one of its own, beside docker
         (keep if wanted else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
@@ -122,6 +127,19 @@ def cluster(
         raise pytest.UsageError(
             f"--cluster={choice}: expected docker, native, slurm or ssh://user@host:port"
         )
+
+
+@pytest.fixture(scope="session")
+def firewalled_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A Docker Grid Engine cluster from which no node can reach this machine.
+
+    Execution nodes reach the head node; this machine reaches the head node's SSH; nothing
+    on the cluster reaches this machine (see cluster_fixture.docker_cluster).
+    """
+    with cluster_fixture.docker_cluster(
+        tmp_path_factory.mktemp("firewalled"), firewalled=True
+    ) as details:
+        yield details
 
 
 @pytest.fixture(scope="session")

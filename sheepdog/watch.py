@@ -104,6 +104,7 @@ class Watcher:
         self.silent_s = SILENT_S if silent_s is None else silent_s
         self._silent_since: float | None = None
         self._silence_told = False
+        self._tail_told = False
         self._mode: str | None = None
 
     def poll(self, storage: Storage) -> None:
@@ -249,9 +250,17 @@ class Watcher:
             )
             return
         if self._silence_told:
+            if not self._tail_told:
+                # A worker that waits on a connection that never answers writes its reason
+                # only when its attempt times out: show it when it comes.
+                tail = self._worker_stderr_tail(storage)
+                if tail:
+                    self._tail_told = True
+                    self._tell(f"request {self.request_id}: a worker's stderr ends:\n{tail}")
             return
         self._silence_told = True
         tail = self._worker_stderr_tail(storage)
+        self._tail_told = bool(tail)
         fix = (
             "check the tunnel with `sheepdog doctor`" if mode == "tunnel" else
             "if the execution nodes cannot reach this machine, set connect=\"tunnel\" "

@@ -1,0 +1,134 @@
+"""The pieces of connect="tunnel" that run without a cluster: the key, the address file, the relay.
+
+The tunnel itself (a remote forward over real SSH to a real head node) is tested end to end
+in tests/e2e/test_tunnel_e2e.py, on a cluster whose nodes cannot reach this machine.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sheepdog import Config
+from sheepdog.client import stub
+from sheepdog.errors import ConfigError
+from sheepdog.tunnel import PROBE_SOURCE, RELAY_SOURCE, choose_mode
+
+
+def test_connect_defaults_to_auto_and_takes_the_three_modes() -> None:
+    assert Config(host="h").connect == "auto"
+    for mode in ("direct", "tunnel", "auto"):
+        assert Config(host="h", connect=mode).connect == mode
+
+
+def test_a_bad_connect_mode_names_the_value_and_the_choices() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_mapping({"host": "h", "connect": "ssh"})
+    message = str(caught.value)
+    assert "connect" in message and "'ssh'" in message
+    assert "'direct', 'tunnel', 'auto'" in message
+
+
+def test_a_local_scheduler_always_connects_directly() -> None:
+    # Its workers run on this machine; there is no SSH connection to tunnel over.
+    assert choose_mode("tunnel", object(), "localhost", 1234) == "direct"
+    assert choose_mode("auto", object(), "localhost", 1234) == "direct"
+
+
+def _connection(tmp_path: Path, text: str | None) -> object:
+    path = tmp_path / "job.addr"
+    if text is not None:
+        path.write_text(text)
+    return stub.Connection("http://job-host:1111/", "00" * 16, 1, address_file=str(path))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("head:40000\n", ("head", 40000)),
+        ("10.0.0.5:8080", ("10.0.0.5", 8080)),
+        ("[fd00::1]:9000\n", ("fd00::1", 9000)),
+        (None, ("job-host", 1111)),  # no file (yet): the job file's address
+        ("", ("job-host", 1111)),  # being rewritten: the job file's address
+        ("head 40000", ("job-host", 1111)),
+        ("head:40000; rm -rf ~", ("job-host", 1111)),
+    ],
+)
+def test_workers_read_the_address_file_at_every_connection(
+    tmp_path: Path, text: str | None, expected: tuple[str, int]
+) -> None:
+    conn = _connection(tmp_path, text)
+    assert conn.current_address() == expected  # type: ignore[attr-defined]
+
+
+def test_a_moved_address_is_found_at_the_next_connection(tmp_path: Path) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = listener.getsockname()[1]
+        conn = _connection(tmp_path, "127.0.0.1:1\n")
+        (tmp_path / "job.addr").write_text(f"127.0.0.1:{port}\n")
+        conn.connect().close()  # type: ignore[attr-defined]
+        assert conn.address == ("127.0.0.1", port)  # type: ignore[attr-defined]
+    finally:
+        listener.close()
+
+
+@pytest.fixture
+def echo_server() -> Iterator[int]:
+    """A TCP server on this machine that sends back what it gets, one connection at a time."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+def test_the_relay_pipes_connections_and_exits_at_eof_on_stdin(echo_server: int) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", RELAY_SOURCE, "127.0.0.1", "0", str(echo_server)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ) as relay:
+        try:
+            assert relay.stdout is not None and relay.stdin is not None
+            host, port = relay.stdout.readline().decode().split()
+            assert host == socket.gethostname()
+            for _ in range(3):  # several connections, each piped both ways
+                with socket.create_connection(("127.0.0.1", int(port)), timeout=10) as conn:
+                    conn.sendall(b"x" * 200_000)
+                    conn.shutdown(socket.SHUT_WR)
+                    got = b""
+                    while data := conn.recv(65536):
+                        got += data
+                assert got == b"x" * 200_000
+            relay.stdin.close()  # what sshd does when sheepdog's channel or connection closes
+            assert relay.wait(timeout=10) == 0
+        finally:
+            if relay.poll() is None:  # never wait on a relay that did not exit
+                relay.kill()
+
+
+def test_the_relay_and_the_probe_run_on_python_3_6(tmp_path: Path) -> None:
+    # They run on the head node's python3, which may be old: checked as the stub is.
+    for name, source in (("relay.py", RELAY_SOURCE), ("probe.py", PROBE_SOURCE)):
+        (tmp_path / name).write_text(source)
+        done = subprocess.run(
+            ["vermin", "-t=3.6-", "--no-tips", "--violations", str(tmp_path / name)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr

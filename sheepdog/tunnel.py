@@ -23,6 +23,7 @@ import logging
 import shlex
 import socket
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -156,13 +157,22 @@ class Tunnel:
     """
 
     def __init__(self, remote: Remote, target: Callable[[], tuple[str, int]]) -> None:
-        self.remote = remote
+        # Weakly: the registry below is keyed weakly by the Remote, which must be free to go.
+        self._remote = weakref.ref(remote)
         self.target = target
         self._transport: paramiko.Transport | None = None
         self._relay: paramiko.Channel | None = None
         self._address: tuple[str, int] | None = None
         self._loop_port = 0
         self._lock = threading.Lock()
+
+    @property
+    def remote(self) -> Remote:
+        """The SSH connection the tunnel runs over."""
+        remote = self._remote()
+        if remote is None:
+            raise SSHError("the tunnel's SSH connection was closed and dropped", host="")
+        return remote
 
     @property
     def alive(self) -> bool:
@@ -252,17 +262,18 @@ class Tunnel:
                 pass
 
 
-_tunnels: dict[tuple[int, int], Tunnel] = {}
+#: Per SSH connection (held weakly: a closed map's Remote goes), its tunnels by server port.
+_tunnels: weakref.WeakKeyDictionary[Remote, dict[int, Tunnel]] = weakref.WeakKeyDictionary()
 _tunnels_lock = threading.Lock()
 
 
 def tunnel_for(remote: Remote, target: Callable[[], tuple[str, int]], port: int) -> Tunnel:
     """The one tunnel on this SSH connection (Remote) to the server on ``port``."""
-    key = (id(remote), port)
     with _tunnels_lock:
-        tunnel = _tunnels.get(key)
-        if tunnel is None or tunnel.remote is not remote:
-            tunnel = _tunnels[key] = Tunnel(remote, target)
+        by_port = _tunnels.setdefault(remote, {})
+        tunnel = by_port.get(port)
+        if tunnel is None:
+            tunnel = by_port[port] = Tunnel(remote, target)
         return tunnel
 
 
@@ -304,8 +315,8 @@ def probe_from_head(remote: Remote, host: str, port: int) -> Probe:
     return Probe(None, f"the probe exited with {result.exit_status}: {said}")
 
 
-#: What ``auto`` chose, per SSH connection and server port: "direct" or "tunnel".
-_chosen: dict[tuple[int, int], str] = {}
+#: What ``auto`` chose, per SSH connection (held weakly) and server port: "direct" or "tunnel".
+_chosen: weakref.WeakKeyDictionary[Remote, dict[int, str]] = weakref.WeakKeyDictionary()
 
 
 def choose_mode(connect: str, host: object, server_host: str, server_port: int) -> str:
@@ -319,9 +330,9 @@ def choose_mode(connect: str, host: object, server_host: str, server_port: int) 
         return "direct"
     if connect != "auto":
         return connect
-    key = (id(host), server_port)
-    if key in _chosen:
-        return _chosen[key]
+    known = _chosen.get(host, {}).get(server_port)
+    if known is not None:
+        return known
     probe = probe_from_head(host, server_host, server_port)
     where = f"{server_host}:{server_port}"
     if probe.reachable is False:
@@ -338,7 +349,7 @@ def choose_mode(connect: str, host: object, server_host: str, server_port: int) 
         logger.info("connect=auto chose direct: could not test from the head node %s whether "
                     "it reaches %s (%s); it moves to the tunnel if array tasks run but none "
                     "calls in", host.host, where, probe.detail)
-    _chosen[key] = mode
+    _chosen.setdefault(host, {})[server_port] = mode
     return mode
 
 
@@ -347,7 +358,7 @@ def is_up(host: object, server_port: int) -> bool:
     scheduler needs none, so it counts as up)."""
     if not isinstance(host, Remote):
         return True
-    found = _tunnels.get((id(host), server_port))
+    found = _tunnels.get(host, {}).get(server_port)
     return found is not None and found.alive
 
 
@@ -373,7 +384,8 @@ def is_held(host: object) -> bool:
 
 def switch_to_tunnel(host: object, server_port: int) -> None:
     """From now on, ``auto`` uses the tunnel for this connection and server."""
-    _chosen[(id(host), server_port)] = "tunnel"
+    if isinstance(host, Remote):
+        _chosen.setdefault(host, {})[server_port] = "tunnel"
 
 
 def worker_address(

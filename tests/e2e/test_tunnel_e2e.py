@@ -251,3 +251,44 @@ def test_ten_thousand_tiny_tasks_through_the_tunnel(walled: dict[str, Any]) -> N
     cfg = dict(walled, connect="tunnel", workers=4, timeout_s=WAIT_S)
     results = sheepdog.map(square, range(10_000), cfg, verbose=False)
     assert results == [x * x for x in range(10_000)]
+
+
+def _head_as_root(command: str) -> None:
+    head = FIREWALLED_NODES["head"].get_wrapped_container()
+    done = head.exec_run(["sh", "-c", command], user="root")
+    assert done.exit_code == 0, done.output.decode(errors="replace")
+
+
+def _logs_in(cluster: dict[str, Any]) -> bool:
+    try:
+        ssh_connect(cluster, timeout=5).close()
+    except Exception:  # noqa: BLE001 - sshd restarting: refused, reset or no banner yet
+        return False
+    return True
+
+
+@pytest.fixture
+def no_forwarding(firewalled_cluster: dict[str, Any]) -> Iterator[None]:
+    """The firewalled head node's sshd refuses port forwarding (new connections); undone after."""
+    conf = "/etc/ssh/sshd_config.d/zz-sheepdog-test-no-forwarding.conf"
+    reload = "kill -HUP $(cat /run/sshd-sheepdog-22.pid)"
+    _head_as_root(f"echo 'AllowTcpForwarding no' > {conf} && {reload}")
+    try:
+        # sshd re-executes itself on SIGHUP: wait until it takes logins again.
+        assert poll_until(lambda: _logs_in(firewalled_cluster), timeout_s=30, interval_s=0.2)
+        yield
+    finally:
+        _head_as_root(f"rm -f {conf} && {reload}")
+        assert poll_until(lambda: _logs_in(firewalled_cluster), timeout_s=30, interval_s=0.2)
+
+
+def test_a_refused_forward_names_the_sshd_setting(
+    walled: dict[str, Any], no_forwarding: None
+) -> None:
+    cfg = dict(walled, connect="tunnel", timeout_s=WAIT_S)
+    with pytest.raises(sheepdog.errors.SSHError) as caught:
+        sheepdog.map(add, [(1, 1)], cfg, verbose=False)
+    assert "AllowTcpForwarding" in str(caught.value), caught.value
+    with sheepdog.Storage(cfg["dbfile"]) as storage:
+        request_id = max(r["id"] for r in storage.list_requests())
+        assert storage.task_counts(request_id).get("error", 0) == 1  # failed, never submitted

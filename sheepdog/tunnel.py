@@ -37,6 +37,7 @@ __all__ = [
     "Probe",
     "Tunnel",
     "choose_mode",
+    "hold_open",
     "is_up",
     "probe_from_head",
     "switch_to_tunnel",
@@ -354,12 +355,15 @@ def choose_mode(connect: str, host: object, server_host: str, server_port: int) 
 
 
 def is_up(host: object, server_port: int) -> bool:
-    """Whether this connection's tunnel to the server on ``server_port`` is up (a local
-    scheduler needs none, so it counts as up)."""
+    """Whether a tunnel to the server on ``server_port`` is up (a local scheduler needs
+    none, so it counts as up)."""
     if not isinstance(host, Remote):
         return True
-    found = _tunnels.get(host, {}).get(server_port)
-    return found is not None and found.alive
+    # Any connection's tunnel to that server will do (map_async's, held open, for a
+    # get_results that watches on a connection of its own): a local port is one server.
+    with _tunnels_lock:
+        found = [by_port.get(server_port) for by_port in list(_tunnels.values())]
+    return any(t is not None and t.alive for t in found)
 
 
 #: SSH connections kept open for their tunnels after the call that opened them returned

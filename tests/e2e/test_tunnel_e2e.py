@@ -26,6 +26,7 @@ from sheepdog import api, tunnel, watch
 from sheepdog._poll import poll_until
 from sheepdog._submit import server_for
 from sheepdog.scheduler import open_scheduler
+from sheepdog.server import registry
 
 pytestmark = [pytest.mark.e2e, pytest.mark.firewalled]
 
@@ -292,3 +293,17 @@ def test_a_refused_forward_names_the_sshd_setting(
     with sheepdog.Storage(cfg["dbfile"]) as storage:
         request_id = max(r["id"] for r in storage.list_requests())
         assert storage.task_counts(request_id).get("error", 0) == 1  # failed, never submitted
+
+
+def test_map_async_through_the_tunnel(walled: dict[str, Any]) -> None:
+    # The tunnel outlives map_async's call, as the server does: results come in meanwhile.
+    cfg = dict(walled, connect="tunnel")
+    request_id = sheepdog.map_async(add, [(1, 1), (1, 2), (2, 2)], cfg)
+
+    def all_in() -> bool:  # read the database only: no watcher here to restart anything
+        with sheepdog.Storage(cfg["dbfile"]) as storage:
+            return storage.count_results(request_id) == 3
+
+    assert poll_until(all_in, timeout_s=WAIT_S, interval_s=0.5)
+    results = sheepdog.get_results(request_id, cfg["dbfile"], block=False)
+    assert [result for _, result in results] == [2, 3, 4]

@@ -262,10 +262,11 @@ class Watcher:
         tail = self._worker_stderr_tail(storage)
         self._tail_told = bool(tail)
         fix = (
-            "check the tunnel with `sheepdog doctor`" if mode == "tunnel" else
+            "check that the execution nodes can reach the head node and that its sshd "
+            "allows forwarding (AllowTcpForwarding)" if mode == "tunnel" else
             "if the execution nodes cannot reach this machine, set connect=\"tunnel\" "
-            "(or \"auto\"), and run `sheepdog doctor`"
-        )
+            "(or \"auto\")"
+        ) + "; see \"Connecting workers to you\" in the docs"
         self._tell(
             f"request {self.request_id}: array tasks have run for {silent_s:.0f} s and none "
             f"has called in at {where} (connect={mode}); {fix}"

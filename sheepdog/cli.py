@@ -251,9 +251,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0 if done.jobs.error is None else 1
 
 
-def cmd_rerun(args: argparse.Namespace) -> int:
-    which = [w for w in ("failed", "lost", "cancelled") if getattr(args, w)]
-    which = which or ["failed", "lost", "cancelled"]
+def _request_config(args: argparse.Namespace) -> Config:
+    """The config of request ``args.id``: ``--config`` if given, else the one stored with it."""
     with _open_db(args.dbfile) as storage:
         config = stored_config(storage, args.id)
         storage.count_tasks(args.id)  # an unknown id fails here, naming the database
@@ -263,6 +262,13 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         raise CliError(
             f"request {args.id} has no stored config (an older request): pass --config FILE"
         )
+    return config
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    which = [w for w in ("failed", "lost", "cancelled") if getattr(args, w)]
+    which = which or ["failed", "lost", "cancelled"]
+    config = _request_config(args)
     indices = rerun(args.id, config, which)
     if not indices:
         print(f"request {args.id}: no {'/'.join(which)} tasks to run again")
@@ -287,15 +293,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 def cmd_attach(args: argparse.Namespace) -> int:
     from .attach import attach
 
-    with _open_db(args.dbfile) as storage:
-        config = stored_config(storage, args.id)
-        storage.count_tasks(args.id)  # an unknown id fails here, naming the database
-    if args.config is not None:
-        config = as_config(args.config).replace(dbfile=args.dbfile)
-    if config is None:
-        raise CliError(
-            f"request {args.id} has no stored config (an older request): pass --config FILE"
-        )
+    config = _request_config(args)
     try:
         attach(args.id, config, timeout_s=args.timeout)
     except KeyboardInterrupt:

@@ -471,8 +471,9 @@ def cmd_jobfile(args: argparse.Namespace) -> int:
     )
     sys.stdout.write(text)
     if config.scheduler == "auto":
-        print("sheepdog: scheduler 'auto' is shown as Grid Engine's job file; set scheduler "
-              "to 'slurm' to see Slurm's", file=sys.stderr)
+        # Folded for an 80-column terminal (tests/e2e/test_terminal_e2e.py).
+        print("sheepdog: scheduler 'auto': this is Grid Engine's job file;\n"
+              "sheepdog: set scheduler to 'slurm' to see Slurm's", file=sys.stderr)
     print(
         f"sheepdog: {len(values)} tasks, {workers} array tasks, batch "
         f"{batch_size(config, n, workers)}, payload {len(payload)} bytes "

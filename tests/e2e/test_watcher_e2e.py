@@ -53,6 +53,12 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
+def _user_jobs(remote: Remote) -> list[str]:
+    """The lines of Grid Engine's qstat for the login user's jobs (none: the cluster is free)."""
+    listing = remote.run('qstat -u "$(id -un)"').stdout
+    return [line for line in listing.splitlines()[2:] if line.strip()]
+
+
 def _listed(remote: Remote, job_id: str) -> bool:
     """True while Grid Engine's qstat lists the job (for the Grid Engine-only test)."""
     listing = remote.run('qstat -u "$(id -un)"').stdout
@@ -167,6 +173,10 @@ def test_one_job_in_eqw_is_deleted_and_the_others_go_on(
 ) -> None:
     cfg = dict(config, retries=0, workers=2, timeout_s=300)
     outcome: dict[str, Any] = {}
+    # The extra job must find a free slot while the map runs, or it waits in qw until the
+    # map is over and never reaches Eqw (ci-11, native: 4 slots, still held by the array
+    # tasks of the previous test's deleted job). Wait until earlier tests' jobs have left.
+    _wait_until(lambda: not _user_jobs(head), "earlier tests' jobs have left the cluster", 120)
 
     def run() -> None:
         try:

@@ -22,6 +22,7 @@ from .api import (
 from .attach import attach
 from .config import Config, default_config
 from .deployment import Deployer
+from .doctor import doctor
 from .errors import (
     ConfigError,
     DeploymentError,
@@ -73,6 +74,7 @@ __all__ = [
     "attach",
     "cancel",
     "default_config",
+    "doctor",
     "get_errors",
     "get_output",
     "get_results",

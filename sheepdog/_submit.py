@@ -34,12 +34,14 @@ __all__ = [
     "delete_jobs",
     "job_name",
     "job_sizes",
+    "local_target",
     "own_server",
     "publish_address",
     "request_settings",
     "server_for",
     "stored_config",
     "submit_request",
+    "worker_address",
 ]
 
 logger = logging.getLogger(__name__)
@@ -176,7 +178,7 @@ def submit_request(
     if server is None:
         server = server_for(config)
     mode = tunnel.choose_mode(config.connect, scheduler.host, config.localhost, _port(server))
-    host, port = _worker_address(config, scheduler, server, mode)
+    host, port = worker_address(config, scheduler, server, mode)
     url = server.url_for(host).rsplit(":", 1)[0] + f":{port}/"
     fingerprint = None
     if server.certfile is not None:
@@ -241,7 +243,7 @@ def _address_line(host: str, port: int) -> str:
     return (f"[{host}]" if ":" in host else host) + f":{port}\n"
 
 
-def _local_target(server: Server) -> tuple[str, int]:
+def local_target(server: Server) -> tuple[str, int]:
     """Where this process reaches its own server (for the tunnel's forwarded connections)."""
     host = server.host or "127.0.0.1"
     return ({"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), _port(server))
@@ -254,12 +256,12 @@ def _port(server: Server) -> int:
     return server.port
 
 
-def _worker_address(
+def worker_address(
     config: Config, scheduler: Scheduler, server: Server, mode: str
 ) -> tuple[str, int]:
     """Where workers reach ``server`` in ``mode``: ``localhost``:port, or the tunnel's relay."""
     return tunnel.worker_address(
-        mode, scheduler.host, _port(server), lambda: _local_target(server),
+        mode, scheduler.host, _port(server), lambda: local_target(server),
         (config.localhost, _port(server)),
     )
 
@@ -273,7 +275,7 @@ def publish_address(
     Workers read it at every reconnection, so moving to the tunnel, or a relay started
     again on another port, costs them one retry. Returns the address written.
     """
-    host, port = _worker_address(config, scheduler, server, mode)
+    host, port = worker_address(config, scheduler, server, mode)
     name = address_file_name(request_id, storage.get_secret(request_id))
     scheduler.host.put(config.ssh_dir, [(name, _address_line(host, port), ADDRESS_FILE_MODE)])
     return host, port

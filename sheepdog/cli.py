@@ -41,6 +41,7 @@ from .api import (
     stop_interrupted,
 )
 from .config import Config, as_config
+from .doctor import DEFAULT_TIMEOUT_S, doctor, render_check
 from .errors import RemoteError, SheepdogError
 from .job_file import job_file, key_file_name, stub_source
 from .scheduler import open_scheduler, scheduler_class
@@ -484,6 +485,19 @@ def cmd_jobfile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    if args.config is None:
+        raise CliError("doctor needs the config of the cluster to check, as a JSON file: "
+                       "sheepdog doctor cluster.json (the keys of a sheepdog config)")
+    config = as_config(args.config)
+    print(textwrap.fill(f"sheepdog doctor: checking {config.host} (the probe job may wait in "
+                        f"the queue for up to {args.timeout:g} s)", COLUMNS), flush=True)
+    report = doctor(config, timeout_s=args.timeout,
+                    on_check=lambda check: print(render_check(check), flush=True))
+    print(textwrap.fill(report.summary(), COLUMNS))
+    return 0 if report.ok else 1
+
+
 # --- the parser -------------------------------------------------------------------------
 
 
@@ -660,6 +674,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_serve)
 
     p = _command(
+        sub, "doctor", "check that maps can work with a cluster, and say what to fix",
+        "Check, before a first map, everything a map needs: the SSH login, that a\n"
+        "non-interactive login finds qsub or sbatch, the workers' Python (by running\n"
+        "a one-task array job, which waits in the queue like any job), whether the\n"
+        "execution nodes reach this machine directly and through the tunnel, and\n"
+        "which way connect='auto' will pick. Each line says ok, warn, FAIL or\n"
+        "skipped, with a fix; exit status 1 when something stops maps from working.\n"
+        "The config's database is not touched.",
+        ["sheepdog doctor cluster.json", "sheepdog doctor cluster.json --timeout 900"],
+    )
+    p.add_argument("config", nargs="?", default=None, metavar="CONFIG",
+                   help="JSON config file naming the head node (the keys of a sheepdog config)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"how long the probe job may take, queue wait included (default "
+                   f"{DEFAULT_TIMEOUT_S:g})")
+    p.set_defaults(run=cmd_doctor, dbfile=None)
+
+    p = _command(
         sub, "worker-stub", "print the worker stub that goes into job files",
         "Print the worker stub: the standard-library-only Python program that every\n"
         "job file carries and that each array task runs. It is the same file\n"
@@ -705,7 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    if args.dbfile is None and args.run not in (cmd_worker_stub, cmd_jobfile):
+    if args.dbfile is None and args.run not in (cmd_worker_stub, cmd_jobfile, cmd_doctor):
         args.dbfile = os.environ.get(DBFILE_ENV) or None
     args.dbfile_given = args.dbfile is not None
     if args.dbfile is None:

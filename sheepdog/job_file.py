@@ -40,6 +40,7 @@ __all__ = [
     "address_file_name",
     "job_file",
     "job_file_name",
+    "job_head",
     "job_stem",
     "key_file_name",
     "spool_dir_name",
@@ -133,6 +134,45 @@ def _render_options(options: Mapping[str, object]) -> str:
     return "".join(f", {part}" for part in parts)
 
 
+def job_head(
+    shell: str,
+    raw_options: Sequence[str],
+    array_size: int,
+    *,
+    prologue: Sequence[str] | None = None,
+    scheduler: type[Scheduler] = GridEngine,
+    max_running: int | None = None,
+) -> list[str]:
+    """The first lines of a job file: interpreter, directives, prologue; Python follows them.
+
+    Without a ``prologue`` the file starts ``#!shell``; with one, ``/bin/sh`` runs the
+    prologue lines and then execs ``shell`` on the same file, which skips them as a
+    string. Every value is checked as :func:`job_file` documents.
+    """
+    if isinstance(prologue, str):
+        raise ConfigError("prologue must be a list of shell lines, not one string", key="prologue")
+    prologue_lines = [check_prologue_line(i, line) for i, line in enumerate(prologue or ())]
+    check_shell("shell", shell)
+    key = "ge_opts" if scheduler.name == "gridengine" else "scheduler_opts"
+    if isinstance(raw_options, str):
+        raise ConfigError(f"{key} must be a list of strings, not one string", key=key)
+    opts = [check_raw_option(key, i, opt, scheduler) for i, opt in enumerate(raw_options)]
+    if not prologue_lines:
+        return [f"#!{shell}",
+                *scheduler.directives(shell, array_size, opts, max_running=max_running)]
+    # sh runs the prologue, then execs the worker Python on this same file; to Python,
+    # ''''true opens a string that the closing ''' ends, so it skips the shell block.
+    # The directives stay above it: qsub and sbatch read them from the leading comments.
+    return [
+        "#!/bin/sh",
+        *scheduler.directives("/bin/sh", array_size, opts, max_running=max_running),
+        "''''true",
+        *prologue_lines,
+        f'exec {shlex.quote(shell)} "$0" "$@"',
+        "'''",
+    ]
+
+
 def job_file(
     url: str,
     secret_file: str,
@@ -167,9 +207,6 @@ def job_file(
     ``max_running`` is the throttle for a scheduler that writes it into the array
     range (Slurm), which Grid Engine takes as ``-tc`` among the options.
     """
-    if isinstance(prologue, str):
-        raise ConfigError("prologue must be a list of shell lines, not one string", key="prologue")
-    prologue_lines = [check_prologue_line(i, line) for i, line in enumerate(prologue or ())]
     if isinstance(request_id, bool) or not isinstance(request_id, int) or request_id < 1:
         raise ConfigError(f"request_id must be a positive int, not {request_id!r}")
     size = n_args if array_size is None else array_size
@@ -179,29 +216,12 @@ def job_file(
     if not isinstance(url, str) or not re.match(r"https?://", url):
         raise ConfigError(f"the server URL must start with http:// or https://, not {url!r}")
     key_path = _check_secret_file(secret_file)
-    check_shell("shell", shell)
-    key = "ge_opts" if scheduler.name == "gridengine" else "scheduler_opts"
-    if isinstance(grid_engine_opts, str):
-        raise ConfigError(f"{key} must be a list of strings, not one string", key=key)
-    opts = [check_raw_option(key, i, opt, scheduler) for i, opt in enumerate(grid_engine_opts)]
+    head = job_head(shell, grid_engine_opts, size, prologue=prologue, scheduler=scheduler,
+                    max_running=max_running)
     options = dict(client_options or {})
     if tls_fingerprint is not None:
         options["tls_fingerprint"] = tls_fingerprint
     options["secret_file"] = key_path
-    if prologue_lines:
-        # sh runs the prologue, then execs the worker Python on this same file; to Python,
-        # ''''true opens a string that the closing ''' ends, so it skips the shell block.
-        # The directives stay above it: qsub and sbatch read them from the leading comments.
-        head = [
-            "#!/bin/sh",
-            *scheduler.directives("/bin/sh", size, opts, max_running=max_running),
-            "''''true",
-            *prologue_lines,
-            f'exec {shlex.quote(shell)} "$0" "$@"',
-            "'''",
-        ]
-    else:
-        head = [f"#!{shell}", *scheduler.directives(shell, size, opts, max_running=max_running)]
     lines = [
         *head,
         f"# sheepdog job file for request {request_id}: {n_args} tasks. The request's",

@@ -9,6 +9,8 @@ shell lines that set its commands up (``preamble``) and runs its commands here.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import os
 import re
@@ -25,7 +27,7 @@ import paramiko
 
 from .errors import ConfigError, HostKeyError, RemoteCommandError, SSHError
 
-__all__ = ["CommandResult", "Remote", "under_home"]
+__all__ = ["CommandResult", "Login", "Remote", "under_home"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,19 @@ def under_home(directory: str, home: str | Callable[[], str]) -> str:
         return directory.rstrip("/") or "/"
     base = home() if callable(home) else home
     return f"{base.rstrip('/')}/{directory}".rstrip("/")
+
+@dataclass(frozen=True)
+class Login:
+    """How a :class:`Remote` logged in: user, host and port as resolved, the key files it
+    offered (none: the ssh-agent and ~/.ssh), and the host key it accepted and where from."""
+
+    user: str
+    host: str
+    port: int
+    keys: tuple[str, ...]
+    host_key: str
+    known_hosts: str
+
 
 class Remote:
     """Connect to a remote SSH server, run commands there and put files.
@@ -297,6 +312,22 @@ class Remote:
                 f"ProxyJump host {hop} could not open a channel to {hostname}:{port}: {exc}",
                 host=hostname,
             ) from exc
+
+    def login(self) -> Login:
+        """How this connection logged in: who, where, with which keys, and the host's key."""
+        params = self._resolve()
+        client = self.connect()
+        transport = client.get_transport()
+        if transport is None:
+            raise SSHError(f"the SSH connection to {self.host} closed", host=self.host)
+        key = transport.get_remote_server_key()
+        digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode("ascii")
+        return Login(
+            user=params["user"], host=params["hostname"], port=params["port"],
+            keys=tuple(params["keyfiles"]),
+            host_key=f"{key.get_name()} SHA256:{digest.rstrip('=')}",
+            known_hosts=os.path.expanduser(self.known_hosts or "~/.ssh/known_hosts"),
+        )
 
     # --- commands ------------------------------------------------------------------
 

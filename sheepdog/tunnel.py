@@ -36,6 +36,7 @@ __all__ = [
     "RELAY_SOURCE",
     "Probe",
     "Tunnel",
+    "auto_choice",
     "choose_mode",
     "hold_open",
     "is_up",
@@ -320,6 +321,19 @@ def probe_from_head(remote: Remote, host: str, port: int) -> Probe:
 _chosen: weakref.WeakKeyDictionary[Remote, dict[int, str]] = weakref.WeakKeyDictionary()
 
 
+def auto_choice(probe: Probe, head: str, where: str) -> tuple[str, str]:
+    """What ``auto`` picks after ``probe`` (from the head node ``head`` to the server at
+    ``where``): ``"direct"`` or ``"tunnel"``, and why, as a clause ("the tunnel: ...")."""
+    if probe.reachable is False:
+        return "tunnel", (f"the tunnel: the head node {head} cannot open the server's "
+                          f"address {where} ({probe.detail})")
+    then = "it moves to the tunnel if array tasks run but none calls in"
+    if probe.reachable:
+        return "direct", f"direct: the head node {head} reaches the server at {where}; {then}"
+    return "direct", (f"direct: could not test from the head node {head} whether it reaches "
+                      f"{where} ({probe.detail}); {then}")
+
+
 def choose_mode(connect: str, host: object, server_host: str, server_port: int) -> str:
     """``"direct"`` or ``"tunnel"`` for workers reaching ``server_host:server_port``.
 
@@ -335,21 +349,8 @@ def choose_mode(connect: str, host: object, server_host: str, server_port: int) 
     if known is not None:
         return known
     probe = probe_from_head(host, server_host, server_port)
-    where = f"{server_host}:{server_port}"
-    if probe.reachable is False:
-        mode = "tunnel"
-        logger.info("connect=auto chose the tunnel: the head node %s cannot open the server's "
-                    "address %s (%s)", host.host, where, probe.detail)
-    elif probe.reachable:
-        mode = "direct"
-        logger.info("connect=auto chose direct: the head node %s reaches the server at %s; "
-                    "it moves to the tunnel if array tasks run but none calls in",
-                    host.host, where)
-    else:
-        mode = "direct"
-        logger.info("connect=auto chose direct: could not test from the head node %s whether "
-                    "it reaches %s (%s); it moves to the tunnel if array tasks run but none "
-                    "calls in", host.host, where, probe.detail)
+    mode, why = auto_choice(probe, host.host, f"{server_host}:{server_port}")
+    logger.info("connect=auto chose %s", why)
     _chosen.setdefault(host, {})[server_port] = mode
     return mode
 

@@ -21,7 +21,7 @@ from .slurm import Slurm
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["DETECT_COMMAND", "AutoScheduler", "detect_scheduler"]
+__all__ = ["DETECT_COMMAND", "AutoScheduler", "detect_scheduler", "offered"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,13 @@ _detected: dict[tuple[str, int, str, str | None], type[Scheduler]] = {}
 _detected_lock = threading.Lock()
 
 
+def offered(host: Host) -> list[tuple[str, type[Scheduler]]]:
+    """The submit commands that a non-interactive login on ``host`` finds, each with its
+    scheduler, in order of preference; a failed command raises."""
+    found = host.run(DETECT_COMMAND, timeout_s=60).stdout.split()
+    return [(command, cls) for command, cls in _DETECT_ORDER if command in found]
+
+
 def detect_scheduler(config: Config, host: Host) -> type[Scheduler]:
     """Which scheduler the head node offers, asked once per login (host, port, user).
 
@@ -52,9 +59,8 @@ def detect_scheduler(config: Config, host: Host) -> type[Scheduler]:
         known = _detected.get(key)
     if known is not None:
         return known
-    result = host.run(DETECT_COMMAND, timeout_s=60)
-    found = result.stdout.split()
-    match = next((cls for command, cls in _DETECT_ORDER if command in found), None)
+    found = offered(host)
+    match = found[0][1] if found else None
     if match is None:
         raise ConfigError(
             f"config key 'scheduler': 'auto' found neither qsub nor sbatch on {config.host} "
@@ -67,7 +73,7 @@ def detect_scheduler(config: Config, host: Host) -> type[Scheduler]:
         if key not in _detected:
             _detected[key] = match
             logger.info("scheduler 'auto': %s offers %s, so sheepdog uses %s",
-                        config.host, " and ".join(found), match.label)
+                        config.host, " and ".join(command for command, _ in found), match.label)
         return _detected[key]
 
 

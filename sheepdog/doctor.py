@@ -1,0 +1,534 @@
+"""Check, before a first map, that sheepdog can work with a cluster: ``sheepdog doctor``.
+
+:func:`doctor` goes through what a map needs, in order, and says for each what it
+found and, where it is a problem, what to do (docs/cli.rst):
+
+1. **SSH login**: which user, host, port and keys, and the host key it accepted;
+2. **scheduler**: that a non-interactive login finds ``qsub`` or ``sbatch``, and
+   which one ``scheduler="auto"`` uses;
+3. **probe job**: a one-task array job, with the config's options and prologue,
+   which runs the workers' Python and from an execution node tries
+4. **worker Python** against this one (the stub needs 3.6+; ``mode="bytecode"`` the
+   same minor version);
+5. **direct**: the server's address (``localhost``:port), and
+6. **tunnel**: the relay on the head node (:mod:`sheepdog.tunnel`), and
+7. **connect**: which way ``connect`` (``auto`` asks the head node as a map would)
+   will get the workers to you, and whether that way works.
+
+The probe job calls a server of its own, on a throwaway database: the config's
+database is not touched. A problem that stops maps is a *blocker*; the command
+exits 1 when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import textwrap
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import tunnel
+from ._poll import poll_until
+from ._submit import server_for, worker_address
+from .config import Config, ConfigLike, as_config
+from .errors import SheepdogError
+from .job_file import JOB_FILE_MODE, job_head
+from .remote import Remote
+from .scheduler import Scheduler, open_scheduler
+from .scheduler.auto import offered
+from .scheduler.gridengine import GridEngine
+from .server import Server, registry
+
+__all__ = ["DEFAULT_TIMEOUT_S", "Check", "Report", "doctor", "probe_job_file"]
+
+logger = logging.getLogger(__name__)
+
+#: How long the probe job may take, queue wait included, unless told otherwise.
+DEFAULT_TIMEOUT_S = 300.0
+#: Bound on each connection the probe job tries from the execution node.
+NODE_PROBE_TIMEOUT_S = 5.0
+#: The oldest Python the worker stub runs on.
+OLDEST_WORKER_PYTHON = (3, 6)
+#: Columns the report keeps to, and where a check's words start.
+COLUMNS = 80
+_LABEL_COLUMNS = 15
+
+OK, WARN, FAIL, SKIPPED = "ok", "warn", "FAIL", "skipped"
+
+#: What the probe job runs on an execution node, under the workers' Python: it prints
+#: nothing, but writes one JSON file. Python 2 must parse it too, so that a Python that
+#: is too old is reported rather than a SyntaxError.
+PROBE_SOURCE = r'''
+import json, os, platform, socket, sys
+
+
+def reach(address, timeout):
+    host, port = address.rsplit(":", 1)
+    host = host.strip("[]")
+    try:
+        conn = socket.create_connection((host, int(port)), timeout)
+    except Exception as e:
+        return {"ok": False, "said": "cannot connect to %s: %s: %s" % (
+            address, type(e).__name__, e)}
+    try:
+        conn.settimeout(timeout)
+        conn.sendall(("GET /api/v1/health HTTP/1.0\r\nHost: %s\r\n\r\n" % host).encode("ascii"))
+        data = b""
+        while len(data) < 65536:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except Exception as e:
+        return {"ok": False, "said": "connected to %s, but no answer: %s: %s" % (
+            address, type(e).__name__, e)}
+    finally:
+        conn.close()
+    status = data.split(b"\r\n", 1)[0].decode("latin-1")
+    if " 200 " not in status + " " or b'"ok"' not in data:
+        return {"ok": False, "said": "%s answered, but not as sheepdog's server: %r" % (
+            address, status[:100])}
+    return {"ok": True, "said": "%s answered" % address}
+
+
+def probe(out_path, targets, timeout):
+    found = {
+        "python": platform.python_version(),
+        "version": list(sys.version_info[:3]),
+        "implementation": platform.python_implementation().lower(),
+        "executable": sys.executable,
+        "node": socket.gethostname(),
+        "reach": dict((name, reach(address, timeout)) for name, address in targets),
+    }
+    tmp = out_path + ".part"
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(found))
+    os.rename(tmp, out_path)
+'''
+
+
+@dataclass(frozen=True)
+class Check:
+    """One thing :func:`doctor` looked at: its verdict, what it found, and the fix."""
+
+    name: str
+    #: ``ok``, ``warn`` (works, but read this), ``FAIL`` (a blocker) or ``skipped``.
+    status: str
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class Report:
+    """Every check :func:`doctor` made, in order; ``ok`` when none is a blocker."""
+
+    target: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def blockers(self) -> list[Check]:
+        """The checks that stop maps from working."""
+        return [check for check in self.checks if check.status == FAIL]
+
+    @property
+    def ok(self) -> bool:
+        """True when maps with this config can work: no blocker."""
+        return not self.blockers
+
+    def summary(self) -> str:
+        """The last line: the verdict."""
+        if self.ok:
+            return f"sheepdog doctor: {self.target}: ready, no blockers"
+        n = len(self.blockers)
+        return (f"sheepdog doctor: {self.target}: {n} blocker{'s' if n > 1 else ''} (FAIL "
+                "above); fix and run it again")
+
+    def render(self) -> str:
+        """The report as text for an 80-column terminal, one check after another."""
+        return "\n".join([*(render_check(check) for check in self.checks), self.summary()])
+
+
+def render_check(check: Check) -> str:
+    """One check as lines of at most 80 columns: verdict, name, what it found, the fix."""
+    indent = " " * (6 + _LABEL_COLUMNS)
+    first = f"{check.status:<6}{check.name:<{_LABEL_COLUMNS}}"
+    lines = textwrap.wrap(check.detail, COLUMNS, initial_indent=first, subsequent_indent=indent,
+                          break_on_hyphens=False) or [first.rstrip()]
+    if check.fix:
+        lines += textwrap.wrap(check.fix, COLUMNS, initial_indent=indent + "fix: ",
+                               subsequent_indent=indent + "     ", break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def probe_job_file(
+    config: Config, scheduler: type[Scheduler], out_path: str,
+    targets: list[tuple[str, str]], *, timeout_s: float = NODE_PROBE_TIMEOUT_S,
+) -> str:
+    """The probe job's file: the config's job head (options, prologue, Python), then the probe.
+
+    It writes what it found as JSON to ``out_path`` (on the cluster) and tries each
+    ``(name, "host:port")`` of ``targets`` with a health call, bounded by ``timeout_s``.
+    """
+    head = job_head(config.shell, config.job_options(scheduler), 1, prologue=config.prologue,
+                    scheduler=scheduler, max_running=config.max_running)
+    return "\n".join([
+        *head,
+        "# sheepdog doctor's probe job: which Python runs here, and can it reach the server?",
+        PROBE_SOURCE.strip("\n"),
+        "",
+        "",
+        f"probe({out_path!r}, {[list(t) for t in targets]!r}, {timeout_s!r})",
+        "",
+    ])
+
+
+def doctor(
+    config: ConfigLike,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    on_check: Callable[[Check], None] | None = None,
+) -> Report:
+    """Check that maps with ``config`` can work, and say what to fix; see the module's doc.
+
+    ``timeout_s`` bounds the wait for the probe job (queue wait included);
+    ``on_check`` is called with each check as soon as it is made (the CLI prints it).
+    """
+    cfg = as_config(config)
+    run = _Doctor(cfg, timeout_s, on_check or (lambda check: None))
+    try:
+        run.go()
+    finally:
+        run.close()
+    return run.report
+
+
+class _Doctor:
+    """One run of :func:`doctor`: the connection, the throwaway server, the checks so far."""
+
+    def __init__(self, config: Config, timeout_s: float, on_check: Callable[[Check], None]):
+        self.config = config
+        self.timeout_s = timeout_s
+        self.on_check = on_check
+        self.report = Report(config.host)
+        self.scheduler: Scheduler | None = None
+        self.server: Server | None = None
+        self.tmpdir: str | None = None
+
+    def add(self, name: str, status: str, detail: str, fix: str = "") -> Check:
+        check = Check(name, status, detail, fix)
+        self.report.checks.append(check)
+        self.on_check(check)
+        return check
+
+    def skip(self, *names: str, why: str) -> None:
+        for name in names:
+            self.add(name, SKIPPED, why)
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()  # closes the SSH connection: the relay sees EOF and exits
+        if self.tmpdir is not None:
+            registry.stop(f"{self.tmpdir}/doctor.sqlite")
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    # --- the checks, in order --------------------------------------------------------
+
+    def go(self) -> None:
+        cfg = self.config
+        later = ("probe job", "worker Python", "direct", "tunnel", "connect")
+        if cfg.scheduler == "local":
+            self.add("scheduler", OK, "scheduler='local': the workers run on this machine and "
+                     "connect to it directly; there is no cluster to check")
+            return
+        remote = Remote(cfg.host, cfg.ssh_port, cfg.ssh_user, cfg.ssh_keyfile,
+                        known_hosts=cfg.known_hosts, ssh_config=cfg.ssh_config,
+                        timeout_s=cfg.ssh_timeout_s)
+        try:
+            if not self.check_login(remote):
+                self.skip("scheduler", *later, why="needs the SSH login")
+                return
+            kind = self.check_scheduler(remote)
+        finally:
+            remote.close()
+        if kind is None:
+            self.skip(*later, why="needs qsub or sbatch")
+            return
+        self.scheduler = open_scheduler(cfg if cfg.scheduler != "auto"
+                                        else cfg.replace(scheduler=kind.name))
+        try:
+            self.server = self.start_server()
+        except SheepdogError as exc:
+            self.add("probe job", FAIL, f"could not start a server here: {exc}",
+                     "fix the config key the message names")
+            self.skip(*later[1:], why="needs a server")
+            return
+        relay, relay_error = self.start_tunnel()
+        found = self.run_probe_job(kind, relay)
+        if found is None:
+            self.skip(*later[1:], why="needs the probe job's answer")
+            return
+        self.check_python(found)
+        self.check_connect(found, relay, relay_error)
+
+    def check_login(self, remote: Remote) -> bool:
+        try:
+            login = remote.login()
+        except SheepdogError as exc:
+            self.add("SSH login", FAIL, str(exc), "see 'Logging in to the head node' in the docs")
+            return False
+        keys = ", ".join(login.keys) or "the ssh-agent and ~/.ssh/id_*"
+        self.add("SSH login", OK,
+                 f"{login.user}@{login.host}:{login.port} with {keys}; host key "
+                 f"{login.host_key} (checked against {login.known_hosts})")
+        return True
+
+    def check_scheduler(self, remote: Remote) -> type[Scheduler] | None:
+        cfg = self.config
+        try:
+            found = offered(remote)
+        except SheepdogError as exc:
+            self.add("scheduler", FAIL, f"could not look for qsub and sbatch: {exc}")
+            return None
+        names = " and ".join(f"{command} ({cls.label})" for command, cls in found)
+        where = f"a non-interactive login on {cfg.host}"
+        path_fix = ("make the command found without a terminal: `ssh HOST 'command -v qsub'` "
+                    "must print its path (set PATH or source the scheduler's settings in "
+                    "~/.bashrc, above any line that returns early for non-interactive shells)")
+        if not found:
+            self.add("scheduler", FAIL, f"{where} finds neither qsub nor sbatch", path_fix)
+            return None
+        kind: type[Scheduler] | None
+        if cfg.scheduler == "auto":
+            kind = found[0][1]
+            detail = f"{where} finds {names}; scheduler='auto' uses {kind.label}"
+        else:
+            kind = next((cls for _, cls in found if cls.name == cfg.scheduler), None)
+            if kind is None:
+                self.add("scheduler", FAIL,
+                         f"scheduler={cfg.scheduler!r}, but {where} finds only {names}",
+                         f"set scheduler to 'auto' or '{found[0][1].name}', or {path_fix}")
+                return None
+            detail = f"{where} finds {names}; the config names {kind.label}"
+        login_user = remote.login().user
+        if kind is GridEngine and login_user == "root":
+            self.add("scheduler", FAIL, f"{detail}, but you log in as root, and Grid Engine "
+                     "refuses jobs from root", "log in as your own user (ssh_user)")
+            return None
+        self.add("scheduler", OK, detail)
+        return kind
+
+    def start_server(self) -> Server:
+        """A server on a throwaway database, where the config's server would listen."""
+        self.tmpdir = tempfile.mkdtemp(prefix="sheepdog-doctor-")
+        # Plain HTTP: whether the nodes reach the address does not depend on TLS.
+        probe_cfg = self.config.replace(dbfile=f"{self.tmpdir}/doctor.sqlite", tls=False)
+        try:
+            return server_for(probe_cfg)
+        except SheepdogError:
+            if probe_cfg.port is None:
+                raise
+            # The config's fixed port is taken (a map is running?): any port tells as much.
+            return server_for(probe_cfg.replace(port=None))
+
+    def start_tunnel(self) -> tuple[tuple[str, int] | None, str]:
+        """The relay's address on the head node, or None and why it did not start."""
+        assert self.scheduler is not None and self.server is not None
+        try:
+            return worker_address(self.config, self.scheduler, self.server, "tunnel"), ""
+        except SheepdogError as exc:
+            return None, str(exc)
+
+    def run_probe_job(
+        self, kind: type[Scheduler], relay: tuple[str, int] | None
+    ) -> dict[str, Any] | None:
+        """Submit the probe job, wait for its answer (bounded), clean up; None if none came."""
+        assert self.scheduler is not None and self.server is not None
+        cfg, scheduler, host = self.config, self.scheduler, self.scheduler.host
+        direct = f"{_bracketed(cfg.localhost)}:{self.server.port}"
+        targets = [("direct", direct)]
+        if relay is not None:
+            targets.append(("tunnel", f"{_bracketed(relay[0])}:{relay[1]}"))
+        jobdir = host.absolute(cfg.ssh_dir).rstrip("/")
+        name = f"sheepdog_doctor_{uuid.uuid4().hex[:12]}.py"
+        out_path = f"{jobdir}/{name}.json"
+        job_id = ""
+        try:
+            text = probe_job_file(cfg, kind, out_path, targets)
+            host.put(jobdir, [(name, text, JOB_FILE_MODE)])
+            job_id = scheduler.submit(f"{jobdir}/{name}", name=name, array_size=1,
+                                      workdir=jobdir if cfg.raw_options is None else None)
+        except SheepdogError as exc:
+            self.add("probe job", FAIL, f"could not submit a one-task array job: {exc}",
+                     "fix what the message names, then try `sheepdog jobfile` to see a job file")
+            self._remove(jobdir, name)
+            return None
+        said: dict[str, Any] = {}
+        try:
+            answered = poll_until(lambda: self._answer(out_path, job_id, said),
+                                  timeout_s=self.timeout_s, interval_s=1.0, max_interval_s=5.0)
+            if answered and "found" in said:
+                found: dict[str, Any] = said["found"]
+                self.add("probe job", OK, f"{scheduler.label} job {job_id} ran on "
+                         f"{found.get('node')} and answered")
+                return found
+            self.add("probe job", FAIL, self._no_answer(job_id, jobdir, name, answered),
+                     "see 'When things go wrong' in the docs; run `sheepdog doctor` again once "
+                     "it is fixed")
+            return None
+        finally:
+            if job_id:
+                scheduler.delete([job_id])
+            self._remove(jobdir, name)
+
+    def _answer(self, out_path: str, job_id: str, said: dict[str, Any]) -> bool:
+        """Whether the probe job is over: it answered (``said["found"]``) or it left."""
+        assert self.scheduler is not None
+        try:
+            said["found"] = json.loads(self.scheduler.host.read_bytes(out_path))
+            return True
+        except FileNotFoundError:
+            pass
+        except (SheepdogError, ValueError) as exc:
+            said["error"] = str(exc)
+        listing = self.scheduler.status([job_id])
+        if listing is None:
+            return False  # no answer from the scheduler: unknown, not gone
+        job = listing.get(job_id)
+        if job is not None and job.in_error:
+            said["in_error"] = "; ".join(self.scheduler.error_reasons(job_id)) or "error state"
+            return True
+        if job is not None and job.queued:
+            waiting = self.scheduler.why_waiting(job_id)
+            if waiting.permanent:
+                said["never"] = waiting.permanent
+                return True
+            said["waiting"] = "; ".join(waiting.reasons)
+        # Gone: look once more, as the file may have come just before it left.
+        if job is None:
+            try:
+                said["found"] = json.loads(self.scheduler.host.read_bytes(out_path))
+            except (FileNotFoundError, SheepdogError, ValueError):
+                said["gone"] = True
+            return True
+        return False
+
+    def _no_answer(self, job_id: str, jobdir: str, name: str, over: bool) -> str:
+        assert self.scheduler is not None
+        label = f"{self.scheduler.label} job {job_id}"
+        if not over:
+            return (f"{label} did not answer within {self.timeout_s:g} s (still queued or "
+                    "running); give it longer with --timeout, or look at it with qstat/squeue")
+        tail = self._stderr_tail(jobdir, name)
+        return (f"{label} ended without an answer; its stderr ends: {tail}" if tail else
+                f"{label} ended without an answer and wrote no stderr; check the config's "
+                "shell (the workers' Python), prologue and scheduler options")
+
+    def _stderr_tail(self, jobdir: str, name: str) -> str:
+        assert self.scheduler is not None
+        pattern = f"{shlex.quote(jobdir)}/{shlex.quote(name)}.e*"
+        try:
+            result = self.scheduler.host.run(
+                f'f=$(ls -t {pattern} 2>/dev/null | head -n 1); [ -n "$f" ] && tail -n 6 "$f"',
+                check=False, timeout_s=60)
+        except SheepdogError:
+            return ""
+        return " | ".join(line for line in result.stdout.splitlines() if line.strip())[-600:]
+
+    def _remove(self, jobdir: str, name: str) -> None:
+        """Delete the probe job's files: job file, answer, output files (best effort)."""
+        assert self.scheduler is not None
+        try:
+            self.scheduler.host.run(f"rm -f -- {shlex.quote(f'{jobdir}/{name}')}*",
+                                    check=False, timeout_s=60)
+        except SheepdogError as exc:
+            logger.warning("could not delete the probe job's files %s/%s*: %s", jobdir, name, exc)
+
+    def check_python(self, found: dict[str, Any]) -> None:
+        cfg = self.config
+        version = tuple(found.get("version") or (0, 0, 0))
+        theirs = (f"{found.get('implementation')} {found.get('python')} at "
+                  f"{found.get('executable')} on {found.get('node')}")
+        ours = f"{platform.python_implementation().lower()} {platform.python_version()}"
+        detail = f"{theirs}; this machine runs {ours}"
+        how = ("set the config's shell to a newer Python on the workers, or load one in "
+               "prologue (e.g. 'module load python')")
+        if version[:2] < OLDEST_WORKER_PYTHON:
+            self.add("worker Python", FAIL, f"{detail}: the worker stub needs Python 3.6 or "
+                     "newer", how)
+            return
+        same = (found.get("implementation") == sys.implementation.name
+                and list(version[:2]) == list(sys.version_info[:2]))
+        if same:
+            self.add("worker Python", OK, detail)
+        elif cfg.mode == "bytecode":
+            self.add("worker Python", FAIL, f"{detail}: functions go as bytecode (mode="
+                     "'bytecode'), which loads only on the same Python minor version",
+                     f"set mode='source', or make shell (or prologue) run Python "
+                     f"{sys.version_info[0]}.{sys.version_info[1]} on the workers")
+        else:
+            self.add("worker Python", OK, f"{detail}; functions go as source (mode='source'), "
+                     "so the versions may differ")
+
+    def check_connect(
+        self, found: dict[str, Any], relay: tuple[str, int] | None, relay_error: str
+    ) -> None:
+        cfg = self.config
+        assert self.server is not None and self.scheduler is not None
+        reach = found.get("reach") or {}
+        node = found.get("node") or "the execution node"
+        direct = bool(reach.get("direct", {}).get("ok"))
+        tunneled = bool(reach.get("tunnel", {}).get("ok"))
+        self.add("direct", OK if direct else (FAIL if cfg.connect == "direct" else WARN),
+                 f"{node}: {reach.get('direct', {}).get('said', 'not tried')}",
+                 "" if direct else "use connect='tunnel' (or 'auto') from here"
+                 if cfg.connect == "direct" else "")
+        if relay is None:
+            self.add("tunnel", FAIL if cfg.connect == "tunnel" else WARN,
+                     f"the relay did not start: {relay_error}")
+        else:
+            self.add("tunnel", OK if tunneled else (FAIL if cfg.connect == "tunnel" else WARN),
+                     f"{node}, through the relay on {relay[0]}:{relay[1]}: "
+                     f"{reach.get('tunnel', {}).get('said', 'not tried')}",
+                     "" if tunneled else "the execution nodes must reach the head node on "
+                     "the relay's port (a firewall between them?); else use connect='direct' "
+                     "from a machine they reach")
+        if cfg.connect == "auto":
+            port, head = self.server.port, self.scheduler.host
+            assert port is not None and isinstance(head, Remote)
+            where = f"{_bracketed(cfg.localhost)}:{port}"
+            probe = tunnel.probe_from_head(head, cfg.localhost, port)
+            mode, why = tunnel.auto_choice(probe, cfg.host, where)
+            if mode == "tunnel":
+                self.add("connect", OK if tunneled else FAIL, f"'auto' picks {why}",
+                         "" if tunneled else "see the tunnel check above")
+            elif direct:
+                self.add("connect", OK, f"'auto' picks {why}")
+            elif tunneled:
+                self.add("connect", WARN, f"'auto' picks {why}; the execution nodes do not "
+                         "reach you directly, so each map waits 30 s before it moves to the "
+                         "tunnel", "set connect='tunnel' to start with it")
+            else:
+                self.add("connect", FAIL, f"'auto' picks {why}; but the execution nodes "
+                         "reach you neither directly nor through the tunnel",
+                         "see the direct and tunnel checks above")
+        else:
+            works = direct if cfg.connect == "direct" else tunneled
+            other = "tunnel" if cfg.connect == "direct" else "direct"
+            other_works = tunneled if cfg.connect == "direct" else direct
+            self.add("connect", OK if works else FAIL,
+                     f"connect={cfg.connect!r}: the workers {'reach' if works else 'cannot reach'}"
+                     " you that way",
+                     "" if works else f"set connect='{other}', which works here" if other_works
+                     else "see the direct and tunnel checks above")
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -680,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a one-task array job, which waits in the queue like any job), whether the\n"
         "execution nodes reach this machine directly and through the tunnel, and\n"
         "which way connect='auto' will pick. Each line says ok, warn, FAIL or\n"
-        "skipped, with a fix; exit status 1 when something stops maps from working.\n"
+        "skip, with a fix; exit status 1 when something stops maps from working.\n"
         "The config's database is not touched.",
         ["sheepdog doctor cluster.json", "sheepdog doctor cluster.json --timeout 900"],
     )

@@ -61,7 +61,7 @@ OLDEST_WORKER_PYTHON = (3, 6)
 COLUMNS = 80
 _LABEL_COLUMNS = 15
 
-OK, WARN, FAIL, SKIPPED = "ok", "warn", "FAIL", "skipped"
+OK, WARN, FAIL, SKIPPED = "ok", "warn", "FAIL", "skip"
 
 #: What the probe job runs on an execution node, under the workers' Python: it prints
 #: nothing, but writes one JSON file. Python 2 must parse it too, so that a Python that
@@ -120,7 +120,7 @@ class Check:
     """One thing :func:`doctor` looked at: its verdict, what it found, and the fix."""
 
     name: str
-    #: ``ok``, ``warn`` (works, but read this), ``FAIL`` (a blocker) or ``skipped``.
+    #: ``ok``, ``warn`` (works, but read this), ``FAIL`` (a blocker) or ``skip`` (not checked).
     status: str
     detail: str
     fix: str = ""
@@ -282,7 +282,7 @@ class _Doctor:
         try:
             login = remote.login()
         except SheepdogError as exc:
-            self.add("SSH login", FAIL, str(exc), "see 'Logging in to the head node' in the docs")
+            self.add("SSH login", FAIL, str(exc), "see the SSH page of the docs")
             return False
         keys = ", ".join(login.keys) or "the ssh-agent and ~/.ssh/id_*"
         self.add("SSH login", OK,
@@ -380,8 +380,8 @@ class _Doctor:
                          f"{found.get('node')} and answered")
                 return found
             self.add("probe job", FAIL, self._no_answer(job_id, jobdir, name, answered),
-                     "see 'When things go wrong' in the docs; run `sheepdog doctor` again once "
-                     "it is fixed")
+                     "see 'What happens when things fail' in the docs; run `sheepdog doctor` "
+                     "again once it is fixed")
             return None
         finally:
             if job_id:

@@ -266,7 +266,8 @@ class Watcher:
             "allows forwarding (AllowTcpForwarding)" if mode == "tunnel" else
             "if the execution nodes cannot reach this machine, set connect=\"tunnel\" "
             "(or \"auto\")"
-        ) + "; see \"Connecting workers to you\" in the docs"
+        ) + "; `sheepdog doctor CONFIG` checks each way; see \"Connecting workers to you\" in " \
+            "the docs"
         self._tell(
             f"request {self.request_id}: array tasks have run for {silent_s:.0f} s and none "
             f"has called in at {where} (connect={mode}); {fix}"

@@ -93,6 +93,7 @@ CLI_PAGE = EXAMPLES.parent / "cli.rst"
 
 #: The command lines cli.rst shows, in order; each one is run below.
 CLI_COMMANDS = [
+    "sheepdog doctor cluster.json",
     "sheepdog requests",
     "sheepdog status 2 --wait",
     "sheepdog results 1",
@@ -212,6 +213,24 @@ def assert_shaped_like(shown: list[str], printed: str, what: str) -> None:
         assert len(actual) == len(segments[0]), message
 
 
+#: Where the columns of a ``sheepdog doctor`` line start: verdict, check, what it found.
+DOCTOR_VERDICTS = ("ok", "warn", "FAIL", "skip")
+
+
+def doctor_rows(text: str) -> list[str]:
+    """The checks ``sheepdog doctor`` printed, in order (what each found varies by cluster)."""
+    return [line[6:21].strip() for line in text.splitlines() if line[:6].strip() in DOCTOR_VERDICTS]
+
+
+def assert_doctor_like(shown: list[str], printed: str, host: str) -> None:
+    """The same checks as the page shows, in order, and the page's verdict for its head node."""
+    message = "sheepdog doctor: the docs show\n" + "\n".join(shown) + f"\nbut it printed\n{printed}"
+    assert doctor_rows(printed) == doctor_rows("\n".join(shown)), message
+    lines = printed.replace(host, "headnode").splitlines()
+    # The first line folds where the head node's name puts it.
+    assert lines[-1] == shown[-1] and " ".join(lines[:2]) == " ".join(shown[:2]), message
+
+
 def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
     shown = console_commands(CLI_PAGE)
     assert [command for command, _, _ in shown] == CLI_COMMANDS, (
@@ -274,7 +293,9 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
             outputs[command] = done.stdout
             if argv[0] == "jobfile":
                 output = as_the_cluster_writes_them(output, config)
-            if output:
+            if argv[0] == "doctor":
+                assert_doctor_like(output, printed, config["host"])
+            elif output:
                 assert_shaped_like(output, printed, command)
             if "--detach" in argv:
                 detached_pid = int(re.search(r"pid (\d+)", done.stdout).group(1))  # type: ignore[union-attr]

@@ -157,7 +157,7 @@ def test_direct_that_cannot_connect_says_why_and_the_fix(
             sheepdog.cancel(request_id, cfg)
     said = "\n".join(told)
     assert "none has called in" in said and 'connect="tunnel"' in said, said
-    assert "Connecting workers to you" in said, said
+    assert "Connecting workers to you" in said and "sheepdog doctor" in said, said
     # The tail of a worker's .e file: the reason in the worker's own words.
     assert "cannot reach the server at host.docker.internal" in said, said
 

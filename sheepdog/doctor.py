@@ -379,9 +379,7 @@ class _Doctor:
                 self.add("probe job", OK, f"{scheduler.label} job {job_id} ran on "
                          f"{found.get('node')} and answered")
                 return found
-            self.add("probe job", FAIL, self._no_answer(job_id, jobdir, name, answered),
-                     "see 'What happens when things fail' in the docs; run `sheepdog doctor` "
-                     "again once it is fixed")
+            self.add("probe job", FAIL, *self._no_answer(job_id, jobdir, name, said))
             return None
         finally:
             if job_id:
@@ -420,16 +418,28 @@ class _Doctor:
             return True
         return False
 
-    def _no_answer(self, job_id: str, jobdir: str, name: str, over: bool) -> str:
+    def _no_answer(
+        self, job_id: str, jobdir: str, name: str, said: dict[str, Any]
+    ) -> tuple[str, str]:
+        """Why the probe job gave no answer (the scheduler's and the job's own words), and
+        what to do."""
         assert self.scheduler is not None
         label = f"{self.scheduler.label} job {job_id}"
-        if not over:
-            return (f"{label} did not answer within {self.timeout_s:g} s (still queued or "
-                    "running); give it longer with --timeout, or look at it with qstat/squeue")
+        check = ("check the config's shell (the workers' Python, on the execution nodes), "
+                 "prologue and scheduler options")
+        if "in_error" in said:
+            return f"{label} went into an error state: {said['in_error']}", check
+        if "never" in said:
+            return f"{label} can never start: {said['never']}", check
+        if "gone" not in said:
+            waiting = f" (it waits: {said['waiting']})" if said.get("waiting") else ""
+            unreadable = f"; reading its answer failed: {said['error']}" if "error" in said else ""
+            return (f"{label} did not answer within {self.timeout_s:g} s{waiting}{unreadable}",
+                    "give it longer with --timeout, or look at the queue (qstat, squeue)")
         tail = self._stderr_tail(jobdir, name)
-        return (f"{label} ended without an answer; its stderr ends: {tail}" if tail else
-                f"{label} ended without an answer and wrote no stderr; check the config's "
-                "shell (the workers' Python), prologue and scheduler options")
+        if tail:
+            return f"{label} ended without an answer; its stderr ends: {tail}", check
+        return f"{label} ended without an answer and wrote no stderr", check
 
     def _stderr_tail(self, jobdir: str, name: str) -> str:
         assert self.scheduler is not None

@@ -122,3 +122,17 @@ def test_doctor_blocks_direct_on_the_firewalled_cluster(
     assert "FAIL  direct" in out and "FAIL  connect" in out, out
     assert "fix: set connect='tunnel', which works here" in " ".join(out.split()), out
     assert out.splitlines()[-1].endswith("fix and run it again"), out
+
+
+def test_doctor_says_why_a_probe_job_with_a_wrong_shell_gave_no_answer(
+    config: dict[str, Any],
+) -> None:
+    report = sheepdog.doctor(dict(config, shell="/nonexistent/python3"), timeout_s=WAIT_S)
+    assert not report.ok
+    statuses = _statuses(report)
+    assert statuses["probe job"] == FAIL, report.render()
+    assert "/nonexistent/python3" in _detail(report, "probe job"), report.render()
+    assert "check the config's shell" in _detail(report, "probe job"), report.render()
+    assert {statuses[name] for name in ("worker Python", "direct", "tunnel", "connect")} == {
+        "skip"}, report.render()
+    assert _leftovers(config) == ""

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from cluster_fixture import (
 
 import sheepdog
 from sheepdog import cli
+from sheepdog._poll import poll_until
 from sheepdog.remote import Remote
 
 pytestmark = pytest.mark.e2e
@@ -67,17 +67,14 @@ def _listed(remote: Remote, job_id: str) -> bool:
 
 def _wait_deleted(cluster: dict[str, Any], job_id: str, timeout_s: float) -> None:
     """Wait until the job has left the queue or is being deleted (see job_deleted)."""
-    deadline = time.monotonic() + timeout_s
-    while not job_deleted(cluster, job_id):
-        assert time.monotonic() < deadline, f"job {job_id} still runs after {timeout_s:g} s"
-        time.sleep(0.5)
+    _wait_until(lambda: job_deleted(cluster, job_id), f"job {job_id} deleted", timeout_s)
 
 
 def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout_s:g} s: {what}"
-        time.sleep(0.5)
+    """Wait for ``condition`` (the one poll helper), failing with ``what`` after ``timeout_s``."""
+    assert poll_until(condition, timeout_s=timeout_s, interval_s=0.5), (
+        f"not within {timeout_s:g} s: {what}"
+    )
 
 
 def _last_request(dbfile: str) -> int:

@@ -8,12 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from sheepdog._poll import poll_until
 from sheepdog.cli import main
 from sheepdog.job_file import stub_source
 from sheepdog.serialisation import serialise_args, serialise_function, serialise_value
@@ -222,13 +223,10 @@ def _healthy(port: int) -> bool:
         return False
 
 
-def _wait_for(condition: object, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+def _wait_for(condition: Callable[[], object], what: str) -> None:
+    assert poll_until(lambda: bool(condition()), timeout_s=WAIT_S, interval_s=0.1), (
+        f"timed out waiting for {what}"
+    )
 
 
 def _serve_env() -> dict[str, str]:

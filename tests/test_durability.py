@@ -9,11 +9,11 @@ import os
 import pickle
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from sheepdog._poll import poll_until
 from sheepdog.serialisation import serialise_args, serialise_function
 from sheepdog.server import Server
 from sheepdog.server.auth import signed_headers
@@ -77,10 +77,8 @@ def test_acknowledged_results_survive_kill_9(tmp_path: Path) -> None:
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(N_THREADS)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 120
-    while len(acknowledged) < N_TASKS // 3:
-        assert time.monotonic() < deadline, "the load never got going"
-        time.sleep(0.01)
+    assert poll_until(lambda: len(acknowledged) >= N_TASKS // 3, timeout_s=120,
+                      interval_s=0.01), "the load never got going"
     assert server.pid is not None
     os.killpg(server.pid, signal.SIGKILL)
     stop.set()

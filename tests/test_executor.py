@@ -23,6 +23,7 @@ from stubrunner import WORKER_PYTHON, StubProcess
 import sheepdog
 import sheepdog._submit
 import sheepdog.executor
+from sheepdog._poll import poll_until
 from sheepdog.errors import RemoteError, SerialisationError
 from sheepdog.executor import Executor, chunk_applier, kwargs_applier
 from sheepdog.scheduler import local as local_jobs
@@ -219,10 +220,7 @@ def test_futures_resolve_from_results_stored_by_another_thread(
     dbfile = str(tmp_path / "db.sqlite")
     with Executor(local_config(tmp_path, dbfile=dbfile), poll_s=0.05) as pool:
         futures = [pool.submit(add, i, 1) for i in range(3)]
-        deadline = time.monotonic() + WAIT_S
-        while not submitted and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert submitted
+        assert poll_until(lambda: bool(submitted), timeout_s=WAIT_S, interval_s=0.01)
         with Storage(dbfile) as storage:
             storage.complete(
                 submitted[0],

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from stubrunner import write_job
 
+from sheepdog._poll import poll_until
 from sheepdog.job_file import key_file_name
 from sheepdog.serialisation import deserialise_value, serialise_args, serialise_function
 from sheepdog.server import Server
@@ -143,11 +144,8 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
 
 
 def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {WAIT_S} s waiting for {what}")
-        time.sleep(0.05)
+    if not poll_until(condition, timeout_s=WAIT_S, interval_s=0.05):
+        pytest.fail(f"gave up after {WAIT_S} s waiting for {what}")
 
 
 def test_every_result_comes_back(setup: Setup) -> None:

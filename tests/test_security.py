@@ -24,7 +24,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from stubrunner import write_job
 import sheepdog.server.auth as signing
 import sheepdog.server.tls as _tls
 from sheepdog import _submit
+from sheepdog._poll import poll_until
 from sheepdog.config import Config, as_config
 from sheepdog.errors import ConfigError, RemoteCommandError
 from sheepdog.job_file import job_file_name, key_file_name, write_job_file
@@ -353,10 +353,10 @@ def test_two_processes_generating_at_once_leave_a_key_that_matches(
     assert key_written.wait(WAIT_S)
     threads["second"].start()
     # Before, the second wrote a key and certificate of its own at once; now it waits.
-    deadline = time.monotonic() + WAIT_S
-    while threads["second"].is_alive() and "waits for another process" not in caplog.text:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    assert poll_until(
+        lambda: not threads["second"].is_alive() or "waits for another process" in caplog.text,
+        timeout_s=WAIT_S, interval_s=0.01,
+    )
     go_on.set()
     for thread in threads.values():
         thread.join(WAIT_S)

@@ -32,6 +32,7 @@ __all__ = [
     "array_size",
     "batch_size",
     "delete_jobs",
+    "ensure_tunnel",
     "job_name",
     "job_sizes",
     "local_target",
@@ -41,6 +42,7 @@ __all__ = [
     "server_for",
     "stored_config",
     "submit_request",
+    "uses_tunnel",
     "worker_address",
 ]
 
@@ -279,6 +281,27 @@ def publish_address(
     name = address_file_name(request_id, storage.get_secret(request_id))
     scheduler.host.put(config.ssh_dir, [(name, _address_line(host, port), ADDRESS_FILE_MODE)])
     return host, port
+
+
+def uses_tunnel(storage: Storage, request_id: int) -> bool:
+    """Whether the request's latest jobs reach their server through the tunnel."""
+    jobs = storage.get_jobs(request_id)
+    return bool(jobs) and jobs[-1]["info"].get("connect") == "tunnel"
+
+
+def ensure_tunnel(
+    storage: Storage, config: Config, request_id: int, scheduler: Scheduler, server: Server
+) -> tuple[str, int] | None:
+    """Start the tunnel to ``server`` if it is down, and publish the relay's address.
+
+    For a request whose workers go through the tunnel and whose tunnel went with an SSH
+    connection (dropped, or closed with the process that held it: a laptop that slept).
+    Workers read the address file at their next retry. Returns the address published,
+    or None when the tunnel was up. Raises SSHError when it cannot start.
+    """
+    if tunnel.is_up(scheduler.host, _port(server)):
+        return None
+    return publish_address(storage, config, request_id, scheduler, server, "tunnel")
 
 
 def own_server(storage: Storage, request_id: int) -> Server | None:

@@ -5,8 +5,9 @@ closed after ``map_async``) leaves its request in the database with the config
 it was submitted with (no secrets: the config holds none). Its workers retried
 for ``worker_retry_s``, then spooled what they finished beside the job file and
 exited (:mod:`sheepdog.spool`). :func:`attach` picks it up again: the server
-back on the port the job files call, the spool collected, the jobs checked, the
-open work resubmitted, and a wait to the end with the progress bar.
+back on the port the job files call (and, for ``connect="tunnel"``, the tunnel
+started again and its address published), the spool collected, the jobs
+checked, the open work resubmitted, and a wait to the end with the progress bar.
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ def attach(
         open_now = storage.open_task_indices(request_id)
         server = _serve_again(session, request_id) if open_now else None
         scheduler = session.scheduler
+        if server is not None and _submit.uses_tunnel(storage, request_id):
+            # The tunnel went with the process (or connection) that held it: workers still
+            # retrying find the new relay in the address file; resubmitted jobs use it too.
+            where = _submit.ensure_tunnel(storage, cfg, request_id, scheduler, server)
+            if where is not None:
+                say(f"request {request_id}: the tunnel is up again; workers find the relay "
+                    f"at {where[0]}:{where[1]}")
         collected = collect_request_spool(storage, cfg, scheduler.host, request_id)
         if collected.stored or collected.duplicates or collected.rejected:
             say(collected.describe())

@@ -332,6 +332,7 @@ def _ports_to_serve(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ._tunnel_keeper import TunnelKeeper
     from .server import Server
 
     with _open_db(args.dbfile) as storage:
@@ -349,6 +350,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.detach:
         return _detach(args, sorted(ports))
     servers = []
+    keeper: TunnelKeeper | None = None
     try:
         for port, (scheme, address, ids) in sorted(ports.items()):
             tls: dict[str, Any] = {}
@@ -357,7 +359,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
                 files = certificate_for(args.dbfile)
                 tls = {"certfile": files.certfile, "keyfile": files.keyfile}
-            servers.append(Server(port, None, args.dbfile, host=address, **tls))
+            servers.append((Server(port, None, args.dbfile, host=address, **tls), ids))
             print(f"serving requests {', '.join(map(str, ids))} on port {port} "
                   f"({scheme}, listening on {address})", flush=True)
         all_ids = [rid for *_, ids in ports.values() for rid in ids]
@@ -366,21 +368,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
         finished: set[int] = set()
         with Storage(args.dbfile) as storage:
+            # Workers that use the tunnel reach nothing until a relay runs again.
+            keeper = TunnelKeeper(storage, lambda line: print(line, flush=True))
+            for server, ids in servers:
+                for rid in ids:
+                    keeper.add(rid, server)
             while not stop.is_set():
                 for rid in all_ids:
                     if rid not in finished and not storage.open_task_indices(rid):
                         finished.add(rid)
+                        keeper.drop(rid)
                         _delete_leftovers(storage, rid)
+                keeper.keep()
                 if len(finished) == len(all_ids):
                     print("every served request is finished", flush=True)
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     raise CliError(f"requests still open after --timeout {args.timeout:g} s")
-                for server in servers:
+                for server, _ in servers:
                     server.ensure_running()
                 stop.wait(1.0)
     finally:
-        for server in servers:
+        if keeper is not None:
+            keeper.close()
+        for server, _ in servers:
             server.stop()
     return 0
 

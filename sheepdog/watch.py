@@ -276,17 +276,18 @@ class Watcher:
 
     def _keep_tunnel(self, storage: Storage) -> None:
         """Start the tunnel again if its SSH connection dropped, and publish its new address."""
-        assert self.server is not None and self.server.port is not None
-        if tunnel.is_up(self.scheduler.host, self.server.port):
-            return
+        assert self.server is not None
         try:
-            host, port = _submit.publish_address(
-                storage, self.config, self.request_id, self.scheduler, self.server, "tunnel"
+            where = _submit.ensure_tunnel(
+                storage, self.config, self.request_id, self.scheduler, self.server
             )
         except SheepdogError as exc:
             logger.warning("request %d: the tunnel is down and could not start again: %s",
                            self.request_id, exc)
             return
+        if where is None:
+            return
+        host, port = where
         logger.warning("request %d: the tunnel started again; workers find the relay at "
                        "%s:%d at their next retry", self.request_id, host, port)
 

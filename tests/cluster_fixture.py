@@ -94,6 +94,17 @@ def check(client: paramiko.SSHClient, command: str, timeout: float = 60) -> str:
     return out
 
 
+def relays_on_head(cluster: dict[str, Any]) -> int:
+    """How many sheepdog tunnel relays run on the head node (the [s] keeps grep from finding
+    itself)."""
+    client = ssh_connect(cluster)
+    try:
+        _, out, _ = run(client, "ps -eo args | grep -c '[s]heepdog relay' || true")
+    finally:
+        client.close()
+    return int(out.strip() or 0)
+
+
 def wait_for_job(client: paramiko.SSHClient, job_id: str, timeout: float = 180) -> None:
     """Wait until Grid Engine no longer knows job ``job_id`` (all its tasks ended)."""
     deadline = time.monotonic() + timeout

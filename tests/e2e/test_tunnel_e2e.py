@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_fixture import FIREWALLED_NODES, ssh_connect
+from cluster_fixture import FIREWALLED_NODES, relays_on_head, ssh_connect
 from cluster_fixture import run as run_on_head
 
 import sheepdog
@@ -72,23 +72,13 @@ def test_execution_nodes_cannot_reach_the_server(walled: dict[str, Any]) -> None
     assert status == 0, said
 
 
-def _relays_on_head(cluster: dict[str, Any]) -> int:
-    """How many sheepdog relays run on the head node (the [s] keeps grep from finding itself)."""
-    client = ssh_connect(cluster)
-    try:
-        _, out, _ = run_on_head(client, "ps -eo args | grep -c '[s]heepdog relay' || true")
-    finally:
-        client.close()
-    return int(out.strip() or 0)
-
-
 def test_quickstart_through_the_tunnel_leaves_nothing_on_the_head_node(
     walled: dict[str, Any],
 ) -> None:
     cfg = dict(walled, connect="tunnel", timeout_s=WAIT_S)
     assert sheepdog.map(lambda a, b: a + b, [(1, 1), (1, 2), (2, 2)], cfg) == [2, 3, 4]
     # map closed its SSH connection: the relay saw EOF on stdin and exited.
-    assert poll_until(lambda: _relays_on_head(walled) == 0, timeout_s=30, interval_s=0.5)
+    assert poll_until(lambda: relays_on_head(walled) == 0, timeout_s=30, interval_s=0.5)
 
 
 def test_tls_through_the_tunnel(walled: dict[str, Any]) -> None:

@@ -666,7 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(
         sub, "serve", "restart the server for requests with open tasks",
         "Restart the server for requests with open tasks, on the port their job\n"
-        "files call back to, until they are finished.",
+        "files call back to, until they are finished. For a request whose workers\n"
+        "use the tunnel (connect=\"tunnel\"), start the tunnel again too and write\n"
+        "its address where they look for it.",
         ["sheepdog serve", "sheepdog serve --detach",
          "sheepdog serve --request 2 --timeout 3600"],
     )

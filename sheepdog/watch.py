@@ -243,6 +243,10 @@ class Watcher:
                 storage, self.config, self.request_id, self.scheduler, self.server, "tunnel"
             )
             self._mode, self._silent_since = "tunnel", now
+            # Recorded: attach and serve, in another process, start the tunnel for it.
+            last = records[-1]
+            storage.set_job_state(self.request_id, str(last["job_id"]), last["state"],
+                                  {**info, "connect": "tunnel"})
             self._tell(
                 f"request {self.request_id}: connect=auto moves to the tunnel: array tasks "
                 f"have run for {silent_s:.0f} s and none has called in at {where}; the "

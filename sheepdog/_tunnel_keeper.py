@@ -10,7 +10,6 @@ its address, and starts it again whenever that connection drops.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,8 +22,6 @@ from .server import Server
 from .store import Storage
 
 __all__ = ["TunnelKeeper"]
-
-logger = logging.getLogger(__name__)
 
 #: A tunnel that could not start is tried again after this long (a connection attempt to
 #: an unreachable head node takes its timeout: the serve loop must not do only that).

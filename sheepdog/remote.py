@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 #: Bound on opening one command's channel on an established connection.
 CHANNEL_OPEN_TIMEOUT_S = 30.0
+#: An idle connection sends a keepalive this often (OpenSSH's ServerAliveInterval): after a
+#: laptop's sleep, the first one meets the server's reset, so the connection is known dead
+#: and the tunnel starts again, instead of counting as up while nothing sends.
+KEEPALIVE_S = 30
 
 
 @dataclass(frozen=True)
@@ -278,6 +282,9 @@ class Remote:
                 "the head node is reachable from this machine.",
                 host=hostname,
             ) from exc
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(KEEPALIVE_S)
         logger.debug("connected to %s", where)
         return client
 

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_fixture import delete_all_jobs
+from cluster_fixture import FIREWALLED_NODES, delete_all_jobs, ssh_connect
 
+from sheepdog._poll import poll_until
 from sheepdog.server import registry
 
 
@@ -38,3 +39,40 @@ def no_stray_jobs(cluster: dict[str, Any], request: pytest.FixtureRequest) -> It
     yield
     if ours:
         delete_all_jobs(cluster)
+
+
+@pytest.fixture
+def walled(firewalled_cluster: dict[str, Any], tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The firewalled cluster's config with a database of the test's own; servers stopped after."""
+    dbfile = str(tmp_path / "sheepdog.sqlite")
+    yield dict(firewalled_cluster, dbfile=dbfile)
+    registry.stop(dbfile)
+
+
+def _head_as_root(command: str) -> None:
+    head = FIREWALLED_NODES["head"].get_wrapped_container()
+    done = head.exec_run(["sh", "-c", command], user="root")
+    assert done.exit_code == 0, done.output.decode(errors="replace")
+
+
+def _logs_in(cluster: dict[str, Any]) -> bool:
+    try:
+        ssh_connect(cluster, timeout=5).close()
+    except Exception:  # noqa: BLE001 - sshd restarting: refused, reset or no banner yet
+        return False
+    return True
+
+
+@pytest.fixture
+def no_forwarding(firewalled_cluster: dict[str, Any]) -> Iterator[None]:
+    """The firewalled head node's sshd refuses port forwarding (new connections); undone after."""
+    conf = "/etc/ssh/sshd_config.d/zz-sheepdog-test-no-forwarding.conf"
+    reload = "kill -HUP $(cat /run/sshd-sheepdog-22.pid)"
+    _head_as_root(f"echo 'AllowTcpForwarding no' > {conf} && {reload}")
+    try:
+        # sshd re-executes itself on SIGHUP: wait until it takes logins again.
+        assert poll_until(lambda: _logs_in(firewalled_cluster), timeout_s=30, interval_s=0.2)
+        yield
+    finally:
+        _head_as_root(f"rm -f {conf} && {reload}")
+        assert poll_until(lambda: _logs_in(firewalled_cluster), timeout_s=30, interval_s=0.2)

@@ -22,7 +22,6 @@ from cluster_fixture import run as run_on_head
 
 import sheepdog
 from sheepdog.doctor import FAIL, OK, WARN, Report
-from sheepdog.server import registry
 
 pytestmark = pytest.mark.e2e
 
@@ -93,13 +92,6 @@ def test_doctor_names_a_host_key_it_cannot_check(config: dict[str, Any], tmp_pat
     assert {s for name, s in _statuses(report).items() if name != "SSH login"} == {"skip"}
 
 
-@pytest.fixture
-def walled(firewalled_cluster: dict[str, Any], tmp_path: Path) -> Any:
-    dbfile = str(tmp_path / "sheepdog.sqlite")
-    yield dict(firewalled_cluster, dbfile=dbfile)
-    registry.stop(dbfile)
-
-
 @pytest.mark.firewalled
 def test_doctor_on_the_firewalled_cluster_picks_the_tunnel(walled: dict[str, Any]) -> None:
     report = sheepdog.doctor(dict(walled, connect="auto"), timeout_s=WAIT_S)
@@ -136,3 +128,18 @@ def test_doctor_says_why_a_probe_job_with_a_wrong_shell_gave_no_answer(
     assert {statuses[name] for name in ("worker Python", "direct", "tunnel", "connect")} == {
         "skip"}, report.render()
     assert _leftovers(config) == ""
+
+
+@pytest.mark.firewalled
+def test_doctor_names_the_sshd_setting_when_forwarding_is_refused(
+    walled: dict[str, Any], no_forwarding: None
+) -> None:
+    report = sheepdog.doctor(dict(walled, connect="auto"), timeout_s=WAIT_S)
+    assert not report.ok
+    statuses = _statuses(report)
+    assert statuses["probe job"] == OK and statuses["direct"] == WARN, report.render()
+    assert statuses["tunnel"] == WARN, report.render()
+    assert "AllowTcpForwarding" in _detail(report, "tunnel"), report.render()
+    # auto would pick the tunnel (the head node cannot reach us), which cannot start here.
+    assert statuses["connect"] == FAIL, report.render()
+    assert "'auto' picks the tunnel" in _detail(report, "connect"), report.render()

@@ -13,8 +13,6 @@ import shlex
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,19 +24,10 @@ from sheepdog import api, tunnel, watch
 from sheepdog._poll import poll_until
 from sheepdog._submit import server_for
 from sheepdog.scheduler import open_scheduler
-from sheepdog.server import registry
 
 pytestmark = [pytest.mark.e2e, pytest.mark.firewalled]
 
 WAIT_S = 300.0
-
-
-@pytest.fixture
-def walled(firewalled_cluster: dict[str, Any], tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """The firewalled cluster's config with a database of the test's own; servers stopped after."""
-    dbfile = str(tmp_path / "sheepdog.sqlite")
-    yield dict(firewalled_cluster, dbfile=dbfile)
-    registry.stop(dbfile)
 
 
 def add(a: int, b: int) -> int:
@@ -246,35 +235,6 @@ def test_ten_thousand_tiny_tasks_through_the_tunnel(walled: dict[str, Any]) -> N
     cfg = dict(walled, connect="tunnel", workers=4, timeout_s=WAIT_S)
     results = sheepdog.map(square, range(10_000), cfg, verbose=False)
     assert results == [x * x for x in range(10_000)]
-
-
-def _head_as_root(command: str) -> None:
-    head = FIREWALLED_NODES["head"].get_wrapped_container()
-    done = head.exec_run(["sh", "-c", command], user="root")
-    assert done.exit_code == 0, done.output.decode(errors="replace")
-
-
-def _logs_in(cluster: dict[str, Any]) -> bool:
-    try:
-        ssh_connect(cluster, timeout=5).close()
-    except Exception:  # noqa: BLE001 - sshd restarting: refused, reset or no banner yet
-        return False
-    return True
-
-
-@pytest.fixture
-def no_forwarding(firewalled_cluster: dict[str, Any]) -> Iterator[None]:
-    """The firewalled head node's sshd refuses port forwarding (new connections); undone after."""
-    conf = "/etc/ssh/sshd_config.d/zz-sheepdog-test-no-forwarding.conf"
-    reload = "kill -HUP $(cat /run/sshd-sheepdog-22.pid)"
-    _head_as_root(f"echo 'AllowTcpForwarding no' > {conf} && {reload}")
-    try:
-        # sshd re-executes itself on SIGHUP: wait until it takes logins again.
-        assert poll_until(lambda: _logs_in(firewalled_cluster), timeout_s=30, interval_s=0.2)
-        yield
-    finally:
-        _head_as_root(f"rm -f {conf} && {reload}")
-        assert poll_until(lambda: _logs_in(firewalled_cluster), timeout_s=30, interval_s=0.2)
 
 
 def test_a_refused_forward_names_the_sshd_setting(

@@ -16,7 +16,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,6 @@ from sheepdog import Config, _submit, tunnel
 from sheepdog._poll import poll_until
 from sheepdog.job_file import address_file_name
 from sheepdog.scheduler import Scheduler, open_scheduler
-from sheepdog.server import registry
 from sheepdog.spool import spool_directory
 from sheepdog.storage import Storage
 
@@ -36,14 +34,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.firewalled]
 
 WAIT_S = 300.0
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def walled(firewalled_cluster: dict[str, Any], tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """The firewalled cluster's config with a database of the test's own; servers stopped after."""
-    dbfile = str(tmp_path / "sheepdog.sqlite")
-    yield dict(firewalled_cluster, dbfile=dbfile)
-    registry.stop(dbfile)
 
 
 def slow_square(x: int) -> int:

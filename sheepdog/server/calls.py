@@ -84,10 +84,12 @@ EXTENSION = "sheepdog"
 class Connections:
     """Open Storage connections to one database, each lent to one request at a time.
 
-    A connection goes back to the pool when its request ends and is lent again:
-    flaskr opens one per request, but keeping it keeps SQLite's prepared statements,
-    which measured about a third faster per round trip. Every write is its own
-    committed transaction, so nothing carries over between requests.
+    A connection goes back to the pool when its request ends and is lent again.
+    flaskr opens one per request, but opening a Storage costs about 0.34 ms (its
+    pragmas, the write queue's file) against about 0.8 ms of server CPU for a whole
+    round trip, and a kept connection keeps SQLite's prepared statements (measured
+    about a third faster per round trip). Every write is its own committed
+    transaction, so nothing carries over between requests.
     """
 
     def __init__(self, open_storage: Callable[[], Storage]) -> None:

@@ -640,6 +640,44 @@ def test_a_results_round_trip_reads_the_request_row_once(
         assert "tasks_by_state" in plan and "TEMP B-TREE" not in plan, plan
 
 
+def test_requests_borrow_one_connection_and_give_it_back_clean(
+    dbfile: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each request (hot path or Flask) borrows the app's connection on g and returns it at
+    teardown, without a transaction a bug left open."""
+    import sheepdog.server.app
+    from sheepdog.server.calls import storage
+
+    opened: list[Storage] = []
+
+    class Counted(Storage):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(sheepdog.server.app, "Storage", Counted)
+    app = create_app(dbfile)
+
+    @app.get("/left-open")
+    def left_open() -> str:
+        storage().conn.execute("BEGIN IMMEDIATE")
+        raise RuntimeError("a bug inside a transaction")
+
+    opened.clear()  # create_app's own, closed already
+    with Storage(dbfile) as db:
+        rid = db.new_request(b"F", None, [pickle.dumps(i) for i in range(3)])
+        api = Api(app.test_client(), rid, db.get_secret(rid))
+        [task] = api.call("POST", "lease", lease_body()).get_json()["tasks"]  # the hot path
+        with caplog.at_level(logging.CRITICAL, logger="sheepdog.server"):
+            error_of(app.test_client().get("/left-open"), 500)
+        assert len(opened) == 1 and not opened[0].conn.in_transaction
+        path = f"/api/v1/requests/0{rid}/lease"  # Flask's route
+        assert api.call("POST", "lease", lease_body(), path=path).status_code == 200
+        answer = api.call("POST", "results", results_body([result(task["index"], task["lease"])]))
+        assert answer.get_json()["accepted"] == [task["index"]]
+    assert len(opened) == 1 and not opened[0].conn.in_transaction
+
+
 def test_the_workers_calls_skip_flask_and_other_paths_still_reach_it(
     app: Flask, api: Api
 ) -> None:

@@ -20,9 +20,12 @@ streamed to a file beside the database (up to ``DEFAULT_MAX_BLOB_BYTES``),
 arguments are sent from their file with ``GET .../tasks/<index>/args``; see
 "Payloads" in docs/protocol.rst.
 
-The modules: :mod:`.app` (``create_app`` and its routes), :mod:`.protocol`
-(parsing, validation, answers), :mod:`.auth` (signing), :mod:`.tls` (the
-certificate), :mod:`.process` (``Server``, ``get_server``, ``registry``).
+The modules: :mod:`.app` (``create_app``, wiring only), :mod:`.routes` (the
+Blueprint of routes), :mod:`.hot_path` (the workers' frequent calls in front of
+Flask), :mod:`.calls` (authentication and the calls' effects, shared by both),
+:mod:`.body` (reading a signed body), :mod:`.protocol` (parsing, validation,
+answers), :mod:`.auth` (signing), :mod:`.tls` (the certificate),
+:mod:`.process` (``Server``, ``get_server``, ``registry``).
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ __all__ = [
     "publish_address",
     "request_settings",
     "server_for",
+    "server_key",
+    "server_options",
     "stored_config",
     "submit_request",
     "uses_tunnel",
@@ -128,6 +130,24 @@ def stored_config(storage: Storage, request_id: int) -> Config | None:
     return Config.from_mapping(values)
 
 
+def server_options(config: Config) -> dict[str, Any]:
+    """How the config's server listens: its address, and its certificate with ``tls``."""
+    options: dict[str, Any] = {}
+    if config.tls:
+        files = certificate_for(config.dbfile)
+        options = {"certfile": files.certfile, "keyfile": files.keyfile}
+    options["host"] = config.listen_address or listen_address(config.localhost)
+    return options
+
+
+def server_key(config: Config) -> tuple[str, bool]:
+    """The registry's key of the config's random-port server: one per database and TLS setting.
+
+    HTTP and HTTPS servers on one database may run side by side.
+    """
+    return (os.path.abspath(config.dbfile), config.tls)
+
+
 def server_for(config: Config) -> Server:
     """The running server for the config: its fixed port, or one random-port server per dbfile.
 
@@ -136,11 +156,7 @@ def server_for(config: Config) -> Server:
     dbfiles in one process must just work, so each database gets its own
     (kept in :data:`sheepdog.server.registry`, the one registry).
     """
-    options: dict[str, Any] = {}
-    if config.tls:
-        files = certificate_for(config.dbfile)
-        options = {"certfile": files.certfile, "keyfile": files.keyfile}
-    options["host"] = config.listen_address or listen_address(config.localhost)
+    options = server_options(config)
     if config.port is not None:
         fixed = get_server(config.port, None, config.dbfile, **options)
         if (fixed.scheme == "https") != config.tls:
@@ -149,9 +165,7 @@ def server_for(config: Config) -> Server:
                 f"tls={config.tls}; use another port or the same tls setting"
             )
         return fixed
-    # HTTP and HTTPS servers on one database may run side by side.
-    key = (os.path.abspath(config.dbfile), config.tls)
-    return registry.share(key, lambda: Server(None, None, config.dbfile, **options))
+    return registry.share(server_key(config), lambda: Server(None, None, config.dbfile, **options))
 
 
 def submit_request(

@@ -19,8 +19,7 @@ from typing import Any
 
 from . import _submit
 from .config import ConfigLike, as_config
-from .errors import SheepdogError, StorageError
-from .server import Server, registry
+from .errors import StorageError
 from .session import Session
 from .spool import collect_request_spool
 from .watch import Watcher
@@ -60,7 +59,7 @@ def attach(
             return session.results(request_id)
         cfg = session.use_stored_config(request_id)
         open_now = storage.open_task_indices(request_id)
-        server = _serve_again(session, request_id) if open_now else None
+        server = session.serve_again(request_id) if open_now else None
         scheduler = session.scheduler
         if server is not None and _submit.uses_tunnel(storage, request_id):
             # The tunnel went with the process (or connection) that held it: workers still
@@ -91,37 +90,3 @@ def attach(
 
 def _say(message: str) -> None:
     print(f"sheepdog: {message}", file=sys.stderr, flush=True)
-
-
-def _serve_again(session: Session, request_id: int) -> Server:
-    """This process's server for the request: on the port its job files call back to.
-
-    If that port is taken (another process serves it, or something else took it),
-    a server on a new port: jobs resubmitted from here call that one.
-    """
-    storage, cfg = session.storage, session.config
-    own = _submit.own_server(storage, request_id)
-    if own is not None:
-        return own
-    jobs = storage.get_jobs(request_id)
-    info = jobs[-1]["info"] if jobs else {}
-    port, address = info.get("port"), info.get("listen_address")
-    if port and address and cfg.port is None:
-        options: dict[str, Any] = {"host": str(address)}
-        if cfg.tls:
-            from .server.tls import certificate_for
-
-            files = certificate_for(cfg.dbfile)
-            options.update(certfile=files.certfile, keyfile=files.keyfile)
-        try:
-            server = Server(int(port), None, cfg.dbfile, **options)
-        except SheepdogError as exc:
-            logger.warning(
-                "request %d: cannot serve again on port %s (%s); its running array tasks "
-                "cannot report here, resubmitted ones will", request_id, port, exc,
-            )
-        else:
-            # submit_request finds it there: resubmitted jobs call this same server.
-            registry.shared[(os.path.abspath(cfg.dbfile), cfg.tls)] = server
-            return server
-    return _submit.server_for(cfg)

@@ -23,10 +23,10 @@ from typing import Any, NoReturn
 from . import _submit, serialisation, tunnel
 from ._submit import array_size, job_name, request_settings, server_for
 from .config import Config, ConfigLike, as_config
-from .errors import RemoteError, TaskFailedError
+from .errors import RemoteError, SheepdogError, TaskFailedError
 from .errors import TimeoutError as SheepdogTimeoutError
 from .scheduler import Deletion, Scheduler, open_scheduler
-from .server import Server
+from .server import Server, registry
 from .store import OPEN_STATES, Storage, content_digest
 from .watch import Watcher, wait_for_request
 
@@ -218,6 +218,38 @@ class Session:
         else:
             self._server.ensure_running()
         return self._server
+
+    def serve_again(self, request_id: int) -> Server:
+        """The server for a request's job files: on the port they call back to, if it can be.
+
+        This process's own server on that port if it runs one; else one started again
+        there, where the last one listened, which the session serves from then on. If that
+        port is taken (another process serves it, or something else took it), or the
+        config fixes a port, the config's server: jobs resubmitted from here call that one.
+        """
+        storage, cfg = self.storage, self.config
+        own = _submit.own_server(storage, request_id)
+        if own is not None:
+            self._server = own
+            return own
+        jobs = storage.get_jobs(request_id)
+        info = jobs[-1]["info"] if jobs else {}
+        port, address = info.get("port"), info.get("listen_address")
+        if port and address and cfg.port is None:
+            options = dict(_submit.server_options(cfg), host=str(address))
+            try:
+                server = Server(int(port), None, cfg.dbfile, **options)
+            except SheepdogError as exc:
+                logger.warning(
+                    "request %d: cannot serve again on port %s (%s); its running array tasks "
+                    "cannot report here, resubmitted ones will", request_id, port, exc,
+                )
+            else:
+                # submit_request finds it there: resubmitted jobs call this same server.
+                registry.adopt(_submit.server_key(cfg), server)
+                self._server = server
+                return server
+        return self.server
 
     @property
     def jobdir(self) -> str:

@@ -87,6 +87,11 @@ class _Registry:
             server.ensure_running()
             return server
 
+    def adopt(self, key: object, server: Server) -> None:
+        """Share ``server`` under ``key`` from now on, in place of the one there (if any)."""
+        with self.lock:
+            self.shared[key] = server
+
     def servers(self, dbfile: str | Path | None = None) -> list[Server]:
         """The running servers (of one database, if given)."""
         with self.lock:

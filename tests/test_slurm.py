@@ -548,6 +548,35 @@ def test_the_worker_takes_its_limits_from_the_sbatch_lines() -> None:
         stub.parse_slurm_time("1h")
 
 
+@pytest.mark.parametrize(
+    ("directives", "expected"),
+    [
+        (["--mem-per-cpu=1G"], 1024**3),  # one CPU per task unless asked
+        (["--mem-per-cpu=1G --cpus-per-task=4"], 4 * 1024**3),
+        (["--cpus-per-task 3", "--mem-per-cpu 500"], 3 * 500 * 1024**2),  # any order, MB alone
+        (["-c4", "--mem-per-cpu=256M"], 1024**3),
+        (["-c 2 --mem-per-cpu=1G"], 2 * 1024**3),
+        (["--mem-per-cpu=1G", "--cpus-per-task=4", "--cpus-per-task=2"], 2 * 1024**3),
+        (["--mem=3G", "--mem-per-cpu=1G", "-c 4"], 3 * 1024**3),  # the smaller
+        (["--mem-per-cpu=0", "-c 4"], None),  # all of the node's memory
+        (["--cpus-per-task=4"], None),
+        (["--mem-per-gpu=1G"], None),  # not read: a GPU count is not in the job file
+    ],
+)
+def test_the_worker_takes_mem_per_cpu_times_cpus_per_task(
+    directives: list[str], expected: int | None
+) -> None:
+    text = "\n".join(["#!/usr/bin/python3", "#SBATCH --array=1-3",
+                      *(f"#SBATCH {d}" for d in directives), "import os"])
+    assert stub.memory_limit(text) == expected
+
+
+@pytest.mark.parametrize("cpus", ["0", "-1", "two", "1.5", ""])
+def test_a_bad_cpus_per_task_is_an_error_naming_it(cpus: str) -> None:
+    with pytest.raises(ValueError, match=f"{cpus!r} is not a Slurm --cpus-per-task such as 4"):
+        stub.memory_limit(f"#SBATCH --mem-per-cpu=1G\n#SBATCH --cpus-per-task={cpus}\n")
+
+
 # --- auto ----------------------------------------------------------------------------------------
 
 

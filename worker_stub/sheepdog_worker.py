@@ -267,8 +267,14 @@ def hard_requests(job_text):
                     yield name, value
 
 
+#: The #SBATCH options the worker reads, by the name it knows them by; short ones take
+#: their value in the next word or glued on ("-t 10", "-t10").
+SLURM_SHORT_OPTIONS = {"-t": "--time", "-c": "--cpus-per-task"}
+SLURM_LONG_OPTIONS = ("--mem", "--mem-per-cpu", "--time", "--cpus-per-task")
+
+
 def slurm_requests(job_text):
-    """Yield ("--mem" or "--time", value) for each in a job file's leading #SBATCH lines."""
+    """Yield (long name, value) of each of SLURM_LONG_OPTIONS in a job file's #SBATCH lines."""
     for line in job_text.splitlines():
         if not line.startswith("#"):
             break  # sbatch, too, reads directives only from the leading comment block
@@ -277,12 +283,12 @@ def slurm_requests(job_text):
         words = line[len("#SBATCH"):].split()
         for i, word in enumerate(words):
             name, eq, value = word.partition("=")
-            if name == "-t" or name in ("--mem", "--time"):
+            if name in SLURM_SHORT_OPTIONS or name in SLURM_LONG_OPTIONS:
                 if not eq:  # "--mem 2G", "-t 10"
                     value = words[i + 1] if i + 1 < len(words) else ""
-                yield ("--time" if name == "-t" else name), value
-            elif word.startswith("-t") and not word.startswith("--"):
-                yield "--time", word[2:]  # "-t10"
+                yield SLURM_SHORT_OPTIONS.get(name, name), value
+            elif word[:2] in SLURM_SHORT_OPTIONS:
+                yield SLURM_SHORT_OPTIONS[word[:2]], word[2:]  # "-t10", "-c4"
 
 
 def parse_slurm_memory(spec):
@@ -315,12 +321,37 @@ def parse_slurm_time(spec):
     return parts[0] * 60  # minutes
 
 
+def parse_slurm_cpus(spec):
+    """Return the number in a Slurm --cpus-per-task value (a whole number from 1)."""
+    if not re.match(r"^[1-9]\d*$", spec.strip()):
+        raise ValueError("%r is not a Slurm --cpus-per-task such as 4" % spec)
+    return int(spec)
+
+
+def slurm_memory_limits(job_text):
+    """Yield the bytes each --mem, or --mem-per-cpu times --cpus-per-task, in #SBATCH asks for.
+
+    0, all of the node's memory, is no limit and not yielded.
+    """
+    requests = list(slurm_requests(job_text))
+    # Slurm's default is one CPU per task; of several, the smallest, as with --mem.
+    cpus = min([parse_slurm_cpus(value) for name, value in requests
+                if name == "--cpus-per-task"] or [1])
+    for name, value in requests:
+        per = {"--mem": 1, "--mem-per-cpu": cpus}.get(name)
+        if per is not None and parse_slurm_memory(value):
+            yield parse_slurm_memory(value) * per
+
+
 def memory_limit(job_text):
-    """Return the smallest hard mem_grab/h_vmem request (#$) or --mem (#SBATCH), or None."""
+    """Return the smallest memory request in a job file's directives (bytes), or None.
+
+    Those are the hard mem_grab/h_vmem of #$ lines, and --mem or --mem-per-cpu times
+    --cpus-per-task of #SBATCH lines.
+    """
     limits = [parse_memory(value) for name, value in hard_requests(job_text)
               if name in ("mem_grab", "h_vmem") and parse_memory(value)]
-    limits += [parse_slurm_memory(value) for name, value in slurm_requests(job_text)
-               if name == "--mem" and parse_slurm_memory(value)]
+    limits += list(slurm_memory_limits(job_text))
     return min(limits) if limits else None
 
 
@@ -749,7 +780,7 @@ class Client:
         say("sheepdog: worker %s: no tasks left" % self.worker, self.out)
 
     def set_memlimit(self, fname=None):
-        """Limit our address space to mem_limit_bytes, or the job file's mem_grab/h_vmem/--mem."""
+        """Limit our address space to mem_limit_bytes, or the job file's memory request."""
         limit = self.mem_limit_bytes
         if limit is None:
             try:

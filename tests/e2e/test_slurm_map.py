@@ -71,6 +71,7 @@ def what_slurm_gave(_: int) -> dict[str, Any]:
     return {
         "rlimit_as": resource.getrlimit(resource.RLIMIT_AS)[0],
         "mem_per_node_mb": os.environ.get("SLURM_MEM_PER_NODE"),
+        "mem_per_cpu_mb": os.environ.get("SLURM_MEM_PER_CPU"),
         "partition": os.environ.get("SLURM_JOB_PARTITION"),
         "cpus_per_task": os.environ.get("SLURM_CPUS_PER_TASK"),
         "time_limit": fields.get("TimeLimit"),
@@ -86,11 +87,20 @@ def test_typed_resources_reach_slurm_and_the_worker(config: dict[str, Any]) -> N
         assert got == {
             "rlimit_as": 512 * 1024**2,  # the stub's limit, from the job's own --mem
             "mem_per_node_mb": "512",
+            "mem_per_cpu_mb": None,
             "partition": "main",
             "cpus_per_task": "2",
             "time_limit": "00:10:00",
             "array_task_throttle": "2",
         }, results
+
+
+def test_the_worker_limits_itself_to_mem_per_cpu_times_its_cpus(config: dict[str, Any]) -> None:
+    cfg = dict(config, scheduler_opts=["--mem-per-cpu=192M"], pe=("smp", 2), workers=1,
+               timeout_s=240)
+    (got,) = sheepdog.map(what_slurm_gave, [1], cfg, verbose=False)
+    assert (got["rlimit_as"], got["mem_per_cpu_mb"], got["mem_per_node_mb"],
+            got["cpus_per_task"]) == (2 * 192 * 1024**2, "192", None, "2"), got
 
 
 def test_a_job_that_can_never_run_fails_fast_with_slurms_reason(config: dict[str, Any]) -> None:

@@ -106,6 +106,8 @@ class Watcher:
         self._silence_told = False
         self._tail_told = False
         self._mode: str | None = None
+        #: The latest job id when a worker of it was seen to call in (a lease or a result).
+        self._heard_from: str | None = None
 
     def poll(self, storage: Storage) -> None:
         """Check the jobs if it is time to; fail or resubmit work whose jobs are gone."""
@@ -226,7 +228,12 @@ class Watcher:
             self._keep_tunnel(storage)
         before = int(info.get("finished_before") or 0)
         finished = counts.get("done", 0) + counts.get("error", 0)
-        if counts.get("leased", 0) or finished > before or not any(j.running for j in live):
+        latest = str(records[-1].get("job_id"))
+        if counts.get("leased", 0) or finished > before:
+            self._heard_from = latest
+        # Workers that called in and then went quiet (a frozen node, leases expired) reached
+        # the server: a stall (stall_s) is theirs to explain, not the way back to us.
+        if self._heard_from == latest or not any(j.running for j in live):
             self._silent_since = None
             return
         now = self.clock()

@@ -25,6 +25,7 @@ import sheepdog._submit
 from sheepdog._submit import request_settings
 from sheepdog.config import Config
 from sheepdog.errors import RemoteCommandError
+from sheepdog.remote import CommandResult
 from sheepdog.scheduler.base import Deletion, JobStatus, Scheduler, State, Waiting
 from sheepdog.scheduler.gridengine import GridEngine
 from sheepdog.storage import Storage
@@ -63,6 +64,10 @@ class FakeHost:
 
     def list_dir(self, directory: str) -> list[str] | None:
         return None  # no worker spooled anything
+
+    def run(self, command: str, *, check: bool = True, timeout_s: float = 120.0) -> CommandResult:
+        """The tail of a worker's .e file (a worker that cannot reach the server says so)."""
+        return CommandResult(command, 0, "sheepdog: cannot reach the server at x:9\n", "")
 
     def close(self) -> None:
         self.closed = True
@@ -144,6 +149,9 @@ class FakeServer:
 
     def url_for(self, localhost: str | None) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def ensure_running(self) -> bool:
+        return False  # it runs: nothing was restarted
 
 
 class World:
@@ -489,3 +497,45 @@ def test_unknown_then_gone_acts_only_once_the_scheduler_answers(tmp_path: Path) 
     w.scheduler.listing = {}
     w.check()
     assert w.scheduler.submitted == [("50", N_TASKS)]
+
+
+# --- never a silent 0 %: workers that do not call in ----------------------------------
+
+
+def silent_world(tmp_path: Path) -> tuple[World, list[str]]:
+    """Job 41 submitted direct for a server on port 9, running; what the watcher tells."""
+    w = world(tmp_path, retries=2)
+    told: list[str] = []
+    w.storage.add_job(w.rid, "42", N_TASKS, info={"finished_before": 0, "part": 1,
+                                                  "connect": "direct", "url": "http://x:9/"})
+    w.watcher = Watcher(w.config.replace(connect="direct"), w.rid, w.scheduler,
+                        server=FakeServer(), clock=w.clock, notify=told.append,  # type: ignore[arg-type]
+                        silent_s=30.0)
+    w.scheduler.listing = {"41": set(), "42": {State.RUNNING}}
+    return w, told
+
+
+def test_running_array_tasks_that_never_call_in_are_told_with_a_workers_words(
+    tmp_path: Path,
+) -> None:
+    w, told = silent_world(tmp_path)
+    for _ in range(12):  # well past silent_s on the fake clock
+        w.check()
+    assert len(told) == 1, told
+    assert "none has called in at http://x:9/ (connect=direct)" in told[0], told
+    assert "sheepdog doctor" in told[0] and "cannot reach the server at x:9" in told[0], told
+
+
+def test_workers_that_called_in_and_then_went_quiet_are_not_told_as_unreachable(
+    tmp_path: Path,
+) -> None:
+    # A worker leased a task, then its node froze: the lease expires, nothing is leased,
+    # no result came; the way back to the server worked, so this is a stall, not silence.
+    w, told = silent_world(tmp_path)
+    w.lease(1)
+    w.check()
+    assert w.storage.expire_leases(w.rid, now=time.time() + 3600) == 1
+    for _ in range(12):
+        w.check()
+    assert w.counts().get("leased", 0) == 0
+    assert not any("none has called in" in message for message in told), told

@@ -350,7 +350,7 @@ def test_a_task_killed_by_a_signal_is_described_with_slurms_reason() -> None:
     ("state", "exit_code", "words"),
     [
         ("TIMEOUT", "0:15", "killed by Slurm for exceeding its run time limit (TIMEOUT --time 365-00:00:00) on node1"),
-        ("OUT_OF_MEMORY", "0:125", "killed by Slurm for exceeding its memory limit (--mem; OUT_OF_MEMORY) on node1"),
+        ("OUT_OF_MEMORY", "0:125", "killed by Slurm for exceeding its memory limit (--mem or --mem-per-cpu; OUT_OF_MEMORY) on node1"),
         ("NODE_FAIL", "0:0", "Slurm lost its node on node1 (NODE_FAIL)"),
         ("PREEMPTED", "0:15", "preempted by Slurm: a job of higher priority took its resources on node1"),
         ("CANCELLED", "0:15", "cancelled (scancel, or an administrator) on node1"),
@@ -382,7 +382,7 @@ def test_accounting_with_slurmdbd_reads_sacct() -> None:
     assert reason == (
         "killed by Slurm for exceeding its run time limit (TIMEOUT --time 01:00:00) on node2; "
         "cancelled (scancel, or an administrator) on node1; "
-        "killed by Slurm for exceeding its memory limit (--mem; OUT_OF_MEMORY) on node2"
+        "killed by Slurm for exceeding its memory limit (--mem or --mem-per-cpu; OUT_OF_MEMORY) on node2"
     )
 
 

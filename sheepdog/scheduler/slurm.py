@@ -336,7 +336,8 @@ def describe_record(record: JobRecord) -> str | None:
         limit = f" --time {record.time_limit}" if record.time_limit else ""
         return f"killed by Slurm for exceeding its run time limit ({state}{limit}){where}"
     if state == "OUT_OF_MEMORY":
-        return f"killed by Slurm for exceeding its memory limit (--mem; {state}){where}"
+        return ("killed by Slurm for exceeding its memory limit (--mem or --mem-per-cpu; "
+                f"{state}){where}")
     if state == "NODE_FAIL":
         return f"Slurm lost its node{where} ({state}){because}"
     if state == "BOOT_FAIL":

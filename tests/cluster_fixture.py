@@ -784,3 +784,25 @@ def task_outputs(client: paramiko.SSHClient, directory: str, job_id: str) -> dic
     text = check(client, f"cat {d}/smoke.o{job_id}.* 2>/dev/null || true")
     errors = check(client, f"cat {d}/smoke.e{job_id}.* 2>/dev/null || true")
     return parse_task_outputs(text, errors)
+
+
+# ---- a map running while the test acts -------------------------------------------------
+
+
+def map_in_thread(
+    f: Any, args: Any, config: Any
+) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start ``sheepdog.map`` in a thread; its results or error land in the returned dict."""
+    import sheepdog
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["results"] = sheepdog.map(f, args, config, verbose=False)
+        except BaseException as exc:  # the test reports it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome

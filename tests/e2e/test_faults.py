@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_fixture import is_slurm, job_listed, label_of, raw_options
+from cluster_fixture import is_slurm, job_listed, label_of, map_in_thread, raw_options
 
 import sheepdog
 from sheepdog._submit import server_for
@@ -65,23 +65,6 @@ def coordinator() -> Iterator[Coordinator]:
     c = Coordinator()
     yield c
     c.close()
-
-
-def map_in_thread(
-    f: Any, args: Any, config: sheepdog.Config
-) -> tuple[threading.Thread, dict[str, Any]]:
-    """Start ``sheepdog.map`` in a thread; its results or error land in the returned dict."""
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["results"] = sheepdog.map(f, args, config, verbose=False)
-        except BaseException as exc:  # the test reports it
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, outcome
 
 
 def first_run(url: str) -> bool:

@@ -11,14 +11,19 @@ test_run_limit_e2e.py.)
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import paramiko
 import pytest
-from cluster_fixture import DOCKER_NODES, check, ssh_connect, wait_for_slurm_job
+from cluster_fixture import (
+    DOCKER_NODES,
+    check,
+    map_in_thread,
+    ssh_connect,
+    wait_for_slurm_job,
+)
 
 import sheepdog
 from sheepdog._poll import poll_until
@@ -55,16 +60,7 @@ def test_a_preempted_job_is_run_again_with_the_reason(
     config: dict[str, Any], ssh: paramiko.SSHClient
 ) -> None:
     cfg = dict(config, queue="main", workers=2, batch=1, lease_s=5.0, timeout_s=400)
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["results"] = sheepdog.map(sleepy, range(2), cfg, verbose=False)
-        except BaseException as exc:  # the test reports it
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, outcome = map_in_thread(sleepy, range(2), cfg)
     try:
         deadline = time.monotonic() + 180
         while _leased(cfg["dbfile"]) < 2:
@@ -141,16 +137,7 @@ def test_a_job_whose_node_fails_is_run_again_with_the_reason(
     # the job never leaves the queue; here it must end NODE_FAIL and sheepdog run it again.
     cfg = dict(config, queue="main", workers=2, batch=1, lease_s=5.0, timeout_s=400,
                scheduler_opts=["--no-requeue"])
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["results"] = sheepdog.map(sleepy, range(2), cfg, verbose=False)
-        except BaseException as exc:  # the test reports it
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, outcome = map_in_thread(sleepy, range(2), cfg)
     failed: str | None = None
     try:
         assert poll_until(lambda: _leased(cfg["dbfile"]) == 2 or not thread.is_alive(),

@@ -11,12 +11,11 @@ import logging
 import os
 import shlex
 import signal
-import threading
 import time
 from typing import Any
 
 import pytest
-from cluster_fixture import FIREWALLED_NODES, relays_on_head, ssh_connect
+from cluster_fixture import FIREWALLED_NODES, map_in_thread, relays_on_head, ssh_connect
 from cluster_fixture import run as run_on_head
 
 import sheepdog
@@ -198,16 +197,7 @@ def _count_done(dbfile: str) -> int:
 def test_the_server_killed_mid_map_through_the_tunnel(walled: dict[str, Any]) -> None:
     cfg = sheepdog.Config.from_mapping(dict(walled, connect="tunnel", workers=3,
                                             timeout_s=400))
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["results"] = sheepdog.map(sleepy, range(12), cfg, verbose=False)
-        except BaseException as exc:  # the test reports it
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, outcome = map_in_thread(sleepy, range(12), cfg)
     assert poll_until(lambda: _count_done(cfg.dbfile) > 0, timeout_s=180, interval_s=0.2), (
         "no result came in through the tunnel before the kill"
     )

@@ -15,7 +15,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from cluster_fixture import (
     job_deleted,
     job_listed,
     label_of,
+    map_in_thread,
     open_cluster_remote,
     scheduler_of,
 )
@@ -169,20 +169,12 @@ def test_one_job_in_eqw_is_deleted_and_the_others_go_on(
     config: dict[str, Any], head: Remote
 ) -> None:
     cfg = dict(config, retries=0, workers=2, timeout_s=300)
-    outcome: dict[str, Any] = {}
     # The extra job must find a free slot while the map runs, or it waits in qw until the
     # map is over and never reaches Eqw (ci-11, native: 4 slots, still held by the array
     # tasks of the previous test's deleted job). Wait until earlier tests' jobs have left.
     _wait_until(lambda: not _user_jobs(head), "earlier tests' jobs have left the cluster", 120)
 
-    def run() -> None:
-        try:
-            outcome["results"] = sheepdog.map(sleepy_for, [40, 40], cfg, verbose=False)
-        except BaseException as exc:  # the test reports it
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, outcome = map_in_thread(sleepy_for, [40, 40], cfg)
     try:
         dbfile = cfg["dbfile"]
         _wait_until(lambda: _leased_in_request_1(dbfile), "a task is leased", 180)

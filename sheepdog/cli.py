@@ -57,6 +57,8 @@ DEFAULT_DBFILE = "./sheepdog.sqlite"
 DBFILE_ENV = "SHEEPDOG_DBFILE"
 #: Output is kept to this many columns where it is a table or a summary.
 COLUMNS = 80
+#: What ``sheepdog doctor`` checks without a CONFIG: the file docs/getting-started.rst writes.
+DOCTOR_DEFAULT_CONFIG = "cluster.json"
 #: Names the key file in a job file that ``sheepdog jobfile`` renders: never a real secret.
 PLACEHOLDER_SECRET = "0" * 64
 
@@ -497,10 +499,14 @@ def cmd_jobfile(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    if args.config is None:
+    path = args.config
+    if path is None and os.path.isfile(DOCTOR_DEFAULT_CONFIG):
+        path = DOCTOR_DEFAULT_CONFIG
+    if path is None:
         raise CliError("doctor needs the config of the cluster to check, as a JSON file: "
-                       "sheepdog doctor cluster.json (the keys of a sheepdog config)")
-    config = as_config(args.config)
+                       f"sheepdog doctor cluster.json (the keys of a sheepdog config); without "
+                       f"one it reads ./{DOCTOR_DEFAULT_CONFIG}, which is not here")
+    config = as_config(path)
     print(textwrap.fill(f"sheepdog doctor: checking {config.host} (the probe job may wait in "
                         f"the queue for up to {args.timeout:g} s)", COLUMNS), flush=True)
     report = doctor(config, timeout_s=args.timeout,
@@ -698,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
         ["sheepdog doctor cluster.json", "sheepdog doctor cluster.json --timeout 900"],
     )
     p.add_argument("config", nargs="?", default=None, metavar="CONFIG",
-                   help="JSON config file naming the head node (the keys of a sheepdog config)")
+                   help="JSON config file naming the head node (the keys of a sheepdog "
+                   f"config; default ./{DOCTOR_DEFAULT_CONFIG})")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help=f"how long the probe job may take, queue wait included (default "
                    f"{DEFAULT_TIMEOUT_S:g})")

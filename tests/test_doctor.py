@@ -130,11 +130,26 @@ def test_a_head_node_that_refuses_the_connection_is_a_blocker(
     assert out.splitlines()[-1].endswith("fix and run it again"), out
 
 
-def test_doctor_without_a_config_says_what_to_give(capsys: pytest.CaptureFixture[str]) -> None:
+def test_doctor_without_a_config_says_what_to_give(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exited:
         cli.main(["doctor"])
     assert exited.value.code == 1
     assert "sheepdog doctor cluster.json" in capsys.readouterr().err
+
+
+def test_doctor_without_a_config_reads_cluster_json_here(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    closed_port: int,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cluster.json").write_text(json.dumps(
+        {"host": "127.0.0.1", "ssh_port": closed_port, "ssh_timeout_s": 5}))
+    assert cli.main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("sheepdog doctor: checking 127.0.0.1") and "FAIL  SSH login" in out
 
 
 def _verdicts(config: dict[str, Any], found: dict[str, Any]) -> dict[str, Check]:

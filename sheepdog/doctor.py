@@ -42,7 +42,7 @@ from .config import Config, ConfigLike, as_config
 from .errors import SheepdogError
 from .job_file import JOB_FILE_MODE, job_head
 from .remote import Remote
-from .scheduler import Scheduler, open_scheduler
+from .scheduler import Scheduler, open_remote, open_scheduler
 from .scheduler.auto import offered
 from .scheduler.gridengine import GridEngine
 from .server import Server, registry
@@ -248,9 +248,8 @@ class _Doctor:
             self.add("scheduler", OK, "scheduler='local': the workers run on this machine and "
                      "connect to it directly; there is no cluster to check")
             return
-        remote = Remote(cfg.host, cfg.ssh_port, cfg.ssh_user, cfg.ssh_keyfile,
-                        known_hosts=cfg.known_hosts, ssh_config=cfg.ssh_config,
-                        timeout_s=cfg.ssh_timeout_s)
+        # Without a scheduler's set-up: offered() runs both schedulers' own.
+        remote = open_remote(cfg, Scheduler)
         try:
             if not self.check_login(remote):
                 self.skip("scheduler", *later, why="needs the SSH login")

@@ -35,7 +35,6 @@ __all__ = [
     "ensure_tunnel",
     "job_name",
     "job_sizes",
-    "local_target",
     "own_server",
     "publish_address",
     "request_settings",
@@ -130,13 +129,14 @@ def stored_config(storage: Storage, request_id: int) -> Config | None:
     return Config.from_mapping(values)
 
 
-def server_options(config: Config) -> dict[str, Any]:
-    """How the config's server listens: its address, and its certificate with ``tls``."""
+def server_options(config: Config, host: str | None = None) -> dict[str, Any]:
+    """How the config's server listens: on ``host`` (default: where the config says), with
+    its certificate under ``tls``."""
     options: dict[str, Any] = {}
     if config.tls:
         files = certificate_for(config.dbfile)
         options = {"certfile": files.certfile, "keyfile": files.keyfile}
-    options["host"] = config.listen_address or listen_address(config.localhost)
+    options["host"] = host or config.listen_address or listen_address(config.localhost)
     return options
 
 
@@ -259,7 +259,7 @@ def _address_line(host: str, port: int) -> str:
     return (f"[{host}]" if ":" in host else host) + f":{port}\n"
 
 
-def local_target(server: Server) -> tuple[str, int]:
+def _local_target(server: Server) -> tuple[str, int]:
     """Where this process reaches its own server (for the tunnel's forwarded connections)."""
     host = server.host or "127.0.0.1"
     return ({"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), _port(server))
@@ -277,7 +277,7 @@ def worker_address(
 ) -> tuple[str, int]:
     """Where workers reach ``server`` in ``mode``: ``localhost``:port, or the tunnel's relay."""
     return tunnel.worker_address(
-        mode, scheduler.host, _port(server), lambda: local_target(server),
+        mode, scheduler.host, _port(server), lambda: _local_target(server),
         (config.localhost, _port(server)),
     )
 

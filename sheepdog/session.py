@@ -236,7 +236,7 @@ class Session:
         info = jobs[-1]["info"] if jobs else {}
         port, address = info.get("port"), info.get("listen_address")
         if port and address and cfg.port is None:
-            options = dict(_submit.server_options(cfg), host=str(address))
+            options = _submit.server_options(cfg, host=str(address))
             try:
                 server = Server(int(port), None, cfg.dbfile, **options)
             except SheepdogError as exc:

@@ -41,7 +41,7 @@ from ._submit import server_for, worker_address
 from .config import Config, ConfigLike, as_config
 from .errors import SheepdogError
 from .job_file import JOB_FILE_MODE, job_head
-from .remote import Remote
+from .remote import Login, Remote
 from .scheduler import Scheduler, open_remote, open_scheduler
 from .scheduler.auto import offered
 from .scheduler.gridengine import GridEngine
@@ -251,10 +251,11 @@ class _Doctor:
         # Without a scheduler's set-up: offered() runs both schedulers' own.
         remote = open_remote(cfg, Scheduler)
         try:
-            if not self.check_login(remote):
+            login = self.check_login(remote)
+            if login is None:
                 self.skip("scheduler", *later, why="needs the SSH login")
                 return
-            kind = self.check_scheduler(remote)
+            kind = self.check_scheduler(remote, login.user)
         finally:
             remote.close()
         if kind is None:
@@ -277,19 +278,19 @@ class _Doctor:
         self.check_python(found)
         self.check_connect(found, relay, relay_error)
 
-    def check_login(self, remote: Remote) -> bool:
+    def check_login(self, remote: Remote) -> Login | None:
         try:
             login = remote.login()
         except SheepdogError as exc:
             self.add("SSH login", FAIL, str(exc), "see the SSH page of the docs")
-            return False
+            return None
         keys = ", ".join(login.keys) or "the ssh-agent and ~/.ssh/id_*"
         self.add("SSH login", OK,
                  f"{login.user}@{login.host}:{login.port} with {keys}; host key "
                  f"{login.host_key} (checked against {login.known_hosts})")
-        return True
+        return login
 
-    def check_scheduler(self, remote: Remote) -> type[Scheduler] | None:
+    def check_scheduler(self, remote: Remote, user: str) -> type[Scheduler] | None:
         cfg = self.config
         try:
             found = offered(remote)
@@ -316,8 +317,7 @@ class _Doctor:
                          f"set scheduler to 'auto' or '{found[0][1].name}', or {path_fix}")
                 return None
             detail = f"{where} finds {names}; the config names {kind.label}"
-        login_user = remote.login().user
-        if kind is GridEngine and login_user == "root":
+        if kind is GridEngine and user == "root":
             self.add("scheduler", FAIL, f"{detail}, but you log in as root, and Grid Engine "
                      "refuses jobs from root", "log in as your own user (ssh_user)")
             return None

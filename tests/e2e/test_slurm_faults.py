@@ -56,6 +56,19 @@ def _leased(dbfile: str) -> int:
         return storage.task_counts(1).get("leased", 0)
 
 
+def _assert_run_again(cfg: dict[str, Any], outcome: dict[str, Any], reason: str) -> None:
+    """The map returned every result, and its work ran again in a later job, for ``reason``."""
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["results"] == [0, 3]
+    with sheepdog.Storage(cfg["dbfile"]) as storage:
+        jobs = storage.get_jobs(1)
+        attempts = [storage.get_task(1, i)["attempts"] for i in (1, 2)]
+    assert len(jobs) >= 2, jobs  # the job that was lost, then the one that ran it again
+    assert any(a >= 1 for a in attempts), attempts
+    reasons = [job["info"].get("why", "") for job in jobs[1:]]
+    assert any(reason in why for why in reasons), [j["info"] for j in jobs]
+
+
 def test_a_preempted_job_is_run_again_with_the_reason(
     config: dict[str, Any], ssh: paramiko.SSHClient
 ) -> None:
@@ -80,15 +93,7 @@ def test_a_preempted_job_is_run_again_with_the_reason(
         assert not thread.is_alive(), "map did not return after its job was preempted"
     finally:
         thread.join(timeout=420)
-    assert "error" not in outcome, outcome.get("error")
-    assert outcome["results"] == [0, 3]
-    with sheepdog.Storage(cfg["dbfile"]) as storage:
-        jobs = storage.get_jobs(1)
-        attempts = [storage.get_task(1, i)["attempts"] for i in (1, 2)]
-    assert len(jobs) >= 2, jobs  # the preempted job, then the one that ran the tasks again
-    assert any(a >= 1 for a in attempts), attempts
-    reasons = [job["info"].get("why", "") for job in jobs[1:]]
-    assert any("preempted by Slurm" in why for why in reasons), [j["info"] for j in jobs]
+    _assert_run_again(cfg, outcome, "preempted by Slurm")
 
 
 def _usable(ssh: paramiko.SSHClient, node: str) -> bool:
@@ -155,14 +160,4 @@ def test_a_job_whose_node_fails_is_run_again_with_the_reason(
         if failed is not None:
             _restore(ssh, failed)
         thread.join(timeout=420)
-    assert "error" not in outcome, outcome.get("error")
-    assert outcome["results"] == [0, 3]
-    with sheepdog.Storage(cfg["dbfile"]) as storage:
-        jobs = storage.get_jobs(1)
-        attempts = [storage.get_task(1, i)["attempts"] for i in (1, 2)]
-    assert len(jobs) >= 2, jobs  # the job on the failed node, then the one that ran it again
-    assert any(a >= 1 for a in attempts), attempts
-    reasons = [job["info"].get("why", "") for job in jobs[1:]]
-    assert any(f"Slurm lost its node on {failed} (NODE_FAIL)" in why for why in reasons), [
-        j["info"] for j in jobs
-    ]
+    _assert_run_again(cfg, outcome, f"Slurm lost its node on {failed} (NODE_FAIL)")

@@ -137,7 +137,8 @@ def get_results(
     """Fetch ``[(arg, result)]`` for a request; with ``block``, wait until all are in.
 
     Where a task failed or has no result yet, its result is ``None``. The wait
-    is bounded by ``timeout_s`` (None: until every task is finished).
+    is bounded by ``timeout_s`` (None: until every task is finished); a wait
+    that sees the request finish deletes its array tasks still on the cluster.
     """
     with Session(dbfile=dbfile, create=False) as session:  # a read never creates a database
         if block:

@@ -83,8 +83,6 @@ def attach(
             line = f"request {request_id}: " + session.stop(request_id, "cancelled by Ctrl-C")
             print(f"sheepdog: interrupted: {line}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt(line) from None
-        # Array tasks still queued would find nothing to do: free their slots, as map does.
-        session.delete_jobs(request_id)
         return session.results(request_id)
 
 

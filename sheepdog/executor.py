@@ -371,7 +371,7 @@ class Executor(concurrent.futures.Executor):
                 with self._cond:
                     del self._outstanding[request_id]
                 if out.watcher is not None:
-                    session.delete_jobs(request_id)
+                    out.watcher.finish(storage)
 
     def _resolve(self, session: Session, request_id: int, out: _Outstanding) -> None:
         # Only what finished since the last look: each result is read once per request.

@@ -471,10 +471,6 @@ class Session:
                 f"request {request_id}: {done} of {len(arg_list)} tasks finished within "
                 f"{bound:g} s; {line}"
             ) from None
-        # Array tasks still queued would start, find nothing to do and exit; deleting
-        # them frees their slots now (and never leaves them waiting on a stopped server).
-        if watcher is not None:
-            self.delete_jobs(request_id)
         results = self.results(request_id)
         failed = self.errors(request_id)
         if failed and errors == "raise":

@@ -28,7 +28,7 @@ from ._poll import poll_until
 from ._progress import Progress
 from .errors import SheepdogError, StorageError
 from .errors import TimeoutError as SheepdogTimeoutError
-from .scheduler import Scheduler, open_scheduler
+from .scheduler import Deletion, Scheduler, open_scheduler
 from .store import OPEN_STATES, Storage
 
 if TYPE_CHECKING:
@@ -200,6 +200,21 @@ class Watcher:
             f"job {jobs[-1]} left the queue" + (f" ({reason})" if reason else ""),
             reason=reason,
         )
+
+    def finish(self, storage: Storage) -> Deletion | None:
+        """Delete the finished request's jobs still on the cluster; say what went.
+
+        Array tasks still queued or starting would find nothing to do, and once the
+        server is gone each would hold its slot for the workers' retry time
+        (``worker_retry_s``) first. None when the request never had a job (all cached).
+        """
+        if not storage.get_jobs(self.request_id):
+            return None
+        deletion = _submit.delete_jobs(self.scheduler, storage, self.request_id)
+        if deletion.error is not None:
+            logger.warning("request %d is finished, but %s", self.request_id,
+                           deletion.describe())
+        return deletion
 
     def collect_spool(self, storage: Storage) -> spool.Collection:
         """Store the results the request's workers spooled (see :mod:`sheepdog.spool`)."""
@@ -445,10 +460,12 @@ def wait_for_request(
 ) -> dict[str, int]:
     """Block until every task of the request is done, failed or cancelled; return the counts.
 
-    Without a ``watcher``, and with ``watch``, a passive one is made from the
-    config stored with the request, so that a wait in any process ends when the
-    jobs die. Raises :class:`sheepdog.errors.TimeoutError` after ``timeout_s``
-    seconds, and StorageError if ``dbfile`` does not exist (it is never created).
+    A wait with a watcher ends by deleting the request's jobs still on the cluster
+    (:meth:`Watcher.finish`). Without a ``watcher``, and with ``watch``, a passive
+    one is made from the config stored with the request, so that a wait in any
+    process ends when the jobs die. Raises :class:`sheepdog.errors.TimeoutError`
+    after ``timeout_s`` seconds, and StorageError if ``dbfile`` does not exist (it
+    is never created).
     A :class:`~sheepdog.session.Session` passes its open ``storage``.
     """
     start = time.monotonic()
@@ -473,6 +490,8 @@ def wait_for_request(
             counts = storage.task_counts(request_id)
             progress.update(counts)
             if not any(counts.get(s, 0) for s in OPEN_STATES):
+                if watcher is not None:
+                    watcher.finish(storage)
                 return True
             if watcher is not None:
                 watcher.poll(storage)

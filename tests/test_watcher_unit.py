@@ -22,14 +22,15 @@ from typing import Any, ClassVar
 import pytest
 
 import sheepdog._submit
-from sheepdog._submit import request_settings
+from sheepdog._submit import job_name, request_settings
 from sheepdog.config import Config
 from sheepdog.errors import RemoteCommandError
+from sheepdog.errors import TimeoutError as SheepdogTimeoutError
 from sheepdog.remote import CommandResult
 from sheepdog.scheduler.base import Deletion, JobStatus, Scheduler, State, Waiting
 from sheepdog.scheduler.gridengine import GridEngine
 from sheepdog.storage import Storage
-from sheepdog.watch import SCHEDULABLE_CHECK_S, Watcher
+from sheepdog.watch import SCHEDULABLE_CHECK_S, Watcher, wait_for_request
 
 N_TASKS = 3
 
@@ -224,6 +225,37 @@ def test_a_finished_request_asks_the_scheduler_nothing(tmp_path: Path) -> None:
         assert w.storage.store_result(w.rid, idx, b"r")
     w.check()
     assert w.scheduler.calls == []
+
+
+def test_a_wait_that_sees_the_request_finish_deletes_its_jobs_left(tmp_path: Path) -> None:
+    # Array tasks still queued (or starting) would find nothing to do, and wait for
+    # the workers' retry time on a server that stops with the process (CI, ci-15).
+    w = world(tmp_path, retries=0)
+    w.scheduler.listing = {"41": {State.RUNNING}}
+    for idx in range(1, N_TASKS + 1):
+        assert w.storage.store_result(w.rid, idx, b"r")
+    counts = wait_for_request(w.config.dbfile, w.rid, watcher=w.watcher, storage=w.storage)
+    assert counts["done"] == N_TASKS
+    assert w.scheduler.asked("delete") == [("delete", ["41", job_name(w.storage, w.rid)])]
+
+
+def test_a_wait_on_a_request_without_jobs_deletes_nothing(tmp_path: Path) -> None:
+    w = world(tmp_path, retries=0)
+    rid = w.storage.new_request(b"f", None, [b"a"], settings=request_settings(w.config, 1))
+    assert w.storage.store_result(rid, 1, b"r")  # as a task from the cache: no job
+    watcher = Watcher(w.config, rid, w.scheduler, clock=w.clock)
+    counts = wait_for_request(w.config.dbfile, rid, watcher=watcher, storage=w.storage)
+    assert counts["done"] == 1
+    assert w.scheduler.calls == []
+
+
+def test_a_wait_that_times_out_deletes_nothing(tmp_path: Path) -> None:
+    w = world(tmp_path, retries=0)
+    w.scheduler.listing = {"41": {State.RUNNING}}
+    with pytest.raises(SheepdogTimeoutError):
+        wait_for_request(w.config.dbfile, w.rid, watcher=w.watcher, storage=w.storage,
+                         timeout_s=0)
+    assert w.scheduler.asked("delete") == []
 
 
 # --- job gone: it left the queue with work open -------------------------------------

@@ -246,6 +246,27 @@ def test_get_results_after_map_async_in_one_process_resubmits_dead_jobs(
 # --- 5. nothing left behind ----------------------------------------------------------------
 
 
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def test_get_results_deletes_the_array_tasks_a_finished_request_left(
+    config: dict[str, Any],
+) -> None:
+    # Array tasks 2 and 3 are held before their worker starts, as queued or slow-starting
+    # tasks are; task 1 does the work. Left alone, each would start after the script has
+    # ended and hold its slot for worker_retry_s, waiting for a server that has gone
+    # (ci-15: a docs example's map_async + get_results held a slot this way).
+    hold = '[ "${SGE_TASK_ID:-$SLURM_ARRAY_TASK_ID}" = 1 ] || sleep 300'
+    cfg = dict(config, workers=3, prologue=[hold])
+    request_id = sheepdog.map_async(add, [(1, 1), (1, 2), (2, 2)], cfg)
+    assert sheepdog.get_results(request_id, cfg["dbfile"], timeout_s=180) == [
+        ((1, 1), 2), ((1, 2), 3), ((2, 2), 4)
+    ]
+    (job_id,) = _job_ids(cfg["dbfile"], request_id)
+    _wait_deleted(config, job_id, 60)
+
+
 def test_ctrl_c_between_qsub_and_its_answer_leaves_no_job(
     config: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -172,7 +172,16 @@ def test_one_job_in_eqw_is_deleted_and_the_others_go_on(
     # The extra job must find a free slot while the map runs, or it waits in qw until the
     # map is over and never reaches Eqw (ci-11, native: 4 slots, still held by the array
     # tasks of the previous test's deleted job). Wait until earlier tests' jobs have left.
-    _wait_until(lambda: not _user_jobs(head), "earlier tests' jobs have left the cluster", 120)
+    left: list[str] = []
+
+    def cluster_free() -> bool:
+        left[:] = _user_jobs(head)
+        return not left
+
+    assert poll_until(cluster_free, timeout_s=120, interval_s=0.5), (
+        "not within 120 s: earlier tests' jobs have left the cluster; still listed:\n"
+        + "\n".join(left)
+    )
 
     thread, outcome = map_in_thread(sleepy_for, [40, 40], cfg)
     try:

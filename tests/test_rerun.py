@@ -23,6 +23,7 @@ from test_executor import WAIT_S, LocalJobs, add, local_config
 import sheepdog
 import sheepdog._submit
 import sheepdog.executor
+from sheepdog._poll import poll_until
 from sheepdog.config import Config
 from sheepdog.errors import UnknownRequestError
 from sheepdog.executor import Executor
@@ -154,10 +155,7 @@ def test_the_executor_reads_each_result_once(
     value = serialise_value("x" * 1000)
     with Executor(local_config(tmp_path, dbfile=dbfile), poll_s=0.01) as pool:
         futures = [pool.submit(add, i, 1) for i in range(n)]
-        deadline = time.monotonic() + WAIT_S
-        while not submitted and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert submitted
+        assert poll_until(lambda: bool(submitted), timeout_s=WAIT_S, interval_s=0.01)
         with Storage(dbfile) as storage:
             for index in range(1, n + 1):
                 storage.complete(submitted[0], [{"index": index, "ok": True, "value": value}])
@@ -226,14 +224,17 @@ def test_ctrl_c_during_rerun_wait_cancels_the_rerun(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": root},
     )
     try:
-        deadline = time.monotonic() + WAIT_S
-        while True:
+        def task_started() -> bool:
             with Storage(config["dbfile"]) as storage:
                 if storage.task_counts(rid).get("leased", 0):
-                    break
+                    return True
+            # A rerun that exited will start no task: fail now, with what it printed.
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no task of the rerun started"
-            time.sleep(0.1)
+            return False
+
+        assert poll_until(task_started, timeout_s=WAIT_S, interval_s=0.1), (
+            "no task of the rerun started"
+        )
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=WAIT_S)
     finally:

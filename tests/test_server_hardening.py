@@ -15,6 +15,7 @@ import pytest
 from store_helpers import Storage
 
 from sheepdog import _submit
+from sheepdog._poll import poll_until
 from sheepdog.config import Config
 from sheepdog.errors import ConfigError, ServerError
 from sheepdog.server import Server, listen_address
@@ -142,10 +143,8 @@ def test_no_gunicorn_control_socket(
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     with Server(None, None, dbfile, host="127.0.0.1", log_level="debug") as server:
         # gunicorn sets its control socket up after the workers, when it says so at debug.
-        deadline = time.monotonic() + 20
-        while "Control socket" not in server.output():
-            assert time.monotonic() < deadline, server.output()
-            time.sleep(0.05)
+        assert poll_until(lambda: "Control socket" in server.output(), timeout_s=20,
+                          interval_s=0.05), server.output()
         assert not (home / ".gunicorn").exists(), list((home / ".gunicorn").iterdir())
         assert "Control socket disabled" in server.output()
 

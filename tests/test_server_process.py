@@ -11,13 +11,13 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
+from sheepdog._poll import poll_until
 from sheepdog.errors import ServerError
 from sheepdog.server import Server, get_server
 from sheepdog.server import process as server_module
@@ -41,12 +41,7 @@ def gone(pid: int) -> bool:
 
 
 def wait_gone(pid: int, timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if gone(pid):
-            return True
-        time.sleep(0.05)
-    return gone(pid)
+    return poll_until(lambda: gone(pid), timeout_s=timeout_s, interval_s=0.05)
 
 
 @pytest.fixture

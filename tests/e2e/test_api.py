@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 from cluster_fixture import raw_options
 
 import sheepdog
+from sheepdog._poll import poll_until
 from sheepdog._submit import server_for
 
 pytestmark = pytest.mark.e2e
@@ -47,13 +47,15 @@ def test_lambda_and_single_arguments(config: dict[str, Any]) -> None:
 def test_asynchronous_map_with_polling(config: dict[str, Any]) -> None:
     request_id = sheepdog.map_async(add, [(1, 1), (1, 2), (2, 2)], config)
     assert isinstance(request_id, int)
-    deadline = time.monotonic() + 180
-    while True:
-        results = sheepdog.get_results(request_id, config["dbfile"], block=False)
-        if all(r is not None for _, r in results):
-            break
-        assert time.monotonic() < deadline, f"no results after 180 s: {results}"
-        time.sleep(0.5)
+    results: list[tuple[Any, Any]] = []
+
+    def all_in() -> bool:
+        results[:] = sheepdog.get_results(request_id, config["dbfile"], block=False)
+        return all(r is not None for _, r in results)
+
+    assert poll_until(all_in, timeout_s=180, interval_s=0.5), (
+        f"no results after 180 s: {results}"
+    )
     assert results == [((1, 1), 2), ((1, 2), 3), ((2, 2), 4)]
 
 
@@ -134,15 +136,12 @@ def test_restart_the_server(config: dict[str, Any]) -> None:
     server = server_for(sheepdog.Config.from_mapping(cfg))
     port = server.port
     with sheepdog.Storage(cfg["dbfile"]) as storage:
-        deadline = time.monotonic() + 120
-        while storage.count_results(request_id) == 0:
-            assert time.monotonic() < deadline, "no result before the kill"
-            time.sleep(0.2)
+        assert poll_until(lambda: storage.count_results(request_id) != 0, timeout_s=120,
+                          interval_s=0.2), "no result before the kill"
         os.killpg(server.pid, signal.SIGKILL)  # gunicorn master and workers, as kill -9 would
-        deadline = time.monotonic() + 30
-        while server.alive:
-            assert time.monotonic() < deadline, "the killed server is still running"
-            time.sleep(0.05)
+        assert poll_until(lambda: not server.alive, timeout_s=30, interval_s=0.05), (
+            "the killed server is still running"
+        )
         assert storage.count_results(request_id) < 6
     restarted = sheepdog.Server(port, None, cfg["dbfile"])
     try:

@@ -18,6 +18,7 @@ import pytest
 from cluster_fixture import scheduler_of
 
 import sheepdog
+from sheepdog._poll import poll_until
 from sheepdog.job_file import stub_source
 from sheepdog.scheduler import GridEngine, scheduler_class
 from sheepdog.storage import Storage
@@ -302,10 +303,13 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
                 served = re.search(r"log (\S+);", done.stdout).group(1)  # type: ignore[union-attr]
                 assert (tmp_path / served).exists()
                 run(["status", str(rid), "--wait", "--timeout", str(CLI_TIMEOUT_S)])
-                deadline = time.monotonic() + 60
-                while Path(f"/proc/{detached_pid}").exists() and time.monotonic() < deadline:
-                    time.sleep(0.5)
-                assert not Path(f"/proc/{detached_pid}").exists(), "serve --detach did not stop"
+                # A default, not a closure over the loop's detached_pid (ruff B023).
+                def stopped(proc_dir: Path = Path(f"/proc/{detached_pid}")) -> bool:
+                    return not proc_dir.exists()
+
+                assert poll_until(stopped, timeout_s=60, interval_s=0.5), (
+                    "serve --detach did not stop"
+                )
                 assert "every served request is finished" in (tmp_path / served).read_text()
                 detached_pid = None
     finally:

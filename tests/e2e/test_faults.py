@@ -20,6 +20,7 @@ import pytest
 from cluster_fixture import is_slurm, job_listed, label_of, map_in_thread, raw_options
 
 import sheepdog
+from sheepdog._poll import poll_until
 from sheepdog._submit import server_for
 from sheepdog.server import registry
 
@@ -112,12 +113,16 @@ def sleepy(x: int) -> int:
 def test_kill_9_of_the_server_mid_map_loses_nothing(config: dict[str, Any]) -> None:
     cfg = sheepdog.Config.from_mapping(dict(config, workers=3, timeout_s=400))
     thread, outcome = map_in_thread(sleepy, range(12), cfg)
-    server = None
-    deadline = time.monotonic() + 180
-    while server is None or _count(cfg.dbfile, "done") == 0:
-        assert time.monotonic() < deadline, "no result came in before the kill"
-        server = server_for(cfg)
-        time.sleep(0.2)
+    servers: list[sheepdog.Server] = []
+
+    def result_in() -> bool:
+        servers[:] = [server_for(cfg)]
+        return _count(cfg.dbfile, "done") != 0
+
+    assert poll_until(result_in, timeout_s=180, interval_s=0.2), (
+        "no result came in before the kill"
+    )
+    server = servers[0]
     acknowledged = _count(cfg.dbfile, "done")
     os.killpg(server.pid, signal.SIGKILL)  # the gunicorn master and its workers
     thread.join(timeout=420)
@@ -231,11 +236,14 @@ def test_ctrl_c_cancels_the_jobs(config: dict[str, Any], tmp_path: Path) -> None
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while _count(config["dbfile"], "leased") == 0:
+        def task_started() -> bool:
+            if _count(config["dbfile"], "leased") != 0:
+                return True
+            # A script that died will start no task: fail now, with what it printed.
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no task started"
-            time.sleep(0.5)
+            return False
+
+        assert poll_until(task_started, timeout_s=120, interval_s=0.5), "no task started"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -257,10 +265,8 @@ def test_ctrl_c_cancels_the_jobs(config: dict[str, Any], tmp_path: Path) -> None
     assert counts.get("cancelled", 0) == 4, counts
     errors = sheepdog.get_errors(request_id, config["dbfile"])
     assert all(error.kind == "cancelled" for _arg, error in errors)
-    deadline = time.monotonic() + 60
-    while any(job_listed(config, job_id) for job_id in job_ids):
-        assert time.monotonic() < deadline, f"a job of {job_ids} still queued after Ctrl-C"
-        time.sleep(1)
+    assert poll_until(lambda: not any(job_listed(config, job_id) for job_id in job_ids),
+                      timeout_s=60, interval_s=1), f"a job of {job_ids} still queued after Ctrl-C"
 
 
 def _last_request(config: dict[str, Any]) -> int:
@@ -349,21 +355,27 @@ def test_an_execution_node_stopped_mid_map(cluster_to_break: dict[str, Any]) -> 
         dict(config, workers=4, batch=1, lease_s=5.0, timeout_s=400)
     )
     thread, outcome = map_in_thread(sleep_then_square, range(12), cfg)
-    victim = None
-    deadline = time.monotonic() + 180
-    while victim is None:
-        assert time.monotonic() < deadline, "no task ever ran on an execution node"
-        if os.path.exists(cfg.dbfile):
-            with sheepdog.Storage(cfg.dbfile) as storage:
-                requests = storage.list_requests()
-                if requests:
-                    rid = max(r["id"] for r in requests)
-                    for i in range(1, 13):
-                        task = storage.get_task(rid, i)
-                        if task["state"] == "leased" and task["host"] in nodes:
-                            victim = task["host"]
-                            break
-        time.sleep(0.2)
+    found: list[tuple[int, str]] = []  # (request id, host of a leased task)
+
+    def leased_on_a_node() -> bool:
+        if not os.path.exists(cfg.dbfile):
+            return False
+        with sheepdog.Storage(cfg.dbfile) as storage:
+            requests = storage.list_requests()
+            if not requests:
+                return False
+            rid = max(r["id"] for r in requests)
+            for i in range(1, 13):
+                task = storage.get_task(rid, i)
+                if task["state"] == "leased" and task["host"] in nodes:
+                    found.append((rid, task["host"]))
+                    return True
+        return False
+
+    assert poll_until(leased_on_a_node, timeout_s=180, interval_s=0.2), (
+        "no task ever ran on an execution node"
+    )
+    rid, victim = found[0]
     nodes[victim].kill()
     thread.join(timeout=420)
     assert not thread.is_alive(), "map did not finish after an execution node died"

@@ -14,6 +14,7 @@ import pytest
 from cluster_fixture import is_slurm
 
 import sheepdog
+from sheepdog._poll import poll_until
 from sheepdog.config import as_config
 from sheepdog.scheduler import open_remote
 from sheepdog.scheduler.gridengine import parse_qacct
@@ -75,17 +76,22 @@ def _seconds(run_time: str) -> int:
 def _accounting(config: Any, job_ids: list[tuple[str, int]]) -> dict[str, list[Any]]:
     """qacct's records of each job, waited for until every array task has one."""
     out: dict[str, list[Any]] = {}
-    deadline = time.monotonic() + QACCT_WAIT_S
+    missing: list[str] = []  # the last answer that lacked records
     with open_remote(config) as remote:
-        for job_id, size in job_ids:
-            while True:
+        def all_accounted() -> bool:
+            # One job at a time, in order; the bound is for all of them together.
+            for job_id, size in job_ids:
+                if job_id in out:
+                    continue
                 result = remote.run(f"qacct -j {job_id}", check=False)
                 records = parse_qacct(result.stdout)
-                if len(records) >= size:
-                    out[job_id] = records
-                    break
-                assert time.monotonic() < deadline, f"qacct -j {job_id}: {result}"
-                time.sleep(1)
+                if len(records) < size:
+                    missing[:] = [f"qacct -j {job_id}: {result}"]
+                    return False
+                out[job_id] = records
+            return True
+
+        assert poll_until(all_accounted, timeout_s=QACCT_WAIT_S, interval_s=1), "".join(missing)
     return out
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 import sheepdog
+from sheepdog._poll import poll_until
 from sheepdog.job_file import job_file_name, key_file_name
 from sheepdog.server.tls import certificate_for
 from sheepdog.storage import Storage
@@ -143,10 +143,8 @@ def test_a_stranger_on_an_execution_node_cannot_find_the_secret(
     try:
         with Storage(cfg["dbfile"]) as storage:
             secret = storage.get_secret(request_id)
-            deadline = time.monotonic() + 240
-            while storage.task_counts(request_id).get("leased", 0) < 2:
-                assert time.monotonic() < deadline, storage.task_counts(request_id)
-                time.sleep(0.5)
+            assert poll_until(lambda: storage.task_counts(request_id).get("leased", 0) >= 2,
+                              timeout_s=240, interval_s=0.5), storage.task_counts(request_id)
             (job,) = [str(j["job_id"]) for j in storage.get_jobs(request_id)]
         choice = request.config.getoption("--cluster")
         if is_slurm(cfg):

@@ -10,7 +10,6 @@ produce PREEMPTED on purpose). They run only with ``--cluster=slurm``.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +25,8 @@ from cluster_fixture import (
     task_outputs,
     wait_for_slurm_job,
 )
+
+from sheepdog._poll import poll_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm]
 
@@ -99,10 +100,16 @@ def test_a_job_in_urgent_preempts_jobs_in_main(
     # The test fills every CPU itself: no job of earlier tests (a worker still waiting for a
     # server that has gone) may hold one.
     delete_all_jobs(cluster)
-    deadline = time.monotonic() + 60
-    while left := check(ssh, 'squeue -h -u "$(id -un)" -o "%i %T"').strip():
-        assert time.monotonic() < deadline, f"earlier jobs still there:\n{left}"
-        time.sleep(0.5)
+    left = ""
+
+    def no_jobs_left() -> bool:
+        nonlocal left
+        left = check(ssh, 'squeue -h -u "$(id -un)" -o "%i %T"').strip()
+        return not left
+
+    assert poll_until(no_jobs_left, timeout_s=60, interval_s=0.5), (
+        f"earlier jobs still there:\n{left}"
+    )
     # %C: allocated/idle/other/total CPUs of the partition; %c: CPUs per node.
     cpus = int(check(ssh, "sinfo -h -p main -o %C").strip().split("/")[-1])
     per_node = int(check(ssh, "sinfo -h -p main -o %c").strip().rstrip("+"))
@@ -112,12 +119,10 @@ def test_a_job_in_urgent_preempts_jobs_in_main(
         for _ in range(cpus)
     ]
     try:
-        deadline = time.monotonic() + 60
-        while set(job_states(ssh, hold).values()) != {"RUNNING"}:
-            assert time.monotonic() < deadline, (
-                f"main jobs not all running: {job_states(ssh, hold)}"
-            )
-            time.sleep(0.5)
+        assert poll_until(lambda: set(job_states(ssh, hold).values()) == {"RUNNING"},
+                          timeout_s=60, interval_s=0.5), (
+            f"main jobs not all running: {job_states(ssh, hold)}"
+        )
         urgent = check(
             ssh, f"sbatch --parsable -p urgent -N 1 -c {per_node} -o /dev/null --wrap 'sleep 1'"
         ).strip()
@@ -132,7 +137,7 @@ def test_a_job_in_urgent_preempts_jobs_in_main(
         assert "JobState=PREEMPTED" in record, record
     finally:
         run(ssh, f"scancel {' '.join(hold)}")
-    deadline = time.monotonic() + 60
-    while not set(job_states(ssh, hold).values()) <= SLURM_FINAL_STATES:
-        assert time.monotonic() < deadline, f"main jobs not cancelled: {job_states(ssh, hold)}"
-        time.sleep(0.5)
+    assert poll_until(lambda: set(job_states(ssh, hold).values()) <= SLURM_FINAL_STATES,
+                      timeout_s=60, interval_s=0.5), (
+        f"main jobs not cancelled: {job_states(ssh, hold)}"
+    )

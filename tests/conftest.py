@@ -10,6 +10,7 @@ only Grid Engine has and run on every cluster but Slurm; tests marked ``slurm`` 
 cluster and run only there. The others are deselected (not skipped: CI fails on any skip).
 Tests marked ``firewalled`` start a second Docker cluster whose nodes cannot reach this machine
 (``firewalled_cluster``); they run with ``--cluster=docker`` and are deselected otherwise.
+Tests marked ``native`` check this host's own Grid Engine cell and run only with ``--cluster=native``.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             wanted = True
         if item.get_closest_marker("firewalled") is not None and choice != "docker":
             wanted = False  # the firewalled cluster is a Docker one of its own, beside docker
+        if item.get_closest_marker("native") is not None and choice != "native":
+            wanted = False  # a test of this host's own Grid Engine cell
         (keep if wanted else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

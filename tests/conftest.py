@@ -10,7 +10,8 @@ only Grid Engine has and run on every cluster but Slurm; tests marked ``slurm`` 
 cluster and run only there. The others are deselected (not skipped: CI fails on any skip).
 Tests marked ``firewalled`` start a second Docker cluster whose nodes cannot reach this machine
 (``firewalled_cluster``); they run with ``--cluster=docker`` and are deselected otherwise.
-Tests marked ``native`` check this host's own Grid Engine cell and run only with ``--cluster=native``.
+Tests marked ``native`` check this host's own Grid Engine cell; they run only with
+``--cluster=native``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_fixture import FIREWALLED_NODES, delete_all_jobs, open_cluster_scheduler, ssh_connect
+from cluster_fixture import (
+    FIREWALLED_NODES,
+    delete_all_jobs,
+    open_cluster_scheduler,
+    slurm_cluster,
+    ssh_connect,
+)
 
 from sheepdog._poll import poll_until
 from sheepdog.server import registry
@@ -43,6 +49,21 @@ def delete_test_jobs(cluster: dict[str, Any], dbfile: str) -> None:
     if job_ids:
         with open_cluster_scheduler(cluster) as scheduler:
             scheduler.delete(job_ids)
+
+
+@pytest.fixture(scope="session")
+def slurm_without_accounting(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """A second Slurm cluster, without slurmdbd, as some sites run Slurm.
+
+    scontrol knows a finished job for MinJobAge=300 s and sacct does not answer. The ``cluster``
+    of ``--cluster=slurm`` keeps accounting and forgets a finished job after 5 s.
+    """
+    choice = request.config.getoption("--cluster")
+    assert choice == "slurm", f"a Slurm-only fixture used with --cluster={choice}"
+    with slurm_cluster(tmp_path_factory.mktemp("slurm-plain"), accounting=False) as details:
+        yield details
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,6 +21,7 @@ from .api import (
 )
 from .attach import attach
 from .config import Config, default_config
+from .dashboard.status import RequestStatus, status
 from .deployment import Deployer
 from .doctor import doctor
 from .errors import (
@@ -62,6 +63,7 @@ __all__ = [
     "ServerError",
     "Session",
     "SheepdogError",
+    "RequestStatus",
     "Storage",
     "StorageError",
     "SubmitError",
@@ -83,6 +85,7 @@ __all__ = [
     "map_async",
     "map_sync",
     "rerun",
+    "status",
     "serialisation",
 ]
 

@@ -472,9 +472,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         raise CliError(f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}; "
                        "pass another --port, or --port 0 for a free one") from exc
     url = f"http://127.0.0.1:{server.port}/?{TOKEN_PARAM}={token}"
-    print(f"sheepdog dashboard of {args.dbfile}")
-    print("open this URL (only this machine can; the token is its key):")
-    print(f"  {url}", flush=True)
+    # The database's path is on the page: a long one would not fit 80 columns here.
+    print("sheepdog dashboard: open this URL (on this machine; the token is its key):")
+    print(f"  {url}")
     print("stop it with Ctrl-C", flush=True)
     folder = None if args.no_browser else _open_in_browser(url)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())

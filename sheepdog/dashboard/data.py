@@ -169,18 +169,18 @@ def timeline(storage: Storage, request_id: int, now: float | None = None) -> Tim
     # (lane, begin bin or time, end bin or time, look, index or count)
     items: list[tuple[str, float, float, str, int]] = []
     if binned:
-        for lane, b, e, state, kind, n in storage.span_bins(
+        for where, b, e, state, kind, n in storage.span_bins(
                 request_id, by_worker=by_worker, start=start, bin_s=bin_s, bins=TIME_BINS,
                 now=now):
-            items.append((lane or NO_NODE, b, e, task_look(state, kind), n))
+            items.append((where or NO_NODE, b, e, task_look(state, kind), n))
     else:
         for idx, state, host, worker, begin, finish, kind in storage.task_spans(
                 request_id, now=now):
-            lane = (worker or host) if by_worker else host
-            items.append((lane or NO_NODE, begin, finish, task_look(state, kind), idx))
+            where = (worker or host) if by_worker else host
+            items.append((where or NO_NODE, begin, finish, task_look(state, kind), idx))
     sizes: Counter[str] = Counter()
-    for lane, *_, n in items:
-        sizes[lane] += n if binned else 1
+    for where, *_, n in items:
+        sizes[where] += n if binned else 1
     keep = _keep_busiest(sizes)
     lanes: dict[str, Lane] = {}
     throughput = result.throughput

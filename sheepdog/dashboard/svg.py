@@ -39,12 +39,17 @@ def _seconds(s: float) -> str:
 
 
 def _axis(start_y: float, span_s: float) -> list[str]:
+    """Six ticks from 0 to ``span_s``, all in the unit that suits the span."""
+    unit, per = (("h", 3600.0) if span_s >= 3 * 3600 else ("min", 60.0) if span_s >= 180
+                 else ("s", 1.0))
     parts = [f'<line x1="{LABEL_W}" y1="{start_y}" x2="{LABEL_W + PLOT_W}" y2="{start_y}" '
              'stroke="#999"/>']
     for i in range(6):
         x = LABEL_W + PLOT_W * i / 5
+        anchor = "end" if i == 5 else "start" if i == 0 else "middle"
         parts.append(f'<text x="{x:.1f}" y="{start_y + 15}" font-size="11" '
-                     f'text-anchor="middle" fill="#444">{_seconds(span_s * i / 5)}</text>')
+                     f'text-anchor="{anchor}" fill="#444">{span_s * i / 5 / per:.3g} {unit}'
+                     '</text>')
     return parts
 
 

@@ -101,7 +101,7 @@ def _token() -> str:
 
 
 def _when(t: float | None) -> str:
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    return "-" if t is None else time.strftime("%m-%d %H:%M:%S", time.localtime(t))
 
 
 def _elapsed(seconds: float) -> str:

@@ -443,31 +443,6 @@ class Records(Database):
             ).fetchone()
         return None if finished is None else float(finished)
 
-    def error_groups(self, request_id: int) -> list[tuple[str, str, int, list[int]]]:
-        """Return the failed and cancelled tasks grouped by ``(kind, error type)``.
-
-        Each group comes as ``(kind, type, count, first indices)`` (at most
-        ``ERROR_GROUP_INDICES`` indices), the largest group first; read a task's
-        traceback and output with :meth:`get_task`.
-        """
-        self._request_row(request_id, "id")
-        with self._lock:
-            rows = self.conn.execute(
-                "SELECT kind, type, count(*), group_concat(idx) FROM (SELECT idx,"
-                " CASE WHEN json_valid(error) THEN coalesce(json_extract(error, '$.kind'),"
-                " 'exception') ELSE 'exception' END AS kind,"
-                " CASE WHEN json_valid(error) THEN coalesce(json_extract(error, '$.type'),"
-                " 'Error') ELSE 'Error' END AS type"
-                " FROM tasks WHERE request_id = ? AND state IN ('error', 'cancelled')"
-                " ORDER BY idx) GROUP BY kind, type ORDER BY count(*) DESC, min(idx)",
-                (request_id,),
-            ).fetchall()
-        return [
-            (str(kind), str(kind_type), int(count),
-             [int(i) for i in str(indices).split(",")[:ERROR_GROUP_INDICES]])
-            for kind, kind_type, count, indices in rows
-        ]
-
     def task_states(self, request_id: int) -> list[str]:
         """Return every task's state (``pending``, ``leased``, ``done``...), in index order."""
         self._request_row(request_id, "id")

@@ -32,10 +32,10 @@ def populate(storage: Storage, n_tasks: int, *, fail_every: int = 97, lost_every
              task_s: float = 2.0) -> int:
     """Store one finished request of ``n_tasks`` as a run on a cluster leaves it; return its id.
 
-    It ended just now. Each worker runs its tasks one after another for ``task_s`` seconds each; every
-    ``fail_every``-th task raised a ValueError (with output), every ``lost_every``-th
-    was lost. Written straight into the tasks' rows: a stand-in for a real run, for
-    the benchmark and the dashboard's unit tests.
+    It ended just now. Each worker ran its tasks one after another, ``task_s``
+    seconds each; every ``fail_every``-th task raised a ValueError (with output),
+    every ``lost_every``-th was lost. Written straight into the tasks' rows: a
+    stand-in for a real run, for the benchmark and the dashboard's unit tests.
     """
     rid = storage.new_request(b"f", None, [b"a"] * n_tasks,
                               settings={"function": "bench.simulate"})

@@ -102,10 +102,13 @@ def failure_summary(
 
 
 def function_name(f: Callable[..., Any]) -> str:
-    """``module.qualname`` of a callable, as displays name a request's function."""
+    """``module.qualname`` of a callable, as displays name a request's function.
+
+    A script's own functions (module ``__main__``) go by their name alone.
+    """
     name = getattr(f, "__qualname__", None) or type(f).__name__
     module = getattr(f, "__module__", None)
-    return f"{module}.{name}" if module and module != "builtins" else str(name)
+    return f"{module}.{name}" if module not in (None, "builtins", "__main__") else str(name)
 
 
 class Session:

@@ -255,17 +255,20 @@ class RequestDetail:
     commands: list[tuple[str, str]]
 
 
-def commands(summary: RequestSummary, dbfile: str) -> list[tuple[str, str]]:
+def commands(summary: RequestSummary, dbfile: str,
+             failures: list[FailureGroup]) -> list[tuple[str, str]]:
     """``(what it does, command)`` for the request: rerun what failed, attach, read errors."""
     db = f"--dbfile {shlex.quote(dbfile)}"
     rid = summary.id
     out = []
-    if summary.counts.get("error", 0) or summary.counts.get("cancelled", 0):
-        out += [
-            ("run the failed tasks again", f"sheepdog rerun {rid} --failed --wait {db}"),
-            ("run the lost tasks again", f"sheepdog rerun {rid} --lost --wait {db}"),
-            ("print every failure", f"sheepdog errors {rid} {db}"),
-        ]
+    kinds = {"lost" if g.kind in LOST_KINDS else g.kind if g.kind == "cancelled" else "failed"
+             for g in failures}
+    for which in ("failed", "lost", "cancelled"):
+        if which in kinds:
+            out.append((f"run the {which} tasks again",
+                        f"sheepdog rerun {rid} --{which} --wait {db}"))
+    if kinds:
+        out.append(("print every failure", f"sheepdog errors {rid} {db}"))
     out.append(("watch it from a terminal", f"sheepdog attach {rid} {db}"))
     out.append(("print its results", f"sheepdog results {rid} {db}"))
     return out
@@ -282,9 +285,10 @@ def request_summary(storage: Storage, request_id: int) -> RequestSummary:
 def request_detail(storage: Storage, request_id: int) -> RequestDetail:
     """One request's summary, timeline, failures and commands."""
     summary = request_summary(storage, request_id)
+    failures = _failure_groups(storage, request_id)
     return RequestDetail(
         summary=summary,
         timeline=timeline(storage, request_id),
-        failures=_failure_groups(storage, request_id),
-        commands=commands(summary, storage.dbfile),
+        failures=failures,
+        commands=commands(summary, storage.dbfile, failures),
     )

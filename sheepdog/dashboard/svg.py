@@ -8,6 +8,7 @@ carrying ``data-task``, the task's index; lanes are ``text`` of class ``lane``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from html import escape
 
@@ -39,17 +40,20 @@ def _seconds(s: float) -> str:
 
 
 def _axis(start_y: float, span_s: float) -> list[str]:
-    """Six ticks from 0 to ``span_s``, all in the unit that suits the span."""
+    """Ticks at round steps (1, 2 or 5 times a power of ten) of the unit that suits the span."""
     unit, per = (("h", 3600.0) if span_s >= 3 * 3600 else ("min", 60.0) if span_s >= 180
                  else ("s", 1.0))
+    span = span_s / per
+    step = 10 ** math.floor(math.log10(span / 5)) if span > 0 else 1.0
+    step = next(step * m for m in (1, 2, 5, 10) if span / (step * m) <= 6)
     parts = [f'<line x1="{LABEL_W}" y1="{start_y}" x2="{LABEL_W + PLOT_W}" y2="{start_y}" '
              'stroke="#999"/>']
-    for i in range(6):
-        x = LABEL_W + PLOT_W * i / 5
-        anchor = "end" if i == 5 else "start" if i == 0 else "middle"
-        parts.append(f'<text x="{x:.1f}" y="{start_y + 15}" font-size="11" '
-                     f'text-anchor="{anchor}" fill="#444">{span_s * i / 5 / per:.3g} {unit}'
-                     '</text>')
+    for i in range(int(span / step) + 1):
+        x = LABEL_W + PLOT_W * (i * step) / span
+        anchor = "start" if i == 0 else "middle"
+        parts.append(f'<line x1="{x:.1f}" y1="{start_y}" x2="{x:.1f}" y2="{start_y + 4}" '
+                     f'stroke="#999"/><text x="{x:.1f}" y="{start_y + 16}" font-size="11" '
+                     f'text-anchor="{anchor}" fill="#444">{i * step:g} {unit}</text>')
     return parts
 
 
@@ -82,7 +86,8 @@ def timeline_svg(tl: Timeline) -> str:
             x = _x(begin, tl)
             w = max(1.5, _x(finish, tl) - x)
             parts.append(
-                f'<rect class="task {look}" data-task="{idx}" x="{x:.1f}" y="{top:.1f}" '
+                f'<rect class="task {look}" data-task="{idx}" data-lane="{escape(lane.name)}" '
+                f'x="{x:.1f}" y="{top:.1f}" '
                 f'width="{w:.1f}" height="{h:.1f}" fill="{COLOURS[look]}">'
                 f'<title>task {idx}: {look}, {_seconds(finish - begin)} on '
                 f'{escape(lane.name)}</title></rect>')

@@ -37,8 +37,8 @@ def populate(storage: Storage, n_tasks: int, *, fail_every: int = 97, lost_every
     every ``lost_every``-th was lost. Written straight into the tasks' rows: a
     stand-in for a real run, for the benchmark and the dashboard's unit tests.
     """
-    rid = storage.new_request(b"f", None, [b"a"] * n_tasks,
-                              settings={"function": "bench.simulate"})
+    rid = storage.new_request(b"f", None, [b"a"] * n_tasks, settings={
+        "function": "bench.simulate", "config": {"scheduler": "gridengine"}})
     workers = NODES * WORKERS_PER_NODE
     start = time.time() - (n_tasks // workers + 1) * task_s  # it finished a moment ago
     rows = []
@@ -59,6 +59,7 @@ def populate(storage: Storage, n_tasks: int, *, fail_every: int = 97, lost_every
                      began + task_s * 0.9, f"task {idx} says hello\n" if error else None,
                      rid, idx))
     with storage._write() as conn:
+        conn.execute("UPDATE requests SET created = ? WHERE id = ?", (start - 5.0, rid))
         conn.executemany(
             "UPDATE tasks SET state = ?, error = ?, worker = ?, host = ?, started = ?,"
             " finished = ?, stdout = ?, attempts = 1 WHERE request_id = ? AND idx = ?", rows)

@@ -57,13 +57,13 @@ __all__ = [
     "JobError",
     "RemoteCommandError",
     "RemoteError",
+    "RequestStatus",
     "SSHError",
     "SerialisationError",
     "Server",
     "ServerError",
     "Session",
     "SheepdogError",
-    "RequestStatus",
     "Storage",
     "StorageError",
     "SubmitError",
@@ -85,8 +85,8 @@ __all__ = [
     "map_async",
     "map_sync",
     "rerun",
-    "status",
     "serialisation",
+    "status",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

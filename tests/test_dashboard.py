@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from flask.testing import FlaskClient
+from test_docs_blocks import REPO, block
 
 from benchmarks.dashboard import populate
 from sheepdog import status
@@ -220,6 +221,18 @@ def test_status_shows_progress_and_timeline_in_a_notebook(dbfile: str, small: in
     html = shown._repr_html_()
     assert 'class="progress"' in html and "<svg" in html
     assert html.count('<rect class="task ') == 50
+
+
+def test_the_notebook_example_of_the_docs_runs_as_shown(tmp_path: Path) -> None:
+    """docs/watching.rst's example, on a request of 200 tasks of which 8 failed."""
+    with Storage(str(tmp_path / "sheepdog.sqlite")) as storage:
+        populate(storage, 200, fail_every=25, lost_every=10_000)
+    source = "\n".join(block("watching.rst", "import sheepdog").lines)
+    done = subprocess.run([sys.executable, "-c", source], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, check=False, env={"PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    said = source.split("# prints: ")[1].strip()
+    assert done.stdout == said + "\n"
 
 
 def test_status_never_creates_a_database(dbfile: str) -> None:

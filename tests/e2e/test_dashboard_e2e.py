@@ -190,13 +190,18 @@ def test_the_counts_rise_while_the_map_runs(watched: Watched,
     browser.get(watched.page(f"requests/{watched.request_id}"))
     assert _finished_on_page(browser)[1] == "running"
     seen: list[int] = []
+    failures_while_running: list[str] = []
 
     def all_in() -> bool:
         finished, state = _finished_on_page(browser)
         if not seen or finished != seen[-1]:
             seen.append(finished)
-            if 0 < finished < TASKS and len(seen) == 2:
+            if 0 < finished < TASKS and len(seen) == 3:
                 _shot(browser, "request-running.png")
+        if state == "running":
+            failures_while_running.extend(browser.execute_script(
+                "return Array.from(document.querySelectorAll('div.failure'))"
+                ".map(function (d) { return d.dataset.type; });"))
         return state == "finished"
 
     assert poll_until(all_in, timeout_s=WAIT_S, interval_s=0.25), seen
@@ -205,6 +210,8 @@ def test_the_counts_rise_while_the_map_runs(watched: Watched,
     between = [n for n in seen if 0 < n < TASKS]
     assert len(between) >= 2, seen
     assert seen == sorted(seen) and seen[-1] == TASKS, seen
+    # Failures appear as they happen, not only once the map is over.
+    assert "ValueError" in failures_while_running, seen
 
 
 def test_the_timeline_has_one_mark_per_task_on_its_node(watched: Watched,

@@ -1,14 +1,15 @@
 // The dashboard's only script: copy buttons, and a live request page that polls its
-// counts and, when they change, swaps in the charts the server drew. Nothing else.
+// counts and, when they change, swaps in what the server drew again. Nothing else.
 (function () {
   "use strict";
-  document.querySelectorAll("button.copy").forEach(function (button) {
-    button.addEventListener("click", function () {
-      var text = button.parentNode.querySelector("code").textContent;
-      if (navigator.clipboard) {
-        navigator.clipboard.writeText(text).then(function () { button.textContent = "copied"; });
-      }
-    });
+  // On the document, so that buttons swapped in by a live page work too.
+  document.addEventListener("click", function (event) {
+    var button = event.target;
+    if (!button.matches || !button.matches("button.copy")) { return; }
+    var text = button.parentNode.querySelector("code").textContent;
+    if (navigator.clipboard) {
+      navigator.clipboard.writeText(text).then(function () { button.textContent = "copied"; });
+    }
   });
   var summary = document.getElementById("summary");
   if (!summary || summary.dataset.state !== "running") { return; }

@@ -5,7 +5,8 @@ dashboard`` serves its database from a third. The browser watches the counts
 rise, then checks the timeline (one mark per task, in the lane of the node that
 ran it), a failure's traceback and output, and that the page refuses a request
 without the token or from another machine. Screenshots of each page go to
-``.cluster/ci-results/screenshots/`` (kept by CI; the docs show copies).
+``.cluster/ci-results/screenshots/<cluster>/`` (kept by CI; the docs show
+copies of the Docker cluster's).
 """
 
 from __future__ import annotations
@@ -167,13 +168,21 @@ def browser() -> Iterator[webdriver.Chrome]:
         driver.quit()
 
 
-def _shot(driver: webdriver.Chrome, name: str, *, whole_page: bool = False) -> None:
+@pytest.fixture(scope="module")
+def shots(request: pytest.FixtureRequest) -> Path:
+    """Where this cluster's screenshots go: a folder per --cluster; no run hides another's."""
+    choice = str(request.config.getoption("--cluster"))
+    folder = SCREENSHOTS / ("ssh" if choice.startswith("ssh://") else choice)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _shot(driver: webdriver.Chrome, path: Path, *, whole_page: bool = False) -> None:
     """Save the window, or the page's content alone (a short page leaves the window blank)."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     if whole_page:
-        assert driver.find_element(By.TAG_NAME, "body").screenshot(str(SCREENSHOTS / name))
+        assert driver.find_element(By.TAG_NAME, "body").screenshot(str(path)), path
     else:
-        assert driver.save_screenshot(str(SCREENSHOTS / name)), name
+        assert driver.save_screenshot(str(path)), path
 
 
 def _finished_on_page(driver: webdriver.Chrome) -> tuple[int, str]:
@@ -185,8 +194,8 @@ def _finished_on_page(driver: webdriver.Chrome) -> tuple[int, str]:
     return counts[0].get("done", 0) + counts[0].get("error", 0), counts[1]
 
 
-def test_the_counts_rise_while_the_map_runs(watched: Watched,
-                                            browser: webdriver.Chrome) -> None:
+def test_the_counts_rise_while_the_map_runs(
+        watched: Watched, browser: webdriver.Chrome, shots: Path) -> None:
     browser.get(watched.page(f"requests/{watched.request_id}"))
     assert _finished_on_page(browser)[1] == "running"
     seen: list[int] = []
@@ -197,7 +206,7 @@ def test_the_counts_rise_while_the_map_runs(watched: Watched,
         if not seen or finished != seen[-1]:
             seen.append(finished)
             if 0 < finished < TASKS and len(seen) == 3:
-                _shot(browser, "request-running.png")
+                _shot(browser, shots / "request-running.png")
         if state == "running":
             failures_while_running.extend(browser.execute_script(
                 "return Array.from(document.querySelectorAll('div.failure'))"
@@ -214,8 +223,8 @@ def test_the_counts_rise_while_the_map_runs(watched: Watched,
     assert "ValueError" in failures_while_running, seen
 
 
-def test_the_timeline_has_one_mark_per_task_on_its_node(watched: Watched,
-                                                        browser: webdriver.Chrome) -> None:
+def test_the_timeline_has_one_mark_per_task_on_its_node(
+        watched: Watched, browser: webdriver.Chrome, shots: Path) -> None:
     results = watched.results()
     browser.get(watched.page(f"requests/{watched.request_id}"))
     marks = browser.execute_script(
@@ -232,11 +241,11 @@ def test_the_timeline_has_one_mark_per_task_on_its_node(watched: Watched,
         ran_on = results[index - 1] or outputs[index].split(" on ")[1].strip()
         assert node == ran_on, (index, lane, ran_on)
     assert len({lane.split(":")[0] for _, lane, _ in marks}) >= 1
-    _shot(browser, "request.png")
+    _shot(browser, shots / "request.png")
 
 
-def test_a_failed_tasks_traceback_and_output_are_shown(watched: Watched,
-                                                       browser: webdriver.Chrome) -> None:
+def test_a_failed_tasks_traceback_and_output_are_shown(
+        watched: Watched, browser: webdriver.Chrome, shots: Path) -> None:
     watched.results()
     browser.get(watched.page(f"requests/{watched.request_id}"))
     group = browser.find_element(By.CSS_SELECTOR, "div.failure[data-type='ValueError']")
@@ -250,10 +259,11 @@ def test_a_failed_tasks_traceback_and_output_are_shown(watched: Watched,
     commands = [c.text for c in browser.find_elements(By.CSS_SELECTOR, ".cmd code")]
     assert any(c.startswith(f"sheepdog rerun {watched.request_id} --failed") for c in commands)
     browser.execute_script("arguments[0].scrollIntoView();", group)
-    _shot(browser, "failures.png")
+    _shot(browser, shots / "failures.png")
 
 
-def test_the_requests_page_lists_the_map(watched: Watched, browser: webdriver.Chrome) -> None:
+def test_the_requests_page_lists_the_map(
+        watched: Watched, browser: webdriver.Chrome, shots: Path) -> None:
     watched.results()
     browser.get(watched.page())
     row = browser.find_element(By.CSS_SELECTOR, f"tr[data-request='{watched.request_id}']")
@@ -261,7 +271,7 @@ def test_the_requests_page_lists_the_map(watched: Watched, browser: webdriver.Ch
     assert cells[1] == "work"
     assert cells[3] == "finished"
     assert cells[4:7] == [str(TASKS), str(TASKS - len(FAILED)), str(len(FAILED))]
-    _shot(browser, "requests.png", whole_page=True)
+    _shot(browser, shots / "requests.png", whole_page=True)
 
 
 def test_without_the_token_or_from_another_machine_it_is_refused(
@@ -270,18 +280,24 @@ def test_without_the_token_or_from_another_machine_it_is_refused(
     assert "forbidden" in browser.find_element(By.TAG_NAME, "body").text
     browser.get(watched.page(f"requests/{watched.request_id}").split("?")[0] + "?token=wrong")
     assert "forbidden" in browser.find_element(By.TAG_NAME, "body").text
-    # The cluster's head node reaches this machine by this name (its workers called back
-    # to it, or could); the dashboard is not there.
+    # The cluster's head node reaches this machine by this name (its workers call back to
+    # it). A head node that is this machine (the native cluster) resolves it to loopback:
+    # it knocks at this machine's own non-loopback address instead, which is no loopback.
     probe = ("import socket, sys\n"
+             "ip = socket.gethostbyname(sys.argv[1])\n"
+             "if ip.startswith('127.'):\n"
+             "    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+             "    u.connect(('10.255.255.255', 1))  # picks the route; sends nothing\n"
+             "    ip = u.getsockname()[0]\n"
              "s = socket.socket()\n"
              "s.settimeout(10)\n"
              "try:\n"
-             "    s.connect((sys.argv[1], int(sys.argv[2])))\n"
-             "    print('connected')\n"
+             "    s.connect((ip, int(sys.argv[2])))\n"
+             "    print('connected', ip)\n"
              "except ConnectionRefusedError:\n"
-             "    print('refused')\n"
+             "    print('refused', ip)\n"
              "except OSError as exc:\n"
-             "    print('unreachable:', exc)\n")
+             "    print('unreachable', ip, exc)\n")
     client = ssh_connect(cluster)
     try:
         status, out, err = run(client, f"python3 -c {shlex.quote(probe)} "
@@ -289,4 +305,6 @@ def test_without_the_token_or_from_another_machine_it_is_refused(
     finally:
         client.close()
     assert status == 0, err
-    assert out.split() == ["refused"], out
+    said, ip = out.split()[:2]
+    assert not ip.startswith("127.") and ip != "0.0.0.0", out
+    assert said == "refused", out

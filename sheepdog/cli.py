@@ -480,6 +480,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     try:
         server.serve_forever()
+    except KeyboardInterrupt:
+        print("sheepdog dashboard: stopped")  # Ctrl-C is how it is meant to end
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)

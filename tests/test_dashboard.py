@@ -308,3 +308,17 @@ def test_the_command_prints_a_url_that_fits_and_serves(dbfile: str, small: int) 
         if proc.stdout is not None:
             proc.stdout.close()
     assert status_code == 0  # SIGTERM stops it cleanly
+
+
+def test_a_port_in_use_is_a_clear_error(dbfile: str, small: int) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "sheepdog", "dashboard", "--dbfile", dbfile, "--port",
+             str(port), "--no-browser"], capture_output=True, text=True, timeout=60,
+            check=False)
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "--port 0" in done.stderr

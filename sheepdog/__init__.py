@@ -21,6 +21,7 @@ from .api import (
 )
 from .attach import attach
 from .config import Config, default_config
+from .dashboard.status import RequestStatus, status
 from .deployment import Deployer
 from .doctor import doctor
 from .errors import (
@@ -56,6 +57,7 @@ __all__ = [
     "JobError",
     "RemoteCommandError",
     "RemoteError",
+    "RequestStatus",
     "SSHError",
     "SerialisationError",
     "Server",
@@ -84,6 +86,7 @@ __all__ = [
     "map_sync",
     "rerun",
     "serialisation",
+    "status",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

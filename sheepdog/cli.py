@@ -435,6 +435,59 @@ def _detach(args: argparse.Namespace, ports: list[int]) -> int:
     return 0
 
 
+def _open_in_browser(url: str) -> Path:
+    """Open ``url`` in the browser through a private file, so no command line holds the token.
+
+    As Jupyter does: the browser is started with a ``file://`` page (0600, in a
+    0700 directory) that redirects to the URL; a browser's arguments are visible
+    to every user of the machine. Returns the directory, for the caller to remove.
+    """
+    import html
+    import tempfile
+    import webbrowser
+
+    folder = Path(tempfile.mkdtemp(prefix="sheepdog-dashboard-"))
+    page = folder / "open.html"
+    fd = os.open(page, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(f'<!doctype html><meta http-equiv="refresh" content="0;url={html.escape(url)}">'
+                  f'<a href="{html.escape(url)}">open the sheepdog dashboard</a>')
+    # In a thread: a text-mode browser could hold the call until it exits.
+    threading.Thread(target=webbrowser.open, args=(page.as_uri(),), daemon=True).start()
+    return folder
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import secrets
+
+    from .dashboard.serve import LoopbackServer
+    from .dashboard.views import TOKEN_PARAM, create_app
+
+    _open_db(args.dbfile).close()  # a mistyped --dbfile must not become an empty database
+    token = secrets.token_urlsafe(24)
+    app = create_app(args.dbfile, token)
+    try:
+        server = LoopbackServer(app, args.port)
+    except OSError as exc:
+        raise CliError(f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}; "
+                       "pass another --port, or --port 0 for a free one") from exc
+    url = f"http://127.0.0.1:{server.port}/?{TOKEN_PARAM}={token}"
+    # The database's path is on the page: a long one would not fit 80 columns here.
+    print("sheepdog dashboard: open this URL (on this machine; the token is its key):")
+    print(f"  {url}")
+    print("stop it with Ctrl-C", flush=True)
+    folder = None if args.no_browser else _open_in_browser(url)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("sheepdog dashboard: stopped")  # Ctrl-C is how it is meant to end
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
 def cmd_worker_stub(args: argparse.Namespace) -> int:
     sys.stdout.write(stub_source())
     return 0
@@ -691,6 +744,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="stop after this long even if tasks are open (exit status 1)")
     p.set_defaults(run=cmd_serve)
+
+    p = _command(
+        sub, "dashboard", "a web page of the requests, with each task's timeline",
+        "Serve a read-only web page of the database's requests on this machine\n"
+        "(127.0.0.1) and open it in the browser: their states and counts, and for\n"
+        "one request its live progress, a timeline of its tasks by node and\n"
+        "worker, throughput over time, failures grouped by error type with their\n"
+        "tracebacks and output, and the commands to rerun or attach. The printed\n"
+        "URL carries a random token; without it the page is refused. It reads a\n"
+        "database that another process's map is writing. Ctrl-C stops it.",
+        ["sheepdog dashboard", "sheepdog dashboard --dbfile runs/sheepdog.sqlite",
+         "sheepdog dashboard --port 8765 --no-browser"],
+    )
+    _add_dbfile(p)
+    p.add_argument("--port", type=int, default=0,
+                   help="listen on this port of 127.0.0.1 (default 0: a free one)")
+    p.add_argument("--no-browser", action="store_true",
+                   help="only print the URL; do not open a browser")
+    p.set_defaults(run=cmd_dashboard)
 
     p = _command(
         sub, "doctor", "check that maps can work with a cluster, and say what to fix",

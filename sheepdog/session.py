@@ -101,6 +101,16 @@ def failure_summary(
     return f"{head}\nsheepdog: see sheepdog.get_errors({request_id}, {dbfile!r})"
 
 
+def function_name(f: Callable[..., Any]) -> str:
+    """``module.qualname`` of a callable, as displays name a request's function.
+
+    A script's own functions (module ``__main__``) go by their name alone.
+    """
+    name = getattr(f, "__qualname__", None) or type(f).__name__
+    module = getattr(f, "__module__", None)
+    return f"{module}.{name}" if module not in (None, "builtins", "__main__") else str(name)
+
+
 class Session:
     """Owns one database's store, scheduler and server; submits, watches, cancels requests.
 
@@ -278,7 +288,7 @@ class Session:
         payload = serialisation.serialise_function(f, dict(ns) if ns is not None else None,
                                                    mode=cfg.mode)
         blobs = serialisation.serialise_args(arg_list)
-        request_id, cached = self.store(payload, blobs, cache=cache)
+        request_id, cached = self.store(payload, blobs, cache=cache, function=function_name(f))
         if cached:
             say(f"request {request_id}: {cached} of {len(blobs)} tasks from the cache")
         if len(blobs) > cached:
@@ -287,19 +297,23 @@ class Session:
 
     def store(
         self, payload: bytes, blobs: list[bytes], *, cache: bool | str = False,
-        label: str | None = None,
+        label: str | None = None, function: str | None = None,
     ) -> tuple[int, int]:
         """Store a serialised request; return its id and how many tasks the cache filled.
 
         With ``cache=True`` the tasks whose function and argument have a result
-        take it at once.
+        take it at once. ``function`` names the function for displays (the
+        dashboard), which cannot unpickle its payload to find out.
         """
         storage = self.storage
         options: dict[str, Any] = {} if label is None else {"label": label}
+        settings = request_settings(self.config, len(blobs))
+        if function is not None:
+            settings["function"] = function
         request_id = storage.new_request(
             payload, b"", blobs, func_digest=content_digest(payload),
             args_digests=[content_digest(blob) for blob in blobs],
-            settings=request_settings(self.config, len(blobs)), **options,
+            settings=settings, **options,
         )
         cached = storage.fill_from_cache(request_id) if cache is True else 0
         return request_id, cached

@@ -22,7 +22,7 @@ from sheepdog.storage import Storage
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = ["requests", "status", "results", "errors", "logs", "cancel", "rerun", "serve",
-            "worker-stub", "jobfile"]
+            "worker-stub", "jobfile", "dashboard"]
 WAIT_S = 60.0
 
 

@@ -21,7 +21,20 @@ from typing import Any
 from ..errors import StorageError, UnknownRequestError, UnknownTaskError
 from .db import DEFAULT_SETTINGS, OPEN_STATES, OPEN_STATES_SQL, Database
 
-__all__ = ["CallAuth", "Records", "content_digest", "error_text"]
+__all__ = ["ERROR_GROUP_INDICES", "CallAuth", "Records", "content_digest", "error_text"]
+
+#: How many task indices :meth:`Records.error_groups` names per group.
+ERROR_GROUP_INDICES = 50
+
+# A timeline's view of a task's row (named parameter :now): drawn unless pending or never
+# leased nor finished; from its lease (else its finish) to its finish (to now while open).
+_DRAWN = "state != 'pending' AND coalesce(started, finished) IS NOT NULL"
+_BEGIN = "coalesce(started, finished)"
+_END = (f"max(coalesce(started, finished), CASE WHEN state IN {OPEN_STATES_SQL} THEN :now"
+        " ELSE coalesce(finished, :now) END)")
+#: A failed or cancelled task's error kind; NULL for the others.
+_KIND = ("CASE WHEN state IN ('error', 'cancelled') THEN CASE WHEN json_valid(error) THEN"
+         " coalesce(json_extract(error, '$.kind'), 'exception') ELSE 'exception' END END")
 
 
 def content_digest(data: bytes) -> str:
@@ -339,6 +352,96 @@ class Records(Database):
             value = None if result is None else self.load_value(result)
             out.append((int(idx), str(state), value, data))
         return int(marks[-1][0]), out
+
+    def task_spans(
+        self, request_id: int, *, now: float
+    ) -> list[tuple[int, str, str | None, str | None, float, float, str | None]]:
+        """Return ``(index, state, host, worker, begin, end, error kind)`` per drawn task.
+
+        A task is drawn from its lease to its result (to ``now`` while it runs); one
+        that finished without a lease is a point at its finish; pending tasks are left
+        out. The error kind (``exception``, ``lost``, ``cancelled``...) is None unless
+        the task failed. For a timeline of one mark per task; see :meth:`span_bins`.
+        """
+        self._request_row(request_id, "id")
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT idx, state, host, worker, {_BEGIN}, {_END}, {_KIND}"
+                f" FROM tasks WHERE request_id = :rid AND {_DRAWN} ORDER BY idx",
+                {"rid": request_id, "now": now},
+            ).fetchall()
+        return [tuple(row) for row in rows]
+
+    def span_extent(self, request_id: int, *, now: float) -> tuple[int, float, float, int, int]:
+        """Return ``(tasks drawn, first begin, last end, workers, nodes)`` of a timeline."""
+        self._request_row(request_id, "id")
+        with self._lock:
+            n, begin, end, workers, hosts = self.conn.execute(
+                f"SELECT count(*), min({_BEGIN}), max({_END}), count(DISTINCT worker),"
+                f" count(DISTINCT host) FROM tasks WHERE request_id = :rid AND {_DRAWN}",
+                {"rid": request_id, "now": now},
+            ).fetchone()
+        return int(n), float(begin or now), float(end or now), int(workers), int(hosts)
+
+    def span_bins(
+        self, request_id: int, *, by_worker: bool, start: float, bin_s: float, bins: int,
+        now: float,
+    ) -> list[tuple[str | None, int, int, str, str | None, int]]:
+        """Count drawn tasks by ``(lane, begin bin, end bin, state, error kind)``.
+
+        The lane is the task's worker (``by_worker``) or node; bins are ``bin_s``
+        seconds from ``start``, clamped to ``0 .. bins - 1``. Counted by SQLite in
+        one pass, so a request of 100,000 tasks comes back as a few thousand rows.
+        """
+        lane = "coalesce(worker, host)" if by_worker else "host"
+
+        def bin_of(t: str) -> str:
+            return f"min(:last, max(0, CAST(({t} - :start) / :bin_s AS INTEGER)))"
+
+        self._request_row(request_id, "id")
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT lane, b, e, state, kind, count(*) FROM (SELECT {lane} AS lane,"
+                f" {bin_of(_BEGIN)} AS b, {bin_of(_END)} AS e, state, {_KIND} AS kind"
+                f" FROM tasks WHERE request_id = :rid AND {_DRAWN})"
+                " GROUP BY lane, b, e, state, kind",
+                {"rid": request_id, "now": now, "start": start, "bin_s": bin_s,
+                 "last": bins - 1},
+            ).fetchall()
+        return [(lane_name, int(b), int(e), str(st), kind, int(n))
+                for lane_name, b, e, st, kind, n in rows]
+
+    def error_groups(self, request_id: int) -> list[tuple[str, str, int, list[int]]]:
+        """Return the failed and cancelled tasks grouped by ``(kind, error type)``.
+
+        Each group comes as ``(kind, type, count, first indices)`` (at most
+        ``ERROR_GROUP_INDICES`` indices), the largest group first; read a task's
+        traceback and output with :meth:`get_task`.
+        """
+        self._request_row(request_id, "id")
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT kind, type, count(*), group_concat(idx) FROM (SELECT idx,"
+                f" {_KIND} AS kind, CASE WHEN json_valid(error) THEN"
+                " coalesce(json_extract(error, '$.type'), 'Error') ELSE 'Error' END AS type"
+                " FROM tasks WHERE request_id = ? AND state IN ('error', 'cancelled')"
+                " ORDER BY idx) GROUP BY kind, type ORDER BY count(*) DESC, min(idx)",
+                (request_id,),
+            ).fetchall()
+        return [
+            (str(kind), str(kind_type), int(count),
+             [int(i) for i in str(indices).split(",")[:ERROR_GROUP_INDICES]])
+            for kind, kind_type, count, indices in rows
+        ]
+
+    def last_finished(self, request_id: int) -> float | None:
+        """Return when the request's last task finished (unix time), or None if none has."""
+        self._request_row(request_id, "id")
+        with self._lock:
+            (finished,) = self.conn.execute(
+                "SELECT max(finished) FROM tasks WHERE request_id = ?", (request_id,)
+            ).fetchone()
+        return None if finished is None else float(finished)
 
     def task_states(self, request_id: int) -> list[str]:
         """Return every task's state (``pending``, ``leased``, ``done``...), in index order."""

@@ -7,7 +7,7 @@
 
 import logging
 
-from . import serialisation
+from . import deployment, serialisation, server, storage
 from ._version import __version__, __version_info__
 from .api import (
     cancel,
@@ -42,6 +42,10 @@ from .errors import (
     UnknownTaskError,
 )
 from .executor import Executor
+
+# 0.2.3's ``from sheepdog import job_file`` gave the function, not its module (which
+# stays importable as ``sheepdog.job_file`` for ``from sheepdog.job_file import ...``).
+from .job_file import job_file  # noqa: E402,I001 - after the module import, which it shadows
 from .server import Server, get_server
 from .session import Session
 from .store import Storage
@@ -74,16 +78,20 @@ __all__ = [
     "attach",
     "cancel",
     "default_config",
+    "deployment",
     "doctor",
     "get_errors",
     "get_output",
     "get_results",
     "get_server",
+    "job_file",
     "map",
     "map_async",
     "map_sync",
     "rerun",
     "serialisation",
+    "server",
+    "storage",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

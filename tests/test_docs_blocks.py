@@ -53,6 +53,8 @@ FRAGMENTS = {
     ("upgrading.rst", "import sheepdog"): UPGRADING_TEST,
     ("upgrading.rst", "from sheepdog import Storage"): UPGRADING_TEST,
     ("upgrading.rst", "from sheepdog.storage import Storage"): UPGRADING_TEST,
+    ("upgrading.rst", "import sys"):
+        "tests/test_original_suite.py::test_the_023_restart_recipe_works_as_written",
     ("README.md", "import sheepdog"): "tests/e2e/test_docs_examples.py::test_readme_examples",
     ("README.md", "from sheepdog import Executor"):
         "tests/e2e/test_docs_examples.py::test_readme_examples",

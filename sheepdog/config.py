@@ -73,7 +73,8 @@ class Config:
     """
 
     # --- the original's keys -------------------------------------------------
-    #: The head node to SSH into, where ``qsub`` runs. Example: ``"fear"``.
+    #: The head node to SSH into, where ``qsub`` or ``sbatch`` runs. Example:
+    #: ``"fear"``. Not needed with ``scheduler="local"``.
     host: str = ""
     #: The SSH port. Example: ``2222``.
     ssh_port: int = 22

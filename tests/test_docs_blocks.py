@@ -298,7 +298,7 @@ def test_the_config_tables_show_every_key_of_config() -> None:
     used = re.findall(r"^\.\. config-keys:: (.+)$", page, flags=re.M)
     assert sorted(used) == sorted(sections), "every section of Config has its table"
     fields = {f.name: f for f in dataclasses.fields(sheepdog.Config)}
-    assert default_text(fields["host"]) == "required"
+    assert default_text(fields["host"]) == 'required (not for ``scheduler="local"``)'
     assert default_text(fields["ssh_port"]) == "``22``"
     assert default_text(fields["ssh_user"]) == "your user name on this machine"
     assert {"prologue", "capture_bytes", "tls"} <= set(listed)

@@ -7,7 +7,9 @@
 
 import logging
 
-from . import deployment, serialisation, server, storage
+# _platform comes first: on a Python without fork and fcntl (Windows' own) importing it
+# says at once to use WSL2, instead of failing deep inside the first map.
+from . import _platform, deployment, serialisation, server, storage  # noqa: F401
 from ._version import __version__, __version_info__
 from .api import (
     cancel,
@@ -28,6 +30,7 @@ from .errors import (
     DeploymentError,
     HostKeyError,
     JobError,
+    PlatformError,
     RemoteCommandError,
     RemoteError,
     SerialisationError,
@@ -58,6 +61,7 @@ __all__ = [
     "Executor",
     "HostKeyError",
     "JobError",
+    "PlatformError",
     "RemoteCommandError",
     "RemoteError",
     "SSHError",

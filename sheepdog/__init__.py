@@ -7,7 +7,9 @@
 
 import logging
 
-from . import serialisation
+# _platform comes first: on a Python without fork and fcntl (Windows' own) importing it
+# says at once to use WSL2, instead of failing deep inside the first map.
+from . import _platform, deployment, serialisation, server, storage  # noqa: F401
 from ._version import __version__, __version_info__
 from .api import (
     cancel,
@@ -29,6 +31,7 @@ from .errors import (
     DeploymentError,
     HostKeyError,
     JobError,
+    PlatformError,
     RemoteCommandError,
     RemoteError,
     SerialisationError,
@@ -43,6 +46,10 @@ from .errors import (
     UnknownTaskError,
 )
 from .executor import Executor
+
+# 0.2.3's ``from sheepdog import job_file`` gave the function, not its module (which
+# stays importable as ``sheepdog.job_file`` for ``from sheepdog.job_file import ...``).
+from .job_file import job_file  # noqa: E402,I001 - after the module import, which it shadows
 from .server import Server, get_server
 from .session import Session
 from .store import Storage
@@ -55,6 +62,7 @@ __all__ = [
     "Executor",
     "HostKeyError",
     "JobError",
+    "PlatformError",
     "RemoteCommandError",
     "RemoteError",
     "RequestStatus",
@@ -76,17 +84,21 @@ __all__ = [
     "attach",
     "cancel",
     "default_config",
+    "deployment",
     "doctor",
     "get_errors",
     "get_output",
     "get_results",
     "get_server",
+    "job_file",
     "map",
     "map_async",
     "map_sync",
     "rerun",
     "serialisation",
+    "server",
     "status",
+    "storage",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

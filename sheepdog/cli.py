@@ -562,7 +562,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     config = as_config(path)
     print(textwrap.fill(f"sheepdog doctor: checking {config.host} (the probe job may wait in "
                         f"the queue for up to {args.timeout:g} s)", COLUMNS), flush=True)
-    report = doctor(config, timeout_s=args.timeout,
+    report = doctor(config, timeout_s=args.timeout, check=args.check,
                     on_check=lambda check: print(render_check(check), flush=True))
     print(textwrap.fill(report.summary(), COLUMNS))
     return 0 if report.ok else 1
@@ -772,8 +772,10 @@ def build_parser() -> argparse.ArgumentParser:
         "execution nodes reach this machine directly and through the tunnel, and\n"
         "which way connect='auto' will pick. Each line says ok, warn, FAIL or\n"
         "skip, with a fix; exit status 1 when something stops maps from working.\n"
-        "The config's database is not touched.",
-        ["sheepdog doctor cluster.json", "sheepdog doctor cluster.json --timeout 900"],
+        "--check also compares modules: whether each imports on the node, and its\n"
+        "version there against here. The config's database is not touched.",
+        ["sheepdog doctor cluster.json", "sheepdog doctor cluster.json --timeout 900",
+         "sheepdog doctor cluster.json --check numpy,scipy"],
     )
     p.add_argument("config", nargs="?", default=None, metavar="CONFIG",
                    help="JSON config file naming the head node (the keys of a sheepdog "
@@ -781,6 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help=f"how long the probe job may take, queue wait included (default "
                    f"{DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--check", default=None, metavar="MODULE[,MODULE...]",
+                   help="modules to import on the node and compare with this machine's "
+                   "versions (a blocker if one does not import there)")
     p.set_defaults(run=cmd_doctor, dbfile=None)
 
     p = _command(

@@ -30,7 +30,7 @@ from .scheduler.gridengine import GridEngine
 if TYPE_CHECKING:
     from .scheduler.base import Scheduler
 
-__all__ = ["Config", "as_config", "default_config"]
+__all__ = ["DEFAULT_GE_OPTS", "Config", "as_config", "default_config"]
 
 ConfigLike = Union["Config", Mapping[str, Any], str, "os.PathLike[str]"]
 
@@ -40,6 +40,11 @@ _HOST = re.compile(r"^[A-Za-z0-9_.:\[\]%-]+$")
 _LISTEN = re.compile(r"^[A-Za-z0-9_.:%-]+$")
 _H_RT = re.compile(r"^(\d+|\d+:\d{1,2}:\d{1,2})$")
 
+
+#: 0.2.3's default ``ge_opts``: run in ``~/.sheepdog`` and write the output files there,
+#: which is what sheepdog does when ``ge_opts`` is unset (in ``ssh_dir``, on the qsub
+#: command line). ``default_config`` shows it; given back as ``ge_opts``, it counts as unset.
+DEFAULT_GE_OPTS = ("-wd $HOME/.sheepdog/", "-o $HOME/.sheepdog/", "-e $HOME/.sheepdog/")
 
 #: The values of the ``connect`` key: how workers reach the server (docs/connecting.rst).
 CONNECT_MODES = ("direct", "tunnel", "auto")
@@ -68,7 +73,8 @@ class Config:
     """
 
     # --- the original's keys -------------------------------------------------
-    #: The head node to SSH into, where ``qsub`` runs. Example: ``"fear"``.
+    #: The head node to SSH into, where ``qsub`` or ``sbatch`` runs. Example:
+    #: ``"fear"``. Not needed with ``scheduler="local"``.
     host: str = ""
     #: The SSH port. Example: ``2222``.
     ssh_port: int = 22
@@ -240,6 +246,8 @@ class Config:
         for key in ("ge_opts", "scheduler_opts"):
             if key in values and isinstance(values[key], list):
                 values[key] = tuple(values[key])
+        if values.get("ge_opts") == DEFAULT_GE_OPTS:
+            values["ge_opts"] = None  # 0.2.3's default, from default_config: the same as unset
         if "prologue" in values and isinstance(values["prologue"], list):
             values["prologue"] = tuple(values["prologue"])
         if "pe" in values and isinstance(values["pe"], list):
@@ -468,3 +476,4 @@ def _validate(c: Config) -> None:
 default_config = {
     key: value for key, value in Config(host="headnode").as_dict().items() if key != "host"
 }
+default_config["ge_opts"] = list(DEFAULT_GE_OPTS)

@@ -13,7 +13,9 @@ found and, where it is a problem, what to do (docs/cli.rst):
 5. **direct**: the server's address (``localhost``:port), and
 6. **tunnel**: the relay on the head node (:mod:`sheepdog.tunnel`), and
 7. **connect**: which way ``connect`` (``auto`` asks the head node as a map would)
-   will get the workers to you, and whether that way works.
+   will get the workers to you, and whether that way works;
+8. **modules** (with ``check``): whether each module imports on the node, and its
+   version there against here.
 
 The probe job calls a server of its own, on a throwaway database: the config's
 database is not touched. A problem that stops maps is a *blocker*; the command
@@ -22,6 +24,7 @@ exits 1 when there is one.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import platform
@@ -31,20 +34,23 @@ import sys
 import tempfile
 import textwrap
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import tunnel
+from ._environment import compare, payload_modules
 from ._poll import poll_until
 from ._submit import server_for, worker_address
+from .client import stub
 from .config import Config, ConfigLike, as_config
-from .errors import SheepdogError
+from .errors import ConfigError, SheepdogError
 from .job_file import JOB_FILE_MODE, job_head
 from .remote import Login, Remote
 from .scheduler import Scheduler, open_remote, open_scheduler
 from .scheduler.auto import offered
 from .scheduler.gridengine import GridEngine
+from .serialisation import serialise_function
 from .server import Server, registry
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Check", "Report", "doctor", "probe_job_file"]
@@ -67,7 +73,7 @@ OK, WARN, FAIL, SKIPPED = "ok", "warn", "FAIL", "skip"
 #: nothing, but writes one JSON file. Python 2 must parse it too, so that a Python that
 #: is too old is reported rather than a SyntaxError.
 PROBE_SOURCE = r'''
-import json, os, platform, socket, sys
+import importlib, json, os, platform, socket, sys
 
 
 def reach(address, timeout):
@@ -99,8 +105,9 @@ def reach(address, timeout):
     return {"ok": True, "said": "%s answered" % address}
 
 
-def probe(out_path, targets, timeout):
+def probe(out_path, targets, timeout, modules=()):
     found = {
+        "modules": dict((name, module_version(name)) for name in modules),
         "python": platform.python_version(),
         "version": list(sys.version_info[:3]),
         "implementation": platform.python_implementation().lower(),
@@ -171,11 +178,13 @@ def render_check(check: Check) -> str:
 def probe_job_file(
     config: Config, scheduler: type[Scheduler], out_path: str,
     targets: list[tuple[str, str]], *, timeout_s: float = NODE_PROBE_TIMEOUT_S,
+    modules: Sequence[str] = (),
 ) -> str:
     """The probe job's file: the config's job head (options, prologue, Python), then the probe.
 
-    It writes what it found as JSON to ``out_path`` (on the cluster) and tries each
-    ``(name, "host:port")`` of ``targets`` with a health call, bounded by ``timeout_s``.
+    It writes what it found as JSON to ``out_path`` (on the cluster), tries each
+    ``(name, "host:port")`` of ``targets`` with a health call, bounded by ``timeout_s``,
+    and imports each of ``modules`` (the worker stub's ``module_version``).
     """
     head = job_head(config.shell, config.job_options(scheduler), 1, prologue=config.prologue,
                     scheduler=scheduler, max_running=config.max_running)
@@ -185,7 +194,11 @@ def probe_job_file(
         PROBE_SOURCE.strip("\n"),
         "",
         "",
-        f"probe({out_path!r}, {[list(t) for t in targets]!r}, {timeout_s!r})",
+        inspect.getsource(stub.module_version).rstrip("\n"),
+        "",
+        "",
+        f"probe({out_path!r}, {[list(t) for t in targets]!r}, {timeout_s!r}"
+        + (f", {list(modules)!r})" if modules else ")"),
         "",
     ])
 
@@ -195,19 +208,42 @@ def doctor(
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     on_check: Callable[[Check], None] | None = None,
+    check: Sequence[str] | Callable[..., Any] | None = None,
 ) -> Report:
     """Check that maps with ``config`` can work, and say what to fix; see the module's doc.
 
     ``timeout_s`` bounds the wait for the probe job (queue wait included);
     ``on_check`` is called with each check as soon as it is made (the CLI prints it).
+    ``check`` names modules (or is a function: the modules its payload names) whose
+    import and version on the node the probe job compares with this machine's: one
+    ``module NAME`` check each, FAIL when it does not import there, warn when the
+    versions differ.
     """
     cfg = as_config(config)
+    modules = check_modules_of(check)
     run = _Doctor(cfg, timeout_s, on_check or (lambda check: None))
+    run.modules = modules
     try:
         run.go()
     finally:
         run.close()
     return run.report
+
+
+def check_modules_of(check: Sequence[str] | Callable[..., Any] | None) -> list[str]:
+    """The module names ``doctor(check=...)`` asks about: given, or a function's."""
+    if check is None:
+        return []
+    if callable(check):
+        return payload_modules(serialise_function(check))
+    if isinstance(check, str):
+        check = check.split(",")
+    names = [name.strip() for name in check if name.strip()]
+    for name in names:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ConfigError(f"{name!r} is not a module name (check takes names like "
+                              "'numpy' or 'scipy.linalg', separated by commas)", key="check")
+    return names
 
 
 class _Doctor:
@@ -221,6 +257,7 @@ class _Doctor:
         self.scheduler: Scheduler | None = None
         self.server: Server | None = None
         self.tmpdir: str | None = None
+        self.modules: list[str] = []
 
     def add(self, name: str, status: str, detail: str, fix: str = "") -> Check:
         check = Check(name, status, detail, fix)
@@ -243,7 +280,8 @@ class _Doctor:
 
     def go(self) -> None:
         cfg = self.config
-        later = ("probe job", "worker Python", "direct", "tunnel", "connect")
+        later = ("probe job", "worker Python", *(f"module {m}" for m in self.modules),
+                 "direct", "tunnel", "connect")
         if cfg.scheduler == "local":
             self.add("scheduler", OK, "scheduler='local': the workers run on this machine and "
                      "connect to it directly; there is no cluster to check")
@@ -276,6 +314,7 @@ class _Doctor:
             self.skip(*later[1:], why="needs the probe job's answer")
             return
         self.check_python(found)
+        self.check_modules(found)
         self.check_connect(found, relay, relay_error)
 
     def check_login(self, remote: Remote) -> Login | None:
@@ -360,7 +399,7 @@ class _Doctor:
         out_path = f"{jobdir}/{name}.json"
         job_id = ""
         try:
-            text = probe_job_file(cfg, kind, out_path, targets)
+            text = probe_job_file(cfg, kind, out_path, targets, modules=self.modules)
             host.put(jobdir, [(name, text, JOB_FILE_MODE)])
             job_id = scheduler.submit(f"{jobdir}/{name}", name=name, array_size=1,
                                       workdir=jobdir if cfg.raw_options is None else None)
@@ -485,6 +524,24 @@ class _Doctor:
         else:
             self.add("worker Python", OK, f"{detail}; functions go as source (mode='source'), "
                      "so the versions may differ")
+
+    def check_modules(self, found: dict[str, Any]) -> None:
+        """One check per asked-for module: FAIL if it does not import on the node, warn
+        if its version there is not the one here."""
+        node = found.get("node") or "the node"
+        there = found.get("modules") or {}
+        for c in compare({name: there.get(name, [False, "not reported"])
+                          for name in self.modules}):
+            want = f"=={c.here[1]}" if c.here[0] and c.here[1] else ""
+            install = (f"install {c.name}{want} for the workers' Python ({self.config.shell}"
+                       " -m pip install --user), or load it in the config's prologue")
+            if c.status == "missing":
+                self.add(f"module {c.name}", FAIL, c.describe(node), install)
+            elif c.status == "warn":
+                self.add(f"module {c.name}", WARN, c.describe(node) + ": results may differ",
+                         install)
+            else:
+                self.add(f"module {c.name}", OK, c.describe(node))
 
     def check_connect(
         self, found: dict[str, Any], relay: tuple[str, int] | None, relay_error: str

@@ -17,7 +17,8 @@ The hierarchy::
     ├── JobError                    the scheduler reports a job in error, or it vanished
     ├── TaskFailedError             a task failed (``errors="raise"``); wraps the RemoteError
     ├── RemoteError                 a task raised on the worker; carries the remote traceback
-    └── TimeoutError                a wait exceeded its bound (also a builtin TimeoutError)
+    ├── TimeoutError                a wait exceeded its bound (also a builtin TimeoutError)
+    └── PlatformError               this is not a Unix (Windows: use WSL2); an ImportError
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "DeploymentError",
     "HostKeyError",
     "JobError",
+    "PlatformError",
     "RemoteCommandError",
     "RemoteError",
     "SSHError",
@@ -47,6 +49,17 @@ __all__ = [
 
 class SheepdogError(Exception):
     """Base class of every error sheepdog raises."""
+
+
+class PlatformError(SheepdogError, ImportError):
+    """This Python lacks a Unix facility sheepdog needs (on Windows: run it in WSL2).
+
+    Raised by ``import sheepdog``; ``missing`` names what is missing.
+    """
+
+    def __init__(self, message: str, *, missing: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.missing = list(missing)
 
 
 class ConfigError(SheepdogError, ValueError):

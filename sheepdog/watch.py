@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _submit, spool, tunnel
+from ._environment import mismatch_warning
 from ._poll import poll_until
 from ._progress import Progress
 from .errors import SheepdogError, StorageError
@@ -108,6 +109,7 @@ class Watcher:
         self._mode: str | None = None
         #: The latest job id when a worker of it was seen to call in (a lease or a result).
         self._heard_from: str | None = None
+        self._env_told = False  # whether the workers' module versions were looked at
 
     def poll(self, storage: Storage) -> None:
         """Check the jobs if it is time to; fail or resubmit work whose jobs are gone."""
@@ -123,6 +125,7 @@ class Watcher:
             return
         self._next_check = now + self.interval_s
         self.interval_s = min(self.max_interval_s, self.interval_s * 1.5)
+        self._check_environment(storage)
         try:
             self._check(storage)
         except SheepdogError as exc:
@@ -131,6 +134,18 @@ class Watcher:
                 "the cluster did not answer: could not check the jobs of request %d (%s); "
                 "nothing is expired or resubmitted until it answers", self.request_id, exc,
             )
+
+    def _check_environment(self, storage: Storage) -> None:
+        """Once the first workers have reported, warn once if their modules differ."""
+        if self._env_told:
+            return
+        reports = storage.worker_environments(self.request_id)
+        if not reports:
+            return
+        self._env_told = True
+        warning = mismatch_warning(self.request_id, reports)
+        if warning is not None:
+            self._tell(warning)
 
     def _check(self, storage: Storage) -> None:
         rid = self.request_id
@@ -208,6 +223,7 @@ class Watcher:
         server is gone each would hold its slot for the workers' retry time
         (``worker_retry_s``) first. None when the request never had a job (all cached).
         """
+        self._check_environment(storage)  # a short map may end before the first check
         if not storage.get_jobs(self.request_id):
             return None
         deletion = _submit.delete_jobs(self.scheduler, storage, self.request_id)

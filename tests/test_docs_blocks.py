@@ -53,6 +53,8 @@ FRAGMENTS = {
     ("upgrading.rst", "import sheepdog"): UPGRADING_TEST,
     ("upgrading.rst", "from sheepdog import Storage"): UPGRADING_TEST,
     ("upgrading.rst", "from sheepdog.storage import Storage"): UPGRADING_TEST,
+    ("upgrading.rst", "import sys"):
+        "tests/test_original_suite.py::test_the_023_restart_recipe_works_as_written",
     ("README.md", "import sheepdog"): "tests/e2e/test_docs_examples.py::test_readme_examples",
     ("README.md", "from sheepdog import Executor"):
         "tests/e2e/test_docs_examples.py::test_readme_examples",
@@ -298,7 +300,7 @@ def test_the_config_tables_show_every_key_of_config() -> None:
     used = re.findall(r"^\.\. config-keys:: (.+)$", page, flags=re.M)
     assert sorted(used) == sorted(sections), "every section of Config has its table"
     fields = {f.name: f for f in dataclasses.fields(sheepdog.Config)}
-    assert default_text(fields["host"]) == "required"
+    assert default_text(fields["host"]) == 'required (not for ``scheduler="local"``)'
     assert default_text(fields["ssh_port"]) == "``22``"
     assert default_text(fields["ssh_user"]) == "your user name on this machine"
     assert {"prologue", "capture_bytes", "tls"} <= set(listed)

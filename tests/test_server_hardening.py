@@ -235,11 +235,13 @@ def test_a_version_1_database_gets_the_lease_index_and_nonces(tmp_path: Path) ->
     conn.execute("PRAGMA user_version = 1")
     conn.close()
     with Storage(path) as db:
-        # 3: reruns' task history, the finish log and the cache's digests came after.
-        assert db.schema_version() == SCHEMA_VERSION == 3
+        # 3: reruns' task history, the finish log and the cache's digests came after;
+        # 4: the workers' environment reports.
+        assert db.schema_version() == SCHEMA_VERSION == 4
         names = {row[0] for row in db.conn.execute("SELECT name FROM sqlite_master")}
     assert {"tasks_by_lease", "nonces"} <= names
-    assert {"task_history", "finished_log", "tasks_finished", "tasks_by_args_digest"} <= names
+    assert {"task_history", "finished_log", "tasks_finished", "tasks_by_args_digest",
+            "worker_envs"} <= names
 
 
 def renew_steps(dbfile: str, n_leased: int) -> int:

@@ -303,10 +303,14 @@ def test_the_upgrading_page_is_in_the_docs() -> None:
     assert page.startswith("Upgrading from 0.2\n")
     assert "upgrading" in (docs / "index.rst").read_text(encoding="utf-8")
     for point in ("backup", "f(*arg)", "ValueError", "get_errors", "serialise_namespace",
-                  "get_details", "ssh_keyfile", "default_config", "10\\ :sup:`9`"):
+                  "get_details", "ssh_keyfile", "default_config", "10\\ :sup:`9`",
+                  "submit_results", "HTTP_RETRIES", "sheepdog_032_<tag>.py", "Deployer(",
+                  "from sheepdog import job_file", "sheepdog.Server()"):
         assert point in page, point
+    assert "still named ``sheepdog_032.py``" not in page  # they are not
     changelog = (docs / "changelog.rst").read_text(encoding="utf-8")
     assert "upgrading" in changelog and "unpack" in changelog
+    assert "without ``deploy``" not in changelog  # they are back, as the upgrade notes say
     assert "list" in (docs / "quickstart.rst").read_text(encoding="utf-8")
 
 

@@ -111,9 +111,15 @@ class _FunctionUnpickler(pickle.Unpickler):
     def __init__(self, file):
         pickle.Unpickler.__init__(self, file)
         self.functions, self.cells, self.namespaces = {}, {}, {}
+        self.modules = set()  # the top-level modules the payload names
+
+    def find_class(self, module, name):
+        self.modules.add(module.split(".")[0])
+        return pickle.Unpickler.find_class(self, module, name)
 
     def persistent_load(self, pid):
         if pid[0] == "module":
+            self.modules.add(pid[1].split(".")[0])
             try:
                 return importlib.import_module(pid[1])
             except ImportError as exc:
@@ -151,11 +157,16 @@ class _FunctionUnpickler(pickle.Unpickler):
         return function
 
 
-def load_function(payload):
-    """Rebuild the function (with its globals, closure and defaults) from its payload."""
+def load_function(payload, modules=None):
+    """Rebuild the function (with its globals, closure and defaults) from its payload.
+
+    The top-level modules it names are added to the set `modules`, if given.
+    """
     header, start = read_header(payload)
     check_payload(header)
     unpickler = _FunctionUnpickler(io.BytesIO(payload[start:]))
+    if modules is not None:
+        unpickler.modules = modules
     entry = None
     while True:
         piece = unpickler.load()
@@ -175,6 +186,41 @@ def load_function(payload):
             return entry
         else:
             raise PayloadError("unknown piece %r in the function payload" % (piece[0],))
+
+
+def module_version(name):
+    """Whether module `name` imports here, and its version: [True, "1.2" or None] or
+    [False, why]. Python 2 must parse it too: sheepdog doctor's probe job runs it."""
+    try:
+        module = importlib.import_module(name)
+    except Exception as e:  # not only ImportError: a module may fail as it is imported
+        return [False, "%s: %s" % (type(e).__name__, e)]
+    import warnings
+    with warnings.catch_warnings():  # some packages deprecate __version__ (Flask 3.1)
+        warnings.simplefilter("ignore")
+        version = getattr(module, "__version__", None)
+    if not isinstance(version, str):
+        try:
+            from importlib import metadata
+            version = metadata.version(name)
+        except Exception:  # Python < 3.8, or not installed as a distribution (the stdlib)
+            version = None
+    return [True, version]
+
+
+#: At most this many modules are reported (docs/protocol.rst, "lease").
+MAX_MODULES = 100
+
+
+def environment(modules):
+    """This Python's version and each module's [imports, version], for the server.
+
+    The standard library's modules are left out where Python lists them (3.10+).
+    """
+    skip = set(getattr(sys, "stdlib_module_names", ())) | {"builtins", "__main__"}
+    names = sorted(m for m in modules if m not in skip)[:MAX_MODULES]
+    return {"python": platform.python_version(),
+            "modules": dict((name, module_version(name)) for name in names)}
 
 
 def load_value(data):
@@ -745,6 +791,7 @@ class Client:
         self.out, self.err = sys.stdout, sys.stderr  # the real streams, whatever a task does
         self.function, self.protocol, self.settings = None, None, {}
         self.load_error = None  # why the function cannot be loaded here, as a task error
+        self.environment = None  # Python and module versions, sent with the first lease
         self.leases, self.lost, self.cancelled = [], set(), False
         self.running = None  # (index, lease, start, stdout Capture, stderr Capture)
         self.armed = False  # whether SIGALRM may interrupt the running task now
@@ -811,8 +858,11 @@ class Client:
         # a slot for long. Once it has reached the server, retries go on for retry_s.
         answer = self.conn.call("GET", "function", retry_s=min(self.conn.retry_s, FIRST_CONTACT_S))
         self.settings, payload = answer["settings"], base64.b64decode(answer["payload"])
+        modules = set()
         try:
-            self.function, self.protocol = load_function(payload), result_protocol(payload)
+            self.function = load_function(payload, modules)
+            self.protocol = result_protocol(payload)
+            self.environment = environment(modules)
         except Exception as e:
             # Every task this worker leases fails with the reason, so the user sees it in
             # get_errors at once instead of waiting on work no worker here can load.
@@ -829,7 +879,10 @@ class Client:
         batch = int(self.batch or self.settings.get("batch") or 1)
         left = self.settings.get("tasks_per_worker")  # None: until no work is left
         threading.Thread(target=self.watch, name="sheepdog-heartbeat", daemon=True).start()
-        answer = self.conn.call("POST", "lease", self.hello(self.how_many(batch, left)))
+        first = self.hello(self.how_many(batch, left))
+        if self.environment is not None:
+            first["environment"] = self.environment  # once per worker
+        answer = self.conn.call("POST", "lease", first)
         while answer["tasks"]:
             if left is not None:
                 left -= len(answer["tasks"])

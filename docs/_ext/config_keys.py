@@ -48,6 +48,8 @@ def default_text(field: dataclasses.Field[Any]) -> str:
     if field.default_factory is not dataclasses.MISSING:
         doc = inspect.getdoc(field.default_factory) or field.default_factory.__name__
         return doc.splitlines()[0].rstrip(".")
+    if field.name == "host":
+        return 'required (not for ``scheduler="local"``)'
     if field.default == "":
         return "required"
     value = field.default

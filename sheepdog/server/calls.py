@@ -52,6 +52,7 @@ from .protocol import (
     _Replayed,
     _signed_answer,
     _text,
+    parse_environment,
     parse_result,
 )
 
@@ -271,9 +272,12 @@ def _lease(call: _Call) -> _Answer:
     host = _get_str(body, "host", "lease")
     max_tasks = _get_int(body, "max_tasks", "lease", 0, MAX_TASKS_PER_CALL)
     reclaim = _get_retry(body, "lease")
+    environment = parse_environment(body, "lease")
     lease_s = float(call.auth.settings["lease_s"])
 
     def effect(conn: sqlite3.Connection) -> object:
+        if environment is not None:
+            storage().record_environment_in(conn, call.request_id, worker, host, environment)
         leases = storage().lease_in(
             conn, call.request_id, worker=worker, host=host, max_tasks=max_tasks,
             lease_s=lease_s, reclaim=reclaim, info=call.auth.info,

@@ -8,6 +8,7 @@ original did; every server still running is stopped at exit.
 from __future__ import annotations
 
 import atexit
+import enum
 import errno
 import http.client
 import json
@@ -42,6 +43,7 @@ __all__ = [
     "get_server",
     "listen_address",
     "registry",
+    "resume_port",
 ]
 
 # The server package logs under one name, the one it had as a module.
@@ -151,11 +153,38 @@ def _local_address(host: str) -> str:
     return host
 
 
+class _Resume(enum.Enum):
+    """``Server()`` without a port: the port its database's open requests call."""
+
+    PORT = "the port recorded for the newest request with open tasks"
+
+    def __repr__(self) -> str:
+        return "<the port of the newest open request>"  # what the API page shows
+
+
+def resume_port(storage: Storage) -> int | None:
+    """The port that the newest request with open tasks recorded for its server, if any.
+
+    Its job file names that port, so its surviving workers find a server started there.
+    """
+    for row in reversed(storage.list_requests()):
+        if row["state"] != "open" or not storage.open_task_indices(row["id"]):
+            continue
+        jobs = storage.get_jobs(row["id"])
+        if jobs and "port" in jobs[-1]["info"]:
+            return int(jobs[-1]["info"]["port"])
+    return None
+
+
 class Server:
     """Serve the worker API from a gunicorn child process; start it now.
 
-    ``port=None`` picks a free port; the socket is bound here and handed to the
-    child, so the port cannot be taken in between. ``host`` is the address to listen
+    Without a ``port`` (``Server()``, the original's restart recipe) it listens
+    on the port that the database's newest request with open tasks was
+    submitted with, where that request's surviving workers look for it (a
+    free port when there is none). ``port=None`` picks a free port; the socket
+    is bound here and handed to the child, so the port cannot be taken in
+    between. ``host`` is the address to listen
     on (default: where the database's jobs recorded their server on ``port`` listening,
     else the address this machine's fully qualified name resolves to; "0.0.0.0" for
     every interface). ``password`` is kept for the
@@ -167,7 +196,7 @@ class Server:
 
     def __init__(
         self,
-        port: int | None = None,
+        port: int | None | _Resume = _Resume.PORT,
         password: str | None = None,
         dbfile: str | Path = "./sheepdog.sqlite",
         *,
@@ -183,9 +212,12 @@ class Server:
         start_timeout_s: float = 30.0,
         log_level: str = "warning",
     ) -> None:
-        self.port = port
         self.password = password
         self.dbfile = os.path.abspath(dbfile)
+        if port is _Resume.PORT:
+            with Storage(self.dbfile, synchronous=synchronous) as db:
+                port = resume_port(db)
+        self.port: int | None = port
         if host is None:
             # Not every interface unless asked. A server restarted on a port listens where
             # the last one did for the jobs that call it; else where this machine's name

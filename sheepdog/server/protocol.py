@@ -33,7 +33,9 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_CLOCK_SKEW_S",
     "MAX_TASKS_PER_CALL",
+    "MAX_MODULES",
     "ApiError",
+    "parse_environment",
     "parse_result",
 ]
 
@@ -160,6 +162,38 @@ def _get_int(obj: dict[str, Any], key: str, where: str, low: int, high: int) -> 
     if not low <= value <= high:
         raise ApiError(400, "bad_field", f"{where}: {key!r} must be in {low}..{high}, not {value}")
     return value
+
+
+#: At most this many modules in a worker's ``environment`` (the stub's MAX_MODULES).
+MAX_MODULES = 100
+_NAME_MAX = 200
+
+
+def parse_environment(body: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """A lease's optional ``environment``: the worker's Python and its modules' versions.
+
+    ``{"python": str, "modules": {name: [imports (bool), version or why not (str or
+    null)]}}``; None when the call has none.
+    """
+    env = body.get("environment")
+    if env is None:
+        return None
+    bad = ApiError(400, "bad_field", f"{where}: 'environment' must be {{'python': str, "
+                   f"'modules': {{name: [bool, str or null]}}}} with at most {MAX_MODULES} "
+                   f"modules and strings of at most {_NAME_MAX} characters")
+    if not isinstance(env, dict) or not isinstance(env.get("modules"), dict):
+        raise bad
+    python, modules = env.get("python"), env["modules"]
+    if not isinstance(python, str) or len(python) > _NAME_MAX or len(modules) > MAX_MODULES:
+        raise bad
+    parsed: dict[str, list[Any]] = {}
+    for name, value in modules.items():
+        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], bool)
+                and (value[1] is None or isinstance(value[1], str))
+                and len(name) <= _NAME_MAX and len(value[1] or "") <= _NAME_MAX):
+            raise bad
+        parsed[_text(name)] = [value[0], None if value[1] is None else _text(value[1])]
+    return {"python": _text(python), "modules": parsed}
 
 
 def _get_retry(obj: dict[str, Any], where: str) -> bool:

@@ -229,9 +229,29 @@ def _migrate_to_3(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+_V4_STATEMENTS = (
+    # What each worker reported of its Python and of the modules the function names, once
+    # (docs/protocol.rst, "lease"), so that a map can warn of versions unlike this machine's.
+    """CREATE TABLE IF NOT EXISTS worker_envs (
+        request_id  INTEGER NOT NULL REFERENCES requests (id),
+        worker      TEXT    NOT NULL,
+        host        TEXT    NOT NULL,
+        python      TEXT    NOT NULL,
+        modules     TEXT    NOT NULL,
+        reported    REAL    NOT NULL,
+        PRIMARY KEY (request_id, worker)
+    )""",
+)
+
+
+def _migrate_to_4(conn: sqlite3.Connection) -> None:
+    for statement in _V4_STATEMENTS:
+        conn.execute(statement)
+
+
 #: Migration steps: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    _migrate_to_1, _migrate_to_2, _migrate_to_3,
+    _migrate_to_1, _migrate_to_2, _migrate_to_3, _migrate_to_4,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -10,6 +10,7 @@ names the author's cluster "fear", becomes our cluster's.
 from __future__ import annotations
 
 import doctest
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import pytest
 from original02 import EXPECTED, copy_database
 
 import sheepdog
+from sheepdog._poll import poll_until
+from sheepdog.deployment import Deployer
 from sheepdog.storage import Storage
 
 pytestmark = pytest.mark.e2e
@@ -92,3 +95,27 @@ def test_the_seed_quickstart_runs_on_a_migrated_023_database(
     new = [r["id"] for r in requests if r["label"] != "Sheepdog 0.2.3"]
     assert new == [max(EXPECTED) + 1, max(EXPECTED) + 2]
     assert [r for _, r in sheepdog.get_results(new[1], "./sheepdog.sqlite")] == [17, 20, 23]
+
+
+@pytest.mark.gridengine("Deployer.submit runs qsub, as 0.2.3's did")
+def test_deployer_deploys_and_submits_as_023_did(config: dict[str, Any]) -> None:
+    """0.2.3's low-level path: ``Deployer(...).deploy(text, id, dir)``, then ``submit``."""
+    directory = f".sheepdog-deployer-e2e-{os.getpid()}"
+    d = Deployer(config["host"], config["ssh_port"], config["ssh_user"],
+                 config.get("ssh_keyfile"), known_hosts=config.get("known_hosts"))
+    try:
+        job = ("#!/bin/sh\n#$ -S /bin/sh\n#$ -cwd\n"
+               f"echo ran as $JOB_ID > $HOME/{directory}/ran\n")
+        d.deploy(job, 23, directory)
+        assert d.run(f"ls {directory}").stdout.split() == ["sheepdog_023.py"]
+        answer = d.submit(23, directory)
+        assert "has been submitted" in answer, answer
+        job_id = answer.split()[2]
+
+        def ran() -> bool:
+            return d.run(f"cat {directory}/ran", check=False).stdout.strip() == f"ran as {job_id}"
+
+        assert poll_until(ran, timeout_s=300, interval_s=1.0, max_interval_s=5.0)
+    finally:
+        d.run(f"rm -rf {directory}", check=False)
+        d.close()

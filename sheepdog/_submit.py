@@ -194,7 +194,7 @@ def submit_request(
     if server is None:
         server = server_for(config)
     mode = tunnel.choose_mode(config.connect, scheduler.host, config.localhost, _port(server))
-    host, port = worker_address(config, scheduler, server, mode)
+    host, port = worker_address(config, scheduler, server, mode, tasks=n_workers)
     url = server.url_for(host).rsplit(":", 1)[0] + f":{port}/"
     fingerprint = None
     if server.certfile is not None:
@@ -273,12 +273,16 @@ def _port(server: Server) -> int:
 
 
 def worker_address(
-    config: Config, scheduler: Scheduler, server: Server, mode: str
+    config: Config, scheduler: Scheduler, server: Server, mode: str, *, tasks: int = 0
 ) -> tuple[str, int]:
-    """Where workers reach ``server`` in ``mode``: ``localhost``:port, or the tunnel's relay."""
+    """Where workers reach ``server`` in ``mode``: ``localhost``:port, or the tunnel's relay.
+
+    ``tasks``: the array tasks about to be submitted, for the relay's connection cap.
+    """
     return tunnel.worker_address(
         mode, scheduler.host, _port(server), lambda: _local_target(server),
-        (config.localhost, _port(server)),
+        (config.localhost, _port(server)), relay_address=config.relay_address,
+        connections_per_task=config.relay_connections_per_task, tasks=tasks,
     )
 
 

@@ -143,6 +143,15 @@ class Config:
     #: whether the head node can reach the server and picks one, and moves to
     #: the tunnel when array tasks run but none calls in.
     connect: str = "auto"
+    #: The head node's address on which the tunnel's relay listens and the
+    #: execution nodes reach it. ``None``: the first address other than
+    #: loopback that the head node's own name resolves to there (every
+    #: interface only if there is none, with a warning). Example: ``"10.1.0.5"``.
+    relay_address: str | None = None
+    #: Connections the tunnel's relay holds at once for each array task that
+    #: calls through it (at least 16 in all); more are closed at once, as are
+    #: connections idle for 120 s. Example: ``8``.
+    relay_connections_per_task: int = 4
 
     # --- the array job -------------------------------------------------------
     #: Number of array tasks; ``None`` picks ``min(tasks, 100)`` (one per core
@@ -386,6 +395,14 @@ def _validate(c: Config) -> None:
             f"must be one of {', '.join(repr(m) for m in CONNECT_MODES)}, got {c.connect!r}; "
             "see docs/connecting.rst",
         )
+    _check_text("relay_address", c.relay_address, optional=True)
+    if c.relay_address is not None and (
+        not _LISTEN.match(c.relay_address) or c.relay_address.startswith("-")
+    ):
+        raise _fail("relay_address", f"must be an IPv4 address of the head node, or a host "
+                                     f"name that resolves to one there, got {c.relay_address!r}")
+    _check_number("relay_connections_per_task", c.relay_connections_per_task, minimum=1,
+                  integer=True)
     _check_text("localhost", c.localhost)
     if not _HOST.match(c.localhost):
         raise _fail("localhost", f"is not a valid host name or address: {c.localhost!r}")

@@ -7,6 +7,7 @@ so ``/api/v1/health`` keeps answering and the map finishes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
@@ -17,11 +18,13 @@ from typing import Any
 
 import pytest
 from test_executor import LocalJobs, local_config
-from test_server_hardening import health_s
+from store_helpers import Storage
+from test_server_hardening import health_s, status_within
 
 import sheepdog
 from sheepdog._poll import poll_until
 from sheepdog.server import Server
+from sheepdog.server.auth import signed_headers
 
 #: The stranger's connections (issue 25's measurement).
 N_IDLE = 64
@@ -191,3 +194,27 @@ def test_a_body_that_is_not_read_is_not_drained_the_connection_is_closed(
                 answer += chunk
         head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
         assert head.startswith(f"http/1.1 {status}") and "connection: close" in head, head
+
+
+def test_a_replayed_blob_upload_is_answered_from_its_record_without_its_body(
+    tmp_path: Path
+) -> None:
+    dbfile = str(tmp_path / "db.sqlite")
+    with Storage(dbfile) as db:
+        rid = db.new_request(b"F", None, [b"x"], settings={"lease_s": 30.0})
+        secret = db.get_secret(rid)
+    data = b"blob" * 50_000
+    digest = hashlib.sha256(data).hexdigest()
+    path = f"/api/v1/requests/{rid}/blobs/{digest}"
+    headers = signed_headers(secret, "PUT", path, data)
+    with Server(None, None, dbfile, host="127.0.0.1") as server:
+        assert server.port is not None
+        head = (f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(head + data)
+            assert status_within(sock, 10.0).startswith("HTTP/1.1 200")
+        # The replay sends only the headers: its answer comes from the nonce's record.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(head)
+            assert status_within(sock, 5.0).startswith("HTTP/1.1 200")

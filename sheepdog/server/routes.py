@@ -24,7 +24,7 @@ from sheepdog.server.auth import (
 )
 
 from .body import refuse_unread, stream_body
-from .calls import ACTIONS, authenticate, blocking, carry_out, state, storage
+from .calls import ACTIONS, _once, authenticate, blocking, carry_out, state, storage
 from .protocol import (
     _BLOB_CHUNK,
     _SETTINGS_SENT,
@@ -119,8 +119,9 @@ def put_blob(request_id: int, digest: str) -> Response:
     logger.info("stored blob %s (%d bytes) for request %d: %.3f s to receive, %.3f s to "
                 "make durable", digest, call.length, request_id, received - started,
                 time.monotonic() - received)
-    body = _json_bytes({"sha256": digest, "size": call.length})
-    return flask_response(_signed_answer(call.auth.secret, call.signature, body))
+    # Recorded with its nonce, as every POST: a replay of the upload is answered from the
+    # record without its body being read, and the connection is closed.
+    return flask_response(_once(call, lambda conn: {"sha256": digest, "size": call.length}))
 
 
 @bp.get("/requests/<int:request_id>/tasks/<int:index>/args")

@@ -246,6 +246,7 @@ class _Application(BaseApplication):  # type: ignore[misc]
         return _closing_app(create_app(
             self.args.dbfile,
             max_body_bytes=self.args.max_body_bytes,
+            max_blob_bytes=self.args.max_blob_bytes,
             max_clock_skew_s=self.args.max_clock_skew_s,
             synchronous=self.args.synchronous,
             body_base_s=self.args.body_base_s,
@@ -261,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--max-body-bytes", type=int, required=True)
+    parser.add_argument("--max-blob-bytes", type=int, required=True)
     parser.add_argument("--max-clock-skew-s", type=float, required=True)
     parser.add_argument("--synchronous", default="NORMAL")
     parser.add_argument("--body-base-s", type=float, required=True)

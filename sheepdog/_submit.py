@@ -137,6 +137,8 @@ def server_options(config: Config, host: str | None = None) -> dict[str, Any]:
         files = certificate_for(config.dbfile)
         options = {"certfile": files.certfile, "keyfile": files.keyfile}
     options["host"] = host or config.listen_address or listen_address(config.localhost)
+    if config.max_blob_bytes is not None:
+        options["max_blob_bytes"] = config.max_blob_bytes
     return options
 
 

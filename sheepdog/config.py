@@ -214,6 +214,10 @@ class Config:
     worker_retry_s: float = 600.0
     #: Ctrl-C during a blocking ``map`` cancels its jobs, unless this is true.
     keep_jobs_on_interrupt: bool = False
+    #: The largest result, pickled, that a worker may upload to the server, in
+    #: bytes; a larger one gets a 413 naming this key. ``None``: 1 TiB. It is
+    #: the server's setting, read when the server starts. Example: ``10**10``.
+    max_blob_bytes: int | None = None
     #: Serve HTTPS with a self-signed certificate that the job files pin; see
     #: :doc:`security`.
     tls: bool = False
@@ -403,6 +407,7 @@ def _validate(c: Config) -> None:
                                      f"name that resolves to one there, got {c.relay_address!r}")
     _check_number("relay_connections_per_task", c.relay_connections_per_task, minimum=1,
                   integer=True)
+    _check_number("max_blob_bytes", c.max_blob_bytes, minimum=1, optional=True, integer=True)
     _check_text("localhost", c.localhost)
     if not _HOST.match(c.localhost):
         raise _fail("localhost", f"is not a valid host name or address: {c.localhost!r}")

@@ -8,6 +8,8 @@ so ``/api/v1/health`` keeps answering and the map finishes.
 from __future__ import annotations
 
 import hashlib
+import http.client
+import json
 import os
 import socket
 import threading
@@ -17,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_executor import LocalJobs, local_config
 from store_helpers import Storage
+from test_executor import LocalJobs, local_config
 from test_server_hardening import health_s, status_within
 
 import sheepdog
+from sheepdog import _submit
 from sheepdog._poll import poll_until
+from sheepdog.errors import ConfigError
 from sheepdog.server import Server
 from sheepdog.server.auth import signed_headers
 
@@ -218,3 +222,24 @@ def test_a_replayed_blob_upload_is_answered_from_its_record_without_its_body(
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             sock.sendall(head)
             assert status_within(sock, 5.0).startswith("HTTP/1.1 200")
+
+
+def test_max_blob_bytes_is_the_servers_and_the_configs(tmp_path: Path) -> None:
+    dbfile = str(tmp_path / "db.sqlite")
+    with Storage(dbfile) as db:
+        rid = db.new_request(b"F", None, [b"x"], settings={"lease_s": 30.0})
+        secret = db.get_secret(rid)
+    data = b"b" * 2000
+    path = f"/api/v1/requests/{rid}/blobs/{hashlib.sha256(data).hexdigest()}"
+    config = sheepdog.Config(scheduler="local", max_blob_bytes=1000)
+    options = _submit.server_options(config, host="127.0.0.1")
+    with Server(None, None, dbfile, **options) as server:
+        assert server.port is not None
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("PUT", path, data, signed_headers(secret, "PUT", path, data))
+        response = conn.getresponse()
+        message = json.loads(response.read())["error"]["message"]
+        conn.close()
+    assert response.status == 413 and "max_blob_bytes (1000)" in message
+    with pytest.raises(ConfigError, match="max_blob_bytes"):
+        sheepdog.Config(scheduler="local", max_blob_bytes=0)

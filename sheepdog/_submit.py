@@ -229,9 +229,9 @@ def submit_request(
     ])
     logger.info("deployed job file for request %d to %s:%s", request_id,
                 scheduler.host.host, jobdir + name)
-    # The original's defaults when no raw option is set: the jobs run and write their
-    # output in ssh_dir, resolved on the head node.
-    workdir = jobdir if config.raw_options is None else None
+    # The original's defaults: the jobs run and write their output in ssh_dir, resolved on
+    # the head node, unless the raw options say otherwise (then only what they leave out).
+    workdir = jobdir
     counts = storage.task_counts(request_id)
     info: dict[str, Any] = {
         "url": url, "port": server.port, "listen_address": server.host, "connect": mode,
@@ -247,7 +247,7 @@ def submit_request(
     for part, size in enumerate(sizes, 1):
         job_id = scheduler.submit(
             jobdir + name, name=name, array_size=size, workdir=workdir, split=len(sizes) > 1,
-            max_running=config.max_running,
+            max_running=config.max_running, raw_options=config.raw_options or (),
         )
         logger.info("request %d submitted as %s job %s", request_id, scheduler.label, job_id)
         # `sheepdog serve` restarts the server on this port: the job file holds this URL.

@@ -208,7 +208,7 @@ class LocalScheduler(Scheduler):
 
     def submit(
         self, job_path: str, *, name: str, array_size: int, workdir: str | None = None,
-        split: bool = False, max_running: int | None = None,
+        split: bool = False, max_running: int | None = None, raw_options: Sequence[str] = (),
     ) -> str:
         """Start ``array_size`` processes running the job file; return the job's id."""
         job_id = _new_job_id()

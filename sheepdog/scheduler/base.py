@@ -167,8 +167,9 @@ class Host(Protocol):
         """The names in an absolute directory, or None if it does not exist."""
         ...
 
-    def read_bytes(self, path: str) -> bytes:
-        """The contents of a file."""
+    def read_bytes(self, path: str, max_bytes: int | None = None) -> bytes:
+        """The contents of a file; with ``max_bytes``, of a regular file (not a link) of at
+        most that many bytes, else FileTooLargeError or NotARegularFileError."""
         ...
 
     def remove(self, path: str) -> None:

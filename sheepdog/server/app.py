@@ -56,7 +56,9 @@ def create_app(
     the gevent worker passes its thread pool, so no connection waits on them).
     """
     dbfile = str(dbfile)
-    Storage(dbfile, synchronous=synchronous).close()
+    with Storage(dbfile, synchronous=synchronous) as db:
+        if db.blobs is not None:
+            db.blobs.remove_stale_uploads()  # left by a server that died mid-upload
     app = Flask("sheepdog.server")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     open_storage = functools.partial(Storage, dbfile, init=False, synchronous=synchronous)

@@ -103,9 +103,10 @@ class Config:
     shell: str = "/usr/bin/python3"
     #: A list of raw qsub options, one ``#$`` line each, for example
     #: ``["-l h_vmem=2G", "-r y"]``: the Grid Engine name of ``scheduler_opts``
-    #: (set one of them, not both). When unset, sheepdog passes ``-wd``, ``-o``
-    #: and ``-e`` for ``ssh_dir`` on the qsub command line (the original's
-    #: defaults). ``-t`` and ``-S`` are set by sheepdog and refused here.
+    #: (set one of them, not both). sheepdog passes ``-wd``, ``-o`` and ``-e``
+    #: for ``ssh_dir`` on the qsub command line (the original's defaults),
+    #: each unless these options set it. ``-t`` and ``-S`` are set by sheepdog
+    #: and refused here.
     #: ``-l mem_grab=2G`` (or ``h_vmem``) also limits the worker's address space
     #: with ``setrlimit``, so the task gets a ``MemoryError``.
     ge_opts: tuple[str, ...] | None = None
@@ -121,9 +122,10 @@ class Config:
     scheduler: str = "auto"
     #: Raw options for the scheduler, one directive line each (``#$`` for Grid
     #: Engine, ``#SBATCH`` for Slurm), for example ``["--qos=long"]``. Grid
-    #: Engine also takes them as ``ge_opts``. When unset, sheepdog runs the jobs
-    #: in ``ssh_dir`` and writes their output files there (qsub ``-wd -o -e``,
-    #: sbatch ``--chdir --output --error``). Options sheepdog sets itself are
+    #: Engine also takes them as ``ge_opts``. sheepdog runs the jobs in
+    #: ``ssh_dir`` and writes their output files there (qsub ``-wd -o -e``,
+    #: sbatch ``--chdir --output --error``), each unless these options set
+    #: it. Options sheepdog sets itself are
     #: refused: ``-t``, ``-S`` (Grid Engine); ``--array``/``-a``,
     #: ``--job-name``/``-J``, ``--parsable`` (Slurm).
     scheduler_opts: tuple[str, ...] | None = None

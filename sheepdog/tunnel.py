@@ -69,8 +69,9 @@ RELAY_IDLE_S = 120.0
 #: pipes every connection to 127.0.0.1:TARGET_PORT (the forwarded port). BIND "" means
 #: the first address other than loopback that the head node's name resolves to (where
 #: the execution nodes reach it; "0.0.0.0" only if there is none). It prints
-#: ``hostname port bound-address`` once it listens; it closes new connections beyond
-#: MAX_CONNECTIONS at once, and connections idle for IDLE_S; a line ``allow N`` on stdin
+#: ``hostname port bound-address`` once it listens; beyond MAX_CONNECTIONS, a new
+#: connection closes the one idle longest if that was idle 5 s, else it is closed at
+#: once; connections idle for IDLE_S are closed; a line ``allow N`` on stdin
 #: sets MAX_CONNECTIONS to N. It exits at EOF on stdin, which comes when sheepdog's SSH
 #: channel (or connection) closes.
 RELAY_SOURCE = r'''
@@ -78,6 +79,7 @@ import errno, os, selectors, socket, sys, time
 bind, port, target_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 cap, idle_s = [int(sys.argv[4])], float(sys.argv[5])
 BUFFER = 262144  # bytes held per direction; reading stops beyond it
+EVICT_IDLE_S = 5.0  # when full, a connection idle this long makes room for a new one
 R, W = selectors.EVENT_READ, selectors.EVENT_WRITE
 def where():
     try:
@@ -149,8 +151,14 @@ def accept(listener):
         except OSError:
             return  # e.g. out of file descriptors: the connection waits in the queue
         if len(pairs) >= cap[0]:
-            conn.close()
-            continue
+            # Full: make room by closing the connection idle longest, if it has been idle a
+            # while (a stranger's held connection, or a worker's between calls: it
+            # reconnects); else refuse this one.
+            oldest = min(pairs, key=lambda p: p.seen)
+            if time.time() - oldest.seen < EVICT_IDLE_S:
+                conn.close()
+                continue
+            close(oldest)
         conn.setblocking(False)
         up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         up.setblocking(False)

@@ -211,6 +211,16 @@ def test_the_relay_caps_connections_in_one_thread() -> None:
                 for _ in range(4)]
         clients += more
         assert poll_until(lambda: len(relay.upstream) == 20, timeout_s=10), relay.upstream
+        # Full, with connections idle 5 s: a new one closes the one idle longest.
+        clients[0].sendall(b"x")  # the first is busy now; the second is idle longest
+
+        def admitted() -> bool:
+            clients.append(socket.create_connection(("127.0.0.1", relay.port), timeout=10))
+            return poll_until(lambda: len(relay.upstream) == 21, timeout_s=1)
+
+        assert poll_until(admitted, timeout_s=20, interval_s=1), relay.upstream
+        assert closed_by_peer(clients[1], 10)
+        assert not closed_by_peer(clients[0], 0.1)
     finally:
         for sock in clients:
             sock.close()

@@ -7,21 +7,28 @@ listening socket as file descriptor N. Not for direct use.
 from __future__ import annotations
 
 import argparse
-import collections
+import contextvars
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
+import gevent
+from gevent import monkey
+from gevent import socket as gsocket
 from gunicorn.app.base import BaseApplication
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.ggevent import GeventWorker
 
 from sheepdog.server import CLOSE_KEY, create_app
+from sheepdog.server.body import TRANSFER_ENCODING_KEY
+
+T = TypeVar("T")
 
 __all__ = ["main"]
 
@@ -38,87 +45,147 @@ def _watch_parent(parent_pid: int) -> None:
 
 #: How long a connection closed with its body unread stays open for the client to read the answer.
 LINGER_S = 1.0
+#: gunicorn's ``keepalive``: the total time a connection has to send a request's headers
+#: (and for a kept-alive one, to start its next request) before it is closed.
+HEADERS_WITHIN_S = 30
+#: Connections one gunicorn worker holds at once; each costs a file descriptor and a
+#: greenlet (a few KiB), never a thread. More wait in the listen queue.
+WORKER_CONNECTIONS = 4096
 
-_closing = threading.local()
+
+class Worker(GeventWorker):  # type: ignore[misc]
+    """gunicorn's gevent worker: every connection a greenlet, SQLite in a few threads.
+
+    A connection that is idle, or sends its headers or a body slowly, holds a
+    file descriptor and a greenlet, never a thread: the 2 x 4 threads of the
+    gthread worker that 0.3.0 used could all be held by 8 strangers (see
+    docs/security.rst). The headers of a request must arrive within
+    ``HEADERS_WITHIN_S`` in all (gunicorn's ``keepalive`` timeout, a
+    ``gevent.Timeout`` around the whole parse); a body within its own deadline
+    (``sheepdog.server.body``). A body that is not read is never drained: the
+    app says ``Connection: close`` (``_closing_app``) and gunicorn closes the
+    connection after the answer.
+
+    Only sockets are made cooperative: threads, locks and ``time.sleep`` stay
+    real, because every SQLite call and fsync runs in the hub's thread pool
+    (``_in_threadpool``), where a real lock is what a writer must wait on.
+    """
+
+    def patch(self) -> None:
+        monkey.patch_all(thread=False, time=False, subprocess=False, signal=False)
+        listening: list[Any] = self.sockets  # type: ignore[has-type]
+        self.sockets = [
+            gsocket.socket(s.FAMILY, socket.SOCK_STREAM, fileno=s.sock.detach())
+            for s in listening
+        ]
+
+    def init_process(self) -> None:
+        _raise_open_files_limit()
+        super().init_process()
+
+    def run(self) -> None:
+        gevent.get_hub().threadpool.maxsize = _threadpool_size
+        super().run()
 
 
-class _Linger:
-    """Closes sockets ``LINGER_S`` after they were handed over, from one thread.
+#: Threads per worker that carry out SQLite calls and fsyncs (``--threads``).
+_threadpool_size = 4
+_hub_thread = threading.get_ident()
+
+
+def _raise_open_files_limit() -> None:
+    """Let this worker hold as many connections as the hard limit of open files allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = WORKER_CONNECTIONS + 256
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open files limit to %d: %s", want, exc)
+
+
+def _in_threadpool(call: Callable[[], T]) -> T:
+    """Run a blocking call (SQLite, fsync) in the worker's thread pool; wait cooperatively.
+
+    The greenlet waits, the other connections go on. The call runs in a copy
+    of this greenlet's context, so Flask's app context and ``g`` are there.
+    """
+    if threading.get_ident() != _hub_thread:
+        return call()  # already in a pool thread
+    context = contextvars.copy_context()
+    result: T = gevent.get_hub().threadpool.apply(context.run, (call,))
+    return result
+
+
+def _linger(sock: socket.socket) -> None:
+    """Close a connection whose answer is sent, ``LINGER_S`` from now, and send nothing more.
 
     Closing a socket whose peer is still sending makes the kernel answer with a
-    reset, which can destroy the answer before the client reads it; so the
-    close waits a moment, without holding a request thread for it.
+    reset, which can destroy the answer before the client reads it; a duplicate
+    of the socket keeps the connection open a moment after gunicorn closes its
+    own, at the cost of a file descriptor, never a thread.
     """
-
-    def __init__(self) -> None:
-        self._queue: collections.deque[tuple[float, socket.socket]] = collections.deque()
-        self._ready = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def add(self, sock: socket.socket) -> None:
-        with self._ready:
-            self._queue.append((time.monotonic() + LINGER_S, sock))
-            # Started here, in the forked gunicorn worker: threads do not survive a fork.
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name="sheepdog-linger", daemon=True
-                )
-                self._thread.start()
-            self._ready.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._queue:
-                    self._ready.wait()
-                deadline, sock = self._queue[0]
-                remaining = deadline - time.monotonic()
-                if remaining > 0:
-                    self._ready.wait(remaining)
-                    continue
-                self._queue.popleft()
-            sock.close()
+    try:
+        held = socket.socket(fileno=os.dup(sock.fileno()))
+    except OSError:
+        return
+    try:
+        held.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    gevent.spawn_later(LINGER_S, held.close)
 
 
-_linger = _Linger()
-
-
-class Worker(ThreadWorker):  # type: ignore[misc]
-    """gunicorn's gthread worker, but a call refused with its body unread is closed at once.
-
-    gunicorn drains an unread body (up to 5 s in the worker thread) before it
-    reuses a connection, and lingers up to 2 s in its main loop when it closes
-    one: a few clients that send headers and then a body that never comes
-    would hold every thread, and /api/v1/health with them. Here the answer is
-    sent, our side is shut so that gunicorn's close returns at once, and a
-    duplicate of the socket keeps the connection open for ``LINGER_S`` so that
-    the client can read the answer.
-    """
-
-    def handle_request(self, req: Any, conn: Any) -> bool:
-        _closing.flag = False
-        keepalive = bool(super().handle_request(req, conn))
-        if not _closing.flag:
-            return keepalive
-        try:
-            held = socket.socket(fileno=os.dup(conn.sock.fileno()))
-        except OSError:
-            return False
-        try:
-            held.shutdown(socket.SHUT_WR)
-            held.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
-        _linger.add(held)
+def _body_unread(environ: dict[str, Any]) -> bool:
+    """Whether the request declared a body that the app left (partly) unread."""
+    if environ.get(TRANSFER_ENCODING_KEY):
+        return True  # a chunked body: gunicorn would read it to its end
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return True
+    if length <= 0:
         return False
+    left = getattr(getattr(environ.get("wsgi.input"), "reader", None), "length", None)
+    return not isinstance(left, int) or left > 0
+
+
+class _Closing:
+    """A response body that, once sent, hands its connection to ``_linger``."""
+
+    def __init__(self, body: Iterable[bytes], sock: socket.socket) -> None:
+        self.body = body
+        self.sock = sock
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.body)
+
+    def close(self) -> None:
+        close = getattr(self.body, "close", None)
+        try:
+            if callable(close):
+                close()
+        finally:
+            _linger(self.sock)
 
 
 def _closing_app(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
-    """Wrap the WSGI app to tell ``Worker`` which calls must close their connection."""
+    """Wrap the WSGI app: close, never drain, a connection whose body was not read.
+
+    A call that the app marks with ``CLOSE_KEY`` (a refusal before its body, a
+    body read straight from the socket) and one whose declared body the app
+    did not read (``/api/v1/health`` or an unknown path with a body) are
+    answered with ``Connection: close``; gunicorn then closes the connection
+    instead of reading the rest of the body, and ``_Closing`` keeps it open
+    ``LINGER_S`` for the client to read the answer.
+    """
 
     def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            if environ.get(CLOSE_KEY):
+            if environ.get(CLOSE_KEY) or _body_unread(environ):
+                environ[CLOSE_KEY] = True
                 # Say "Connection: close", so that the client does not send its next call
                 # on a connection that is about to go (gunicorn's Response.force_close).
                 force_close = getattr(getattr(start_response, "__self__", None), "force_close",
@@ -127,10 +194,11 @@ def _closing_app(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[
                     force_close()
             return start_response(status, headers, exc_info)
 
-        try:
-            return app(environ, start)
-        finally:
-            _closing.flag = bool(environ.get(CLOSE_KEY))
+        body = app(environ, start)
+        sock = environ.get("gunicorn.socket")
+        if environ.get(CLOSE_KEY) and isinstance(sock, socket.socket):
+            return _Closing(body, sock)
+        return body
 
     return wsgi
 
@@ -145,12 +213,12 @@ class _Application(BaseApplication):  # type: ignore[misc]
         options: dict[str, Any] = {
             "bind": [f"fd://{args.fd}"],
             "workers": args.workers,
-            "threads": args.threads,
             "worker_class": "sheepdog._serve.Worker",
+            "worker_connections": WORKER_CONNECTIONS,
             # The control socket (~/.gunicorn/gunicorn.ctl) would be shared by every
             # gunicorn of the user, and sheepdog needs none.
             "control_socket_disable": True,
-            "keepalive": 30,
+            "keepalive": HEADERS_WITHIN_S,
             # Above SQLite's 30 s busy timeout, so a waiting request is not killed.
             "timeout": 120,
             "graceful_timeout": 5,
@@ -178,9 +246,11 @@ class _Application(BaseApplication):  # type: ignore[misc]
         return _closing_app(create_app(
             self.args.dbfile,
             max_body_bytes=self.args.max_body_bytes,
+            max_blob_bytes=self.args.max_blob_bytes,
             max_clock_skew_s=self.args.max_clock_skew_s,
             synchronous=self.args.synchronous,
             body_base_s=self.args.body_base_s,
+            offload=_in_threadpool,
         ))
 
 
@@ -192,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--max-body-bytes", type=int, required=True)
+    parser.add_argument("--max-blob-bytes", type=int, required=True)
     parser.add_argument("--max-clock-skew-s", type=float, required=True)
     parser.add_argument("--synchronous", default="NORMAL")
     parser.add_argument("--body-base-s", type=float, required=True)
@@ -200,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--certfile")
     parser.add_argument("--keyfile")
     args = parser.parse_args(argv)
+    global _threadpool_size
+    _threadpool_size = args.threads
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
@@ -209,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # Run the imported module, not __main__: gunicorn loads Worker as sheepdog._serve.Worker,
-    # and it must share _closing with the app that main() loads.
+    # and it must share _threadpool_size and _hub_thread with what main() sets.
     from sheepdog import _serve
 
     _serve.main()

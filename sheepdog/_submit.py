@@ -137,6 +137,8 @@ def server_options(config: Config, host: str | None = None) -> dict[str, Any]:
         files = certificate_for(config.dbfile)
         options = {"certfile": files.certfile, "keyfile": files.keyfile}
     options["host"] = host or config.listen_address or listen_address(config.localhost)
+    if config.max_blob_bytes is not None:
+        options["max_blob_bytes"] = config.max_blob_bytes
     return options
 
 
@@ -194,7 +196,7 @@ def submit_request(
     if server is None:
         server = server_for(config)
     mode = tunnel.choose_mode(config.connect, scheduler.host, config.localhost, _port(server))
-    host, port = worker_address(config, scheduler, server, mode)
+    host, port = worker_address(config, scheduler, server, mode, tasks=n_workers)
     url = server.url_for(host).rsplit(":", 1)[0] + f":{port}/"
     fingerprint = None
     if server.certfile is not None:
@@ -227,9 +229,9 @@ def submit_request(
     ])
     logger.info("deployed job file for request %d to %s:%s", request_id,
                 scheduler.host.host, jobdir + name)
-    # The original's defaults when no raw option is set: the jobs run and write their
-    # output in ssh_dir, resolved on the head node.
-    workdir = jobdir if config.raw_options is None else None
+    # The original's defaults: the jobs run and write their output in ssh_dir, resolved on
+    # the head node, unless the raw options say otherwise (then only what they leave out).
+    workdir = jobdir
     counts = storage.task_counts(request_id)
     info: dict[str, Any] = {
         "url": url, "port": server.port, "listen_address": server.host, "connect": mode,
@@ -245,7 +247,7 @@ def submit_request(
     for part, size in enumerate(sizes, 1):
         job_id = scheduler.submit(
             jobdir + name, name=name, array_size=size, workdir=workdir, split=len(sizes) > 1,
-            max_running=config.max_running,
+            max_running=config.max_running, raw_options=config.raw_options or (),
         )
         logger.info("request %d submitted as %s job %s", request_id, scheduler.label, job_id)
         # `sheepdog serve` restarts the server on this port: the job file holds this URL.
@@ -273,12 +275,16 @@ def _port(server: Server) -> int:
 
 
 def worker_address(
-    config: Config, scheduler: Scheduler, server: Server, mode: str
+    config: Config, scheduler: Scheduler, server: Server, mode: str, *, tasks: int = 0
 ) -> tuple[str, int]:
-    """Where workers reach ``server`` in ``mode``: ``localhost``:port, or the tunnel's relay."""
+    """Where workers reach ``server`` in ``mode``: ``localhost``:port, or the tunnel's relay.
+
+    ``tasks``: the array tasks about to be submitted, for the relay's connection cap.
+    """
     return tunnel.worker_address(
         mode, scheduler.host, _port(server), lambda: _local_target(server),
-        (config.localhost, _port(server)),
+        (config.localhost, _port(server)), relay_address=config.relay_address,
+        connections_per_task=config.relay_connections_per_task, tasks=tasks,
     )
 
 

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +31,7 @@ from sheepdog.errors import StorageError
 __all__ = [
     "BLOB_DIR_MODE",
     "INLINE_MAX_BYTES",
+    "STALE_UPLOAD_S",
     "BlobStore",
     "is_ref",
     "make_ref",
@@ -43,6 +45,10 @@ INLINE_MAX_BYTES = 64 * 1024
 #: The blob directory: its files hold users' arguments and results, like the database.
 BLOB_DIR_MODE = 0o700
 _CHUNK_BYTES = 1024 * 1024
+#: The temporary files of uploads being written.
+_INCOMING_PREFIX = ".incoming-"
+#: An upload's temporary file untouched for this long belongs to a server that died.
+STALE_UPLOAD_S = 3600.0
 _REF_RE = re.compile(r"sha256:([0-9a-f]{64}):([0-9]{1,19})")
 
 
@@ -103,7 +109,7 @@ class BlobStore:
         refused upload leaves nothing behind.
         """
         self._ensure_dir()
-        fd, name = tempfile.mkstemp(prefix=".incoming-", dir=self.directory)  # mode 0600
+        fd, name = tempfile.mkstemp(prefix=_INCOMING_PREFIX, dir=self.directory)  # mode 0600
         os.close(fd)  # reopened by name, so that commit() knows what to rename
         try:
             with open(name, "wb") as f:
@@ -113,6 +119,31 @@ class BlobStore:
                 os.unlink(name)  # gone already when committed (renamed)
             except FileNotFoundError:
                 pass
+
+    def remove_stale_uploads(self, older_than_s: float = STALE_UPLOAD_S) -> list[str]:
+        """Delete the temporary files of uploads that stopped ``older_than_s`` ago; return them.
+
+        A server killed mid-upload leaves its ``.incoming-*`` file behind; one still
+        being written (by another server on this database) is newer.
+        """
+        removed: list[str] = []
+        cutoff = time.time() - older_than_s
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return removed
+        for entry in entries:
+            if not entry.name.startswith(_INCOMING_PREFIX):
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+            except FileNotFoundError:
+                pass
+        if removed:
+            logger.info("removed %d unfinished uploads from %s", len(removed), self.directory)
+        return removed
 
     def commit(self, f: IO[bytes], digest: str) -> Path:
         """Make the writer's file durable under its SHA-256 name; return its path."""

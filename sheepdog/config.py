@@ -109,9 +109,10 @@ class Config:
     shell: str = "/usr/bin/python3"
     #: A list of raw qsub options, one ``#$`` line each, for example
     #: ``["-l h_vmem=2G", "-r y"]``: the Grid Engine name of ``scheduler_opts``
-    #: (set one of them, not both). When unset, sheepdog passes ``-wd``, ``-o``
-    #: and ``-e`` for ``ssh_dir`` on the qsub command line (the original's
-    #: defaults). ``-t`` and ``-S`` are set by sheepdog and refused here.
+    #: (set one of them, not both). sheepdog passes ``-wd``, ``-o`` and ``-e``
+    #: for ``ssh_dir`` on the qsub command line (the original's defaults),
+    #: each unless these options set it. ``-t`` and ``-S`` are set by sheepdog
+    #: and refused here.
     #: ``-l mem_grab=2G`` (or ``h_vmem``) also limits the worker's address space
     #: with ``setrlimit``, so the task gets a ``MemoryError``.
     ge_opts: tuple[str, ...] | None = None
@@ -127,9 +128,10 @@ class Config:
     scheduler: str = "auto"
     #: Raw options for the scheduler, one directive line each (``#$`` for Grid
     #: Engine, ``#SBATCH`` for Slurm), for example ``["--qos=long"]``. Grid
-    #: Engine also takes them as ``ge_opts``. When unset, sheepdog runs the jobs
-    #: in ``ssh_dir`` and writes their output files there (qsub ``-wd -o -e``,
-    #: sbatch ``--chdir --output --error``). Options sheepdog sets itself are
+    #: Engine also takes them as ``ge_opts``. sheepdog runs the jobs in
+    #: ``ssh_dir`` and writes their output files there (qsub ``-wd -o -e``,
+    #: sbatch ``--chdir --output --error``), each unless these options set
+    #: it. Options sheepdog sets itself are
     #: refused: ``-t``, ``-S`` (Grid Engine); ``--array``/``-a``,
     #: ``--job-name``/``-J``, ``--parsable`` (Slurm).
     scheduler_opts: tuple[str, ...] | None = None
@@ -149,6 +151,15 @@ class Config:
     #: whether the head node can reach the server and picks one, and moves to
     #: the tunnel when array tasks run but none calls in.
     connect: str = "auto"
+    #: The head node's address on which the tunnel's relay listens and the
+    #: execution nodes reach it. ``None``: the first address other than
+    #: loopback that the head node's own name resolves to there (every
+    #: interface only if there is none, with a warning). Example: ``"10.1.0.5"``.
+    relay_address: str | None = None
+    #: Connections the tunnel's relay holds at once for each array task that
+    #: calls through it (at least 16 in all); more are closed at once, as are
+    #: connections idle for 120 s. Example: ``8``.
+    relay_connections_per_task: int = 4
 
     # --- the array job -------------------------------------------------------
     #: Number of array tasks; ``None`` picks ``min(tasks, 100)`` (one per core
@@ -211,6 +222,10 @@ class Config:
     worker_retry_s: float = 600.0
     #: Ctrl-C during a blocking ``map`` cancels its jobs, unless this is true.
     keep_jobs_on_interrupt: bool = False
+    #: The largest result, pickled, that a worker may upload to the server, in
+    #: bytes; a larger one gets a 413 naming this key. ``None``: 1 TiB. It is
+    #: the server's setting, read when the server starts. Example: ``10**10``.
+    max_blob_bytes: int | None = None
     #: Serve HTTPS with a self-signed certificate that the job files pin; see
     #: :doc:`security`.
     tls: bool = False
@@ -394,6 +409,15 @@ def _validate(c: Config) -> None:
             f"must be one of {', '.join(repr(m) for m in CONNECT_MODES)}, got {c.connect!r}; "
             "see docs/connecting.rst",
         )
+    _check_text("relay_address", c.relay_address, optional=True)
+    if c.relay_address is not None and (
+        not _LISTEN.match(c.relay_address) or c.relay_address.startswith("-")
+    ):
+        raise _fail("relay_address", f"must be an IPv4 address of the head node, or a host "
+                                     f"name that resolves to one there, got {c.relay_address!r}")
+    _check_number("relay_connections_per_task", c.relay_connections_per_task, minimum=1,
+                  integer=True)
+    _check_number("max_blob_bytes", c.max_blob_bytes, minimum=1, optional=True, integer=True)
     _check_text("localhost", c.localhost)
     if not _HOST.match(c.localhost):
         raise _fail("localhost", f"is not a valid host name or address: {c.localhost!r}")

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 
 __all__ = [
     "ConfigError",
+    "FileTooLargeError",
+    "NotARegularFileError",
     "DeploymentError",
     "HostKeyError",
     "JobError",
@@ -247,3 +249,11 @@ class TaskFailedError(SheepdogError):
 
 class TimeoutError(SheepdogError, builtins.TimeoutError):
     """A wait exceeded its bound."""
+
+
+class NotARegularFileError(OSError):
+    """A path that should be a regular file is a directory, a FIFO, a link or a device."""
+
+
+class FileTooLargeError(OSError):
+    """A file is larger than its reader allows."""

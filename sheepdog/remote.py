@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import socket
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,14 @@ from typing import Any
 
 import paramiko
 
-from .errors import ConfigError, HostKeyError, RemoteCommandError, SSHError
+from .errors import (
+    ConfigError,
+    FileTooLargeError,
+    HostKeyError,
+    NotARegularFileError,
+    RemoteCommandError,
+    SSHError,
+)
 
 __all__ = ["CommandResult", "Login", "Remote", "under_home"]
 
@@ -454,13 +462,25 @@ class Remote:
             return None
         return names
 
-    def read_bytes(self, path: str) -> bytes:
-        """The contents of the file at an absolute ``path``."""
+    def read_bytes(self, path: str, max_bytes: int | None = None) -> bytes:
+        """The contents of the file at an absolute ``path`` (see ``Host.read_bytes``)."""
 
         def read(sftp: paramiko.SFTPClient) -> bytes:
+            if max_bytes is not None:
+                info = sftp.lstat(path)  # a link is not followed
+                if not stat.S_ISREG(info.st_mode or 0):
+                    raise NotARegularFileError(f"{path} is not a regular file")
+                if (info.st_size or 0) > max_bytes:
+                    raise FileTooLargeError(
+                        f"{path} holds {info.st_size} bytes, more than {max_bytes}")
             with sftp.open(path, "rb") as fh:
-                fh.prefetch()
-                return bytes(fh.read())
+                if max_bytes is None:
+                    fh.prefetch()
+                    return bytes(fh.read())
+                data = bytes(fh.read(max_bytes + 1))
+            if len(data) > max_bytes:
+                raise FileTooLargeError(f"{path} holds more than {max_bytes} bytes")
+            return data
 
         data: bytes = self._sftp(f"read {path}", read)
         return data

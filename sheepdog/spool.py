@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .storage import Storage
 
 __all__ = [
+    "MAX_SPOOL_FILE_BYTES",
     "REJECTED_SUFFIX",
     "Collection",
     "SpoolFileError",
@@ -54,6 +55,10 @@ logger = logging.getLogger(__name__)
 
 #: A spool file that failed its check is renamed with this suffix and left for a person.
 REJECTED_SUFFIX = ".rejected"
+#: A spool file's largest size: a header and one result whose value is inline
+#: (``INLINE_MAX_BYTES`` in base64) with its captured output; larger ones are set aside
+#: unread. A large value is a blob file, read up to the size its signed result names.
+MAX_SPOOL_FILE_BYTES = 4 * 1024 * 1024
 
 
 class SpoolFileError(SheepdogError):
@@ -139,9 +144,13 @@ class Collection:
 
 
 def collect_spool(
-    storage: Storage, host: Host, directory: str, request_id: int
+    storage: Storage, host: Host, directory: str, request_id: int, *,
+    max_file_bytes: int = MAX_SPOOL_FILE_BYTES,
 ) -> Collection:
     """Store the results spooled in ``directory``, each once; delete each file once stored.
+
+    A file that is not a regular file, holds more than ``max_file_bytes``, or fails
+    its check is renamed aside and reported; the others are still collected.
 
     A failed command (the head node unreachable) raises: the spool's state is
     unknown, not empty.
@@ -157,15 +166,28 @@ def collect_spool(
             continue  # a file being written, a blob, or one rejected before
         path = f"{directory}/{name}"
         try:
-            index, result, blob = read_spool_file(host.read_bytes(path), secret, request_id)
+            data = host.read_bytes(path, max_bytes=max_file_bytes)
+            index, result, blob = read_spool_file(data, secret, request_id)
             item = _stored_form(result, n_tasks)
-            blob_path = f"{directory}/{blob}" if blob else None
+            # Only a large value's blob file is read, and deleted once stored; the header's
+            # blob field is not signed, so a result without one deletes nothing.
+            blob_path = None
             if "blob" in item:
-                if blob_path is None:
+                blob_path = f"{directory}/{blob}" if blob else None
+                if blob_path is None or blob is None:
                     raise SpoolFileError("its result has a large value but names no blob file")
+                if not (blob.startswith(f"{index}-") and blob.endswith(".blob")):
+                    # Its name is not signed: it may only name a blob of its own task, and it is
+                    # deleted only once its bytes are the value the signed result names.
+                    raise SpoolFileError(f"it names a blob file {blob!r} that is not one of "
+                                         f"task {index}'s (<index>-<random>.blob)")
                 item["value"] = _read_blob(host, blob_path, item.pop("blob"))
-        except SpoolFileError as exc:
-            _reject(host, path, str(exc), done)
+        except (SpoolFileError, OSError, RecursionError) as exc:
+            # One bad file (a directory, a FIFO, a link, too large, nested too deep) is set
+            # aside; the rest are collected.
+            why = str(exc) if isinstance(exc, SpoolFileError) else (
+                f"it cannot be read as a spool file: {type(exc).__name__}: {exc}")
+            _reject(host, path, why, done)
             continue
         accepted, duplicates = storage.complete(request_id, [item])  # committed: durable
         done.stored.extend(accepted)
@@ -185,8 +207,10 @@ def collect_request_spool(
     storage: Storage, config: Config, host: Host, request_id: int
 ) -> Collection:
     """Collect the spool of a request in its config's ``ssh_dir`` (see :func:`collect_spool`)."""
+    # Captured output is JSON in the file: at most 6 bytes per character, two streams.
     return collect_spool(
-        storage, host, spool_directory(storage, config, host, request_id), request_id
+        storage, host, spool_directory(storage, config, host, request_id), request_id,
+        max_file_bytes=MAX_SPOOL_FILE_BYTES + 12 * config.capture_bytes,
     )
 
 
@@ -210,7 +234,7 @@ def _read_blob(host: Host, path: str, ref: tuple[str, int]) -> bytes:
     """The bytes of a spooled large value, checked against the signed result's hash and size."""
     digest, size = ref
     try:
-        data = host.read_bytes(path)
+        data = host.read_bytes(path, max_bytes=size)
     except FileNotFoundError:
         raise SpoolFileError(f"its blob file {path} is missing") from None
     if len(data) != size or hashlib.sha256(data).hexdigest() != digest:

@@ -23,6 +23,7 @@ import logging
 import shlex
 import socket
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,70 +58,186 @@ PROBE_TIMEOUT_S = 5.0
 #: Bytes moved per read in the pipes.
 CHUNK_BYTES = 65536
 
-#: The relay run on the head node as ``python3 -c RELAY_SOURCE BIND PORT TARGET_PORT``.
-#: Python 3.6+, standard library only. It prints ``hostname port`` once it listens, pipes
-#: every connection to 127.0.0.1:TARGET_PORT (the forwarded port), and exits at EOF on
-#: stdin, which comes when sheepdog's SSH channel (or connection) closes.
+#: Connections the relay holds at most before any array task was counted (the doctor's probe).
+RELAY_MIN_CONNECTIONS = 16
+#: A relayed connection that moves no byte either way for this long is closed (workers
+#: reconnect at their next call; the server closes its own idle ones after 30 s).
+RELAY_IDLE_S = 120.0
+
+#: The relay run on the head node as ``python3 -c RELAY_SOURCE BIND PORT TARGET_PORT
+#: MAX_CONNECTIONS IDLE_S``. Python 3.6+, standard library only, one thread: a selector
+#: pipes every connection to 127.0.0.1:TARGET_PORT (the forwarded port). BIND "" means
+#: the first address other than loopback that the head node's name resolves to (where
+#: the execution nodes reach it; "0.0.0.0" only if there is none). It prints
+#: ``hostname port bound-address`` once it listens; beyond MAX_CONNECTIONS, a new
+#: connection closes the one idle longest if that was idle 5 s, else it is closed at
+#: once; connections idle for IDLE_S are closed; a line ``allow N`` on stdin
+#: sets MAX_CONNECTIONS to N. It exits at EOF on stdin, which comes when sheepdog's SSH
+#: channel (or connection) closes.
 RELAY_SOURCE = r'''
-import os, socket, sys, threading
-def pipe(src, dst):
-    try:
-        while True:
-            data = src.recv(65536)
-            if not data:
-                break
-            dst.sendall(data)
-    except OSError:
-        pass
-    try:
-        dst.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-def serve(conn, target):
-    try:
-        up = socket.create_connection(target, timeout=30)
-        up.settimeout(None)
-    except OSError as e:
-        sys.stderr.write("sheepdog relay: cannot reach %s:%d: %s\n" % (target + (e,)))
-        conn.close()
-        return
-    back = threading.Thread(target=pipe, args=(up, conn))
-    back.daemon = True
-    back.start()
-    pipe(conn, up)
-    back.join()
-    conn.close()
-    up.close()
-def accept(listener, target):
-    while True:
-        conn, _ = listener.accept()
-        worker = threading.Thread(target=serve, args=(conn, target))
-        worker.daemon = True
-        worker.start()
+import errno, os, selectors, socket, sys, time
 bind, port, target_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+cap, idle_s = [int(sys.argv[4])], float(sys.argv[5])
+BUFFER = 262144  # bytes held per direction; reading stops beyond it
+EVICT_IDLE_S = 5.0  # when full, a connection idle this long makes room for a new one
+R, W = selectors.EVENT_READ, selectors.EVENT_WRITE
+def where():
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+    except OSError:
+        infos = []
+    for info in infos:
+        if not info[4][0].startswith("127."):
+            return info[4][0]
+    return "0.0.0.0"
+class Side(object):
+    def __init__(self, sock):
+        self.sock, self.out, self.eof, self.shut, self.events = sock, bytearray(), False, False, 0
+class Pair(object):
+    def __init__(self, a, b):
+        self.sides, self.seen, self.closed = (Side(a), Side(b)), time.time(), False
+pairs = set()
+sel = selectors.DefaultSelector()
+def close(pair):
+    pair.closed = True
+    pairs.discard(pair)
+    for side in pair.sides:
+        if side.events:
+            sel.unregister(side.sock)
+        side.sock.close()
+def update(pair):
+    if pair.closed:
+        return
+    a, b = pair.sides
+    for side, peer in ((a, b), (b, a)):
+        if side.eof and not peer.out and not peer.shut:
+            try:
+                peer.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            peer.shut = True
+    if a.eof and b.eof and not a.out and not b.out:
+        close(pair)
+        return
+    for side, peer in ((a, b), (b, a)):
+        events = (R if not side.eof and len(peer.out) < BUFFER else 0) | (W if side.out else 0)
+        if events != side.events:
+            if not side.events:
+                sel.register(side.sock, events, (pair, side, peer))
+            elif not events:
+                sel.unregister(side.sock)
+            else:
+                sel.modify(side.sock, events, (pair, side, peer))
+            side.events = events
+def step(pair, side, peer, events):
+    pair.seen = time.time()
+    try:
+        if events & W:
+            del side.out[:side.sock.send(side.out)]
+        if events & R:
+            data = side.sock.recv(65536)
+            if data:
+                peer.out += data
+            else:
+                side.eof = True
+    except (BlockingIOError, InterruptedError):
+        pass
+def accept(listener):
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return  # e.g. out of file descriptors: the connection waits in the queue
+        if len(pairs) >= cap[0]:
+            # Full: make room by closing the connection idle longest, if it has been idle a
+            # while (a stranger's held connection, or a worker's between calls: it
+            # reconnects); else refuse this one.
+            oldest = min(pairs, key=lambda p: p.seen)
+            if time.time() - oldest.seen < EVICT_IDLE_S:
+                conn.close()
+                continue
+            close(oldest)
+        conn.setblocking(False)
+        up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        up.setblocking(False)
+        err = up.connect_ex(("127.0.0.1", target_port))
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            sys.stderr.write("sheepdog relay: cannot reach 127.0.0.1:%d: %s\n"
+                             % (target_port, os.strerror(err)))
+            conn.close()
+            up.close()
+            continue
+        pair = Pair(conn, up)
+        pairs.add(pair)
+        update(pair)
+address = bind or where()
 listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-listener.bind((bind, port))
+listener.bind((address, port))
 listener.listen(128)
-sys.stdout.write("%s %d\n" % (socket.gethostname(), listener.getsockname()[1]))
+listener.setblocking(False)
+sys.stdout.write("%s %d %s\n" % (socket.gethostname(), listener.getsockname()[1], address))
 sys.stdout.flush()
-thread = threading.Thread(target=accept, args=(listener, ("127.0.0.1", target_port)))
-thread.daemon = True
-thread.start()
-while os.read(0, 65536):
-    pass
-os._exit(0)
+sel.register(listener, R, None)
+sel.register(0, R, "stdin")
+control = b""
+while True:
+    for key, events in sel.select(1.0):
+        if key.data is None:
+            accept(listener)
+        elif key.data == "stdin":
+            data = os.read(0, 65536)
+            if not data:
+                os._exit(0)
+            control += data
+            while b"\n" in control:
+                line, control = control.split(b"\n", 1)
+                words = line.split()
+                if len(words) == 2 and words[0] == b"allow" and words[1].isdigit():
+                    cap[0] = int(words[1])
+        else:
+            pair, side, peer = key.data
+            if pair.closed:
+                continue
+            try:
+                step(pair, side, peer, events)
+            except OSError:
+                close(pair)
+                continue
+            update(pair)
+    now = time.time()
+    for pair in [p for p in pairs if now - p.seen > idle_s]:
+        close(pair)
 '''
 
 
+class _Activity:
+    """When a forwarded connection last moved a byte, either way."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+
+    def idle_s(self) -> float:
+        return time.monotonic() - self.at
+
+
 def _copy(read: Callable[[int], bytes], write: Callable[[bytes], None],
-          done: Callable[[], None]) -> None:
-    """Copy until EOF or an error, then half-close the other side."""
+          done: Callable[[], None], activity: _Activity) -> None:
+    """Copy until EOF, an error, or ``RELAY_IDLE_S`` without a byte either way; then
+    half-close the other side."""
     try:
         while True:
-            data = read(CHUNK_BYTES)
+            try:
+                data = read(CHUNK_BYTES)
+            except socket.timeout:
+                if activity.idle_s() < RELAY_IDLE_S:
+                    continue  # the other direction is busy
+                break
             if not data:
                 break
+            activity.at = time.monotonic()
             write(data)
     except (OSError, EOFError, paramiko.SSHException):
         pass
@@ -134,17 +251,21 @@ def _pipe_channel(channel: paramiko.Channel, target: tuple[str, int]) -> None:
     """Join one forwarded SSH channel to a new TCP connection to the local server."""
     try:
         sock = socket.create_connection(target, timeout=30)
-        sock.settimeout(None)
     except OSError as exc:
         logger.warning("tunnel: cannot reach the local server at %s:%d: %s", *target, exc)
         channel.close()
         return
+    # Reads wake up this often to see whether the connection has gone idle.
+    wake_s = RELAY_IDLE_S / 4
+    sock.settimeout(wake_s)
+    channel.settimeout(wake_s)
+    activity = _Activity()
     back = threading.Thread(
-        target=_copy, args=(sock.recv, channel.sendall, channel.shutdown_write),
+        target=_copy, args=(sock.recv, channel.sendall, channel.shutdown_write, activity),
         name="sheepdog-tunnel-back", daemon=True,
     )
     back.start()
-    _copy(channel.recv, sock.sendall, lambda: sock.shutdown(socket.SHUT_WR))
+    _copy(channel.recv, sock.sendall, lambda: sock.shutdown(socket.SHUT_WR), activity)
     back.join()
     channel.close()
     sock.close()
@@ -158,10 +279,20 @@ class Tunnel:
     again when the SSH connection they ran on has gone.
     """
 
-    def __init__(self, remote: Remote, target: Callable[[], tuple[str, int]]) -> None:
+    def __init__(
+        self, remote: Remote, target: Callable[[], tuple[str, int]], *,
+        relay_address: str | None = None, connections_per_task: int = 4,
+    ) -> None:
         # Weakly: the registry below is keyed weakly by the Remote, which must be free to go.
         self._remote = weakref.ref(remote)
         self.target = target
+        self.relay_address = relay_address
+        self.connections_per_task = connections_per_task
+        #: Array tasks submitted through this tunnel; the relay holds
+        #: ``connections_per_task`` connections for each (at least RELAY_MIN_CONNECTIONS).
+        self.tasks = 0
+        #: Forwarded connections being piped to the server now.
+        self._piped = 0
         self._transport: paramiko.Transport | None = None
         self._relay: paramiko.Channel | None = None
         self._address: tuple[str, int] | None = None
@@ -185,13 +316,47 @@ class Tunnel:
             and not relay.closed and not relay.exit_status_ready()
         )
 
-    def address(self) -> tuple[str, int]:
-        """Where execution nodes reach the relay: (head node's host name, port)."""
+    @property
+    def max_connections(self) -> int:
+        """Connections the relay, and the forward behind it, hold at most at once."""
+        return max(RELAY_MIN_CONNECTIONS, self.connections_per_task * self.tasks)
+
+    def address(self, tasks: int = 0) -> tuple[str, int]:
+        """Where execution nodes reach the relay: (head node's host name, port).
+
+        ``tasks`` array tasks more will call through it: it allows
+        ``connections_per_task`` more connections for each.
+        """
         with self._lock:
+            self.tasks += tasks
             if not self.alive or self._address is None:
                 self._start()
+            elif tasks:
+                assert self._relay is not None
+                try:
+                    self._relay.sendall(f"allow {self.max_connections}\n".encode())
+                except (OSError, EOFError, paramiko.SSHException):
+                    self._start()
             assert self._address is not None
             return self._address
+
+    def _pipe(self, channel: paramiko.Channel) -> None:
+        """Pipe one forwarded connection to the server, unless too many are piped now."""
+        with self._lock:
+            refused = self._piped >= self.max_connections
+            if not refused:
+                self._piped += 1
+        if refused:
+            # Anyone on the head node can connect to the loopback port: bounded as the relay.
+            logger.warning("tunnel: refused a forwarded connection: %d are open, the most "
+                           "allowed (relay_connections_per_task)", self._piped)
+            channel.close()
+            return
+        try:
+            _pipe_channel(channel, self.target())
+        finally:
+            with self._lock:
+                self._piped -= 1
 
     def _start(self) -> None:
         self.close()
@@ -202,7 +367,7 @@ class Tunnel:
 
         def handler(channel: paramiko.Channel, origin: object, server: object) -> None:
             # Called in paramiko's transport thread, which must not block.
-            threading.Thread(target=_pipe_channel, args=(channel, self.target()),
+            threading.Thread(target=self._pipe, args=(channel,),
                              name="sheepdog-tunnel", daemon=True).start()
 
         try:
@@ -218,7 +383,8 @@ class Tunnel:
         self._transport, self._loop_port = transport, loop_port
         self._relay = relay = transport.open_session(timeout=RELAY_START_S)
         command = " ".join(shlex.quote(word) for word in (
-            HEAD_PYTHON, "-c", RELAY_SOURCE, "0.0.0.0", "0", str(loop_port)))
+            HEAD_PYTHON, "-c", RELAY_SOURCE, self.relay_address or "", "0", str(loop_port),
+            str(self.max_connections), f"{RELAY_IDLE_S:g}"))
         relay.settimeout(RELAY_START_S)
         relay.exec_command(command)
         line = b""
@@ -232,7 +398,7 @@ class Tunnel:
             line = b"" if not line.endswith(b"\n") else line
             logger.debug("tunnel: no answer from the relay: %s", exc)
         words = line.decode("utf-8", "replace").split()
-        if len(words) != 2 or not words[1].isdigit():
+        if len(words) != 3 or not words[1].isdigit():
             err = b""
             while relay.recv_stderr_ready():
                 err += relay.recv_stderr(65536)
@@ -245,12 +411,18 @@ class Tunnel:
                 host=self.remote.host,
             )
         relay.settimeout(None)
-        self._address = (words[0], int(words[1]))
+        name, port, bound = words[0], int(words[1]), words[2]
+        self._address = (self.relay_address or name, port)
         logger.info(
-            "tunnel up: the relay on %s listens on %s:%d, forwarded over SSH to the head "
-            "node's 127.0.0.1:%d and on to this machine's server", self.remote.host,
-            words[0], int(words[1]), loop_port,
+            "tunnel up: the relay on %s listens on %s:%d (%s), forwarded over SSH to the "
+            "head node's 127.0.0.1:%d and on to this machine's server", self.remote.host,
+            name, port, bound, loop_port,
         )
+        if bound == "0.0.0.0":
+            logger.warning(
+                "tunnel: %s resolves its own name only to loopback, so the relay listens on "
+                "every interface; set relay_address to the address the execution nodes "
+                "reach it at", self.remote.host)
 
     def close(self) -> None:
         """Stop the relay (its channel closes, it sees EOF) and cancel the forward."""
@@ -269,13 +441,19 @@ _tunnels: weakref.WeakKeyDictionary[Remote, dict[int, Tunnel]] = weakref.WeakKey
 _tunnels_lock = threading.Lock()
 
 
-def tunnel_for(remote: Remote, target: Callable[[], tuple[str, int]], port: int) -> Tunnel:
+def tunnel_for(
+    remote: Remote, target: Callable[[], tuple[str, int]], port: int, *,
+    relay_address: str | None = None, connections_per_task: int = 4,
+) -> Tunnel:
     """The one tunnel on this SSH connection (Remote) to the server on ``port``."""
     with _tunnels_lock:
         by_port = _tunnels.setdefault(remote, {})
         tunnel = by_port.get(port)
         if tunnel is None:
-            tunnel = by_port[port] = Tunnel(remote, target)
+            tunnel = by_port[port] = Tunnel(
+                remote, target, relay_address=relay_address,
+                connections_per_task=connections_per_task,
+            )
         return tunnel
 
 
@@ -395,9 +573,16 @@ def switch_to_tunnel(host: object, server_port: int) -> None:
 
 def worker_address(
     mode: str, host: object, server_port: int, target: Callable[[], tuple[str, int]],
-    direct: tuple[str, int],
+    direct: tuple[str, int], *, relay_address: str | None = None,
+    connections_per_task: int = 4, tasks: int = 0,
 ) -> tuple[str, int]:
-    """Where workers reach the server in ``mode``: ``direct``, or the relay (started if need be)."""
+    """Where workers reach the server in ``mode``: ``direct``, or the relay (started if need be).
+
+    ``tasks`` more array tasks will call through the relay (see :meth:`Tunnel.address`).
+    """
     if mode != "tunnel" or not isinstance(host, Remote):
         return direct
-    return tunnel_for(host, target, server_port).address()
+    return tunnel_for(
+        host, target, server_port, relay_address=relay_address,
+        connections_per_task=connections_per_task,
+    ).address(tasks)

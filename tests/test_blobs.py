@@ -7,6 +7,7 @@ import os
 import pickle
 import ssl
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_server import Api, error_of, lease_body
 
-from sheepdog.blobs import INLINE_MAX_BYTES, BlobStore, make_ref, parse_ref
+from sheepdog.blobs import INLINE_MAX_BYTES, STALE_UPLOAD_S, BlobStore, make_ref, parse_ref
 from sheepdog.client import stub
 from sheepdog.errors import StorageError
 from sheepdog.server import Server, create_app
@@ -324,3 +325,17 @@ def test_the_real_server_refuses_a_tampered_upload_and_keeps_nothing(
     finally:
         conn.close()
     assert db.blobs.read(make_ref(digest, len(data))) == data
+
+
+def test_a_new_server_removes_uploads_a_dead_one_left(tmp_path: Path) -> None:
+    dbfile = tmp_path / "db.sqlite"
+    create_app(dbfile)
+    blob_dir = Path(str(dbfile) + ".blobs")
+    blob_dir.mkdir(exist_ok=True)
+    stale, fresh = blob_dir / ".incoming-dead", blob_dir / ".incoming-live"
+    stale.write_bytes(b"x" * 100)
+    fresh.write_bytes(b"y")
+    hours_ago = time.time() - 2 * STALE_UPLOAD_S
+    os.utime(stale, (hours_ago, hours_ago))
+    create_app(dbfile)
+    assert not stale.exists() and fresh.exists()

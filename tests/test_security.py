@@ -657,3 +657,27 @@ def test_two_databases_sharing_ssh_dir_keep_their_own_job_files(tmp_path: Path) 
         key = job.parent / key_file_name(1, secret)
         assert f"secret_file={str(key)!r}" in job.read_text()
         assert key.read_text() == secret + "\n" != other + "\n"
+
+
+def test_ge_opts_keep_the_output_files_in_ssh_dir(tmp_path: Path) -> None:
+    """With ge_opts set, qsub still gets -wd/-o/-e for ssh_dir: output and result reprs do
+    not go to the scheduler's default place (the home directory, with the user's umask)."""
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
+    home.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "qsub").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$HOME/../argv"\necho 7\n')
+    (bin_dir / "qsub").chmod(0o755)
+    dbfile = str(tmp_path / "db.sqlite")
+    cfg = Config(host="headnode", localhost="127.0.0.1", dbfile=dbfile, ssh_dir="jobs",
+                 ge_opts=["-l h_vmem=2G"])
+    try:
+        with Storage(dbfile) as storage:
+            rid = storage.new_request(b"F", None, [b"x"], settings={"lease_s": 30.0})
+            _submit.submit_request(storage, cfg, rid, LocalShellGridEngine(home, bin_dir),
+                                   n_workers=1)
+    finally:
+        registry.stop(dbfile)
+    argv = (tmp_path / "argv").read_text().split("\n")
+    jobs = str(home / "jobs") + "/"
+    for flag in ("-wd", "-o", "-e"):
+        assert argv[argv.index(flag) + 1] == jobs, argv

@@ -667,3 +667,22 @@ def test_an_unreachable_head_node_under_auto_fails_on_use_and_delete_says_so(
 def test_auto_sizes_arrays_like_the_cluster_schedulers() -> None:
     assert scheduler_class("auto").default_max_workers == Slurm.default_max_workers
     assert _submit.array_size(Config(host="h"), 1000) == 100
+
+
+def test_raw_options_keep_the_output_options_they_do_not_set() -> None:
+    login = FakeLogin({"cd ": ok("9\n")})
+    Slurm(login).submit("/h/job.py", name="job.py", array_size=2, workdir="/h/",
+                        raw_options=("--qos=long", "--output=/x/o.%a"))
+    (command,) = login.commands
+    assert "--chdir=/h/" in command and "--error=/h/job.py.e%A.%a" in command
+    assert "--output" not in command  # the job file's #SBATCH line says where
+
+
+def test_the_output_options_go_with_ge_opts_too() -> None:
+    # With ge_opts set, -wd/-o/-e still go with qsub (the output stays in ssh_dir, 0600 by
+    # the stub's umask there), except the ones that ge_opts set.
+    login = FakeLogin({"cd ": ok("5\n")})
+    GridEngine(login).submit("/h/job.py", name="job.py", array_size=2, workdir="/h/",
+                             raw_options=("-l h_vmem=2G", "-e /elsewhere"))
+    (command,) = login.commands
+    assert "-wd /h/ -o /h/ -N" in command and "-e " not in command

@@ -9,6 +9,7 @@ stop it mid-map for longer than the workers' retry time, and collect.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -344,3 +345,50 @@ def test_attach_from_the_cli_prints_the_results(tmp_path: Path, jobs: LocalJobs)
     )
     assert proc.returncode == 0, proc.stderr
     assert '"result": 25' in proc.stdout and '"result": 36' in proc.stdout
+
+
+def test_bad_files_are_set_aside_and_the_rest_collected(spool: Spool) -> None:
+    spool.write([spool.result(1, 1), spool.result(4, 16)])
+    d = Path(spool.directory)
+    (d / "2-dir.json").mkdir()
+    os.mkfifo(d / "2-fifo.json")
+    (d / "3-zero.json").symlink_to("/dev/zero")
+    (d / "3-deep.json").write_bytes(b"[" * 200_000 + b"\n" + b"]" * 200_000 + b"\n")
+    with open(d / "3-huge.json", "wb") as f:
+        f.truncate(512 * 1024 * 1024)  # sparse: costs no disk
+    done = spool.collect()
+    assert sorted(done.stored) == [1, 4]
+    rejected = {os.path.basename(path): why for path, why in done.rejected}
+    assert set(rejected) == {"2-dir.json", "2-fifo.json", "3-zero.json", "3-deep.json",
+                             "3-huge.json"}
+    assert "not a regular file" in rejected["2-fifo.json"]
+    assert "more than" in rejected["3-huge.json"]
+    assert all(name.endswith(REJECTED_SUFFIX) for name in spool.files())
+    assert sorted(spool.storage.open_task_indices(spool.rid)) == [2, 3]
+
+
+def test_a_blob_name_cannot_point_at_another_spool_file(spool: Spool) -> None:
+    import pickle
+
+    spool.write([spool.result(4, 16)])
+    (victim,) = spool.files()  # collected after the files that name it
+    spool.write([spool.result(3, 9)])
+    payload = pickle.dumps(b"y" * (INLINE_MAX_BYTES + 10))
+    result = spool.result(1, None)
+    del result["value"]
+    result["blob"] = {"sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)}
+    spool.write([result], {1: payload})
+
+    def point_at_victim(prefix: str) -> None:
+        (name,) = [n for n in spool.files() if n.startswith(prefix) and n.endswith(".json")]
+        path = Path(spool.directory, name)
+        head, rest = path.read_bytes().split(b"\n", 1)
+        header = json.loads(head)
+        header["blob"] = victim  # unsigned: anyone who can write there could change it
+        path.write_bytes(json.dumps(header).encode() + b"\n" + rest)
+
+    point_at_victim("1-")  # a large value's blob
+    point_at_victim("3-")  # an inline value: it has no blob to delete
+    done = spool.collect()
+    assert sorted(done.stored) == [3, 4] and "not one of task 1's" in done.rejected[0][1]
+    assert spool.value(4) == 16  # the victim was collected, not deleted unread

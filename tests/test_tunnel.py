@@ -6,6 +6,7 @@ in tests/e2e/test_tunnel_e2e.py, on a cluster whose nodes cannot reach this mach
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from sheepdog import Config
+from sheepdog._poll import poll_until
 from sheepdog.client import stub
 from sheepdog.errors import ConfigError
 from sheepdog.tunnel import PROBE_SOURCE, RELAY_SOURCE, choose_mode
@@ -101,13 +103,13 @@ def echo_server() -> Iterator[int]:
 
 def test_the_relay_pipes_connections_and_exits_at_eof_on_stdin(echo_server: int) -> None:
     with subprocess.Popen(
-        [sys.executable, "-c", RELAY_SOURCE, "127.0.0.1", "0", str(echo_server)],
+        [sys.executable, "-c", RELAY_SOURCE, "127.0.0.1", "0", str(echo_server), "16", "60"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     ) as relay:
         try:
             assert relay.stdout is not None and relay.stdin is not None
-            host, port = relay.stdout.readline().decode().split()
-            assert host == socket.gethostname()
+            host, port, bound = relay.stdout.readline().decode().split()
+            assert host == socket.gethostname() and bound == "127.0.0.1"
             for _ in range(3):  # several connections, each piped both ways
                 with socket.create_connection(("127.0.0.1", int(port)), timeout=10) as conn:
                     conn.sendall(b"x" * 200_000)
@@ -132,3 +134,118 @@ def test_the_relay_and_the_probe_run_on_python_3_6(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=120,
         )
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+class Relay:
+    """The relay's code run here, as on the head node, against a listener that holds
+    every connection it gets and counts them."""
+
+    def __init__(self, bind: str, max_connections: int, idle_s: float) -> None:
+        self.target = socket.create_server(("127.0.0.1", 0), backlog=512)
+        self.upstream: list[socket.socket] = []
+        threading.Thread(target=self._hold, daemon=True).start()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", RELAY_SOURCE, bind, "0",
+             str(self.target.getsockname()[1]), str(max_connections), str(idle_s)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        self.host, port, self.bound = self.proc.stdout.readline().decode().split()
+        self.port = int(port)
+
+    def _hold(self) -> None:
+        while True:
+            try:
+                self.upstream.append(self.target.accept()[0])
+            except OSError:
+                return
+
+    def threads(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/task"))
+
+    def open_files(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def close(self) -> None:
+        self.target.close()
+        for sock in self.upstream:
+            sock.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def closed_by_peer(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether the other end closes ``sock`` within ``timeout_s`` (it sends nothing)."""
+    sock.settimeout(timeout_s)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_the_relay_caps_connections_in_one_thread() -> None:
+    relay = Relay("127.0.0.1", 16, 60)
+    clients = []
+    try:
+        for _ in range(300):
+            clients.append(socket.create_connection(("127.0.0.1", relay.port), timeout=10))
+        # Beyond the cap, connections are closed at once; the first 16 stay, piped.
+        assert all(closed_by_peer(sock, 10) for sock in clients[16:])
+        assert poll_until(lambda: len(relay.upstream) == 16, timeout_s=10), relay.upstream
+        assert relay.threads() == 1
+        print(f"relay with 300 clients: {relay.threads()} thread, "
+              f"{relay.open_files()} open files, {len(relay.upstream)} upstream")
+        assert relay.open_files() < 16 * 2 + 16
+        assert not any(closed_by_peer(sock, 0.1) for sock in clients[:16])
+        # "allow N" on stdin raises the cap.
+        assert relay.proc.stdin is not None
+        relay.proc.stdin.write(b"allow 20\n")
+        relay.proc.stdin.flush()
+        more = [socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+                for _ in range(4)]
+        clients += more
+        assert poll_until(lambda: len(relay.upstream) == 20, timeout_s=10), relay.upstream
+        # Full, with connections idle 5 s: a new one closes the one idle longest.
+        clients[0].sendall(b"x")  # the first is busy now; the second is idle longest
+
+        def admitted() -> bool:
+            clients.append(socket.create_connection(("127.0.0.1", relay.port), timeout=10))
+            return poll_until(lambda: len(relay.upstream) == 21, timeout_s=1)
+
+        assert poll_until(admitted, timeout_s=20, interval_s=1), relay.upstream
+        assert closed_by_peer(clients[1], 10)
+        assert not closed_by_peer(clients[0], 0.1)
+    finally:
+        for sock in clients:
+            sock.close()
+        relay.close()
+
+
+def test_the_relay_closes_idle_connections() -> None:
+    relay = Relay("127.0.0.1", 16, 1.0)
+    try:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as idle:
+            assert closed_by_peer(idle, 10)
+        assert poll_until(lambda: len(relay.upstream) == 1, timeout_s=10)
+        assert closed_by_peer(relay.upstream[0], 10)
+    finally:
+        relay.close()
+
+
+def test_the_relay_listens_where_the_head_nodes_name_resolves() -> None:
+    names = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None,
+                                                       socket.AF_INET)}
+    outside = sorted(a for a in names if not a.startswith("127."))
+    relay = Relay("", 16, 60)
+    try:
+        assert relay.bound != "127.0.0.1"
+        assert relay.bound in outside if outside else relay.bound == "0.0.0.0"
+        assert relay.host == socket.gethostname()
+    finally:
+        relay.close()

@@ -300,8 +300,8 @@ class SpoolingHead(FakeHead):
         self.commands.append(f"list {directory}")
         return LocalHost().list_dir(directory)
 
-    def read_bytes(self, path: str) -> bytes:
-        return LocalHost().read_bytes(path)
+    def read_bytes(self, path: str, max_bytes: int | None = None) -> bytes:
+        return LocalHost().read_bytes(path, max_bytes)
 
     def remove(self, path: str) -> None:
         LocalHost().remove(path)

@@ -101,7 +101,7 @@ class FakeScheduler(Scheduler):
 
     def submit(
         self, job_path: str, *, name: str, array_size: int, workdir: str | None = None,
-        split: bool = False, max_running: int | None = None,
+        split: bool = False, max_running: int | None = None, raw_options: Sequence[str] = (),
     ) -> str:
         job_id = str(self._next_id)
         self._next_id += 1

@@ -114,11 +114,12 @@ class AutoScheduler(Scheduler):
 
     def submit(
         self, job_path: str, *, name: str, array_size: int, workdir: str | None = None,
-        split: bool = False, max_running: int | None = None,
+        split: bool = False, max_running: int | None = None, raw_options: Sequence[str] = (),
     ) -> str:
         """Submit with the found scheduler."""
         return self.found().submit(job_path, name=name, array_size=array_size, workdir=workdir,
-                                   split=split, max_running=max_running)
+                                   split=split, max_running=max_running,
+                                   raw_options=raw_options)
 
     def delete(self, targets: Sequence[str]) -> Deletion:
         """Delete with the found scheduler; if the head node cannot be asked, say so."""

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCHEDULER_NAMES",
+    "option_words",
     "ArrayLimits",
     "CommandResult",
     "Deletion",
@@ -166,8 +167,9 @@ class Host(Protocol):
         """The names in an absolute directory, or None if it does not exist."""
         ...
 
-    def read_bytes(self, path: str) -> bytes:
-        """The contents of a file."""
+    def read_bytes(self, path: str, max_bytes: int | None = None) -> bytes:
+        """The contents of a file; with ``max_bytes``, of a regular file (not a link) of at
+        most that many bytes, else FileTooLargeError or NotARegularFileError."""
         ...
 
     def remove(self, path: str) -> None:
@@ -240,7 +242,7 @@ class Scheduler:
 
     def submit(
         self, job_path: str, *, name: str, array_size: int, workdir: str | None = None,
-        split: bool = False, max_running: int | None = None,
+        split: bool = False, max_running: int | None = None, raw_options: Sequence[str] = (),
     ) -> str:
         """Submit the job file at ``job_path`` (on the host) as an array job; return its id.
 
@@ -249,13 +251,16 @@ class Scheduler:
         already says unless ``split`` (one of several jobs of one request; ``max_running``
         is then the throttle written with the array range, as in :meth:`directives`). With
         ``workdir`` the job runs there and writes its output files there, named
-        ``<name>.o<job id>.<task>`` and ``<name>.e<job id>.<task>``.
+        ``<name>.o<job id>.<task>`` and ``<name>.e<job id>.<task>``, except where the
+        config's ``raw_options`` (its ``#$``/``#SBATCH`` lines) set the working
+        directory or an output file themselves.
         """
         raise NotImplementedError
 
     def delete(self, targets: Sequence[str]) -> Deletion:
         """Delete jobs by id or name; jobs already gone are fine. Never raises."""
         raise NotImplementedError
+
 
     def status(self, job_ids: Sequence[str]) -> dict[str, JobStatus] | None:
         """The listed ones among ``job_ids``; None if the scheduler did not answer (unknown).
@@ -327,3 +332,13 @@ def describe_exit(status: int | None, where: str, stub_reasons: dict[int, str]) 
     if why:
         return f"the worker exited with status {status}{where}: {why}"
     return f"the array task exited with status {status}{where}"
+
+
+def option_words(raw_options: Sequence[str]) -> set[str]:
+    """The options that raw option lines set: ``"-o x"`` and ``"--output=x"`` give -o, --output."""
+    words = set()
+    for line in raw_options:
+        for word in line.split():
+            if word.startswith("-"):
+                words.add(word.split("=", 1)[0])
+    return words

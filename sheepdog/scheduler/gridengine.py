@@ -27,6 +27,7 @@ from .base import (
     Waiting,
     describe_exit,
     format_gb,
+    option_words,
     quote_all,
 )
 from .stubexits import stub_exit_reasons
@@ -388,15 +389,19 @@ class GridEngine(Scheduler):
 
     def submit(
         self, job_path: str, *, name: str, array_size: int, workdir: str | None = None,
-        split: bool = False, max_running: int | None = None,
+        split: bool = False, max_running: int | None = None, raw_options: Sequence[str] = (),
     ) -> str:
         """``qsub -terse`` the job file from its directory; return the Grid Engine job id."""
         directory = job_path.rsplit("/", 1)[0] or "/"
         args: list[str] = []
         if workdir is not None:
             # Quoted on the command line, not in a #$ line: a home directory with spaces
-            # cannot break it.
-            args += ["-wd", workdir, "-o", workdir, "-e", workdir]
+            # cannot break it. qsub's command line wins over the job file's #$ lines, so
+            # what the raw options set is left out.
+            given = option_words(raw_options)
+            for flag, given_as in (("-wd", ("-wd", "-cwd")), ("-o", ("-o",)), ("-e", ("-e",))):
+                if not given.intersection(given_as):
+                    args += [flag, workdir]
         args += ["-N", name]
         if split:
             # qsub's own -t wins over the job file's #$ -t: the last job may be smaller.

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -29,7 +30,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 from .._files import write_whole
 from .._poll import poll_until
-from ..errors import RemoteCommandError, SheepdogError, SSHError
+from ..errors import (
+    FileTooLargeError,
+    NotARegularFileError,
+    RemoteCommandError,
+    SheepdogError,
+    SSHError,
+)
 from ..remote import CommandResult, under_home
 from .base import Deletion, JobStatus, Scheduler, State, Waiting, describe_exit
 from .gridengine import GridEngine
@@ -98,9 +105,23 @@ class LocalHost:
         except FileNotFoundError:
             return None
 
-    def read_bytes(self, path: str) -> bytes:
-        """The contents of the file at ``path``."""
-        return Path(path).read_bytes()
+    def read_bytes(self, path: str, max_bytes: int | None = None) -> bytes:
+        """The contents of the file at ``path`` (see :meth:`Host.read_bytes`)."""
+        if max_bytes is None:
+            return Path(path).read_bytes()
+        # O_NONBLOCK: a FIFO opens without a writer; O_NOFOLLOW: a link is not followed.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise NotARegularFileError(f"{path} is not a regular file")
+            if info.st_size > max_bytes:
+                raise FileTooLargeError(f"{path} holds {info.st_size} bytes, more than "
+                                        f"{max_bytes}")
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise FileTooLargeError(f"{path} holds more than {max_bytes} bytes")
+        return data
 
     def remove(self, path: str) -> None:
         """Delete the file at ``path``; one already gone is fine."""
@@ -208,7 +229,7 @@ class LocalScheduler(Scheduler):
 
     def submit(
         self, job_path: str, *, name: str, array_size: int, workdir: str | None = None,
-        split: bool = False, max_running: int | None = None,
+        split: bool = False, max_running: int | None = None, raw_options: Sequence[str] = (),
     ) -> str:
         """Start ``array_size`` processes running the job file; return the job's id."""
         job_id = _new_job_id()

@@ -34,6 +34,7 @@ from .base import (
     Waiting,
     describe_exit,
     format_gb,
+    option_words,
     quote_all,
 )
 from .stubexits import stub_exit_reasons
@@ -468,7 +469,7 @@ class Slurm(Scheduler):
 
     def submit(
         self, job_path: str, *, name: str, array_size: int, workdir: str | None = None,
-        split: bool = False, max_running: int | None = None,
+        split: bool = False, max_running: int | None = None, raw_options: Sequence[str] = (),
     ) -> str:
         """``sbatch --parsable`` the job file from its directory; return the Slurm job id."""
         directory = job_path.rsplit("/", 1)[0] or "/"
@@ -477,11 +478,16 @@ class Slurm(Scheduler):
             # Grid Engine's names for the output files: <name>.o<job id>.<task>. A % in the
             # path would be one of sbatch's patterns; %% is a plain %.
             where = workdir.rstrip("/").replace("%", "%%") or "/"
-            args += [
-                f"--chdir={workdir}",
-                f"--output={where}/{name}.o%A.%a",
-                f"--error={where}/{name}.e%A.%a",
-            ]
+            # sbatch's command line wins over #SBATCH lines: what the raw options set
+            # is left out.
+            given = option_words(raw_options)
+            for option, given_as in (
+                (f"--chdir={workdir}", ("--chdir", "-D")),
+                (f"--output={where}/{name}.o%A.%a", ("--output", "-o")),
+                (f"--error={where}/{name}.e%A.%a", ("--error", "-e")),
+            ):
+                if not given.intersection(given_as):
+                    args.append(option)
         if split:
             # sbatch's own --array wins over the job file's: the last job may be smaller.
             args.append(f"--array={array_range(array_size, max_running)}")

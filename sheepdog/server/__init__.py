@@ -1,7 +1,7 @@
 """The HTTP server that workers call back to: a Flask app run by gunicorn in a child process.
 
 ``create_app`` builds the WSGI app for docs/protocol.rst. ``Server`` runs it
-under gunicorn (gthread workers) in a child process on a socket that this
+under gunicorn (gevent workers, see :mod:`sheepdog._serve`) in a child process on a socket that this
 process binds first, so a random port has no bind-then-close race.
 ``get_server`` keeps one server per port, as the original did.
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import functools
 import sqlite3
 from pathlib import Path
+from typing import Any, Callable
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from sheepdog.store import Storage
 
-from .calls import EXTENSION, AppState, Connections, answer_for, return_storage
+from .calls import EXTENSION, AppState, Connections, answer_for, return_storage, run_here
 from .hot_path import HotPath
 from .protocol import (
     BODY_BASE_S,
@@ -44,15 +45,20 @@ def create_app(
     synchronous: str = "NORMAL",
     body_base_s: float = BODY_BASE_S,
     max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
+    offload: Callable[[Callable[[], Any]], Any] = run_here,
 ) -> Flask:
     """Build the worker-facing WSGI app on ``dbfile`` (created or migrated now).
 
     A signed call's body must arrive within ``body_base_s`` plus its length at
     ``BODY_MIN_BYTES_PER_S``, or the call gets a 408 and its connection is closed.
     A JSON body may hold ``max_body_bytes``; an uploaded blob ``max_blob_bytes``.
+    ``offload`` runs each SQLite call and fsync (default: where it is called;
+    the gevent worker passes its thread pool, so no connection waits on them).
     """
     dbfile = str(dbfile)
-    Storage(dbfile, synchronous=synchronous).close()
+    with Storage(dbfile, synchronous=synchronous) as db:
+        if db.blobs is not None:
+            db.blobs.remove_stale_uploads()  # left by a server that died mid-upload
     app = Flask("sheepdog.server")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     open_storage = functools.partial(Storage, dbfile, init=False, synchronous=synchronous)
@@ -62,6 +68,7 @@ def create_app(
         max_clock_skew_s=max_clock_skew_s,
         body_base_s=body_base_s,
         connections=Connections(open_storage),
+        offload=offload,
     )
     app.teardown_appcontext(return_storage)
     app.register_blueprint(bp)

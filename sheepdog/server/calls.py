@@ -13,7 +13,7 @@ import logging
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from flask import current_app, g
 
@@ -63,8 +63,10 @@ __all__ = [
     "Connections",
     "answer_for",
     "authenticate",
+    "blocking",
     "carry_out",
     "return_storage",
+    "run_here",
     "state",
     "storage",
     "stored_blob",
@@ -77,6 +79,8 @@ _SIGNATURE_KEY = environ_key(SIGNATURE_HEADER)
 _TIME_KEY = environ_key(TIME_HEADER)
 _NONCE_KEY = environ_key(NONCE_HEADER)
 _BODY_HASH_KEY = environ_key(BODY_HASH_HEADER)
+
+T = TypeVar("T")
 
 #: The key of the app's :class:`AppState` in ``app.extensions``.
 EXTENSION = "sheepdog"
@@ -113,6 +117,11 @@ class Connections:
         self._idle.append(db)
 
 
+def run_here(call: Callable[[], T]) -> T:
+    """Run ``call`` now, in this thread: the offload of an app not under gevent."""
+    return call()
+
+
 @dataclass(frozen=True)
 class AppState:
     """What create_app was given, as the calls read it: limits, timings and the database."""
@@ -122,6 +131,15 @@ class AppState:
     max_clock_skew_s: float
     body_base_s: float
     connections: Connections
+    #: Runs a blocking call (SQLite, fsync) where it holds up no other connection:
+    #: the gevent worker's thread pool (``sheepdog._serve``); by default, right here.
+    offload: Callable[[Callable[[], Any]], Any] = run_here
+
+
+def blocking(call: Callable[[], T]) -> T:
+    """Run ``call`` (SQLite, a file's fsync) through the app's ``offload``; return its result."""
+    result: T = state().offload(call)
+    return result
 
 
 def state() -> AppState:
@@ -134,7 +152,8 @@ def storage() -> Storage:
     """This request's Storage, on ``g``: borrowed on first use, given back at teardown."""
     db: Storage | None = g.get("storage")
     if db is None:
-        db = g.storage = state().connections.borrow()
+        # Opening one runs its pragmas, which may wait on SQLite's lock.
+        db = g.storage = blocking(state().connections.borrow)
     return db
 
 
@@ -212,7 +231,8 @@ def authenticate(
         )
     try:
         # The request row, and the answer recorded for this nonce, in one query.
-        auth = storage().call_auth(request_id, None if method == "GET" else nonce)
+        db = storage()
+        auth = blocking(lambda: db.call_auth(request_id, None if method == "GET" else nonce))
     except UnknownRequestError:
         raise refuse_unread(
             environ, ApiError(404, "unknown_request", f"no request {request_id}")
@@ -254,11 +274,13 @@ def _once(call: _Call, effect: Callable[[sqlite3.Connection], object]) -> _Answe
     def run(conn: sqlite3.Connection) -> bytes:
         return _json_bytes(effect(conn))
 
+    db = storage()
+    max_clock_skew_s = state().max_clock_skew_s
     try:
-        answer, replayed = storage().answer_once(
-            call.request_id, call.nonce, call.stamp, call.signature,
-            state().max_clock_skew_s, run,
-        )
+        # The transaction and its commit (durable before the answer goes) in the pool.
+        answer, replayed = blocking(lambda: db.answer_once(
+            call.request_id, call.nonce, call.stamp, call.signature, max_clock_skew_s, run,
+        ))
     except NonceReusedError:
         raise _nonce_reused(call.request_id, call.nonce) from None
     if replayed:
@@ -377,6 +399,11 @@ def carry_out(environ: Environ, path: str, request_id: int, action: str) -> _Ans
 
 def stored_blob(digest: str, size: int, where: str) -> str:
     """Return the reference of an uploaded blob that is a pickle; 400 if it is not there."""
+    storage()  # borrowed here, for the pool thread to find on g
+    return blocking(lambda: _stored_blob(digest, size, where))
+
+
+def _stored_blob(digest: str, size: int, where: str) -> str:
     try:
         ref = storage().blob_ref(digest, size)
     except StorageError as exc:

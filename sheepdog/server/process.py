@@ -33,6 +33,7 @@ from sheepdog.store import Storage
 
 from .protocol import (
     BODY_BASE_S,
+    DEFAULT_MAX_BLOB_BYTES,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CLOCK_SKEW_S,
 )
@@ -204,6 +205,7 @@ class Server:
         workers: int = 2,
         threads: int = 4,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
         max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
         synchronous: str = "NORMAL",
         body_base_s: float = BODY_BASE_S,
@@ -229,6 +231,7 @@ class Server:
         self.workers = workers
         self.threads = threads
         self.max_body_bytes = max_body_bytes
+        self.max_blob_bytes = max_blob_bytes
         self.max_clock_skew_s = max_clock_skew_s
         self.synchronous = synchronous
         self.body_base_s = body_base_s
@@ -315,6 +318,8 @@ class Server:
             str(self.threads),
             "--max-body-bytes",
             str(self.max_body_bytes),
+            "--max-blob-bytes",
+            str(self.max_blob_bytes),
             "--max-clock-skew-s",
             str(self.max_clock_skew_s),
             "--synchronous",

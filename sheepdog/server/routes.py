@@ -24,7 +24,7 @@ from sheepdog.server.auth import (
 )
 
 from .body import refuse_unread, stream_body
-from .calls import ACTIONS, authenticate, carry_out, state, storage
+from .calls import ACTIONS, _once, authenticate, blocking, carry_out, state, storage
 from .protocol import (
     _BLOB_CHUNK,
     _SETTINGS_SENT,
@@ -66,7 +66,8 @@ def health() -> Response:
 def function(request_id: int) -> Response:
     """Send the request's pickled function and the settings the worker runs with."""
     call = authenticate(request.environ, request.path, request_id)
-    func, _ns = storage().get_function(request_id)
+    db = storage()
+    func, _ns = blocking(lambda: db.get_function(request_id))
     settings = {key: call.auth.settings.get(key) for key in _SETTINGS_SENT}
     settings["inline_max_bytes"] = INLINE_MAX_BYTES  # larger results go as blobs
     payload = {"payload": base64.b64encode(func).decode("ascii"), "settings": settings}
@@ -107,7 +108,7 @@ def put_blob(request_id: int, digest: str) -> Response:
                 400, "bad_digest", f"{reason}; nothing was stored"), f.write,
                 _BLOB_CHUNK, direct=True, body_base_s=state().body_base_s)
             received = time.monotonic()
-            blobs.commit(f, digest)
+            blocking(lambda: blobs.commit(f, digest))  # fsyncs
     except OSError as exc:
         logger.error("cannot store blob %s in %s: %s", digest, blobs.directory, exc)
         response = error_response(
@@ -118,8 +119,9 @@ def put_blob(request_id: int, digest: str) -> Response:
     logger.info("stored blob %s (%d bytes) for request %d: %.3f s to receive, %.3f s to "
                 "make durable", digest, call.length, request_id, received - started,
                 time.monotonic() - received)
-    body = _json_bytes({"sha256": digest, "size": call.length})
-    return flask_response(_signed_answer(call.auth.secret, call.signature, body))
+    # Recorded with its nonce, as every POST: a replay of the upload is answered from the
+    # record without its body being read, and the connection is closed.
+    return flask_response(_once(call, lambda conn: {"sha256": digest, "size": call.length}))
 
 
 @bp.get("/requests/<int:request_id>/tasks/<int:index>/args")
@@ -129,7 +131,8 @@ def task_args(request_id: int, index: int) -> Response:
     n_tasks = call.auth.n_tasks
     if not 1 <= index <= n_tasks:
         raise ApiError(404, "unknown_task", f"this request has tasks 1..{n_tasks}, not {index}")
-    stored = storage().task_args(request_id, index)
+    db = storage()
+    stored = blocking(lambda: db.task_args(request_id, index))
     if not isinstance(stored, str):
         response = Response(bytes(stored), mimetype="application/octet-stream")
         response.headers[SIGNATURE_HEADER] = sign_response(

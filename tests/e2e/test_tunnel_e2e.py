@@ -251,3 +251,86 @@ def test_map_async_through_the_tunnel(walled: dict[str, Any]) -> None:
     assert poll_until(all_in, timeout_s=WAIT_S, interval_s=0.5)
     results = sheepdog.get_results(request_id, cfg["dbfile"], block=False)
     assert [result for _, result in results] == [2, 3, 4]
+
+
+def quarter_second(i: int) -> int:
+    time.sleep(0.25)
+    return i
+
+
+#: Run on an execution node: connections to the relay that never finish a request (issue
+#: 25's stranger), fed one byte a second, for at most HOLD_S; its pid in PID_FILE.
+STRANGER = r'''
+import os, socket, sys, time
+host, port, hold_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+open("/tmp/sheepdog-stranger.pid", "w").write(str(os.getpid()))
+held, slow = [], []
+def connect():
+    try:
+        return socket.create_connection((host, port), timeout=5)
+    except OSError:
+        return None
+for i in range(64):
+    held.append(connect())
+for i in range(24):
+    s = connect()
+    head = "GET /api/v1/health" if i % 2 else "POST /nothing/%d" % i
+    if s is not None:
+        try:
+            s.sendall((head + " HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\n").encode())
+        except OSError:
+            s = None
+    slow.append([s, b"x" * 10000])
+for i in range(12):
+    slow.append([connect(), ("GET /api/v1/health HTTP/1.1\r\nX-Slow: %s\r\n\r\n"
+                             % ("y" * 500)).encode()])
+print(sum(s is not None for s in held + [s for s, _ in slow]), "connected", flush=True)
+end = time.time() + hold_s
+while time.time() < end:
+    time.sleep(1)
+    for item in slow:
+        if item[0] is not None and item[1]:
+            try:
+                item[0].send(item[1][:1])
+                item[1] = item[1][1:]
+            except OSError:
+                item[0] = None
+'''
+
+
+def test_a_map_finishes_through_the_relay_while_strangers_hold_connections(
+    walled: dict[str, Any],
+) -> None:
+    import http.client
+
+    cfg = dict(walled, connect="tunnel", workers=2, timeout_s=WAIT_S)
+    request_id = sheepdog.map_async(quarter_second, list(range(60)), cfg)
+    server = server_for(sheepdog.Config.from_mapping(cfg))
+    assert server.port is not None
+    (relay,) = [t for by_port in tunnel._tunnels.values()
+                for port, t in by_port.items() if port == server.port and t.alive]
+    relay_host, relay_port = relay.address()
+    node = FIREWALLED_NODES["exec1"].get_wrapped_container()
+    node.exec_run(["python3", "-c", STRANGER, relay_host, str(relay_port), "120"],
+                  user="root", detach=True)
+    slowest = [0.0]
+
+    def health_and_results() -> bool:
+        started = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=15)
+        try:
+            conn.request("GET", "/api/v1/health")
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()
+        slowest[0] = max(slowest[0], time.monotonic() - started)
+        assert slowest[0] < 2.0, f"/health took {slowest[0]:.1f} s"
+        with sheepdog.Storage(cfg["dbfile"]) as storage:
+            return storage.count_results(request_id) == 60
+
+    try:
+        assert poll_until(health_and_results, timeout_s=WAIT_S, interval_s=0.5)
+    finally:
+        node.exec_run(["sh", "-c", "kill $(cat /tmp/sheepdog-stranger.pid)"], user="root")
+    results = sheepdog.get_results(request_id, cfg["dbfile"], block=False)
+    assert [result for _, result in results] == list(range(60))

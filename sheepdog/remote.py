@@ -16,16 +16,20 @@ import os
 import re
 import shlex
 import socket
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paramiko
 
 from .errors import ConfigError, HostKeyError, RemoteCommandError, SSHError
+
+if TYPE_CHECKING:
+    from .openssh import OpenSSHRemote
 
 __all__ = ["CommandResult", "Login", "Remote", "under_home"]
 
@@ -98,6 +102,7 @@ class Remote:
         ssh_config: str | None = None,
         timeout_s: float = 30.0,
         preamble: str = "",
+        openssh_persist_s: float | None = None,
     ) -> None:
         if keyfile is not None and not os.path.isfile(os.path.expanduser(keyfile)):
             # Dropping it would leave only "authentication failed" to go on.
@@ -121,6 +126,11 @@ class Remote:
         self._lock = threading.RLock()
         self._closed = False
         self._home: str | None = None
+        #: ssh_client="auto": a host that asks for a code moves this Remote to OpenSSH,
+        #: whose master stays open this long (None: paramiko only).
+        self.openssh_persist_s = openssh_persist_s
+        self._openssh: OpenSSHRemote | None = None
+        self._said_choice = False
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -136,9 +146,24 @@ class Remote:
     ) -> None:
         self.close()
 
+    def openssh(self) -> OpenSSHRemote | None:
+        """The OpenSSH remote that does this one's work, or None while paramiko does it.
+
+        With ssh_client="auto", the first call logs in with paramiko; a host that asks for
+        a second factor (keyboard-interactive) moves the work to OpenSSH, said in one log line.
+        """
+        if self._openssh is None and self.openssh_persist_s is not None:
+            try:
+                self.connect()
+            except _MovedToOpenSSH:
+                pass
+        return self._openssh
+
     def close(self) -> None:
         """Close the SSH connection (and a ProxyJump hop); safe to call twice."""
         with self._lock:
+            if self._openssh is not None:
+                self._openssh.close()
             self._closed = True
             if self._client is not None:
                 self._client.close()
@@ -208,7 +233,7 @@ class Remote:
         params = self._resolve()
         hostname, port, user = params["hostname"], params["port"], params["user"]
         where = f"{user}@{hostname}:{port}"
-        client = paramiko.SSHClient()
+        client = _Client(self._answer_prompts)
         known_hosts = os.path.expanduser(self.known_hosts or "~/.ssh/known_hosts")
         if os.path.exists(known_hosts):
             try:
@@ -240,6 +265,9 @@ class Remote:
                 auth_timeout=self.timeout_s,
                 sock=sock,
             )
+        except SSHError:  # from _answer_prompts: moved to OpenSSH, or no terminal
+            client.close()
+            raise
         except paramiko.BadHostKeyException as exc:
             client.close()
             host_entry = hostname if port == 22 else f"[{hostname}]:{port}"
@@ -286,7 +314,37 @@ class Remote:
         if transport is not None:
             transport.set_keepalive(KEEPALIVE_S)
         logger.debug("connected to %s", where)
+        if self.openssh_persist_s is not None and not self._said_choice:
+            self._said_choice = True
+            logger.info("ssh_client=auto chose paramiko: %s took the key and asked for no "
+                        "second factor, and your ssh config sets no ControlMaster", where)
         return client
+
+    def _answer_prompts(self, transport: paramiko.Transport, username: str) -> None:
+        """The host took our key and asks for more (keyboard-interactive): a second factor.
+
+        ssh_client="auto" moves to OpenSSH; with a terminal the prompts are answered there
+        (once per connection); without one this fails naming ssh_client="openssh".
+        """
+        where = self.target
+        if self.openssh_persist_s is not None:
+            from .openssh import OpenSSHRemote
+
+            self._openssh = OpenSSHRemote(
+                self.host, self.port, self.user, self.keyfile, known_hosts=self.known_hosts,
+                ssh_config=self.ssh_config_path, timeout_s=self.timeout_s,
+                preamble=self.preamble, persist_s=self.openssh_persist_s,
+            )
+            logger.info("ssh_client=auto chose openssh: %s asks for a second factor "
+                        "(keyboard-interactive), which OpenSSH asks once per login", where)
+            raise _MovedToOpenSSH(f"{where} asks for a second factor", host=self.host)
+        if not _has_terminal():
+            raise SSHError(
+                f"{where} asks for a second factor (keyboard-interactive), and this process "
+                "has no terminal to ask you for it; set ssh_client=\"openssh\" in the config "
+                "and log in once with `sheepdog login CONFIG`", host=self.host,
+            )
+        transport.auth_interactive(username, _ask_on_terminal)
 
     def _jump_channel(self, proxyjump: str, hostname: str, port: int) -> paramiko.Channel:
         # ProxyJump may list several hops; we go through the last one, which itself
@@ -322,6 +380,8 @@ class Remote:
 
     def login(self) -> Login:
         """How this connection logged in: who, where, with which keys, and the host's key."""
+        if (other := self.openssh()) is not None:
+            return other.login()
         params = self._resolve()
         client = self.connect()
         transport = client.get_transport()
@@ -348,6 +408,8 @@ class Remote:
         error: type[RemoteCommandError] = RemoteCommandError,
     ) -> CommandResult:
         """Run a shell command on the head node, after the preamble; raise ``error`` if it fails."""
+        if (other := self.openssh()) is not None:
+            return other.run(command, timeout_s=timeout_s, check=check, stdin=stdin, error=error)
         full = self.preamble + command
         logger.debug("running on %s: %s", self.host, command)
         client, channel = self._open_session(command)
@@ -419,6 +481,8 @@ class Remote:
         Each file gets its mode before anything is written to it, and goes over SFTP,
         never on a command line (a key file holds a secret).
         """
+        if (other := self.openssh()) is not None:
+            return other.put(directory, files)
         absdir = self.absolute(directory)
         self.run(f"mkdir -p -m 700 {shlex.quote(absdir)} && chmod 700 {shlex.quote(absdir)}")
         client = self.connect()
@@ -448,6 +512,8 @@ class Remote:
 
     def list_dir(self, directory: str) -> list[str] | None:
         """The names in an absolute ``directory``, or None if it does not exist."""
+        if (other := self.openssh()) is not None:
+            return other.list_dir(directory)
         try:
             names: list[str] = self._sftp(f"list {directory}", lambda s: s.listdir(directory))
         except FileNotFoundError:
@@ -456,6 +522,8 @@ class Remote:
 
     def read_bytes(self, path: str) -> bytes:
         """The contents of the file at an absolute ``path``."""
+        if (other := self.openssh()) is not None:
+            return other.read_bytes(path)
 
         def read(sftp: paramiko.SFTPClient) -> bytes:
             with sftp.open(path, "rb") as fh:
@@ -467,6 +535,8 @@ class Remote:
 
     def remove(self, path: str) -> None:
         """Delete the file at an absolute ``path``; one already gone is fine."""
+        if (other := self.openssh()) is not None:
+            return other.remove(path)
         try:
             self._sftp(f"delete {path}", lambda s: s.remove(path))
         except FileNotFoundError:
@@ -474,7 +544,57 @@ class Remote:
 
     def rename(self, source: str, target: str) -> None:
         """Rename a file (absolute paths, one file system)."""
+        if (other := self.openssh()) is not None:
+            return other.rename(source, target)
         self._sftp(f"rename {source}", lambda s: s.posix_rename(source, target))
+
+
+class _MovedToOpenSSH(SSHError):
+    """ssh_client="auto" found that the host asks for a code: OpenSSH takes over."""
+
+
+class _Client(paramiko.SSHClient):
+    """paramiko's client, with a say in what happens when a host asks for a second factor.
+
+    paramiko answers keyboard-interactive after a key by reading stdin unprompted; ``answer``
+    (given the transport and user name) does it instead.
+    """
+
+    def __init__(self, answer: Callable[[paramiko.Transport, str], None]) -> None:
+        super().__init__()
+        self._answer = answer
+
+    def _auth(self, username: str, *args: Any, **kwargs: Any) -> None:
+        transport: paramiko.Transport | None = getattr(self, "_transport", None)
+        if transport is not None:
+            answer = self._answer
+
+            def interactive(user: str, handler: Any = None, submethods: str = "") -> list[str]:
+                answer(transport, user)
+                return []
+
+            transport.auth_interactive_dumb = interactive  # type: ignore[method-assign,assignment]
+        super()._auth(username, *args, **kwargs)  # type: ignore[misc]
+
+
+def _has_terminal() -> bool:
+    """Whether prompts can be answered on a terminal (stdin is one)."""
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (ValueError, OSError):
+        return False
+
+
+def _ask_on_terminal(title: str, instructions: str, prompts: Any) -> list[str]:
+    """Answer a keyboard-interactive round on the terminal; hidden unless echo is asked."""
+    import getpass
+
+    if title or instructions:
+        print("\n".join(x for x in (title, instructions) if x), file=sys.stderr)
+    answers = []
+    for prompt, echo in prompts:
+        answers.append(input(prompt) if echo else getpass.getpass(prompt))
+    return answers
 
 
 def _local_user() -> str:

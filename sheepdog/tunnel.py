@@ -4,7 +4,9 @@ For ``connect="tunnel"`` (and ``"auto"`` when it picks it; docs/connecting.rst):
 
 - a remote port forward (paramiko's ``request_port_forward``) puts the server on
   a loopback port of the head node; each connection made there comes back as an
-  SSH channel, which :func:`_pipe_channel` joins to a socket on the local server;
+  SSH channel, which :func:`_pipe_channel` joins to a socket on the local server
+  (with ``ssh_client="openssh"``, ``ssh -O forward -R 0:...`` on the master
+  connection does it, and says which port it got);
 - a relay, :data:`RELAY_SOURCE` (standard library only), which sheepdog starts on
   the head node over the same connection, listens where execution nodes reach
   the head node and pipes each connection to that loopback port. It exits when
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import shlex
 import socket
+import subprocess
 import threading
 import weakref
 from collections.abc import Callable
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 import paramiko
 
 from .errors import SSHError
+from .openssh import OpenSSHRemote, stop
 from .remote import Remote
 
 __all__ = [
@@ -164,6 +168,9 @@ class Tunnel:
         self.target = target
         self._transport: paramiko.Transport | None = None
         self._relay: paramiko.Channel | None = None
+        # Over OpenSSH: the relay's ssh process, and the forward's port and target.
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._forward: tuple[OpenSSHRemote, int, tuple[str, int]] | None = None
         self._address: tuple[str, int] | None = None
         self._loop_port = 0
         self._lock = threading.Lock()
@@ -179,6 +186,9 @@ class Tunnel:
     @property
     def alive(self) -> bool:
         """Whether the forward's connection and the relay's channel are both still open."""
+        if self._proc is not None:
+            # Its ssh exits when the relay does, or when the master connection closes.
+            return self._proc.poll() is None
         transport, relay = self._transport, self._relay
         return bool(
             transport is not None and transport.is_active() and relay is not None
@@ -195,6 +205,10 @@ class Tunnel:
 
     def _start(self) -> None:
         self.close()
+        openssh = self.remote.openssh()
+        if openssh is not None:
+            self._start_openssh(openssh)
+            return
         transport = self.remote.connect().get_transport()
         if transport is None or not transport.is_active():
             raise SSHError("the SSH connection closed before the tunnel started",
@@ -245,6 +259,30 @@ class Tunnel:
                 host=self.remote.host,
             )
         relay.settimeout(None)
+        self._started(words, loop_port)
+
+    def _start_openssh(self, openssh: OpenSSHRemote) -> None:
+        """The same over OpenSSH: a forward on the master, the relay through it."""
+        target = self.target()
+        loop_port = openssh.forward(target)
+        self._forward = (openssh, loop_port, target)
+        command = " ".join(shlex.quote(word) for word in (
+            HEAD_PYTHON, "-c", RELAY_SOURCE, "0.0.0.0", "0", str(loop_port)))
+        self._proc, line = openssh.start(command, RELAY_START_S)
+        words = line.decode("utf-8", "replace").split()
+        if len(words) != 2 or not words[1].isdigit():
+            proc, self._proc = self._proc, None
+            err = stop(proc)
+            self.close()
+            raise SSHError(
+                f"the tunnel's relay did not start on {self.remote.host} within "
+                f"{RELAY_START_S:g} s: it printed {line!r}, stderr "
+                f"{err.decode('utf-8', 'replace')[-2000:]!r}; it needs {HEAD_PYTHON} "
+                "on the head node's PATH", host=self.remote.host,
+            )
+        self._started(words, loop_port)
+
+    def _started(self, words: list[str], loop_port: int) -> None:
         self._address = (words[0], int(words[1]))
         logger.info(
             "tunnel up: the relay on %s listens on %s:%d, forwarded over SSH to the head "
@@ -255,6 +293,11 @@ class Tunnel:
     def close(self) -> None:
         """Stop the relay (its channel closes, it sees EOF) and cancel the forward."""
         relay, transport, self._relay, self._transport = self._relay, self._transport, None, None
+        proc, forward, self._proc, self._forward = self._proc, self._forward, None, None
+        if proc is not None:
+            stop(proc)
+        if forward is not None:
+            forward[0].cancel_forward(forward[1], forward[2])
         if relay is not None:
             relay.close()
         if transport is not None and transport.is_active():

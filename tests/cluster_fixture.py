@@ -610,6 +610,9 @@ def _container_cluster(
             # Firewalled: where no node can reach, this machine's loopback.
             "listen_address": "127.0.0.1" if firewalled else _gateway_of(login),
             "shell": "/usr/bin/python3",
+            # SHEEPDOG_TEST_SSH_CLIENT=openssh runs a suite through OpenSSH's master connection.
+            **({"ssh_client": os.environ["SHEEPDOG_TEST_SSH_CLIENT"]}
+               if os.environ.get("SHEEPDOG_TEST_SSH_CLIENT") else {}),
             **extra,
         }
         wait_until_usable(cluster)

@@ -21,7 +21,6 @@ import os
 import select
 import shlex
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RemoteCommandError, SSHError
-from .remote import KEEPALIVE_S, CommandResult, Login, Remote
+from .remote import KEEPALIVE_S, CommandResult, Login, Remote, has_terminal
 
 __all__ = [
     "LOGIN_HINT",
@@ -87,10 +86,7 @@ def can_prompt() -> bool:
         "force", "prefer",
     ):
         return True
-    try:
-        return sys.stdin is not None and sys.stdin.isatty()
-    except (ValueError, OSError):  # a closed or odd stdin (a notebook's) is no terminal
-        return False
+    return has_terminal()
 
 
 def ssh_settings(
@@ -181,6 +177,9 @@ class OpenSSHRemote(Remote):
         self.persist_s = persist_s
         self._settings = settings
         self._master_known = False
+        #: A login that failed here is not tried again by this object (no second prompt
+        #: for a code already refused); a new Remote tries again.
+        self._refused: SSHError | None = None
         self._relays: list[subprocess.Popen[bytes]] = []
 
     # --- the master ----------------------------------------------------------------
@@ -274,12 +273,18 @@ class OpenSSHRemote(Remote):
             self._master_known = True
             return state
         prompt = can_prompt() if interactive is None else interactive
+        if self._refused is not None:
+            raise self._refused
+        args = self._base(batch=not prompt)
+        if prompt and not has_terminal():
+            # An askpass program gives the same answer if asked again.
+            args += ["-o", "NumberOfPasswordPrompts=1"]
         with tempfile.TemporaryFile() as err:
             # -f: into the background once logged in; its output goes to a file, as a
             # pipe would be held open by the master for hours.
             try:
                 done = subprocess.run(
-                    [*self._base(batch=not prompt), "-M", "-N", "-f", "--", self.host],
+                    [*args, "-M", "-N", "-f", "--", self.host],
                     stdin=None if prompt else subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=err, timeout=LOGIN_TIMEOUT_S, check=False,
                 )
@@ -289,7 +294,10 @@ class OpenSSHRemote(Remote):
             err.seek(0)
             said = err.read().decode("utf-8", "replace").strip()
         if done.returncode != 0:
-            raise self._login_error(said, prompt)
+            error = self._login_error(said, prompt)
+            if prompt:
+                self._refused = error
+            raise error
         with _reported_lock:
             _reported.discard(self.control_path)
         self._touch()
@@ -311,6 +319,12 @@ class OpenSSHRemote(Remote):
                 f"the SSH login to {where} needs a code or a password, and this process "
                 f"cannot ask for one (no terminal): {LOGIN_HINT} in a terminal, then run "
                 f"this again ({said[-200:]})", host=self.host,
+            )
+        if "Permission denied" in said and "keyboard-interactive" in said:
+            return SSHError(
+                f"the SSH login to {where} was refused at the code: a wrong or expired code "
+                f"({said[-200:]}); nothing was submitted. Run `sheepdog login CONFIG` and "
+                "type the current code", host=self.host,
             )
         return SSHError(f"the SSH login to {where} failed: {said[-500:] or 'no reason given'}",
                         host=self.host)

@@ -31,7 +31,7 @@ from .errors import ConfigError, HostKeyError, RemoteCommandError, SSHError
 if TYPE_CHECKING:
     from .openssh import OpenSSHRemote
 
-__all__ = ["CommandResult", "Login", "Remote", "under_home"]
+__all__ = ["CommandResult", "Login", "Remote", "has_terminal", "under_home"]
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ class Remote:
             logger.info("ssh_client=auto chose openssh: %s asks for a second factor "
                         "(keyboard-interactive), which OpenSSH asks once per login", where)
             raise _MovedToOpenSSH(f"{where} asks for a second factor", host=self.host)
-        if not _has_terminal():
+        if not has_terminal():
             raise SSHError(
                 f"{where} asks for a second factor (keyboard-interactive), and this process "
                 "has no terminal to ask you for it; set ssh_client=\"openssh\" in the config "
@@ -577,7 +577,7 @@ class _Client(paramiko.SSHClient):
         super()._auth(username, *args, **kwargs)  # type: ignore[misc]
 
 
-def _has_terminal() -> bool:
+def has_terminal() -> bool:
     """Whether prompts can be answered on a terminal (stdin is one)."""
     try:
         return sys.stdin is not None and sys.stdin.isatty()

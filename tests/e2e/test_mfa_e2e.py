@@ -166,6 +166,9 @@ def test_one_code_for_login_map_attach_tunnel_doctor_and_ten_thousand_tasks(
     # doctor, in a new process.
     doctor = mfa.sheepdog("doctor", str(config_file))
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    said = " ".join(doctor.stdout.split())
+    assert "client openssh (ssh_client='auto'), master connection" in said, said
+    assert "closes after" in said and "asks for a second factor" in said, said
     # 10,000 tiny tasks.
     n = 10_000
     assert sheepdog.map(tiny, range(n), dict(conf, workers=4), verbose=False) == \

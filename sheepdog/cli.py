@@ -517,12 +517,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def _openssh_of(path: str) -> tuple[Config, Any]:
     """The config at ``path`` and its OpenSSH remote, or None where paramiko does the work."""
+    from .openssh import openssh_of
     from .scheduler import Scheduler, open_remote
 
     config = as_config(path)
     remote = open_remote(config, Scheduler)
     try:
-        return config, remote.openssh()
+        return config, openssh_of(remote)
     except SheepdogError:
         remote.close()
         raise

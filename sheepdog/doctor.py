@@ -43,7 +43,7 @@ from ._submit import server_for, worker_address
 from .config import Config, ConfigLike, as_config
 from .errors import SheepdogError
 from .job_file import JOB_FILE_MODE, job_head
-from .openssh import OpenSSHRemote
+from .openssh import OpenSSHRemote, openssh_of, takes_over
 from .remote import Login, Remote
 from .scheduler import Scheduler, open_remote, open_scheduler
 from .scheduler.auto import offered
@@ -183,7 +183,8 @@ def asks_for_code(config: Config, remote: Remote) -> str:
     if isinstance(probe, OpenSSHRemote):  # the ssh config asks for a master: ask paramiko
         probe = Remote(config.host, config.ssh_port, config.ssh_user, config.ssh_keyfile,
                        known_hosts=config.known_hosts, ssh_config=config.ssh_config,
-                       timeout_s=config.ssh_timeout_s, openssh_persist_s=config.ssh_persist_s)
+                       timeout_s=config.ssh_timeout_s,
+                       on_code=takes_over(config.ssh_persist_s))
     try:
         moved = probe.openssh() is not None
     except SheepdogError as exc:
@@ -321,7 +322,7 @@ class _Doctor:
     def client_said(self, remote: Remote) -> str:
         """Which SSH client logged in, its master connection and time left, and whether
         the host asks for a second factor."""
-        openssh = remote.openssh()
+        openssh = openssh_of(remote)
         chosen = f"ssh_client={self.config.ssh_client!r}"
         if openssh is None:
             return (f"client paramiko ({chosen}); the host asked for no second factor "

@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,9 @@ __all__ = [
     "can_prompt",
     "config_wants_master",
     "control_dir",
+    "openssh_of",
     "ssh_settings",
+    "takes_over",
 ]
 
 logger = logging.getLogger(__name__)
@@ -138,6 +140,27 @@ def config_wants_master(settings: dict[str, list[str]]) -> str | None:
     if path != "none":
         return f"your ssh config sets ControlPath {path} for the host"
     return None
+
+
+def openssh_of(remote: Remote) -> OpenSSHRemote | None:
+    """The OpenSSH remote doing ``remote``'s work (itself, or the one ``ssh_client="auto"``
+    moved to), or None while paramiko does it."""
+    found = remote.openssh()
+    return found if isinstance(found, OpenSSHRemote) else None
+
+
+def takes_over(persist_s: float) -> Callable[[Remote], Remote]:
+    """For ``ssh_client="auto"``: what makes the OpenSSH remote that takes a paramiko
+    Remote's work over when its host asks for a code."""
+
+    def make(remote: Remote) -> Remote:
+        return OpenSSHRemote(
+            remote.host, remote.port, remote.user, remote.keyfile,
+            known_hosts=remote.known_hosts, ssh_config=remote.ssh_config_path,
+            timeout_s=remote.timeout_s, preamble=remote.preamble, persist_s=persist_s,
+        )
+
+    return make
 
 
 @dataclass(frozen=True)

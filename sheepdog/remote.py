@@ -22,14 +22,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import paramiko
 
 from .errors import ConfigError, HostKeyError, RemoteCommandError, SSHError
-
-if TYPE_CHECKING:
-    from .openssh import OpenSSHRemote
 
 __all__ = ["CommandResult", "Login", "Remote", "has_terminal", "under_home"]
 
@@ -102,7 +99,7 @@ class Remote:
         ssh_config: str | None = None,
         timeout_s: float = 30.0,
         preamble: str = "",
-        openssh_persist_s: float | None = None,
+        on_code: Callable[[Remote], Remote] | None = None,
     ) -> None:
         if keyfile is not None and not os.path.isfile(os.path.expanduser(keyfile)):
             # Dropping it would leave only "authentication failed" to go on.
@@ -126,10 +123,10 @@ class Remote:
         self._lock = threading.RLock()
         self._closed = False
         self._home: str | None = None
-        #: ssh_client="auto": a host that asks for a code moves this Remote to OpenSSH,
-        #: whose master stays open this long (None: paramiko only).
-        self.openssh_persist_s = openssh_persist_s
-        self._openssh: OpenSSHRemote | None = None
+        #: ssh_client="auto": given this Remote when the host asks for a code, it returns
+        #: the (OpenSSH) Remote that takes its work over (None: paramiko only).
+        self.on_code = on_code
+        self._openssh: Remote | None = None
         self._said_choice = False
 
     # --- lifecycle ---------------------------------------------------------------
@@ -146,13 +143,13 @@ class Remote:
     ) -> None:
         self.close()
 
-    def openssh(self) -> OpenSSHRemote | None:
+    def openssh(self) -> Remote | None:
         """The OpenSSH remote that does this one's work, or None while paramiko does it.
 
         With ssh_client="auto", the first call logs in with paramiko; a host that asks for
         a second factor (keyboard-interactive) moves the work to OpenSSH, said in one log line.
         """
-        if self._openssh is None and self.openssh_persist_s is not None:
+        if self._openssh is None and self.on_code is not None:
             try:
                 self.connect()
             except _MovedToOpenSSH:
@@ -314,7 +311,7 @@ class Remote:
         if transport is not None:
             transport.set_keepalive(KEEPALIVE_S)
         logger.debug("connected to %s", where)
-        if self.openssh_persist_s is not None and not self._said_choice:
+        if self.on_code is not None and not self._said_choice:
             self._said_choice = True
             logger.info("ssh_client=auto chose paramiko: %s took the key and asked for no "
                         "second factor, and your ssh config sets no ControlMaster", where)
@@ -327,14 +324,8 @@ class Remote:
         (once per connection); without one this fails naming ssh_client="openssh".
         """
         where = self.target
-        if self.openssh_persist_s is not None:
-            from .openssh import OpenSSHRemote
-
-            self._openssh = OpenSSHRemote(
-                self.host, self.port, self.user, self.keyfile, known_hosts=self.known_hosts,
-                ssh_config=self.ssh_config_path, timeout_s=self.timeout_s,
-                preamble=self.preamble, persist_s=self.openssh_persist_s,
-            )
+        if self.on_code is not None:
+            self._openssh = self.on_code(self)
             logger.info("ssh_client=auto chose openssh: %s asks for a second factor "
                         "(keyboard-interactive), which OpenSSH asks once per login", where)
             raise _MovedToOpenSSH(f"{where} asks for a second factor", host=self.host)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import paramiko
 
 from .errors import SSHError
-from .openssh import OpenSSHRemote, stop
+from .openssh import OpenSSHRemote, openssh_of, stop
 from .remote import Remote
 
 __all__ = [
@@ -205,7 +205,7 @@ class Tunnel:
 
     def _start(self) -> None:
         self.close()
-        openssh = self.remote.openssh()
+        openssh = openssh_of(self.remote)
         if openssh is not None:
             self._start_openssh(openssh)
             return

@@ -29,6 +29,7 @@ from sheepdog.openssh import (
     config_wants_master,
     control_dir,
     ssh_settings,
+    takes_over,
 )
 from sheepdog.remote import Remote
 from sheepdog.scheduler import Scheduler, open_remote
@@ -93,7 +94,7 @@ def test_auto_otherwise_starts_with_paramiko_ready_to_move(tmp_path: Path) -> No
     cfg = _ssh_config(tmp_path, "Host cluster\n  Port 2222\n")
     remote = open_remote(Config(host="cluster", ssh_config=cfg), Scheduler)
     assert not isinstance(remote, OpenSSHRemote)
-    assert remote.openssh_persist_s == 4 * 3600
+    assert remote.on_code is not None
 
 
 def test_paramiko_and_openssh_are_taken_as_asked(tmp_path: Path) -> None:
@@ -121,7 +122,7 @@ def test_auto_moves_to_openssh_when_the_host_asks_for_a_code(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
-    remote = Remote("headnode", 22, "sheep", openssh_persist_s=600)
+    remote = Remote("headnode", 22, "sheep", on_code=takes_over(600))
     with pytest.raises(SSHError):
         remote._answer_prompts(None, "sheep")  # type: ignore[arg-type]
     assert isinstance(remote._openssh, OpenSSHRemote) and remote._openssh.persist_s == 600

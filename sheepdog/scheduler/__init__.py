@@ -71,7 +71,7 @@ def open_remote(config: Config, scheduler: type[Scheduler] = GridEngine) -> Remo
     master for the host (said in one log line), else paramiko, which hands over to OpenSSH
     when the host asks for a second factor.
     """
-    from ..openssh import OpenSSHRemote, config_wants_master, ssh_settings
+    from ..openssh import OpenSSHRemote, config_wants_master, ssh_settings, takes_over
 
     args = (config.host, config.ssh_port, config.ssh_user, config.ssh_keyfile)
     options: dict[str, Any] = {
@@ -88,7 +88,7 @@ def open_remote(config: Config, scheduler: type[Scheduler] = GridEngine) -> Remo
         logger.info("ssh_client=auto chose openssh: %s", why)
         return OpenSSHRemote(*args, **options, persist_s=config.ssh_persist_s,
                              settings=settings)
-    return Remote(*args, **options, openssh_persist_s=config.ssh_persist_s)
+    return Remote(*args, **options, on_code=takes_over(config.ssh_persist_s))
 
 
 def _ssh_settings_or_none(config: Config, ssh_settings: Any) -> dict[str, list[str]] | None:

@@ -38,7 +38,7 @@ import sheepdog
 from sheepdog import Config
 from sheepdog._poll import poll_until
 from sheepdog.errors import SSHError
-from sheepdog.openssh import LOGIN_HINT, OpenSSHRemote
+from sheepdog.openssh import LOGIN_HINT, OpenSSHRemote, openssh_of
 from sheepdog.scheduler import Scheduler, open_remote
 from sheepdog.storage import Storage
 
@@ -72,7 +72,7 @@ class Mfa:
         )
 
     def remote(self) -> OpenSSHRemote:
-        remote = open_remote(Config.from_mapping(self.cluster), Scheduler).openssh()
+        remote = openssh_of(open_remote(Config.from_mapping(self.cluster), Scheduler))
         assert remote is not None
         return remote
 
@@ -231,3 +231,57 @@ def test_master_killed_mid_map_loses_nothing_and_finishes_after_login(
     said_once = [r for r in caplog.records if r.name == "sheepdog.openssh"]
     assert len(said_once) == 1, [r.getMessage() for r in said_once]
     assert mfa.prompts() == prompts + 1
+
+
+PARAMIKO_IN_A_TERMINAL = r"""
+import json, sys
+from sheepdog import Config
+from sheepdog.scheduler import Scheduler, open_remote
+config = Config.from_mapping(dict(json.load(open(sys.argv[1])), ssh_client="paramiko"))
+first = open_remote(config, Scheduler)
+print("said", first.run("echo one").stdout.strip(), first.run("echo two").stdout.strip())
+first.close()
+second = open_remote(config, Scheduler)
+print("said", second.run("echo three").stdout.strip())
+second.close()
+print("done")
+"""
+
+
+def test_paramiko_in_a_terminal_is_asked_once_per_connection(mfa: Mfa, tmp_path: Path) -> None:
+    import pty
+    import select
+
+    sys.path.insert(0, str(ASKPASS.parent))
+    from askpass_totp import totp
+
+    secret = Path(mfa.env["SHEEPDOG_TEST_TOTP_SECRET_FILE"]).read_text().strip()
+    env = {k: v for k, v in mfa.env.items() if not k.startswith("SSH_ASKPASS")}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a process whose terminal is the pty
+        os.execvpe(sys.executable, [sys.executable, "-c", PARAMIKO_IN_A_TERMINAL,
+                                    str(mfa.config_file)], env)
+    seen, prompts = b"", 0
+    deadline = time.monotonic() + 120
+    try:
+        while b"done" not in seen and time.monotonic() < deadline:
+            if not select.select([fd], [], [], 1.0)[0]:
+                continue
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child exited and closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+            if seen.count(b"Verification code:") > prompts:
+                prompts += 1
+                os.write(fd, totp(secret).encode() + b"\n")
+    finally:
+        if b"done" not in seen:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(fd)
+    text = seen.decode(errors="replace")
+    assert "said one two" in text and "said three" in text and "done" in text, text
+    assert prompts == 2, f"{prompts} prompts for two connections: {text}"

@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RemoteCommandError, SSHError
-from .remote import KEEPALIVE_S, CommandResult, Login, Remote, has_terminal
+from .remote import (
+    KEEPALIVE_S,
+    CommandResult,
+    Login,
+    Remote,
+    changed_host_key,
+    has_terminal,
+    unknown_host_key,
+)
 
 __all__ = [
     "LOGIN_HINT",
@@ -219,9 +227,12 @@ class OpenSSHRemote(Remote):
         return self.settings().get("controlpath", ["none"])[0] != "none"
 
     def _key(self) -> str:
+        # A master is shared only by configs that log in the same way: another known_hosts,
+        # key or ssh config gets a master of its own (and its own host key check).
         params = self._resolve()
-        where = f"{params['user']}@{params['hostname']}:{params['port']}"
-        return hashlib.sha256(where.encode("utf-8")).hexdigest()[:20]
+        login = [params["user"], params["hostname"], str(params["port"]),
+                 self.known_hosts or "", self.keyfile or "", self.ssh_config_path or ""]
+        return hashlib.sha256("\0".join(login).encode("utf-8")).hexdigest()[:20]
 
     @property
     def control_path(self) -> str:
@@ -329,14 +340,12 @@ class OpenSSHRemote(Remote):
 
     def _login_error(self, said: str, prompted: bool) -> SSHError:
         where = self.target
-        if "Host key verification failed" in said or "REMOTE HOST IDENTIFICATION" in said:
-            from .errors import HostKeyError
-
-            return HostKeyError(
-                f"OpenSSH refused the host key of {where} ({said[-300:]}); sheepdog never "
-                "accepts unknown keys: connect once with ssh and check the fingerprint, or "
-                "set known_hosts in the config", host=self.host,
-            )
+        params = self._resolve()
+        known = os.path.expanduser(self.known_hosts or "~/.ssh/known_hosts")
+        if "REMOTE HOST IDENTIFICATION HAS CHANGED" in said:
+            return changed_host_key(params["hostname"], params["port"], known)
+        if "Host key verification failed" in said:
+            return unknown_host_key(params["hostname"], params["port"], params["user"], known)
         if not prompted and "Permission denied" in said:
             return SSHError(
                 f"the SSH login to {where} needs a code or a password, and this process "

@@ -267,15 +267,7 @@ class Remote:
             raise
         except paramiko.BadHostKeyException as exc:
             client.close()
-            host_entry = hostname if port == 22 else f"[{hostname}]:{port}"
-            raise HostKeyError(
-                f"the host key of {hostname}:{port} does NOT match the one in {known_hosts}. "
-                "Either the head node was reinstalled or someone is intercepting the "
-                "connection. Check with your administrators; if the new key is genuine, remove "
-                f"the old one with `ssh-keygen -f {shlex.quote(known_hosts)} -R "
-                f"{shlex.quote(host_entry)}` and connect once with ssh to accept the new one.",
-                host=hostname,
-            ) from exc
+            raise changed_host_key(hostname, port, known_hosts) from exc
         except paramiko.AuthenticationException as exc:
             client.close()
             tried = ", ".join(key_filenames or []) or "the ssh-agent and ~/.ssh/id_*"
@@ -288,16 +280,7 @@ class Remote:
         except paramiko.SSHException as exc:
             client.close()
             if "not found in known_hosts" in str(exc):
-                host_entry = hostname if port == 22 else f"[{hostname}]:{port}"
-                raise HostKeyError(
-                    f"the host key of {hostname}:{port} is not in {known_hosts}, and sheepdog "
-                    "never accepts unknown keys. Connect once with "
-                    f"`ssh -p {port} {user}@{hostname}` and check the fingerprint, or add it "
-                    f"with `ssh-keyscan -p {port} {shlex.quote(hostname)} >> "
-                    f"{shlex.quote(known_hosts)}` (entry {host_entry}); or set known_hosts in "
-                    "the config.",
-                    host=hostname,
-                ) from exc
+                raise unknown_host_key(hostname, port, user, known_hosts) from exc
             raise SSHError(f"SSH connection to {where} failed: {exc}", host=hostname) from exc
         except (OSError, EOFError) as exc:
             client.close()
@@ -538,6 +521,33 @@ class Remote:
         if (other := self.openssh()) is not None:
             return other.rename(source, target)
         self._sftp(f"rename {source}", lambda s: s.posix_rename(source, target))
+
+
+def changed_host_key(hostname: str, port: int, known_hosts: str) -> HostKeyError:
+    """The error for a host key that does not match known_hosts, with what to do."""
+    host_entry = hostname if port == 22 else f"[{hostname}]:{port}"
+    return HostKeyError(
+        f"the host key of {hostname}:{port} does NOT match the one in {known_hosts}. "
+        "Either the head node was reinstalled or someone is intercepting the "
+        "connection. Check with your administrators; if the new key is genuine, remove "
+        f"the old one with `ssh-keygen -f {shlex.quote(known_hosts)} -R "
+        f"{shlex.quote(host_entry)}` and connect once with ssh to accept the new one.",
+        host=hostname,
+    )
+
+
+def unknown_host_key(hostname: str, port: int, user: str, known_hosts: str) -> HostKeyError:
+    """The error for a host key not in known_hosts (never accepted), with what to do."""
+    host_entry = hostname if port == 22 else f"[{hostname}]:{port}"
+    return HostKeyError(
+        f"the host key of {hostname}:{port} is not in {known_hosts}, and sheepdog "
+        "never accepts unknown keys. Connect once with "
+        f"`ssh -p {port} {user}@{hostname}` and check the fingerprint, or add it "
+        f"with `ssh-keyscan -p {port} {shlex.quote(hostname)} >> "
+        f"{shlex.quote(known_hosts)}` (entry {host_entry}); or set known_hosts in "
+        "the config.",
+        host=hostname,
+    )
 
 
 class _MovedToOpenSSH(SSHError):

@@ -3,7 +3,7 @@
 The "head node" is this machine: a session runs its command with ``sh -c``. The
 master connection is the file ``$FAKE_SSH_MASTER``: ``-O check`` and ``-O exit`` look at
 it, ``-M -N -f`` makes it, unless ``$FAKE_SSH_REFUSE`` exists (the server refused the
-code, or asks for one in BatchMode). A session without a master in BatchMode is refused
+code, or asks for one in BatchMode), or when ``known_hosts`` is a file named ``empty``. A session without a master in BatchMode is refused
 too, as an MFA host would. Every command line is appended to ``$FAKE_SSH_LOG`` as JSON.
 """
 
@@ -35,6 +35,10 @@ if "-O" in args:
         print(4242)
     sys.exit(0)
 if "-M" in args:
+    if any(a.startswith("UserKnownHostsFile=") and a.endswith("empty") for a in args):
+        sys.stderr.write("No ED25519 host key is known for [headnode]:2222 and you have "
+                         "requested strict checking.\r\nHost key verification failed.\r\n")
+        sys.exit(255)
     if refuse:
         sys.stderr.write(DENIED)
         sys.exit(255)

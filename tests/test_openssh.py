@@ -288,3 +288,18 @@ def test_login_and_logout_commands(
     config.write_text(json.dumps({"host": "headnode", "ssh_client": "paramiko"}))
     assert main(["login", str(config)]) == 0
     assert "keeps no login open" in " ".join(capsys.readouterr().out.split())
+
+
+def test_an_unknown_host_key_is_refused_with_the_fix_and_gets_a_master_of_its_own(
+    fake: dict[str, Path], tmp_path: Path,
+) -> None:
+    fake["master"].touch()  # a master opened with another known_hosts
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text("")
+    trusted = OpenSSHRemote("headnode", 2222, "sheep", ssh_config=str(cfg), persist_s=60)
+    empty = OpenSSHRemote("headnode", 2222, "sheep", ssh_config=str(cfg), persist_s=60,
+                          known_hosts=str(tmp_path / "empty"))
+    assert trusted.control_path != empty.control_path
+    fake["master"].unlink()
+    with pytest.raises(SSHError, match="not in .*empty.*ssh-keyscan -p 2222 headnode"):
+        empty.run("true")

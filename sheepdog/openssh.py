@@ -208,8 +208,8 @@ class OpenSSHRemote(Remote):
         self.persist_s = persist_s
         self._settings = settings
         self._master_known = False
-        #: A login that failed here is not tried again by this object (no second prompt
-        #: for a code already refused); a new Remote tries again.
+        #: A login through an askpass program that failed here is not tried again by this
+        #: object (it would give the refused code again); a new Remote tries again.
         self._refused: SSHError | None = None
         self._relays: list[subprocess.Popen[bytes]] = []
 
@@ -329,7 +329,9 @@ class OpenSSHRemote(Remote):
             said = err.read().decode("utf-8", "replace").strip()
         if done.returncode != 0:
             error = self._login_error(said, prompt)
-            if prompt:
+            if prompt and not has_terminal():
+                # An askpass program would give the refused answer again; a person at a
+                # terminal gets asked again at the next call.
                 self._refused = error
             raise error
         with _reported_lock:

@@ -308,9 +308,10 @@ class Remote:
         """
         where = self.target
         if self.on_code is not None:
-            self._openssh = self.on_code(self)
-            logger.info("ssh_client=auto chose openssh: %s asks for a second factor "
-                        "(keyboard-interactive), which OpenSSH asks once per login", where)
+            if self._openssh is None:
+                self._openssh = self.on_code(self)
+                logger.info("ssh_client=auto chose openssh: %s asks for a second factor "
+                            "(keyboard-interactive), which OpenSSH asks once per login", where)
             raise _MovedToOpenSSH(f"{where} asks for a second factor", host=self.host)
         if not has_terminal():
             raise SSHError(

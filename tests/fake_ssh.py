@@ -1,10 +1,11 @@
 """A stand-in for OpenSSH's ``ssh`` in unit tests (tests/test_openssh.py); no network.
 
 The "head node" is this machine: a session runs its command with ``sh -c``. The
-master connection is the file ``$FAKE_SSH_MASTER``: ``-O check`` and ``-O exit`` look at
-it, ``-M -N -f`` makes it, unless ``$FAKE_SSH_REFUSE`` exists (the server refused the
-code, or asks for one in BatchMode), or when ``known_hosts`` is a file named ``empty``. A session without a master in BatchMode is refused
-too, as an MFA host would. Every command line is appended to ``$FAKE_SSH_LOG`` as JSON.
+master connection is the file ``$FAKE_SSH_MASTER``: ``-O check`` and ``-O exit`` look
+at it, ``-M -N -f`` makes it, unless ``$FAKE_SSH_REFUSE`` exists (the server refused
+the code, or asks for one in BatchMode) or ``known_hosts`` is a file named ``empty``
+(the host key is unknown). A session without a master in BatchMode is refused too, as
+an MFA host would. Every command line is appended to ``$FAKE_SSH_LOG`` as JSON.
 """
 
 import json

@@ -568,6 +568,50 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _openssh_of(path: str) -> tuple[Config, Any]:
+    """The config at ``path`` and its OpenSSH remote, or None where paramiko does the work."""
+    from .openssh import openssh_of
+    from .scheduler import Scheduler, open_remote
+
+    config = as_config(path)
+    remote = open_remote(config, Scheduler)
+    try:
+        return config, openssh_of(remote)
+    except SheepdogError:
+        remote.close()
+        raise
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    config, openssh = _openssh_of(args.config)
+    if openssh is None:
+        print(textwrap.fill(
+            f"{config.host} took your key and asked for no code, so sheepdog logs in with "
+            f"paramiko (ssh_client={config.ssh_client!r}) and keeps no login open; set "
+            "ssh_client='openssh' to share one master connection", COLUMNS))
+        return 0
+    master = openssh.login_master(interactive=True)
+    until = time.strftime("%H:%M", time.localtime(time.time() + (master.left_s or 0)))
+    print(textwrap.fill(
+        f"logged in to {openssh.target}: the master connection is open until {until} if "
+        f"unused, and stays open {config.ssh_persist_s / 3600:g} h after its last use; "
+        f"socket {master.path}", COLUMNS, break_on_hyphens=False))
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    config, openssh = _openssh_of(args.config)
+    if openssh is None:
+        print(textwrap.fill(f"{config.host}: sheepdog uses paramiko there, which keeps no "
+                            "login open", COLUMNS))
+        return 0
+    if openssh.logout():
+        print(textwrap.fill(f"closed the master connection to {openssh.target}", COLUMNS))
+    else:
+        print(textwrap.fill(f"no master connection to {openssh.target} was open", COLUMNS))
+    return 0
+
+
 # --- the parser -------------------------------------------------------------------------
 
 
@@ -789,6 +833,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_doctor, dbfile=None)
 
     p = _command(
+        sub, "login", "log in once: open the SSH master connection every process shares",
+        "Open the OpenSSH master connection to the config's head node (ssh_client\n"
+        "'openssh', or 'auto' on a host that asks for a code), asking for a code or\n"
+        "a push in this terminal (or through SSH_ASKPASS), and say until when it\n"
+        "lasts. Every sheepdog process then uses it without asking: map, attach,\n"
+        "serve, doctor. See the docs page 'Clusters that ask for a code'.",
+        ["sheepdog login cluster.json"],
+    )
+    p.add_argument("config", metavar="CONFIG", help="JSON config file naming the head node")
+    p.set_defaults(run=cmd_login, dbfile=None)
+
+    p = _command(
+        sub, "logout", "close the SSH master connection that `sheepdog login` opened",
+        "Close the OpenSSH master connection to the config's head node; the next\n"
+        "process that needs it asks for a code again (or fails, without a terminal).",
+        ["sheepdog logout cluster.json"],
+    )
+    p.add_argument("config", metavar="CONFIG", help="JSON config file naming the head node")
+    p.set_defaults(run=cmd_logout, dbfile=None)
+
+    p = _command(
         sub, "worker-stub", "print the worker stub that goes into job files",
         "Print the worker stub: the standard-library-only Python program that every\n"
         "job file carries and that each array task runs. It is the same file\n"
@@ -834,7 +899,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    if args.dbfile is None and args.run not in (cmd_worker_stub, cmd_jobfile, cmd_doctor):
+    if args.dbfile is None and args.run not in (cmd_worker_stub, cmd_jobfile, cmd_doctor,
+                                                cmd_login, cmd_logout):
         args.dbfile = os.environ.get(DBFILE_ENV) or None
     args.dbfile_given = args.dbfile is not None
     if args.dbfile is None:

@@ -48,6 +48,8 @@ DEFAULT_GE_OPTS = ("-wd $HOME/.sheepdog/", "-o $HOME/.sheepdog/", "-e $HOME/.she
 
 #: The values of the ``connect`` key: how workers reach the server (docs/connecting.rst).
 CONNECT_MODES = ("direct", "tunnel", "auto")
+#: The values of the ``ssh_client`` key: which SSH client reaches the head node (docs/mfa.rst).
+SSH_CLIENTS = ("paramiko", "openssh", "auto")
 
 
 def _default_user() -> str:
@@ -145,6 +147,15 @@ class Config:
     ssh_config: str | None = None
     #: Bound on connecting and authenticating, in seconds.
     ssh_timeout_s: float = 30.0
+    #: The SSH client: ``"paramiko"`` (built in), ``"openssh"`` (the system's ``ssh``,
+    #: through one master connection shared by every sheepdog process, so a second
+    #: factor is typed once; see :doc:`mfa`), or ``"auto"``: OpenSSH when your ssh
+    #: config sets ControlMaster or ControlPath for the host, or the host asks for a
+    #: code (keyboard-interactive); else paramiko.
+    ssh_client: str = "auto"
+    #: How long the OpenSSH master connection stays open after its last use
+    #: (``ControlPersist``), in seconds: a code is asked at most once in that time.
+    ssh_persist_s: float = 4 * 3600.0
     #: How the workers reach this machine's server (:doc:`connecting`):
     #: ``"direct"`` at ``localhost``:``port``; ``"tunnel"`` through sheepdog's
     #: own SSH connection and a relay on the head node; ``"auto"`` tries
@@ -452,6 +463,13 @@ def _validate(c: Config) -> None:
         for i, opt in enumerate(c.ge_opts):
             check_raw_option("ge_opts", i, opt, GridEngine)
     _check_number("ssh_timeout_s", c.ssh_timeout_s, minimum=0.1)
+    if c.ssh_client not in SSH_CLIENTS:
+        raise _fail(
+            "ssh_client",
+            f"must be one of {', '.join(repr(m) for m in SSH_CLIENTS)}, got {c.ssh_client!r}; "
+            "see docs/mfa.rst",
+        )
+    _check_number("ssh_persist_s", c.ssh_persist_s, minimum=1)
     _check_number("workers", c.workers, minimum=1, optional=True, integer=True)
     _check_number("batch", c.batch, minimum=1, optional=True, integer=True)
     _check_number("max_running", c.max_running, minimum=1, optional=True, integer=True)

@@ -4,6 +4,8 @@
 found and, where it is a problem, what to do (docs/cli.rst):
 
 1. **SSH login**: which user, host, port and keys, and the host key it accepted;
+   which client (``ssh_client``), its master connection and how long that has left,
+   and whether the host asks for a second factor;
 2. **scheduler**: that a non-interactive login finds ``qsub`` or ``sbatch``, and
    which one ``scheduler="auto"`` uses;
 3. **probe job**: a one-task array job, with the config's options and prologue,
@@ -46,6 +48,7 @@ from .client import stub
 from .config import Config, ConfigLike, as_config
 from .errors import ConfigError, SheepdogError
 from .job_file import JOB_FILE_MODE, job_head
+from .openssh import OpenSSHRemote, openssh_of, takes_over
 from .remote import Login, Remote
 from .scheduler import Scheduler, open_remote, open_scheduler
 from .scheduler.auto import offered
@@ -173,6 +176,31 @@ def render_check(check: Check) -> str:
         lines += textwrap.wrap(check.fix, COLUMNS, initial_indent=indent + "fix: ",
                                subsequent_indent=indent + "     ", break_on_hyphens=False)
     return "\n".join(lines)
+
+
+def asks_for_code(config: Config, remote: Remote) -> str:
+    """Whether the host asks for a second factor after the key, as a clause.
+
+    Known when ssh_client="auto" moved to OpenSSH for that reason; otherwise paramiko
+    logs in with the key to see what the host asks next (no code is typed).
+    """
+    if not isinstance(remote, OpenSSHRemote):
+        return "the host asks for a second factor (keyboard-interactive) after the key"
+    probe = open_remote(config.replace(ssh_client="auto"), Scheduler)
+    if isinstance(probe, OpenSSHRemote):  # the ssh config asks for a master: ask paramiko
+        probe = Remote(config.host, config.ssh_port, config.ssh_user, config.ssh_keyfile,
+                       known_hosts=config.known_hosts, ssh_config=config.ssh_config,
+                       timeout_s=config.ssh_timeout_s,
+                       on_code=takes_over(config.ssh_persist_s))
+    try:
+        moved = probe.openssh() is not None
+    except SheepdogError as exc:
+        return f"could not tell whether the host asks for a second factor ({exc})"
+    finally:
+        probe.close()
+    if moved:
+        return "the host asks for a second factor (keyboard-interactive) after the key"
+    return "the host asks for no second factor after the key"
 
 
 def probe_job_file(
@@ -326,8 +354,26 @@ class _Doctor:
         keys = ", ".join(login.keys) or "the ssh-agent and ~/.ssh/id_*"
         self.add("SSH login", OK,
                  f"{login.user}@{login.host}:{login.port} with {keys}; host key "
-                 f"{login.host_key} (checked against {login.known_hosts})")
+                 f"{login.host_key} (checked against {login.known_hosts}); "
+                 f"{self.client_said(remote)}")
         return login
+
+    def client_said(self, remote: Remote) -> str:
+        """Which SSH client logged in, its master connection and time left, and whether
+        the host asks for a second factor."""
+        openssh = openssh_of(remote)
+        chosen = f"ssh_client={self.config.ssh_client!r}"
+        if openssh is None:
+            return (f"client paramiko ({chosen}); the host asked for no second factor "
+                    "after the key")
+        master = openssh.master()
+        state = "not open"
+        if master.running:
+            left = "" if master.left_s is None else \
+                f", closes after {master.left_s / 3600:.1f} h unused"
+            state = f"open{left}"
+        return (f"client openssh ({chosen}), master connection {master.path} ({state}); "
+                f"{asks_for_code(self.config, remote)}")
 
     def check_scheduler(self, remote: Remote, user: str) -> type[Scheduler] | None:
         cfg = self.config

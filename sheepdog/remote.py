@@ -17,6 +17,7 @@ import re
 import shlex
 import socket
 import stat
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from .errors import (
     SSHError,
 )
 
-__all__ = ["CommandResult", "Login", "Remote", "under_home"]
+__all__ = ["CommandResult", "Login", "Remote", "has_terminal", "under_home"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class Remote:
         ssh_config: str | None = None,
         timeout_s: float = 30.0,
         preamble: str = "",
+        on_code: Callable[[Remote], Remote] | None = None,
     ) -> None:
         if keyfile is not None and not os.path.isfile(os.path.expanduser(keyfile)):
             # Dropping it would leave only "authentication failed" to go on.
@@ -129,6 +131,11 @@ class Remote:
         self._lock = threading.RLock()
         self._closed = False
         self._home: str | None = None
+        #: ssh_client="auto": given this Remote when the host asks for a code, it returns
+        #: the (OpenSSH) Remote that takes its work over (None: paramiko only).
+        self.on_code = on_code
+        self._openssh: Remote | None = None
+        self._said_choice = False
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -144,9 +151,24 @@ class Remote:
     ) -> None:
         self.close()
 
+    def openssh(self) -> Remote | None:
+        """The OpenSSH remote that does this one's work, or None while paramiko does it.
+
+        With ssh_client="auto", the first call logs in with paramiko; a host that asks for
+        a second factor (keyboard-interactive) moves the work to OpenSSH, said in one log line.
+        """
+        if self._openssh is None and self.on_code is not None:
+            try:
+                self.connect()
+            except _MovedToOpenSSH:
+                pass
+        return self._openssh
+
     def close(self) -> None:
         """Close the SSH connection (and a ProxyJump hop); safe to call twice."""
         with self._lock:
+            if self._openssh is not None:
+                self._openssh.close()
             self._closed = True
             if self._client is not None:
                 self._client.close()
@@ -216,7 +238,7 @@ class Remote:
         params = self._resolve()
         hostname, port, user = params["hostname"], params["port"], params["user"]
         where = f"{user}@{hostname}:{port}"
-        client = paramiko.SSHClient()
+        client = _Client(self._answer_prompts)
         known_hosts = os.path.expanduser(self.known_hosts or "~/.ssh/known_hosts")
         if os.path.exists(known_hosts):
             try:
@@ -248,17 +270,12 @@ class Remote:
                 auth_timeout=self.timeout_s,
                 sock=sock,
             )
+        except SSHError:  # from _answer_prompts: moved to OpenSSH, or no terminal
+            client.close()
+            raise
         except paramiko.BadHostKeyException as exc:
             client.close()
-            host_entry = hostname if port == 22 else f"[{hostname}]:{port}"
-            raise HostKeyError(
-                f"the host key of {hostname}:{port} does NOT match the one in {known_hosts}. "
-                "Either the head node was reinstalled or someone is intercepting the "
-                "connection. Check with your administrators; if the new key is genuine, remove "
-                f"the old one with `ssh-keygen -f {shlex.quote(known_hosts)} -R "
-                f"{shlex.quote(host_entry)}` and connect once with ssh to accept the new one.",
-                host=hostname,
-            ) from exc
+            raise changed_host_key(hostname, port, known_hosts) from exc
         except paramiko.AuthenticationException as exc:
             client.close()
             tried = ", ".join(key_filenames or []) or "the ssh-agent and ~/.ssh/id_*"
@@ -271,16 +288,7 @@ class Remote:
         except paramiko.SSHException as exc:
             client.close()
             if "not found in known_hosts" in str(exc):
-                host_entry = hostname if port == 22 else f"[{hostname}]:{port}"
-                raise HostKeyError(
-                    f"the host key of {hostname}:{port} is not in {known_hosts}, and sheepdog "
-                    "never accepts unknown keys. Connect once with "
-                    f"`ssh -p {port} {user}@{hostname}` and check the fingerprint, or add it "
-                    f"with `ssh-keyscan -p {port} {shlex.quote(hostname)} >> "
-                    f"{shlex.quote(known_hosts)}` (entry {host_entry}); or set known_hosts in "
-                    "the config.",
-                    host=hostname,
-                ) from exc
+                raise unknown_host_key(hostname, port, user, known_hosts) from exc
             raise SSHError(f"SSH connection to {where} failed: {exc}", host=hostname) from exc
         except (OSError, EOFError) as exc:
             client.close()
@@ -294,7 +302,32 @@ class Remote:
         if transport is not None:
             transport.set_keepalive(KEEPALIVE_S)
         logger.debug("connected to %s", where)
+        if self.on_code is not None and not self._said_choice:
+            self._said_choice = True
+            logger.info("ssh_client=auto chose paramiko: %s took the key and asked for no "
+                        "second factor, and your ssh config sets no ControlMaster", where)
         return client
+
+    def _answer_prompts(self, transport: paramiko.Transport, username: str) -> None:
+        """The host took our key and asks for more (keyboard-interactive): a second factor.
+
+        ssh_client="auto" moves to OpenSSH; with a terminal the prompts are answered there
+        (once per connection); without one this fails naming ssh_client="openssh".
+        """
+        where = self.target
+        if self.on_code is not None:
+            if self._openssh is None:
+                self._openssh = self.on_code(self)
+                logger.info("ssh_client=auto chose openssh: %s asks for a second factor "
+                            "(keyboard-interactive), which OpenSSH asks once per login", where)
+            raise _MovedToOpenSSH(f"{where} asks for a second factor", host=self.host)
+        if not has_terminal():
+            raise SSHError(
+                f"{where} asks for a second factor (keyboard-interactive), and this process "
+                "has no terminal to ask you for it; set ssh_client=\"openssh\" in the config "
+                "and log in once with `sheepdog login CONFIG`", host=self.host,
+            )
+        transport.auth_interactive(username, _ask_on_terminal)
 
     def _jump_channel(self, proxyjump: str, hostname: str, port: int) -> paramiko.Channel:
         # ProxyJump may list several hops; we go through the last one, which itself
@@ -330,6 +363,8 @@ class Remote:
 
     def login(self) -> Login:
         """How this connection logged in: who, where, with which keys, and the host's key."""
+        if (other := self.openssh()) is not None:
+            return other.login()
         params = self._resolve()
         client = self.connect()
         transport = client.get_transport()
@@ -356,6 +391,8 @@ class Remote:
         error: type[RemoteCommandError] = RemoteCommandError,
     ) -> CommandResult:
         """Run a shell command on the head node, after the preamble; raise ``error`` if it fails."""
+        if (other := self.openssh()) is not None:
+            return other.run(command, timeout_s=timeout_s, check=check, stdin=stdin, error=error)
         full = self.preamble + command
         logger.debug("running on %s: %s", self.host, command)
         client, channel = self._open_session(command)
@@ -427,6 +464,8 @@ class Remote:
         Each file gets its mode before anything is written to it, and goes over SFTP,
         never on a command line (a key file holds a secret).
         """
+        if (other := self.openssh()) is not None:
+            return other.put(directory, files)
         absdir = self.absolute(directory)
         self.run(f"mkdir -p -m 700 {shlex.quote(absdir)} && chmod 700 {shlex.quote(absdir)}")
         client = self.connect()
@@ -456,6 +495,8 @@ class Remote:
 
     def list_dir(self, directory: str) -> list[str] | None:
         """The names in an absolute ``directory``, or None if it does not exist."""
+        if (other := self.openssh()) is not None:
+            return other.list_dir(directory)
         try:
             names: list[str] = self._sftp(f"list {directory}", lambda s: s.listdir(directory))
         except FileNotFoundError:
@@ -464,6 +505,8 @@ class Remote:
 
     def read_bytes(self, path: str, max_bytes: int | None = None) -> bytes:
         """The contents of the file at an absolute ``path`` (see ``Host.read_bytes``)."""
+        if (other := self.openssh()) is not None:
+            return other.read_bytes(path, max_bytes)
 
         def read(sftp: paramiko.SFTPClient) -> bytes:
             if max_bytes is not None:
@@ -487,6 +530,8 @@ class Remote:
 
     def remove(self, path: str) -> None:
         """Delete the file at an absolute ``path``; one already gone is fine."""
+        if (other := self.openssh()) is not None:
+            return other.remove(path)
         try:
             self._sftp(f"delete {path}", lambda s: s.remove(path))
         except FileNotFoundError:
@@ -494,7 +539,84 @@ class Remote:
 
     def rename(self, source: str, target: str) -> None:
         """Rename a file (absolute paths, one file system)."""
+        if (other := self.openssh()) is not None:
+            return other.rename(source, target)
         self._sftp(f"rename {source}", lambda s: s.posix_rename(source, target))
+
+
+def changed_host_key(hostname: str, port: int, known_hosts: str) -> HostKeyError:
+    """The error for a host key that does not match known_hosts, with what to do."""
+    host_entry = hostname if port == 22 else f"[{hostname}]:{port}"
+    return HostKeyError(
+        f"the host key of {hostname}:{port} does NOT match the one in {known_hosts}. "
+        "Either the head node was reinstalled or someone is intercepting the "
+        "connection. Check with your administrators; if the new key is genuine, remove "
+        f"the old one with `ssh-keygen -f {shlex.quote(known_hosts)} -R "
+        f"{shlex.quote(host_entry)}` and connect once with ssh to accept the new one.",
+        host=hostname,
+    )
+
+
+def unknown_host_key(hostname: str, port: int, user: str, known_hosts: str) -> HostKeyError:
+    """The error for a host key not in known_hosts (never accepted), with what to do."""
+    host_entry = hostname if port == 22 else f"[{hostname}]:{port}"
+    return HostKeyError(
+        f"the host key of {hostname}:{port} is not in {known_hosts}, and sheepdog "
+        "never accepts unknown keys. Connect once with "
+        f"`ssh -p {port} {user}@{hostname}` and check the fingerprint, or add it "
+        f"with `ssh-keyscan -p {port} {shlex.quote(hostname)} >> "
+        f"{shlex.quote(known_hosts)}` (entry {host_entry}); or set known_hosts in "
+        "the config.",
+        host=hostname,
+    )
+
+
+class _MovedToOpenSSH(SSHError):
+    """ssh_client="auto" found that the host asks for a code: OpenSSH takes over."""
+
+
+class _Client(paramiko.SSHClient):
+    """paramiko's client, with a say in what happens when a host asks for a second factor.
+
+    paramiko answers keyboard-interactive after a key by reading stdin unprompted; ``answer``
+    (given the transport and user name) does it instead.
+    """
+
+    def __init__(self, answer: Callable[[paramiko.Transport, str], None]) -> None:
+        super().__init__()
+        self._answer = answer
+
+    def _auth(self, username: str, *args: Any, **kwargs: Any) -> None:
+        transport: paramiko.Transport | None = getattr(self, "_transport", None)
+        if transport is not None:
+            answer = self._answer
+
+            def interactive(user: str, handler: Any = None, submethods: str = "") -> list[str]:
+                answer(transport, user)
+                return []
+
+            transport.auth_interactive_dumb = interactive  # type: ignore[method-assign,assignment]
+        super()._auth(username, *args, **kwargs)  # type: ignore[misc]
+
+
+def has_terminal() -> bool:
+    """Whether prompts can be answered on a terminal (stdin is one)."""
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (ValueError, OSError):
+        return False
+
+
+def _ask_on_terminal(title: str, instructions: str, prompts: Any) -> list[str]:
+    """Answer a keyboard-interactive round on the terminal; hidden unless echo is asked."""
+    import getpass
+
+    if title or instructions:
+        print("\n".join(x for x in (title, instructions) if x), file=sys.stderr)
+    answers = []
+    for prompt, echo in prompts:
+        answers.append(input(prompt) if echo else getpass.getpass(prompt))
+    return answers
 
 
 def _local_user() -> str:

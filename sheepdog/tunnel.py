@@ -4,7 +4,9 @@ For ``connect="tunnel"`` (and ``"auto"`` when it picks it; docs/connecting.rst):
 
 - a remote port forward (paramiko's ``request_port_forward``) puts the server on
   a loopback port of the head node; each connection made there comes back as an
-  SSH channel, which :func:`_pipe_channel` joins to a socket on the local server;
+  SSH channel, which :func:`_pipe_channel` joins to a socket on the local server
+  (with ``ssh_client="openssh"``, ``ssh -O forward -R 0:...`` on the master
+  connection does it, and says which port it got);
 - a relay, :data:`RELAY_SOURCE` (standard library only), which sheepdog starts on
   the head node over the same connection, listens where execution nodes reach
   the head node and pipes each connection to that loopback port. It exits when
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import shlex
 import socket
+import subprocess
 import threading
 import time
 import weakref
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 import paramiko
 
 from .errors import SSHError
+from .openssh import OpenSSHRemote, openssh_of, stop
 from .remote import Remote
 
 __all__ = [
@@ -271,6 +275,12 @@ def _pipe_channel(channel: paramiko.Channel, target: tuple[str, int]) -> None:
     sock.close()
 
 
+def _relay_answer_ok(line: bytes) -> bool:
+    """Whether the relay's first line says where it listens: ``NAME PORT BOUND``."""
+    words = line.decode("utf-8", "replace").split()
+    return len(words) == 3 and words[1].isdigit()
+
+
 class Tunnel:
     """A remote port forward and a relay on the head node, to one local server.
 
@@ -295,6 +305,9 @@ class Tunnel:
         self._piped = 0
         self._transport: paramiko.Transport | None = None
         self._relay: paramiko.Channel | None = None
+        # Over OpenSSH: the relay's ssh process, and the forward's port and target.
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._forward: tuple[OpenSSHRemote, int, tuple[str, int]] | None = None
         self._address: tuple[str, int] | None = None
         self._loop_port = 0
         self._lock = threading.Lock()
@@ -310,6 +323,9 @@ class Tunnel:
     @property
     def alive(self) -> bool:
         """Whether the forward's connection and the relay's channel are both still open."""
+        if self._proc is not None:
+            # Its ssh exits when the relay does, or when the master connection closes.
+            return self._proc.poll() is None
         transport, relay = self._transport, self._relay
         return bool(
             transport is not None and transport.is_active() and relay is not None
@@ -332,9 +348,14 @@ class Tunnel:
             if not self.alive or self._address is None:
                 self._start()
             elif tasks:
-                assert self._relay is not None
+                allow = f"allow {self.max_connections}\n".encode()
                 try:
-                    self._relay.sendall(f"allow {self.max_connections}\n".encode())
+                    if self._proc is not None and self._proc.stdin is not None:
+                        self._proc.stdin.write(allow)  # the relay's stdin, over OpenSSH
+                        self._proc.stdin.flush()
+                    else:
+                        assert self._relay is not None
+                        self._relay.sendall(allow)
                 except (OSError, EOFError, paramiko.SSHException):
                     self._start()
             assert self._address is not None
@@ -360,6 +381,10 @@ class Tunnel:
 
     def _start(self) -> None:
         self.close()
+        openssh = openssh_of(self.remote)
+        if openssh is not None:
+            self._start_openssh(openssh)
+            return
         transport = self.remote.connect().get_transport()
         if transport is None or not transport.is_active():
             raise SSHError("the SSH connection closed before the tunnel started",
@@ -382,11 +407,8 @@ class Tunnel:
             ) from exc
         self._transport, self._loop_port = transport, loop_port
         self._relay = relay = transport.open_session(timeout=RELAY_START_S)
-        command = " ".join(shlex.quote(word) for word in (
-            HEAD_PYTHON, "-c", RELAY_SOURCE, self.relay_address or "", "0", str(loop_port),
-            str(self.max_connections), f"{RELAY_IDLE_S:g}"))
         relay.settimeout(RELAY_START_S)
-        relay.exec_command(command)
+        relay.exec_command(self._relay_command(loop_port))
         line = b""
         try:
             while not line.endswith(b"\n"):
@@ -397,24 +419,50 @@ class Tunnel:
         except (OSError, paramiko.SSHException) as exc:
             line = b"" if not line.endswith(b"\n") else line
             logger.debug("tunnel: no answer from the relay: %s", exc)
-        words = line.decode("utf-8", "replace").split()
-        if len(words) != 3 or not words[1].isdigit():
+        if not _relay_answer_ok(line):
             err = b""
             while relay.recv_stderr_ready():
                 err += relay.recv_stderr(65536)
             self.close()
-            raise SSHError(
-                f"the tunnel's relay did not start on {self.remote.host} within "
-                f"{RELAY_START_S:g} s: it printed {line!r}, stderr "
-                f"{err.decode('utf-8', 'replace')[-2000:]!r}; it needs {HEAD_PYTHON} on the "
-                "head node's PATH",
-                host=self.remote.host,
-            )
+            raise self._relay_failed(line, err)
         relay.settimeout(None)
-        name, port, bound = words[0], int(words[1]), words[2]
-        self._address = (self.relay_address or name, port)
+        self._started(line, loop_port)
+
+    def _start_openssh(self, openssh: OpenSSHRemote) -> None:
+        """The same over OpenSSH: a forward on the master, the relay through it."""
+        target = self.target()
+        loop_port = openssh.forward(target)
+        self._forward = (openssh, loop_port, target)
+        self._proc, line = openssh.start(self._relay_command(loop_port), RELAY_START_S)
+        if not _relay_answer_ok(line):
+            proc, self._proc = self._proc, None
+            err = stop(proc)
+            self.close()
+            raise self._relay_failed(line, err)
+        self._started(line, loop_port)
+
+    def _relay_command(self, loop_port: int) -> str:
+        """The command that starts the relay on the head node, forwarding to ``loop_port``."""
+        return " ".join(shlex.quote(word) for word in (
+            HEAD_PYTHON, "-c", RELAY_SOURCE, self.relay_address or "", "0", str(loop_port),
+            str(self.max_connections), f"{RELAY_IDLE_S:g}"))
+
+    def _relay_failed(self, line: bytes, err: bytes) -> SSHError:
+        """The error for a relay that did not say where it listens."""
+        return SSHError(
+            f"the tunnel's relay did not start on {self.remote.host} within "
+            f"{RELAY_START_S:g} s: it printed {line!r}, stderr "
+            f"{err.decode('utf-8', 'replace')[-2000:]!r}; it needs {HEAD_PYTHON} on the "
+            "head node's PATH",
+            host=self.remote.host,
+        )
+
+    def _started(self, line: bytes, loop_port: int) -> None:
+        """Take the relay's first line, ``NAME PORT BOUND``: where workers reach it."""
+        name, port, bound = line.decode("utf-8", "replace").split()
+        self._address = (self.relay_address or name, int(port))
         logger.info(
-            "tunnel up: the relay on %s listens on %s:%d (%s), forwarded over SSH to the "
+            "tunnel up: the relay on %s listens on %s:%s (%s), forwarded over SSH to the "
             "head node's 127.0.0.1:%d and on to this machine's server", self.remote.host,
             name, port, bound, loop_port,
         )
@@ -427,6 +475,11 @@ class Tunnel:
     def close(self) -> None:
         """Stop the relay (its channel closes, it sees EOF) and cancel the forward."""
         relay, transport, self._relay, self._transport = self._relay, self._transport, None, None
+        proc, forward, self._proc, self._forward = self._proc, self._forward, None, None
+        if proc is not None:
+            stop(proc)
+        if forward is not None:
+            forward[0].cancel_forward(forward[1], forward[2])
         if relay is not None:
             relay.close()
         if transport is not None and transport.is_active():

@@ -620,6 +620,9 @@ def _container_cluster(
             # Firewalled: where no node can reach, this machine's loopback.
             "listen_address": "127.0.0.1" if firewalled else _gateway_of(login),
             "shell": "/usr/bin/python3",
+            # SHEEPDOG_TEST_SSH_CLIENT=openssh runs a suite through OpenSSH's master connection.
+            **({"ssh_client": os.environ["SHEEPDOG_TEST_SSH_CLIENT"]}
+               if os.environ.get("SHEEPDOG_TEST_SSH_CLIENT") else {}),
             **extra,
         }
         wait_until_usable(cluster)
@@ -823,3 +826,60 @@ def map_in_thread(
     thread = threading.Thread(target=run)
     thread.start()
     return thread, outcome
+
+
+# ---- a login node that asks for a one-time code ------------------------------------------------
+
+#: The drop-in that docker/mfa-setup writes; removing it turns the second factor off again.
+MFA_DROP_IN = "/etc/ssh/sshd_config.d/50-sheepdog-mfa.conf"
+
+
+def _put_file(container: Any, directory: str, name: str, data: bytes, mode: int) -> None:
+    """Copy ``data`` into the container as ``directory/name`` (root's), never via a command line."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode = len(data), mode
+        tar.addfile(info, io.BytesIO(data))
+    if not container.get_wrapped_container().put_archive(directory, buffer.getvalue()):
+        raise ClusterStartError(f"could not copy {name} into the container")
+
+
+def _as_root(container: Any, command: list[str]) -> str:
+    done = container.get_wrapped_container().exec_run(command, user="root")
+    output = done.output.decode(errors="replace")
+    if done.exit_code != 0:
+        raise ClusterStartError(f"{command} failed in the container ({done.exit_code}): {output}")
+    return str(output)
+
+
+def login_node(cluster: dict[str, Any]) -> Any:
+    """The Docker or Slurm cluster's login node (the container sshd runs in)."""
+    return DOCKER_NODES["controller" if is_slurm(cluster) else "head"]
+
+
+def logs_in_with_key_only(cluster: dict[str, Any]) -> bool:
+    """Whether a key alone logs in (paramiko, no second factor); False while sshd restarts."""
+    try:
+        ssh_connect(cluster, timeout=5).close()
+    except Exception:  # noqa: BLE001 - refused, reset, no banner yet, or a code asked for
+        return False
+    return True
+
+
+def enable_mfa(cluster: dict[str, Any], secret_b32: str) -> None:
+    """Make the login node ask for the TOTP of ``secret_b32`` after the key (docker/mfa-setup)."""
+    node = login_node(cluster)
+    _put_file(node, "/root", "mfa-setup", (REPO / "docker" / "mfa-setup").read_bytes(), 0o700)
+    _put_file(node, "/root", "totp-secret", f"{secret_b32}\n".encode(), 0o600)
+    _as_root(node, ["/root/mfa-setup", "/root/totp-secret"])
+
+
+def disable_mfa(cluster: dict[str, Any]) -> None:
+    """Undo :func:`enable_mfa`: the drop-in goes, sshd reloads, keys alone log in again."""
+    node = login_node(cluster)
+    _as_root(node, ["sh", "-c", f"rm -f {MFA_DROP_IN} /etc/sheepdog/totp && "
+                    "for p in /run/sshd-sheepdog-*.pid; do kill -HUP $(cat $p); done"])

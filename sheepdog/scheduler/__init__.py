@@ -9,8 +9,11 @@ processes on this machine; ``auto`` (the default) asks the head node which of
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+import shutil
+from typing import TYPE_CHECKING, Any
 
+from ..errors import SheepdogError
 from ..remote import Remote
 from .auto import AutoScheduler, detect_scheduler
 from .base import (
@@ -28,6 +31,8 @@ from .slurm import Slurm
 
 if TYPE_CHECKING:
     from ..config import Config
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "SCHEDULERS",
@@ -59,17 +64,43 @@ def scheduler_class(name: str) -> type[Scheduler]:
 
 
 def open_remote(config: Config, scheduler: type[Scheduler] = GridEngine) -> Remote:
-    """An SSH connection (not yet open) to the config's head node, set up for ``scheduler``."""
-    return Remote(
-        config.host,
-        config.ssh_port,
-        config.ssh_user,
-        config.ssh_keyfile,
-        known_hosts=config.known_hosts,
-        ssh_config=config.ssh_config,
-        timeout_s=config.ssh_timeout_s,
-        preamble=getattr(scheduler, "preamble", ""),
-    )
+    """An SSH connection (not yet open) to the config's head node, set up for ``scheduler``.
+
+    ``ssh_client`` picks the client: paramiko, OpenSSH through a master connection
+    (:mod:`sheepdog.openssh`), or ``auto``: OpenSSH when the user's ssh config asks for a
+    master for the host (said in one log line), else paramiko, which hands over to OpenSSH
+    when the host asks for a second factor.
+    """
+    from ..openssh import OpenSSHRemote, config_wants_master, ssh_settings, takes_over
+
+    args = (config.host, config.ssh_port, config.ssh_user, config.ssh_keyfile)
+    options: dict[str, Any] = {
+        "known_hosts": config.known_hosts, "ssh_config": config.ssh_config,
+        "timeout_s": config.ssh_timeout_s, "preamble": getattr(scheduler, "preamble", ""),
+    }
+    if config.ssh_client == "paramiko":
+        return Remote(*args, **options)
+    if config.ssh_client == "openssh":
+        return OpenSSHRemote(*args, **options, persist_s=config.ssh_persist_s)
+    settings = _ssh_settings_or_none(config, ssh_settings)
+    why = config_wants_master(settings) if settings is not None else None
+    if settings is not None and why is not None:
+        logger.info("ssh_client=auto chose openssh: %s", why)
+        return OpenSSHRemote(*args, **options, persist_s=config.ssh_persist_s,
+                             settings=settings)
+    return Remote(*args, **options, on_code=takes_over(config.ssh_persist_s))
+
+
+def _ssh_settings_or_none(config: Config, ssh_settings: Any) -> dict[str, list[str]] | None:
+    """``ssh -G`` for the config's host; None where there is no ssh program (paramiko only)."""
+    if shutil.which("ssh") is None:
+        return None
+    try:
+        settings: dict[str, list[str]] = ssh_settings(config.host, ssh_config=config.ssh_config)
+    except SheepdogError as exc:
+        logger.info("ssh_client=auto: could not read the ssh config (%s)", exc)
+        return None
+    return settings
 
 
 def open_scheduler(config: Config) -> Scheduler:

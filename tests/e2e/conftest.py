@@ -105,16 +105,31 @@ def _logs_in(cluster: dict[str, Any]) -> bool:
     return True
 
 
+def _close_master(cluster: dict[str, Any]) -> None:
+    """Close sheepdog's OpenSSH master to ``cluster`` (SHEEPDOG_TEST_SSH_CLIENT=openssh): an
+    sshd setting holds for new connections only, and a master opened before keeps the old."""
+    from sheepdog import Config
+    from sheepdog.openssh import OpenSSHRemote
+    from sheepdog.scheduler import Scheduler, open_remote
+
+    if cluster.get("ssh_client") == "openssh":
+        remote = open_remote(Config.from_mapping(cluster), Scheduler)
+        assert isinstance(remote, OpenSSHRemote)
+        remote.logout()
+
+
 @pytest.fixture
 def no_forwarding(firewalled_cluster: dict[str, Any]) -> Iterator[None]:
     """The firewalled head node's sshd refuses port forwarding (new connections); undone after."""
     conf = "/etc/ssh/sshd_config.d/zz-sheepdog-test-no-forwarding.conf"
     reload = "kill -HUP $(cat /run/sshd-sheepdog-22.pid)"
     _head_as_root(f"echo 'AllowTcpForwarding no' > {conf} && {reload}")
+    _close_master(firewalled_cluster)
     try:
         # sshd re-executes itself on SIGHUP: wait until it takes logins again.
         assert poll_until(lambda: _logs_in(firewalled_cluster), timeout_s=30, interval_s=0.2)
         yield
     finally:
         _head_as_root(f"rm -f {conf} && {reload}")
+        _close_master(firewalled_cluster)
         assert poll_until(lambda: _logs_in(firewalled_cluster), timeout_s=30, interval_s=0.2)

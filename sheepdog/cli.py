@@ -507,7 +507,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                        f"sheepdog doctor cluster.json (the keys of a sheepdog config); without "
                        f"one it reads ./{DOCTOR_DEFAULT_CONFIG}, which is not here")
     config = as_config(path)
-    print(textwrap.fill(f"sheepdog doctor: checking {config.host} (the probe job may wait in "
+    where = config.host or "localhost"
+    print(textwrap.fill(f"sheepdog doctor: checking {where} (the probe job may wait in "
                         f"the queue for up to {args.timeout:g} s)", COLUMNS), flush=True)
     report = doctor(config, timeout_s=args.timeout,
                     on_check=lambda check: print(render_check(check), flush=True))

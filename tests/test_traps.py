@@ -1,0 +1,75 @@
+"""The traps a new user fell into (issue 26), each as the user met it: in a terminal.
+
+Every CLI case runs on a pseudo-terminal of 80 columns (tests/terminal.py), with
+``scheduler="local"``: real job files, real worker processes, the real server.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from stubrunner import WORKER_PYTHON
+from terminal import ANSI, run_in_terminal, too_wide
+
+pytestmark = pytest.mark.slow
+
+MISSING_PYTHON = "/usr/bin/python9"
+#: Bound on every wait for local jobs.
+WAIT_S = 120.0
+
+
+def write_config(tmp_path: Path, **extra: Any) -> Path:
+    """A local config file (jobs under tmp_path, not the home directory); return its path."""
+    path = tmp_path / "local.json"
+    path.write_text(json.dumps({
+        "scheduler": "local", "ssh_dir": str(tmp_path / "jobs"), "localhost": "127.0.0.1",
+        "dbfile": str(tmp_path / "sheepdog.sqlite"), "shell": WORKER_PYTHON, **extra,
+    }), encoding="utf-8")
+    return path
+
+
+def sheepdog_cli(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "sheepdog", *argv]
+
+
+def script(tmp_path: Path, text: str) -> list[str]:
+    (tmp_path / "job.py").write_text(text, encoding="utf-8")
+    return [sys.executable, "job.py"]
+
+
+def text_of(output: str) -> str:
+    """The terminal output without escape sequences, words joined across lines."""
+    return " ".join(ANSI.sub("", output).split())
+
+
+# --- 1. a wrong shell names shell and its path -------------------------------------------
+
+
+def test_doctor_checks_the_shell_of_a_local_config(tmp_path: Path) -> None:
+    bad = write_config(tmp_path, shell=MISSING_PYTHON)
+    status, output = run_in_terminal(sheepdog_cli("doctor", str(bad)), tmp_path)
+    assert status == 1, output
+    assert "FAIL  shell" in output and MISSING_PYTHON in output, output
+    assert "1 blocker" in output and not too_wide(output), output
+
+    good = write_config(tmp_path)
+    status, output = run_in_terminal(sheepdog_cli("doctor", str(good)), tmp_path)
+    assert status == 0, output
+    for check in ("ok    shell", "ok    probe job", "ok    worker Python", "ok    direct"):
+        assert check in output, output
+    assert "checking localhost" in output and "ready, no blockers" in output, output
+
+
+def test_a_map_with_a_missing_shell_names_shell_not_the_job_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path, shell=MISSING_PYTHON)
+    argv = script(tmp_path, f"import sheepdog\nsheepdog.map(abs, [1, 2], {str(config)!r})\n")
+    status, output = run_in_terminal(argv, tmp_path)
+    text = text_of(output)
+    assert status == 1, output
+    assert f"the config's shell, {MISSING_PYTHON}, does not exist" in text, text
+    assert "No such file or directory" not in text, text
+

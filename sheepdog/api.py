@@ -1,4 +1,5 @@
-"""The functions users call: map, map_async, get_results, get_errors, cancel, rerun.
+"""The functions users call: map, map_async, get_results, is_finished, get_errors, cancel,
+rerun.
 
 Each is a ``with Session(...) as session: return session.…`` wrapper (as httpx's
 module-level functions wrap a ``Client``): the :class:`~sheepdog.session.Session`
@@ -33,6 +34,7 @@ __all__ = [
     "get_errors",
     "get_output",
     "get_results",
+    "is_finished",
     "map",
     "map_async",
     "map_sync",
@@ -144,6 +146,19 @@ def get_results(
         if block:
             session.watch(request_id, verbose=verbose, timeout_s=timeout_s, passive=True)
         return session.results(request_id)
+
+
+def is_finished(request_id: int, dbfile: str = "./sheepdog.sqlite") -> bool:
+    """Whether every task of the request has finished: done, failed, lost or cancelled.
+
+    A read of the database, cheap enough to poll after :func:`map_async`: a task
+    that failed counts as finished (its result is ``None``; :func:`get_errors`
+    says why), so a loop ``while not is_finished(...)`` ends when the request
+    does. Workers that die are marked lost by a wait (``get_results(block=True)``,
+    ``sheepdog status ID --wait``), which a poll of the database does not do.
+    """
+    with Session(dbfile=dbfile, create=False) as session:
+        return not session.storage.open_task_indices(request_id)
 
 
 def get_errors(request_id: int, dbfile: str = "./sheepdog.sqlite") -> list[tuple[Any, RemoteError]]:

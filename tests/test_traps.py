@@ -13,7 +13,10 @@ from typing import Any
 
 import pytest
 from stubrunner import WORKER_PYTHON
-from terminal import ANSI, run_in_terminal, too_wide
+from terminal import ANSI, REPO, run_in_terminal, too_wide
+
+import sheepdog
+from sheepdog._poll import poll_until
 
 pytestmark = pytest.mark.slow
 
@@ -73,3 +76,26 @@ def test_a_map_with_a_missing_shell_names_shell_not_the_job_file(tmp_path: Path)
     assert f"the config's shell, {MISSING_PYTHON}, does not exist" in text, text
     assert "No such file or directory" not in text, text
 
+
+# --- 2. a public way to ask whether a request is finished --------------------------------
+
+
+def test_is_finished_counts_a_failed_task_as_finished(tmp_path: Path) -> None:
+    config = json.loads(write_config(tmp_path).read_text())
+    request_id = sheepdog.map_async(int, ["1", "x", "3"], config)
+    assert isinstance(sheepdog.is_finished(request_id, config["dbfile"]), bool)
+    assert poll_until(lambda: sheepdog.is_finished(request_id, config["dbfile"]),
+                      timeout_s=WAIT_S, interval_s=0.2)
+    results = sheepdog.get_results(request_id, config["dbfile"], block=False)
+    assert results == [("1", 1), ("x", None), ("3", 3)]
+    assert [arg for arg, _ in sheepdog.get_errors(request_id, config["dbfile"])] == ["x"]
+
+
+def test_the_async_map_example_ends_when_a_task_fails(tmp_path: Path) -> None:
+    example = REPO / "docs" / "examples" / "async_map.py"
+    write_config(tmp_path).rename(tmp_path / "cluster.json")
+    status, output = run_in_terminal([sys.executable, str(example)], tmp_path)
+    printed = ANSI.sub("", output).replace("\r", "").splitlines()
+    expected = [line.split("# prints:", 1)[1].strip()
+                for line in example.read_text().splitlines() if "# prints:" in line]
+    assert status == 0 and expected == printed[-len(expected):], output

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from terminal import ANSI, REPO, run_in_terminal, too_wide
 
 import sheepdog
 from sheepdog._poll import poll_until
+from sheepdog.storage import Storage
 
 pytestmark = pytest.mark.slow
 
@@ -99,3 +101,84 @@ def test_the_async_map_example_ends_when_a_task_fails(tmp_path: Path) -> None:
     expected = [line.split("# prints:", 1)[1].strip()
                 for line in example.read_text().splitlines() if "# prints:" in line]
     assert status == 0 and expected == printed[-len(expected):], output
+
+
+# --- 3. Ctrl-C in an Executor stops its work; a future is cancellable until it runs ------
+
+EXECUTOR_SCRIPT = """
+import json
+import time
+
+import sheepdog
+
+
+def work(x):
+    time.sleep(120)
+    return x
+
+
+with sheepdog.Executor(json.load(open("local.json"))) as pool:
+    print(sum(pool.map(work, range(40))))
+"""
+
+
+def task_counts(dbfile: Path, request_id: int = 1) -> dict[str, int]:
+    """The request's task counts; all zero before the database and the request exist."""
+    if not dbfile.exists():
+        return {}
+    with Storage(str(dbfile)) as storage:
+        if not any(r["id"] == request_id for r in storage.list_requests()):
+            return {}
+        return storage.task_counts(request_id)
+
+
+def local_pids(jobdir: Path) -> list[int]:
+    """The pids of every local array task started under ``jobdir``."""
+    return [int(pid) for state in jobdir.glob(".local-job-*.json")
+            for pid, _ in json.loads(state.read_text())["tasks"]]
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def test_ctrl_c_in_an_executor_cancels_its_tasks_and_stops_its_workers(tmp_path: Path) -> None:
+    write_config(tmp_path, workers=2, batch=1)
+    db = tmp_path / "sheepdog.sqlite"
+    argv = script(tmp_path, EXECUTOR_SCRIPT)
+    # One Ctrl-C, once both workers hold a task: the program must end by itself.
+    status, output = run_in_terminal(
+        argv, tmp_path, interrupt_when=lambda _: task_counts(db).get("leased", 0) == 2)
+    text = ANSI.sub("", output)
+    assert status != 0, output
+    lines = [line for line in text.splitlines() if "sheepdog: interrupted" in line]
+    assert len(lines) == 1 and "request 1: cancelled 40 open tasks" in lines[0], output
+    assert "Exception in thread" not in text and "threading.py" not in text, output
+    counts = task_counts(db)
+    assert counts["cancelled"] == 40 and counts["pending"] == counts["leased"] == 0, counts
+    pids = local_pids(tmp_path / "jobs")
+    assert len(pids) == 2
+    assert poll_until(lambda: not any(alive(pid) for pid in pids), timeout_s=WAIT_S), pids
+
+
+def test_a_future_is_cancellable_until_a_worker_leases_its_task(tmp_path: Path) -> None:
+    config = json.loads(write_config(tmp_path, workers=1, batch=1).read_text())
+    db = tmp_path / "sheepdog.sqlite"
+    pool = sheepdog.Executor(config)
+    try:
+        first = pool.submit(time.sleep, 60)
+        second = pool.submit(time.sleep, 60)
+        assert poll_until(lambda: task_counts(db).get("leased") == 1, timeout_s=WAIT_S)
+        # The one worker runs the first; the second waits for it, not yet started.
+        assert poll_until(first.running, timeout_s=WAIT_S)
+        assert not second.running() and second.cancel() and second.cancelled()
+        assert not first.cancel()
+        assert poll_until(lambda: task_counts(db).get("cancelled") == 1, timeout_s=WAIT_S)
+    finally:
+        pool.shutdown(wait=False)
+        sheepdog.cancel(pool.request_ids[0], config)
+    assert poll_until(first.done, timeout_s=WAIT_S)

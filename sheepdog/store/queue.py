@@ -465,6 +465,25 @@ class Queue(Database):
             )
         return cursor.rowcount
 
+    def cancel_tasks(self, request_id: int, indices: Iterable[int], reason: str) -> list[int]:
+        """Cancel the given open tasks only (the request stays open); return those changed."""
+        error = json.dumps(
+            {"type": "Cancelled", "message": reason, "traceback": "", "kind": "cancelled"}
+        )
+        changed = []
+        self._request_row(request_id, "id")
+        with self._write() as conn:
+            for idx in indices:
+                cursor = conn.execute(
+                    "UPDATE tasks SET state = 'cancelled', error = ?, finished = ?, lease = NULL,"
+                    " lease_expires = NULL WHERE request_id = ? AND idx = ?"
+                    f" AND state IN {OPEN_STATES_SQL}",
+                    (error, time.time(), request_id, idx),
+                )
+                if cursor.rowcount:
+                    changed.append(int(idx))
+        return changed
+
     def fail_tasks(
         self,
         request_id: int,

@@ -14,6 +14,7 @@ import logging
 import shlex
 import ssl
 import sys
+import textwrap
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
@@ -22,6 +23,7 @@ from typing import Any
 from . import tunnel
 from ._submit import own_server
 from .config import ConfigLike
+from .doctor import COLUMNS
 from .errors import RemoteError, SheepdogError
 from .scheduler import Scheduler
 from .session import Cancellation, Session
@@ -244,14 +246,13 @@ def _warn_unserved_at_exit() -> None:
             continue
         if not n_open or not mine:
             continue
-        print(
+        print(textwrap.fill(
             f"sheepdog: request {request_id} still has {n_open} open tasks, and this process "
             "was its only server: its array tasks wait for a server until they give up. "
             f"Serve them with `sheepdog serve --dbfile {shlex.quote(dbfile)}`, or cancel "
             f"them with `sheepdog cancel {request_id} --config FILE --dbfile "
-            f"{shlex.quote(dbfile)}`.",
-            file=sys.stderr, flush=True,
-        )
+            f"{shlex.quote(dbfile)}`.", COLUMNS, break_long_words=False, break_on_hyphens=False,
+        ), file=sys.stderr, flush=True)
 
 
 # Registered after server.py's own handler, so it runs first, while the servers still run.

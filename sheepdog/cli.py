@@ -279,9 +279,18 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     print(f"request {args.id}: running {len(indices)} tasks again ({'/'.join(which)})",
           flush=True)
     if not args.wait:
-        # This process's server stops when it exits: the jobs need one.
-        print("the jobs call back to a server: keep `sheepdog serve` running, "
-              "or pass --wait")
+        # This process's server stops when it exits, and the jobs need one: hand the
+        # request to a `sheepdog serve` in the background, on the port they call back to.
+        from .server import registry
+
+        registry.stop(config.dbfile)
+        with _open_db(config.dbfile) as storage:
+            ports = sorted(_ports_to_serve(storage, [args.id]))
+        serve = argparse.Namespace(dbfile=config.dbfile, timeout=None, request=[args.id],
+                                   port=None, listen_address=None)
+        _detach(serve, ports)
+        print(textwrap.fill(f"wait for them with `sheepdog status {args.id} --wait`, or "
+                            f"serve and wait here with `sheepdog attach {args.id}`", COLUMNS))
         return 0
     try:
         counts = wait_for_request(config.dbfile, args.id, verbose=True)
@@ -431,7 +440,10 @@ def _detach(args: argparse.Namespace, ports: list[int]) -> int:
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
         )
     print(f"serving on port {', '.join(map(str, ports))} in the background: pid {proc.pid}")
-    print(f"log {logfile}; stop it with: kill {proc.pid}")
+    relative = os.path.relpath(logfile)  # shorter, where it is under this directory
+    shown = logfile if relative.startswith("..") else relative
+    print(textwrap.fill(f"log {shown}; stop it with: kill {proc.pid}", COLUMNS,
+                        break_long_words=False, break_on_hyphens=False))
     return 0
 
 

@@ -182,3 +182,35 @@ def test_a_future_is_cancellable_until_a_worker_leases_its_task(tmp_path: Path) 
         pool.shutdown(wait=False)
         sheepdog.cancel(pool.request_ids[0], config)
     assert poll_until(first.done, timeout_s=WAIT_S)
+
+
+# --- 4. rerun without --wait leaves its tasks served ------------------------------------
+
+
+def fails_until(flag: str, x: int) -> int:
+    """Fails for x == 2 until the file ``flag`` exists: a cause fixed between runs."""
+    import os
+
+    if x == 2 and not os.path.exists(flag):
+        raise RuntimeError(f"no {flag} yet")
+    return x
+
+
+def test_rerun_without_wait_hands_its_tasks_to_a_server(tmp_path: Path) -> None:
+    config = json.loads(write_config(tmp_path).read_text())
+    flag = str(tmp_path / "fixed")
+    args = [(flag, x) for x in (1, 2, 3)]
+    assert sheepdog.map(fails_until, args, config, verbose=False) == [1, None, 3]
+    Path(flag).touch()
+    status, output = run_in_terminal(
+        sheepdog_cli("rerun", "1", "--dbfile", config["dbfile"]), tmp_path)
+    text = text_of(output)
+    assert status == 0, output
+    assert "request 1: running 1 tasks again" in text, text
+    assert "in the background: pid" in text and "sheepdog status 1 --wait" in text, text
+    assert not too_wide(output), too_wide(output)
+    # Nothing stranded: the task runs again and finishes after this command has exited.
+    assert poll_until(lambda: sheepdog.is_finished(1, config["dbfile"]), timeout_s=WAIT_S)
+    assert [r for _, r in sheepdog.get_results(1, config["dbfile"], block=False)] == [1, 2, 3]
+    pid = int(text.split("in the background: pid ")[1].split()[0])
+    assert poll_until(lambda: not alive(pid), timeout_s=WAIT_S), "the server did not stop"

@@ -114,15 +114,27 @@ def _short_time(created: float) -> str:
 # --- commands -----------------------------------------------------------------------
 
 
-def _unserved_note(storage: Storage, request_id: int, dbfile: str) -> str | None:
-    """A line saying that no server serves an open request, and what to run; else None."""
+def _unserved_note(
+    storage: Storage, request_id: int, dbfile: str, *, waiting: bool = False
+) -> str | None:
+    """A line saying that no server serves an open request, and what to run; else None.
+
+    ``waiting``: for a wait (``--wait``), which would otherwise sit at the same count.
+    """
     if not storage.open_task_indices(request_id) or served(storage, request_id) is not False:
         return None
-    text = (
-        f"request {request_id} has open tasks but no server is serving it: its array tasks "
-        f"cannot report. Run `sheepdog serve --dbfile {dbfile}`, or `sheepdog cancel "
-        f"{request_id} --config FILE --dbfile {dbfile}`"
-    )
+    if waiting:
+        text = (
+            f"request {request_id} has open tasks but no server is serving it, so this wait "
+            f"may never end: serve and wait with `sheepdog attach {request_id} --dbfile "
+            f"{dbfile}`, or run `sheepdog serve --dbfile {dbfile}` beside this wait"
+        )
+    else:
+        text = (
+            f"request {request_id} has open tasks but no server is serving it: its array "
+            f"tasks cannot report. Run `sheepdog serve --dbfile {dbfile}`, or `sheepdog "
+            f"cancel {request_id} --config FILE --dbfile {dbfile}`"
+        )
     # Folded between words, so that it fits an 80-column terminal as the table does.
     return textwrap.fill(text, COLUMNS - 1, break_long_words=False, break_on_hyphens=False)
 
@@ -154,10 +166,19 @@ def cmd_requests(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wait(args: argparse.Namespace) -> None:
+    """``--wait``: wait for request ``args.id``, first saying if nothing serves it."""
+    with _open_db(args.dbfile) as storage:
+        note = _unserved_note(storage, args.id, args.dbfile, waiting=True)
+    if note is not None:
+        print(note, file=sys.stderr, flush=True)
+    wait_for_request(args.dbfile, args.id, verbose=True, timeout_s=args.timeout)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     _open_db(args.dbfile).close()  # a mistyped --dbfile must not become an empty database
     if args.wait:
-        wait_for_request(args.dbfile, args.id, verbose=True, timeout_s=args.timeout)
+        _wait(args)
     with _open_db(args.dbfile) as storage:
         counts = storage.task_counts(args.id)
         total = storage.count_tasks(args.id)
@@ -180,7 +201,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     _open_db(args.dbfile).close()  # a mistyped --dbfile must not become an empty database
     if args.wait:
-        wait_for_request(args.dbfile, args.id, verbose=True, timeout_s=args.timeout)
+        _wait(args)
     with _open_db(args.dbfile) as storage:
         states = storage.task_states(args.id)  # an unknown id fails here, clearly
     results = get_results(args.id, args.dbfile, block=False)

@@ -7,6 +7,7 @@ Every CLI case runs on a pseudo-terminal of 80 columns (tests/terminal.py), with
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from terminal import ANSI, REPO, run_in_terminal, too_wide
 
 import sheepdog
 from sheepdog._poll import poll_until
+from sheepdog.serialisation import serialise_args, serialise_function
 from sheepdog.storage import Storage
 
 pytestmark = pytest.mark.slow
@@ -214,3 +216,31 @@ def test_rerun_without_wait_hands_its_tasks_to_a_server(tmp_path: Path) -> None:
     assert [r for _, r in sheepdog.get_results(1, config["dbfile"], block=False)] == [1, 2, 3]
     pid = int(text.split("in the background: pid ")[1].split()[0])
     assert poll_until(lambda: not alive(pid), timeout_s=WAIT_S), "the server did not stop"
+
+
+# --- 5. status --wait says when nothing serves the request ------------------------------
+
+
+def unserved_request(tmp_path: Path) -> str:
+    """A database whose request 1 has 2 open tasks and a job whose server is gone."""
+    dbfile = str(tmp_path / "sheepdog.sqlite")
+    with socket.socket() as sock:  # a port nothing listens on once it is closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with Storage(dbfile) as storage:
+        rid = storage.new_request(serialise_function(abs), b"", serialise_args([1, 2]))
+        storage.add_job(rid, "42", 1, info={"url": f"http://127.0.0.1:{port}/", "port": port,
+                                            "listen_address": "127.0.0.1"})
+    return dbfile
+
+
+def test_status_wait_says_that_no_server_serves_the_request(tmp_path: Path) -> None:
+    dbfile = unserved_request(tmp_path)
+    status, output = run_in_terminal(
+        sheepdog_cli("status", "1", "--wait", "--timeout", "2", "--dbfile", dbfile), tmp_path)
+    text = text_of(output)
+    assert status == 1, output  # the bounded wait ran out
+    assert "no server is serving it, so this wait may never end" in text, text
+    assert "sheepdog attach 1" in text, text
+    note = output.split("beside this wait")[0]
+    assert not too_wide(note), too_wide(note)

@@ -335,7 +335,23 @@ def cmd_attach(args: argparse.Namespace) -> int:
     cmd_results(args)
     with _open_db(args.dbfile) as storage:
         counts = storage.task_counts(args.id)
+    for hint in _rerun_hints(args.id, counts):
+        print(hint, file=sys.stderr)
     return 0 if counts.get("done", 0) == sum(counts.values()) else 1
+
+
+def _rerun_hints(request_id: int, counts: dict[str, int]) -> list[str]:
+    """What to run for a request's tasks that ended without a result, 80 columns wide."""
+    hints = []
+    if counts.get("cancelled"):
+        hints.append(f"request {request_id}: {counts['cancelled']} tasks were cancelled; run "
+                     f"them again with `sheepdog rerun {request_id} --cancelled --wait`")
+    if counts.get("error"):
+        hints.append(f"request {request_id}: {counts['error']} tasks failed or were lost: "
+                     f"`sheepdog errors {request_id}` says why; once that is fixed, run them "
+                     f"again with `sheepdog rerun {request_id} --failed --lost --wait`")
+    return [textwrap.fill(hint, COLUMNS, break_long_words=False, break_on_hyphens=False)
+            for hint in hints]
 
 
 def _ports_to_serve(

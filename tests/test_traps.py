@@ -244,3 +244,19 @@ def test_status_wait_says_that_no_server_serves_the_request(tmp_path: Path) -> N
     assert "sheepdog attach 1" in text, text
     note = output.split("beside this wait")[0]
     assert not too_wide(note), too_wide(note)
+
+
+# --- 6. attach after Ctrl-C points to rerun --cancelled ---------------------------------
+
+
+def test_attach_to_a_cancelled_request_says_how_to_run_it_again(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    dbfile = unserved_request(tmp_path)
+    with Storage(dbfile) as storage:
+        storage.cancel(1, "cancelled by Ctrl-C")
+    status, output = run_in_terminal(
+        sheepdog_cli("attach", "1", "--config", str(config), "--dbfile", dbfile), tmp_path)
+    text = text_of(output)
+    assert status == 1, output
+    assert "2 tasks were cancelled" in text, text
+    assert "sheepdog rerun 1 --cancelled --wait" in text and not too_wide(output), output

@@ -260,3 +260,42 @@ def test_attach_to_a_cancelled_request_says_how_to_run_it_again(tmp_path: Path) 
     assert status == 1, output
     assert "2 tasks were cancelled" in text, text
     assert "sheepdog rerun 1 --cancelled --wait" in text and not too_wide(output), output
+
+
+# --- 7. map's summary names the request, the exit status and the whole cause ------------
+
+EXITS_SCRIPT = """
+import json
+import os
+
+import sheepdog
+
+
+def f(x):
+    if x == 2:
+        os._exit(42)
+    import no_such_module_here  # noqa: F401
+
+
+print(sheepdog.map(f, [1, 2], json.load(open("local.json"))))
+"""
+
+
+def test_map_summary_shows_the_request_the_exit_status_and_the_module(tmp_path: Path) -> None:
+    write_config(tmp_path, retries=0)
+    status, output = run_in_terminal(script(tmp_path, EXITS_SCRIPT), tmp_path)
+    text = text_of(output)
+    assert status == 0, output
+    assert ("sheepdog: request 1: 2 of 2 tasks failed; task 1: ModuleNotFoundError: No "
+            "module named 'no_such_module_here'") in text, text
+    assert "get_errors(1," in text, text
+
+
+def test_a_lost_tasks_summary_gives_the_exit_status(tmp_path: Path) -> None:
+    write_config(tmp_path, retries=0)
+    source = EXITS_SCRIPT.replace("[1, 2]", "[2]")
+    status, output = run_in_terminal(script(tmp_path, source), tmp_path)
+    text = text_of(output)
+    assert status == 0, output
+    assert "sheepdog: request 1: 1 of 1 tasks failed; task 1: LostTask:" in text, text
+    assert "exited with status 42" in text and " ..." not in text, text

@@ -86,9 +86,10 @@ def rerun(
 ) -> list[int]:
     """Run a request's failed, lost or cancelled tasks again; return their indices.
 
-    ``which`` chooses among ``"failed"`` (the function raised, or the job
-    was never submitted), ``"lost"`` (the worker died or its job was killed)
-    and ``"cancelled"``. They run under the same request id; tasks with a
+    ``which`` chooses among ``"failed"`` (every task that ended in an error:
+    the function raised, the job was never submitted, or the task was lost),
+    ``"lost"`` (only those whose worker died or whose job was killed) and
+    ``"cancelled"``. They run under the same request id; tasks with a
     result are never run again; what the chosen ones ended with stays in
     their history (:meth:`Storage.get_task_history`). A new array job is submitted for them
     with the config stored with the request (``config`` names the database,
@@ -164,9 +165,14 @@ def is_finished(request_id: int, dbfile: str = "./sheepdog.sqlite") -> bool:
 
 
 def get_errors(request_id: int, dbfile: str = "./sheepdog.sqlite") -> list[tuple[Any, RemoteError]]:
-    """Fetch ``[(arg, error)]`` for every failed task; each error holds the remote traceback."""
+    """Fetch ``[(arg, error)]`` for every failed task; each error holds the remote traceback.
+
+    A lost task (its worker died or its job went away) is a failed task, whose
+    error's ``kind`` says so; a cancelled task did not fail and is not listed.
+    """
     with Session(dbfile=dbfile, create=False) as session:
-        return session.errors(request_id)
+        return [(arg, error) for arg, error in session.errors(request_id)
+                if error.kind != "cancelled"]
 
 
 def get_output(

@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from . import serialisation
-from ._progress import TASK_STATE_WORDS, format_counts, request_state
+from ._progress import TASK_STATE_WORDS, format_counts, request_state, started
 from ._submit import array_size, batch_size, delete_jobs, stored_config
 from ._version import __version__
 from .api import (
@@ -150,7 +150,7 @@ def cmd_requests(args: argparse.Namespace) -> int:
         print(f"{'ID':>4} {'CREATED':11} {'STATE':9} {'TASKS':>6} {'DONE':>6} "
               f"{'FAILED':>6} {'CANCELLED':>9} {'RUNNING':>7} {'PENDING':>7}  LABEL")
         for row in rows:
-            c = storage.task_counts(row["id"])
+            c = started(storage.task_counts(row["id"]), len(storage.running_indices(row["id"])))
             line = (
                 f"{row['id']:>4} {_short_time(row['created']):11} "
                 f"{request_state(row['state'], c):9} {row['n_tasks']:>6} {c['done']:>6} "
@@ -180,7 +180,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.wait:
         _wait(args)
     with _open_db(args.dbfile) as storage:
-        counts = storage.task_counts(args.id)
+        counts = started(storage.task_counts(args.id), len(storage.running_indices(args.id)))
         total = storage.count_tasks(args.id)
         state = request_state(storage.get_request_state(args.id), counts)
         jobs = storage.get_jobs(args.id)
@@ -204,6 +204,12 @@ def cmd_results(args: argparse.Namespace) -> int:
         _wait(args)
     with _open_db(args.dbfile) as storage:
         states = storage.task_states(args.id)  # an unknown id fails here, clearly
+        running = storage.running_indices(args.id)
+        # Cancelled tasks too (get_errors leaves them out: they did not fail).
+        errors: dict[int, RemoteError] = {
+            index: RemoteError.from_dict(error, request_id=args.id, task_index=index)
+            for index, _, error in storage.get_task_errors(args.id)
+        }
     results = get_results(args.id, args.dbfile, block=False)
     if args.json:
         data = [
@@ -213,15 +219,13 @@ def cmd_results(args: argparse.Namespace) -> int:
         json.dump(data, sys.stdout, indent=1)
         print()
         return 0
-    errors: dict[int, RemoteError] = {
-        error.task_index or 0: error for _, error in get_errors(args.id, args.dbfile)
-    }
     arg_texts = [_value_text(arg, 30) for arg, _ in results]
     args_width = max([len("ARGS"), *map(len, arg_texts)])
     task_width = max(4, len(str(len(results))))
     print(f"{'TASK':>{task_width}}  {'STATE':9}  {'ARGS':{args_width}}  RESULT")
     for i, ((_, result), state) in enumerate(zip(results, states), start=1):
-        word = TASK_STATE_WORDS.get(state, state)
+        # A leased task that its worker has not started yet waits, as a pending one.
+        word = TASK_STATE_WORDS["pending" if state == "leased" and i not in running else state]
         head = f"{i:>{task_width}}  {word:9}  {arg_texts[i - 1]:{args_width}}  "
         room = max(10, COLUMNS - 1 - len(head))
         # Only a done task has a result; None there is a real None, not a gap.
@@ -349,7 +353,7 @@ def _rerun_hints(request_id: int, counts: dict[str, int]) -> list[str]:
     if counts.get("error"):
         hints.append(f"request {request_id}: {counts['error']} tasks failed or were lost: "
                      f"`sheepdog errors {request_id}` says why; once that is fixed, run them "
-                     f"again with `sheepdog rerun {request_id} --failed --lost --wait`")
+                     f"again with `sheepdog rerun {request_id} --failed --wait`")
     return [textwrap.fill(hint, COLUMNS, break_long_words=False, break_on_hyphens=False)
             for hint in hints]
 
@@ -689,9 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("id", type=int, help="the request id")
     p.add_argument("--failed", action="store_true",
-                   help="tasks whose function raised (or that were never submitted)")
+                   help="every failed task: the function raised, the job was never "
+                   "submitted, or the task was lost")
     p.add_argument("--lost", action="store_true",
-                   help="tasks whose worker died or whose job was killed")
+                   help="only the failed tasks whose worker died or whose job was killed")
     p.add_argument("--cancelled", action="store_true", help="cancelled tasks")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="JSON config file (default: the config stored with the request)")

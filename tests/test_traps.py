@@ -19,6 +19,7 @@ from terminal import ANSI, REPO, run_in_terminal, too_wide
 
 import sheepdog
 from sheepdog._poll import poll_until
+from sheepdog._progress import started
 from sheepdog.serialisation import serialise_args, serialise_function
 from sheepdog.storage import Storage
 
@@ -299,3 +300,49 @@ def test_a_lost_tasks_summary_gives_the_exit_status(tmp_path: Path) -> None:
     assert status == 0, output
     assert "sheepdog: request 1: 1 of 1 tasks failed; task 1: LostTask:" in text, text
     assert "exited with status 42" in text and " ..." not in text, text
+
+
+# --- 8. one vocabulary: a lost task is a failed one; running means running --------------
+
+
+def test_a_lost_task_is_failed_everywhere_and_rerun_failed_finds_it(tmp_path: Path) -> None:
+    config = write_config(tmp_path, retries=0)
+    dbfile = str(tmp_path / "sheepdog.sqlite")
+    status, output = run_in_terminal(
+        script(tmp_path, EXITS_SCRIPT.replace("[1, 2]", "[2]")), tmp_path)
+    assert status == 0, output
+    status, output = run_in_terminal(sheepdog_cli("results", "1", "--dbfile", dbfile), tmp_path)
+    assert "failed" in output and "LostTask" in output, output
+    status, output = run_in_terminal(sheepdog_cli("errors", "1", "--dbfile", dbfile), tmp_path)
+    assert "LostTask" in output, output
+    # The task fails again (it always exits), but --failed finds it.
+    status, output = run_in_terminal(
+        sheepdog_cli("rerun", "1", "--failed", "--wait", "--config", str(config),
+                     "--dbfile", dbfile), tmp_path)
+    assert "request 1: running 1 tasks again (failed)" in text_of(output), output
+    assert status == 1, output
+
+
+def test_running_counts_one_task_per_worker_not_every_lease(tmp_path: Path) -> None:
+    with Storage(str(tmp_path / "db.sqlite")) as storage:
+        rid = storage.new_request(serialise_function(abs), b"", serialise_args(range(40)))
+        for worker in ("w1", "w2"):
+            assert len(storage.lease(rid, worker=worker, host="node", max_tasks=5,
+                                     lease_s=60)) == 5
+        counts = storage.task_counts(rid)
+        assert counts["leased"] == 10
+        assert storage.running_indices(rid) == {1, 6}
+        shown = started(counts, len(storage.running_indices(rid)))
+        assert (shown["leased"], shown["pending"]) == (2, 38)
+    status, output = run_in_terminal(
+        sheepdog_cli("status", "1", "--dbfile", str(tmp_path / "db.sqlite")), tmp_path)
+    assert "0/40 done, 0 failed, 2 running, 38 pending" in output, output
+
+
+def test_get_errors_leaves_out_cancelled_tasks(tmp_path: Path) -> None:
+    dbfile = unserved_request(tmp_path)
+    with Storage(dbfile) as storage:
+        storage.cancel(1, "cancelled by Ctrl-C")
+    assert sheepdog.get_errors(1, dbfile) == []
+    status, output = run_in_terminal(sheepdog_cli("results", "1", "--dbfile", dbfile), tmp_path)
+    assert output.count("cancelled") >= 2 and "Cancelled: cancelled by Ctrl-C" in output, output

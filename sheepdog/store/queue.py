@@ -51,11 +51,11 @@ LOST_KINDS = ("lost", "job_lost", "job_error")
 _LOST_SQL = ", ".join(f"'{kind}'" for kind in LOST_KINDS)
 
 #: What :meth:`Queue.rerun_tasks` may choose, each as a condition on a task's row:
-#: ``failed`` is an error of any other kind (the function raised, a timeout, a job
-#: never submitted or never schedulable).
+#: ``failed`` is every task that ended in an error, as every display counts them (the
+#: function raised, a timeout, a job never submitted, and lost tasks); ``lost`` only
+#: the tasks whose worker or job went away.
 RERUN_CHOICES: dict[str, str] = {
-    "failed": f"(state = 'error' AND coalesce(json_extract(error, '$.kind'), '')"
-              f" NOT IN ({_LOST_SQL}))",
+    "failed": "state = 'error'",
     "lost": f"(state = 'error' AND json_extract(error, '$.kind') IN ({_LOST_SQL}))",
     "cancelled": "state = 'cancelled'",
 }

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from . import serialisation
 from ._progress import TASK_STATE_WORDS, format_counts, request_state, started
-from ._submit import array_size, batch_size, delete_jobs, stored_config
+from ._submit import array_size, batch_size, delete_jobs, job_name, stored_config
 from ._version import __version__
 from .api import (
     cancel_request,
@@ -252,9 +252,47 @@ def cmd_errors(args: argparse.Namespace) -> int:
     return 0
 
 
+#: How much of a running task's array task output ``logs`` shows: its end.
+RUNNING_OUTPUT_BYTES = 64 * 1024
+
+
+def _running_output(storage: Storage, request_id: int, task: dict[str, Any]) -> list[str]:
+    """What a running task's array task wrote so far (its .o and .e files), as lines."""
+    worker, host = str(task.get("worker") or ""), task.get("host") or "a node"
+    lines = [textwrap.fill(f"request {request_id} task {task['idx']} is still running on "
+                           f"{host}; its array task's output so far (the worker's, of every "
+                           "task it ran):", COLUMNS)]
+    config = stored_config(storage, request_id)
+    array_index = worker.rsplit(":", 1)[-1]
+    if config is None or not array_index.isdigit():
+        return lines + ["(no stored config: its output files cannot be found)"]
+    name = job_name(storage, request_id)
+    try:
+        with open_scheduler(config) as scheduler:
+            jobdir = scheduler.host.absolute(config.ssh_dir).rstrip("/")
+            for job in reversed(storage.get_jobs(request_id)):
+                found = []
+                for kind in ("o", "e"):
+                    path = f"{jobdir}/{name}.{kind}{job['job_id']}.{array_index}"
+                    try:
+                        data = scheduler.host.read_bytes(path)[-RUNNING_OUTPUT_BYTES:]
+                    except (OSError, SheepdogError):
+                        continue
+                    found += [f"--- {path}", data.decode("utf-8", "replace")]
+                if found:
+                    return lines + found
+    except SheepdogError as exc:
+        return lines + [f"(could not read its output files: {exc})"]
+    return lines + ["(no output file yet)"]
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
-    with _open_db(args.dbfile):
-        pass
+    with _open_db(args.dbfile) as storage:
+        task = storage.get_task(args.id, args.index)
+        if task["state"] == "leased":
+            for line in _running_output(storage, args.id, task):
+                print(line.rstrip("\n"))
+            return 0
     stdout, stderr = get_output(args.id, args.index, args.dbfile)
     if args.stream in ("both", "stdout"):
         if args.stream == "both":

@@ -346,3 +346,31 @@ def test_get_errors_leaves_out_cancelled_tasks(tmp_path: Path) -> None:
     assert sheepdog.get_errors(1, dbfile) == []
     status, output = run_in_terminal(sheepdog_cli("results", "1", "--dbfile", dbfile), tmp_path)
     assert output.count("cancelled") >= 2 and "Cancelled: cancelled by Ctrl-C" in output, output
+
+
+# --- 10. logs of a running task shows its output so far --------------------------------
+
+
+def talks_then_sleeps(x: int) -> int:
+    print(f"hello from task {x}", flush=True)
+    time.sleep(120)
+    return x
+
+
+def test_logs_of_a_running_task_shows_its_output_so_far(tmp_path: Path) -> None:
+    config = json.loads(write_config(tmp_path, workers=1).read_text())
+    request_id = sheepdog.map_async(talks_then_sleeps, [1], config)
+    try:
+        argv = sheepdog_cli("logs", str(request_id), "1", "--dbfile", config["dbfile"])
+        outputs: list[str] = []
+
+        def shows_it() -> bool:
+            outputs[:] = [run_in_terminal(argv, tmp_path)[1]]
+            return "hello from task 1" in outputs[0]
+
+        assert poll_until(shows_it, timeout_s=WAIT_S, interval_s=0.5), outputs
+        text = text_of(outputs[0])
+        assert f"request {request_id} task 1 is still running on" in text, text
+        assert not too_wide(outputs[0].split("---")[0]), outputs
+    finally:
+        sheepdog.cancel(request_id, config)

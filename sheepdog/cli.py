@@ -161,8 +161,8 @@ def cmd_requests(args: argparse.Namespace) -> int:
             note = _unserved_note(storage, row["id"], args.dbfile)
             if note is not None:
                 notes.append(note)
-        for note in notes:
-            print(note)
+        for note in notes:  # on stderr: `sheepdog requests | tail -1` gets the table's end
+            print(note, file=sys.stderr)
     return 0
 
 
@@ -194,7 +194,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  job {job['job_id']}: {job['array_size']} array tasks, submitted "
               f"{_ago(job['submitted'])}{where}")
     if note is not None:
-        print(note)
+        print(note, file=sys.stderr)
     return 0
 
 

@@ -61,8 +61,13 @@ def _quiet(message: str) -> None:
 
 
 def _say(message: str) -> None:
-    """Tell a person watching a blocking map what is happening (stderr, as the bar)."""
-    print(f"sheepdog: {message}", file=sys.stderr, flush=True)
+    """Tell a person watching a blocking map what is happening (stderr, as the bar).
+
+    Folded between words to the terminal's 80 columns (a local job id is 12 digits).
+    """
+    print(textwrap.fill(f"sheepdog: {message}", SUMMARY_COLUMNS + 1, subsequent_indent="  ",
+                        break_long_words=False, break_on_hyphens=False),
+          file=sys.stderr, flush=True)
 
 
 def _why(exc: BaseException) -> str:

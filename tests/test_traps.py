@@ -7,7 +7,9 @@ Every CLI case runs on a pseudo-terminal of 80 columns (tests/terminal.py), with
 from __future__ import annotations
 
 import json
+import re
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -224,6 +226,7 @@ def test_rerun_without_wait_hands_its_tasks_to_a_server(tmp_path: Path) -> None:
 
 def unserved_request(tmp_path: Path) -> str:
     """A database whose request 1 has 2 open tasks and a job whose server is gone."""
+    tmp_path.mkdir(exist_ok=True)
     dbfile = str(tmp_path / "sheepdog.sqlite")
     with socket.socket() as sock:  # a port nothing listens on once it is closed
         sock.bind(("127.0.0.1", 0))
@@ -374,3 +377,20 @@ def test_logs_of_a_running_task_shows_its_output_so_far(tmp_path: Path) -> None:
         assert not too_wide(outputs[0].split("---")[0]), outputs
     finally:
         sheepdog.cancel(request_id, config)
+
+
+# --- 11. 80 columns, and warnings apart from the table ----------------------------------
+
+
+def test_a_local_map_fits_80_columns_and_warnings_go_to_stderr(tmp_path: Path) -> None:
+    write_config(tmp_path, dbfile="./sheepdog.sqlite")
+    status, output = run_in_terminal(script(tmp_path, EXITS_SCRIPT), tmp_path)
+    assert status == 0, output
+    assert re.search(r"submitted job \d{12} for request 1", text_of(output)), output
+    assert not too_wide(output), too_wide(output)
+    dbfile = unserved_request(tmp_path / "unserved")
+    for argv in (["requests"], ["status", "1"]):
+        done = subprocess.run(sheepdog_cli(*argv, "--dbfile", dbfile), capture_output=True,
+                              text=True, timeout=WAIT_S, check=True, cwd=tmp_path)
+        assert "no server is serving it" not in done.stdout, done.stdout
+        assert "no server is serving it" in done.stderr, done.stderr

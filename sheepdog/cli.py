@@ -15,6 +15,7 @@ import importlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -43,7 +44,7 @@ from .api import (
 from .config import Config, as_config
 from .doctor import DEFAULT_TIMEOUT_S, doctor, render_check
 from .errors import RemoteError, SheepdogError
-from .job_file import job_file, key_file_name, stub_source
+from .job_file import job_file, job_stem, key_file_name, stub_source
 from .scheduler import open_scheduler, scheduler_class
 from .store import Storage
 from .watch import wait_for_request
@@ -303,6 +304,54 @@ def cmd_logs(args: argparse.Namespace) -> int:
             print(f"--- stderr of request {args.id} task {args.index}")
         sys.stdout.write(stderr)
     sys.stdout.flush()
+    return 0
+
+
+def _leftover_files(storage: Storage, request_id: int, names: list[str]) -> list[str]:
+    """The names (of those in its job directory) of a request's files: its job file, key,
+    address, array task output (.o/.e), spool, and local jobs' state files."""
+    stem = job_stem(request_id, storage.get_secret(request_id)) + "."
+    states = {f".local-job-{job['job_id']}.json" for job in storage.get_jobs(request_id)}
+    return sorted(name for name in names if name.startswith(stem) or name in states)
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    with _open_db(args.dbfile) as storage:
+        finished = [row["id"] for row in storage.list_requests()
+                    if not storage.open_task_indices(row["id"])]
+        # One look per job directory: requests may have been submitted to several.
+        by_place: dict[tuple[str, str, str], tuple[Config, list[int]]] = {}
+        for rid in finished:
+            config = stored_config(storage, rid)
+            if config is not None:
+                key = (config.scheduler, config.host, config.ssh_dir)
+                by_place.setdefault(key, (config, []))[1].append(rid)
+        n_files = 0
+        for config, ids in by_place.values():
+            with open_scheduler(config) as scheduler:
+                jobdir = scheduler.host.absolute(config.ssh_dir).rstrip("/")
+                names = scheduler.host.list_dir(jobdir) or []
+                doomed = []
+                for rid in ids:
+                    mine = _leftover_files(storage, rid, names)
+                    if mine and not doomed:  # the directory on a line of its own: it is long
+                        print(f"in {scheduler.host.host}:{jobdir}")
+                    if mine:
+                        print(f"  request {rid} (finished): {len(mine)} files")
+                    doomed += [f"{jobdir}/{name}" for name in mine]
+                n_files += len(doomed)
+                if doomed and args.yes:
+                    for start in range(0, len(doomed), 200):  # bounded command lines
+                        quoted = " ".join(shlex.quote(path) for path in doomed[start:start + 200])
+                        scheduler.host.run(f"rm -rf -- {quoted}", timeout_s=120)
+    if not n_files:
+        print("nothing to clean: no finished request has files left")
+    elif args.yes:
+        print(f"deleted {n_files} files of finished requests")
+    else:
+        print(textwrap.fill(f"would delete {n_files} files of finished requests (their "
+                            "results stay in the database); run again with --yes to delete "
+                            "them", COLUMNS))
     return 0
 
 
@@ -708,6 +757,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which output to show (default both, with headers)")
     _add_dbfile(p)
     p.set_defaults(run=cmd_logs)
+
+    p = _command(
+        sub, "clean", "delete the files that finished requests left in ssh_dir",
+        "List the files that finished requests (no task pending or running) left in\n"
+        "their job directory (ssh_dir, here or on the head node): job and key files,\n"
+        "the server's address, the array tasks' .o/.e output. Nothing is deleted\n"
+        "without --yes; results stay in the database, and open requests are not\n"
+        "touched.",
+        ["sheepdog clean", "sheepdog clean --yes"],
+    )
+    p.add_argument("--yes", action="store_true", help="delete the files listed")
+    _add_dbfile(p)
+    p.set_defaults(run=cmd_clean)
 
     p = _command(
         sub, "cancel", "delete a request's jobs and cancel its open tasks",

@@ -469,9 +469,9 @@ class Session:
             raise ValueError(f"errors must be 'none' or 'raise', got {errors!r}")
         cfg = self.config
         arg_list = list(args)
-        request_id = self.submit(f, arg_list, ns, cache=cache, say=_say if verbose else _quiet)
-        if not arg_list:
+        if not arg_list:  # nothing to run: no request, no job
             return []
+        request_id = self.submit(f, arg_list, ns, cache=cache, say=_say if verbose else _quiet)
         bound = timeout_s if timeout_s is not None else cfg.timeout_s
         # Every task from the cache: no job, so no server to start or watch.
         watcher = self.watcher(request_id, notify=_say if verbose else None)

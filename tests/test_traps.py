@@ -394,3 +394,38 @@ def test_a_local_map_fits_80_columns_and_warnings_go_to_stderr(tmp_path: Path) -
                               text=True, timeout=WAIT_S, check=True, cwd=tmp_path)
         assert "no server is serving it" not in done.stdout, done.stdout
         assert "no server is serving it" in done.stderr, done.stderr
+
+
+# --- 12. leftovers: sheepdog clean, and no request for an empty map -----------------------
+
+
+def test_clean_lists_then_deletes_only_finished_requests_files(tmp_path: Path) -> None:
+    config = json.loads(write_config(tmp_path).read_text())
+    jobs = tmp_path / "jobs"
+    assert sheepdog.map(abs, [-1, -2], config, verbose=False) == [1, 2]
+    finished = sorted(p.name for p in jobs.iterdir())
+    assert any(".o" in name for name in finished) and any(n.endswith(".key") for n in finished)
+    slow = sheepdog.map_async(time.sleep, [60], config)  # open: its files stay
+    (jobs / "notes.txt").write_text("mine")
+    try:
+        argv = sheepdog_cli("clean", "--dbfile", config["dbfile"])
+        status, output = run_in_terminal(argv, tmp_path)
+        text = text_of(output)
+        assert status == 0 and f"in localhost:{jobs}" in text, text
+        assert f"request 1 (finished): {len(finished)} files" in text, text
+        assert "run again with --yes" in text, text
+        assert not too_wide(output.replace(str(jobs), "")), output
+        assert sorted(p.name for p in jobs.iterdir() if p.name in finished) == finished
+        status, output = run_in_terminal([*argv, "--yes"], tmp_path)
+        assert status == 0 and f"deleted {len(finished)} files" in text_of(output), output
+        left = {p.name for p in jobs.iterdir()}
+        assert not left & set(finished) and "notes.txt" in left, left
+        assert any(name.startswith(f"sheepdog_{slow:03d}_") for name in left), left
+    finally:
+        sheepdog.cancel(slow, config)
+
+
+def test_an_empty_map_creates_no_request(tmp_path: Path) -> None:
+    config = json.loads(write_config(tmp_path).read_text())
+    assert sheepdog.map(abs, [], config) == []
+    assert not Path(config["dbfile"]).exists() or not Storage(config["dbfile"]).list_requests()

@@ -331,7 +331,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
             with open_scheduler(config) as scheduler:
                 jobdir = scheduler.host.absolute(config.ssh_dir).rstrip("/")
                 names = scheduler.host.list_dir(jobdir) or []
-                doomed = []
+                doomed: list[str] = []
                 for rid in ids:
                     mine = _leftover_files(storage, rid, names)
                     if mine and not doomed:  # the directory on a line of its own: it is long

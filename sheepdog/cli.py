@@ -15,6 +15,7 @@ import importlib
 import json
 import logging
 import os
+import reprlib
 import shlex
 import shutil
 import signal
@@ -23,7 +24,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -36,7 +37,6 @@ from .api import (
     cancel_request,
     get_errors,
     get_output,
-    get_results,
     rerun,
     served,
     stop_interrupted,
@@ -78,8 +78,22 @@ def _open_db(dbfile: str) -> Storage:
 
 
 def _value_text(value: Any, width: int = 200) -> str:
-    text = repr(value)
+    """A repr cut to ``width``, made without a whole repr of a large value first."""
+    if isinstance(value, (bytes, bytearray, str)):
+        text = repr(value[: width + 1])  # a 200 MB result's repr would take 800 MB
+    else:
+        text = _SHORT_REPR.repr(value)
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = short.maxlong = 300
+    return short
+
+
+#: Cuts long containers and strings while it builds a repr (reprlib's limits).
+_SHORT_REPR = _short_repr()
 
 
 def _fold(text: str) -> str:
@@ -96,12 +110,23 @@ def _fold(text: str) -> str:
     return "\n".join(out)
 
 
-def _jsonable(value: Any) -> Any:
+def _json_text(value: Any) -> str:
+    """The value as JSON; one that JSON cannot hold as ``{"repr": ...}`` (cut to 1000)."""
     try:
-        json.dumps(value)
+        return json.dumps(value)
     except (TypeError, ValueError):
-        return {"repr": repr(value)}
-    return value
+        return json.dumps({"repr": _value_text(value, 1000)})
+
+
+def _each_result(storage: Storage, request_id: int) -> Iterator[tuple[Any, Any]]:
+    """Each task's ``(arg, result or None)``, read one at a time: one value in memory."""
+    for arg, result in storage.get_tasks_with_stored_results(request_id):
+        yield _load(storage, arg), None if result is None else _load(storage, result)
+
+
+def _load(storage: Storage, stored: bytes | str) -> Any:
+    with storage.open_value(stored) as f:  # a large value from its blob file, not a copy
+        return serialisation.deserialise_file(f)
 
 
 def _ago(created: float) -> str:
@@ -211,34 +236,57 @@ def cmd_results(args: argparse.Namespace) -> int:
             index: RemoteError.from_dict(error, request_id=args.id, task_index=index)
             for index, _, error in storage.get_task_errors(args.id)
         }
-    results = get_results(args.id, args.dbfile, block=False)
-    if args.json:
-        data = [
-            {"index": i, "args": _jsonable(arg), "result": _jsonable(result)}
-            for i, (arg, result) in enumerate(results, start=1)
-        ]
-        json.dump(data, sys.stdout, indent=1)
-        print()
-        return 0
-    arg_texts = [_value_text(arg, 30) for arg, _ in results]
-    args_width = max([len("ARGS"), *map(len, arg_texts)])
-    task_width = max(4, len(str(len(results))))
-    print(f"{'TASK':>{task_width}}  {'STATE':9}  {'ARGS':{args_width}}  RESULT")
-    for i, ((_, result), state) in enumerate(zip(results, states), start=1):
-        # A leased task that its worker has not started yet waits, as a pending one.
-        word = TASK_STATE_WORDS["pending" if state == "leased" and i not in running else state]
-        head = f"{i:>{task_width}}  {word:9}  {arg_texts[i - 1]:{args_width}}  "
-        room = max(10, COLUMNS - 1 - len(head))
-        # Only a done task has a result; None there is a real None, not a gap.
-        if state == "done":
-            text = _value_text(result, room)
-        elif i in errors:
-            text = errors[i].summary
-            text = text if len(text) <= room else text[: room - 3] + "..."
-        else:
-            text = "-"
-        print(head + text)
+        if args.json:
+            _results_json(storage, args.id, states, running, errors)
+            return 0
+        arg_texts = [_value_text(_load(storage, arg), 30)
+                     for arg, _ in storage.get_tasks_with_stored_results(args.id)]
+        args_width = max([len("ARGS"), *map(len, arg_texts)])
+        task_width = max(4, len(str(len(states))))
+        print(f"{'TASK':>{task_width}}  {'STATE':9}  {'ARGS':{args_width}}  RESULT")
+        for i, ((_, result), state) in enumerate(
+                zip(_each_result(storage, args.id), states), start=1):
+            _print_result_row(i, result, state, running, errors, task_width, args_width,
+                              arg_texts[i - 1])
     return 0
+
+
+def _results_json(
+    storage: Storage, request_id: int, states: list[str], running: set[int],
+    errors: dict[int, RemoteError],
+) -> None:
+    """``results --json``: a list of tasks with their state and error, one in memory at once."""
+    sys.stdout.write("[")
+    for i, ((arg, result), state) in enumerate(
+            zip(_each_result(storage, request_id), states), start=1):
+        word = TASK_STATE_WORDS["pending" if state == "leased" and i not in running else state]
+        error = errors.get(i)
+        sys.stdout.write(
+            f'{"," if i > 1 else ""}\n {{"index": {i}, "state": {json.dumps(word)}, '
+            f'"args": {_json_text(arg)}, "result": {_json_text(result)}, "error": '
+            f'{json.dumps(None if error is None else error.summary)}}}'
+        )
+    sys.stdout.write("\n]\n")
+
+
+def _print_result_row(
+    i: int, result: Any, state: str, running: set[int], errors: dict[int, RemoteError],
+    task_width: int, args_width: int, arg_text: str,
+) -> None:
+    """One row of ``results``: task, state, argument and result (or the error), cut to fit."""
+    # A leased task that its worker has not started yet waits, as a pending one.
+    word = TASK_STATE_WORDS["pending" if state == "leased" and i not in running else state]
+    head = f"{i:>{task_width}}  {word:9}  {arg_text:{args_width}}  "
+    room = max(10, COLUMNS - 1 - len(head))
+    # Only a done task has a result; None there is a real None, not a gap.
+    if state == "done":
+        text = _value_text(result, room)
+    elif i in errors:
+        text = errors[i].summary
+        text = text if len(text) <= room else text[: room - 3] + "..."
+    else:
+        text = "-"
+    print(head + text)
 
 
 def cmd_errors(args: argparse.Namespace) -> int:

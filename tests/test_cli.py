@@ -114,9 +114,10 @@ def test_results_text_and_json(db: tuple[str, int], capsys: pytest.CaptureFixtur
     ]
     status, out, _ = run(capsys, "results", str(rid), "--json", "--dbfile", dbfile)
     assert json.loads(out) == [
-        {"index": 1, "args": 1, "result": 2},
-        {"index": 2, "args": 2, "result": None},
-        {"index": 3, "args": 3, "result": None},
+        {"index": 1, "state": "done", "args": 1, "result": 2, "error": None},
+        {"index": 2, "state": "failed", "args": 2, "result": None,
+         "error": "ZeroDivisionError: division by zero"},
+        {"index": 3, "state": "pending", "args": 3, "result": None, "error": None},
     ]
 
 

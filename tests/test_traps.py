@@ -22,7 +22,7 @@ from terminal import ANSI, REPO, run_in_terminal, too_wide
 import sheepdog
 from sheepdog._poll import poll_until
 from sheepdog._progress import started
-from sheepdog.serialisation import serialise_args, serialise_function
+from sheepdog.serialisation import serialise_args, serialise_function, serialise_value
 from sheepdog.storage import Storage
 
 pytestmark = pytest.mark.slow
@@ -429,3 +429,30 @@ def test_an_empty_map_creates_no_request(tmp_path: Path) -> None:
     config = json.loads(write_config(tmp_path).read_text())
     assert sheepdog.map(abs, [], config) == []
     assert not Path(config["dbfile"]).exists() or not Storage(config["dbfile"]).list_requests()
+
+
+# --- 9. results of large values; --json says each task's state and error ------------------
+
+
+def test_results_json_has_state_and_error_and_a_large_result_prints_short(
+    tmp_path: Path,
+) -> None:
+    dbfile = str(tmp_path / "sheepdog.sqlite")
+    with Storage(dbfile) as storage:
+        rid = storage.new_request(serialise_function(abs), b"", serialise_args([1, 2, 3, 4]))
+        storage.complete(rid, [
+            {"index": 1, "ok": True, "value": serialise_value(None)},
+            {"index": 2, "ok": False, "error": {"type": "ValueError", "message": "bad 2",
+                                                "traceback": "TB"}},
+            {"index": 3, "ok": True, "value": serialise_value(b"x" * 20_000_000)},
+        ])
+    done = subprocess.run(sheepdog_cli("results", "1", "--json", "--dbfile", dbfile),
+                          capture_output=True, text=True, timeout=WAIT_S, check=True)
+    rows = json.loads(done.stdout)
+    assert [(r["state"], r["result"], r["error"]) for r in rows[:2]] == [
+        ("done", None, None), ("failed", None, "ValueError: bad 2")]
+    assert rows[2]["state"] == "done" and rows[2]["result"]["repr"].startswith("b'xxx")
+    assert len(rows[2]["result"]["repr"]) <= 1000 and rows[3]["state"] == "pending"
+    status, output = run_in_terminal(sheepdog_cli("results", "1", "--dbfile", dbfile), tmp_path)
+    assert status == 0 and "b'xxxx" in output and not too_wide(output), output
+    assert len(output) < 2000, len(output)

@@ -261,10 +261,11 @@ def _results_json(
             zip(_each_result(storage, request_id), states), start=1):
         word = TASK_STATE_WORDS["pending" if state == "leased" and i not in running else state]
         error = errors.get(i)
+        # One key a line, as json.dump(indent=1) would: a terminal's 80 columns.
         sys.stdout.write(
-            f'{"," if i > 1 else ""}\n {{"index": {i}, "state": {json.dumps(word)}, '
-            f'"args": {_json_text(arg)}, "result": {_json_text(result)}, "error": '
-            f'{json.dumps(None if error is None else error.summary)}}}'
+            f'{"," if i > 1 else ""}\n {{\n  "index": {i},\n  "state": {json.dumps(word)},\n'
+            f'  "args": {_json_text(arg)},\n  "result": {_json_text(result)},\n  "error": '
+            f'{json.dumps(None if error is None else error.summary)}\n }}'
         )
     sys.stdout.write("\n]\n")
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import IO, Any
 
-__all__ = ["TASK_STATE_WORDS", "Progress", "format_counts", "request_state"]
+__all__ = ["TASK_STATE_WORDS", "Progress", "format_counts", "request_state", "started"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,9 @@ MIN_BAR_COLUMNS = 10
 
 
 #: The one word for each stored task state that every display uses (status, requests,
-#: results, the bar and map's summary): a leased task is "running", an error "failed".
+#: results, the bar and map's summary): a leased task that its worker runs is "running"
+#: (the rest of a worker's batch is "pending": :func:`started`), an error "failed" (a
+#: lost task too: its kind says lost).
 TASK_STATE_WORDS = {
     "pending": "pending",
     "leased": "running",
@@ -36,6 +38,16 @@ TASK_STATE_WORDS = {
     "error": "failed",
     "cancelled": "cancelled",
 }
+
+
+def started(counts: Mapping[str, int], running: int) -> dict[str, int]:
+    """The counts as displays show them: ``leased`` only for the ``running`` tasks
+    (:meth:`Storage.running_indices`), the rest of the workers' batches as pending."""
+    shown = dict(counts)
+    leased = shown.get("leased", 0)
+    shown["leased"] = min(leased, running)
+    shown["pending"] = shown.get("pending", 0) + leased - shown["leased"]
+    return shown
 
 
 def _finished(counts: Mapping[str, int]) -> int:

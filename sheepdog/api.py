@@ -1,4 +1,5 @@
-"""The functions users call: map, map_async, get_results, get_errors, cancel, rerun.
+"""The functions users call: map, map_async, get_results, is_finished, get_errors, cancel,
+rerun.
 
 Each is a ``with Session(...) as session: return session.…`` wrapper (as httpx's
 module-level functions wrap a ``Client``): the :class:`~sheepdog.session.Session`
@@ -13,6 +14,7 @@ import logging
 import shlex
 import ssl
 import sys
+import textwrap
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
@@ -21,6 +23,7 @@ from typing import Any
 from . import tunnel
 from ._submit import own_server
 from .config import ConfigLike
+from .doctor import COLUMNS
 from .errors import RemoteError, SheepdogError
 from .scheduler import Scheduler
 from .session import Cancellation, Session
@@ -33,6 +36,7 @@ __all__ = [
     "get_errors",
     "get_output",
     "get_results",
+    "is_finished",
     "map",
     "map_async",
     "map_sync",
@@ -82,9 +86,10 @@ def rerun(
 ) -> list[int]:
     """Run a request's failed, lost or cancelled tasks again; return their indices.
 
-    ``which`` chooses among ``"failed"`` (the function raised, or the job
-    was never submitted), ``"lost"`` (the worker died or its job was killed)
-    and ``"cancelled"``. They run under the same request id; tasks with a
+    ``which`` chooses among ``"failed"`` (every task that ended in an error:
+    the function raised, the job was never submitted, or the task was lost),
+    ``"lost"`` (only those whose worker died or whose job was killed) and
+    ``"cancelled"``. They run under the same request id; tasks with a
     result are never run again; what the chosen ones ended with stays in
     their history (:meth:`Storage.get_task_history`). A new array job is submitted for them
     with the config stored with the request (``config`` names the database,
@@ -146,10 +151,28 @@ def get_results(
         return session.results(request_id)
 
 
-def get_errors(request_id: int, dbfile: str = "./sheepdog.sqlite") -> list[tuple[Any, RemoteError]]:
-    """Fetch ``[(arg, error)]`` for every failed task; each error holds the remote traceback."""
+def is_finished(request_id: int, dbfile: str = "./sheepdog.sqlite") -> bool:
+    """Whether every task of the request has finished: done, failed, lost or cancelled.
+
+    A read of the database, cheap enough to poll after :func:`map_async`: a task
+    that failed counts as finished (its result is ``None``; :func:`get_errors`
+    says why), so a loop ``while not is_finished(...)`` ends when the request
+    does. Workers that die are marked lost by a wait (``get_results(block=True)``,
+    ``sheepdog status ID --wait``), which a poll of the database does not do.
+    """
     with Session(dbfile=dbfile, create=False) as session:
-        return session.errors(request_id)
+        return not session.storage.open_task_indices(request_id)
+
+
+def get_errors(request_id: int, dbfile: str = "./sheepdog.sqlite") -> list[tuple[Any, RemoteError]]:
+    """Fetch ``[(arg, error)]`` for every failed task; each error holds the remote traceback.
+
+    A lost task (its worker died or its job went away) is a failed task, whose
+    error's ``kind`` says so; a cancelled task did not fail and is not listed.
+    """
+    with Session(dbfile=dbfile, create=False) as session:
+        return [(arg, error) for arg, error in session.errors(request_id)
+                if error.kind != "cancelled"]
 
 
 def get_output(
@@ -229,14 +252,13 @@ def _warn_unserved_at_exit() -> None:
             continue
         if not n_open or not mine:
             continue
-        print(
+        print(textwrap.fill(
             f"sheepdog: request {request_id} still has {n_open} open tasks, and this process "
             "was its only server: its array tasks wait for a server until they give up. "
             f"Serve them with `sheepdog serve --dbfile {shlex.quote(dbfile)}`, or cancel "
             f"them with `sheepdog cancel {request_id} --config FILE --dbfile "
-            f"{shlex.quote(dbfile)}`.",
-            file=sys.stderr, flush=True,
-        )
+            f"{shlex.quote(dbfile)}`.", COLUMNS, break_long_words=False, break_on_hyphens=False,
+        ), file=sys.stderr, flush=True)
 
 
 # Registered after server.py's own handler, so it runs first, while the servers still run.

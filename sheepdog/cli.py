@@ -15,6 +15,8 @@ import importlib
 import json
 import logging
 import os
+import reprlib
+import shlex
 import shutil
 import signal
 import subprocess
@@ -22,20 +24,19 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from . import serialisation
-from ._progress import TASK_STATE_WORDS, format_counts, request_state
-from ._submit import array_size, batch_size, delete_jobs, stored_config
+from ._progress import TASK_STATE_WORDS, format_counts, request_state, started
+from ._submit import array_size, batch_size, delete_jobs, job_name, stored_config
 from ._version import __version__
 from .api import (
     cancel_request,
     get_errors,
     get_output,
-    get_results,
     rerun,
     served,
     stop_interrupted,
@@ -43,7 +44,7 @@ from .api import (
 from .config import Config, as_config
 from .doctor import DEFAULT_TIMEOUT_S, doctor, render_check
 from .errors import RemoteError, SheepdogError
-from .job_file import job_file, key_file_name, stub_source
+from .job_file import job_file, job_stem, key_file_name, stub_source
 from .scheduler import open_scheduler, scheduler_class
 from .store import Storage
 from .watch import wait_for_request
@@ -77,8 +78,22 @@ def _open_db(dbfile: str) -> Storage:
 
 
 def _value_text(value: Any, width: int = 200) -> str:
-    text = repr(value)
+    """A repr cut to ``width``, made without a whole repr of a large value first."""
+    if isinstance(value, (bytes, bytearray, str)):
+        text = repr(value[: width + 1])  # a 200 MB result's repr would take 800 MB
+    else:
+        text = _SHORT_REPR.repr(value)
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = short.maxlong = 300
+    return short
+
+
+#: Cuts long containers and strings while it builds a repr (reprlib's limits).
+_SHORT_REPR = _short_repr()
 
 
 def _fold(text: str) -> str:
@@ -95,12 +110,23 @@ def _fold(text: str) -> str:
     return "\n".join(out)
 
 
-def _jsonable(value: Any) -> Any:
+def _json_text(value: Any) -> str:
+    """The value as JSON; one that JSON cannot hold as ``{"repr": ...}`` (cut to 1000)."""
     try:
-        json.dumps(value)
+        return json.dumps(value)
     except (TypeError, ValueError):
-        return {"repr": repr(value)}
-    return value
+        return json.dumps({"repr": _value_text(value, 1000)})
+
+
+def _each_result(storage: Storage, request_id: int) -> Iterator[tuple[Any, Any]]:
+    """Each task's ``(arg, result or None)``, read one at a time: one value in memory."""
+    for arg, result in storage.get_tasks_with_stored_results(request_id):
+        yield _load(storage, arg), None if result is None else _load(storage, result)
+
+
+def _load(storage: Storage, stored: bytes | str) -> Any:
+    with storage.open_value(stored) as f:  # a large value from its blob file, not a copy
+        return serialisation.deserialise_file(f)
 
 
 def _ago(created: float) -> str:
@@ -114,15 +140,27 @@ def _short_time(created: float) -> str:
 # --- commands -----------------------------------------------------------------------
 
 
-def _unserved_note(storage: Storage, request_id: int, dbfile: str) -> str | None:
-    """A line saying that no server serves an open request, and what to run; else None."""
+def _unserved_note(
+    storage: Storage, request_id: int, dbfile: str, *, waiting: bool = False
+) -> str | None:
+    """A line saying that no server serves an open request, and what to run; else None.
+
+    ``waiting``: for a wait (``--wait``), which would otherwise sit at the same count.
+    """
     if not storage.open_task_indices(request_id) or served(storage, request_id) is not False:
         return None
-    text = (
-        f"request {request_id} has open tasks but no server is serving it: its array tasks "
-        f"cannot report. Run `sheepdog serve --dbfile {dbfile}`, or `sheepdog cancel "
-        f"{request_id} --config FILE --dbfile {dbfile}`"
-    )
+    if waiting:
+        text = (
+            f"request {request_id} has open tasks but no server is serving it, so this wait "
+            f"may never end: serve and wait with `sheepdog attach {request_id} --dbfile "
+            f"{dbfile}`, or run `sheepdog serve --dbfile {dbfile}` beside this wait"
+        )
+    else:
+        text = (
+            f"request {request_id} has open tasks but no server is serving it: its array "
+            f"tasks cannot report. Run `sheepdog serve --dbfile {dbfile}`, or `sheepdog "
+            f"cancel {request_id} --config FILE --dbfile {dbfile}`"
+        )
     # Folded between words, so that it fits an 80-column terminal as the table does.
     return textwrap.fill(text, COLUMNS - 1, break_long_words=False, break_on_hyphens=False)
 
@@ -138,7 +176,7 @@ def cmd_requests(args: argparse.Namespace) -> int:
         print(f"{'ID':>4} {'CREATED':11} {'STATE':9} {'TASKS':>6} {'DONE':>6} "
               f"{'FAILED':>6} {'CANCELLED':>9} {'RUNNING':>7} {'PENDING':>7}  LABEL")
         for row in rows:
-            c = storage.task_counts(row["id"])
+            c = started(storage.task_counts(row["id"]), len(storage.running_indices(row["id"])))
             line = (
                 f"{row['id']:>4} {_short_time(row['created']):11} "
                 f"{request_state(row['state'], c):9} {row['n_tasks']:>6} {c['done']:>6} "
@@ -149,17 +187,26 @@ def cmd_requests(args: argparse.Namespace) -> int:
             note = _unserved_note(storage, row["id"], args.dbfile)
             if note is not None:
                 notes.append(note)
-        for note in notes:
-            print(note)
+        for note in notes:  # on stderr: `sheepdog requests | tail -1` gets the table's end
+            print(note, file=sys.stderr)
     return 0
+
+
+def _wait(args: argparse.Namespace) -> None:
+    """``--wait``: wait for request ``args.id``, first saying if nothing serves it."""
+    with _open_db(args.dbfile) as storage:
+        note = _unserved_note(storage, args.id, args.dbfile, waiting=True)
+    if note is not None:
+        print(note, file=sys.stderr, flush=True)
+    wait_for_request(args.dbfile, args.id, verbose=True, timeout_s=args.timeout)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     _open_db(args.dbfile).close()  # a mistyped --dbfile must not become an empty database
     if args.wait:
-        wait_for_request(args.dbfile, args.id, verbose=True, timeout_s=args.timeout)
+        _wait(args)
     with _open_db(args.dbfile) as storage:
-        counts = storage.task_counts(args.id)
+        counts = started(storage.task_counts(args.id), len(storage.running_indices(args.id)))
         total = storage.count_tasks(args.id)
         state = request_state(storage.get_request_state(args.id), counts)
         jobs = storage.get_jobs(args.id)
@@ -173,46 +220,74 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  job {job['job_id']}: {job['array_size']} array tasks, submitted "
               f"{_ago(job['submitted'])}{where}")
     if note is not None:
-        print(note)
+        print(note, file=sys.stderr)
     return 0
 
 
 def cmd_results(args: argparse.Namespace) -> int:
     _open_db(args.dbfile).close()  # a mistyped --dbfile must not become an empty database
     if args.wait:
-        wait_for_request(args.dbfile, args.id, verbose=True, timeout_s=args.timeout)
+        _wait(args)
     with _open_db(args.dbfile) as storage:
         states = storage.task_states(args.id)  # an unknown id fails here, clearly
-    results = get_results(args.id, args.dbfile, block=False)
-    if args.json:
-        data = [
-            {"index": i, "args": _jsonable(arg), "result": _jsonable(result)}
-            for i, (arg, result) in enumerate(results, start=1)
-        ]
-        json.dump(data, sys.stdout, indent=1)
-        print()
-        return 0
-    errors: dict[int, RemoteError] = {
-        error.task_index or 0: error for _, error in get_errors(args.id, args.dbfile)
-    }
-    arg_texts = [_value_text(arg, 30) for arg, _ in results]
-    args_width = max([len("ARGS"), *map(len, arg_texts)])
-    task_width = max(4, len(str(len(results))))
-    print(f"{'TASK':>{task_width}}  {'STATE':9}  {'ARGS':{args_width}}  RESULT")
-    for i, ((_, result), state) in enumerate(zip(results, states), start=1):
-        word = TASK_STATE_WORDS.get(state, state)
-        head = f"{i:>{task_width}}  {word:9}  {arg_texts[i - 1]:{args_width}}  "
-        room = max(10, COLUMNS - 1 - len(head))
-        # Only a done task has a result; None there is a real None, not a gap.
-        if state == "done":
-            text = _value_text(result, room)
-        elif i in errors:
-            text = errors[i].summary
-            text = text if len(text) <= room else text[: room - 3] + "..."
-        else:
-            text = "-"
-        print(head + text)
+        running = storage.running_indices(args.id)
+        # Cancelled tasks too (get_errors leaves them out: they did not fail).
+        errors: dict[int, RemoteError] = {
+            index: RemoteError.from_dict(error, request_id=args.id, task_index=index)
+            for index, _, error in storage.get_task_errors(args.id)
+        }
+        if args.json:
+            _results_json(storage, args.id, states, running, errors)
+            return 0
+        arg_texts = [_value_text(_load(storage, arg), 30)
+                     for arg, _ in storage.get_tasks_with_stored_results(args.id)]
+        args_width = max([len("ARGS"), *map(len, arg_texts)])
+        task_width = max(4, len(str(len(states))))
+        print(f"{'TASK':>{task_width}}  {'STATE':9}  {'ARGS':{args_width}}  RESULT")
+        for i, ((_, result), state) in enumerate(
+                zip(_each_result(storage, args.id), states), start=1):
+            _print_result_row(i, result, state, running, errors, task_width, args_width,
+                              arg_texts[i - 1])
     return 0
+
+
+def _results_json(
+    storage: Storage, request_id: int, states: list[str], running: set[int],
+    errors: dict[int, RemoteError],
+) -> None:
+    """``results --json``: a list of tasks with their state and error, one in memory at once."""
+    sys.stdout.write("[")
+    for i, ((arg, result), state) in enumerate(
+            zip(_each_result(storage, request_id), states), start=1):
+        word = TASK_STATE_WORDS["pending" if state == "leased" and i not in running else state]
+        error = errors.get(i)
+        # One key a line, as json.dump(indent=1) would: a terminal's 80 columns.
+        sys.stdout.write(
+            f'{"," if i > 1 else ""}\n {{\n  "index": {i},\n  "state": {json.dumps(word)},\n'
+            f'  "args": {_json_text(arg)},\n  "result": {_json_text(result)},\n  "error": '
+            f'{json.dumps(None if error is None else error.summary)}\n }}'
+        )
+    sys.stdout.write("\n]\n")
+
+
+def _print_result_row(
+    i: int, result: Any, state: str, running: set[int], errors: dict[int, RemoteError],
+    task_width: int, args_width: int, arg_text: str,
+) -> None:
+    """One row of ``results``: task, state, argument and result (or the error), cut to fit."""
+    # A leased task that its worker has not started yet waits, as a pending one.
+    word = TASK_STATE_WORDS["pending" if state == "leased" and i not in running else state]
+    head = f"{i:>{task_width}}  {word:9}  {arg_text:{args_width}}  "
+    room = max(10, COLUMNS - 1 - len(head))
+    # Only a done task has a result; None there is a real None, not a gap.
+    if state == "done":
+        text = _value_text(result, room)
+    elif i in errors:
+        text = errors[i].summary
+        text = text if len(text) <= room else text[: room - 3] + "..."
+    else:
+        text = "-"
+    print(head + text)
 
 
 def cmd_errors(args: argparse.Namespace) -> int:
@@ -227,9 +302,47 @@ def cmd_errors(args: argparse.Namespace) -> int:
     return 0
 
 
+#: How much of a running task's array task output ``logs`` shows: its end.
+RUNNING_OUTPUT_BYTES = 64 * 1024
+
+
+def _running_output(storage: Storage, request_id: int, task: dict[str, Any]) -> list[str]:
+    """What a running task's array task wrote so far (its .o and .e files), as lines."""
+    worker, host = str(task.get("worker") or ""), task.get("host") or "a node"
+    lines = [textwrap.fill(f"request {request_id} task {task['idx']} is still running on "
+                           f"{host}; its array task's output so far (the worker's, of every "
+                           "task it ran):", COLUMNS)]
+    config = stored_config(storage, request_id)
+    array_index = worker.rsplit(":", 1)[-1]
+    if config is None or not array_index.isdigit():
+        return lines + ["(no stored config: its output files cannot be found)"]
+    name = job_name(storage, request_id)
+    try:
+        with open_scheduler(config) as scheduler:
+            jobdir = scheduler.host.absolute(config.ssh_dir).rstrip("/")
+            for job in reversed(storage.get_jobs(request_id)):
+                found = []
+                for kind in ("o", "e"):
+                    path = f"{jobdir}/{name}.{kind}{job['job_id']}.{array_index}"
+                    try:
+                        data = scheduler.host.read_bytes(path)[-RUNNING_OUTPUT_BYTES:]
+                    except (OSError, SheepdogError):
+                        continue
+                    found += [f"--- {path}", data.decode("utf-8", "replace")]
+                if found:
+                    return lines + found
+    except SheepdogError as exc:
+        return lines + [f"(could not read its output files: {exc})"]
+    return lines + ["(no output file yet)"]
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
-    with _open_db(args.dbfile):
-        pass
+    with _open_db(args.dbfile) as storage:
+        task = storage.get_task(args.id, args.index)
+        if task["state"] == "leased":
+            for line in _running_output(storage, args.id, task):
+                print(line.rstrip("\n"))
+            return 0
     stdout, stderr = get_output(args.id, args.index, args.dbfile)
     if args.stream in ("both", "stdout"):
         if args.stream == "both":
@@ -240,6 +353,54 @@ def cmd_logs(args: argparse.Namespace) -> int:
             print(f"--- stderr of request {args.id} task {args.index}")
         sys.stdout.write(stderr)
     sys.stdout.flush()
+    return 0
+
+
+def _leftover_files(storage: Storage, request_id: int, names: list[str]) -> list[str]:
+    """The names (of those in its job directory) of a request's files: its job file, key,
+    address, array task output (.o/.e), spool, and local jobs' state files."""
+    stem = job_stem(request_id, storage.get_secret(request_id)) + "."
+    states = {f".local-job-{job['job_id']}.json" for job in storage.get_jobs(request_id)}
+    return sorted(name for name in names if name.startswith(stem) or name in states)
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    with _open_db(args.dbfile) as storage:
+        finished = [row["id"] for row in storage.list_requests()
+                    if not storage.open_task_indices(row["id"])]
+        # One look per job directory: requests may have been submitted to several.
+        by_place: dict[tuple[str, str, str], tuple[Config, list[int]]] = {}
+        for rid in finished:
+            config = stored_config(storage, rid)
+            if config is not None:
+                key = (config.scheduler, config.host, config.ssh_dir)
+                by_place.setdefault(key, (config, []))[1].append(rid)
+        n_files = 0
+        for config, ids in by_place.values():
+            with open_scheduler(config) as scheduler:
+                jobdir = scheduler.host.absolute(config.ssh_dir).rstrip("/")
+                names = scheduler.host.list_dir(jobdir) or []
+                doomed: list[str] = []
+                for rid in ids:
+                    mine = _leftover_files(storage, rid, names)
+                    if mine and not doomed:  # the directory on a line of its own: it is long
+                        print(f"in {scheduler.host.host}:{jobdir}")
+                    if mine:
+                        print(f"  request {rid} (finished): {len(mine)} files")
+                    doomed += [f"{jobdir}/{name}" for name in mine]
+                n_files += len(doomed)
+                if doomed and args.yes:
+                    for start in range(0, len(doomed), 200):  # bounded command lines
+                        quoted = " ".join(shlex.quote(path) for path in doomed[start:start + 200])
+                        scheduler.host.run(f"rm -rf -- {quoted}", timeout_s=120)
+    if not n_files:
+        print("nothing to clean: no finished request has files left")
+    elif args.yes:
+        print(f"deleted {n_files} files of finished requests")
+    else:
+        print(textwrap.fill(f"would delete {n_files} files of finished requests (their "
+                            "results stay in the database); run again with --yes to delete "
+                            "them", COLUMNS))
     return 0
 
 
@@ -279,9 +440,18 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     print(f"request {args.id}: running {len(indices)} tasks again ({'/'.join(which)})",
           flush=True)
     if not args.wait:
-        # This process's server stops when it exits: the jobs need one.
-        print("the jobs call back to a server: keep `sheepdog serve` running, "
-              "or pass --wait")
+        # This process's server stops when it exits, and the jobs need one: hand the
+        # request to a `sheepdog serve` in the background, on the port they call back to.
+        from .server import registry
+
+        registry.stop(config.dbfile)
+        with _open_db(config.dbfile) as storage:
+            ports = sorted(_ports_to_serve(storage, [args.id]))
+        serve = argparse.Namespace(dbfile=config.dbfile, timeout=None, request=[args.id],
+                                   port=None, listen_address=None)
+        _detach(serve, ports)
+        print(textwrap.fill(f"wait for them with `sheepdog status {args.id} --wait`, or "
+                            f"serve and wait here with `sheepdog attach {args.id}`", COLUMNS))
         return 0
     try:
         counts = wait_for_request(config.dbfile, args.id, verbose=True)
@@ -305,7 +475,23 @@ def cmd_attach(args: argparse.Namespace) -> int:
     cmd_results(args)
     with _open_db(args.dbfile) as storage:
         counts = storage.task_counts(args.id)
+    for hint in _rerun_hints(args.id, counts):
+        print(hint, file=sys.stderr)
     return 0 if counts.get("done", 0) == sum(counts.values()) else 1
+
+
+def _rerun_hints(request_id: int, counts: dict[str, int]) -> list[str]:
+    """What to run for a request's tasks that ended without a result, 80 columns wide."""
+    hints = []
+    if counts.get("cancelled"):
+        hints.append(f"request {request_id}: {counts['cancelled']} tasks were cancelled; run "
+                     f"them again with `sheepdog rerun {request_id} --cancelled --wait`")
+    if counts.get("error"):
+        hints.append(f"request {request_id}: {counts['error']} tasks failed or were lost: "
+                     f"`sheepdog errors {request_id}` says why; once that is fixed, run them "
+                     f"again with `sheepdog rerun {request_id} --failed --wait`")
+    return [textwrap.fill(hint, COLUMNS, break_long_words=False, break_on_hyphens=False)
+            for hint in hints]
 
 
 def _ports_to_serve(
@@ -431,7 +617,10 @@ def _detach(args: argparse.Namespace, ports: list[int]) -> int:
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
         )
     print(f"serving on port {', '.join(map(str, ports))} in the background: pid {proc.pid}")
-    print(f"log {logfile}; stop it with: kill {proc.pid}")
+    relative = os.path.relpath(logfile)  # shorter, where it is under this directory
+    shown = logfile if relative.startswith("..") else relative
+    print(textwrap.fill(f"log {shown}; stop it with: kill {proc.pid}", COLUMNS,
+                        break_long_words=False, break_on_hyphens=False))
     return 0
 
 
@@ -560,7 +749,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                        f"sheepdog doctor cluster.json (the keys of a sheepdog config); without "
                        f"one it reads ./{DOCTOR_DEFAULT_CONFIG}, which is not here")
     config = as_config(path)
-    print(textwrap.fill(f"sheepdog doctor: checking {config.host} (the probe job may wait in "
+    where = config.host or "localhost"
+    print(textwrap.fill(f"sheepdog doctor: checking {where} (the probe job may wait in "
                         f"the queue for up to {args.timeout:g} s)", COLUMNS), flush=True)
     report = doctor(config, timeout_s=args.timeout, check=args.check,
                     on_check=lambda check: print(render_check(check), flush=True))
@@ -715,6 +905,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_logs)
 
     p = _command(
+        sub, "clean", "delete the files that finished requests left in ssh_dir",
+        "List the files that finished requests (no task pending or running) left in\n"
+        "their job directory (ssh_dir, here or on the head node): job and key files,\n"
+        "the server's address, the array tasks' .o/.e output. Nothing is deleted\n"
+        "without --yes; results stay in the database, and open requests are not\n"
+        "touched.",
+        ["sheepdog clean", "sheepdog clean --yes"],
+    )
+    p.add_argument("--yes", action="store_true", help="delete the files listed")
+    _add_dbfile(p)
+    p.set_defaults(run=cmd_clean)
+
+    p = _command(
         sub, "cancel", "delete a request's jobs and cancel its open tasks",
         "Cancel a request: its pending and running tasks become cancelled and its\n"
         "jobs are deleted on the head node, over SSH (qdel, or scancel on Slurm).",
@@ -736,9 +939,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("id", type=int, help="the request id")
     p.add_argument("--failed", action="store_true",
-                   help="tasks whose function raised (or that were never submitted)")
+                   help="every failed task: the function raised, the job was never "
+                   "submitted, or the task was lost")
     p.add_argument("--lost", action="store_true",
-                   help="tasks whose worker died or whose job was killed")
+                   help="only the failed tasks whose worker died or whose job was killed")
     p.add_argument("--cancelled", action="store_true", help="cancelled tasks")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="JSON config file (default: the config stored with the request)")

@@ -8,15 +8,17 @@ found and, where it is a problem, what to do (docs/cli.rst):
    and whether the host asks for a second factor;
 2. **scheduler**: that a non-interactive login finds ``qsub`` or ``sbatch``, and
    which one ``scheduler="auto"`` uses;
-3. **probe job**: a one-task array job, with the config's options and prologue,
+3. **shell**: that the config's ``shell`` is an executable file (on the head node, or
+   here for ``scheduler="local"``, which then skips the login and the tunnel);
+4. **probe job**: a one-task array job, with the config's options and prologue,
    which runs the workers' Python and from an execution node tries
-4. **worker Python** against this one (the stub needs 3.6+; ``mode="bytecode"`` the
+5. **worker Python** against this one (the stub needs 3.6+; ``mode="bytecode"`` the
    same minor version);
-5. **direct**: the server's address (``localhost``:port), and
-6. **tunnel**: the relay on the head node (:mod:`sheepdog.tunnel`), and
-7. **connect**: which way ``connect`` (``auto`` asks the head node as a map would)
+6. **direct**: the server's address (``localhost``:port), and
+7. **tunnel**: the relay on the head node (:mod:`sheepdog.tunnel`), and
+8. **connect**: which way ``connect`` (``auto`` asks the head node as a map would)
    will get the workers to you, and whether that way works;
-8. **modules** (with ``check``): whether each module imports on the node, and its
+9. **modules** (with ``check``): whether each module imports on the node, and its
    version there against here.
 
 The probe job calls a server of its own, on a throwaway database: the config's
@@ -53,6 +55,7 @@ from .remote import Login, Remote
 from .scheduler import Scheduler, open_remote, open_scheduler
 from .scheduler.auto import offered
 from .scheduler.gridengine import GridEngine
+from .scheduler.local import LocalHost, LocalScheduler
 from .serialisation import serialise_function
 from .server import Server, registry
 
@@ -281,7 +284,7 @@ class _Doctor:
         self.config = config
         self.timeout_s = timeout_s
         self.on_check = on_check
-        self.report = Report(config.host)
+        self.report = Report(config.host or "localhost")
         self.scheduler: Scheduler | None = None
         self.server: Server | None = None
         self.tmpdir: str | None = None
@@ -311,8 +314,7 @@ class _Doctor:
         later = ("probe job", "worker Python", *(f"module {m}" for m in self.modules),
                  "direct", "tunnel", "connect")
         if cfg.scheduler == "local":
-            self.add("scheduler", OK, "scheduler='local': the workers run on this machine and "
-                     "connect to it directly; there is no cluster to check")
+            self.go_local()
             return
         # Without a scheduler's set-up: offered() runs both schedulers' own.
         remote = open_remote(cfg, Scheduler)
@@ -322,6 +324,8 @@ class _Doctor:
                 self.skip("scheduler", *later, why="needs the SSH login")
                 return
             kind = self.check_scheduler(remote, login.user)
+            if kind is not None:
+                self.check_shell(remote)
         finally:
             remote.close()
         if kind is None:
@@ -344,6 +348,54 @@ class _Doctor:
         self.check_python(found)
         self.check_modules(found)
         self.check_connect(found, relay, relay_error)
+
+    def go_local(self) -> None:
+        """scheduler='local': the shell, then the probe job, run as a process here."""
+        self.add("scheduler", OK, "scheduler='local': the array tasks run as processes on "
+                 "this machine and connect to it directly")
+        modules = [f"module {m}" for m in self.modules]
+        if not self.check_shell(LocalHost()):
+            self.skip("probe job", "worker Python", *modules, "direct", why="needs the shell")
+            return
+        self.scheduler = open_scheduler(self.config)
+        try:
+            self.server = self.start_server()
+        except SheepdogError as exc:
+            self.add("probe job", FAIL, f"could not start a server here: {exc}",
+                     "fix the config key the message names")
+            self.skip("worker Python", *modules, "direct", why="needs a server")
+            return
+        found = self.run_probe_job(LocalScheduler, None)
+        if found is None:
+            self.skip("worker Python", *modules, "direct", why="needs the probe job's answer")
+            return
+        self.check_python(found)
+        self.check_modules(found)
+        reach = (found.get("reach") or {}).get("direct", {})
+        self.add("direct", OK if reach.get("ok") else FAIL,
+                 f"this machine: {reach.get('said', 'not tried')}",
+                 "" if reach.get("ok") else "set localhost to an address of this machine")
+
+    def check_shell(self, host: LocalHost | Remote) -> bool:
+        """Whether the config's ``shell`` is an executable file (on the head node: a warning)."""
+        shell = self.config.shell
+        local = isinstance(host, LocalHost)
+        try:
+            found = host.run(f"test -f {shlex.quote(shell)} && test -x {shlex.quote(shell)}",
+                             check=False, timeout_s=60).exit_status == 0
+        except SheepdogError as exc:
+            self.add("shell", WARN, f"could not look for shell {shell}: {exc}")
+            return True
+        where = "this machine" if local else f"the head node {self.config.host}"
+        if found:
+            self.add("shell", OK, f"{shell} is an executable file on {where}")
+            return True
+        self.add("shell", FAIL if local else WARN,
+                 f"shell is {shell}, which is not an executable file on {where}"
+                 + ("" if local else " (the execution nodes may differ: see the probe job)"),
+                 "set shell to the path of the workers' Python (`command -v python3` "
+                 "prints one)")
+        return not local
 
     def check_login(self, remote: Remote) -> Login | None:
         try:

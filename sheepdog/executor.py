@@ -20,23 +20,29 @@ import builtins
 import concurrent.futures
 import linecache
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 from . import serialisation
 from .config import ConfigLike, as_config
 from .errors import RemoteError, SerialisationError, SheepdogError
 from .session import Session, check_cache
-from .store import OPEN_STATES
+from .store import OPEN_STATES, Storage
 from .watch import Watcher
 
 __all__ = ["Executor"]
 
 logger = logging.getLogger(__name__)
+
+#: After Ctrl-C, how long the background thread may take to cancel the requests and
+#: delete their jobs (a submission under way finishes first, within its own bounds).
+STOP_WAIT_S = 300.0
 
 # Built by exec under a module name nothing can import, so that serialisation ships
 # these appliers by value: the workers do not have sheepdog installed. The source is
@@ -104,6 +110,8 @@ class _Outstanding:
     finished_seen: int = 0
     mark: int = 0
     resolved: set[int] = field(default_factory=set)
+    #: Tasks whose futures are still PENDING: cancellable until a worker leases them.
+    unstarted: set[int] = field(default_factory=set)
 
 
 class Executor(concurrent.futures.Executor):
@@ -117,6 +125,11 @@ class Executor(concurrent.futures.Executor):
     config's database, one request per group of calls. ``cache`` is as
     :func:`sheepdog.map_async`'s: with ``True`` a call whose function and
     arguments have a result in the database resolves without running.
+
+    A future is running once a worker has leased its task; until then
+    ``future.cancel()`` cancels the task. Ctrl-C in the ``with`` block does
+    what it does in :func:`sheepdog.map`: the open tasks are cancelled, the
+    jobs deleted, and one line per request says so.
     """
 
     def __init__(
@@ -145,6 +158,8 @@ class Executor(concurrent.futures.Executor):
         self._payloads: dict[tuple[str, int], tuple[Callable[..., Any], Callable[..., Any], bytes]]
         self._payloads = {}
         self._broken: BaseException | None = None
+        self._interrupted = False
+        self._stopped: list[str] = []
         self.request_ids: list[int] = []
         """The ids of the requests this executor submitted, oldest first."""
 
@@ -204,6 +219,39 @@ class Executor(concurrent.futures.Executor):
         if wait and thread is not None:
             thread.join()
 
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Wait for every future; on Ctrl-C, cancel the open tasks and delete the jobs."""
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self._interrupt()
+            return
+        try:
+            self.shutdown(wait=True)
+        except KeyboardInterrupt:  # Ctrl-C while leaving the block waits for the futures
+            self._interrupt()
+            raise
+
+    def _interrupt(self) -> list[str]:
+        """Stop as ``map`` does on Ctrl-C: cancel, delete the jobs, one line per request.
+
+        Returns those lines (each printed once, on stderr, when its request stopped).
+        """
+        with self._cond:
+            self._shutdown = self._interrupted = True
+            waiting = [f for g in self._groups.values() for f in g.futures]
+            self._groups.clear()
+            self._cond.notify_all()
+            thread = self._thread
+        for future in waiting:
+            future.cancel()
+        if thread is not None:
+            thread.join(STOP_WAIT_S)
+            if thread.is_alive():
+                logger.error("the sheepdog Executor did not stop within %g s", STOP_WAIT_S)
+        return self._stopped
+
     # -- adding calls ---------------------------------------------------------------
 
     def _add(self, kind: str, fn: Callable[..., Any], value: tuple[Any, ...]) -> Future[Any]:
@@ -257,7 +305,11 @@ class Executor(concurrent.futures.Executor):
             while futures:
                 future = futures[-1]
                 left = None if end is None else end - time.monotonic()
-                value = future.result(left)
+                try:
+                    value = future.result(left)
+                except KeyboardInterrupt:
+                    # As map does: the whole request, not only these calls; one line.
+                    raise KeyboardInterrupt("; ".join(self._interrupt())) from None
                 futures.pop()
                 if chunked:
                     yield from value
@@ -295,6 +347,9 @@ class Executor(concurrent.futures.Executor):
             # One session for the executor's life: one database connection, one scheduler.
             with Session(self.config) as session:
                 while True:
+                    if self._interrupted:
+                        self._stop_all(session)
+                        return
                     with self._cond:
                         due = self._due_groups()
                         if not due:
@@ -311,6 +366,21 @@ class Executor(concurrent.futures.Executor):
             logger.exception("the sheepdog Executor's thread failed")
             self._fail_everything(exc)
 
+    def _stop_all(self, session: Session) -> None:
+        """Stop every request with open tasks (Ctrl-C); its unfinished futures fail."""
+        with self._cond:
+            outstanding = list(self._outstanding.items())
+            self._outstanding.clear()
+        for request_id, out in outstanding:
+            if out.watcher is None or not session.storage.open_task_indices(request_id):
+                continue
+            line = f"request {request_id}: " + session.stop(request_id, "cancelled by Ctrl-C")
+            print(f"sheepdog: interrupted: {line}", file=sys.stderr, flush=True)
+            self._stopped.append(line)
+            for future in out.futures:
+                if not future.cancel() and not future.done():
+                    future.set_exception(SheepdogError(line))
+
     def _fail_everything(self, exc: BaseException) -> None:
         error = SheepdogError(f"the sheepdog Executor's background thread failed: {exc!r}")
         error.__cause__ = exc
@@ -326,7 +396,8 @@ class Executor(concurrent.futures.Executor):
 
     def _launch(self, session: Session, group: _Group) -> None:
         """Store and submit one group's calls as a request; fail their futures if that fails."""
-        keep = [i for i, f in enumerate(group.futures) if f.set_running_or_notify_cancel()]
+        # A future stays PENDING (cancellable) until a worker leases its task (_start).
+        keep = [i for i, f in enumerate(group.futures) if not f.cancelled()]
         if not keep:
             return
         futures = [group.futures[i] for i in keep]
@@ -346,12 +417,14 @@ class Executor(concurrent.futures.Executor):
         except Exception as exc:
             logger.error("could not submit %d calls: %s", len(values), exc)
             for future in futures:
-                future.set_exception(exc)
+                if not future.done():
+                    future.set_exception(exc)
             return
         logger.info("request %d: submitted %d calls", request_id, len(values))
         watcher = Watcher(self.config, request_id, session.scheduler, server=session.server)
         with self._cond:
-            self._outstanding[request_id] = _Outstanding(futures, watcher)
+            self._outstanding[request_id] = _Outstanding(
+                futures, watcher, unstarted=set(range(1, len(futures) + 1)))
 
     def _poll(self, session: Session) -> None:
         """Resolve the futures of finished tasks; let the watchers check the jobs."""
@@ -359,6 +432,8 @@ class Executor(concurrent.futures.Executor):
         with self._cond:
             outstanding = list(self._outstanding.items())
         for request_id, out in outstanding:
+            if out.unstarted:
+                self._start(storage, request_id, out)
             counts = storage.task_counts(request_id)
             finished = sum(n for state, n in counts.items() if state not in OPEN_STATES)
             if finished != out.finished_seen:
@@ -373,6 +448,22 @@ class Executor(concurrent.futures.Executor):
                 if out.watcher is not None:
                     out.watcher.finish(storage)
 
+    def _start(self, storage: Storage, request_id: int, out: _Outstanding) -> None:
+        """Mark the futures of leased tasks running; cancel the tasks of cancelled futures."""
+        states = storage.task_states(request_id)
+        cancelled = []
+        for index in sorted(out.unstarted):
+            future = out.futures[index - 1]
+            if future.cancelled():
+                cancelled.append(index)
+            elif states[index - 1] == "pending":
+                continue
+            elif not future.set_running_or_notify_cancel():
+                cancelled.append(index)
+            out.unstarted.discard(index)
+        if cancelled:
+            storage.cancel_tasks(request_id, cancelled, "cancelled by Future.cancel()")
+
     def _resolve(self, session: Session, request_id: int, out: _Outstanding) -> None:
         # Only what finished since the last look: each result is read once per request.
         out.mark, rows = session.storage.finished_since(request_id, out.mark)
@@ -382,6 +473,9 @@ class Executor(concurrent.futures.Executor):
                 continue
             out.resolved.add(index)
             future = out.futures[index - 1]
+            out.unstarted.discard(index)
+            if future.cancelled():
+                continue
             if error is not None:
                 remote = RemoteError.from_dict(error, request_id=request_id, task_index=index)
                 settle.append((future, False, remote))
@@ -395,6 +489,8 @@ class Executor(concurrent.futures.Executor):
                 settle.append((future, False, error_))
         # Outside any lock: done-callbacks run here and may call submit().
         for future, ok, value in settle:
+            if future.done():  # cancelled meanwhile
+                continue
             if ok:
                 future.set_result(value)
             else:

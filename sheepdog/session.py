@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -28,6 +29,7 @@ from .errors import TimeoutError as SheepdogTimeoutError
 from .scheduler import Deletion, Scheduler, open_scheduler
 from .server import Server, registry
 from .store import OPEN_STATES, Storage, content_digest
+from .store.queue import LOST_KINDS
 from .watch import Watcher, wait_for_request
 
 __all__ = [
@@ -44,6 +46,8 @@ logger = logging.getLogger(__name__)
 CACHE_CHOICES = (False, True, "refresh")
 #: Width that map's printed summary keeps to (a terminal's 80 columns, less one).
 SUMMARY_COLUMNS = 79
+#: Lines that map's summary gives the first error before it cuts it.
+SUMMARY_LINES = 4
 
 
 def check_cache(cache: object) -> None:
@@ -57,8 +61,13 @@ def _quiet(message: str) -> None:
 
 
 def _say(message: str) -> None:
-    """Tell a person watching a blocking map what is happening (stderr, as the bar)."""
-    print(f"sheepdog: {message}", file=sys.stderr, flush=True)
+    """Tell a person watching a blocking map what is happening (stderr, as the bar).
+
+    Folded between words to the terminal's 80 columns (a local job id is 12 digits).
+    """
+    print(textwrap.fill(f"sheepdog: {message}", SUMMARY_COLUMNS + 1, subsequent_indent="  ",
+                        break_long_words=False, break_on_hyphens=False),
+          file=sys.stderr, flush=True)
 
 
 def _why(exc: BaseException) -> str:
@@ -84,9 +93,16 @@ class Cancellation:
 
 
 def failure_summary(
-    failed: list[tuple[Any, RemoteError]], n_tasks: int, request_id: int, dbfile: str
+    failed: list[tuple[Any, RemoteError]], n_tasks: int, request_id: int, dbfile: str,
+    *, exits: str = "",
 ) -> str:
-    """What map prints when tasks failed: how many, the first one's error, where to look."""
+    """What map prints when tasks failed: the request, how many, the first error, where to look.
+
+    The first error is folded to 80 columns, not cut, up to ``SUMMARY_LINES`` lines:
+    its end names what is missing (a module) or where the task was lost. ``exits``
+    is how the request's array tasks exited (the scheduler's accounting), added to a
+    lost task's error, which has no exception of its own.
+    """
     errors = [error for _, error in failed]
     n_cancelled = sum(1 for error in errors if error.kind == "cancelled")
     n_failed = len(errors) - n_cancelled
@@ -95,10 +111,13 @@ def failure_summary(
         were = "was" if n_cancelled == 1 else "were"
         parts.append(f"{n_cancelled}{'' if n_failed else f' of {n_tasks} tasks'} {were} cancelled")
     first = next((e for e in errors if e.kind != "cancelled"), errors[0])
-    head = f"sheepdog: {' and '.join(parts)}; task {first.task_index}: {first.summary}"
-    if len(head) > SUMMARY_COLUMNS:
-        head = head[: SUMMARY_COLUMNS - 3] + "..."
-    return f"{head}\nsheepdog: see sheepdog.get_errors({request_id}, {dbfile!r})"
+    why = first.summary + (f" ({exits})" if exits and first.kind in LOST_KINDS else "")
+    head = f"sheepdog: request {request_id}: {' and '.join(parts)}; task {first.task_index}: {why}"
+    lines = textwrap.wrap(head, SUMMARY_COLUMNS, subsequent_indent="  ", break_on_hyphens=False)
+    if len(lines) > SUMMARY_LINES:
+        lines = lines[:SUMMARY_LINES]
+        lines[-1] = lines[-1][: SUMMARY_COLUMNS - 4] + " ..."
+    return "\n".join([*lines, f"sheepdog: see sheepdog.get_errors({request_id}, {dbfile!r})"])
 
 
 def function_name(f: Callable[..., Any]) -> str:
@@ -464,9 +483,9 @@ class Session:
             raise ValueError(f"errors must be 'none' or 'raise', got {errors!r}")
         cfg = self.config
         arg_list = list(args)
-        request_id = self.submit(f, arg_list, ns, cache=cache, say=_say if verbose else _quiet)
-        if not arg_list:
+        if not arg_list:  # nothing to run: no request, no job
             return []
+        request_id = self.submit(f, arg_list, ns, cache=cache, say=_say if verbose else _quiet)
         bound = timeout_s if timeout_s is not None else cfg.timeout_s
         # Every task from the cache: no job, so no server to start or watch.
         watcher = self.watcher(request_id, notify=_say if verbose else None)
@@ -494,10 +513,26 @@ class Session:
                 [err for _, err in failed],
             )
         if failed and verbose:
-            print(failure_summary(failed, len(arg_list), request_id, self.dbfile), flush=True)
+            lost = any(error.kind in LOST_KINDS for _, error in failed)
+            exits = self.exit_reasons(request_id) if lost else ""
+            print(failure_summary(failed, len(arg_list), request_id, self.dbfile, exits=exits),
+                  flush=True)
         return [result for _, result in results]
 
     # -- reading --------------------------------------------------------------------
+
+    def exit_reasons(self, request_id: int) -> str:
+        """How the request's array tasks ended badly (exit status, signal), or ""."""
+        reasons: list[str] = []
+        for job in self.storage.get_jobs(request_id)[-3:]:
+            try:
+                why = self.scheduler.accounting(str(job["job_id"]))
+            except SheepdogError as exc:  # the accounting is a hint: never fail a map on it
+                logger.info("no accounting for job %s: %s", job["job_id"], exc)
+                continue
+            if why and why not in reasons:
+                reasons.append(why)
+        return "; ".join(reasons)
 
     def results(self, request_id: int) -> list[tuple[Any, Any]]:
         """``[(arg, result)]`` of every task, in order; None where there is no result."""

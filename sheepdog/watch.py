@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from . import _submit, spool, tunnel
 from ._environment import mismatch_warning
 from ._poll import poll_until
-from ._progress import Progress
+from ._progress import Progress, started
 from .errors import SheepdogError, StorageError
 from .errors import TimeoutError as SheepdogTimeoutError
 from .scheduler import Deletion, Scheduler, open_scheduler
@@ -504,7 +504,7 @@ def wait_for_request(
         def finished() -> bool:
             nonlocal counts
             counts = storage.task_counts(request_id)
-            progress.update(counts)
+            progress.update(started(counts, len(storage.running_indices(request_id))))
             if not any(counts.get(s, 0) for s in OPEN_STATES):
                 if watcher is not None:
                     watcher.finish(storage)

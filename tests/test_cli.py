@@ -95,8 +95,8 @@ def test_status_and_requests_say_when_no_server_serves_an_open_request(
         storage.add_job(rid, "42", 1, info={"url": f"http://cluster-only.invalid:{port}/",
                                             "port": port, "listen_address": "127.0.0.1"})
     for argv in (["status", str(rid)], ["requests"]):
-        status, out, _ = run(capsys, *argv, "--dbfile", dbfile)
-        assert status == 0
+        status, table, out = run(capsys, *argv, "--dbfile", dbfile)
+        assert status == 0 and "no server" not in table  # on stderr, apart from the table
         said = " ".join(out.split())  # folded to 80 columns
         assert f"request {rid} has open tasks but no server is serving it" in said, out
         assert f"sheepdog serve --dbfile {dbfile}" in said, out
@@ -114,9 +114,10 @@ def test_results_text_and_json(db: tuple[str, int], capsys: pytest.CaptureFixtur
     ]
     status, out, _ = run(capsys, "results", str(rid), "--json", "--dbfile", dbfile)
     assert json.loads(out) == [
-        {"index": 1, "args": 1, "result": 2},
-        {"index": 2, "args": 2, "result": None},
-        {"index": 3, "args": 3, "result": None},
+        {"index": 1, "state": "done", "args": 1, "result": 2, "error": None},
+        {"index": 2, "state": "failed", "args": 2, "result": None,
+         "error": "ZeroDivisionError: division by zero"},
+        {"index": 3, "state": "pending", "args": 3, "result": None, "error": None},
     ]
 
 

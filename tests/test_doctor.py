@@ -112,9 +112,12 @@ def test_the_probe_job_carries_the_configs_options() -> None:
     assert "probe('/home/u/.sheepdog/x.json', [['direct', 'a:1']], 5.0)" in text
 
 
-def test_a_local_scheduler_has_nothing_to_check() -> None:
-    report = sheepdog.doctor({"scheduler": "local"})
-    assert report.ok and [c.name for c in report.checks] == ["scheduler"]
+def test_a_local_scheduler_checks_its_shell_before_the_probe_job() -> None:
+    report = sheepdog.doctor({"scheduler": "local", "shell": "/usr/bin/python9"})
+    assert report.target == "localhost"
+    assert [(c.name, c.status) for c in report.blockers] == [("shell", "FAIL")]
+    assert "/usr/bin/python9" in report.blockers[0].detail
+    assert [c.status for c in report.checks[-3:]] == ["skip"] * 3
 
 
 def test_a_head_node_that_refuses_the_connection_is_a_blocker(

@@ -119,17 +119,31 @@ def test_map_summary_names_the_first_error_and_counts_cancelled_apart() -> None:
 
     every = [(i, error(i, "ZeroDivisionError", "division by zero\nmore")) for i in (1, 2, 3)]
     assert failure_summary(every, 3, 4, "./sheepdog.sqlite").splitlines() == [
-        "sheepdog: 3 of 3 tasks failed; task 1: ZeroDivisionError: division by zero",
+        "sheepdog: request 4: 3 of 3 tasks failed; task 1: ZeroDivisionError: division",
+        "  by zero",
         "sheepdog: see sheepdog.get_errors(4, './sheepdog.sqlite')",
     ]
     mixed = [(1, error(1, "Cancelled", "cancelled by Ctrl-C", "cancelled")),
              (2, error(2, "KeyError", "'x'"))]
-    assert failure_summary(mixed, 5, 4, "db").splitlines()[0] == (
-        "sheepdog: 1 of 5 tasks failed and 1 was cancelled; task 2: KeyError: 'x'"
+    def first_error(summary: str) -> str:
+        return " ".join(" ".join(summary.splitlines()[:-1]).split())
+
+    assert first_error(failure_summary(mixed, 5, 4, "db")) == (
+        "sheepdog: request 4: 1 of 5 tasks failed and 1 was cancelled; task 2: KeyError: 'x'"
     )
     cancelled = [(1, error(1, "Cancelled", "cancelled by Ctrl-C", "cancelled"))]
-    assert failure_summary(cancelled, 2, 4, "db").splitlines()[0] == (
-        "sheepdog: 1 of 2 tasks was cancelled; task 1: Cancelled: cancelled by Ctrl-C"
+    assert first_error(failure_summary(cancelled, 2, 4, "db")) == (
+        "sheepdog: request 4: 1 of 2 tasks was cancelled; task 1: Cancelled: cancelled by Ctrl-C"
     )
-    long = [(1, error(1, "ValueError", "v" * 200))]
-    assert len(failure_summary(long, 1, 4, "db").splitlines()[0]) == 79
+    # A long error is folded, not cut, up to four lines of 79 columns; then it ends in "...".
+    long = [(1, error(1, "ValueError", " ".join(["v" * 9] * 20) + " the end"))]
+    lines = failure_summary(long, 1, 4, "db").splitlines()
+    assert lines[-2].endswith("the end") and max(map(len, lines)) <= 79, lines
+    longer = [(1, error(1, "ValueError", " ".join(["v" * 9] * 40) + " the end"))]
+    lines = failure_summary(longer, 1, 4, "db").splitlines()
+    assert len(lines) == 5 and lines[-2].endswith(" ...") and max(map(len, lines)) <= 79
+    # A lost task gets the array tasks' exit status; an exception does not need it.
+    lost = [(1, error(1, "LostTask", "task 1 was lost 3 times", "lost"))]
+    assert "lost 3 times (the array task exited with status 7)" in " ".join(
+        failure_summary(lost, 1, 4, "db", exits="the array task exited with status 7").split())
+    assert "status 7" not in failure_summary(every, 3, 4, "db", exits="status 7")

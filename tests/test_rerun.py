@@ -56,10 +56,12 @@ def test_rerun_chooses_failed_lost_and_cancelled_and_keeps_history(db: Storage) 
     assert db.task_states(rid) == ["done", "error", "error", "cancelled", "cancelled"] + [
         "error"] * 3
 
-    assert db.rerun_tasks(rid, ["failed"]) == [2, 8]
+    # "lost" picks only the lost ones; "failed" every failed task, lost ones included.
+    assert db.rerun_tasks(rid, ["lost"]) == [3, 6, 7]
     assert db.get_request_state(rid) == "open"  # reopened: workers may lease again
-    assert db.task_states(rid)[:5] == ["done", "pending", "error", "cancelled", "cancelled"]
-    assert db.rerun_tasks(rid, ["lost", "cancelled"]) == [3, 4, 5, 6, 7]
+    assert db.task_states(rid)[:5] == ["done", "error", "pending", "cancelled", "cancelled"]
+    db.fail_tasks(rid, [3], "lost", "the worker died again")
+    assert db.rerun_tasks(rid, ["failed", "cancelled"]) == [2, 3, 4, 5, 8]
     assert db.task_states(rid) == ["done"] + ["pending"] * 7
     assert db.rerun_tasks(rid, ["failed", "lost", "cancelled"]) == []  # nothing ended
     assert db.get_results(rid) == [(b"a", b"R1")]  # a result is never rerun

@@ -251,6 +251,9 @@ class LocalScheduler(Scheduler):
                 job.tasks.append((proc.pid, _start_time(proc.pid) or ""))
         except OSError as exc:
             _kill(job.tasks, job.procs)
+            missing = missing_interpreter(job_path)
+            if missing:  # the OSError would blame the job file, which is there
+                raise SheepdogError(missing) from None
             raise SheepdogError(f"could not start local job {job_path}: {exc}") from exc
         with _lock:
             _STARTED[job_id] = job
@@ -332,6 +335,25 @@ class LocalScheduler(Scheduler):
         for job in started:
             for proc in job.procs:
                 proc.poll()
+
+
+def missing_interpreter(job_path: str) -> str:
+    """Why the job file's ``#!`` interpreter (the config's ``shell``) cannot run; "" if it can.
+
+    The operating system blames the job file for a missing interpreter (ENOENT names
+    the file it was asked to run), so this names the one that is really missing.
+    """
+    try:
+        with open(job_path, "rb") as fh:
+            first = fh.readline(4096).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    interpreter = first[2:].split()[0] if first.startswith("#!") and first[2:].split() else ""
+    if not interpreter or os.access(interpreter, os.X_OK) and os.path.isfile(interpreter):
+        return ""
+    why = "does not exist" if not os.path.exists(interpreter) else "is not an executable file"
+    return (f"the config's shell, {interpreter}, {why} on this machine: set shell to the "
+            "path of a Python here (`command -v python3` prints one)")
 
 
 def _kill(tasks: list[tuple[int, str]], procs: list[subprocess.Popen[bytes]]) -> None:

@@ -51,11 +51,11 @@ LOST_KINDS = ("lost", "job_lost", "job_error")
 _LOST_SQL = ", ".join(f"'{kind}'" for kind in LOST_KINDS)
 
 #: What :meth:`Queue.rerun_tasks` may choose, each as a condition on a task's row:
-#: ``failed`` is an error of any other kind (the function raised, a timeout, a job
-#: never submitted or never schedulable).
+#: ``failed`` is every task that ended in an error, as every display counts them (the
+#: function raised, a timeout, a job never submitted, and lost tasks); ``lost`` only
+#: the tasks whose worker or job went away.
 RERUN_CHOICES: dict[str, str] = {
-    "failed": f"(state = 'error' AND coalesce(json_extract(error, '$.kind'), '')"
-              f" NOT IN ({_LOST_SQL}))",
+    "failed": "state = 'error'",
     "lost": f"(state = 'error' AND json_extract(error, '$.kind') IN ({_LOST_SQL}))",
     "cancelled": "state = 'cancelled'",
 }
@@ -464,6 +464,25 @@ class Queue(Database):
                 (error, time.time(), request_id),
             )
         return cursor.rowcount
+
+    def cancel_tasks(self, request_id: int, indices: Iterable[int], reason: str) -> list[int]:
+        """Cancel the given open tasks only (the request stays open); return those changed."""
+        error = json.dumps(
+            {"type": "Cancelled", "message": reason, "traceback": "", "kind": "cancelled"}
+        )
+        changed = []
+        self._request_row(request_id, "id")
+        with self._write() as conn:
+            for idx in indices:
+                cursor = conn.execute(
+                    "UPDATE tasks SET state = 'cancelled', error = ?, finished = ?, lease = NULL,"
+                    " lease_expires = NULL WHERE request_id = ? AND idx = ?"
+                    f" AND state IN {OPEN_STATES_SQL}",
+                    (error, time.time(), request_id, idx),
+                )
+                if cursor.rowcount:
+                    changed.append(int(idx))
+        return changed
 
     def fail_tasks(
         self,

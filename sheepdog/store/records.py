@@ -275,6 +275,21 @@ class Records(Database):
                 counts[state] = int(count)
         return counts
 
+    def running_indices(self, request_id: int) -> set[int]:
+        """The tasks that workers run now: one per worker holding leases.
+
+        A worker leases a batch and runs it in index order, so its lowest leased task
+        is the one it runs (or has just finished, its result not yet posted); the
+        rest of its batch waits, as pending tasks do.
+        """
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT min(idx) FROM tasks WHERE request_id = ? AND state = 'leased'"
+                " GROUP BY worker, host",
+                (request_id,),
+            ).fetchall()
+        return {int(idx) for (idx,) in rows}
+
     def get_task_errors(self, request_id: int) -> list[tuple[int, bytes, dict[str, Any]]]:
         """Return ``(index, args, error dict)`` for every failed or cancelled task.
 

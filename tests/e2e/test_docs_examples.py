@@ -318,10 +318,11 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
 
     # What the comments and the surrounding text promise.
     json_shown = next(c for cmd, c, _ in shown if cmd == "sheepdog results 1 --json")
-    first = json.loads(json_shown.split(", ...", 1)[0] + "]")
-    assert json.loads(outputs["sheepdog results 1 --json"]) == first + [
-        {"index": 2, "args": [1, 2], "result": 3},
-        {"index": 3, "args": [2, 2], "result": None},
+    assert json_shown.startswith('[{"index": 1, "state": "done", ...}'), json_shown
+    rows = json.loads(outputs["sheepdog results 1 --json"])
+    assert [(r["index"], r["state"], r["args"], r["result"], r["error"]) for r in rows] == [
+        (1, "done", [1, 1], 2, None), (2, "done", [1, 2], 3, None),
+        (3, "failed", [2, 2], None, "ZeroDivisionError: division by zero"),
     ]
     assert outputs["sheepdog worker-stub > sheepdog_worker.py"] == stub_source()
     compile(outputs["sheepdog worker-stub > sheepdog_worker.py"], "sheepdog_worker.py", "exec")

@@ -62,7 +62,7 @@ def test_doctor_passes_everything_on_the_ordinary_cluster(config: dict[str, Any]
     report = sheepdog.doctor(dict(config, connect="auto"), timeout_s=WAIT_S)
     assert report.ok, report.render()
     assert _statuses(report) == {
-        "SSH login": OK, "scheduler": OK, "probe job": OK, "worker Python": OK,
+        "SSH login": OK, "scheduler": OK, "shell": OK, "probe job": OK, "worker Python": OK,
         "direct": OK, "tunnel": OK, "connect": OK,
     }, report.render()
     assert "'auto' picks direct" in _detail(report, "connect"), report.render()
@@ -122,6 +122,9 @@ def test_doctor_says_why_a_probe_job_with_a_wrong_shell_gave_no_answer(
     report = sheepdog.doctor(dict(config, shell="/nonexistent/python3"), timeout_s=WAIT_S)
     assert not report.ok
     statuses = _statuses(report)
+    # The head node has no such file either: a warning that names shell and the path.
+    assert statuses["shell"] == WARN, report.render()
+    assert "shell is /nonexistent/python3" in _detail(report, "shell"), report.render()
     assert statuses["probe job"] == FAIL, report.render()
     assert "/nonexistent/python3" in _detail(report, "probe job"), report.render()
     assert "check the config's shell" in _detail(report, "probe job"), report.render()

@@ -100,13 +100,24 @@ def _fold(text: str) -> str:
     """Fold lines wider than the terminal (remote tracebacks), indenting the rest of each."""
     if not sys.stdout.isatty():
         return text
-    width = shutil.get_terminal_size((COLUMNS, 24)).columns
+    # Not narrower than the indent of a folded line and a word, or nothing would fit.
+    width = max(20, shutil.get_terminal_size((COLUMNS, 24)).columns)
     out = []
     for line in text.splitlines():
         while len(line) > width:
-            out.append(line[:width])
-            line = "    " + line[width:]
-        out.append(line)
+            # Between words where there is a space to break at (not inside a date or a
+            # name); a word longer than the line (a path) is cut where the line ends.
+            indent = len(line) - len(line.lstrip(" "))
+            cut = line.rfind(" ", indent + 1, width + 1)
+            if cut <= indent:
+                cut = width
+            out.append(line[:cut].rstrip())
+            rest = line[cut:].lstrip(" ")
+            if not rest:
+                break
+            line = "    " + rest
+        else:
+            out.append(line)
     return "\n".join(out)
 
 
@@ -172,16 +183,22 @@ def cmd_requests(args: argparse.Namespace) -> int:
             print(f"no requests in {args.dbfile}")
             return 0
         notes = []
-        # 73 columns before the label, which is cut to fit 80.
-        print(f"{'ID':>4} {'CREATED':11} {'STATE':9} {'TASKS':>6} {'DONE':>6} "
-              f"{'FAILED':>6} {'CANCELLED':>9} {'RUNNING':>7} {'PENDING':>7}  LABEL")
+        counts: dict[int, list[Any]] = {}
         for row in rows:
             c = started(storage.task_counts(row["id"]), len(storage.running_indices(row["id"])))
-            line = (
-                f"{row['id']:>4} {_short_time(row['created']):11} "
-                f"{request_state(row['state'], c):9} {row['n_tasks']:>6} {c['done']:>6} "
-                f"{c['error']:>6} {c['cancelled']:>9} {c['leased']:>7} {c['pending']:>7}"
-            )
+            counts[row["id"]] = [row["n_tasks"], c["done"], c["error"], c["cancelled"],
+                                 c["leased"], c["pending"], request_state(row["state"], c)]
+        # Each count's column is as wide as its header or its widest number, whichever is
+        # wider: 70 columns for requests of fewer than 10,000 tasks, 8 left for the label.
+        heads = ("TASKS", "DONE", "FAILED", "CANCELLED", "RUNNING", "PENDING")
+        widths = [max(len(head), *(len(str(cells[i])) for cells in counts.values()))
+                  for i, head in enumerate(heads)]
+        numbers = " ".join(f"{head:>{w}}" for head, w in zip(heads, widths))
+        print(f"{'ID':>4} {'CREATED':11} {'STATE':9} {numbers}  LABEL")
+        for row in rows:
+            cells = counts[row["id"]]
+            numbers = " ".join(f"{n:>{w}}" for n, w in zip(cells[:6], widths))
+            line = f"{row['id']:>4} {_short_time(row['created']):11} {cells[6]:9} {numbers}"
             label = row["label"] or ""
             print(f"{line}  {label[: max(0, COLUMNS - len(line) - 2)]}".rstrip())
             note = _unserved_note(storage, row["id"], args.dbfile)

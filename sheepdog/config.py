@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -263,9 +264,12 @@ class Config:
             for key in unknown:
                 close = difflib.get_close_matches(key, valid, n=1)
                 hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+            # The keys on lines of their own, folded: the message fits a terminal.
+            keys = textwrap.fill(", ".join(sorted(valid)), 78, initial_indent="  ",
+                                 subsequent_indent="  ", break_on_hyphens=False)
             raise ConfigError(
                 f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
-                f"the valid keys are: {', '.join(sorted(valid))}",
+                f"the valid keys are:\n{keys}",
                 key=unknown[0],
             )
         values = dict(mapping)

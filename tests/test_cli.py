@@ -78,6 +78,19 @@ def test_requests(db: tuple[str, int], capsys: pytest.CaptureFixture[str]) -> No
     assert line.split()[3:10] == ["running", "3", "1", "1", "0", "0", "1"]
 
 
+def test_requests_shows_a_whole_label_in_80_columns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dbfile = str(tmp_path / "labels.sqlite")
+    with Storage(dbfile) as storage:
+        storage.new_request(serialise_function(double), b"", serialise_args([1, 2]),
+                            label="Executor")
+    status, out, _ = run(capsys, "requests", "--dbfile", dbfile)
+    assert status == 0
+    assert out.splitlines()[1].split()[-1] == "Executor", out
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+
+
 def test_status(db: tuple[str, int], capsys: pytest.CaptureFixture[str]) -> None:
     dbfile, rid = db
     status, out, _ = run(capsys, "status", str(rid), "--dbfile", dbfile)
@@ -443,3 +456,20 @@ def test_rerun_needs_a_config_and_a_known_request(
     assert (status, out) == (0, f"request {rid}: no lost/cancelled tasks to run again\n")
     with Storage(dbfile) as storage:
         assert storage.task_states(rid) == ["done", "error", "pending"]
+
+
+def test_a_remote_traceback_is_folded_between_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``errors`` folds a long line where a space is, never inside a date or a name."""
+    from sheepdog import cli
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setenv("COLUMNS", "80")
+    line = "RuntimeError: the run of 2026-12-07 02:15:42 on exec1 gave up after 3 tries; " * 4
+    path = "/home/you/" + "very-long-directory-name/" * 6 + "data.csv"
+    folded = cli._fold(f"{line}\n  File {path}, line 3")
+    lines = folded.splitlines()
+    assert max(len(one) for one in lines) <= 80, lines
+    # Every word of the line is whole; the path, longer than a line, is cut where it must be.
+    assert " ".join(folded.split()).startswith(" ".join(line.split())), lines
+    assert "".join(folded.split()).endswith(f"File{path},line3"), lines
+    assert all(one.strip() for one in lines), lines

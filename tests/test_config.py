@@ -148,8 +148,13 @@ def test_a_misspelt_key_says_which_key_was_meant_first() -> None:
         as_config({"host": "fear", "ssh_prot": 2222})
     message = str(info.value)
     assert message.startswith(
-        "unknown config key 'ssh_prot' (did you mean 'ssh_port'?); the valid keys are: "
+        "unknown config key 'ssh_prot' (did you mean 'ssh_port'?); the valid keys are:\n"
     )
+    # Every valid key is named, on lines that fit a terminal.
+    lines = message.splitlines()
+    assert max(len(line) for line in lines) <= 80, lines
+    named = " ".join(lines[1:]).replace(",", " ").split()
+    assert set(named) == {f.name for f in dataclasses.fields(Config)}, lines
     with pytest.raises(ConfigError) as info:
         as_config({"host": "fear", "workres": 2, "qqqq": 1})
     assert str(info.value).startswith(

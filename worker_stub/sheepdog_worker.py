@@ -201,7 +201,7 @@ def module_version(name):
         version = getattr(module, "__version__", None)
     if not isinstance(version, str):
         try:
-            from importlib import metadata
+            from importlib import metadata  # novermin: Python < 3.8 takes the except
             version = metadata.version(name)
         except Exception:  # Python < 3.8, or not installed as a distribution (the stdlib)
             version = None

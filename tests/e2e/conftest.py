@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,14 +10,13 @@ import pytest
 from cluster_fixture import (
     FIREWALLED_NODES,
     delete_all_jobs,
-    open_cluster_scheduler,
+    delete_test_jobs,
     slurm_cluster,
     ssh_connect,
 )
 
 from sheepdog._poll import poll_until
 from sheepdog.server import registry
-from sheepdog.storage import Storage
 
 
 @pytest.fixture
@@ -32,23 +30,6 @@ def config(cluster: dict[str, Any], tmp_path: Path) -> Iterator[dict[str, Any]]:
     yield dict(cluster, dbfile=dbfile)
     delete_test_jobs(cluster, dbfile)
     registry.stop(dbfile)
-
-
-def delete_test_jobs(cluster: dict[str, Any], dbfile: str) -> None:
-    """Delete the jobs of every request in the test's database, so no test inherits them.
-
-    A test that ends with work open (map_async, a failure mid-map) would leave array
-    tasks holding slots for ``worker_retry_s``; a test that needs a free slot (the Eqw
-    test) would wait on them. Jobs that already ended are fine.
-    """
-    if not os.path.isfile(dbfile):
-        return
-    with Storage(dbfile) as storage:
-        job_ids = [str(job["job_id"]) for request in storage.list_requests()
-                   for job in storage.get_jobs(request["id"])]
-    if job_ids:
-        with open_cluster_scheduler(cluster) as scheduler:
-            scheduler.delete(job_ids)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_fixture import open_cluster_scheduler, run, ssh_connect
+from cluster_fixture import delete_test_jobs, run, ssh_connect
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
@@ -134,19 +134,7 @@ def watched(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
         if map_proc.poll() is None:
             map_proc.kill()
         map_proc.communicate()
-        _delete_jobs(cluster, config["dbfile"])
-
-
-def _delete_jobs(cluster: dict[str, Any], dbfile: str) -> None:
-    """Delete the map's jobs, as the ``config`` fixture does for a test's own database."""
-    if not os.path.isfile(dbfile):
-        return
-    with Storage(dbfile) as storage:
-        job_ids = [str(job["job_id"]) for request in storage.list_requests()
-                   for job in storage.get_jobs(request["id"])]
-    if job_ids:
-        with open_cluster_scheduler(cluster) as scheduler:
-            scheduler.delete(job_ids)
+        delete_test_jobs(cluster, config["dbfile"])
 
 
 @pytest.fixture(scope="module")

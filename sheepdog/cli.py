@@ -417,7 +417,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     else:
         print(textwrap.fill(f"would delete {n_files} files of finished requests (their "
                             "results stay in the database); run again with --yes to delete "
-                            "them", COLUMNS))
+                            "them", COLUMNS - 1))  # as the other notes: 79, not 80
     return 0
 
 

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,7 @@ CLI_PAGE = EXAMPLES.parent / "cli.rst"
 #: The command lines cli.rst shows, in order; each one is run below.
 CLI_COMMANDS = [
     "sheepdog doctor cluster.json",
+    "sheepdog doctor cluster.json --check numpy,flask",
     "sheepdog requests",
     "sheepdog status 2 --wait",
     "sheepdog results 1",
@@ -102,6 +104,9 @@ CLI_COMMANDS = [
     "sheepdog errors 1",
     "sheepdog logs 1 2",
     "sheepdog logs 1 2 --stream stdout",
+    "sheepdog clean",
+    "sheepdog clean --yes",
+    "sheepdog dashboard --no-browser",
     "sheepdog cancel 2 --config cluster.json",
     "sheepdog serve --dbfile ./sheepdog.sqlite",
     "sheepdog serve --detach",
@@ -160,6 +165,7 @@ def console_commands(page: Path) -> list[tuple[str, str, list[str]]]:
 def shape(line: str) -> str:
     """A line with what varies from run to run (dates, numbers, hosts, states) made generic."""
     line = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "DATE", line)
+    line = re.sub(r"^in \S+:/\S+$", "in HOST:DIR", line.strip())  # where `clean` looked
     line = re.sub(r"\bon [\w.-]+\)", "on HOST)", line)
     line = re.sub(r"\b(running|finished)\b", "STATE", line)
     # Whether array tasks were still queued when a request finished varies from run to run.
@@ -221,6 +227,45 @@ DOCTOR_VERDICTS = ("ok", "warn", "FAIL", "skip")
 def doctor_rows(text: str) -> list[str]:
     """The checks ``sheepdog doctor`` printed, in order (what each found varies by cluster)."""
     return [line[6:21].strip() for line in text.splitlines() if line[:6].strip() in DOCTOR_VERDICTS]
+
+
+def assert_modules_checked_like(shown: list[str], done: subprocess.CompletedProcess[str]) -> None:
+    """``doctor --check numpy,flask`` on our nodes, which have neither: a blocker for each.
+
+    The page shows numpy found on both sides; the flask row, missing on the node, is what
+    our nodes print, in the same form.
+    """
+    printed = done.stdout
+    message = f"the docs show\n{chr(10).join(shown)}\nbut it printed\n{printed}"
+    assert done.returncode == 1, message  # a module missing on the node is a blocker
+    rows = doctor_rows(printed)
+    # In the order of their names, as the page shows them.
+    assert rows[-5:] == ["module flask", "module numpy", "direct", "tunnel", "connect"], message
+    flask = " ".join(printed[printed.index("module flask"):].split())
+    assert re.match(r"module flask flask: missing on \S+ \(ModuleNotFoundError: No module "
+                    r"named 'flask'\); [\d.]+ here fix: install flask==", flask), message
+    assert shown[1].startswith("FAIL  module flask   flask: missing on node17"), shown
+
+
+def assert_dashboard_like(shown: list[str], argv: list[str], cwd: Path) -> None:
+    """``dashboard --no-browser`` prints the page's lines, serves its URL, and stops at Ctrl-C."""
+    with subprocess.Popen([sys.executable, "-m", "sheepdog", *argv], cwd=cwd,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            lines = [proc.stdout.readline().rstrip("\n") for _ in shown]
+            message = (f"the docs show\n{chr(10).join(shown)}\nbut it printed\n"
+                       f"{chr(10).join(lines)}")
+            assert lines[0] == shown[0] and lines[2] == shown[2], message
+            url = re.compile(r"  http://127\.0\.0\.1:\d+/\?token=\S+")
+            assert url.fullmatch(lines[1]) and url.fullmatch(shown[1]), message
+            with urllib.request.urlopen(lines[1].strip(), timeout=30) as page:
+                assert page.status == 200 and b"sheepdog" in page.read()
+            proc.send_signal(signal.SIGINT)  # "stop it with Ctrl-C"
+            assert proc.wait(timeout=30) == 0, proc.stdout.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def assert_doctor_like(shown: list[str], printed: str, host: str) -> None:
@@ -289,6 +334,12 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
                 (tmp_path / "mymodule.py").write_text(
                     "def simulate(seed):\n    return seed * 2\n"
                 )
+            elif argv[0] == "dashboard":
+                assert_dashboard_like(output, argv, tmp_path)
+                continue
+            elif "--check" in argv:
+                assert_modules_checked_like(output, run(argv, check=False))
+                continue
             done = run(argv)
             printed = done.stdout + (done.stderr if argv[0] == "jobfile" else "")
             outputs[command] = done.stdout

@@ -144,8 +144,11 @@ def test_a_job_whose_node_fails_is_run_again_with_the_reason(
 ) -> None:
     # --no-requeue: else Slurm requeues the array task itself (JobRequeue=1, its default), and
     # the job never leaves the queue; here it must end NODE_FAIL and sheepdog run it again.
+    # tasks_per_worker=1: the other node's worker ends after its own task, so the job leaves
+    # the queue and is run again; else it may take the lost task over once its lease expires
+    # (the map still returns everything, but nothing is run again for the test to see).
     cfg = dict(config, queue="main", workers=2, batch=1, lease_s=5.0, timeout_s=400,
-               scheduler_opts=["--no-requeue"])
+               tasks_per_worker=1, scheduler_opts=["--no-requeue"])
     thread, outcome = map_in_thread(sleepy, range(2), cfg)
     failed: str | None = None
     try:

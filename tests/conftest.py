@@ -12,6 +12,8 @@ Tests marked ``firewalled`` start a second Docker cluster whose nodes cannot rea
 (``firewalled_cluster``); they run with ``--cluster=docker`` and are deselected otherwise.
 Tests marked ``native`` check this host's own Grid Engine cell; they run only with
 ``--cluster=native``.
+Tests marked ``containers`` reconfigure a node of a Docker or Slurm test cluster (the login
+node's sshd); they run only with ``--cluster=docker`` or ``--cluster=slurm``.
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             wanted = False  # the firewalled cluster is a Docker one of its own, beside docker
         if item.get_closest_marker("native") is not None and choice != "native":
             wanted = False  # a test of this host's own Grid Engine cell
+        if item.get_closest_marker("containers") is not None and choice not in (
+            "docker", "slurm"
+        ):
+            wanted = False  # it changes a container's sshd: not this host's, nor yours
         (keep if wanted else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

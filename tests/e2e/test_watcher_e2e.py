@@ -368,15 +368,16 @@ def test_map_async_then_exit_warns_and_serve_cleans_up(
         [sys.executable, "-m", "sheepdog", "status", str(request_id), "--dbfile", dbfile],
         capture_output=True, text=True, timeout=60, env=_env(),
     )
-    # The note is folded to fit 80 columns, wherever the database's path puts the breaks.
-    said = " ".join(status.stdout.split())
-    assert "no server is serving it" in said and "sheepdog serve" in said, status.stdout
+    # The note is folded to fit 80 columns, wherever the database's path puts the breaks; it
+    # goes to stderr, so that `| tail -1` gets the command's own output.
+    said = " ".join(status.stderr.split())
+    assert "no server is serving it" in said and "sheepdog serve" in said, status.stderr
     requests = subprocess.run(
         [sys.executable, "-m", "sheepdog", "requests", "--dbfile", dbfile],
         capture_output=True, text=True, timeout=60, env=_env(),
     )
-    said = " ".join(requests.stdout.split())
-    assert f"request {request_id} has open tasks but no server" in said, requests.stdout
+    said = " ".join(requests.stderr.split())
+    assert f"request {request_id} has open tasks but no server" in said, requests.stderr
     (job_id,) = _job_ids(dbfile, request_id)
     serve = subprocess.run(
         [sys.executable, "-m", "sheepdog", "serve", "--dbfile", dbfile, "--timeout", "240"],

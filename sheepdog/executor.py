@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -378,8 +378,8 @@ class Executor(concurrent.futures.Executor):
             print(f"sheepdog: interrupted: {line}", file=sys.stderr, flush=True)
             self._stopped.append(line)
             for future in out.futures:
-                if not future.cancel() and not future.done():
-                    future.set_exception(SheepdogError(line))
+                if not future.cancel():
+                    _settle(future, False, SheepdogError(line))
 
     def _fail_everything(self, exc: BaseException) -> None:
         error = SheepdogError(f"the sheepdog Executor's background thread failed: {exc!r}")
@@ -489,9 +489,20 @@ class Executor(concurrent.futures.Executor):
                 settle.append((future, False, error_))
         # Outside any lock: done-callbacks run here and may call submit().
         for future, ok, value in settle:
-            if future.done():  # cancelled meanwhile
-                continue
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
+            _settle(future, ok, value)
+
+
+def _settle(future: Future[Any], ok: bool, value: Any) -> None:
+    """Give a future its result or exception, unless it was cancelled or settled meanwhile.
+
+    The caller's thread (Ctrl-C, ``Future.cancel``) may cancel a pending future between any
+    check here and the setting: that is no error, and must not stop the background thread,
+    which still has to stop the requests.
+    """
+    try:
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+    except InvalidStateError:
+        pass

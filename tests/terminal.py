@@ -60,7 +60,10 @@ def run_in_terminal(
             interrupt_when = None
     else:
         proc.kill()
-        raise AssertionError(f"{argv} did not finish within {WAIT_S} s")
+        proc.wait(timeout=60)  # reaped here, not left to warn in a later test
+        os.close(master)
+        raise AssertionError(f"{argv} did not finish within {WAIT_S} s: it printed\n"
+                             + b"".join(chunks).decode("utf-8", "replace")[-3000:])
     os.close(master)
     status = proc.wait(timeout=60)
     return status, b"".join(chunks).decode("utf-8", "replace")

@@ -22,6 +22,17 @@ WAIT_S = 300.0
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+def interruptible() -> None:
+    """In a child about to start: Ctrl-C (SIGINT) does what it does in a terminal.
+
+    A process started in the background by a non-interactive shell inherits SIGINT ignored,
+    and so does every child it starts; Python then never raises KeyboardInterrupt. ci/test
+    runs its lanes in the background (and CI may start the whole suite so), where a test's
+    Ctrl-C would be ignored and the program run on. For ``subprocess.Popen(preexec_fn=...)``.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_in_terminal(
     argv: list[str], cwd: Path, *, stdout_too: bool = True,
     interrupt_when: Callable[[str], bool] | None = None, env: dict[str, str] | None = None,
@@ -37,7 +48,7 @@ def run_in_terminal(
     environ.update(PYTHONPATH=str(REPO), TERM="xterm", **(env or {}))
     proc = subprocess.Popen(
         argv, cwd=cwd, env=environ, stdin=slave, stderr=slave,
-        stdout=slave if stdout_too else subprocess.DEVNULL,
+        stdout=slave if stdout_too else subprocess.DEVNULL, preexec_fn=interruptible,
     )
     os.close(slave)
     chunks: list[bytes] = []

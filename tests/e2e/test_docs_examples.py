@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from cluster_fixture import scheduler_of
+from terminal import interruptible
 
 import sheepdog
 from sheepdog._poll import poll_until
@@ -257,7 +258,8 @@ def assert_modules_checked_like(shown: list[str], done: subprocess.CompletedProc
 def assert_dashboard_like(shown: list[str], argv: list[str], cwd: Path) -> None:
     """``dashboard --no-browser`` prints the page's lines, serves its URL, and stops at Ctrl-C."""
     with subprocess.Popen([sys.executable, "-m", "sheepdog", *argv], cwd=cwd,
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                          preexec_fn=interruptible) as proc:
         try:
             assert proc.stdout is not None
             lines = [proc.stdout.readline().rstrip("\n") for _ in shown]

@@ -467,22 +467,8 @@ class Queue(Database):
 
     def cancel_tasks(self, request_id: int, indices: Iterable[int], reason: str) -> list[int]:
         """Cancel the given open tasks only (the request stays open); return those changed."""
-        error = json.dumps(
-            {"type": "Cancelled", "message": reason, "traceback": "", "kind": "cancelled"}
-        )
-        changed = []
-        self._request_row(request_id, "id")
-        with self._write() as conn:
-            for idx in indices:
-                cursor = conn.execute(
-                    "UPDATE tasks SET state = 'cancelled', error = ?, finished = ?, lease = NULL,"
-                    " lease_expires = NULL WHERE request_id = ? AND idx = ?"
-                    f" AND state IN {OPEN_STATES_SQL}",
-                    (error, time.time(), request_id, idx),
-                )
-                if cursor.rowcount:
-                    changed.append(int(idx))
-        return changed
+        error = {"type": "Cancelled", "message": reason, "traceback": "", "kind": "cancelled"}
+        return self._end_tasks(request_id, indices, "cancelled", error)
 
     def fail_tasks(
         self,
@@ -497,26 +483,31 @@ class Queue(Database):
         extra: dict[str, Any] | None = None,
     ) -> list[int]:
         """Turn the given open tasks into errors of ``kind``; return the indices changed."""
-        error = json.dumps(
-            {
-                "type": type_name,
-                "message": message,
-                "traceback": traceback,
-                "host": host,
-                "kind": kind,
-                **(extra or {}),
-            }
-        )
+        error = {
+            "type": type_name,
+            "message": message,
+            "traceback": traceback,
+            "host": host,
+            "kind": kind,
+            **(extra or {}),
+        }
+        return self._end_tasks(request_id, indices, "error", error)
+
+    def _end_tasks(
+        self, request_id: int, indices: Iterable[int], state: str, error: dict[str, Any]
+    ) -> list[int]:
+        """End the given open tasks in ``state`` with ``error``; return the indices changed."""
+        encoded = json.dumps(error)
         changed = []
         now = time.time()
         self._request_row(request_id, "id")
         with self._write() as conn:
             for idx in indices:
                 cursor = conn.execute(
-                    "UPDATE tasks SET state = 'error', error = ?, finished = ?, lease = NULL,"
+                    "UPDATE tasks SET state = ?, error = ?, finished = ?, lease = NULL,"
                     " lease_expires = NULL WHERE request_id = ? AND idx = ?"
                     f" AND state IN {OPEN_STATES_SQL}",
-                    (error, now, request_id, idx),
+                    (state, encoded, now, request_id, idx),
                 )
                 if cursor.rowcount:
                     changed.append(int(idx))

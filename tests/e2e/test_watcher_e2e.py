@@ -352,8 +352,12 @@ def test_map_async_then_exit_warns_and_serve_cleans_up(
         "import json, sys, sheepdog\n"
         "print(sheepdog.map_async(abs, [-1, -2], json.loads(sys.argv[1])))\n"
     )
-    # One array task at a time (-tc 1, %1): the first does both tasks; the other two wait.
-    cfg = dict(config, workers=3, max_running=1)
+    # Held (qsub -h, sbatch --hold) until the notes below are read: the cluster runs a job within
+    # a second, which finished both tasks while the script was exiting, so no note was due.
+    # Then one array task at a time (-tc 1, %1): the first does both tasks; the other waits.
+    hold, release = (("--hold", "scontrol release") if scheduler_of(config) == "slurm"
+                     else ("-h", "qrls"))
+    cfg = dict(config, workers=3, max_running=1, scheduler_opts=[hold])
     proc = subprocess.run(
         [sys.executable, str(script), json.dumps(cfg)],
         capture_output=True, text=True, timeout=180, env=_env(),
@@ -379,6 +383,8 @@ def test_map_async_then_exit_warns_and_serve_cleans_up(
     said = " ".join(requests.stderr.split())
     assert f"request {request_id} has open tasks but no server" in said, requests.stderr
     (job_id,) = _job_ids(dbfile, request_id)
+    with open_cluster_remote(config) as remote:
+        remote.run(f"{release} {job_id}")
     serve = subprocess.run(
         [sys.executable, "-m", "sheepdog", "serve", "--dbfile", dbfile, "--timeout", "240"],
         capture_output=True, text=True, timeout=300, env=_env(),

@@ -372,18 +372,77 @@ def test_completed_tasks_give_no_reason_and_a_gone_job_gives_none() -> None:
 
 
 def test_accounting_with_slurmdbd_reads_sacct() -> None:
+    # Tasks 5-6 are still queued: squeue lists the job, so sacct's PENDING is its last word.
     login = FakeLogin({"scontrol show config": config_answer("accounting_storage/slurmdbd"),
-                       "sacct": ok(SACCT)})
+                       "sacct": ok(SACCT), "squeue": ok("41|5-6|PENDING|Priority\n")})
     reason = Slurm(login).accounting("41")
-    assert login.commands[-1] == (
+    assert [c for c in login.commands if c.startswith("sacct")] == [
         "sacct --noheader --parsable2 --allocations "
         "--format=JobID,State,ExitCode,Reason,NodeList,Timelimit --jobs=41"
-    )
+    ]
     assert reason == (
         "killed by Slurm for exceeding its run time limit (TIMEOUT --time 01:00:00) on node2; "
         "cancelled (scancel, or an administrator) on node1; "
         "killed by Slurm for exceeding its memory limit (--mem or --mem-per-cpu; OUT_OF_MEMORY) on node2"
     )
+
+
+class SlowSlurmdbd(FakeLogin):
+    """sacct shows a task RUNNING for the first ``lag`` calls, then its end; squeue lists none."""
+
+    def __init__(self, lag: int) -> None:
+        super().__init__({"scontrol show config": config_answer("accounting_storage/slurmdbd")})
+        self.lag = lag
+
+    def run(self, command: str, **kwargs: Any) -> CommandResult:
+        if command.startswith("sacct"):
+            self.commands.append(command)
+            state = "RUNNING" if self.lag > 0 else "NODE_FAIL"
+            self.lag -= 1
+            return ok(f"42_1|COMPLETED|0:0|None|node1|01:00:00\n42_2|{state}|0:0|None|node2|"
+                      "01:00:00\n")
+        return super().run(command, **kwargs)
+
+
+class FakeTime:
+    """``time`` for the slurm module: sleep moves the monotonic clock on, at once."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_sacct_that_has_not_heard_of_the_end_yet_is_asked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(slurm_module, "time", FakeTime())
+    login = SlowSlurmdbd(lag=3)
+    assert Slurm(login).accounting("42") == "Slurm lost its node on node2 (NODE_FAIL)"
+    assert sum(c.startswith("sacct") for c in login.commands) == 4
+    assert sum(c.startswith("squeue") for c in login.commands) == 3
+
+
+def test_sacct_is_asked_again_for_a_bounded_time_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeTime()
+    monkeypatch.setattr(slurm_module, "time", clock)
+    login = SlowSlurmdbd(lag=10_000)
+    assert Slurm(login).accounting("42") == ""
+    assert clock.now - 1000.0 <= slurm_module.SACCT_SETTLE_S + 1.0
+
+
+def test_sacct_is_not_asked_again_about_a_job_squeue_still_lists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(slurm_module, "time", FakeTime())
+    login = SlowSlurmdbd(lag=10_000)
+    login.answers["squeue"] = ok("42|2|RUNNING|None\n")
+    assert Slurm(login).accounting("42") == ""
+    assert sum(c.startswith("sacct") for c in login.commands) == 1
 
 
 def test_sacct_records_and_a_line_that_does_not_match() -> None:

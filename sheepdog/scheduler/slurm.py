@@ -19,7 +19,7 @@ import logging
 import re
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -74,6 +74,11 @@ SLURM_ENV_PREAMBLE = (
 #: about is one slurmctld no longer knows: the job left the queue (and MinJobAge) long ago.
 #: Only exactly this answer means "gone"; any other failure leaves the state unknown.
 INVALID_JOB_ID = re.compile(r"^(?:slurm_load_jobs error: )?Invalid job id specified$")
+
+#: slurmdbd hears of a job's end from slurmctld a moment after squeue stops listing it (its
+#: agent queue runs behind under load): sacct, asked about a job that left the queue, is asked
+#: again while it still shows a task unended, for at most this long, once a second.
+SACCT_SETTLE_S = 15.0
 
 #: Slurm's default MaxArraySize (slurm.conf(5)): array indices 0 .. 1000.
 DEFAULT_MAX_ARRAY_SIZE = 1001
@@ -571,21 +576,38 @@ class Slurm(Scheduler):
         return {job: listing[job] for job in job_ids if job in listing}
 
     def _records(self, job_id: str) -> list[JobRecord]:
-        """The job's array tasks as Slurm keeps them ([] if it cannot say)."""
-        if self.slurm_config().accounting:
-            command = (f"sacct --noheader --parsable2 --allocations "
-                       f"--format={SACCT_FORMAT} --jobs={shlex.quote(job_id)}")
-            parse = parse_sacct
-        else:
-            command = f"scontrol -o show job {shlex.quote(job_id)}"
-            parse = parse_scontrol_jobs
+        """The array tasks of a job that left the queue, as Slurm keeps them ([] if it cannot say).
+
+        With slurmdbd, sacct knows every task (scontrol forgets each MinJobAge after it
+        ended, the first to end first), but may not know yet that a task ended: it is asked
+        again while it shows one unended and squeue no longer lists the job, for at most
+        :data:`SACCT_SETTLE_S`.
+        """
+        if not self.slurm_config().accounting:
+            return self._read_records(f"scontrol -o show job {shlex.quote(job_id)}",
+                                      parse_scontrol_jobs)
+        command = (f"sacct --noheader --parsable2 --allocations "
+                   f"--format={SACCT_FORMAT} --jobs={shlex.quote(job_id)}")
+        deadline = time.monotonic() + SACCT_SETTLE_S
+        while True:
+            records = self._read_records(command, parse_sacct)
+            if all(r.state in FINAL_STATES for r in records) or time.monotonic() >= deadline:
+                return records
+            # A job squeue still lists (or cannot say about) is not ended: sacct is right.
+            if self.status([job_id]) != {}:
+                return records
+            time.sleep(1.0)
+
+    def _read_records(
+        self, command: str, parse: Callable[[str], list[JobRecord]]
+    ) -> list[JobRecord]:
         result = self.host.run(command, check=False, timeout_s=30)
         if result.exit_status != 0:
             return []
         try:
             return parse(result.stdout)
         except ValueError as exc:
-            logger.warning("could not read why job %s ended: %s", job_id, exc)
+            logger.warning("could not read why a job ended (%s): %s", command, exc)
             return []
 
     def accounting(self, job_id: str) -> str:

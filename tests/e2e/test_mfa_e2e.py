@@ -17,7 +17,9 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,7 +208,7 @@ def test_master_killed_mid_map_loses_nothing_and_finishes_after_login(
     prompts = mfa.prompts()
     n = 12
     cfg = dict(conf, connect="tunnel", workers=2, batch=1)
-    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.INFO, logger="sheepdog")  # what the map did, should it hang
     with pytest.MonkeyPatch.context() as patch:
         # This process cannot answer a prompt (no terminal, no askpass): a lapsed master
         # is said once, and waited for.
@@ -226,12 +228,23 @@ def test_master_killed_mid_map_loses_nothing_and_finishes_after_login(
         login = mfa.sheepdog("login", str(mfa.config_file))
         assert login.returncode == 0, login.stderr
         thread.join(WAIT_S)
-    assert not thread.is_alive()
+    assert not thread.is_alive(), _stuck(thread, conf["dbfile"], caplog.text)
     assert outcome.get("results") == [x * x for x in range(1, n + 1)], outcome
     assert caplog.text.count(LOGIN_HINT) >= 1
-    said_once = [r for r in caplog.records if r.name == "sheepdog.openssh"]
+    said_once = [r for r in caplog.records
+                 if r.name == "sheepdog.openssh" and r.levelno >= logging.WARNING]
     assert len(said_once) == 1, [r.getMessage() for r in said_once]
     assert mfa.prompts() == prompts + 1
+
+
+def _stuck(thread: threading.Thread, dbfile: str, log: str) -> str:
+    """Where a map that did not return waits, its tasks and jobs, and its log."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    stack = "".join(traceback.format_stack(frame)) if frame is not None else "(ended)"
+    with Storage(dbfile) as storage:
+        rows = [(r["id"], storage.task_counts(r["id"]), storage.get_jobs(r["id"]))
+                for r in storage.list_requests()]
+    return f"the map did not return; its thread is at:\n{stack}\nrequests: {rows}\nlog:\n{log}"
 
 
 PARAMIKO_IN_A_TERMINAL = r"""

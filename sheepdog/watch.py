@@ -110,6 +110,7 @@ class Watcher:
         #: The latest job id when a worker of it was seen to call in (a lease or a result).
         self._heard_from: str | None = None
         self._env_told = False  # whether the workers' module versions were looked at
+        self._tunnel_down_told = False  # whether the tunnel's failure to start was said
 
     def poll(self, storage: Storage) -> None:
         """Check the jobs if it is time to; fail or resubmit work whose jobs are gone."""
@@ -324,9 +325,14 @@ class Watcher:
                 storage, self.config, self.request_id, self.scheduler, self.server
             )
         except SheepdogError as exc:
-            logger.warning("request %d: the tunnel is down and could not start again: %s",
-                           self.request_id, exc)
+            # Said once while it stays down (a lapsed login is down until the next one); the
+            # retries at every check go to the debug log.
+            level = logging.DEBUG if self._tunnel_down_told else logging.WARNING
+            self._tunnel_down_told = True
+            logger.log(level, "request %d: the tunnel is down and could not start again: %s; "
+                       "trying again at every check", self.request_id, exc)
             return
+        self._tunnel_down_told = False
         if where is None:
             return
         host, port = where

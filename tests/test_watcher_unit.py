@@ -24,7 +24,7 @@ import pytest
 import sheepdog._submit
 from sheepdog._submit import job_name, request_settings
 from sheepdog.config import Config
-from sheepdog.errors import RemoteCommandError
+from sheepdog.errors import RemoteCommandError, SSHError
 from sheepdog.errors import TimeoutError as SheepdogTimeoutError
 from sheepdog.remote import CommandResult
 from sheepdog.scheduler.base import Deletion, JobStatus, Scheduler, State, Waiting
@@ -571,3 +571,31 @@ def test_workers_that_called_in_and_then_went_quiet_are_not_told_as_unreachable(
         w.check()
     assert w.counts().get("leased", 0) == 0
     assert not any("none has called in" in message for message in told), told
+
+
+# --- the tunnel ------------------------------------------------------------------------
+
+
+def test_a_tunnel_that_cannot_start_is_said_once_until_it_starts_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    w = world(tmp_path, retries=1)
+    w.watcher.server = FakeServer()  # type: ignore[assignment]
+    answers: list[Any] = [SSHError("the SSH master connection is not open", host="head")] * 3
+    answers += [("head", 4100), None, SSHError("down again", host="head")]
+
+    def ensure_tunnel(*args: Any) -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(sheepdog._submit, "ensure_tunnel", ensure_tunnel)
+    caplog.set_level(logging.DEBUG, logger="sheepdog.watch")
+    for _ in range(6):
+        w.watcher._keep_tunnel(w.storage)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 3, said
+    assert "could not start again: the SSH master connection is not open" in said[0]
+    assert "started again; workers find the relay at head:4100" in said[1]
+    assert "could not start again: down again" in said[2]

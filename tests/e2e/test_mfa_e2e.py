@@ -143,7 +143,7 @@ def tiny(x: int) -> int:
     return x + 1
 
 
-def test_one_code_for_login_map_attach_tunnel_doctor_and_ten_thousand_tasks(
+def test_one_code_for_login_map_attach_tunnel_doctor_serve_and_ten_thousand_tasks(
     mfa: Mfa, conf: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     before = mfa.prompts()
@@ -172,6 +172,26 @@ def test_one_code_for_login_map_attach_tunnel_doctor_and_ten_thousand_tasks(
     said = " ".join(doctor.stdout.split())
     assert "client openssh (ssh_client='auto'), master connection" in said, said
     assert "closes after" in said and "asks for a second factor" in said, said
+    # map_async in a process that exits (its server goes with it), then `sheepdog serve` in
+    # another. The job is held until serve runs, so that serve has the work to do.
+    hold, release = ("--hold", "scontrol release") if is_slurm(conf) else ("-h", "qrls")
+    script = tmp_path / "fire_and_forget.py"
+    script.write_text("import json, sys, sheepdog\n"
+                      "print(sheepdog.map_async(add, [(5, 5), (6, 6)], json.loads(sys.argv[1])))\n")
+    fired = subprocess.run(
+        [sys.executable, str(script), json.dumps(dict(conf, scheduler_opts=[hold]))],
+        capture_output=True, text=True, env=mfa.env, timeout=WAIT_S, check=False,
+    )
+    assert fired.returncode == 0, fired.stderr
+    served_id = int(fired.stdout.strip())
+    with Storage(conf["dbfile"]) as storage:
+        (job,) = storage.get_jobs(served_id)
+    mfa.remote().run(f"{release} {job['job_id']}")
+    serve = mfa.sheepdog("serve", "--dbfile", conf["dbfile"], "--timeout", str(WAIT_S))
+    assert serve.returncode == 0, serve.stdout + serve.stderr
+    assert f"request {served_id} is finished" in serve.stdout, serve.stdout
+    assert sheepdog.get_results(served_id, conf["dbfile"], block=False) == [
+        ((5, 5), 10), ((6, 6), 12)]
     # 10,000 tiny tasks.
     n = 10_000
     assert sheepdog.map(tiny, range(n), dict(conf, workers=4), verbose=False) == \

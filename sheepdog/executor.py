@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 #: After Ctrl-C, how long the background thread may take to cancel the requests and
 #: delete their jobs (a submission under way finishes first, within its own bounds).
 STOP_WAIT_S = 300.0
+#: ... and after this long it says what it waits for, as a cluster that does not answer
+#: would otherwise hold a Ctrl-C in silence for minutes.
+STOP_NOTE_AFTER_S = 5.0
 
 # Built by exec under a module name nothing can import, so that serialisation ships
 # these appliers by value: the workers do not have sheepdog installed. The source is
@@ -247,7 +250,12 @@ class Executor(concurrent.futures.Executor):
         for future in waiting:
             future.cancel()
         if thread is not None:
-            thread.join(STOP_WAIT_S)
+            thread.join(STOP_NOTE_AFTER_S)
+            if thread.is_alive():
+                print(f"sheepdog: interrupted: cancelling the open tasks and deleting their "
+                      f"jobs; waiting up to {STOP_WAIT_S - STOP_NOTE_AFTER_S:g} s more for the "
+                      "cluster to answer", file=sys.stderr, flush=True)
+                thread.join(STOP_WAIT_S - STOP_NOTE_AFTER_S)
             if thread.is_alive():
                 logger.error("the sheepdog Executor did not stop within %g s", STOP_WAIT_S)
         return self._stopped

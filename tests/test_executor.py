@@ -256,3 +256,26 @@ def test_appliers_load_in_a_bare_python_without_sheepdog() -> None:
             assert deserialise_value(out[0][1]) == [3, 7]
     finally:
         stub.close()
+
+
+def test_a_ctrl_c_that_waits_on_the_cluster_says_so(
+    local: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The background thread stands for one whose scheduler does not answer.
+    monkeypatch.setattr(sheepdog.executor, "STOP_NOTE_AFTER_S", 0.05)
+    monkeypatch.setattr(sheepdog.executor, "STOP_WAIT_S", 0.2)
+    pool = Executor(local["config"])
+    release = threading.Event()
+    stuck = threading.Thread(target=release.wait)
+    stuck.start()
+    pool._thread = stuck
+    try:
+        pool._interrupt()
+    finally:
+        release.set()
+        stuck.join()
+    said = capsys.readouterr().err
+    assert "sheepdog: interrupted: cancelling the open tasks and deleting their jobs; " \
+           "waiting up to 0.15 s more for the cluster to answer" in said
+    assert "did not stop within 0.2 s" in caplog.text

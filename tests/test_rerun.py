@@ -254,3 +254,27 @@ def test_ctrl_c_during_rerun_wait_cancels_the_rerun(tmp_path: Path) -> None:
     # The rerun's array tasks are gone, not left sleeping on a server that has gone.
     with open_scheduler(Config.from_mapping(config)) as scheduler:
         assert scheduler.status(job_ids) == {}
+
+
+def test_a_result_of_the_run_before_a_rerun_is_not_taken(db: Storage) -> None:
+    rid = db.new_request(b"F", b"", [b"a", b"b"])
+    old = {lease.index: lease.lease for lease in db.lease(rid, worker="w1", host="n1",
+                                                             max_tasks=2, lease_s=60)}
+    # Task 1 is lost and rerun while its first worker still runs it.
+    db.fail_tasks(rid, [1], "lost", "its node stopped answering")
+    assert db.rerun_tasks(rid, ["lost"]) == [1]
+    # Late, that worker's result comes (or its spool file is put back): not this run's.
+    late = {"index": 1, "ok": True, "value": b"OLD", "lease": old[1]}
+    assert db.complete(rid, [late]) == ([], [1])
+    assert db.task_states(rid) == ["pending", "leased"]
+    (new,) = db.lease(rid, worker="w2", host="n2", max_tasks=1, lease_s=60)
+    assert new.index == 1 and new.lease.startswith("2.")
+    assert db.complete(rid, [late]) == ([], [1])
+    assert db.complete(rid, [{"index": 1, "ok": True, "value": b"NEW", "lease": new.lease}]) \
+        == ([1], [])
+    # Task 2 was never rerun: its first lease still counts; a token not ours does not.
+    assert db.complete(rid, [{"index": 2, "ok": True, "value": b"X", "lease": "x.y"}]) \
+        == ([], [2])
+    assert db.complete(rid, [{"index": 2, "ok": True, "value": b"B", "lease": old[2]}]) \
+        == ([2], [])
+    assert [value for _, value in db.get_results(rid)] == [b"NEW", b"B"]

@@ -392,3 +392,15 @@ def test_a_blob_name_cannot_point_at_another_spool_file(spool: Spool) -> None:
     done = spool.collect()
     assert sorted(done.stored) == [3, 4] and "not one of task 1's" in done.rejected[0][1]
     assert spool.value(4) == 16  # the victim was collected, not deleted unread
+
+
+def test_a_spool_file_of_the_run_before_a_rerun_is_not_taken(spool: Spool) -> None:
+    (lease,) = spool.storage.lease(spool.rid, worker="w", host="node", max_tasks=1, lease_s=60)
+    spool.write([spool.result(lease.index, "old run", lease=lease.lease)])
+    # The file was kept (or put back) while the task was lost and rerun.
+    spool.storage.fail_tasks(spool.rid, [lease.index], "lost", "its worker went quiet")
+    assert spool.storage.rerun_tasks(spool.rid, ["lost"]) == [lease.index]
+    done = spool.collect()
+    assert done.stored == [] and done.duplicates == [lease.index]
+    assert spool.value(lease.index) is None
+    assert lease.index in spool.storage.open_task_indices(spool.rid)

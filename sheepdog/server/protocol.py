@@ -263,6 +263,8 @@ def parse_result(item: object, n_tasks: int, worker: str, host: str) -> dict[str
         "duration_s": None if duration is None else float(duration),
         "worker": worker,
         "host": host,
+        # Its run is checked against the task's (a result of an earlier run is not taken).
+        "lease": lease,
     }
     if ok and "blob" in item:
         parsed["blob"] = _parse_blob(item.get("blob"), f"{where}: 'blob'")

@@ -35,6 +35,29 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: One lease's heartbeat; found through the tasks_by_lease index, one row per token.
+#: A task's run: 1, and one more after each ``rerun`` (its earlier runs are in task_history).
+RUN_SQL = ("(SELECT count(*) FROM task_history h"
+           " WHERE h.request_id = tasks.request_id AND h.idx = tasks.idx) + 1")
+
+
+def lease_token(run: int) -> str:
+    """A new lease token for a task in its ``run``: the run is part of it (after the first).
+
+    A result carries its lease token, signed (over HTTP and in a spool file), so a result
+    of an earlier run, posted late or put back in the spool after a rerun, is told apart.
+    """
+    token = secrets.token_hex(8)
+    return token if run == 1 else f"{run}.{token}"
+
+
+def run_of_token(token: str) -> int:
+    """The run a lease token was issued in (see :func:`lease_token`); 0, no run, if not ours."""
+    run, dot, _ = token.rpartition(".")
+    if not dot:
+        return 1
+    return int(run) if run.isdigit() else 0
+
+
 RENEW_SQL = (
     "UPDATE tasks SET lease_expires = ?, worker = ? WHERE request_id = ?"
     " AND lease = ? AND state = 'leased'"
@@ -229,8 +252,8 @@ class Queue(Database):
             # Hand such tasks back first; otherwise they sit orphaned until their lease
             # expires, and if every worker has exited by then, nobody runs them.
             rows = conn.execute(
-                "SELECT idx, attempts, args FROM tasks WHERE request_id = ? AND state = 'leased'"
-                " AND worker = ? AND host = ? ORDER BY idx LIMIT ?",
+                f"SELECT idx, attempts, args, {RUN_SQL} FROM tasks WHERE request_id = ?"
+                " AND state = 'leased' AND worker = ? AND host = ? ORDER BY idx LIMIT ?",
                 (request_id, worker, host, max_tasks),
             ).fetchall()
         if len(rows) < max_tasks:
@@ -239,14 +262,14 @@ class Queue(Database):
             # it SQLite walked the primary key from task 1, over every finished task, on
             # every lease: the cost of a lease grew with the request's progress.
             rows += conn.execute(
-                "SELECT idx, attempts, args FROM tasks WHERE request_id = ? AND state = 'pending'"
-                " AND lease_expires IS NULL ORDER BY idx LIMIT ?",
+                f"SELECT idx, attempts, args, {RUN_SQL} FROM tasks WHERE request_id = ?"
+                " AND state = 'pending' AND lease_expires IS NULL ORDER BY idx LIMIT ?",
                 (request_id, max_tasks - len(rows)),
             ).fetchall()
         expires = now + lease_s
         leases = []
-        for idx, attempts, args in rows:
-            token = secrets.token_hex(8)
+        for idx, attempts, args, run in rows:
+            token = lease_token(int(run))
             conn.execute(
                 "UPDATE tasks SET state = 'leased', lease = ?, lease_expires = ?, worker = ?,"
                 " host = ?, started = ? WHERE request_id = ? AND idx = ?",
@@ -301,8 +324,9 @@ class Queue(Database):
         """Store results as the protocol's results endpoint gives them (values as bytes).
 
         Each dict has ``index`` and ``ok``, then ``value`` (bytes) or ``error`` (dict),
-        and optionally ``stdout``, ``stderr``, ``duration_s``, ``worker``, ``host``.
-        The first result per task wins; returns ``(accepted, duplicates)`` indices.
+        and optionally ``stdout``, ``stderr``, ``duration_s``, ``worker``, ``host`` and
+        ``lease`` (its token: a lease of another run of the task is not taken). The first
+        result per task wins; returns ``(accepted, duplicates)`` indices.
         A result for an index outside the request raises StorageError and stores nothing.
         """
         with self._write() as conn:
@@ -374,11 +398,16 @@ class Queue(Database):
             else:
                 state, value = "error", None
                 error = json.dumps({"kind": "exception", **r["error"]})
+            # A result under a lease of an earlier run (a worker still running when the task
+            # was rerun, or its spool file put back) is not this run's: taken as a duplicate.
+            token = r.get("lease")
+            run = run_of_token(token) if isinstance(token, str) else None
             cursor = conn.execute(
                 "UPDATE tasks SET state = ?, result = ?, error = ?, stdout = ?, stderr = ?,"
                 " duration_s = ?, finished = ?, worker = coalesce(?, worker),"
                 " host = coalesce(?, host), lease = NULL, lease_expires = NULL"
-                f" WHERE request_id = ? AND idx = ? AND state IN {OPEN_STATES_SQL}",
+                f" WHERE request_id = ? AND idx = ? AND state IN {OPEN_STATES_SQL}"
+                f" AND (? IS NULL OR {RUN_SQL} = ?)",
                 (
                     state,
                     value,
@@ -391,6 +420,8 @@ class Queue(Database):
                     r.get("host"),
                     request_id,
                     index,
+                    run,
+                    run,
                 ),
             )
             (accepted if cursor.rowcount else duplicates).append(index)

@@ -1,4 +1,4 @@
-"""sheepdog: run a Python function over many arguments as a Grid Engine array job.
+"""sheepdog: run a Python function over many arguments as a Grid Engine or Slurm array job.
 
 >>> import sheepdog
 >>> sheepdog.map(lambda a, b: a + b, [(1, 1), (1, 2), (2, 2)], {"host": "headnode"})

@@ -33,7 +33,7 @@ from typing import Any
 
 __all__ = ["LABEL", "backup", "copy_into_schema", "is_original", "set_aside"]
 
-#: The label migrated requests get (``sheepdog list`` shows it).
+#: The label migrated requests get (``sheepdog requests`` shows it).
 LABEL = "Sheepdog 0.2.3"
 
 _TABLES = ("requests", "tasks", "results", "errors")

@@ -1,4 +1,4 @@
-"""A :class:`concurrent.futures.Executor` that runs calls as Grid Engine array tasks.
+"""A :class:`concurrent.futures.Executor` that runs calls as Grid Engine or Slurm array tasks.
 
 >>> from concurrent.futures import as_completed
 >>> with sheepdog.Executor({"host": "headnode"}) as pool:
@@ -118,7 +118,7 @@ class _Outstanding:
 
 
 class Executor(concurrent.futures.Executor):
-    """Runs calls on Grid Engine and returns :class:`concurrent.futures.Future` objects.
+    """Runs calls on the cluster and returns :class:`concurrent.futures.Future` objects.
 
     ``config`` is a :class:`~sheepdog.Config`, the original's dict or a JSON
     file path; ``ns`` is shipped with every function, as ``map``'s namespace.

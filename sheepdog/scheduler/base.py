@@ -6,10 +6,13 @@ waits, why one failed, and deletes them. It also says how its job files are
 written (the directive lines and the variable that holds the array index),
 so one renderer (:func:`sheepdog.job_file.job_file`) writes them for all.
 Where the scheduler runs, files are put and commands run by a :class:`Host`:
-:class:`~sheepdog.remote.Remote` (SSH to a head node) or this machine.
+:class:`~sheepdog.remote.Remote` (SSH to a head node, with paramiko or, as
+:class:`~sheepdog.openssh.OpenSSHRemote`, the system's ``ssh``) or this machine.
 
 Every command string and parser of one scheduler lives in its own module
-(:mod:`~sheepdog.scheduler.gridengine`, :mod:`~sheepdog.scheduler.local`).
+(:mod:`~sheepdog.scheduler.gridengine`, :mod:`~sheepdog.scheduler.slurm`,
+:mod:`~sheepdog.scheduler.local`); :mod:`~sheepdog.scheduler.auto` asks the head node
+which of the first two it runs.
 """
 
 from __future__ import annotations

@@ -522,7 +522,7 @@ class Records(Database):
         state: str = "submitted",
         info: dict[str, Any] | None = None,
     ) -> None:
-        """Record a Grid Engine job submitted for the request."""
+        """Record a job (Grid Engine or Slurm) submitted for the request."""
         self._request_row(request_id, "id")
         with self._write() as conn:
             conn.execute(

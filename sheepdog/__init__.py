@@ -6,6 +6,7 @@
 """
 
 import logging
+import typing
 
 # _platform comes first: on a Python without fork and fcntl (Windows' own) importing it
 # says at once to use WSL2, instead of failing deep inside the first map.
@@ -23,7 +24,7 @@ from .api import (
     rerun,
 )
 from .attach import attach
-from .config import Config, default_config
+from .config import Config
 from .dashboard.status import RequestStatus, status
 from .deployment import Deployer
 from .doctor import doctor
@@ -54,6 +55,13 @@ from .job_file import job_file  # noqa: E402,I001 - after the module import, whi
 from .server import Server, get_server
 from .session import Session
 from .store import Storage
+
+if typing.TYPE_CHECKING:
+    from .config import default_config
+else:
+    # default_config is made when first read: it asks for the login name and this machine's
+    # FQDN, and importing sheepdog asks nothing (sheepdog.config's _lazy_attributes).
+    from .config import _root_getattr as __getattr__  # noqa: F401 - PEP 562, sheepdog.x
 
 __all__ = [
     "Config",

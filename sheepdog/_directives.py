@@ -1,8 +1,9 @@
 """What a value must look like to be written into a job file: one rule for Config and job_file.
 
 :class:`~sheepdog.config.Config` checks its values with these functions when it is
-built, before anything is stored, and :func:`~sheepdog.job_file.job_file` checks
-what it writes with the same ones; so a config that is accepted always renders.
+built, and the scheduler the raw options it refuses when it is opened (both before
+anything is stored); :func:`~sheepdog.job_file.job_file` checks what it writes with
+the same ones. So a config that is accepted always renders.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ if TYPE_CHECKING:
 __all__ = [
     "LINE_BREAKS",
     "TRIPLE_QUOTE",
-    "check_ge_opt",
     "check_line",
     "check_prologue_line",
     "check_raw_option",
@@ -78,13 +78,6 @@ def check_raw_option(
                 f"entry {index} ({text!r}) sets {name}, but {why}; remove {name} from {key}",
             )
     return text
-
-
-def check_ge_opt(index: int, opt: object) -> str:
-    """Return ge_opts entry ``index`` (one ``#$`` line) if it is safe and not one sheepdog sets."""
-    from .scheduler.gridengine import GridEngine  # imported late: config imports this first
-
-    return check_raw_option("ge_opts", index, opt, GridEngine)
 
 
 def check_prologue_line(index: int, line: object) -> str:

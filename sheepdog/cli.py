@@ -736,7 +736,7 @@ def cmd_jobfile(args: argparse.Namespace) -> int:
     url = f"{scheme}://{config.localhost}:{config.port if config.port else 'PORT'}/"
     # Without a connection "auto" cannot ask the head node: show Grid Engine's, its first choice.
     scheduler = scheduler_class(config.scheduler if config.scheduler != "auto" else "gridengine")
-    config.check_raw_options(scheduler)
+    scheduler.check_raw_options(config)
     text = job_file(
         url, f"/SSH_DIR/{key_file_name(1, PLACEHOLDER_SECRET)}", 1, n, config.shell,
         config.job_options(scheduler), array_size=workers, prologue=config.prologue,

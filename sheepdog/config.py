@@ -18,15 +18,12 @@ import re
 import socket
 import sys
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from ._directives import LINE_BREAKS, check_prologue_line, check_raw_option, check_shell
 from .errors import ConfigError
-from .scheduler import scheduler_class
-from .scheduler.base import SCHEDULER_NAMES
-from .scheduler.gridengine import GridEngine
 
 if TYPE_CHECKING:
     from .scheduler.base import Scheduler
@@ -47,6 +44,8 @@ _H_RT = re.compile(r"^(\d+|\d+:\d{1,2}:\d{1,2})$")
 #: command line). ``default_config`` shows it; given back as ``ge_opts``, it counts as unset.
 DEFAULT_GE_OPTS = ("-wd $HOME/.sheepdog/", "-o $HOME/.sheepdog/", "-e $HOME/.sheepdog/")
 
+#: The values of the ``scheduler`` key: ``"auto"`` asks the head node which it runs.
+SCHEDULER_NAMES = ("auto", "gridengine", "slurm", "local")
 #: The values of the ``connect`` key: how workers reach the server (docs/connecting.rst).
 CONNECT_MODES = ("direct", "tunnel", "auto")
 #: The values of the ``ssh_client`` key: which SSH client reaches the head node (docs/mfa.rst).
@@ -319,19 +318,6 @@ class Config:
         """The raw scheduler options (``scheduler_opts``, or its Grid Engine alias ``ge_opts``)."""
         return self.ge_opts if self.ge_opts is not None else self.scheduler_opts
 
-    def check_raw_options(self, scheduler: type[Scheduler]) -> None:
-        """Raise ConfigError if the raw options do not suit ``scheduler`` (found by ``auto``)."""
-        if self.ge_opts is not None and scheduler.name == "slurm":
-            auto = self.scheduler == "auto"
-            found = f" (found by scheduler='auto' on {self.host})" if auto else ""
-            raise _fail(
-                "ge_opts",
-                f"holds Grid Engine (qsub) options, but the scheduler is Slurm{found}; put "
-                "sbatch options in scheduler_opts instead",
-            )
-        for i, opt in enumerate(self.raw_options or ()):
-            check_raw_option(self.raw_options_key, i, opt, scheduler)
-
     def job_options(self, scheduler: type[Scheduler]) -> list[str]:
         """The raw options, then what the typed resources stand for: ``scheduler``'s lines."""
         return list(self.raw_options or ()) + scheduler.resource_options(self)
@@ -457,15 +443,10 @@ def _validate(c: Config) -> None:
             continue
         if isinstance(opts, str) or not isinstance(opts, Sequence):
             raise _fail(key, f"must be a list of strings, not {type(opts).__name__}")
+        # What every scheduler needs; what one refuses (the options sheepdog sets for its
+        # jobs) is its own rule, checked when it is opened (sheepdog.scheduler.check_options).
         for i, opt in enumerate(opts):
             check_raw_option(key, i, opt)
-    if c.scheduler != "auto":
-        # Under "auto" the head node's answer decides, when the scheduler is opened.
-        c.check_raw_options(scheduler_class(c.scheduler))
-    elif c.ge_opts is not None:
-        # Grid Engine options: check them by its rules now, as before "auto" existed.
-        for i, opt in enumerate(c.ge_opts):
-            check_raw_option("ge_opts", i, opt, GridEngine)
     _check_number("ssh_timeout_s", c.ssh_timeout_s, minimum=0.1)
     if c.ssh_client not in SSH_CLIENTS:
         raise _fail(
@@ -518,8 +499,33 @@ def _validate(c: Config) -> None:
 
 
 #: Sheepdog 0.2's name: every config key with its default (``host`` has none: it is required).
-#: A copy, built from :class:`Config`; changing it changes nothing.
-default_config = {
-    key: value for key, value in Config(host="headnode").as_dict().items() if key != "host"
-}
-default_config["ge_opts"] = list(DEFAULT_GE_OPTS)
+#: A copy, built from :class:`Config` when first read; changing it changes nothing.
+default_config: dict[str, Any]  # made by _lazy_attributes: it asks the system for two values
+_default_config: dict[str, Any] | None = None
+
+
+def _lazy_attributes(module: str) -> Callable[[str], Any]:
+    """A module's ``__getattr__`` (PEP 562) that gives :data:`default_config`, made once.
+
+    ``ssh_user`` and ``localhost`` ask the system (the login name; this machine's
+    FQDN, perhaps from DNS) for their defaults, and importing sheepdog asks nothing.
+    """
+
+    def attribute(name: str) -> Any:
+        global _default_config
+        if name != "default_config":
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        if _default_config is None:
+            defaults = Config(host="headnode").as_dict()
+            del defaults["host"]
+            defaults["ge_opts"] = list(DEFAULT_GE_OPTS)
+            _default_config = defaults
+        return _default_config
+
+    return attribute
+
+
+if not TYPE_CHECKING:  # mypy would take every unknown name of the module for an attribute
+    __getattr__ = _lazy_attributes(__name__)
+    #: The package root's, which only imports (``sheepdog.default_config``).
+    _root_getattr = _lazy_attributes("sheepdog")

@@ -52,7 +52,7 @@ from .errors import ConfigError, SheepdogError
 from .job_file import JOB_FILE_MODE, job_head
 from .openssh import OpenSSHRemote, openssh_of, takes_over
 from .remote import Login, Remote
-from .scheduler import Scheduler, open_remote, open_scheduler
+from .scheduler import Scheduler, check_options, open_remote, open_scheduler
 from .scheduler.auto import offered
 from .scheduler.gridengine import GridEngine
 from .scheduler.local import LocalHost, LocalScheduler
@@ -251,6 +251,7 @@ def doctor(
     versions differ.
     """
     cfg = as_config(config)
+    check_options(cfg)  # raw options the scheduler refuses: before logging in
     modules = check_modules_of(check)
     run = _Doctor(cfg, timeout_s, on_check or (lambda check: None))
     run.modules = modules

@@ -32,6 +32,7 @@ from typing import Any
 from . import serialisation
 from .config import ConfigLike, as_config
 from .errors import RemoteError, SerialisationError, SheepdogError
+from .scheduler import check_options
 from .session import Session, check_cache
 from .store import OPEN_STATES, Storage
 from .watch import Watcher
@@ -148,6 +149,7 @@ class Executor(concurrent.futures.Executor):
         check_cache(cache)
         self.cache = cache
         self.config = as_config(config)
+        check_options(self.config)  # at once, not in the thread that opens the scheduler
         self.ns = dict(ns) if ns is not None else None
         self.flush_delay_s = flush_delay_s
         self.max_hold_s = max_hold_s

@@ -11,7 +11,7 @@ import pytest
 
 from sheepdog.config import Config, as_config
 from sheepdog.errors import ConfigError
-from sheepdog.scheduler import GridEngine
+from sheepdog.scheduler import GridEngine, check_options
 
 ORIGINAL_KEYS = {
     "host", "ssh_port", "ssh_user", "ssh_keyfile", "ssh_dir", "dbfile", "port",
@@ -107,7 +107,7 @@ def test_unknown_key_names_valid_ones() -> None:
 )
 def test_bad_values_name_the_key(values: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError) as info:
-        as_config(values)
+        check_options(as_config(values))  # -t, -S: Grid Engine's rule, when it is opened
     assert info.value.key == key
     assert repr(key) in str(info.value)
 

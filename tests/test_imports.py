@@ -1,12 +1,18 @@
 """The package's import graph: no cycle between sheepdog's modules, and none imports the root.
 
 Imports inside functions count too (a lazy import only hides a cycle); imports
-under ``if TYPE_CHECKING:`` do not, as they never run.
+under ``if TYPE_CHECKING:`` do not, as they never run. Arrows that must run one
+way (the config knows no scheduler) are checked here too, and that importing the
+config asks the system nothing.
 """
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sheepdog"
@@ -98,6 +104,23 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def path_to(edges: dict[str, set[str]], start: str, package: str) -> list[str] | None:
+    """The imports by which ``start`` runs ``package`` or a module in it, or None.
+
+    The root is not followed: every module runs it first, and it imports everything.
+    """
+    paths = {start: [start]}
+    todo = [start]
+    while todo:
+        node = todo.pop(0)
+        for nxt in sorted(edges.get(node, set()) - {"sheepdog"} - set(paths)):
+            paths[nxt] = [*paths[node], nxt]
+            if nxt == package or nxt.startswith(package + "."):
+                return paths[nxt]
+            todo.append(nxt)
+    return None
+
+
 #: Modules that still import the package root, each with why it is not fixed here.
 KNOWN_ROOT_IMPORTS: set[str] = set()
 
@@ -121,6 +144,44 @@ def test_there_is_no_import_cycle() -> None:
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_config_imports_no_scheduler() -> None:
+    """The schedulers read their keys from the config (and check their raw options); the
+    config names no scheduler, so the arrow runs one way."""
+    path = path_to(graph(), "sheepdog.config", "sheepdog.scheduler")
+    assert path is None, "sheepdog.config imports a scheduler: " + " -> ".join(path or [])
+
+
+def test_the_arrow_finder_finds_an_arrow() -> None:
+    edges = {"sheepdog.config": {"sheepdog", "sheepdog.errors", "sheepdog._directives"},
+             "sheepdog._directives": {"sheepdog.scheduler.base", "sheepdog.scheduler"},
+             "sheepdog.errors": set()}
+    assert path_to(edges, "sheepdog.config", "sheepdog.scheduler") == [
+        "sheepdog.config", "sheepdog._directives", "sheepdog.scheduler"]
+    edges["sheepdog._directives"] = {"sheepdog"}
+    assert path_to(edges, "sheepdog.config", "sheepdog.scheduler") is None
+
+
+def test_importing_the_config_asks_the_system_nothing() -> None:
+    """No login name, no FQDN (which may ask DNS) at import: default_config asks when read."""
+    code = textwrap.dedent("""
+        import getpass, socket
+        asked = []
+        getpass.getuser = lambda: asked.append("getuser") or "me"
+        socket.getfqdn = lambda name="": asked.append("getfqdn") or "here.example"
+        import sheepdog.config
+        import sheepdog
+        print(asked)
+        defaults = sheepdog.default_config
+        assert defaults is sheepdog.config.default_config is sheepdog.default_config
+        print(asked, defaults["ssh_user"], defaults["localhost"])
+    """)
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "['getuser', 'getfqdn'] me here.example"]
 
 
 def test_the_package_root_only_re_exports_with_one_sorted_all() -> None:

@@ -23,7 +23,7 @@ from sheepdog.job_file import (
     stub_source,
     write_job_file,
 )
-from sheepdog.scheduler import Slurm
+from sheepdog.scheduler import Slurm, check_options
 
 GOLDEN = Path(__file__).parent / "golden" / "job_file.txt"
 STUB_PLACEHOLDER = "# <worker stub source: worker_stub/sheepdog_worker.py>"
@@ -186,9 +186,10 @@ def test_awkward_directive_values_are_kept_on_their_line_or_rejected(awkward: st
 )
 def test_config_refuses_what_the_job_file_would_refuse(values: dict[str, object]) -> None:
     # Before, Config accepted these and the request was stored, then failed as "never
-    # submitted" when job_file refused them: now both apply one rule, at Config time.
+    # submitted" when job_file refused them: now both apply one rule before anything is
+    # stored, Config's when it is built, the scheduler's (-t, -S) when it is opened.
     with pytest.raises(ConfigError) as from_config:
-        Config(host="h", **values)  # type: ignore[arg-type]
+        check_options(Config(host="h", **values))  # type: ignore[arg-type]
     overrides = {
         "grid_engine_opts": list(values.get("ge_opts", ())),
         "prologue": values.get("prologue"),

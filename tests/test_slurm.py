@@ -24,6 +24,7 @@ from sheepdog.scheduler import (
     GridEngine,
     Slurm,
     State,
+    check_options,
     detect_scheduler,
     open_scheduler,
     scheduler_class,
@@ -560,15 +561,20 @@ def test_typed_resources_map_to_sbatch_options() -> None:
             "--qos=long --parsable"],
 )
 def test_options_that_sheepdog_sets_on_slurm_are_refused(opt: str) -> None:
-    with pytest.raises(ConfigError, match=r"entry 0 .* sets -.*remove .* from scheduler_opts") as info:
-        Config(host="h", scheduler="slurm", scheduler_opts=(opt,))
-    assert info.value.key == "scheduler_opts"
+    config = Config(host="h", scheduler="slurm", scheduler_opts=(opt,))
+    # The scheduler's own rule: refused when it is opened, before anything is stored.
+    for check in (check_options, open_scheduler):
+        with pytest.raises(ConfigError, match=r"entry 0 .* sets -.*remove .* from scheduler_opts") as info:
+            check(config)
+        assert info.value.key == "scheduler_opts"
 
 
 @pytest.mark.parametrize("opt", ["-A myaccount", "--qos=long", "--time=10", "--output=/tmp/x",
                                  "--mem-per-cpu=1G", "--exclusive"])
 def test_other_sbatch_options_are_allowed(opt: str) -> None:
-    assert Config(host="h", scheduler="slurm", scheduler_opts=(opt,)).raw_options == (opt,)
+    config = Config(host="h", scheduler="slurm", scheduler_opts=(opt,))
+    check_options(config)
+    assert config.raw_options == (opt,)
 
 
 def test_raw_options_have_one_neutral_name_and_ge_opts_is_grid_engines() -> None:
@@ -576,16 +582,18 @@ def test_raw_options_have_one_neutral_name_and_ge_opts_is_grid_engines() -> None
         Config(host="h", ge_opts=("-r y",), scheduler_opts=("-r y",))
     assert info.value.key == "scheduler_opts"
     with pytest.raises(ConfigError, match="'ge_opts': holds Grid Engine .* scheduler_opts"):
-        Config(host="h", scheduler="slurm", ge_opts=("-l h_vmem=1G",))
+        check_options(Config(host="h", scheduler="slurm", ge_opts=("-l h_vmem=1G",)))
     # Grid Engine takes either name, by the same rules.
     for key in ("ge_opts", "scheduler_opts"):
         config = Config.from_mapping({"host": "h", "scheduler": "gridengine", key: ["-r y"]})
+        check_options(config)
         assert config.raw_options == ("-r y",) and config.raw_options_key == key
         with pytest.raises(ConfigError, match=f"remove -t from {key}"):
-            Config.from_mapping({"host": "h", "scheduler": "gridengine", key: ["-t 1-3"]})
+            check_options(
+                Config.from_mapping({"host": "h", "scheduler": "gridengine", key: ["-t 1-3"]}))
     # Under "auto", ge_opts are checked as Grid Engine's at once.
     with pytest.raises(ConfigError, match="remove -t from ge_opts"):
-        Config(host="h", ge_opts=("-t 1-3",))
+        check_options(Config(host="h", ge_opts=("-t 1-3",)))
     with pytest.raises(ConfigError, match="entry 0 is not an option"):
         Config(host="h", scheduler_opts=("mem=2G",))
 

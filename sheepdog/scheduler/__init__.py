@@ -13,11 +13,11 @@ import logging
 import shutil
 from typing import TYPE_CHECKING, Any
 
+from ..config import SCHEDULER_NAMES
 from ..errors import SheepdogError
 from ..remote import Remote
 from .auto import AutoScheduler, detect_scheduler
 from .base import (
-    SCHEDULER_NAMES,
     ArrayLimits,
     Deletion,
     JobStatus,
@@ -48,6 +48,7 @@ __all__ = [
     "Slurm",
     "State",
     "Waiting",
+    "check_options",
     "detect_scheduler",
     "open_remote",
     "open_scheduler",
@@ -58,9 +59,25 @@ __all__ = [
 SCHEDULERS: dict[str, type[Scheduler]] = {
     "gridengine": GridEngine, "slurm": Slurm, "local": LocalScheduler,
 }
+
+
 def scheduler_class(name: str) -> type[Scheduler]:
     """The class for a ``scheduler`` config value; ``auto`` gives the base class's defaults."""
     return SCHEDULERS.get(name, Scheduler)
+
+
+def check_options(config: Config) -> None:
+    """Raise ConfigError if the config's raw options break its scheduler's rules.
+
+    :class:`~sheepdog.config.Config` checks what every scheduler needs; which options
+    one refuses is its own rule (:meth:`Scheduler.check_raw_options`), checked here when
+    it is opened. Under ``auto`` the head node's answer decides, on first use; until
+    then ``ge_opts``, Grid Engine's options, are checked by its rules.
+    """
+    if config.scheduler != "auto":
+        SCHEDULERS[config.scheduler].check_raw_options(config)
+    elif config.ge_opts is not None:
+        GridEngine.check_raw_options(config)
 
 
 def open_remote(config: Config, scheduler: type[Scheduler] = GridEngine) -> Remote:
@@ -107,8 +124,10 @@ def open_scheduler(config: Config) -> Scheduler:
     """The config's scheduler, with its host (an SSH connection, opened on use).
 
     For ``auto``, an :class:`~sheepdog.scheduler.auto.AutoScheduler`, which asks the head
-    node on first use (once per login) and then acts as the scheduler it found.
+    node on first use (once per login) and then acts as the scheduler it found. Raw
+    options the scheduler refuses raise ConfigError first (:func:`check_options`).
     """
+    check_options(config)
     if config.scheduler == "local":
         host = LocalHost()
         return LocalScheduler(host, host.absolute(config.ssh_dir))

@@ -95,7 +95,7 @@ class AutoScheduler(Scheduler):
         with self._lock:
             if self._found is None:
                 chosen = detect_scheduler(self.config, self.host)
-                self.config.check_raw_options(chosen)
+                chosen.check_raw_options(self.config)
                 # The found scheduler's environment set-up, before each of its commands.
                 setattr(self.host, "preamble", getattr(chosen, "preamble", ""))  # noqa: B010
                 self._found = chosen(self.host)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
+from .._directives import check_raw_option
 from ..errors import RemoteCommandError
 from ..remote import CommandResult
 
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from ..config import Config
 
 __all__ = [
-    "SCHEDULER_NAMES",
     "option_words",
     "ArrayLimits",
     "CommandResult",
@@ -44,9 +44,6 @@ __all__ = [
     "format_gb",
     "quote_all",
 ]
-
-#: The values of the ``scheduler`` config key: ``"auto"`` asks the head node which it runs.
-SCHEDULER_NAMES = ("auto", "gridengine", "slurm", "local")
 
 
 class State(str, enum.Enum):
@@ -240,6 +237,16 @@ class Scheduler:
     def reserved_option(cls, word: str) -> str | None:
         """Why sheepdog sets the option ``word`` (of a raw option) itself; None if it may be set."""
         return None
+
+    @classmethod
+    def check_raw_options(cls, config: Config) -> None:
+        """Raise ConfigError if the config's raw options are not this scheduler's to take.
+
+        Config checks what every scheduler needs (one line, a leading ``-``); this
+        refuses the options that sheepdog sets for this scheduler's jobs itself.
+        """
+        for i, opt in enumerate(config.raw_options or ()):
+            check_raw_option(config.raw_options_key, i, opt, cls)
 
     # --- jobs -------------------------------------------------------------------------
 

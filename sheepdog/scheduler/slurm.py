@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from ..errors import RemoteCommandError, SheepdogError, SubmitError
+from ..errors import ConfigError, RemoteCommandError, SheepdogError, SubmitError
 from .base import (
     ArrayLimits,
     Deletion,
@@ -469,6 +469,19 @@ class Slurm(Scheduler):
             return _RESERVED_LONG.get(word.split("=", 1)[0])
         long = _RESERVED_SHORT.get(word[:2]) if word.startswith("-") else None
         return _RESERVED_LONG[long] if long else None
+
+    @classmethod
+    def check_raw_options(cls, config: Config) -> None:
+        """Also refuse ``ge_opts``: they are Grid Engine's options, not sbatch's."""
+        if config.ge_opts is not None:
+            auto = config.scheduler == "auto"
+            found = f" (found by scheduler='auto' on {config.host})" if auto else ""
+            raise ConfigError(
+                f"config key 'ge_opts': holds Grid Engine (qsub) options, but the scheduler is "
+                f"Slurm{found}; put sbatch options in scheduler_opts instead",
+                key="ge_opts",
+            )
+        super().check_raw_options(config)
 
     # --- jobs ----------------------------------------------------------------------
 

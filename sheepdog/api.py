@@ -27,7 +27,7 @@ from .doctor import COLUMNS
 from .errors import RemoteError, SheepdogError
 from .scheduler import Scheduler
 from .session import Cancellation, Session
-from .store import Storage
+from .store import DEFAULT_DBFILE, Storage
 
 __all__ = [
     "RERUN_DEFAULT",
@@ -133,7 +133,7 @@ map_sync = map
 
 def get_results(
     request_id: int,
-    dbfile: str = "./sheepdog.sqlite",
+    dbfile: str = DEFAULT_DBFILE,
     block: bool = True,
     verbose: bool = False,
     *,
@@ -151,7 +151,7 @@ def get_results(
         return session.results(request_id)
 
 
-def is_finished(request_id: int, dbfile: str = "./sheepdog.sqlite") -> bool:
+def is_finished(request_id: int, dbfile: str = DEFAULT_DBFILE) -> bool:
     """Whether every task of the request has finished: done, failed, lost or cancelled.
 
     A read of the database, cheap enough to poll after :func:`map_async`: a task
@@ -164,7 +164,7 @@ def is_finished(request_id: int, dbfile: str = "./sheepdog.sqlite") -> bool:
         return not session.storage.open_task_indices(request_id)
 
 
-def get_errors(request_id: int, dbfile: str = "./sheepdog.sqlite") -> list[tuple[Any, RemoteError]]:
+def get_errors(request_id: int, dbfile: str = DEFAULT_DBFILE) -> list[tuple[Any, RemoteError]]:
     """Fetch ``[(arg, error)]`` for every failed task; each error holds the remote traceback.
 
     A lost task (its worker died or its job went away) is a failed task, whose
@@ -176,7 +176,7 @@ def get_errors(request_id: int, dbfile: str = "./sheepdog.sqlite") -> list[tuple
 
 
 def get_output(
-    request_id: int, index: int, dbfile: str = "./sheepdog.sqlite"
+    request_id: int, index: int, dbfile: str = DEFAULT_DBFILE
 ) -> tuple[str, str]:
     """Return the captured ``(stdout, stderr)`` of task ``index`` (from 1) of a request.
 

@@ -46,14 +46,13 @@ from .doctor import DEFAULT_TIMEOUT_S, doctor, render_check
 from .errors import RemoteError, SheepdogError
 from .job_file import job_file, job_stem, key_file_name, stub_source
 from .scheduler import open_scheduler, scheduler_class
-from .store import Storage
+from .store import DEFAULT_DBFILE, Storage
 from .watch import wait_for_request
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DBFILE = "./sheepdog.sqlite"
 #: Environment variable naming the database, so that --dbfile need not be repeated.
 DBFILE_ENV = "SHEEPDOG_DBFILE"
 #: Output is kept to this many columns where it is a table or a summary.

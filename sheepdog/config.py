@@ -27,6 +27,7 @@ from .errors import ConfigError
 from .scheduler import scheduler_class
 from .scheduler.base import SCHEDULER_NAMES
 from .scheduler.gridengine import GridEngine
+from .store.db import DEFAULT_DBFILE
 
 if TYPE_CHECKING:
     from .scheduler.base import Scheduler
@@ -91,7 +92,7 @@ class Config:
     #: the workers read their key file there.
     ssh_dir: str = ".sheepdog"
     #: The SQLite file holding requests and results.
-    dbfile: str = "./sheepdog.sqlite"
+    dbfile: str = DEFAULT_DBFILE
     #: The local server's port; ``None`` picks a free one.
     port: int | None = None
     #: The name by which execution nodes reach this machine. Example:

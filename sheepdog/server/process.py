@@ -29,7 +29,7 @@ from typing import IO, Any
 
 from sheepdog.errors import ServerError
 from sheepdog.server.tls import hold_while_serving
-from sheepdog.store import Storage
+from sheepdog.store import DEFAULT_DBFILE, Storage
 
 from .protocol import (
     BODY_BASE_S,
@@ -199,7 +199,7 @@ class Server:
         self,
         port: int | None | _Resume = _Resume.PORT,
         password: str | None = None,
-        dbfile: str | Path = "./sheepdog.sqlite",
+        dbfile: str | Path = DEFAULT_DBFILE,
         *,
         host: str | None = None,
         workers: int = 2,
@@ -526,7 +526,7 @@ class Server:
 def get_server(
     port: int | None = None,
     password: str | None = None,
-    dbfile: str | Path = "./sheepdog.sqlite",
+    dbfile: str | Path = DEFAULT_DBFILE,
     **options: Any,
 ) -> Server:
     """Return the running server on ``port``, starting one if needed.

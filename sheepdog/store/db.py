@@ -38,6 +38,7 @@ except ImportError:  # Windows: no write queue, SQLite's busy handler alone
 
 __all__ = [
     "DB_FILE_MODE",
+    "DEFAULT_DBFILE",
     "DEFAULT_SETTINGS",
     "MIGRATIONS",
     "OPEN_STATES",
@@ -47,6 +48,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The database every entry point opens unless told otherwise, as Sheepdog 0.2 did.
+DEFAULT_DBFILE = "./sheepdog.sqlite"
 
 #: Settings a request gets unless ``new_request(settings=...)`` says otherwise.
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -299,7 +303,7 @@ class Database:
 
     def __init__(
         self,
-        dbfile: str | Path = "./sheepdog.sqlite",
+        dbfile: str | Path = DEFAULT_DBFILE,
         *,
         init: bool = True,
         synchronous: str = "FULL",

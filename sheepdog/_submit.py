@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from . import tunnel
+from ._net import host_port, loopback_for
 from .config import Config
 from .errors import ServerError
 from .job_file import (
@@ -258,13 +259,12 @@ def submit_request(
 
 def _address_line(host: str, port: int) -> str:
     """The address file's text: ``host:port``, an IPv6 address in brackets."""
-    return (f"[{host}]" if ":" in host else host) + f":{port}\n"
+    return host_port(host, port) + "\n"
 
 
 def _local_target(server: Server) -> tuple[str, int]:
     """Where this process reaches its own server (for the tunnel's forwarded connections)."""
-    host = server.host or "127.0.0.1"
-    return ({"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), _port(server))
+    return loopback_for(server.host or ""), _port(server)
 
 
 def _port(server: Server) -> int:

@@ -9,18 +9,16 @@ owns the database, the scheduler and the server for the call.
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import shlex
-import ssl
 import sys
 import textwrap
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import tunnel
+from ._net import health_problem, host_port, loopback_for
 from ._submit import own_server
 from .config import ConfigLike
 from .doctor import COLUMNS
@@ -206,17 +204,7 @@ def stop_interrupted(request_id: int, config: ConfigLike) -> str:
 
 def server_answers(url: str, *, timeout_s: float = 2.0) -> bool:
     """True if a sheepdog server answers its health check at the job's callback ``url``."""
-    context = ssl.create_default_context()
-    # Only a liveness probe that sends nothing: the workers pin the certificate.
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with urllib.request.urlopen(  # noqa: S310 - the URL is our own server's
-            url.rstrip("/") + "/api/v1/health", timeout=timeout_s, context=context
-        ) as response:
-            return bool(json.loads(response.read(4096)).get("ok"))
-    except (OSError, ValueError):
-        return False
+    return health_problem(url, timeout_s=timeout_s) is None
 
 
 def served(storage: Storage, request_id: int) -> bool | None:
@@ -231,10 +219,8 @@ def served(storage: Storage, request_id: int) -> bool | None:
     host = str(info.get("listen_address") or "")
     if not port or not host:
         return server_answers(str(url))
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
     scheme = urllib.parse.urlsplit(str(url)).scheme or "http"
-    return server_answers(f"{scheme}://{f'[{host}]' if ':' in host else host}:{int(port)}")
+    return server_answers(f"{scheme}://{host_port(loopback_for(host), int(port))}")
 
 
 #: Requests that map_async submitted from this process, to warn about at exit.

@@ -47,6 +47,7 @@ from .errors import RemoteError, SheepdogError
 from .job_file import job_file, job_stem, key_file_name, stub_source
 from .scheduler import open_scheduler, scheduler_class
 from .store import DEFAULT_DBFILE, Storage
+from .store.db import require_database
 from .watch import wait_for_request
 
 __all__ = ["main"]
@@ -67,12 +68,14 @@ class CliError(Exception):
     """A problem to report as one line and exit status 1."""
 
 
+def _require_db(dbfile: str) -> None:
+    """Refuse a ``--dbfile`` that does not exist, saying how to name one: never create it."""
+    require_database(dbfile, f"pass --dbfile PATH or set {DBFILE_ENV}")
+
+
 def _open_db(dbfile: str) -> Storage:
-    if not os.path.isfile(dbfile):
-        raise CliError(
-            f"no sheepdog database at {dbfile}: the file does not exist; "
-            f"pass --dbfile PATH or set {DBFILE_ENV}"
-        )
+    """The database a command reads, which must exist (see :func:`_require_db`)."""
+    _require_db(dbfile)
     return Storage(dbfile, create=False)
 
 
@@ -218,7 +221,6 @@ def _wait(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    _open_db(args.dbfile).close()  # a mistyped --dbfile must not become an empty database
     if args.wait:
         _wait(args)
     with _open_db(args.dbfile) as storage:
@@ -241,7 +243,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    _open_db(args.dbfile).close()  # a mistyped --dbfile must not become an empty database
     if args.wait:
         _wait(args)
     with _open_db(args.dbfile) as storage:
@@ -668,7 +669,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from .dashboard.serve import LoopbackServer
     from .dashboard.views import TOKEN_PARAM, create_app
 
-    _open_db(args.dbfile).close()  # a mistyped --dbfile must not become an empty database
+    _require_db(args.dbfile)
     token = secrets.token_urlsafe(24)
     app = create_app(args.dbfile, token)
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shlex
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from . import _submit, spool, tunnel
 from ._environment import mismatch_warning
 from ._poll import poll_until
 from ._progress import Progress, started
-from .errors import SheepdogError, StorageError
+from .errors import SheepdogError
 from .errors import TimeoutError as SheepdogTimeoutError
 from .scheduler import Deletion, Scheduler, open_scheduler
 from .store import OPEN_STATES, Storage
@@ -491,12 +490,9 @@ def wait_for_request(
     A :class:`~sheepdog.session.Session` passes its open ``storage``.
     """
     start = time.monotonic()
-    if dbfile != ":memory:" and not os.path.isfile(dbfile):
-        # Opening would create an empty database where a path was mistyped.
-        raise StorageError(f"no sheepdog database at {dbfile}; check the dbfile path")
     own: Watcher | None = None
     context: contextlib.AbstractContextManager[Storage] = (
-        Storage(dbfile) if storage is None else contextlib.nullcontext(storage)
+        Storage(dbfile, create=False) if storage is None else contextlib.nullcontext(storage)
     )
     with context as storage:
         total = storage.count_tasks(request_id)

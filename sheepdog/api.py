@@ -25,7 +25,7 @@ from .doctor import COLUMNS
 from .errors import RemoteError, SheepdogError
 from .scheduler import Scheduler
 from .session import Cancellation, Session
-from .store import DEFAULT_DBFILE, Storage
+from .store import DEFAULT_DBFILE, RERUN_CHOICES, Storage
 
 __all__ = [
     "RERUN_DEFAULT",
@@ -46,7 +46,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: What :func:`rerun` runs again unless told otherwise: every task that ended without a result.
-RERUN_DEFAULT = ("failed", "lost", "cancelled")
+RERUN_DEFAULT = tuple(RERUN_CHOICES)
 
 
 def map_async(

@@ -34,6 +34,7 @@ from ._progress import TASK_STATE_WORDS, format_counts, request_state, started
 from ._submit import array_size, batch_size, delete_jobs, job_name, stored_config
 from ._version import __version__
 from .api import (
+    RERUN_DEFAULT,
     cancel_request,
     get_errors,
     get_output,
@@ -46,7 +47,7 @@ from .doctor import DEFAULT_TIMEOUT_S, doctor, render_check
 from .errors import RemoteError, SheepdogError
 from .job_file import job_file, job_stem, key_file_name, stub_source
 from .scheduler import open_scheduler, scheduler_class
-from .store import DEFAULT_DBFILE, Storage
+from .store import DEFAULT_DBFILE, RERUN_CHOICES, Storage
 from .store.db import require_database
 from .watch import wait_for_request
 
@@ -447,8 +448,7 @@ def _request_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    which = [w for w in ("failed", "lost", "cancelled") if getattr(args, w)]
-    which = which or ["failed", "lost", "cancelled"]
+    which = [w for w in RERUN_CHOICES if getattr(args, w)] or list(RERUN_DEFAULT)
     config = _request_config(args)
     indices = rerun(args.id, config, which)
     if not indices:

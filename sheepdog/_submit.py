@@ -12,6 +12,7 @@ from typing import Any
 
 from . import tunnel
 from ._net import host_port, loopback_for
+from ._progress import finished_by_workers
 from .config import Config
 from .errors import ServerError
 from .job_file import (
@@ -237,7 +238,7 @@ def submit_request(
     info: dict[str, Any] = {
         "url": url, "port": server.port, "listen_address": server.host, "connect": mode,
         # Tasks finished before these jobs: the watcher sees whether they made progress.
-        "finished_before": counts.get("done", 0) + counts.get("error", 0),
+        "finished_before": finished_by_workers(counts),
         "parts": len(sizes),
         # What "auto" found: later processes watch and cancel the jobs without asking again.
         "scheduler": scheduler.name,

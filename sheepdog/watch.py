@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from . import _submit, spool, tunnel
 from ._environment import mismatch_warning
 from ._poll import poll_until
-from ._progress import Progress, started
+from ._progress import Progress, ended, finished_by_workers, started
 from .errors import SheepdogError
 from .errors import TimeoutError as SheepdogTimeoutError
 from .scheduler import Deletion, Scheduler, open_scheduler
@@ -170,7 +170,7 @@ class Watcher:
             else:
                 live.append(job)
         now = self.clock()
-        progress = (counts.get("done", 0) + counts.get("error", 0), leased)
+        progress = (finished_by_workers(counts), leased)
         if progress != self._progress:
             self._progress, self._progress_at = progress, now
         if live:
@@ -258,7 +258,7 @@ class Watcher:
         if mode == "tunnel":
             self._keep_tunnel(storage)
         before = int(info.get("finished_before") or 0)
-        finished = counts.get("done", 0) + counts.get("error", 0)
+        finished = finished_by_workers(counts)
         latest = str(records[-1].get("job_id"))
         if counts.get("leased", 0) or finished > before:
             self._heard_from = latest
@@ -391,7 +391,7 @@ class Watcher:
         rid = self.request_id
         records = storage.get_jobs(rid)
         counts = storage.task_counts(rid)
-        finished = counts.get("done", 0) + counts.get("error", 0)
+        finished = finished_by_workers(counts)
         before = records[-1]["info"].get("finished_before") if records else None
         # Jobs that finished tasks and left work open (workers that stopped before their
         # run-time limit, tasks_per_worker) are continued, not counted as failures.
@@ -520,7 +520,7 @@ def wait_for_request(
             if poll_until(finished, timeout_s=left_s, interval_s=poll_s,
                           max_interval_s=max_poll_s):
                 return counts
-            done = total - sum(counts.get(s, 0) for s in OPEN_STATES)
+            done = ended(counts)
             raise SheepdogTimeoutError(
                 f"request {request_id}: {done} of {total} tasks finished within "
                 f"{timeout_s:g} s; the rest are still running. Fetch them later with "

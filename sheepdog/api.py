@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import shlex
 import sys
 import textwrap
 import urllib.parse
@@ -18,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import tunnel
+from ._hints import sheepdog_command
 from ._net import health_problem, host_port, loopback_for
 from ._submit import own_server
 from .config import ConfigLike
@@ -241,9 +241,9 @@ def _warn_unserved_at_exit() -> None:
         print(textwrap.fill(
             f"sheepdog: request {request_id} still has {n_open} open tasks, and this process "
             "was its only server: its array tasks wait for a server until they give up. "
-            f"Serve them with `sheepdog serve --dbfile {shlex.quote(dbfile)}`, or cancel "
-            f"them with `sheepdog cancel {request_id} --config FILE --dbfile "
-            f"{shlex.quote(dbfile)}`.", COLUMNS, break_long_words=False, break_on_hyphens=False,
+            f"Serve them with `{sheepdog_command('serve', dbfile=dbfile)}`, or cancel them "
+            f"with `{sheepdog_command('cancel', request_id, '--config', 'FILE', dbfile=dbfile)}`.",
+            COLUMNS, break_long_words=False, break_on_hyphens=False,
         ), file=sys.stderr, flush=True)
 
 

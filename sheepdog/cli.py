@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from . import serialisation
+from ._hints import sheepdog_command
 from ._progress import TASK_STATE_WORDS, format_counts, request_state, started
 from ._submit import array_size, batch_size, delete_jobs, job_name, stored_config
 from ._version import __version__
@@ -163,17 +164,19 @@ def _unserved_note(
     """
     if not storage.open_task_indices(request_id) or served(storage, request_id) is not False:
         return None
+    serve = sheepdog_command("serve", dbfile=dbfile)
     if waiting:
         text = (
             f"request {request_id} has open tasks but no server is serving it, so this wait "
-            f"may never end: serve and wait with `sheepdog attach {request_id} --dbfile "
-            f"{dbfile}`, or run `sheepdog serve --dbfile {dbfile}` beside this wait"
+            f"may never end: serve and wait with "
+            f"`{sheepdog_command('attach', request_id, dbfile=dbfile)}`, or run `{serve}` "
+            "beside this wait"
         )
     else:
         text = (
             f"request {request_id} has open tasks but no server is serving it: its array "
-            f"tasks cannot report. Run `sheepdog serve --dbfile {dbfile}`, or `sheepdog "
-            f"cancel {request_id} --config FILE --dbfile {dbfile}`"
+            f"tasks cannot report. Run `{serve}`, or "
+            f"`{sheepdog_command('cancel', request_id, '--config', 'FILE', dbfile=dbfile)}`"
         )
     # Folded between words, so that it fits an 80-column terminal as the table does.
     return textwrap.fill(text, COLUMNS - 1, break_long_words=False, break_on_hyphens=False)

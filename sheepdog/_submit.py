@@ -25,7 +25,7 @@ from .job_file import (
     key_file_name,
     spool_dir_name,
 )
-from .scheduler import SCHEDULERS, Deletion, Scheduler, scheduler_class
+from .scheduler import SCHEDULERS, Deletion, Scheduler, open_scheduler, scheduler_class
 from .server import Server, get_server, listen_address, registry
 from .server.tls import certificate_for, fingerprint_sha256
 from .store import Storage
@@ -34,6 +34,7 @@ __all__ = [
     "array_size",
     "batch_size",
     "delete_jobs",
+    "delete_leftovers",
     "ensure_tunnel",
     "job_name",
     "job_sizes",
@@ -44,6 +45,7 @@ __all__ = [
     "server_key",
     "server_options",
     "stored_config",
+    "stored_scheduler",
     "submit_request",
     "uses_tunnel",
     "worker_address",
@@ -129,6 +131,17 @@ def stored_config(storage: Storage, request_id: int) -> Config | None:
         if used and used[-1] in SCHEDULERS:
             values["scheduler"] = used[-1]
     return Config.from_mapping(values)
+
+
+def stored_scheduler(storage: Storage, request_id: int) -> tuple[Config, Scheduler] | None:
+    """The request's stored config and a scheduler opened from it; None if none is stored.
+
+    For a process that did not submit the request (``sheepdog serve``, a later
+    wait, a tunnel kept up): the scheduler connects on first use, and the caller
+    closes it.
+    """
+    config = stored_config(storage, request_id)
+    return None if config is None else (config, open_scheduler(config))
 
 
 def server_options(config: Config, host: str | None = None) -> dict[str, Any]:
@@ -341,3 +354,19 @@ def delete_jobs(scheduler: Scheduler, storage: Storage, request_id: int) -> Dele
     targets = [str(job["job_id"]) for job in storage.get_jobs(request_id)]
     targets.append(job_name(storage, request_id))
     return scheduler.delete(targets)
+
+
+def delete_leftovers(scheduler: Scheduler, storage: Storage, request_id: int) -> Deletion | None:
+    """Delete a finished request's jobs still on the cluster; say what went.
+
+    Array tasks still queued or starting would find nothing to do, and once the
+    server is gone each would hold its slot for the workers' retry time
+    (``worker_retry_s``) first. A deletion that fails is logged as a warning.
+    None when the request never had a job (every task from the cache).
+    """
+    if not storage.get_jobs(request_id):
+        return None
+    deletion = delete_jobs(scheduler, storage, request_id)
+    if deletion.error is not None:
+        logger.warning("request %d is finished, but %s", request_id, deletion.describe())
+    return deletion

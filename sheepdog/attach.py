@@ -70,7 +70,7 @@ def attach(
         if collected.stored or collected.duplicates or collected.rejected:
             say(collected.describe())
         if not storage.open_task_indices(request_id):
-            session.delete_jobs(request_id)
+            _submit.delete_leftovers(scheduler, storage, request_id)
             return session.results(request_id)
         say(f"attached to request {request_id}: {len(storage.open_task_indices(request_id))}"
             f" tasks open; watching its {scheduler.label} jobs")

@@ -32,7 +32,14 @@ from urllib.parse import urlsplit
 from . import serialisation
 from ._hints import sheepdog_command
 from ._progress import TASK_STATE_WORDS, format_counts, request_state, started
-from ._submit import array_size, batch_size, delete_jobs, job_name, stored_config
+from ._submit import (
+    array_size,
+    batch_size,
+    delete_leftovers,
+    job_name,
+    stored_config,
+    stored_scheduler,
+)
 from ._version import __version__
 from .api import (
     RERUN_DEFAULT,
@@ -333,13 +340,14 @@ def _running_output(storage: Storage, request_id: int, task: dict[str, Any]) -> 
     lines = [textwrap.fill(f"request {request_id} task {task['idx']} is still running on "
                            f"{host}; its array task's output so far (the worker's, of every "
                            "task it ran):", COLUMNS)]
-    config = stored_config(storage, request_id)
     array_index = worker.rsplit(":", 1)[-1]
-    if config is None or not array_index.isdigit():
-        return lines + ["(no stored config: its output files cannot be found)"]
-    name = job_name(storage, request_id)
     try:
-        with open_scheduler(config) as scheduler:
+        stored = stored_scheduler(storage, request_id) if array_index.isdigit() else None
+        if stored is None:
+            return lines + ["(no stored config: its output files cannot be found)"]
+        config, opened = stored
+        name = job_name(storage, request_id)
+        with opened as scheduler:
             jobdir = scheduler.host.absolute(config.ssh_dir).rstrip("/")
             for job in reversed(storage.get_jobs(request_id)):
                 found = []
@@ -606,19 +614,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _delete_leftovers(storage: Storage, request_id: int) -> None:
     """Delete the array tasks still queued for a finished request; they would wait on us."""
-    config = stored_config(storage, request_id)
-    if config is None:
-        print(f"request {request_id} is finished; it has no stored config, so its leftover "
-              "array tasks (if any) were not deleted", flush=True)
-        return
     try:
-        with open_scheduler(config) as scheduler:
-            deletion = delete_jobs(scheduler, storage, request_id)
+        found = stored_scheduler(storage, request_id)
+        if found is None:
+            print(f"request {request_id} is finished; it has no stored config, so its "
+                  "leftover array tasks (if any) were not deleted", flush=True)
+            return
+        with found[1] as scheduler:
+            deletion = delete_leftovers(scheduler, storage, request_id)
     except SheepdogError as exc:
         print(f"request {request_id} is finished; could not delete its leftover array "
               f"tasks: {exc}", flush=True)
         return
-    print(f"request {request_id} is finished; {deletion.describe()}", flush=True)
+    what = "it never had a job" if deletion is None else deletion.describe()
+    print(f"request {request_id} is finished; {what}", flush=True)
 
 
 def _detach(args: argparse.Namespace, ports: list[int]) -> int:

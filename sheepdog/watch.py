@@ -28,7 +28,7 @@ from ._poll import poll_until
 from ._progress import Progress, ended, finished_by_workers, started
 from .errors import SheepdogError
 from .errors import TimeoutError as SheepdogTimeoutError
-from .scheduler import Deletion, Scheduler, open_scheduler
+from .scheduler import Deletion, Scheduler
 from .store import OPEN_STATES, Storage
 
 if TYPE_CHECKING:
@@ -219,18 +219,10 @@ class Watcher:
     def finish(self, storage: Storage) -> Deletion | None:
         """Delete the finished request's jobs still on the cluster; say what went.
 
-        Array tasks still queued or starting would find nothing to do, and once the
-        server is gone each would hold its slot for the workers' retry time
-        (``worker_retry_s``) first. None when the request never had a job (all cached).
+        See :func:`sheepdog._submit.delete_leftovers`; None when the request never had a job.
         """
         self._check_environment(storage)  # a short map may end before the first check
-        if not storage.get_jobs(self.request_id):
-            return None
-        deletion = _submit.delete_jobs(self.scheduler, storage, self.request_id)
-        if deletion.error is not None:
-            logger.warning("request %d is finished, but %s", self.request_id,
-                           deletion.describe())
-        return deletion
+        return _submit.delete_leftovers(self.scheduler, storage, self.request_id)
 
     def collect_spool(self, storage: Storage) -> spool.Collection:
         """Store the results the request's workers spooled (see :mod:`sheepdog.spool`)."""
@@ -536,12 +528,12 @@ def _passive_watcher(storage: Storage, request_id: int) -> Watcher | None:
     """A watcher for a request from its stored config: active if this process serves it."""
     if not storage.open_task_indices(request_id):
         return None
-    config = _submit.stored_config(storage, request_id)
-    if config is None:
+    found = _submit.stored_scheduler(storage, request_id)
+    if found is None:
         logger.info("request %d has no stored config: its jobs are not watched", request_id)
         return None
     # map_async then get_results(block=True) in one process: that process is the server
     # and the only one to act, at once, as map would.
     server = _submit.own_server(storage, request_id)
-    return Watcher(config, request_id, open_scheduler(config), server=server,
-                   passive=server is None)
+    config, scheduler = found
+    return Watcher(config, request_id, scheduler, server=server, passive=server is None)

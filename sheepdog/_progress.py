@@ -17,7 +17,15 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import IO, Any
 
-__all__ = ["TASK_STATE_WORDS", "Progress", "format_counts", "request_state", "started"]
+__all__ = [
+    "TASK_STATE_WORDS",
+    "Progress",
+    "ended",
+    "finished_by_workers",
+    "format_counts",
+    "request_state",
+    "started",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +58,18 @@ def started(counts: Mapping[str, int], running: int) -> dict[str, int]:
     return shown
 
 
-def _finished(counts: Mapping[str, int]) -> int:
-    return counts.get("done", 0) + counts.get("error", 0) + counts.get("cancelled", 0)
+def ended(counts: Mapping[str, int]) -> int:
+    """How many tasks are no longer open: done, failed or cancelled (what a bar has filled)."""
+    return finished_by_workers(counts) + counts.get("cancelled", 0)
+
+
+def finished_by_workers(counts: Mapping[str, int]) -> int:
+    """How many tasks workers ran to an end, done or failed: a job's progress.
+
+    Cancelled tasks are not counted: sheepdog ended those, not a worker, so they
+    say nothing of whether the jobs get on.
+    """
+    return counts.get("done", 0) + counts.get("error", 0)
 
 
 def _cancelled(counts: Mapping[str, int]) -> str:
@@ -141,7 +159,7 @@ class Progress:
     def update(self, counts: Mapping[str, int]) -> None:
         """Show the new counts (nothing happens when they did not change)."""
         done, running = counts.get("done", 0), counts.get("leased", 0)
-        failed = _finished(counts) - done
+        failed = ended(counts) - done
         if self._bar is not None:
             if (done, failed, running) != self._last:
                 if self._last is None:
@@ -173,7 +191,7 @@ class Progress:
         """The rate and the counts after the bar, without the rate where it would not fit."""
         counted = self._postfix(counts)
         elapsed = time.monotonic() - self.start
-        finished = _finished(counts) - self._bar.initial
+        finished = ended(counts) - self._bar.initial
         rate = f"{_rate(finished / elapsed)}task/s" if finished > 0 and elapsed > 0 else "?task/s"
         digits = len(str(self.total))
         # label: 100%|<bar>| N/N 00:00<00:00, rate, counts
@@ -185,7 +203,7 @@ class Progress:
     @staticmethod
     def _postfix(counts: Mapping[str, int]) -> str:
         """What the bar adds after the rate: failed, cancelled and running tasks, kept short."""
-        if not _finished(counts) and not counts.get("leased", 0):
+        if not ended(counts) and not counts.get("leased", 0):
             return "waiting for workers"
         failed = counts.get("error", 0)
         return (
@@ -196,7 +214,7 @@ class Progress:
 
     def _line(self, counts: Mapping[str, int], now: float) -> None:
         elapsed = now - self.start
-        finished = _finished(counts)
+        finished = ended(counts)
         line = f"{self.label}: {format_counts(counts, self.total)}"
         if self._initial is None:
             self._initial = finished

@@ -11,6 +11,8 @@ import os
 from typing import Any
 
 from . import tunnel
+from ._net import host_port, loopback_for
+from ._progress import finished_by_workers
 from .config import Config
 from .errors import ServerError
 from .job_file import (
@@ -23,7 +25,7 @@ from .job_file import (
     key_file_name,
     spool_dir_name,
 )
-from .scheduler import SCHEDULERS, Deletion, Scheduler, scheduler_class
+from .scheduler import SCHEDULERS, Deletion, Scheduler, open_scheduler, scheduler_class
 from .server import Server, get_server, listen_address, registry
 from .server.tls import certificate_for, fingerprint_sha256
 from .store import Storage
@@ -32,6 +34,7 @@ __all__ = [
     "array_size",
     "batch_size",
     "delete_jobs",
+    "delete_leftovers",
     "ensure_tunnel",
     "job_name",
     "job_sizes",
@@ -42,6 +45,7 @@ __all__ = [
     "server_key",
     "server_options",
     "stored_config",
+    "stored_scheduler",
     "submit_request",
     "uses_tunnel",
     "worker_address",
@@ -127,6 +131,17 @@ def stored_config(storage: Storage, request_id: int) -> Config | None:
         if used and used[-1] in SCHEDULERS:
             values["scheduler"] = used[-1]
     return Config.from_mapping(values)
+
+
+def stored_scheduler(storage: Storage, request_id: int) -> tuple[Config, Scheduler] | None:
+    """The request's stored config and a scheduler opened from it; None if none is stored.
+
+    For a process that did not submit the request (``sheepdog serve``, a later
+    wait, a tunnel kept up): the scheduler connects on first use, and the caller
+    closes it.
+    """
+    config = stored_config(storage, request_id)
+    return None if config is None else (config, open_scheduler(config))
 
 
 def server_options(config: Config, host: str | None = None) -> dict[str, Any]:
@@ -236,7 +251,7 @@ def submit_request(
     info: dict[str, Any] = {
         "url": url, "port": server.port, "listen_address": server.host, "connect": mode,
         # Tasks finished before these jobs: the watcher sees whether they made progress.
-        "finished_before": counts.get("done", 0) + counts.get("error", 0),
+        "finished_before": finished_by_workers(counts),
         "parts": len(sizes),
         # What "auto" found: later processes watch and cancel the jobs without asking again.
         "scheduler": scheduler.name,
@@ -258,13 +273,12 @@ def submit_request(
 
 def _address_line(host: str, port: int) -> str:
     """The address file's text: ``host:port``, an IPv6 address in brackets."""
-    return (f"[{host}]" if ":" in host else host) + f":{port}\n"
+    return host_port(host, port) + "\n"
 
 
 def _local_target(server: Server) -> tuple[str, int]:
     """Where this process reaches its own server (for the tunnel's forwarded connections)."""
-    host = server.host or "127.0.0.1"
-    return ({"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), _port(server))
+    return loopback_for(server.host or ""), _port(server)
 
 
 def _port(server: Server) -> int:
@@ -340,3 +354,19 @@ def delete_jobs(scheduler: Scheduler, storage: Storage, request_id: int) -> Dele
     targets = [str(job["job_id"]) for job in storage.get_jobs(request_id)]
     targets.append(job_name(storage, request_id))
     return scheduler.delete(targets)
+
+
+def delete_leftovers(scheduler: Scheduler, storage: Storage, request_id: int) -> Deletion | None:
+    """Delete a finished request's jobs still on the cluster; say what went.
+
+    Array tasks still queued or starting would find nothing to do, and once the
+    server is gone each would hold its slot for the workers' retry time
+    (``worker_retry_s``) first. A deletion that fails is logged as a warning.
+    None when the request never had a job (every task from the cache).
+    """
+    if not storage.get_jobs(request_id):
+        return None
+    deletion = delete_jobs(scheduler, storage, request_id)
+    if deletion.error is not None:
+        logger.warning("request %d is finished, but %s", request_id, deletion.describe())
+    return deletion

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from . import _submit
 from .config import Config
 from .errors import SheepdogError
-from .scheduler import Scheduler, open_scheduler
+from .scheduler import Scheduler
 from .server import Server
 from .store import Storage
 
@@ -57,19 +57,18 @@ class TunnelKeeper:
         """Keep the tunnel of ``request_id`` up if its jobs use one; True if they do."""
         if not _submit.uses_tunnel(self.storage, request_id):
             return False
-        config = _submit.stored_config(self.storage, request_id)
-        if config is None:
-            self.say(f"request {request_id}: its workers use the tunnel, but it has no stored "
-                     f"config to start one with; they reach it only via `sheepdog attach "
-                     f"{request_id} --config FILE`")
-            return True
         try:
-            scheduler = open_scheduler(config)
+            found = _submit.stored_scheduler(self.storage, request_id)
         except SheepdogError as exc:
             self.say(f"request {request_id}: its workers use the tunnel, which cannot start "
                      f"({exc}); they reach it only via `sheepdog attach {request_id}`")
             return True
-        self._kept[request_id] = _Kept(config, scheduler, server)
+        if found is None:
+            self.say(f"request {request_id}: its workers use the tunnel, but it has no stored "
+                     f"config to start one with; they reach it only via `sheepdog attach "
+                     f"{request_id} --config FILE`")
+            return True
+        self._kept[request_id] = _Kept(*found, server)
         self.keep(request_id)
         return True
 

@@ -9,25 +9,23 @@ owns the database, the scheduler and the server for the call.
 from __future__ import annotations
 
 import atexit
-import json
 import logging
-import shlex
-import ssl
 import sys
 import textwrap
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import tunnel
+from ._hints import sheepdog_command
+from ._net import health_problem, host_port, loopback_for
 from ._submit import own_server
 from .config import ConfigLike
 from .doctor import COLUMNS
 from .errors import RemoteError, SheepdogError
 from .scheduler import Scheduler
 from .session import Cancellation, Session
-from .store import Storage
+from .store import DEFAULT_DBFILE, RERUN_CHOICES, Storage
 
 __all__ = [
     "RERUN_DEFAULT",
@@ -48,7 +46,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: What :func:`rerun` runs again unless told otherwise: every task that ended without a result.
-RERUN_DEFAULT = ("failed", "lost", "cancelled")
+RERUN_DEFAULT = tuple(RERUN_CHOICES)
 
 
 def map_async(
@@ -133,7 +131,7 @@ map_sync = map
 
 def get_results(
     request_id: int,
-    dbfile: str = "./sheepdog.sqlite",
+    dbfile: str = DEFAULT_DBFILE,
     block: bool = True,
     verbose: bool = False,
     *,
@@ -151,7 +149,7 @@ def get_results(
         return session.results(request_id)
 
 
-def is_finished(request_id: int, dbfile: str = "./sheepdog.sqlite") -> bool:
+def is_finished(request_id: int, dbfile: str = DEFAULT_DBFILE) -> bool:
     """Whether every task of the request has finished: done, failed, lost or cancelled.
 
     A read of the database, cheap enough to poll after :func:`map_async`: a task
@@ -164,7 +162,7 @@ def is_finished(request_id: int, dbfile: str = "./sheepdog.sqlite") -> bool:
         return not session.storage.open_task_indices(request_id)
 
 
-def get_errors(request_id: int, dbfile: str = "./sheepdog.sqlite") -> list[tuple[Any, RemoteError]]:
+def get_errors(request_id: int, dbfile: str = DEFAULT_DBFILE) -> list[tuple[Any, RemoteError]]:
     """Fetch ``[(arg, error)]`` for every failed task; each error holds the remote traceback.
 
     A lost task (its worker died or its job went away) is a failed task, whose
@@ -176,7 +174,7 @@ def get_errors(request_id: int, dbfile: str = "./sheepdog.sqlite") -> list[tuple
 
 
 def get_output(
-    request_id: int, index: int, dbfile: str = "./sheepdog.sqlite"
+    request_id: int, index: int, dbfile: str = DEFAULT_DBFILE
 ) -> tuple[str, str]:
     """Return the captured ``(stdout, stderr)`` of task ``index`` (from 1) of a request.
 
@@ -206,17 +204,7 @@ def stop_interrupted(request_id: int, config: ConfigLike) -> str:
 
 def server_answers(url: str, *, timeout_s: float = 2.0) -> bool:
     """True if a sheepdog server answers its health check at the job's callback ``url``."""
-    context = ssl.create_default_context()
-    # Only a liveness probe that sends nothing: the workers pin the certificate.
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with urllib.request.urlopen(  # noqa: S310 - the URL is our own server's
-            url.rstrip("/") + "/api/v1/health", timeout=timeout_s, context=context
-        ) as response:
-            return bool(json.loads(response.read(4096)).get("ok"))
-    except (OSError, ValueError):
-        return False
+    return health_problem(url, timeout_s=timeout_s) is None
 
 
 def served(storage: Storage, request_id: int) -> bool | None:
@@ -231,10 +219,8 @@ def served(storage: Storage, request_id: int) -> bool | None:
     host = str(info.get("listen_address") or "")
     if not port or not host:
         return server_answers(str(url))
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
     scheme = urllib.parse.urlsplit(str(url)).scheme or "http"
-    return server_answers(f"{scheme}://{f'[{host}]' if ':' in host else host}:{int(port)}")
+    return server_answers(f"{scheme}://{host_port(loopback_for(host), int(port))}")
 
 
 #: Requests that map_async submitted from this process, to warn about at exit.
@@ -255,9 +241,9 @@ def _warn_unserved_at_exit() -> None:
         print(textwrap.fill(
             f"sheepdog: request {request_id} still has {n_open} open tasks, and this process "
             "was its only server: its array tasks wait for a server until they give up. "
-            f"Serve them with `sheepdog serve --dbfile {shlex.quote(dbfile)}`, or cancel "
-            f"them with `sheepdog cancel {request_id} --config FILE --dbfile "
-            f"{shlex.quote(dbfile)}`.", COLUMNS, break_long_words=False, break_on_hyphens=False,
+            f"Serve them with `{sheepdog_command('serve', dbfile=dbfile)}`, or cancel them "
+            f"with `{sheepdog_command('cancel', request_id, '--config', 'FILE', dbfile=dbfile)}`.",
+            COLUMNS, break_long_words=False, break_on_hyphens=False,
         ), file=sys.stderr, flush=True)
 
 

@@ -13,15 +13,14 @@ checked, the open work resubmitted, and a wait to the end with the progress bar.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Any
 
 from . import _submit
 from .config import ConfigLike, as_config
-from .errors import StorageError
 from .session import Session
 from .spool import collect_request_spool
+from .store.db import require_database
 from .watch import Watcher
 
 __all__ = ["attach"]
@@ -48,8 +47,7 @@ def attach(
     :func:`sheepdog.get_results`: ``None`` where a task failed.
     """
     cfg = as_config(config)
-    if not os.path.isfile(cfg.dbfile):
-        raise StorageError(f"no sheepdog database at {cfg.dbfile}; check the dbfile path")
+    require_database(cfg.dbfile)  # before the scheduler opens: the likelier mistake first
     say = _say if verbose else logger.info
     with Session(cfg, create=False) as session:
         storage = session.storage
@@ -72,7 +70,7 @@ def attach(
         if collected.stored or collected.duplicates or collected.rejected:
             say(collected.describe())
         if not storage.open_task_indices(request_id):
-            session.delete_jobs(request_id)
+            _submit.delete_leftovers(scheduler, storage, request_id)
             return session.results(request_id)
         say(f"attached to request {request_id}: {len(storage.open_task_indices(request_id))}"
             f" tasks open; watching its {scheduler.label} jobs")

@@ -30,10 +30,19 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from . import serialisation
+from ._hints import sheepdog_command
 from ._progress import TASK_STATE_WORDS, format_counts, request_state, started
-from ._submit import array_size, batch_size, delete_jobs, job_name, stored_config
+from ._submit import (
+    array_size,
+    batch_size,
+    delete_leftovers,
+    job_name,
+    stored_config,
+    stored_scheduler,
+)
 from ._version import __version__
 from .api import (
+    RERUN_DEFAULT,
     cancel_request,
     get_errors,
     get_output,
@@ -46,14 +55,14 @@ from .doctor import DEFAULT_TIMEOUT_S, doctor, render_check
 from .errors import RemoteError, SheepdogError
 from .job_file import job_file, job_stem, key_file_name, stub_source
 from .scheduler import open_scheduler, scheduler_class
-from .store import Storage
+from .store import DEFAULT_DBFILE, RERUN_CHOICES, Storage
+from .store.db import require_database
 from .watch import wait_for_request
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DBFILE = "./sheepdog.sqlite"
 #: Environment variable naming the database, so that --dbfile need not be repeated.
 DBFILE_ENV = "SHEEPDOG_DBFILE"
 #: Output is kept to this many columns where it is a table or a summary.
@@ -68,12 +77,14 @@ class CliError(Exception):
     """A problem to report as one line and exit status 1."""
 
 
+def _require_db(dbfile: str) -> None:
+    """Refuse a ``--dbfile`` that does not exist, saying how to name one: never create it."""
+    require_database(dbfile, f"pass --dbfile PATH or set {DBFILE_ENV}")
+
+
 def _open_db(dbfile: str) -> Storage:
-    if not os.path.isfile(dbfile):
-        raise CliError(
-            f"no sheepdog database at {dbfile}: the file does not exist; "
-            f"pass --dbfile PATH or set {DBFILE_ENV}"
-        )
+    """The database a command reads, which must exist (see :func:`_require_db`)."""
+    _require_db(dbfile)
     return Storage(dbfile, create=False)
 
 
@@ -160,17 +171,19 @@ def _unserved_note(
     """
     if not storage.open_task_indices(request_id) or served(storage, request_id) is not False:
         return None
+    serve = sheepdog_command("serve", dbfile=dbfile)
     if waiting:
         text = (
             f"request {request_id} has open tasks but no server is serving it, so this wait "
-            f"may never end: serve and wait with `sheepdog attach {request_id} --dbfile "
-            f"{dbfile}`, or run `sheepdog serve --dbfile {dbfile}` beside this wait"
+            f"may never end: serve and wait with "
+            f"`{sheepdog_command('attach', request_id, dbfile=dbfile)}`, or run `{serve}` "
+            "beside this wait"
         )
     else:
         text = (
             f"request {request_id} has open tasks but no server is serving it: its array "
-            f"tasks cannot report. Run `sheepdog serve --dbfile {dbfile}`, or `sheepdog "
-            f"cancel {request_id} --config FILE --dbfile {dbfile}`"
+            f"tasks cannot report. Run `{serve}`, or "
+            f"`{sheepdog_command('cancel', request_id, '--config', 'FILE', dbfile=dbfile)}`"
         )
     # Folded between words, so that it fits an 80-column terminal as the table does.
     return textwrap.fill(text, COLUMNS - 1, break_long_words=False, break_on_hyphens=False)
@@ -219,7 +232,6 @@ def _wait(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    _open_db(args.dbfile).close()  # a mistyped --dbfile must not become an empty database
     if args.wait:
         _wait(args)
     with _open_db(args.dbfile) as storage:
@@ -242,7 +254,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    _open_db(args.dbfile).close()  # a mistyped --dbfile must not become an empty database
     if args.wait:
         _wait(args)
     with _open_db(args.dbfile) as storage:
@@ -329,13 +340,14 @@ def _running_output(storage: Storage, request_id: int, task: dict[str, Any]) -> 
     lines = [textwrap.fill(f"request {request_id} task {task['idx']} is still running on "
                            f"{host}; its array task's output so far (the worker's, of every "
                            "task it ran):", COLUMNS)]
-    config = stored_config(storage, request_id)
     array_index = worker.rsplit(":", 1)[-1]
-    if config is None or not array_index.isdigit():
-        return lines + ["(no stored config: its output files cannot be found)"]
-    name = job_name(storage, request_id)
     try:
-        with open_scheduler(config) as scheduler:
+        stored = stored_scheduler(storage, request_id) if array_index.isdigit() else None
+        if stored is None:
+            return lines + ["(no stored config: its output files cannot be found)"]
+        config, opened = stored
+        name = job_name(storage, request_id)
+        with opened as scheduler:
             jobdir = scheduler.host.absolute(config.ssh_dir).rstrip("/")
             for job in reversed(storage.get_jobs(request_id)):
                 found = []
@@ -447,8 +459,7 @@ def _request_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    which = [w for w in ("failed", "lost", "cancelled") if getattr(args, w)]
-    which = which or ["failed", "lost", "cancelled"]
+    which = [w for w in RERUN_CHOICES if getattr(args, w)] or list(RERUN_DEFAULT)
     config = _request_config(args)
     indices = rerun(args.id, config, which)
     if not indices:
@@ -603,19 +614,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _delete_leftovers(storage: Storage, request_id: int) -> None:
     """Delete the array tasks still queued for a finished request; they would wait on us."""
-    config = stored_config(storage, request_id)
-    if config is None:
-        print(f"request {request_id} is finished; it has no stored config, so its leftover "
-              "array tasks (if any) were not deleted", flush=True)
-        return
     try:
-        with open_scheduler(config) as scheduler:
-            deletion = delete_jobs(scheduler, storage, request_id)
+        found = stored_scheduler(storage, request_id)
+        if found is None:
+            print(f"request {request_id} is finished; it has no stored config, so its "
+                  "leftover array tasks (if any) were not deleted", flush=True)
+            return
+        with found[1] as scheduler:
+            deletion = delete_leftovers(scheduler, storage, request_id)
     except SheepdogError as exc:
         print(f"request {request_id} is finished; could not delete its leftover array "
               f"tasks: {exc}", flush=True)
         return
-    print(f"request {request_id} is finished; {deletion.describe()}", flush=True)
+    what = "it never had a job" if deletion is None else deletion.describe()
+    print(f"request {request_id} is finished; {what}", flush=True)
 
 
 def _detach(args: argparse.Namespace, ports: list[int]) -> int:
@@ -669,7 +681,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from .dashboard.serve import LoopbackServer
     from .dashboard.views import TOKEN_PARAM, create_app
 
-    _open_db(args.dbfile).close()  # a mistyped --dbfile must not become an empty database
+    _require_db(args.dbfile)
     token = secrets.token_urlsafe(24)
     app = create_app(args.dbfile, token)
     try:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from ._directives import LINE_BREAKS, check_prologue_line, check_raw_option, check_shell
 from .errors import ConfigError
+from .store.db import DEFAULT_DBFILE
 
 if TYPE_CHECKING:
     from .scheduler.base import Scheduler
@@ -90,7 +91,7 @@ class Config:
     #: the workers read their key file there.
     ssh_dir: str = ".sheepdog"
     #: The SQLite file holding requests and results.
-    dbfile: str = "./sheepdog.sqlite"
+    dbfile: str = DEFAULT_DBFILE
     #: The local server's port; ``None`` picks a free one.
     port: int | None = None
     #: The name by which execution nodes reach this machine. Example:

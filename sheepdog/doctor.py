@@ -44,6 +44,7 @@ from typing import Any
 
 from . import tunnel
 from ._environment import compare, payload_modules
+from ._net import host_port
 from ._poll import poll_until
 from ._submit import server_for, worker_address
 from .client import stub
@@ -488,11 +489,12 @@ class _Doctor:
     ) -> dict[str, Any] | None:
         """Submit the probe job, wait for its answer (bounded), clean up; None if none came."""
         assert self.scheduler is not None and self.server is not None
+        assert self.server.port is not None  # started by the server check
         cfg, scheduler, host = self.config, self.scheduler, self.scheduler.host
-        direct = f"{_bracketed(cfg.localhost)}:{self.server.port}"
+        direct = host_port(cfg.localhost, self.server.port)
         targets = [("direct", direct)]
         if relay is not None:
-            targets.append(("tunnel", f"{_bracketed(relay[0])}:{relay[1]}"))
+            targets.append(("tunnel", host_port(*relay)))
         jobdir = host.absolute(cfg.ssh_dir).rstrip("/")
         name = f"sheepdog_doctor_{uuid.uuid4().hex[:12]}.py"
         out_path = f"{jobdir}/{name}.json"
@@ -668,7 +670,7 @@ class _Doctor:
         if cfg.connect == "auto":
             port, head = self.server.port, self.scheduler.host
             assert port is not None and isinstance(head, Remote)
-            where = f"{_bracketed(cfg.localhost)}:{port}"
+            where = host_port(cfg.localhost, port)
             probe = tunnel.probe_from_head(head, cfg.localhost, port)
             mode, why = tunnel.auto_choice(probe, cfg.host, where)
             if mode == "tunnel":
@@ -693,7 +695,3 @@ class _Doctor:
                      " you that way",
                      "" if works else f"set connect='{other}', which works here" if other_works
                      else "see the direct and tunnel checks above")
-
-
-def _bracketed(host: str) -> str:
-    return f"[{host}]" if ":" in host else host

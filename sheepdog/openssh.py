@@ -37,6 +37,7 @@ from .remote import (
     Remote,
     changed_host_key,
     has_terminal,
+    known_hosts_entry,
     unknown_host_key,
 )
 
@@ -462,8 +463,7 @@ class OpenSSHRemote(Remote):
         self.ensure_master()
         params = self._resolve()
         known = os.path.expanduser(self.known_hosts or "~/.ssh/known_hosts")
-        entry = params["hostname"] if params["port"] == 22 else \
-            f"[{params['hostname']}]:{params['port']}"
+        entry = known_hosts_entry(params["hostname"], params["port"])
         host_key = "as in known_hosts (checked by OpenSSH)"
         try:
             found = subprocess.run(

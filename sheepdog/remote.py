@@ -544,9 +544,14 @@ class Remote:
         self._sftp(f"rename {source}", lambda s: s.posix_rename(source, target))
 
 
+def known_hosts_entry(hostname: str, port: int) -> str:
+    """How known_hosts names a host: ``hostname``, or ``[hostname]:port`` off port 22."""
+    return hostname if port == 22 else f"[{hostname}]:{port}"
+
+
 def changed_host_key(hostname: str, port: int, known_hosts: str) -> HostKeyError:
     """The error for a host key that does not match known_hosts, with what to do."""
-    host_entry = hostname if port == 22 else f"[{hostname}]:{port}"
+    host_entry = known_hosts_entry(hostname, port)
     return HostKeyError(
         f"the host key of {hostname}:{port} does NOT match the one in {known_hosts}. "
         "Either the head node was reinstalled or someone is intercepting the "
@@ -559,7 +564,7 @@ def changed_host_key(hostname: str, port: int, known_hosts: str) -> HostKeyError
 
 def unknown_host_key(hostname: str, port: int, user: str, known_hosts: str) -> HostKeyError:
     """The error for a host key not in known_hosts (never accepted), with what to do."""
-    host_entry = hostname if port == 22 else f"[{hostname}]:{port}"
+    host_entry = known_hosts_entry(hostname, port)
     return HostKeyError(
         f"the host key of {hostname}:{port} is not in {known_hosts}, and sheepdog "
         "never accepts unknown keys. Connect once with "

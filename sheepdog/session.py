@@ -13,7 +13,6 @@ and :meth:`Session.close` is safe to call twice.
 from __future__ import annotations
 
 import logging
-import shlex
 import sys
 import textwrap
 from collections.abc import Callable, Iterable, Mapping
@@ -22,6 +21,7 @@ from types import TracebackType
 from typing import Any, NoReturn
 
 from . import _submit, serialisation, tunnel
+from ._hints import sheepdog_command
 from ._submit import array_size, job_name, request_settings, server_for
 from .config import Config, ConfigLike, as_config
 from .errors import RemoteError, SheepdogError, TaskFailedError
@@ -588,13 +588,13 @@ class Session:
         if not self.config.keep_jobs_on_interrupt:
             return self.cancel(request_id, reason).what()
         job_ids = [str(job["job_id"]) for job in self.storage.get_jobs(request_id)]
-        dbfile = shlex.quote(self.dbfile)
+        serve = sheepdog_command("serve", dbfile=self.dbfile)
+        cancel = sheepdog_command("cancel", request_id, "--config", "FILE", dbfile=self.dbfile)
         return (
             f"{self._count_open(request_id)} tasks are still open and "
             f"{self.scheduler.label} job {', '.join(job_ids) or '(none recorded)'} is left "
             "running (keep_jobs_on_interrupt); nothing serves it once this process exits: run "
-            f"`sheepdog serve --dbfile {dbfile}` or cancel it with `sheepdog cancel "
-            f"{request_id} --config FILE --dbfile {dbfile}`"
+            f"`{serve}` or cancel it with `{cancel}`"
         )
 
     def job_name(self, request_id: int) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shlex
 import time
 from collections.abc import Callable
@@ -26,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 from . import _submit, spool, tunnel
 from ._environment import mismatch_warning
 from ._poll import poll_until
-from ._progress import Progress, started
-from .errors import SheepdogError, StorageError
+from ._progress import Progress, ended, finished_by_workers, started
+from .errors import SheepdogError
 from .errors import TimeoutError as SheepdogTimeoutError
-from .scheduler import Deletion, Scheduler, open_scheduler
+from .scheduler import Deletion, Scheduler
 from .store import OPEN_STATES, Storage
 
 if TYPE_CHECKING:
@@ -171,7 +170,7 @@ class Watcher:
             else:
                 live.append(job)
         now = self.clock()
-        progress = (counts.get("done", 0) + counts.get("error", 0), leased)
+        progress = (finished_by_workers(counts), leased)
         if progress != self._progress:
             self._progress, self._progress_at = progress, now
         if live:
@@ -220,18 +219,10 @@ class Watcher:
     def finish(self, storage: Storage) -> Deletion | None:
         """Delete the finished request's jobs still on the cluster; say what went.
 
-        Array tasks still queued or starting would find nothing to do, and once the
-        server is gone each would hold its slot for the workers' retry time
-        (``worker_retry_s``) first. None when the request never had a job (all cached).
+        See :func:`sheepdog._submit.delete_leftovers`; None when the request never had a job.
         """
         self._check_environment(storage)  # a short map may end before the first check
-        if not storage.get_jobs(self.request_id):
-            return None
-        deletion = _submit.delete_jobs(self.scheduler, storage, self.request_id)
-        if deletion.error is not None:
-            logger.warning("request %d is finished, but %s", self.request_id,
-                           deletion.describe())
-        return deletion
+        return _submit.delete_leftovers(self.scheduler, storage, self.request_id)
 
     def collect_spool(self, storage: Storage) -> spool.Collection:
         """Store the results the request's workers spooled (see :mod:`sheepdog.spool`)."""
@@ -259,7 +250,7 @@ class Watcher:
         if mode == "tunnel":
             self._keep_tunnel(storage)
         before = int(info.get("finished_before") or 0)
-        finished = counts.get("done", 0) + counts.get("error", 0)
+        finished = finished_by_workers(counts)
         latest = str(records[-1].get("job_id"))
         if counts.get("leased", 0) or finished > before:
             self._heard_from = latest
@@ -392,7 +383,7 @@ class Watcher:
         rid = self.request_id
         records = storage.get_jobs(rid)
         counts = storage.task_counts(rid)
-        finished = counts.get("done", 0) + counts.get("error", 0)
+        finished = finished_by_workers(counts)
         before = records[-1]["info"].get("finished_before") if records else None
         # Jobs that finished tasks and left work open (workers that stopped before their
         # run-time limit, tasks_per_worker) are continued, not counted as failures.
@@ -491,12 +482,9 @@ def wait_for_request(
     A :class:`~sheepdog.session.Session` passes its open ``storage``.
     """
     start = time.monotonic()
-    if dbfile != ":memory:" and not os.path.isfile(dbfile):
-        # Opening would create an empty database where a path was mistyped.
-        raise StorageError(f"no sheepdog database at {dbfile}; check the dbfile path")
     own: Watcher | None = None
     context: contextlib.AbstractContextManager[Storage] = (
-        Storage(dbfile) if storage is None else contextlib.nullcontext(storage)
+        Storage(dbfile, create=False) if storage is None else contextlib.nullcontext(storage)
     )
     with context as storage:
         total = storage.count_tasks(request_id)
@@ -524,7 +512,7 @@ def wait_for_request(
             if poll_until(finished, timeout_s=left_s, interval_s=poll_s,
                           max_interval_s=max_poll_s):
                 return counts
-            done = total - sum(counts.get(s, 0) for s in OPEN_STATES)
+            done = ended(counts)
             raise SheepdogTimeoutError(
                 f"request {request_id}: {done} of {total} tasks finished within "
                 f"{timeout_s:g} s; the rest are still running. Fetch them later with "
@@ -540,12 +528,12 @@ def _passive_watcher(storage: Storage, request_id: int) -> Watcher | None:
     """A watcher for a request from its stored config: active if this process serves it."""
     if not storage.open_task_indices(request_id):
         return None
-    config = _submit.stored_config(storage, request_id)
-    if config is None:
+    found = _submit.stored_scheduler(storage, request_id)
+    if found is None:
         logger.info("request %d has no stored config: its jobs are not watched", request_id)
         return None
     # map_async then get_results(block=True) in one process: that process is the server
     # and the only one to act, at once, as map would.
     server = _submit.own_server(storage, request_id)
-    return Watcher(config, request_id, open_scheduler(config), server=server,
-                   passive=server is None)
+    config, scheduler = found
+    return Watcher(config, request_id, scheduler, server=server, passive=server is None)

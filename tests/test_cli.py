@@ -473,3 +473,14 @@ def test_a_remote_traceback_is_folded_between_words(monkeypatch: pytest.MonkeyPa
     assert " ".join(folded.split()).startswith(" ".join(line.split())), lines
     assert "".join(folded.split()).endswith(f"File{path},line3"), lines
     assert all(one.strip() for one in lines), lines
+
+
+def test_rerun_offers_a_flag_for_each_choice_the_store_knows() -> None:
+    """``sheepdog rerun``'s flags are the store's RERUN_CHOICES, and all of them by default."""
+    from sheepdog.api import RERUN_DEFAULT
+    from sheepdog.cli import build_parser
+    from sheepdog.store import RERUN_CHOICES
+
+    args = build_parser().parse_args(["rerun", "1"])
+    assert {choice for choice in RERUN_CHOICES if hasattr(args, choice)} == set(RERUN_CHOICES)
+    assert tuple(RERUN_DEFAULT) == tuple(RERUN_CHOICES)

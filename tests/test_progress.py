@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from sheepdog._progress import Progress, format_counts
+from sheepdog._progress import Progress, ended, finished_by_workers, format_counts
 
 
 class Terminal(io.StringIO):
@@ -147,3 +147,11 @@ def test_map_summary_names_the_first_error_and_counts_cancelled_apart() -> None:
     assert "lost 3 times (the array task exited with status 7)" in " ".join(
         failure_summary(lost, 1, 4, "db", exits="the array task exited with status 7").split())
     assert "status 7" not in failure_summary(every, 3, 4, "db", exits="status 7")
+
+
+def test_ended_counts_cancelled_tasks_but_workers_progress_does_not() -> None:
+    """A bar fills with every task no longer open; the watcher's progress is the workers' own."""
+    counts = {"pending": 4, "leased": 1, "done": 3, "error": 2, "cancelled": 5}
+    assert ended(counts) == 10
+    assert finished_by_workers(counts) == 5
+    assert ended({}) == finished_by_workers({}) == 0

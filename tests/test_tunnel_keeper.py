@@ -67,7 +67,7 @@ def ssh(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         state["up"] = True
         return ("head", 40000 + len(state["published"]))
 
-    monkeypatch.setattr(_tunnel_keeper, "open_scheduler", open_scheduler)
+    monkeypatch.setattr(_submit, "open_scheduler", open_scheduler)
     monkeypatch.setattr(_submit, "publish_address", publish)
     monkeypatch.setattr(tunnel, "is_up", lambda host, port: state["up"])
     return state

@@ -10,16 +10,16 @@ the browser has a bounded size whatever the request's.
 
 from __future__ import annotations
 
-import shlex
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._hints import sheepdog_command
 from .._progress import TASK_STATE_WORDS, request_state
 from ..errors import UnknownRequestError
 from ..store import Storage
-from ..store.queue import LOST_KINDS
+from ..store.queue import LOST_KINDS, RERUN_CHOICES
 
 __all__ = [
     "MAX_LANES",
@@ -258,19 +258,18 @@ class RequestDetail:
 def commands(summary: RequestSummary, dbfile: str,
              failures: list[FailureGroup]) -> list[tuple[str, str]]:
     """``(what it does, command)`` for the request: rerun what failed, attach, read errors."""
-    db = f"--dbfile {shlex.quote(dbfile)}"
     rid = summary.id
     out = []
     kinds = {"lost" if g.kind in LOST_KINDS else g.kind if g.kind == "cancelled" else "failed"
              for g in failures}
-    for which in ("failed", "lost", "cancelled"):
+    for which in RERUN_CHOICES:
         if which in kinds:
             out.append((f"run the {which} tasks again",
-                        f"sheepdog rerun {rid} --{which} --wait {db}"))
+                        sheepdog_command("rerun", rid, f"--{which}", "--wait", dbfile=dbfile)))
     if kinds:
-        out.append(("print every failure", f"sheepdog errors {rid} {db}"))
-    out.append(("watch it from a terminal", f"sheepdog attach {rid} {db}"))
-    out.append(("print its results", f"sheepdog results {rid} {db}"))
+        out.append(("print every failure", sheepdog_command("errors", rid, dbfile=dbfile)))
+    out.append(("watch it from a terminal", sheepdog_command("attach", rid, dbfile=dbfile)))
+    out.append(("print its results", sheepdog_command("results", rid, dbfile=dbfile)))
     return out
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from html import escape
 
 from .._progress import format_counts
-from ..store import Storage
+from ..store import DEFAULT_DBFILE, Storage
 from .data import RequestSummary, Timeline, request_summary, timeline
 from .svg import progress_html, timeline_svg
 
@@ -56,7 +56,7 @@ class RequestStatus:
                 + progress_html(s.counts, s.n_tasks) + timeline_svg(self.timeline) + "</div>")
 
 
-def status(request_id: int, dbfile: str = "./sheepdog.sqlite") -> RequestStatus:
+def status(request_id: int, dbfile: str = DEFAULT_DBFILE) -> RequestStatus:
     """Read a request's state, counts and timeline; in a notebook it shows as a chart.
 
     Call it again to see it move; the database is only read (never created).

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+from ..client import stub
 from ..errors import ConfigError, RemoteCommandError, SheepdogError, SubmitError
 from .base import (
     ArrayLimits,
@@ -108,9 +109,10 @@ def slurm_time(h_rt: str) -> str:
     Slurm reads a plain number as minutes, so seconds are never passed as they are.
     Slurm keeps time limits in whole minutes and rounds a part minute up.
     """
-    seconds = 0
-    for part in h_rt.split(":"):
-        seconds = seconds * 60 + int(part)
+    # The worker stub reads a job's h_rt with this function: one reading of Grid Engine's times.
+    seconds = stub.parse_time(h_rt)
+    if seconds is None:  # INFINITY, which the config's h_rt does not accept
+        raise ValueError(f"h_rt {h_rt!r} sets no time limit")
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from sheepdog.store import Storage
+from sheepdog.store import DEFAULT_DBFILE, Storage
 
 from .calls import EXTENSION, AppState, Connections, answer_for, return_storage, run_here
 from .hot_path import HotPath
@@ -38,7 +38,7 @@ __all__ = [
 
 
 def create_app(
-    dbfile: str | Path = "./sheepdog.sqlite",
+    dbfile: str | Path = DEFAULT_DBFILE,
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,

@@ -10,13 +10,10 @@ from __future__ import annotations
 import atexit
 import enum
 import errno
-import http.client
-import json
 import logging
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -27,9 +24,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from sheepdog._net import HEALTH_PATH, health_problem, host_port, loopback_for
 from sheepdog.errors import ServerError
 from sheepdog.server.tls import hold_while_serving
-from sheepdog.store import Storage
+from sheepdog.store import DEFAULT_DBFILE, Storage
 
 from .protocol import (
     BODY_BASE_S,
@@ -146,14 +144,6 @@ def listen_address(localhost: str) -> str:
     return (ipv4 or addresses)[0]
 
 
-def _local_address(host: str) -> str:
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "::1"
-    return host
-
-
 class _Resume(enum.Enum):
     """``Server()`` without a port: the port its database's open requests call."""
 
@@ -199,7 +189,7 @@ class Server:
         self,
         port: int | None | _Resume = _Resume.PORT,
         password: str | None = None,
-        dbfile: str | Path = "./sheepdog.sqlite",
+        dbfile: str | Path = DEFAULT_DBFILE,
         *,
         host: str | None = None,
         workers: int = 2,
@@ -271,9 +261,7 @@ class Server:
 
     def url_for(self, hostname: str) -> str:
         """Return the base URL at which workers reach this server via ``hostname``."""
-        if ":" in hostname and not hostname.startswith("["):
-            hostname = f"[{hostname}]"
-        return f"{self.scheme}://{hostname}:{self.port}"
+        return f"{self.scheme}://{host_port(hostname, str(self.port))}"
 
     def _bind(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -390,7 +378,7 @@ class Server:
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.start_timeout_s
-        address = _local_address(self.host)
+        url = self.url_for(loopback_for(self.host))
         last_error = "no answer"
         while True:
             proc = self._proc
@@ -402,31 +390,13 @@ class Server:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ServerError(
-                    f"the server did not answer /api/v1/health within {self.start_timeout_s} s "
+                    f"the server did not answer {HEALTH_PATH} within {self.start_timeout_s} s "
                     f"({last_error})"
                 )
-            conn: http.client.HTTPConnection
-            timeout = min(2.0, max(remaining, 0.1))
-            if self.certfile:
-                context = ssl.create_default_context()
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE  # only our own child is asked, locally
-                conn = http.client.HTTPSConnection(
-                    address, self.port, timeout=timeout, context=context
-                )
-            else:
-                conn = http.client.HTTPConnection(address, self.port, timeout=timeout)
-            try:
-                conn.request("GET", "/api/v1/health")
-                response = conn.getresponse()
-                body = response.read()
-                if response.status == 200 and json.loads(body).get("ok") is True:
-                    return
-                last_error = f"status {response.status}"
-            except (OSError, ValueError, http.client.HTTPException) as exc:
-                last_error = str(exc) or type(exc).__name__
-            finally:
-                conn.close()
+            problem = health_problem(url, timeout_s=min(2.0, max(remaining, 0.1)))
+            if problem is None:
+                return
+            last_error = problem
             time.sleep(0.05)
 
     def output(self) -> str:
@@ -526,7 +496,7 @@ class Server:
 def get_server(
     port: int | None = None,
     password: str | None = None,
-    dbfile: str | Path = "./sheepdog.sqlite",
+    dbfile: str | Path = DEFAULT_DBFILE,
     **options: Any,
 ) -> Server:
     """Return the running server on ``port``, starting one if needed.

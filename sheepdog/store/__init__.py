@@ -10,12 +10,13 @@ Sheepdog 0.2, still importable as ``sheepdog.storage``).
 from __future__ import annotations
 
 from .compat import Storage
-from .db import DB_FILE_MODE, DEFAULT_SETTINGS, OPEN_STATES, SCHEMA_VERSION
+from .db import DB_FILE_MODE, DEFAULT_DBFILE, DEFAULT_SETTINGS, OPEN_STATES, SCHEMA_VERSION
 from .queue import RERUN_CHOICES, Lease, NonceReusedError
 from .records import CallAuth, content_digest
 
 __all__ = [
     "DB_FILE_MODE",
+    "DEFAULT_DBFILE",
     "DEFAULT_SETTINGS",
     "OPEN_STATES",
     "RERUN_CHOICES",

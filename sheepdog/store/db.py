@@ -38,15 +38,20 @@ except ImportError:  # Windows: no write queue, SQLite's busy handler alone
 
 __all__ = [
     "DB_FILE_MODE",
+    "DEFAULT_DBFILE",
     "DEFAULT_SETTINGS",
     "MIGRATIONS",
     "OPEN_STATES",
     "OPEN_STATES_SQL",
     "SCHEMA_VERSION",
     "Database",
+    "require_database",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The database every entry point opens unless told otherwise, as Sheepdog 0.2 did.
+DEFAULT_DBFILE = "./sheepdog.sqlite"
 
 #: Settings a request gets unless ``new_request(settings=...)`` says otherwise.
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -287,6 +292,19 @@ def _make_private(dbfile: str) -> None:
 _D = TypeVar("_D", bound="Database")
 
 
+def require_database(
+    dbfile: str, hint: str = "pass the dbfile the request was made with"
+) -> None:
+    """Raise StorageError, ending with ``hint``, unless a database file exists at ``dbfile``.
+
+    For a reader, which must never create a database: opening a mistyped path
+    would make an empty one, and then say only that the request is unknown.
+    ``Database(create=False)`` checks this first; call it to check earlier.
+    """
+    if not Path(dbfile).is_file():
+        raise StorageError(f"no sheepdog database at {dbfile}: the file does not exist; {hint}")
+
+
 class Database:
     """One connection to a sheepdog SQLite database; usable as a context manager.
 
@@ -299,7 +317,7 @@ class Database:
 
     def __init__(
         self,
-        dbfile: str | Path = "./sheepdog.sqlite",
+        dbfile: str | Path = DEFAULT_DBFILE,
         *,
         init: bool = True,
         synchronous: str = "FULL",
@@ -317,11 +335,8 @@ class Database:
         in_memory = self.dbfile in ("", ":memory:")
         #: Values longer than INLINE_MAX_BYTES live here; an in-memory database keeps all inline.
         self.blobs: BlobStore | None = None if in_memory else BlobStore(self.dbfile + ".blobs")
-        if not create and not in_memory and not Path(self.dbfile).is_file():
-            raise StorageError(
-                f"no sheepdog database at {self.dbfile}: the file does not exist; "
-                "pass the dbfile the request was made with"
-            )
+        if not create and not in_memory:
+            require_database(self.dbfile)
         if not in_memory:
             _make_private(self.dbfile)  # for a reader, it exists: only its mode is narrowed
         try:

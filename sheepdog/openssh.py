@@ -20,6 +20,7 @@ import logging
 import os
 import select
 import shlex
+import socket
 import subprocess
 import tempfile
 import threading
@@ -49,6 +50,7 @@ __all__ = [
     "config_wants_master",
     "control_dir",
     "openssh_of",
+    "remove_stale_socket",
     "ssh_settings",
     "takes_over",
 ]
@@ -312,6 +314,7 @@ class OpenSSHRemote(Remote):
         prompt = can_prompt() if interactive is None else interactive
         if self._refused is not None:
             raise self._refused
+        remove_stale_socket(self.control_path)
         args = self._base(batch=not prompt)
         if prompt and not has_terminal():
             # An askpass program gives the same answer if asked again.
@@ -337,11 +340,20 @@ class OpenSSHRemote(Remote):
                 # terminal gets asked again at the next call.
                 self._refused = error
             raise error
+        state = self.master()
+        if not state.running:
+            # ssh logged in but runs without a master (a socket it could not make): every
+            # later call would find none, and ask for a code again.
+            raise SSHError(
+                f"the SSH login to {self.target} succeeded, but its master connection did not "
+                f"start at {self.control_path} ({said[-300:] or state.detail}); check that "
+                "directory, or the ControlPath of your ssh config", host=self.host,
+            )
         with _reported_lock:
             _reported.discard(self.control_path)
         self._touch()
         self._master_known = True
-        return self.master()
+        return state
 
     def _login_error(self, said: str, prompted: bool) -> SSHError:
         where = self.target
@@ -600,6 +612,32 @@ class OpenSSHRemote(Remote):
                 break
             line += data
         return proc, line
+
+
+def remove_stale_socket(path: str) -> bool:
+    """Delete a control socket that no master listens on; True if there was one.
+
+    A master that was killed (or whose machine slept) leaves its socket behind. ``ssh -M``
+    then finds the path taken, logs in all the same and runs without a master ("ControlSocket
+    ... already exists, disabling multiplexing"): OpenSSH removes a stale socket only in
+    ``ControlMaster=auto`` sessions, never for ``-O check`` or ``-M``.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(CONTROL_TIMEOUT_S)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        logger.info("removed the stale SSH control socket %s (its master is gone)", path)
+        return True
+    except OSError:  # none there, or not ours to judge: ssh says what is wrong
+        return False
+    finally:
+        probe.close()
+    return False
 
 
 class _FileError(RemoteCommandError):

@@ -697,7 +697,7 @@ def _known_hosts_of(container: Any, port: int, path: Path, host: str = "127.0.0.
 
 @contextmanager
 def slurm_cluster(
-    workdir: Path, compute_nodes: int = 2, *, accounting: bool = True
+    workdir: Path, compute_nodes: int = 2, *, accounting: bool = True, primary: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Start a Slurm controller and ``compute_nodes`` compute nodes; remove them after.
 
@@ -708,6 +708,10 @@ def slurm_cluster(
     ``accounting``: slurmdbd keeps accounting (sacct answers) and slurmctld forgets a finished
     job after MinJobAge=5 s, as most real sites run it; without, scontrol knows a finished job
     for 300 s and sacct does not answer, as on a site without accounting.
+
+    ``primary``: its containers are the ones :data:`DOCKER_NODES` names (the session's
+    ``cluster``). A second cluster beside it must not take those names over: the tests
+    after it would freeze, reconfigure and read the wrong cluster's nodes.
     """
     nodes = [("controller", {"SLURM_ROLE": "controller"})] + [
         (f"node{i}", {"SLURM_ROLE": "compute"}) for i in range(1, compute_nodes + 1)
@@ -720,6 +724,9 @@ def slurm_cluster(
         status_command=["/usr/local/sbin/slurm-setup", "status", str(compute_nodes)],
         extra={"scheduler": "slurm"},
     ) as (cluster, containers):
+        if not primary:
+            yield cluster
+            return
         DOCKER_NODES.update(containers)
         try:
             yield cluster

@@ -5,7 +5,9 @@ master connection is the file ``$FAKE_SSH_MASTER``: ``-O check`` and ``-O exit``
 at it, ``-M -N -f`` makes it, unless ``$FAKE_SSH_REFUSE`` exists (the server refused
 the code, or asks for one in BatchMode) or ``known_hosts`` is a file named ``empty``
 (the host key is unknown). A session without a master in BatchMode is refused too, as
-an MFA host would. Every command line is appended to ``$FAKE_SSH_LOG`` as JSON.
+an MFA host would. With ``$FAKE_SSH_NO_MASTER`` set, ``-M`` logs in but makes no master, as
+ssh does when the socket's path is taken. Every command line is appended to
+``$FAKE_SSH_LOG`` as JSON.
 """
 
 import json
@@ -43,6 +45,9 @@ if "-M" in args:
     if refuse:
         sys.stderr.write(DENIED)
         sys.exit(255)
+    if os.environ.get("FAKE_SSH_NO_MASTER"):  # the socket's path was taken
+        sys.stderr.write("ControlSocket x already exists, disabling multiplexing\r\n")
+        sys.exit(0)
     open(master, "w").close()
     sys.exit(0)
 if not os.path.exists(master):

@@ -28,6 +28,7 @@ from sheepdog.openssh import (
     can_prompt,
     config_wants_master,
     control_dir,
+    remove_stale_socket,
     ssh_settings,
     takes_over,
 )
@@ -303,3 +304,29 @@ def test_an_unknown_host_key_is_refused_with_the_fix_and_gets_a_master_of_its_ow
     fake["master"].unlink()
     with pytest.raises(SSHError, match="not in .*empty.*ssh-keyscan -p 2222 headnode"):
         empty.run("true")
+
+
+def test_a_login_that_makes_no_master_fails_and_says_so(
+    fake: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FAKE_SSH_NO_MASTER", "1")
+    remote = _remote(tmp_path)
+    with pytest.raises(SSHError, match="succeeded, but its master connection did not start.*"
+                                       "disabling multiplexing"):
+        remote.login_master(interactive=False)
+
+
+def test_a_stale_control_socket_is_removed_and_a_live_one_kept(tmp_path: Path) -> None:
+    import socket
+
+    stale = str(tmp_path / "stale")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(stale)  # bound, never listening, then closed: as a killed master leaves it
+    dead.close()
+    assert remove_stale_socket(stale) and not os.path.exists(stale)
+    live = str(tmp_path / "live")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as master:
+        master.bind(live)
+        master.listen(1)
+        assert not remove_stale_socket(live) and os.path.exists(live)
+    assert not remove_stale_socket(str(tmp_path / "none"))

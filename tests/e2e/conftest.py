@@ -43,7 +43,8 @@ def slurm_without_accounting(
     """
     choice = request.config.getoption("--cluster")
     assert choice == "slurm", f"a Slurm-only fixture used with --cluster={choice}"
-    with slurm_cluster(tmp_path_factory.mktemp("slurm-plain"), accounting=False) as details:
+    with slurm_cluster(tmp_path_factory.mktemp("slurm-plain"), accounting=False,
+                       primary=False) as details:
         yield details
 
 

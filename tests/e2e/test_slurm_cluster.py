@@ -19,6 +19,7 @@ from typing import Any
 import paramiko
 import pytest
 from cluster_fixture import (
+    DOCKER_NODES,
     SLURM_FINAL_STATES,
     check,
     delete_all_jobs,
@@ -181,3 +182,12 @@ def test_sacct_tells_why_a_task_failed_after_slurmctld_forgot_the_job(
         assert scheduler.slurm_config().accounting
         why = scheduler.accounting(job_id)
     assert "status 3" in why, why
+
+
+def test_the_second_cluster_leaves_the_session_clusters_nodes_their_names(
+    plain: dict[str, Any], cluster: dict[str, Any],
+) -> None:
+    # The tests after this module freeze, reconfigure and read nodes by name (DOCKER_NODES):
+    # with the second cluster up, those names must still be the session cluster's.
+    login = DOCKER_NODES["controller"]
+    assert int(login.get_exposed_port(22)) == int(cluster["ssh_port"]) != int(plain["ssh_port"])

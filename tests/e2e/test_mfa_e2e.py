@@ -177,7 +177,7 @@ def test_one_code_for_login_map_attach_tunnel_doctor_serve_and_ten_thousand_task
     hold, release = ("--hold", "scontrol release") if is_slurm(conf) else ("-h", "qrls")
     script = tmp_path / "fire_and_forget.py"
     script.write_text("import json, sys, sheepdog\n"
-                      "print(sheepdog.map_async(add, [(5, 5), (6, 6)], json.loads(sys.argv[1])))\n")
+                      "print(sheepdog.map_async(abs, [-5, -6], json.loads(sys.argv[1])))\n")
     fired = subprocess.run(
         [sys.executable, str(script), json.dumps(dict(conf, scheduler_opts=[hold]))],
         capture_output=True, text=True, env=mfa.env, timeout=WAIT_S, check=False,
@@ -190,8 +190,7 @@ def test_one_code_for_login_map_attach_tunnel_doctor_serve_and_ten_thousand_task
     serve = mfa.sheepdog("serve", "--dbfile", conf["dbfile"], "--timeout", str(WAIT_S))
     assert serve.returncode == 0, serve.stdout + serve.stderr
     assert f"request {served_id} is finished" in serve.stdout, serve.stdout
-    assert sheepdog.get_results(served_id, conf["dbfile"], block=False) == [
-        ((5, 5), 10), ((6, 6), 12)]
+    assert sheepdog.get_results(served_id, conf["dbfile"], block=False) == [(-5, 5), (-6, 6)]
     # 10,000 tiny tasks.
     n = 10_000
     assert sheepdog.map(tiny, range(n), dict(conf, workers=4), verbose=False) == \

@@ -47,7 +47,7 @@ def _cluster(args: argparse.Namespace, tmp: Path) -> Iterator[dict[str, Any]]:
             raise SystemExit(f"no cluster config at {args.config}: run 'ci/cluster up' first")
         yield json.loads(Path(args.config).read_text())
         return
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "e2e"))
     import cluster_fixture
 
     with cluster_fixture.docker_cluster(tmp / "cluster") as details:

@@ -1,4 +1,9 @@
-"""Shared pytest set-up: the ``cluster`` fixture and its command-line options.
+"""Shared pytest set-up: the ``--cluster`` options and which tests each choice runs.
+
+The ``cluster`` fixture itself, and the cluster it starts or finds, are in tests/e2e/
+(``conftest.py`` and ``cluster_fixture.py``), so a unit run never imports them. Its options are
+here: pytest takes command-line options only from the conftest files it loads at start-up,
+and ``pytest tests`` loads this one, not tests/e2e's.
 
 ``--cluster=docker`` (default) starts a head node and two execution nodes with testcontainers;
 ``--cluster=native`` brings up the cluster on this host (``ci/cluster up --native``);
@@ -19,16 +24,10 @@ node's sshd); they run only with ``--cluster=docker`` or ``--cluster=slurm``.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-# Before anything imports testcontainers: its reaper image cannot be pulled here.
-os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
-
-import cluster_fixture  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -102,54 +101,6 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         )
         for nodeid in dropped:
             terminalreporter.write_line(nodeid)
-
-
-@pytest.fixture(scope="session")
-def cluster(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, Any]]:
-    """Connection details of a running cluster, in sheepdog's config keys.
-
-    It fails (never skips) when the cluster cannot be started or reached.
-    """
-    choice = request.config.getoption("--cluster")
-    if choice == "docker":
-        with cluster_fixture.docker_cluster(tmp_path_factory.mktemp("cluster")) as details:
-            yield details
-    elif choice == "slurm":
-        with cluster_fixture.slurm_cluster(tmp_path_factory.mktemp("cluster")) as details:
-            yield details
-    elif choice == "native":
-        details = cluster_fixture.native_cluster()
-        cluster_fixture.wait_until_usable(details)
-        yield details
-    elif choice.startswith("ssh://"):
-        details = cluster_fixture.ssh_url_cluster(
-            choice,
-            {
-                key: request.config.getoption(f"--cluster-{key.replace('_', '-')}")
-                for key in ("keyfile", "known_hosts", "localhost", "shell")
-            },
-        )
-        cluster_fixture.wait_until_usable(details, timeout=60)
-        yield details
-    else:
-        raise pytest.UsageError(
-            f"--cluster={choice}: expected docker, native, slurm or ssh://user@host:port"
-        )
-
-
-@pytest.fixture(scope="session")
-def firewalled_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A Docker Grid Engine cluster from which no node can reach this machine.
-
-    Execution nodes reach the head node; this machine reaches the head node's SSH; nothing
-    on the cluster reaches this machine (see cluster_fixture.docker_cluster).
-    """
-    with cluster_fixture.docker_cluster(
-        tmp_path_factory.mktemp("firewalled"), firewalled=True
-    ) as details:
-        yield details
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import pytest
 from flask import Flask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_server import Api, error_of, lease_body
+from server_helpers import Api, error_of, lease_body
 
 from sheepdog.blobs import INLINE_MAX_BYTES, STALE_UPLOAD_S, BlobStore, make_ref, parse_ref
 from sheepdog.client import stub

@@ -62,7 +62,7 @@ FRAGMENTS = {
     ("schedulers.rst", "import sheepdog"):
         "tests/e2e/test_slurm_map.py::test_the_slurm_quickstart_of_the_docs_runs_as_shown",
     ("watching.rst", "import sheepdog"):
-        "tests/test_dashboard.py::test_the_notebook_example_of_the_docs_runs_as_shown",
+        "tests/dashboard/test_dashboard.py::test_the_notebook_example_of_the_docs_runs_as_shown",
 }
 
 

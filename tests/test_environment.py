@@ -16,10 +16,10 @@ from typing import Any
 
 import flask
 import pytest
+from server_helpers import Api, error_of, lease_body
 from stubrunner import WORKER_PYTHON
 from test_executor import local_config
 from test_integration_local import Setup, finish
-from test_server import Api, error_of, lease_body
 
 import sheepdog
 from sheepdog import cli

@@ -1,4 +1,10 @@
-"""Fixtures for the end-to-end tests on a real cluster, Grid Engine or Slurm."""
+"""Fixtures for the end-to-end tests on a real cluster, Grid Engine or Slurm.
+
+The ``cluster`` fixture starts or finds the cluster that ``--cluster`` names (cluster_fixture.py
+does the work; the option and which tests each choice runs are in tests/conftest.py). Only
+the end-to-end tests import cluster_fixture: this directory is on ``sys.path`` only once
+pytest collects something in it.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +17,62 @@ from cluster_fixture import (
     FIREWALLED_NODES,
     delete_all_jobs,
     delete_test_jobs,
+    docker_cluster,
+    native_cluster,
     slurm_cluster,
     ssh_connect,
+    ssh_url_cluster,
+    wait_until_usable,
 )
 
 from sheepdog._poll import poll_until
 from sheepdog.server import registry
+
+
+@pytest.fixture(scope="session")
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """Connection details of a running cluster, in sheepdog's config keys.
+
+    It fails (never skips) when the cluster cannot be started or reached.
+    """
+    choice = request.config.getoption("--cluster")
+    if choice == "docker":
+        with docker_cluster(tmp_path_factory.mktemp("cluster")) as details:
+            yield details
+    elif choice == "slurm":
+        with slurm_cluster(tmp_path_factory.mktemp("cluster")) as details:
+            yield details
+    elif choice == "native":
+        details = native_cluster()
+        wait_until_usable(details)
+        yield details
+    elif choice.startswith("ssh://"):
+        details = ssh_url_cluster(
+            choice,
+            {
+                key: request.config.getoption(f"--cluster-{key.replace('_', '-')}")
+                for key in ("keyfile", "known_hosts", "localhost", "shell")
+            },
+        )
+        wait_until_usable(details, timeout=60)
+        yield details
+    else:
+        raise pytest.UsageError(
+            f"--cluster={choice}: expected docker, native, slurm or ssh://user@host:port"
+        )
+
+
+@pytest.fixture(scope="session")
+def firewalled_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A Docker Grid Engine cluster from which no node can reach this machine.
+
+    Execution nodes reach the head node; this machine reaches the head node's SSH; nothing
+    on the cluster reaches this machine (see docker_cluster).
+    """
+    with docker_cluster(tmp_path_factory.mktemp("firewalled"), firewalled=True) as details:
+        yield details
 
 
 @pytest.fixture

@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from flask.testing import FlaskClient
-from werkzeug.test import TestResponse
+from server_helpers import Api, error_of, lease_body
 
 from sheepdog.server import create_app
 from sheepdog.server.auth import (
@@ -26,7 +25,6 @@ from sheepdog.server.auth import (
     TIME_HEADER,
     request_message,
     sign_request,
-    sign_response,
     signed_headers,
     verify,
 )
@@ -34,43 +32,6 @@ from sheepdog.storage import Storage
 
 VALUE = pickle.dumps({"answer": 42})
 B64_VALUE = base64.b64encode(VALUE).decode()
-
-
-class Api:
-    """A signed client for one request, checking every 2xx answer's signature."""
-
-    def __init__(self, client: FlaskClient, request_id: int, secret: str) -> None:
-        self.client = client
-        self.rid = request_id
-        self.secret = secret
-
-    def path(self, action: str) -> str:
-        return f"/api/v1/requests/{self.rid}/{action}"
-
-    def call(
-        self,
-        method: str,
-        action: str,
-        body: bytes | dict[str, Any] = b"",
-        *,
-        secret: str | None = None,
-        time_s: int | None = None,
-        path: str | None = None,
-        headers: dict[str, str] | None = None,
-        nonce: str | None = None,
-    ) -> TestResponse:
-        raw = json.dumps(body).encode() if isinstance(body, dict) else body
-        path = path or self.path(action)
-        sent = signed_headers(
-            secret or self.secret, method, path, raw, time_s=time_s, nonce=nonce
-        )
-        signature = sent[SIGNATURE_HEADER]
-        sent.update(headers or {})
-        response = self.client.open(path, method=method, data=raw, headers=sent)
-        if 200 <= response.status_code < 300:
-            expected = sign_response(self.secret, signature, response.get_data())
-            assert response.headers[SIGNATURE_HEADER] == expected
-        return response
 
 
 @pytest.fixture
@@ -97,21 +58,8 @@ def api(app: Flask, db: Storage) -> Api:
     return Api(app.test_client(), rid, db.get_secret(rid))
 
 
-def error_of(response: TestResponse, status: int) -> dict[str, str]:
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == "application/json"
-    body = response.get_json()
-    assert isinstance(body, dict) and set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message"} and body["error"]["message"]
-    return dict(body["error"])
-
-
 def snapshot(db: Storage) -> list[tuple[Any, ...]]:
     return db.conn.execute("SELECT * FROM tasks ORDER BY request_id, idx").fetchall()
-
-
-def lease_body(max_tasks: int = 1) -> dict[str, Any]:
-    return {"worker": "w1", "host": "node1", "max_tasks": max_tasks}
 
 
 def result(index: int, lease: str = "", **extra: Any) -> dict[str, Any]:

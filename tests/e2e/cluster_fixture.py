@@ -35,7 +35,7 @@ import paramiko  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("SHEEPDOG_IMAGE", "sheepdog-sge:latest")
 SLURM_IMAGE = os.environ.get("SHEEPDOG_SLURM_IMAGE", "sheepdog-slurm:latest")
 CONFIG_KEYS = ("host", "ssh_port", "ssh_user", "ssh_keyfile", "known_hosts", "localhost", "shell")

@@ -20,7 +20,7 @@ from store_helpers import Storage
 from sheepdog.errors import StorageError, UnknownRequestError
 from sheepdog.storage import DEFAULT_SETTINGS, SCHEMA_VERSION
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from sheepdog.server import process as server_module
 from sheepdog.server.auth import SIGNATURE_HEADER, sign_response, signed_headers
 from sheepdog.storage import Storage
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def gone(pid: int) -> bool:

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -353,7 +353,7 @@ class OpenSSHRemote(Remote):
             _reported.discard(self.control_path)
         self._touch()
         self._master_known = True
-        return state
+        return replace(state, left_s=self.persist_s)  # just used: a whole window
 
     def _login_error(self, said: str, prompted: bool) -> SSHError:
         where = self.target

@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -277,9 +278,13 @@ def test_login_and_logout_commands(
     config = tmp_path / "cluster.json"
     config.write_text(json.dumps({"host": "headnode", "ssh_port": 2222, "ssh_user": "sheep",
                                   "ssh_config": str(cfg), "ssh_client": "openssh"}))
+    before = time.time()
     assert main(["login", str(config)]) == 0
     out = capsys.readouterr().out
     assert "logged in to sheep@headnode:2222" in out and "open until" in out
+    # ssh_persist_s (4 h) from now, not now: the window starts at the login.
+    untils = {time.strftime("%H:%M", time.localtime(at + 4 * 3600)) for at in (before, time.time())}
+    assert any(f"open until {until}" in out for until in untils), out
     assert all(len(line) <= 80 for line in out.splitlines())
     assert fake["master"].exists()
     assert main(["logout", str(config)]) == 0

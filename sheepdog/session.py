@@ -26,7 +26,7 @@ from ._submit import array_size, job_name, request_settings, server_for
 from .config import Config, ConfigLike, as_config
 from .errors import RemoteError, SheepdogError, TaskFailedError
 from .errors import TimeoutError as SheepdogTimeoutError
-from .scheduler import Deletion, Scheduler, open_scheduler
+from .scheduler import Deletion, Scheduler, check_options, open_scheduler
 from .server import Server, registry
 from .store import OPEN_STATES, Storage, content_digest
 from .store.queue import LOST_KINDS
@@ -177,6 +177,9 @@ class Session:
             if self._config is not None and self._scheduler is None:
                 # First: a bad ssh_keyfile is refused before the database is even created.
                 # Opening connects to nothing yet; that waits for the first command.
+                if self._given is not None:
+                    # Opened elsewhere (rerun's, a test's): its option rules hold all the same.
+                    check_options(self._config)
                 self._scheduler = self._given or open_scheduler(self._config)
             self._storage = Storage(self.dbfile, create=self._create)
             self._state = "open"

@@ -132,3 +132,16 @@ def test_the_api_page_session_runs_as_shown(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "[((2, 5), 32), ((3, 2), 9)]\n"
+
+
+def test_a_scheduler_given_to_a_session_still_has_its_options_checked(tmp_path: Path) -> None:
+    from sheepdog.config import Config
+    from sheepdog.errors import ConfigError
+
+    dbfile = tmp_path / "db.sqlite"
+    config = Config(host="login", scheduler="slurm", ge_opts=["-l h_rt=1:00:00"],
+                    dbfile=str(dbfile))
+    given = open_scheduler(Config.from_mapping(local_config(tmp_path, dbfile=str(dbfile))))
+    with pytest.raises(ConfigError, match="ge_opts.*Slurm"):
+        Session(config, scheduler=given).start()
+    assert not dbfile.exists()  # refused before the database was made

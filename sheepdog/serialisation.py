@@ -115,6 +115,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
+from sheepdog._stubfile import stub_path
 from sheepdog.errors import SerialisationError
 
 __all__ = [
@@ -694,12 +695,10 @@ def _why(exc: BaseException) -> str:
 
 
 def _stub_path() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_stub" / "sheepdog_worker.py",
-                      here.parent / "worker_stub" / "sheepdog_worker.py"):
-        if candidate.is_file():
-            return candidate
-    raise SerialisationError(f"the worker stub sheepdog_worker.py is missing near {here}")
+    try:
+        return stub_path()
+    except FileNotFoundError as exc:
+        raise SerialisationError(str(exc)) from exc
 
 
 def stub_decoding_source() -> str:

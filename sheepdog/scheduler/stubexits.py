@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from ..client import stub
+from .._stubfile import load_stub
 
 __all__ = ["stub_exit_reasons"]
 
 
 def stub_exit_reasons() -> dict[int, str]:
     """What the worker stub's exit statuses mean (they are defined in the stub itself)."""
+    stub = load_stub()
     return {
         stub.EXIT_PROTOCOL: "it could not talk to the server (see the job's .e file)",
         stub.EXIT_AUTH: "the server and the worker did not accept each other's signatures",

@@ -1,8 +1,8 @@
 """The HTTP server that workers call back to: a Flask app run by gunicorn in a child process.
 
 ``create_app`` builds the WSGI app for docs/protocol.rst. ``Server`` runs it
-under gunicorn (gevent workers, see :mod:`sheepdog._serve`) in a child process on a socket that this
-process binds first, so a random port has no bind-then-close race.
+under gunicorn (gevent workers, see :mod:`.child`) in a child process on a socket
+that this process binds first, so a random port has no bind-then-close race.
 ``get_server`` keeps one server per port, as the original did.
 
 Authentication is per request: every call under ``/api/v1/requests/<id>/`` is
@@ -25,7 +25,8 @@ Blueprint of routes), :mod:`.hot_path` (the workers' frequent calls in front of
 Flask), :mod:`.calls` (authentication and the calls' effects, shared by both),
 :mod:`.body` (reading a signed body), :mod:`.protocol` (parsing, validation,
 answers), :mod:`.auth` (signing), :mod:`.tls` (the certificate),
-:mod:`.process` (``Server``, ``get_server``, ``registry``).
+:mod:`.process` (``Server``, ``get_server``, ``registry``), :mod:`.child` (the
+gunicorn child process that ``Server`` starts).
 """
 
 from __future__ import annotations

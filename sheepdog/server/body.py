@@ -45,7 +45,7 @@ def refuse_unread(environ: Environ, exc: ApiError) -> ApiError:
     """Mark the connection for closing when a refused call's body was never read."""
     if _content_length(environ) or environ.get(TRANSFER_ENCODING_KEY):
         # Draining an unread body would let an unsigned client hold a thread for as
-        # long as it likes; close instead (see _serve's worker).
+        # long as it likes; close instead (see child.py's Worker).
         environ[CLOSE_KEY] = True
     return exc
 

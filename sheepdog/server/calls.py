@@ -132,7 +132,7 @@ class AppState:
     body_base_s: float
     connections: Connections
     #: Runs a blocking call (SQLite, fsync) where it holds up no other connection:
-    #: the gevent worker's thread pool (``sheepdog._serve``); by default, right here.
+    #: the gevent worker's thread pool (``sheepdog.server.child``); by default, right here.
     offload: Callable[[Callable[[], Any]], Any] = run_here
 
 

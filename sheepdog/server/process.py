@@ -295,7 +295,7 @@ class Server:
         command = [
             sys.executable,
             "-m",
-            "sheepdog._serve",
+            "sheepdog.server.child",
             "--fd",
             str(fd),
             "--dbfile",

@@ -58,7 +58,8 @@ BODY_BASE_S = 30.0
 BODY_MIN_BYTES_PER_S = 256 * 1024
 _BODY_CHUNK = 64 * 1024
 _BLOB_CHUNK = 1024 * 1024
-#: WSGI environ key asking _serve's worker to close the connection without draining it.
+#: WSGI environ key asking the gunicorn worker (:mod:`.child`) to close the connection
+#: without draining it.
 CLOSE_KEY = "sheepdog.close_connection"
 
 _SETTINGS_SENT = ("lease_s", "heartbeat_s", "task_timeout_s", "batch", "capture_bytes",

@@ -2,7 +2,8 @@
 
 One concern per module: :mod:`.db` (the connection, WAL, migrations, the
 write queue, blobs), :mod:`.queue` (the lease state machine), :mod:`.records`
-(requests, results and jobs as the library reads them) and :mod:`.compat`
+(requests, results and jobs as the library reads them), :mod:`.upgrade02`
+(a Sheepdog 0.2.3 database migrated in place) and :mod:`.compat`
 (:class:`Storage`, all of it under the name and with the per-task API of
 Sheepdog 0.2, still importable as ``sheepdog.storage``).
 """

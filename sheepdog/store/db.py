@@ -26,10 +26,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Callable, TypeVar
 
-from .. import _upgrade02
 from .._poll import poll_until
 from ..blobs import INLINE_MAX_BYTES, BlobStore, make_ref
 from ..errors import StorageError, UnknownRequestError, UnknownTaskError
+from . import upgrade02
 
 try:
     import fcntl
@@ -139,9 +139,9 @@ def _statements(script: str) -> list[str]:
 
 
 def _migrate_to_1(conn: sqlite3.Connection) -> None:
-    original = _upgrade02.is_original(conn)
+    original = upgrade02.is_original(conn)
     if original:
-        _upgrade02.set_aside(conn)
+        upgrade02.set_aside(conn)
     existing = {
         row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
     }
@@ -158,7 +158,7 @@ def _migrate_to_1(conn: sqlite3.Connection) -> None:
     for statement in _statements(_SCHEMA_FILE.read_text(encoding="utf-8")):
         conn.execute(statement)
     if original:
-        _upgrade02.copy_into_schema(conn, DEFAULT_SETTINGS)
+        upgrade02.copy_into_schema(conn, DEFAULT_SETTINGS)
 
 
 _V2_STATEMENTS = (
@@ -499,10 +499,10 @@ class Database:
         """Copy a Sheepdog 0.2.3 database beside itself before it is migrated."""
         if self.dbfile == ":memory:" or conn.execute("PRAGMA user_version").fetchone()[0] != 0:
             return None
-        if not _upgrade02.is_original(conn):
+        if not upgrade02.is_original(conn):
             return None
         # Before WAL mode is set, so that the copy is the file 0.2.3 wrote.
-        return _upgrade02.backup(conn, self.dbfile)
+        return upgrade02.backup(conn, self.dbfile)
 
     def _request_row(self, request_id: int, columns: str) -> tuple[Any, ...]:
         with self._lock:

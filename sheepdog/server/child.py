@@ -1,7 +1,7 @@
 """Child-process entry point that runs the worker API under gunicorn.
 
-``Server`` runs ``python -m sheepdog._serve --fd N ...`` with an already bound,
-listening socket as file descriptor N. Not for direct use.
+``Server`` (:mod:`.process`) runs ``python -m sheepdog.server.child --fd N ...``
+with an already bound, listening socket as file descriptor N. Not for direct use.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from gevent import socket as gsocket
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.ggevent import GeventWorker
 
-from sheepdog.server import CLOSE_KEY, create_app
-from sheepdog.server.body import TRANSFER_ENCODING_KEY
+from .app import create_app
+from .body import TRANSFER_ENCODING_KEY
+from .protocol import CLOSE_KEY
 
 T = TypeVar("T")
 
@@ -213,7 +214,7 @@ class _Application(BaseApplication):  # type: ignore[misc]
         options: dict[str, Any] = {
             "bind": [f"fd://{args.fd}"],
             "workers": args.workers,
-            "worker_class": "sheepdog._serve.Worker",
+            "worker_class": "sheepdog.server.child.Worker",
             "worker_connections": WORKER_CONNECTIONS,
             # The control socket (~/.gunicorn/gunicorn.ctl) would be shared by every
             # gunicorn of the user, and sheepdog needs none.
@@ -256,7 +257,7 @@ class _Application(BaseApplication):  # type: ignore[misc]
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line and run gunicorn until SIGTERM."""
-    parser = argparse.ArgumentParser(prog="python -m sheepdog._serve")
+    parser = argparse.ArgumentParser(prog="python -m sheepdog.server.child")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--dbfile", required=True)
     parser.add_argument("--workers", type=int, default=2)
@@ -281,8 +282,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # Run the imported module, not __main__: gunicorn loads Worker as sheepdog._serve.Worker,
-    # and it must share _threadpool_size and _hub_thread with what main() sets.
-    from sheepdog import _serve
+    # Run the imported module, not __main__: gunicorn loads Worker as
+    # sheepdog.server.child.Worker, and it must share _threadpool_size and _hub_thread with
+    # what main() sets.
+    from sheepdog.server import child
 
-    _serve.main()
+    child.main()

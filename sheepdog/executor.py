@@ -372,7 +372,7 @@ class Executor(concurrent.futures.Executor):
                     for group in due:
                         self._launch(session, group)
                     self._poll(session)
-        except BaseException as exc:  # noqa: BLE001 - every future must learn why
+        except BaseException as exc:  # every future must learn why
             logger.exception("the sheepdog Executor's thread failed")
             self._fail_everything(exc)
 

@@ -225,7 +225,7 @@ def raw_transfer(config: Any, total_bytes: int, bind_host: str) -> dict[str, Any
                         raise ConnectionError(f"the node stopped after {got} bytes")
                     got += n
                 figures["from_node_s"] = time.monotonic() - start
-        except BaseException as exc:  # reported by the caller
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
             failure.append(exc)
 
     thread = threading.Thread(target=serve, name="bench-raw", daemon=True)

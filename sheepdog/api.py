@@ -102,7 +102,7 @@ def rerun(
     return indices
 
 
-def map(  # noqa: A001 - the original's name, kept on purpose
+def map(  # shadows the builtin: the original's name, kept on purpose
     f: Callable[..., Any],
     args: Iterable[Any],
     config: ConfigLike,

@@ -74,7 +74,7 @@ def _applier_factories() -> dict[str, Any]:
             lines = _APPLIER_SOURCE.splitlines(keepends=True)
             linecache.cache[_APPLIER_MODULE] = (len(_APPLIER_SOURCE), None, lines, _APPLIER_MODULE)
             namespace: dict[str, Any] = {"__name__": _APPLIER_MODULE, "__builtins__": builtins}
-            exec(compile(_APPLIER_SOURCE, _APPLIER_MODULE, "exec"), namespace)  # noqa: S102
+            exec(compile(_APPLIER_SOURCE, _APPLIER_MODULE, "exec"), namespace)  # noqa: S102 - sheepdog's own applier source
             _appliers.update(namespace)
         return _appliers
 
@@ -372,7 +372,7 @@ class Executor(concurrent.futures.Executor):
                     for group in due:
                         self._launch(session, group)
                     self._poll(session)
-        except BaseException as exc:  # noqa: BLE001 - every future must learn why
+        except BaseException as exc:  # every future must learn why
             logger.exception("the sheepdog Executor's thread failed")
             self._fail_everything(exc)
 
@@ -424,7 +424,7 @@ class Executor(concurrent.futures.Executor):
                 return
             # A failed submission fails the request's tasks there and is raised again here.
             session.launch(request_id, len(values) - cached)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every future must learn why
             logger.error("could not submit %d calls: %s", len(values), exc)
             for future in futures:
                 if not future.done():

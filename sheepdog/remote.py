@@ -243,7 +243,7 @@ class Remote:
         if os.path.exists(known_hosts):
             try:
                 client.load_host_keys(known_hosts)
-            except Exception as exc:  # noqa: BLE001 - paramiko raises plain errors for bad files
+            except Exception as exc:  # paramiko raises plain errors for bad files
                 raise HostKeyError(
                     f"cannot read known_hosts file {known_hosts}: {exc}", host=hostname
                 ) from exc

@@ -354,7 +354,7 @@ class Session:
                 cfg = self.config
                 say(f"connecting to {cfg.ssh_user}@{cfg.host}:{cfg.ssh_port}")
             job_id = self._submit_stored(request_id, array_size(self.config, n_tasks))
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - recorded, then raised again
             self._submission_failed(scheduler, request_id, exc)
         jobs = "jobs" if "," in job_id else "job"
         say(f"submitted {jobs} {job_id} for request {request_id} ({n_tasks} "

@@ -269,7 +269,7 @@ def test_getting_started_fetches_results(
             {"index": i + 1, "ok": True, "value": serialise_value((i * i, f"node{i + 1}")),
              "stdout": "", "stderr": ""} for i in range(2)
         ])
-    exec("\n".join(block("getting-started.rst", GETTING_STARTED_FETCH).lines), {})  # noqa: S102
+    exec("\n".join(block("getting-started.rst", GETTING_STARTED_FETCH).lines), {})
     assert capsys.readouterr().out == "0 (0, 'node1')\n1 (1, 'node2')\n"
 
 
@@ -310,14 +310,14 @@ def test_the_three_ways_to_write_a_config(tmp_path: Path, monkeypatch: pytest.Mo
     lines = block("configuration.rst", CONFIG_LINE).lines
     assert len(lines) == 3
     first: dict[str, object] = {}
-    exec(lines[0], {"sheepdog": sheepdog}, first)  # noqa: S102 - the documented line itself
+    exec(lines[0], {"sheepdog": sheepdog}, first)  # the documented line itself
     (tmp_path / ".cluster").mkdir()
     (tmp_path / ".cluster" / "cluster.json").write_text(json.dumps(first["conf"]))
     monkeypatch.chdir(tmp_path)
     configs = []
     for line in lines:
         namespace: dict[str, object] = {}
-        exec(line, {"sheepdog": sheepdog}, namespace)  # noqa: S102
+        exec(line, {"sheepdog": sheepdog}, namespace)
         configs.append(as_config(namespace["conf"]))  # type: ignore[arg-type]
     assert configs[0] == configs[1] == configs[2]
     assert configs[0].host == "fear"

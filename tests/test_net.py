@@ -47,7 +47,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         "/stranger" + HEALTH_PATH: (200, b"<html>hello</html>"),
     }
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:  # http.server's name
         status, body = self.answers.get(self.path, (404, b"{}"))
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))

@@ -320,11 +320,11 @@ def test_the_upgrading_page_examples_run(original02_database: Path, tmp_path: Pa
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, Any] = {}
     with pytest.warns(UserWarning, match=MIGRATED):
-        exec("\n".join(block("upgrading.rst", "import sheepdog").lines), namespace)  # noqa: S102
+        exec("\n".join(block("upgrading.rst", "import sheepdog").lines), namespace)
     assert namespace["old"] == [((1, 2), 3), ((3, 4), 7), ((5, "x"), None)]
-    exec("\n".join(block("upgrading.rst", "from sheepdog.storage import Storage").lines),  # noqa: S102
+    exec("\n".join(block("upgrading.rst", "from sheepdog.storage import Storage").lines),
          namespace)
     assert namespace["text"].startswith("Traceback")
-    exec("\n".join(block("upgrading.rst", "from sheepdog import Storage").lines), namespace)  # noqa: S102
+    exec("\n".join(block("upgrading.rst", "from sheepdog import Storage").lines), namespace)
     assert namespace["found"] is False
     assert os.path.exists("sheepdog.sqlite.sheepdog-0.2.3-backup")

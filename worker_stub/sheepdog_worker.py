@@ -143,11 +143,11 @@ class _FunctionUnpickler(pickle.Unpickler):
         namespace = self.namespaces[index]
         if "code" in spec:
             closure = tuple(self.cell(i) for i in spec["closure"]) or None
-            code = marshal.loads(spec["code"])
+            code = marshal.loads(spec["code"])  # noqa: S302 - the function its own user sent, signed
             function = types.FunctionType(code, namespace, spec["name"], None, closure)
         else:
             local = {}
-            exec(compile(spec["source"], spec["filename"], "exec"), namespace, local)
+            exec(compile(spec["source"], spec["filename"], "exec"), namespace, local)  # noqa: S102 - the function its own user sent, signed
             function = local["__sheepdog_factory__"]()
             cells = dict(zip(function.__code__.co_freevars, function.__closure__ or ()))
             for name, i in spec["closure"]:
@@ -193,7 +193,7 @@ def module_version(name):
     [False, why]. Python 2 must parse it too: sheepdog doctor's probe job runs it."""
     try:
         module = importlib.import_module(name)
-    except Exception as e:  # not only ImportError: a module may fail as it is imported
+    except Exception as e:  # noqa: BLE001 - not only ImportError: a module may fail as it is imported
         return [False, "%s: %s" % (type(e).__name__, e)]
     import warnings
     with warnings.catch_warnings():  # some packages deprecate __version__ (Flask 3.1)
@@ -203,7 +203,7 @@ def module_version(name):
         try:
             from importlib import metadata  # novermin: Python < 3.8 takes the except
             version = metadata.version(name)
-        except Exception:  # Python < 3.8, or not installed as a distribution (the stdlib)
+        except Exception:  # noqa: BLE001 - Python < 3.8, not a distribution (the stdlib), bad metadata
             version = None
     return [True, version]
 
@@ -225,7 +225,7 @@ def environment(modules):
 
 def load_value(data):
     """Unpickle an argument value."""
-    return pickle.loads(data)
+    return pickle.loads(data)  # noqa: S301 - arguments its own user sent, signed
 
 
 def dump_value(obj, protocol):
@@ -531,7 +531,7 @@ def safe_text(obj):
     except BaseException as e:  # noqa: BLE001 - whatever __str__ raises, the task is reported
         try:
             return "<unprintable %s: str() raised %s>" % (type(obj).__name__, type(e).__name__)
-        except Exception:
+        except Exception:  # noqa: BLE001 - even the type's name may fail to print
             return "<unprintable object>"
 
 
@@ -735,7 +735,7 @@ class Connection:
             if status >= 300:  # a refusal's reason; a 200 answer may be a 20 MB binary
                 error = json.loads(answer.decode("utf-8"))["error"]
                 detail = "%s: %s" % (error["code"], error["message"])
-        except Exception:
+        except (KeyError, TypeError, ValueError):  # not JSON, or not an error's shape
             detail = answer[:200].decode("utf-8", "replace")
         if status == 401:
             raise ProtocolFailure("the server rejected our signature (%s): the job file's secret "
@@ -817,7 +817,7 @@ class Client:
             say("sheepdog: worker %s stops: an answer from the server is not as docs/protocol.rst"
                 " says (%s: %s)" % (self.worker, type(e).__name__, safe_text(e)), self.err)
             sys.exit(EXIT_PROTOCOL)
-        except (Exception, KeyboardInterrupt) as e:
+        except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the worker reports anything, never a bare traceback
             # Never let a traceback reach the job file's own last line: it is printed from
             # here down only, and the worker exits with a status that qacct shows.
             say("sheepdog: worker %s stops on an unexpected %s: %s\n%s" % (
@@ -863,7 +863,7 @@ class Client:
             self.function = load_function(payload, modules)
             self.protocol = result_protocol(payload)
             self.environment = environment(modules)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any load failure is every leased task's error
             # Every task this worker leases fails with the reason, so the user sees it in
             # get_errors at once instead of waiting on work no worker here can load.
             self.load_error = {"type": type(e).__name__, "kind": "load", "host": self.host,
@@ -982,7 +982,7 @@ class Client:
                     signal.setitimer(signal.ITIMER_REAL, 0)
                     self.armed = False
             result["ok"] = True
-        except (Exception, TaskTimeout, SystemExit) as e:
+        except (Exception, TaskTimeout, SystemExit) as e:  # noqa: BLE001 - whatever a task raises is its result
             result.update(ok=False, error=self.describe(e, traceback.format_exc()))
         finally:
             sys.stdout, sys.stderr, self.running = out.stream, err.stream, None
@@ -1031,7 +1031,7 @@ class Client:
             name = kind.__name__ if module in ("builtins", "__main__") else (
                 "%s.%s" % (module, kind.__qualname__))
             name = safe_text(name)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a metaclass may raise anything
             name = "<unnamed exception>"
         return {"type": "TaskTimeout" if isinstance(exc, TaskTimeout) else name,
                 "message": safe_text(exc), "traceback": safe_text(trace), "host": self.host,

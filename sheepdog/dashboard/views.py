@@ -28,7 +28,7 @@ from .svg import COLOURS, progress_html, throughput_svg, timeline_svg
 __all__ = ["TOKEN_PARAM", "bp", "create_app"]
 
 #: The query parameter that carries the token.
-TOKEN_PARAM = "token"
+TOKEN_PARAM = "token"  # noqa: S105 - a parameter's name, not a secret
 #: Names a browser may use for the dashboard's own address.
 LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 #: Seconds between two looks of a live page at the request's counts.
@@ -133,9 +133,9 @@ def _detail(request_id: int) -> Any:
 def _charts(detail: Any) -> dict[str, Markup]:
     s = detail.summary
     return {
-        "progress": Markup(progress_html(s.counts, s.n_tasks)),
-        "timeline": Markup(timeline_svg(detail.timeline)),
-        "throughput": Markup(throughput_svg(detail.timeline)),
+        "progress": Markup(progress_html(s.counts, s.n_tasks)),  # noqa: S704 - built with every text escaped
+        "timeline": Markup(timeline_svg(detail.timeline)),  # noqa: S704 - built with every text escaped
+        "throughput": Markup(throughput_svg(detail.timeline)),  # noqa: S704 - built with every text escaped
     }
 
 

@@ -72,7 +72,7 @@ class LocalHost:
         """Run ``command`` in bash from the home directory; raise ``error`` if it fails."""
         try:
             proc = subprocess.run(
-                ["bash", "-c", command], input=stdin, capture_output=True, timeout=timeout_s,
+                ["bash", "-c", command], input=stdin, capture_output=True, timeout=timeout_s,  # noqa: S607 - found on PATH, as a job file's shell is
                 cwd=Path.home(), check=False,
             )
         except subprocess.TimeoutExpired as exc:

@@ -57,7 +57,7 @@ class Storage(Queue, Records):
         stored = self.store_value(result)  # a blob is durable before the row names it
         with self._write() as conn:
             cursor = conn.execute(
-                "UPDATE tasks SET state = 'done', result = ?, finished = ?, lease = NULL,"
+                "UPDATE tasks SET state = 'done', result = ?, finished = ?, lease = NULL,"  # noqa: S608 - fixed SQL, bound values
                 " lease_expires = NULL WHERE request_id = ? AND idx = ?"
                 f" AND state IN {OPEN_STATES_SQL}",
                 (stored, time.time(), request_id, job_index),
@@ -70,7 +70,7 @@ class Storage(Queue, Records):
         """Store an error (a dict, or text) unless the task is finished; True if stored."""
         with self._write() as conn:
             cursor = conn.execute(
-                "UPDATE tasks SET state = 'error', error = ?, finished = ?, lease = NULL,"
+                "UPDATE tasks SET state = 'error', error = ?, finished = ?, lease = NULL,"  # noqa: S608 - fixed SQL, bound values
                 " lease_expires = NULL WHERE request_id = ? AND idx = ?"
                 f" AND state IN {OPEN_STATES_SQL}",
                 (_error_json(error), time.time(), request_id, job_index),

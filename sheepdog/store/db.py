@@ -197,13 +197,13 @@ _V3_STATEMENTS = (
     )""",
     "CREATE INDEX IF NOT EXISTS finished_log_by_request ON finished_log (request_id, seq)",
     # Tasks that finished before this version are in the log too, in finishing order.
-    "INSERT INTO finished_log (request_id, idx) SELECT request_id, idx FROM tasks"
+    "INSERT INTO finished_log (request_id, idx) SELECT request_id, idx FROM tasks"  # noqa: S608 - fixed SQL, bound values
     f" WHERE state NOT IN {OPEN_STATES_SQL} ORDER BY finished, request_id, idx",
     f"""CREATE TRIGGER IF NOT EXISTS tasks_finished AFTER UPDATE OF state ON tasks
     WHEN OLD.state IN {OPEN_STATES_SQL} AND NEW.state NOT IN {OPEN_STATES_SQL}
     BEGIN
         INSERT INTO finished_log (request_id, idx) VALUES (NEW.request_id, NEW.idx);
-    END""",
+    END""",  # noqa: S608 - fixed SQL
     # What a task's earlier runs ended with, kept when a rerun makes it pending again.
     """CREATE TABLE IF NOT EXISTS task_history (
         request_id  INTEGER NOT NULL REFERENCES requests (id),
@@ -384,7 +384,7 @@ class Database:
         # Servers keep one Storage per thread for the thread's life; close it with them.
         try:
             self.close()
-        except Exception:  # noqa: S110 - nothing useful to do in a finaliser
+        except Exception:  # noqa: BLE001, S110 - nothing useful to do in a finaliser
             pass
 
     def __enter__(self: _D) -> _D:
@@ -507,7 +507,7 @@ class Database:
     def _request_row(self, request_id: int, columns: str) -> tuple[Any, ...]:
         with self._lock:
             row = self.conn.execute(
-                f"SELECT {columns} FROM requests WHERE id = ?", (request_id,)
+                f"SELECT {columns} FROM requests WHERE id = ?", (request_id,)  # noqa: S608 - the callers pass fixed column names
             ).fetchone()
         if row is None:
             raise UnknownRequestError(request_id, self.dbfile)

@@ -252,7 +252,7 @@ class Queue(Database):
             # Hand such tasks back first; otherwise they sit orphaned until their lease
             # expires, and if every worker has exited by then, nobody runs them.
             rows = conn.execute(
-                f"SELECT idx, attempts, args, {RUN_SQL} FROM tasks WHERE request_id = ?"
+                f"SELECT idx, attempts, args, {RUN_SQL} FROM tasks WHERE request_id = ?"  # noqa: S608 - fixed SQL, bound values
                 " AND state = 'leased' AND worker = ? AND host = ? ORDER BY idx LIMIT ?",
                 (request_id, worker, host, max_tasks),
             ).fetchall()
@@ -262,7 +262,7 @@ class Queue(Database):
             # it SQLite walked the primary key from task 1, over every finished task, on
             # every lease: the cost of a lease grew with the request's progress.
             rows += conn.execute(
-                f"SELECT idx, attempts, args, {RUN_SQL} FROM tasks WHERE request_id = ?"
+                f"SELECT idx, attempts, args, {RUN_SQL} FROM tasks WHERE request_id = ?"  # noqa: S608 - fixed SQL, bound values
                 " AND state = 'pending' AND lease_expires IS NULL ORDER BY idx LIMIT ?",
                 (request_id, max_tasks - len(rows)),
             ).fetchall()
@@ -403,7 +403,7 @@ class Queue(Database):
             token = r.get("lease")
             run = run_of_token(token) if isinstance(token, str) else None
             cursor = conn.execute(
-                "UPDATE tasks SET state = ?, result = ?, error = ?, stdout = ?, stderr = ?,"
+                "UPDATE tasks SET state = ?, result = ?, error = ?, stdout = ?, stderr = ?,"  # noqa: S608 - fixed SQL, bound values
                 " duration_s = ?, finished = ?, worker = coalesce(?, worker),"
                 " host = coalesce(?, host), lease = NULL, lease_expires = NULL"
                 f" WHERE request_id = ? AND idx = ? AND state IN {OPEN_STATES_SQL}"
@@ -490,7 +490,7 @@ class Queue(Database):
             if cursor.rowcount == 0:
                 raise UnknownRequestError(request_id, self.dbfile)
             cursor = conn.execute(
-                "UPDATE tasks SET state = 'cancelled', error = ?, finished = ?, lease = NULL,"
+                "UPDATE tasks SET state = 'cancelled', error = ?, finished = ?, lease = NULL,"  # noqa: S608 - fixed SQL, bound values
                 f" lease_expires = NULL WHERE request_id = ? AND state IN {OPEN_STATES_SQL}",
                 (error, time.time(), request_id),
             )
@@ -535,7 +535,7 @@ class Queue(Database):
         with self._write() as conn:
             for idx in indices:
                 cursor = conn.execute(
-                    "UPDATE tasks SET state = ?, error = ?, finished = ?, lease = NULL,"
+                    "UPDATE tasks SET state = ?, error = ?, finished = ?, lease = NULL,"  # noqa: S608 - fixed SQL, bound values
                     " lease_expires = NULL WHERE request_id = ? AND idx = ?"
                     f" AND state IN {OPEN_STATES_SQL}",
                     (state, encoded, now, request_id, idx),

@@ -252,7 +252,7 @@ class Records(Database):
         marks = ", ".join("?" * len(states))
         with self._lock:
             (count,) = self.conn.execute(
-                f"SELECT count(*) FROM tasks WHERE request_id = ? AND state IN ({marks})",
+                f"SELECT count(*) FROM tasks WHERE request_id = ? AND state IN ({marks})",  # noqa: S608 - fixed SQL, bound values
                 (request_id, *states),
             ).fetchone()
         if count == 0:
@@ -382,7 +382,7 @@ class Records(Database):
         self._request_row(request_id, "id")
         with self._lock:
             rows = self.conn.execute(
-                f"SELECT idx, state, host, worker, {_BEGIN}, {_END}, {_KIND}"
+                f"SELECT idx, state, host, worker, {_BEGIN}, {_END}, {_KIND}"  # noqa: S608 - fixed SQL, bound values
                 f" FROM tasks WHERE request_id = :rid AND {_DRAWN} ORDER BY idx",
                 {"rid": request_id, "now": now},
             ).fetchall()
@@ -393,7 +393,7 @@ class Records(Database):
         self._request_row(request_id, "id")
         with self._lock:
             n, begin, end, workers, hosts = self.conn.execute(
-                f"SELECT count(*), min({_BEGIN}), max({_END}), count(DISTINCT worker),"
+                f"SELECT count(*), min({_BEGIN}), max({_END}), count(DISTINCT worker),"  # noqa: S608 - fixed SQL, bound values
                 f" count(DISTINCT host) FROM tasks WHERE request_id = :rid AND {_DRAWN}",
                 {"rid": request_id, "now": now},
             ).fetchone()
@@ -417,7 +417,7 @@ class Records(Database):
         self._request_row(request_id, "id")
         with self._lock:
             rows = self.conn.execute(
-                f"SELECT lane, b, e, state, kind, count(*) FROM (SELECT {lane} AS lane,"
+                f"SELECT lane, b, e, state, kind, count(*) FROM (SELECT {lane} AS lane,"  # noqa: S608 - fixed SQL, bound values
                 f" {bin_of(_BEGIN)} AS b, {bin_of(_END)} AS e, state, {_KIND} AS kind"
                 f" FROM tasks WHERE request_id = :rid AND {_DRAWN})"
                 " GROUP BY lane, b, e, state, kind",
@@ -437,7 +437,7 @@ class Records(Database):
         self._request_row(request_id, "id")
         with self._lock:
             rows = self.conn.execute(
-                "SELECT kind, type, count(*), group_concat(idx) FROM (SELECT idx,"
+                "SELECT kind, type, count(*), group_concat(idx) FROM (SELECT idx,"  # noqa: S608 - fixed SQL, bound values
                 f" {_KIND} AS kind, CASE WHEN json_valid(error) THEN"
                 " coalesce(json_extract(error, '$.type'), 'Error') ELSE 'Error' END AS type"
                 " FROM tasks WHERE request_id = ? AND state IN ('error', 'cancelled')"
@@ -487,7 +487,7 @@ class Records(Database):
         self._request_row(request_id, "id")
         with self._lock:
             rows = self.conn.execute(
-                f"SELECT idx FROM tasks WHERE request_id = ? AND state IN {OPEN_STATES_SQL}"
+                f"SELECT idx FROM tasks WHERE request_id = ? AND state IN {OPEN_STATES_SQL}"  # noqa: S608 - fixed SQL, bound values
                 " ORDER BY idx",
                 (request_id,),
             ).fetchall()

@@ -85,11 +85,11 @@ def copy_into_schema(conn: sqlite3.Connection, default_settings: dict[str, Any])
     conn.execute(f"CREATE INDEX {_OLD}errors_by_task ON {_OLD}errors (task_id, id)")
     conn.execute(f"CREATE INDEX {_OLD}tasks_by_index ON {_OLD}tasks (request_id, job_index, id)")
     requests = conn.execute(
-        f"SELECT id, function, namespace, date_submitted FROM {_OLD}requests ORDER BY id"
+        f"SELECT id, function, namespace, date_submitted FROM {_OLD}requests ORDER BY id"  # noqa: S608 - fixed SQL, bound values
     ).fetchall()
     for request_id, function, namespace, submitted in requests:
         tasks = conn.execute(
-            f"SELECT t.job_index, t.args,"
+            f"SELECT t.job_index, t.args,"  # noqa: S608 - fixed SQL, bound values
             f" (SELECT r.result FROM {_OLD}results r WHERE r.task_id = t.id ORDER BY r.id LIMIT 1),"
             f" (SELECT e.error FROM {_OLD}errors e WHERE e.task_id = t.id ORDER BY e.id LIMIT 1)"
             f" FROM {_OLD}tasks t WHERE t.request_id = ? AND t.job_index >= 1"

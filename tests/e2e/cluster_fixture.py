@@ -522,7 +522,7 @@ def _logs(containers: list[Any]) -> str:
     for name, container in containers:
         try:
             text = container.get_wrapped_container().logs(tail=60).decode(errors="replace")
-        except Exception as exc:  # best effort while reporting another failure
+        except Exception as exc:  # noqa: BLE001 - best effort while reporting another failure
             text = f"(no logs: {exc})"
         chunks.append(f"--- {name} ---\n{text}")
     return "\n".join(chunks)
@@ -846,7 +846,7 @@ def map_in_thread(
     def run() -> None:
         try:
             outcome["results"] = sheepdog.map(f, args, config, verbose=False)
-        except BaseException as exc:  # the test reports it
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
             outcome["error"] = exc
 
     thread = threading.Thread(target=run)

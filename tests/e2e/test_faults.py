@@ -38,7 +38,7 @@ class Coordinator:
         lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_GET(self) -> None:  # the stdlib's name
                 with lock:
                     first = self.path not in seen
                     seen.add(self.path)

@@ -19,7 +19,7 @@ from sheepdog.scheduler import scheduler_class
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parent.parent.parent
+HERE = Path(__file__).resolve().parent
 WAIT_S = 300.0
 
 
@@ -36,9 +36,11 @@ def slow(x: int) -> int:
 
 
 def cli(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``sheepdog`` in a new process, where this module imports as ``test_cli_e2e``
+    (from tests/e2e, with the cluster fixture beside it)."""
     done = subprocess.run(
         [sys.executable, "-m", "sheepdog", *argv], capture_output=True, text=True,
-        timeout=WAIT_S, check=False, cwd=REPO / "tests",
+        timeout=WAIT_S, check=False, cwd=HERE,
     )
     if check:
         assert done.returncode == 0, done.stderr
@@ -94,7 +96,7 @@ def test_serve_restarts_the_server_on_the_submitted_port(config: dict[str, Any])
 
 def test_worker_stub_and_jobfile(config: dict[str, Any], config_file: str) -> None:
     assert cli("worker-stub").stdout.startswith('"""sheepdog worker stub')
-    done = cli("jobfile", "e2e.test_cli_e2e:shout", "--args", "[1, 2]", "--config", config_file)
+    done = cli("jobfile", "test_cli_e2e:shout", "--args", "[1, 2]", "--config", config_file)
     # The cluster's scheduler's own directives: `#$ -t 1-2` or `#SBATCH --array=1-2`.
     directives = scheduler_class(scheduler_of(config)).directives(config["shell"], 2, [])
     assert set(directives) <= set(done.stdout.splitlines()), done.stdout

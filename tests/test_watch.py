@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from fake_clock import FakeClock
 
 import sheepdog._submit
 from sheepdog import cli
@@ -44,19 +45,6 @@ from sheepdog.storage import Storage
 from sheepdog.watch import SCHEDULABLE_CHECK_S, Watcher, wait_for_request
 
 N_TASKS = 3
-
-
-class FakeClock:
-    """Monotonic seconds that move only when the test says."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeHead:

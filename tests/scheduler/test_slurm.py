@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 import pytest
+from fake_clock import FakeClock
 
 import sheepdog.client
 from sheepdog import _submit
@@ -405,23 +406,10 @@ class SlowSlurmdbd(FakeLogin):
         return super().run(command, **kwargs)
 
 
-class FakeTime:
-    """``time`` for the slurm module: sleep moves the monotonic clock on, at once."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def test_sacct_that_has_not_heard_of_the_end_yet_is_asked_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(slurm_module, "time", FakeTime())
+    monkeypatch.setattr(slurm_module, "time", FakeClock())
     login = SlowSlurmdbd(lag=3)
     assert Slurm(login).accounting("42") == "Slurm lost its node on node2 (NODE_FAIL)"
     assert sum(c.startswith("sacct") for c in login.commands) == 4
@@ -429,7 +417,7 @@ def test_sacct_that_has_not_heard_of_the_end_yet_is_asked_again(
 
 
 def test_sacct_is_asked_again_for_a_bounded_time_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = FakeTime()
+    clock = FakeClock()
     monkeypatch.setattr(slurm_module, "time", clock)
     login = SlowSlurmdbd(lag=10_000)
     assert Slurm(login).accounting("42") == ""
@@ -439,7 +427,7 @@ def test_sacct_is_asked_again_for_a_bounded_time_only(monkeypatch: pytest.Monkey
 def test_sacct_is_not_asked_again_about_a_job_squeue_still_lists(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(slurm_module, "time", FakeTime())
+    monkeypatch.setattr(slurm_module, "time", FakeClock())
     login = SlowSlurmdbd(lag=10_000)
     login.answers["squeue"] = ok("42|2|RUNNING|None\n")
     assert Slurm(login).accounting("42") == ""

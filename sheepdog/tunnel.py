@@ -164,7 +164,9 @@ def accept(listener):
                 continue
             close(oldest)
         conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         up.setblocking(False)
         err = up.connect_ex(("127.0.0.1", target_port))
         if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
@@ -259,6 +261,7 @@ def _pipe_channel(channel: paramiko.Channel, target: tuple[str, int]) -> None:
         logger.warning("tunnel: cannot reach the local server at %s:%d: %s", *target, exc)
         channel.close()
         return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # Reads wake up this often to see whether the connection has gone idle.
     wake_s = RELAY_IDLE_S / 4
     sock.settimeout(wake_s)

@@ -55,10 +55,11 @@ class TunnelKeeper:
 
     def add(self, request_id: int, server: Server) -> bool:
         """Keep the tunnel of ``request_id`` up if its jobs use one; True if they do."""
-        if not _submit.uses_tunnel(self.storage, request_id):
+        request = _submit.StoredRequest(self.storage, request_id)
+        if not request.uses_tunnel():
             return False
         try:
-            found = _submit.stored_scheduler(self.storage, request_id)
+            found = request.stored_scheduler()
         except SheepdogError as exc:
             self.say(f"request {request_id}: its workers use the tunnel, which cannot start "
                      f"({exc}); they reach it only via `sheepdog attach {request_id}`")

@@ -2,6 +2,7 @@
 
 What :class:`~sheepdog.session.Session` (map, rerun, cancel), the Executor and the Watcher
 (which resubmits work whose jobs were lost) share; it imports none of them.
+:class:`StoredRequest` answers what the database says about a request and its jobs.
 """
 
 from __future__ import annotations

@@ -252,7 +252,8 @@ def test_a_wait_that_sees_the_request_finish_deletes_its_jobs_left(tmp_path: Pat
         assert w.storage.store_result(w.rid, idx, b"r")
     counts = wait_for_request(w.config.dbfile, w.rid, watcher=w.watcher, storage=w.storage)
     assert counts["done"] == N_TASKS
-    assert w.scheduler.asked("delete") == [("delete", ["41", StoredRequest(w.storage, w.rid).job_name()])]
+    name = StoredRequest(w.storage, w.rid).job_name()
+    assert w.scheduler.asked("delete") == [("delete", ["41", name])]
 
 
 def test_a_wait_on_a_request_without_jobs_deletes_nothing(tmp_path: Path) -> None:

@@ -444,12 +444,12 @@ class Session:
         """The watcher of a request this session submitted, or serves again (``attach``).
 
         It keeps the session's server running, unless the request has no job (every
-        task from the cache): then there is no server to start. ``notify`` tells a
-        person watching what they must know (no worker calls in).
+        task from the cache): then there is no server to start, and nothing to act on.
+        ``notify`` tells a person watching what they must know (no worker calls in).
         """
-        jobs = self.request(request_id).latest_job() is not None
-        return Watcher(self.config, request_id, self.scheduler,
-                       server=self.server if jobs else None, notify=notify)
+        request = self.request(request_id)
+        server = self.server if request.latest_job() is not None else None
+        return Watcher.for_request(request, self.config, self.scheduler, server, notify=notify)
 
     def watch(
         self,

@@ -117,6 +117,26 @@ class Watcher:
         self._tunnel_down_told = False  # whether the tunnel's failure to start was said
         self._waiting_warning = Every(60.0)  # a job that waits in the queue, said this often
 
+    @classmethod
+    def for_request(
+        cls,
+        request: _submit.StoredRequest,
+        config: Config,
+        scheduler: Scheduler,
+        server: Server | None,
+        *,
+        notify: Callable[[str], None] | None = None,
+    ) -> Watcher:
+        """The watcher of a stored request, as every caller in the library makes it.
+
+        ``server`` is this process's server for the request's jobs, which it keeps
+        running; without one the watcher is passive (this process does not serve the
+        jobs), and leaves resubmission to the process that does unless they stay gone
+        for ``takeover_s``. The constructor's other keywords are for tests.
+        """
+        return cls(config, request.request_id, scheduler, server=server,
+                   passive=server is None, notify=notify)
+
     def poll(self, storage: Storage) -> None:
         """Check the jobs if it is time to; fail or resubmit work whose jobs are gone."""
         if self.server is not None:
@@ -537,6 +557,5 @@ def _passive_watcher(storage: Storage, request_id: int) -> Watcher | None:
         return None
     # map_async then get_results(block=True) in one process: that process is the server
     # and the only one to act, at once, as map would.
-    server = request.own_server()
     config, scheduler = found
-    return Watcher(config, request_id, scheduler, server=server, passive=server is None)
+    return Watcher.for_request(request, config, scheduler, request.own_server())

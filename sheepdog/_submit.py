@@ -34,6 +34,7 @@ from .server.tls import certificate_for, fingerprint_sha256
 from .store import JobRecord, Storage
 
 __all__ = [
+    "RequestJobs",
     "StoredRequest",
     "array_size",
     "batch_size",
@@ -148,6 +149,36 @@ class StoredRequest:
                            deletion.describe())
         return deletion
 
+@dataclass(frozen=True)
+class RequestJobs:
+    """A stored request with what submits its jobs and reaches them: config, scheduler, server.
+
+    The values that travel together through submitting (:func:`submit_request`),
+    publishing the workers' address and keeping their tunnel up (:func:`ensure_tunnel`).
+    """
+
+    request: StoredRequest
+    #: The config its jobs are submitted with (the one stored with it, for a later process).
+    config: Config
+    scheduler: Scheduler
+    #: The server its workers call back to; None: the config's (:func:`server_for`).
+    server: Server | None = None
+
+    @property
+    def storage(self) -> Storage:
+        """The request's database."""
+        return self.request.storage
+
+    @property
+    def request_id(self) -> int:
+        """The request's id in its database."""
+        return self.request.request_id
+
+    def running_server(self) -> Server:
+        """:attr:`server`, or the config's (started if need be)."""
+        return self.server if self.server is not None else server_for(self.config)
+
+
 def array_size(config: Config, n_tasks: int) -> int:
     """How many array tasks to submit for ``n_tasks`` tasks, over one or several jobs.
 
@@ -241,16 +272,12 @@ def server_for(config: Config) -> Server:
 
 
 def submit_request(
-    storage: Storage,
-    config: Config,
-    request_id: int,
-    scheduler: Scheduler,
+    jobs: RequestJobs,
     *,
     n_workers: int,
     why: str | None = None,
     continues: bool = False,
     jobdir: str | None = None,
-    server: Server | None = None,
 ) -> str:
     """Render, copy and submit the job file for a stored request; record and return the job ids.
 
@@ -260,11 +287,12 @@ def submit_request(
     the last jobs left open after making progress (workers that stopped before their
     run-time limit), which does not count against ``retries``. A
     :class:`~sheepdog.session.Session` passes the ``jobdir`` it resolved (the absolute
-    ``ssh_dir``) and its ``server``, so that a map asks for each once.
+    ``ssh_dir``) and its server, so that a map asks for each once.
     """
+    storage, config, request_id, scheduler = (
+        jobs.storage, jobs.config, jobs.request_id, jobs.scheduler)
     sizes = job_sizes(n_workers, scheduler.array_limits().per_job)
-    if server is None:
-        server = server_for(config)
+    server = jobs.running_server()
     mode = tunnel.choose_mode(config.connect, scheduler.host, config.localhost, _port(server))
     host, port = worker_address(config, scheduler, server, mode, tasks=n_workers)
     url = server.url_for(host).rsplit(":", 1)[0] + f":{port}/"
@@ -279,7 +307,7 @@ def submit_request(
     # script, which Grid Engine copies world-readable onto the execution nodes.
     jobdir = (jobdir or scheduler.host.absolute(config.ssh_dir)).rstrip("/") + "/"
     key_name = key_file_name(request_id, secret)
-    name = StoredRequest(storage, request_id).job_name()
+    name = jobs.request.job_name()
     # Workers that cannot reach the server for worker_retry_s spool their results beside
     # the job file (see sheepdog/spool.py).
     client_options = {"retry_s": float(config.worker_retry_s),
@@ -358,24 +386,20 @@ def worker_address(
     )
 
 
-def publish_address(
-    storage: Storage, config: Config, request_id: int, scheduler: Scheduler, server: Server,
-    mode: ConnectMode,
-) -> tuple[str, int]:
+def publish_address(jobs: RequestJobs, mode: ConnectMode) -> tuple[str, int]:
     """Write where workers reach the server now (``mode``) into the request's address file.
 
     Workers read it at every reconnection, so moving to the tunnel, or a relay started
     again on another port, costs them one retry. Returns the address written.
     """
-    host, port = worker_address(config, scheduler, server, mode)
-    name = address_file_name(request_id, storage.get_secret(request_id))
+    config, scheduler = jobs.config, jobs.scheduler
+    host, port = worker_address(config, scheduler, jobs.running_server(), mode)
+    name = address_file_name(jobs.request_id, jobs.storage.get_secret(jobs.request_id))
     scheduler.host.put(config.ssh_dir, [(name, _address_line(host, port), ADDRESS_FILE_MODE)])
     return host, port
 
 
-def ensure_tunnel(
-    storage: Storage, config: Config, request_id: int, scheduler: Scheduler, server: Server
-) -> tuple[str, int] | None:
+def ensure_tunnel(jobs: RequestJobs) -> tuple[str, int] | None:
     """Start the tunnel to ``server`` if it is down, and publish the relay's address.
 
     For a request whose workers go through the tunnel and whose tunnel went with an SSH
@@ -383,6 +407,6 @@ def ensure_tunnel(
     Workers read the address file at their next retry. Returns the address published,
     or None when the tunnel was up. Raises SSHError when it cannot start.
     """
-    if tunnel.is_up(scheduler.host, _port(server)):
+    if tunnel.is_up(jobs.scheduler.host, _port(jobs.running_server())):
         return None
-    return publish_address(storage, config, request_id, scheduler, server, ConnectMode.TUNNEL)
+    return publish_address(jobs, ConnectMode.TUNNEL)

@@ -61,7 +61,7 @@ def attach(
         if server is not None and request.uses_tunnel():
             # The tunnel went with the process (or connection) that held it: workers still
             # retrying find the new relay in the address file; resubmitted jobs use it too.
-            where = _submit.ensure_tunnel(storage, cfg, request_id, scheduler, server)
+            where = _submit.ensure_tunnel(_submit.RequestJobs(request, cfg, scheduler, server))
             if where is not None:
                 say(f"request {request_id}: the tunnel is up again; workers find the relay "
                     f"at {where[0]}:{where[1]}")

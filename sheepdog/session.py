@@ -396,11 +396,10 @@ class Session:
         self._config, self._server, self._jobdir = config, None, None
 
     def _submit_stored(self, request_id: int, n_workers: int, **options: Any) -> str:
+        scheduler, jobdir = self.scheduler, self.jobdir  # the head node first, then the server
+        jobs = _submit.RequestJobs(self.request(request_id), self.config, scheduler, self.server)
         # Looked up on the module at each call: a test may stand in for it.
-        return _submit.submit_request(
-            self.storage, self.config, request_id, self.scheduler, n_workers=n_workers,
-            jobdir=self.jobdir, server=self.server, **options,
-        )
+        return _submit.submit_request(jobs, n_workers=n_workers, jobdir=jobdir, **options)
 
     def _submission_failed(
         self, scheduler: Scheduler, request_id: int, exc: BaseException

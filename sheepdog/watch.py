@@ -295,10 +295,8 @@ class Watcher:
         where = last.url or ""
         if self.config.connect == ConnectMode.AUTO and mode is ConnectMode.DIRECT:
             tunnel.switch_to_tunnel(self.scheduler.host, self.server.port)
-            host, port = _submit.publish_address(
-                storage, self.config, self.request_id, self.scheduler, self.server,
-                ConnectMode.TUNNEL,
-            )
+            host, port = _submit.publish_address(self._jobs(storage, self.server),
+                                                 ConnectMode.TUNNEL)
             self._mode, self._silent_since = ConnectMode.TUNNEL, now
             # Recorded: attach and serve, in another process, start the tunnel for it.
             storage.set_job_state(self.request_id, last.job_id, last.state,
@@ -338,9 +336,7 @@ class Watcher:
         """Start the tunnel again if its SSH connection dropped, and publish its new address."""
         assert self.server is not None
         try:
-            where = _submit.ensure_tunnel(
-                storage, self.config, self.request_id, self.scheduler, self.server
-            )
+            where = _submit.ensure_tunnel(self._jobs(storage, self.server))
         except SheepdogError as exc:
             # Said once while it stays down (a lapsed login is down until the next one); the
             # retries at every check go to the debug log.
@@ -370,6 +366,12 @@ class Watcher:
         except SheepdogError:
             return ""
         return "\n".join("    " + line for line in result.stdout.rstrip().splitlines())
+
+    def _jobs(self, storage: Storage, server: Server | None) -> _submit.RequestJobs:
+        """The request's jobs, reached with this watcher's config and scheduler, and ``server``."""
+        return _submit.RequestJobs(
+            _submit.StoredRequest(storage, self.request_id), self.config, self.scheduler, server
+        )
 
     def _tell(self, message: str) -> None:
         logger.warning("%s", message)
@@ -431,9 +433,10 @@ class Watcher:
                     "request %d: %s with %d tasks undone; resubmitting (%d of %d)",
                     rid, why, n_open, resubmits + 1, self.config.retries,
                 )
+            # To the config's server (server_for: the one the session registered for it).
             # Looked up on the module at each call: a test may stand in for it.
             _submit.submit_request(
-                storage, self.config, rid, self.scheduler,
+                self._jobs(storage, None),
                 n_workers=_submit.array_size(self.config, n_open), why=why, continues=progressed,
             )
             self.interval_s = 2.0

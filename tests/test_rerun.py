@@ -145,8 +145,8 @@ def test_the_executor_reads_each_result_once(
         read["full_reads"] += 1
         raise AssertionError("the Executor must not re-read every task")
 
-    def fake_submit(storage: Storage, config: Any, request_id: int, deployer: Any, **_: Any) -> str:
-        submitted.append(request_id)
+    def fake_submit(jobs: sheepdog._submit.RequestJobs, **_: Any) -> str:
+        submitted.append(jobs.request_id)
         return "1"
 
     monkeypatch.setattr(Storage, "finished_since", counting_since)

@@ -59,11 +59,10 @@ def ssh(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         state["schedulers"].append(scheduler)
         return scheduler
 
-    def publish(storage: Storage, config: Config, rid: int, scheduler: Any, server: Any,
-                mode: str) -> tuple[str, int]:
+    def publish(jobs: _submit.RequestJobs, mode: str) -> tuple[str, int]:
         if state["fail"] is not None:
             raise state["fail"]
-        state["published"].append((rid, mode, server.port))
+        state["published"].append((jobs.request_id, mode, jobs.running_server().port))
         state["up"] = True
         return ("head", 40000 + len(state["published"]))
 

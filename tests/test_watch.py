@@ -791,7 +791,7 @@ def test_a_rerun_gets_its_own_resubmissions(
     storage.add_job(rid, "43", 3)  # the rerun's job, which then leaves the queue
     resubmitted: list[int] = []
     monkeypatch.setattr(sheepdog._submit, "submit_request",
-                        lambda storage, config, rid, deployer, **_: resubmitted.append(rid))
+                        lambda jobs, **_: resubmitted.append(jobs.request_id))
     head = FakeHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
     Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
     assert resubmitted == [rid]

@@ -2,7 +2,8 @@
 
 What :class:`~sheepdog.session.Session` (map, rerun, cancel), the Executor and the Watcher
 (which resubmits work whose jobs were lost) share; it imports none of them.
-:class:`StoredRequest` answers what the database says about a request and its jobs.
+:class:`StoredRequest` answers what the database says about a request and its jobs;
+:class:`RequestJobs` adds the config, scheduler and server that submit and reach them.
 """
 
 from __future__ import annotations
@@ -73,8 +74,7 @@ class StoredRequest:
         return self.storage.latest_job(self.request_id)
 
     def job_name(self) -> str:
-        """The job name (``qsub -N``, ``sbatch --job-name``) of the request's jobs: its job
-        file's name.
+        """The name of the request's jobs (``qsub -N``, ``sbatch --job-name``): its job file's.
 
         That is Grid Engine's own default, so output files keep their usual names; given
         explicitly, it names jobs that a request submitted from another script too. Unique

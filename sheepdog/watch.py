@@ -51,7 +51,7 @@ SILENT_S = 30.0
 ERR_TAIL_LINES = 6
 
 
-class Every:
+class _Every:
     """Says when something is due: at most once every ``every_s`` seconds (for warnings)."""
 
     def __init__(self, every_s: float) -> None:
@@ -115,7 +115,7 @@ class Watcher:
         self._heard_from: str | None = None
         self._env_told = False  # whether the workers' module versions were looked at
         self._tunnel_down_told = False  # whether the tunnel's failure to start was said
-        self._waiting_warning = Every(60.0)  # a job that waits in the queue, said this often
+        self._waiting_warning = _Every(60.0)  # a job that waits in the queue, said this often
 
     @classmethod
     def for_request(
@@ -245,7 +245,8 @@ class Watcher:
     def finish(self, storage: Storage) -> Deletion | None:
         """Delete the finished request's jobs still on the cluster; say what went.
 
-        See :func:`sheepdog._submit.delete_leftovers`; None when the request never had a job.
+        See :meth:`sheepdog._submit.StoredRequest.delete_leftovers`; None when the request
+        never had a job.
         """
         self._check_environment(storage)  # a short map may end before the first check
         return _submit.StoredRequest(storage, self.request_id).delete_leftovers(self.scheduler)

@@ -14,7 +14,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
@@ -102,7 +102,7 @@ class JobRecord:
     #: ``submitted``, or ``error`` once the watcher deleted it in an error state.
     state: str
     #: The stored facts as they are, for writing them back changed (``set_job_state``).
-    info: Mapping[str, Any]
+    info: Mapping[str, Any] = field(hash=False)
     #: The server URL in the job file, which its workers call back to.
     url: str | None = None
     #: That server's port, and the address it listened on (``sheepdog serve`` restarts it).

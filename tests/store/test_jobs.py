@@ -101,6 +101,7 @@ def test_the_latest_job_is_the_last_of_get_jobs(db: Storage) -> None:
     latest = db.latest_job(rid)
     assert latest == db.get_jobs(rid)[-1]
     assert latest is not None and latest.job_id == "99" and latest.part == 1
+    assert len({latest, db.get_jobs(rid)[-1]}) == 1  # frozen: a record is a value
     with pytest.raises(UnknownRequestError):
         db.latest_job(99)
 

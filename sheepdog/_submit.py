@@ -2,15 +2,19 @@
 
 What :class:`~sheepdog.session.Session` (map, rerun, cancel), the Executor and the Watcher
 (which resubmits work whose jobs were lost) share; it imports none of them.
+:class:`StoredRequest` answers what the database says about a request and its jobs;
+:class:`RequestJobs` adds the config, scheduler and server that submit and reach them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from . import tunnel
+from ._connect import ConnectMode
 from ._net import host_port, loopback_for
 from ._progress import finished_by_workers
 from .config import Config
@@ -28,30 +32,152 @@ from .job_file import (
 from .scheduler import SCHEDULERS, Deletion, Scheduler, open_scheduler, scheduler_class
 from .server import Server, get_server, listen_address, registry
 from .server.tls import certificate_for, fingerprint_sha256
-from .store import Storage
+from .store import JobRecord, Storage
 
 __all__ = [
+    "RequestJobs",
+    "StoredRequest",
     "array_size",
     "batch_size",
-    "delete_jobs",
-    "delete_leftovers",
     "ensure_tunnel",
-    "job_name",
     "job_sizes",
-    "own_server",
     "publish_address",
     "request_settings",
     "server_for",
     "server_key",
     "server_options",
-    "stored_config",
-    "stored_scheduler",
     "submit_request",
-    "uses_tunnel",
     "worker_address",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoredRequest:
+    """A request in a database, as any process finds it: its jobs' name, config and jobs.
+
+    What a process that did not submit the request (``attach``, ``sheepdog serve``, a
+    later wait, the CLI) learns from the database alone, and what it does with the
+    jobs recorded there.
+    """
+
+    storage: Storage
+    request_id: int
+
+    def jobs(self) -> list[JobRecord]:
+        """The request's recorded jobs, oldest first."""
+        return self.storage.get_jobs(self.request_id)
+
+    def latest_job(self) -> JobRecord | None:
+        """The request's latest recorded job, or None if it never had one."""
+        return self.storage.latest_job(self.request_id)
+
+    def job_name(self) -> str:
+        """The name of the request's jobs (``qsub -N``, ``sbatch --job-name``): its job file's.
+
+        That is Grid Engine's own default, so output files keep their usual names; given
+        explicitly, it names jobs that a request submitted from another script too. Unique
+        per request and database (see :func:`~sheepdog.job_file.job_stem`) and known before
+        qsub runs, so the jobs can be found and deleted even when qsub's answer (the job
+        id) never arrived.
+        """
+        return job_file_name(self.request_id, self.storage.get_secret(self.request_id))
+
+    def stored_config(self) -> Config | None:
+        """The config the request was submitted with (for its database), or None if not stored.
+
+        ``scheduler="auto"`` becomes the scheduler its jobs were submitted to, so a process
+        that watches or cancels them later need not ask the head node again.
+        """
+        storage = self.storage
+        mapping = storage.get_settings(self.request_id).get("config")
+        if not isinstance(mapping, dict):
+            return None
+        values = {**mapping, "dbfile": storage.dbfile}
+        if values.get("scheduler", "auto") == "auto":
+            latest = self.latest_job()
+            if latest is not None and latest.scheduler in SCHEDULERS:
+                values["scheduler"] = latest.scheduler
+        return Config.from_mapping(values)
+
+    def stored_scheduler(self) -> tuple[Config, Scheduler] | None:
+        """The request's stored config and a scheduler opened from it; None if none is stored.
+
+        For a process that did not submit the request (``sheepdog serve``, a later
+        wait, a tunnel kept up): the scheduler connects on first use, and the caller
+        closes it.
+        """
+        config = self.stored_config()
+        return None if config is None else (config, open_scheduler(config))
+
+    def uses_tunnel(self) -> bool:
+        """Whether the request's latest jobs reach their server through the tunnel."""
+        latest = self.latest_job()
+        return latest is not None and latest.connect is ConnectMode.TUNNEL
+
+    def own_server(self) -> Server | None:
+        """This process's running server for the request's latest job, if it has one."""
+        latest = self.latest_job()
+        port = None if latest is None else latest.port
+        return next(
+            (s for s in registry.servers(self.storage.dbfile) if s.alive and s.port == port),
+            None,
+        )
+
+    def delete_jobs(self, scheduler: Scheduler) -> Deletion:
+        """Delete the request's jobs, by the ids recorded and by its job name; say what went.
+
+        Jobs that already ended are fine. The name finds a job whose id was never
+        recorded (qsub's answer lost to Ctrl-C or a dropped connection).
+        """
+        return scheduler.delete([job.job_id for job in self.jobs()] + [self.job_name()])
+
+    def delete_leftovers(self, scheduler: Scheduler) -> Deletion | None:
+        """Delete a finished request's jobs still on the cluster; say what went.
+
+        Array tasks still queued or starting would find nothing to do, and once the
+        server is gone each would hold its slot for the workers' retry time
+        (``worker_retry_s``) first. A deletion that fails is logged as a warning.
+        None when the request never had a job (every task from the cache).
+        """
+        if self.latest_job() is None:
+            return None
+        deletion = self.delete_jobs(scheduler)
+        if deletion.error is not None:
+            logger.warning("request %d is finished, but %s", self.request_id,
+                           deletion.describe())
+        return deletion
+
+@dataclass(frozen=True)
+class RequestJobs:
+    """A stored request with what submits its jobs and reaches them: config, scheduler, server.
+
+    The values that travel together through submitting (:func:`submit_request`),
+    publishing the workers' address and keeping their tunnel up (:func:`ensure_tunnel`).
+    """
+
+    request: StoredRequest
+    #: The config its jobs are submitted with (the one stored with it, for a later process).
+    config: Config
+    scheduler: Scheduler
+    #: The server its workers call back to; None: the config's (:func:`server_for`).
+    server: Server | None = None
+
+    @property
+    def storage(self) -> Storage:
+        """The request's database."""
+        return self.request.storage
+
+    @property
+    def request_id(self) -> int:
+        """The request's id in its database."""
+        return self.request.request_id
+
+    def running_server(self) -> Server:
+        """:attr:`server`, or the config's (started if need be)."""
+        return self.server if self.server is not None else server_for(self.config)
+
 
 def array_size(config: Config, n_tasks: int) -> int:
     """How many array tasks to submit for ``n_tasks`` tasks, over one or several jobs.
@@ -104,46 +230,6 @@ def request_settings(config: Config, n_tasks: int) -> dict[str, Any]:
     }
 
 
-def job_name(storage: Storage, request_id: int) -> str:
-    """The job name (``qsub -N``, ``sbatch --job-name``) of the request's jobs: its job file's name.
-
-    That is Grid Engine's own default, so output files keep their usual names; given
-    explicitly, it names jobs that a request submitted from another script too. Unique per
-    request and database (see :func:`~sheepdog.job_file.job_stem`) and known before qsub
-    runs, so the jobs can be found and deleted even when qsub's answer (the job id) never
-    arrived.
-    """
-    return job_file_name(request_id, storage.get_secret(request_id))
-
-
-def stored_config(storage: Storage, request_id: int) -> Config | None:
-    """The config the request was submitted with (for its database), or None if not stored.
-
-    ``scheduler="auto"`` becomes the scheduler its jobs were submitted to, so a process that
-    watches or cancels them later need not ask the head node again.
-    """
-    mapping = storage.get_settings(request_id).get("config")
-    if not isinstance(mapping, dict):
-        return None
-    values = {**mapping, "dbfile": storage.dbfile}
-    if values.get("scheduler", "auto") == "auto":
-        used = [job["info"].get("scheduler") for job in storage.get_jobs(request_id)]
-        if used and used[-1] in SCHEDULERS:
-            values["scheduler"] = used[-1]
-    return Config.from_mapping(values)
-
-
-def stored_scheduler(storage: Storage, request_id: int) -> tuple[Config, Scheduler] | None:
-    """The request's stored config and a scheduler opened from it; None if none is stored.
-
-    For a process that did not submit the request (``sheepdog serve``, a later
-    wait, a tunnel kept up): the scheduler connects on first use, and the caller
-    closes it.
-    """
-    config = stored_config(storage, request_id)
-    return None if config is None else (config, open_scheduler(config))
-
-
 def server_options(config: Config, host: str | None = None) -> dict[str, Any]:
     """How the config's server listens: on ``host`` (default: where the config says), with
     its certificate under ``tls``."""
@@ -186,16 +272,12 @@ def server_for(config: Config) -> Server:
 
 
 def submit_request(
-    storage: Storage,
-    config: Config,
-    request_id: int,
-    scheduler: Scheduler,
+    jobs: RequestJobs,
     *,
     n_workers: int,
     why: str | None = None,
     continues: bool = False,
     jobdir: str | None = None,
-    server: Server | None = None,
 ) -> str:
     """Render, copy and submit the job file for a stored request; record and return the job ids.
 
@@ -205,11 +287,12 @@ def submit_request(
     the last jobs left open after making progress (workers that stopped before their
     run-time limit), which does not count against ``retries``. A
     :class:`~sheepdog.session.Session` passes the ``jobdir`` it resolved (the absolute
-    ``ssh_dir``) and its ``server``, so that a map asks for each once.
+    ``ssh_dir``) and its server, so that a map asks for each once.
     """
+    storage, config, request_id, scheduler = (
+        jobs.storage, jobs.config, jobs.request_id, jobs.scheduler)
     sizes = job_sizes(n_workers, scheduler.array_limits().per_job)
-    if server is None:
-        server = server_for(config)
+    server = jobs.running_server()
     mode = tunnel.choose_mode(config.connect, scheduler.host, config.localhost, _port(server))
     host, port = worker_address(config, scheduler, server, mode, tasks=n_workers)
     url = server.url_for(host).rsplit(":", 1)[0] + f":{port}/"
@@ -223,7 +306,8 @@ def submit_request(
     # The job file names the key file beside it; the secret itself never goes into a job
     # script, which Grid Engine copies world-readable onto the execution nodes.
     jobdir = (jobdir or scheduler.host.absolute(config.ssh_dir)).rstrip("/") + "/"
-    key_name, name = key_file_name(request_id, secret), job_name(storage, request_id)
+    key_name = key_file_name(request_id, secret)
+    name = jobs.request.job_name()
     # Workers that cannot reach the server for worker_retry_s spool their results beside
     # the job file (see sheepdog/spool.py).
     client_options = {"retry_s": float(config.worker_retry_s),
@@ -289,7 +373,7 @@ def _port(server: Server) -> int:
 
 
 def worker_address(
-    config: Config, scheduler: Scheduler, server: Server, mode: str, *, tasks: int = 0
+    config: Config, scheduler: Scheduler, server: Server, mode: ConnectMode, *, tasks: int = 0
 ) -> tuple[str, int]:
     """Where workers reach ``server`` in ``mode``: ``localhost``:port, or the tunnel's relay.
 
@@ -302,30 +386,20 @@ def worker_address(
     )
 
 
-def publish_address(
-    storage: Storage, config: Config, request_id: int, scheduler: Scheduler, server: Server,
-    mode: str,
-) -> tuple[str, int]:
+def publish_address(jobs: RequestJobs, mode: ConnectMode) -> tuple[str, int]:
     """Write where workers reach the server now (``mode``) into the request's address file.
 
     Workers read it at every reconnection, so moving to the tunnel, or a relay started
     again on another port, costs them one retry. Returns the address written.
     """
-    host, port = worker_address(config, scheduler, server, mode)
-    name = address_file_name(request_id, storage.get_secret(request_id))
+    config, scheduler = jobs.config, jobs.scheduler
+    host, port = worker_address(config, scheduler, jobs.running_server(), mode)
+    name = address_file_name(jobs.request_id, jobs.storage.get_secret(jobs.request_id))
     scheduler.host.put(config.ssh_dir, [(name, _address_line(host, port), ADDRESS_FILE_MODE)])
     return host, port
 
 
-def uses_tunnel(storage: Storage, request_id: int) -> bool:
-    """Whether the request's latest jobs reach their server through the tunnel."""
-    jobs = storage.get_jobs(request_id)
-    return bool(jobs) and jobs[-1]["info"].get("connect") == "tunnel"
-
-
-def ensure_tunnel(
-    storage: Storage, config: Config, request_id: int, scheduler: Scheduler, server: Server
-) -> tuple[str, int] | None:
+def ensure_tunnel(jobs: RequestJobs) -> tuple[str, int] | None:
     """Start the tunnel to ``server`` if it is down, and publish the relay's address.
 
     For a request whose workers go through the tunnel and whose tunnel went with an SSH
@@ -333,40 +407,6 @@ def ensure_tunnel(
     Workers read the address file at their next retry. Returns the address published,
     or None when the tunnel was up. Raises SSHError when it cannot start.
     """
-    if tunnel.is_up(scheduler.host, _port(server)):
+    if tunnel.is_up(jobs.scheduler.host, _port(jobs.running_server())):
         return None
-    return publish_address(storage, config, request_id, scheduler, server, "tunnel")
-
-
-def own_server(storage: Storage, request_id: int) -> Server | None:
-    """This process's running server for the request's latest job, if it has one."""
-    jobs = storage.get_jobs(request_id)
-    port = jobs[-1]["info"].get("port") if jobs else None
-    return next((s for s in registry.servers(storage.dbfile) if s.alive and s.port == port), None)
-
-
-def delete_jobs(scheduler: Scheduler, storage: Storage, request_id: int) -> Deletion:
-    """Delete the request's jobs, by the ids recorded and by its job name; say what went.
-
-    Jobs that already ended are fine. The name finds a job whose id was never
-    recorded (qsub's answer lost to Ctrl-C or a dropped connection).
-    """
-    targets = [str(job["job_id"]) for job in storage.get_jobs(request_id)]
-    targets.append(job_name(storage, request_id))
-    return scheduler.delete(targets)
-
-
-def delete_leftovers(scheduler: Scheduler, storage: Storage, request_id: int) -> Deletion | None:
-    """Delete a finished request's jobs still on the cluster; say what went.
-
-    Array tasks still queued or starting would find nothing to do, and once the
-    server is gone each would hold its slot for the workers' retry time
-    (``worker_retry_s``) first. A deletion that fails is logged as a warning.
-    None when the request never had a job (every task from the cache).
-    """
-    if not storage.get_jobs(request_id):
-        return None
-    deletion = delete_jobs(scheduler, storage, request_id)
-    if deletion.error is not None:
-        logger.warning("request %d is finished, but %s", request_id, deletion.describe())
-    return deletion
+    return publish_address(jobs, ConnectMode.TUNNEL)

@@ -32,14 +32,7 @@ from urllib.parse import urlsplit
 from . import serialisation
 from ._hints import sheepdog_command
 from ._progress import TASK_STATE_WORDS, format_counts, request_state, started
-from ._submit import (
-    array_size,
-    batch_size,
-    delete_leftovers,
-    job_name,
-    stored_config,
-    stored_scheduler,
-)
+from ._submit import StoredRequest, array_size, batch_size
 from ._version import __version__
 from .api import (
     RERUN_DEFAULT,
@@ -244,10 +237,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from_cache = f" ({cached} from the cache)" if cached else ""
     print(f"request {args.id}: {state}, {format_counts(counts, total)}{from_cache}")
     for job in jobs:
-        port = job["info"].get("port")
-        where = f", server port {port}" if port else ""
-        print(f"  job {job['job_id']}: {job['array_size']} array tasks, submitted "
-              f"{_ago(job['submitted'])}{where}")
+        where = f", server port {job.port}" if job.port else ""
+        print(f"  job {job.job_id}: {job.array_size} array tasks, submitted "
+              f"{_ago(job.submitted)}{where}")
     if note is not None:
         print(note, file=sys.stderr)
     return 0
@@ -341,18 +333,19 @@ def _running_output(storage: Storage, request_id: int, task: dict[str, Any]) -> 
                            f"{host}; its array task's output so far (the worker's, of every "
                            "task it ran):", COLUMNS)]
     array_index = worker.rsplit(":", 1)[-1]
+    request = StoredRequest(storage, request_id)
     try:
-        stored = stored_scheduler(storage, request_id) if array_index.isdigit() else None
+        stored = request.stored_scheduler() if array_index.isdigit() else None
         if stored is None:
             return lines + ["(no stored config: its output files cannot be found)"]
         config, opened = stored
-        name = job_name(storage, request_id)
+        name = request.job_name()
         with opened as scheduler:
             jobdir = scheduler.host.absolute(config.ssh_dir).rstrip("/")
-            for job in reversed(storage.get_jobs(request_id)):
+            for job in reversed(request.jobs()):
                 found = []
                 for kind in ("o", "e"):
-                    path = f"{jobdir}/{name}.{kind}{job['job_id']}.{array_index}"
+                    path = f"{jobdir}/{name}.{kind}{job.job_id}.{array_index}"
                     try:
                         data = scheduler.host.read_bytes(path)[-RUNNING_OUTPUT_BYTES:]
                     except (OSError, SheepdogError):
@@ -389,7 +382,7 @@ def _leftover_files(storage: Storage, request_id: int, names: list[str]) -> list
     """The names (of those in its job directory) of a request's files: its job file, key,
     address, array task output (.o/.e), spool, and local jobs' state files."""
     stem = job_stem(request_id, storage.get_secret(request_id)) + "."
-    states = {f".local-job-{job['job_id']}.json" for job in storage.get_jobs(request_id)}
+    states = {f".local-job-{job.job_id}.json" for job in storage.get_jobs(request_id)}
     return sorted(name for name in names if name.startswith(stem) or name in states)
 
 
@@ -400,7 +393,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
         # One look per job directory: requests may have been submitted to several.
         by_place: dict[tuple[str, str, str], tuple[Config, list[int]]] = {}
         for rid in finished:
-            config = stored_config(storage, rid)
+            config = StoredRequest(storage, rid).stored_config()
             if config is not None:
                 key = (config.scheduler, config.host, config.ssh_dir)
                 by_place.setdefault(key, (config, []))[1].append(rid)
@@ -447,7 +440,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def _request_config(args: argparse.Namespace) -> Config:
     """The config of request ``args.id``: ``--config`` if given, else the one stored with it."""
     with _open_db(args.dbfile) as storage:
-        config = stored_config(storage, args.id)
+        config = StoredRequest(storage, args.id).stored_config()
         storage.count_tasks(args.id)  # an unknown id fails here, naming the database
     if args.config is not None:
         config = as_config(args.config).replace(dbfile=args.dbfile)
@@ -535,15 +528,14 @@ def _ports_to_serve(
             continue
         if row["state"] != "open" or not storage.open_task_indices(rid):
             continue
-        jobs = storage.get_jobs(rid)
-        if not jobs or "port" not in jobs[-1]["info"]:
+        latest = storage.latest_job(rid)
+        if latest is None or latest.port is None:
             logger.warning("request %d has no recorded server port; it is not served", rid)
             continue
-        info = jobs[-1]["info"]
-        url = urlsplit(str(info.get("url", "http://x/")))
+        url = urlsplit(latest.url or "http://x/")
         # Where the request's server listened; older records: where its URL's name resolves.
-        address = info.get("listen_address") or listen_address(url.hostname or "localhost")
-        ports.setdefault(int(info["port"]), (url.scheme, str(address), []))[2].append(rid)
+        address = latest.listen_address or listen_address(url.hostname or "localhost")
+        ports.setdefault(latest.port, (url.scheme, address, []))[2].append(rid)
     return ports
 
 
@@ -614,14 +606,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _delete_leftovers(storage: Storage, request_id: int) -> None:
     """Delete the array tasks still queued for a finished request; they would wait on us."""
+    request = StoredRequest(storage, request_id)
     try:
-        found = stored_scheduler(storage, request_id)
+        found = request.stored_scheduler()
         if found is None:
             print(f"request {request_id} is finished; it has no stored config, so its "
                   "leftover array tasks (if any) were not deleted", flush=True)
             return
         with found[1] as scheduler:
-            deletion = delete_leftovers(scheduler, storage, request_id)
+            deletion = request.delete_leftovers(scheduler)
     except SheepdogError as exc:
         print(f"request {request_id} is finished; could not delete its leftover array "
               f"tasks: {exc}", flush=True)

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import tunnel
+from ._connect import ConnectMode
 from ._environment import compare, payload_modules
 from ._net import host_port
 from ._poll import poll_until
@@ -480,7 +481,8 @@ class _Doctor:
         """The relay's address on the head node, or None and why it did not start."""
         assert self.scheduler is not None and self.server is not None
         try:
-            return worker_address(self.config, self.scheduler, self.server, "tunnel"), ""
+            return worker_address(self.config, self.scheduler, self.server,
+                                  ConnectMode.TUNNEL), ""
         except SheepdogError as exc:
             return None, str(exc)
 
@@ -650,30 +652,32 @@ class _Doctor:
         cfg = self.config
         assert self.server is not None and self.scheduler is not None
         reach = found.get("reach") or {}
+        connect = ConnectMode(cfg.connect)
         node = found.get("node") or "the execution node"
         direct = bool(reach.get("direct", {}).get("ok"))
         tunneled = bool(reach.get("tunnel", {}).get("ok"))
-        self.add("direct", OK if direct else (FAIL if cfg.connect == "direct" else WARN),
+        self.add("direct", OK if direct else (FAIL if connect is ConnectMode.DIRECT else WARN),
                  f"{node}: {reach.get('direct', {}).get('said', 'not tried')}",
                  "" if direct else "use connect='tunnel' (or 'auto') from here"
-                 if cfg.connect == "direct" else "")
+                 if connect is ConnectMode.DIRECT else "")
         if relay is None:
-            self.add("tunnel", FAIL if cfg.connect == "tunnel" else WARN,
+            self.add("tunnel", FAIL if connect is ConnectMode.TUNNEL else WARN,
                      f"the relay did not start: {relay_error}")
         else:
-            self.add("tunnel", OK if tunneled else (FAIL if cfg.connect == "tunnel" else WARN),
+            missing = FAIL if connect is ConnectMode.TUNNEL else WARN
+            self.add("tunnel", OK if tunneled else missing,
                      f"{node}, through the relay on {relay[0]}:{relay[1]}: "
                      f"{reach.get('tunnel', {}).get('said', 'not tried')}",
                      "" if tunneled else "the execution nodes must reach the head node on "
                      "the relay's port (a firewall between them?); else use connect='direct' "
                      "from a machine they reach")
-        if cfg.connect == "auto":
+        if connect is ConnectMode.AUTO:
             port, head = self.server.port, self.scheduler.host
             assert port is not None and isinstance(head, Remote)
             where = host_port(cfg.localhost, port)
             probe = tunnel.probe_from_head(head, cfg.localhost, port)
             mode, why = tunnel.auto_choice(probe, cfg.host, where)
-            if mode == "tunnel":
+            if mode == ConnectMode.TUNNEL:
                 self.add("connect", OK if tunneled else FAIL, f"'auto' picks {why}",
                          "" if tunneled else "see the tunnel check above")
             elif direct:
@@ -687,9 +691,9 @@ class _Doctor:
                          "reach you neither directly nor through the tunnel",
                          "see the direct and tunnel checks above")
         else:
-            works = direct if cfg.connect == "direct" else tunneled
-            other = "tunnel" if cfg.connect == "direct" else "direct"
-            other_works = tunneled if cfg.connect == "direct" else direct
+            works = direct if connect is ConnectMode.DIRECT else tunneled
+            other = "tunnel" if connect is ConnectMode.DIRECT else "direct"
+            other_works = tunneled if connect is ConnectMode.DIRECT else direct
             self.add("connect", OK if works else FAIL,
                      f"connect={cfg.connect!r}: the workers {'reach' if works else 'cannot reach'}"
                      " you that way",

@@ -431,7 +431,7 @@ class Executor(concurrent.futures.Executor):
                     future.set_exception(exc)
             return
         logger.info("request %d: submitted %d calls", request_id, len(values))
-        watcher = Watcher(self.config, request_id, session.scheduler, server=session.server)
+        watcher = session.watcher(request_id)
         with self._cond:
             self._outstanding[request_id] = _Outstanding(
                 futures, watcher, unstarted=set(range(1, len(futures) + 1)))

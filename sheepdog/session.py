@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from . import _submit, serialisation, tunnel
 from ._hints import sheepdog_command
-from ._submit import array_size, job_name, request_settings, server_for
+from ._submit import StoredRequest, array_size, request_settings, server_for
 from .config import Config, ConfigLike, as_config
 from .errors import RemoteError, SheepdogError, TaskFailedError
 from .errors import TimeoutError as SheepdogTimeoutError
@@ -259,18 +259,18 @@ class Session:
         port is taken (another process serves it, or something else took it), or the
         config fixes a port, the config's server: jobs resubmitted from here call that one.
         """
-        storage, cfg = self.storage, self.config
-        own = _submit.own_server(storage, request_id)
+        cfg, request = self.config, self.request(request_id)
+        own = request.own_server()
         if own is not None:
             self._server = own
             return own
-        jobs = storage.get_jobs(request_id)
-        info = jobs[-1]["info"] if jobs else {}
-        port, address = info.get("port"), info.get("listen_address")
+        latest = request.latest_job()
+        port = None if latest is None else latest.port
+        address = None if latest is None else latest.listen_address
         if port and address and cfg.port is None:
-            options = _submit.server_options(cfg, host=str(address))
+            options = _submit.server_options(cfg, host=address)
             try:
-                server = Server(int(port), None, cfg.dbfile, **options)
+                server = Server(port, None, cfg.dbfile, **options)
             except SheepdogError as exc:
                 logger.warning(
                     "request %d: cannot serve again on port %s (%s); its running array tasks "
@@ -282,6 +282,10 @@ class Session:
                 self._server = server
                 return server
         return self.server
+
+    def request(self, request_id: int) -> StoredRequest:
+        """The stored request ``request_id`` in this session's database."""
+        return StoredRequest(self.storage, request_id)
 
     @property
     def jobdir(self) -> str:
@@ -380,7 +384,7 @@ class Session:
 
         Its scheduler, server and job directory follow; the config is returned.
         """
-        stored = _submit.stored_config(self.storage, request_id)
+        stored = self.request(request_id).stored_config()
         if stored is not None and stored != self._config:
             self._adopt(stored)
         return self.config
@@ -392,11 +396,10 @@ class Session:
         self._config, self._server, self._jobdir = config, None, None
 
     def _submit_stored(self, request_id: int, n_workers: int, **options: Any) -> str:
+        scheduler, jobdir = self.scheduler, self.jobdir  # the head node first, then the server
+        jobs = _submit.RequestJobs(self.request(request_id), self.config, scheduler, self.server)
         # Looked up on the module at each call: a test may stand in for it.
-        return _submit.submit_request(
-            self.storage, self.config, request_id, self.scheduler, n_workers=n_workers,
-            jobdir=self.jobdir, server=self.server, **options,
-        )
+        return _submit.submit_request(jobs, n_workers=n_workers, jobdir=jobdir, **options)
 
     def _submission_failed(
         self, scheduler: Scheduler, request_id: int, exc: BaseException
@@ -436,17 +439,16 @@ class Session:
 
     # -- watching -------------------------------------------------------------------
 
-    def watcher(
-        self, request_id: int, notify: Callable[[str], None] | None = None
-    ) -> Watcher | None:
-        """The watcher of a request this session submitted (None: no job, all from the cache).
+    def watcher(self, request_id: int, notify: Callable[[str], None] | None = None) -> Watcher:
+        """The watcher of a request this session submitted, or serves again (``attach``).
 
+        It keeps the session's server running, unless the request has no job (every
+        task from the cache): then there is no server to start, and nothing to act on.
         ``notify`` tells a person watching what they must know (no worker calls in).
         """
-        if not self.storage.get_jobs(request_id):
-            return None
-        return Watcher(self.config, request_id, self.scheduler, server=self.server,
-                       notify=notify)
+        request = self.request(request_id)
+        server = self.server if request.latest_job() is not None else None
+        return Watcher.for_request(request, self.config, self.scheduler, server, notify=notify)
 
     def watch(
         self,
@@ -490,11 +492,9 @@ class Session:
             return []
         request_id = self.submit(f, arg_list, ns, cache=cache, say=_say if verbose else _quiet)
         bound = timeout_s if timeout_s is not None else cfg.timeout_s
-        # Every task from the cache: no job, so no server to start or watch.
         watcher = self.watcher(request_id, notify=_say if verbose else None)
         try:
-            self.watch(request_id, timeout_s=bound, verbose=verbose,
-                       watcher=watcher or Watcher(cfg, request_id, self.scheduler))
+            self.watch(request_id, timeout_s=bound, verbose=verbose, watcher=watcher)
         except KeyboardInterrupt:
             line = f"request {request_id}: " + self.stop(request_id, "cancelled by Ctrl-C")
             print(f"sheepdog: interrupted: {line}", file=sys.stderr, flush=True)
@@ -529,9 +529,9 @@ class Session:
         reasons: list[str] = []
         for job in self.storage.get_jobs(request_id)[-3:]:
             try:
-                why = self.scheduler.accounting(str(job["job_id"]))
+                why = self.scheduler.accounting(job.job_id)
             except SheepdogError as exc:  # the accounting is a hint: never fail a map on it
-                logger.info("no accounting for job %s: %s", job["job_id"], exc)
+                logger.info("no accounting for job %s: %s", job.job_id, exc)
                 continue
             if why and why not in reasons:
                 reasons.append(why)
@@ -575,7 +575,7 @@ class Session:
         return self._delete(self.scheduler, request_id)
 
     def _delete(self, scheduler: Scheduler, request_id: int) -> Deletion:
-        return _submit.delete_jobs(scheduler, self.storage, request_id)
+        return self.request(request_id).delete_jobs(scheduler)
 
     def cancel(self, request_id: int, reason: str = "cancelled by sheepdog.cancel") -> Cancellation:
         """Mark the request's open tasks cancelled and delete its jobs; say what was done."""
@@ -590,7 +590,7 @@ class Session:
         """
         if not self.config.keep_jobs_on_interrupt:
             return self.cancel(request_id, reason).what()
-        job_ids = [str(job["job_id"]) for job in self.storage.get_jobs(request_id)]
+        job_ids = [job.job_id for job in self.storage.get_jobs(request_id)]
         serve = sheepdog_command("serve", dbfile=self.dbfile)
         cancel = sheepdog_command("cancel", request_id, "--config", "FILE", dbfile=self.dbfile)
         return (
@@ -602,4 +602,4 @@ class Session:
 
     def job_name(self, request_id: int) -> str:
         """The name of the request's jobs (known before they are submitted)."""
-        return job_name(self.storage, request_id)
+        return self.request(request_id).job_name()

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import paramiko
 
+from ._connect import ConnectMode
 from .errors import SSHError
 from .openssh import OpenSSHRemote, openssh_of, stop
 from .remote import Remote
@@ -551,24 +552,27 @@ def probe_from_head(remote: Remote, host: str, port: int) -> Probe:
     return Probe(None, f"the probe exited with {result.exit_status}: {said}")
 
 
-#: What ``auto`` chose, per SSH connection (held weakly) and server port: "direct" or "tunnel".
-_chosen: weakref.WeakKeyDictionary[Remote, dict[int, str]] = weakref.WeakKeyDictionary()
+#: What ``auto`` chose, per SSH connection (held weakly) and server port: direct or tunnel.
+_chosen: weakref.WeakKeyDictionary[Remote, dict[int, ConnectMode]] = weakref.WeakKeyDictionary()
 
 
-def auto_choice(probe: Probe, head: str, where: str) -> tuple[str, str]:
+def auto_choice(probe: Probe, head: str, where: str) -> tuple[ConnectMode, str]:
     """What ``auto`` picks after ``probe`` (from the head node ``head`` to the server at
     ``where``): ``"direct"`` or ``"tunnel"``, and why, as a clause ("the tunnel: ...")."""
     if probe.reachable is False:
-        return "tunnel", (f"the tunnel: the head node {head} cannot open the server's "
-                          f"address {where} ({probe.detail})")
+        return ConnectMode.TUNNEL, (f"the tunnel: the head node {head} cannot open the "
+                                    f"server's address {where} ({probe.detail})")
     then = "it moves to the tunnel if array tasks run but none calls in"
     if probe.reachable:
-        return "direct", f"direct: the head node {head} reaches the server at {where}; {then}"
-    return "direct", (f"direct: could not test from the head node {head} whether it reaches "
-                      f"{where} ({probe.detail}); {then}")
+        return ConnectMode.DIRECT, (f"direct: the head node {head} reaches the server at "
+                                    f"{where}; {then}")
+    return ConnectMode.DIRECT, (f"direct: could not test from the head node {head} whether it "
+                                f"reaches {where} ({probe.detail}); {then}")
 
 
-def choose_mode(connect: str, host: object, server_host: str, server_port: int) -> str:
+def choose_mode(
+    connect: str, host: object, server_host: str, server_port: int
+) -> ConnectMode:
     """``"direct"`` or ``"tunnel"`` for workers reaching ``server_host:server_port``.
 
     ``connect`` is the config's key; ``host`` the scheduler's host (a tunnel needs an SSH
@@ -576,9 +580,9 @@ def choose_mode(connect: str, host: object, server_host: str, server_port: int) 
     head node once per connection and server, and says in one log line what it chose and why.
     """
     if not isinstance(host, Remote):
-        return "direct"
-    if connect != "auto":
-        return connect
+        return ConnectMode.DIRECT
+    if connect != ConnectMode.AUTO:
+        return ConnectMode(connect)
     known = _chosen.get(host, {}).get(server_port)
     if known is not None:
         return known
@@ -624,11 +628,11 @@ def is_held(host: object) -> bool:
 def switch_to_tunnel(host: object, server_port: int) -> None:
     """From now on, ``auto`` uses the tunnel for this connection and server."""
     if isinstance(host, Remote):
-        _chosen.setdefault(host, {})[server_port] = "tunnel"
+        _chosen.setdefault(host, {})[server_port] = ConnectMode.TUNNEL
 
 
 def worker_address(
-    mode: str, host: object, server_port: int, target: Callable[[], tuple[str, int]],
+    mode: ConnectMode, host: object, server_port: int, target: Callable[[], tuple[str, int]],
     direct: tuple[str, int], *, relay_address: str | None = None,
     connections_per_task: int = 4, tasks: int = 0,
 ) -> tuple[str, int]:
@@ -636,7 +640,7 @@ def worker_address(
 
     ``tasks`` more array tasks will call through the relay (see :meth:`Tunnel.address`).
     """
-    if mode != "tunnel" or not isinstance(host, Remote):
+    if mode != ConnectMode.TUNNEL or not isinstance(host, Remote):
         return direct
     return tunnel_for(
         host, target, server_port, relay_address=relay_address,

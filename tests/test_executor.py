@@ -211,8 +211,8 @@ def test_futures_resolve_from_results_stored_by_another_thread(
     """Results written into SQLite by someone else (a server) resolve the futures."""
     submitted: list[int] = []
 
-    def fake_submit(storage: Storage, config: Any, request_id: int, deployer: Any, **_: Any) -> str:
-        submitted.append(request_id)
+    def fake_submit(jobs: sheepdog._submit.RequestJobs, **_: Any) -> str:
+        submitted.append(jobs.request_id)
         return "1"
 
     # The one submit path: the Session's (the Executor's) and the watcher's.

@@ -238,7 +238,7 @@ def test_the_023_restart_recipe_works_as_written(tmp_path: Path) -> None:
         dbfile = str(tmp_path / "sheepdog.sqlite")
         with Storage(dbfile) as storage:
             assert poll_until(lambda: bool(storage.get_jobs(rid)), timeout_s=WAIT_S)
-            port = storage.get_jobs(rid)[-1]["info"]["port"]
+            port = storage.get_jobs(rid)[-1].port
             submitter.send_signal(signal.SIGKILL)  # its server stops by itself
             submitter.wait(timeout=WAIT_S)
             assert poll_until(lambda: not answers(port), timeout_s=WAIT_S), "the server lives on"

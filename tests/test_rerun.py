@@ -145,8 +145,8 @@ def test_the_executor_reads_each_result_once(
         read["full_reads"] += 1
         raise AssertionError("the Executor must not re-read every task")
 
-    def fake_submit(storage: Storage, config: Any, request_id: int, deployer: Any, **_: Any) -> str:
-        submitted.append(request_id)
+    def fake_submit(jobs: sheepdog._submit.RequestJobs, **_: Any) -> str:
+        submitted.append(jobs.request_id)
         return "1"
 
     monkeypatch.setattr(Storage, "finished_since", counting_since)
@@ -250,7 +250,7 @@ def test_ctrl_c_during_rerun_wait_cancels_the_rerun(tmp_path: Path) -> None:
                               "deleted local job "), said
     with Storage(config["dbfile"]) as storage:
         assert storage.task_counts(rid)["cancelled"] == 3
-        job_ids = [str(job["job_id"]) for job in storage.get_jobs(rid)]
+        job_ids = [job.job_id for job in storage.get_jobs(rid)]
     # The rerun's array tasks are gone, not left sleeping on a server that has gone.
     with open_scheduler(Config.from_mapping(config)) as scheduler:
         assert scheduler.status(job_ids) == {}

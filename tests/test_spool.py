@@ -308,7 +308,7 @@ def test_the_laptop_sleeps_then_attach_brings_every_result_back(
     rid = sheepdog.map_async(slow_square, list(range(1, n + 1)), config)
     with Storage(config["dbfile"]) as storage:
         wait_for(lambda: storage.count_results(rid) >= 2, "the first results")
-        server = _submit.own_server(storage, rid)
+        server = _submit.StoredRequest(storage, rid).own_server()
         assert server is not None
         server.stop()  # the laptop sleeps: no server, no watcher
         procs = [p for job in jobs.job_ids for p in local_jobs._STARTED[job].procs]

@@ -59,11 +59,10 @@ def ssh(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         state["schedulers"].append(scheduler)
         return scheduler
 
-    def publish(storage: Storage, config: Config, rid: int, scheduler: Any, server: Any,
-                mode: str) -> tuple[str, int]:
+    def publish(jobs: _submit.RequestJobs, mode: str) -> tuple[str, int]:
         if state["fail"] is not None:
             raise state["fail"]
-        state["published"].append((rid, mode, server.port))
+        state["published"].append((jobs.request_id, mode, jobs.running_server().port))
         state["up"] = True
         return ("head", 40000 + len(state["published"]))
 
@@ -75,10 +74,13 @@ def ssh(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 def test_uses_tunnel_reads_the_latest_jobs(tmp_path: Path) -> None:
     with Storage(str(tmp_path / "s.sqlite")) as storage:
-        assert _submit.uses_tunnel(storage, _request(storage, "tunnel"))
-        assert not _submit.uses_tunnel(storage, _request(storage, "direct"))
+        def uses_tunnel(rid: int) -> bool:
+            return _submit.StoredRequest(storage, rid).uses_tunnel()
+
+        assert uses_tunnel(_request(storage, "tunnel"))
+        assert not uses_tunnel(_request(storage, "direct"))
         rid = storage.new_request(serialise_function(double), b"", serialise_args([1]))
-        assert not _submit.uses_tunnel(storage, rid)  # never submitted
+        assert not uses_tunnel(rid)  # never submitted
 
 
 def test_the_keeper_starts_a_tunnel_publishes_it_and_starts_it_again(

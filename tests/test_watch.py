@@ -29,7 +29,7 @@ from fake_clock import FakeClock
 
 import sheepdog._submit
 from sheepdog import cli
-from sheepdog._submit import job_name, request_settings, stored_config
+from sheepdog._submit import StoredRequest, request_settings
 from sheepdog.api import served
 from sheepdog.client import stub
 from sheepdog.config import Config
@@ -203,7 +203,7 @@ class World:
         return {k: v for k, v in self.storage.task_counts(self.rid).items() if v}
 
     def job_ids(self) -> list[str]:
-        return [str(job["job_id"]) for job in self.storage.get_jobs(self.rid)]
+        return [job.job_id for job in self.storage.get_jobs(self.rid)]
 
 
 @pytest.fixture(autouse=True)
@@ -252,7 +252,8 @@ def test_a_wait_that_sees_the_request_finish_deletes_its_jobs_left(tmp_path: Pat
         assert w.storage.store_result(w.rid, idx, b"r")
     counts = wait_for_request(w.config.dbfile, w.rid, watcher=w.watcher, storage=w.storage)
     assert counts["done"] == N_TASKS
-    assert w.scheduler.asked("delete") == [("delete", ["41", job_name(w.storage, w.rid)])]
+    name = StoredRequest(w.storage, w.rid).job_name()
+    assert w.scheduler.asked("delete") == [("delete", ["41", name])]
 
 
 def test_a_wait_on_a_request_without_jobs_deletes_nothing(tmp_path: Path) -> None:
@@ -289,11 +290,11 @@ def test_a_job_gone_with_work_open_is_resubmitted_with_the_accounting_reason(
     assert w.scheduler.submitted == [("50", N_TASKS)]
     assert w.counts() == {"pending": N_TASKS}, "leases of a gone job are given back"
     new = w.storage.get_jobs(w.rid)[-1]
-    assert new["job_id"] == "50"
-    assert new["info"]["why"] == (
+    assert new.job_id == "50"
+    assert new.why == (
         "job 41 left the queue (the array task died with signal SIGKILL)"
     )
-    assert new["info"]["continues"] is False
+    assert new.continues is False
     assert w.scheduler.host.files, "the job file was put on the host"  # type: ignore[attr-defined]
     assert w.watcher.interval_s == 2.0, "the new job is checked soon"
 
@@ -341,7 +342,7 @@ def test_a_gone_job_that_made_progress_is_continued_without_using_a_retry(
     w.scheduler.listing = {}
     w.check()
     assert w.scheduler.submitted == [("50", 2)], "two tasks left: two array tasks"
-    assert w.storage.get_jobs(w.rid)[-1]["info"]["continues"] is True
+    assert w.storage.get_jobs(w.rid)[-1].continues is True
     assert w.counts() == {"done": 1, "pending": 2}
 
 
@@ -377,8 +378,8 @@ def test_one_job_in_error_is_deleted_with_its_reason_and_the_others_go_on(
         ("error_reasons", "42"), ("delete", ["42"])
     ]
     job42 = w.storage.get_jobs(w.rid)[-1]
-    assert job42["state"] == "error"
-    assert job42["info"] == {
+    assert job42.state == "error"
+    assert job42.info == {
         "part": 1, "reason": "Fake job 42 is in an error state: can't chdir to /nowhere"
     }
     assert w.counts() == {"leased": 2, "pending": 1}, "its work is not failed"
@@ -408,7 +409,7 @@ def test_the_last_job_in_error_is_resubmitted_while_retries_remain(tmp_path: Pat
     w.scheduler.reasons = {"41": ["no such file: /shared/venv/bin/python"]}
     w.check()
     assert w.scheduler.submitted == [("50", N_TASKS)]
-    why = w.storage.get_jobs(w.rid)[-1]["info"]["why"]
+    why = w.storage.get_jobs(w.rid)[-1].why
     assert why == "Fake job 41 is in an error state: no such file: /shared/venv/bin/python"
     assert w.counts() == {"pending": N_TASKS}
 
@@ -438,7 +439,7 @@ def test_stalled_pending_work_gets_fresh_array_tasks_after_stall_s(tmp_path: Pat
     w.clock.advance(w.watcher.stall_s)
     w.check()
     assert w.scheduler.submitted == [("50", N_TASKS)]
-    why = w.storage.get_jobs(w.rid)[-1]["info"]["why"]
+    why = w.storage.get_jobs(w.rid)[-1].why
     assert why.startswith(f"no worker has leased its {N_TASKS} pending tasks for ")
     assert w.scheduler.asked("delete", "accounting") == [], "the listed job is left alone"
     assert w.storage.get_task_errors(w.rid) == []
@@ -688,9 +689,9 @@ def test_one_job_in_eqw_is_deleted_alone(setup: Any) -> None:
     assert not any(c.startswith("qdel") and "41" in c for c in head.commands)
     counts = storage.task_counts(rid)
     assert counts["leased"] == 2 and counts["pending"] == 1 and counts["error"] == 0
-    (job,) = [j for j in storage.get_jobs(rid) if j["job_id"] == "42"]
-    assert job["state"] == "error"
-    assert "can't chdir to /nowhere" in job["info"]["reason"]
+    (job,) = [j for j in storage.get_jobs(rid) if j.job_id == "42"]
+    assert job.state == "error"
+    assert "can't chdir to /nowhere" in (job.reason or "")
 
 
 def test_the_last_job_in_eqw_fails_the_work_with_its_reason(setup: Any) -> None:
@@ -790,7 +791,7 @@ def test_a_rerun_gets_its_own_resubmissions(
     storage.add_job(rid, "43", 3)  # the rerun's job, which then leaves the queue
     resubmitted: list[int] = []
     monkeypatch.setattr(sheepdog._submit, "submit_request",
-                        lambda storage, config, rid, deployer, **_: resubmitted.append(rid))
+                        lambda jobs, **_: resubmitted.append(jobs.request_id))
     head = FakeHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
     Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
     assert resubmitted == [rid]
@@ -857,8 +858,9 @@ def test_waiting_on_a_missing_database_does_not_create_it(tmp_path: Path) -> Non
 
 def test_the_request_stores_its_config_without_secrets(setup: Any) -> None:
     storage, config, rid = setup
-    assert stored_config(storage, rid) == config
-    name = job_name(storage, rid)
+    request = StoredRequest(storage, rid)
+    assert request.stored_config() == config
+    name = request.job_name()
     assert name.startswith(f"sheepdog_{rid:03d}_") and name.endswith(".py")
     assert storage.get_secret(rid) not in str(storage.get_settings(rid))
 

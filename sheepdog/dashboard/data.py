@@ -18,7 +18,7 @@ from typing import Any
 from .._hints import sheepdog_command
 from .._progress import TASK_STATE_WORDS, request_state
 from ..errors import UnknownRequestError
-from ..store import Storage
+from ..store import JobRecord, Storage
 from ..store.queue import LOST_KINDS, RERUN_CHOICES
 
 __all__ = [
@@ -79,11 +79,11 @@ def _function(settings: dict[str, Any], label: str | None) -> str:
     return str(settings.get("function") or label or "-")
 
 
-def _scheduler(settings: dict[str, Any], jobs: list[dict[str, Any]]) -> str:
+def _scheduler(settings: dict[str, Any], jobs: list[JobRecord]) -> str:
     """The scheduler its jobs went to; else the one its config named."""
-    used = [job["info"].get("scheduler") for job in jobs if job["info"].get("scheduler")]
+    used = [job.scheduler for job in jobs if job.scheduler]
     if used:
-        return str(used[-1])
+        return used[-1]
     config = settings.get("config")
     return str(config.get("scheduler", "-")) if isinstance(config, dict) else "-"
 

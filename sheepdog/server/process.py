@@ -161,9 +161,9 @@ def resume_port(storage: Storage) -> int | None:
     for row in reversed(storage.list_requests()):
         if row["state"] != "open" or not storage.open_task_indices(row["id"]):
             continue
-        jobs = storage.get_jobs(row["id"])
-        if jobs and "port" in jobs[-1]["info"]:
-            return int(jobs[-1]["info"]["port"])
+        latest = storage.latest_job(row["id"])
+        if latest is not None and latest.port is not None:
+            return latest.port
     return None
 
 

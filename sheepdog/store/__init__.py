@@ -13,7 +13,7 @@ from __future__ import annotations
 from .compat import Storage
 from .db import DB_FILE_MODE, DEFAULT_DBFILE, DEFAULT_SETTINGS, OPEN_STATES, SCHEMA_VERSION
 from .queue import RERUN_CHOICES, Lease, NonceReusedError
-from .records import CallAuth, content_digest
+from .records import CallAuth, JobRecord, content_digest
 
 __all__ = [
     "DB_FILE_MODE",
@@ -23,6 +23,7 @@ __all__ = [
     "RERUN_CHOICES",
     "SCHEMA_VERSION",
     "CallAuth",
+    "JobRecord",
     "Lease",
     "NonceReusedError",
     "Storage",

@@ -286,7 +286,7 @@ def delete_test_jobs(cluster: dict[str, Any], dbfile: str) -> None:
     if not os.path.isfile(dbfile):
         return
     with Storage(dbfile) as storage:
-        job_ids = [str(job["job_id"]) for request in storage.list_requests()
+        job_ids = [job.job_id for request in storage.list_requests()
                    for job in storage.get_jobs(request["id"])]
     if job_ids:
         with open_cluster_scheduler(cluster) as scheduler:

@@ -332,7 +332,7 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
             elif command.startswith("sheepdog serve --request"):
                 rid = submit_and_leave(1.0)
                 with Storage(str(db)) as storage:
-                    port = storage.get_jobs(rid)[-1]["info"]["port"]
+                    port = storage.get_jobs(rid)[-1].port
                 argv[argv.index("--request") + 1] = str(rid)
                 argv[argv.index("--port") + 1] = str(port)
             elif command.startswith("sheepdog serve"):

@@ -261,7 +261,7 @@ def test_ctrl_c_cancels_the_jobs(config: dict[str, Any], tmp_path: Path) -> None
     request_id = _last_request(config)
     with sheepdog.Storage(config["dbfile"]) as storage:
         counts = storage.task_counts(request_id)
-        job_ids = [job["job_id"] for job in storage.get_jobs(request_id)]
+        job_ids = [job.job_id for job in storage.get_jobs(request_id)]
     assert counts.get("cancelled", 0) == 4, counts
     errors = sheepdog.get_errors(request_id, config["dbfile"])
     assert all(error.kind == "cancelled" for _arg, error in errors)

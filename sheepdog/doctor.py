@@ -52,6 +52,7 @@ from .config import Config, ConfigLike, as_config
 from .errors import ConfigError, SheepdogError
 from .job_file import JOB_FILE_MODE, job_head
 from .openssh import OpenSSHRemote, openssh_of, takes_over
+from .programs import program_source
 from .remote import Login, Remote
 from .scheduler import Scheduler, check_options, open_remote, open_scheduler
 from .scheduler.auto import offered
@@ -76,57 +77,9 @@ _LABEL_COLUMNS = 15
 
 OK, WARN, FAIL, SKIPPED = "ok", "warn", "FAIL", "skip"
 
-#: What the probe job runs on an execution node, under the workers' Python: it prints
-#: nothing, but writes one JSON file. Python 2 must parse it too, so that a Python that
-#: is too old is reported rather than a SyntaxError.
-PROBE_SOURCE = r'''
-import importlib, json, os, platform, socket, sys
-
-
-def reach(address, timeout):
-    host, port = address.rsplit(":", 1)
-    host = host.strip("[]")
-    try:
-        conn = socket.create_connection((host, int(port)), timeout)
-    except Exception as e:
-        return {"ok": False, "said": "cannot connect to %s: %s: %s" % (
-            address, type(e).__name__, e)}
-    try:
-        conn.settimeout(timeout)
-        conn.sendall(("GET /api/v1/health HTTP/1.0\r\nHost: %s\r\n\r\n" % host).encode("ascii"))
-        data = b""
-        while len(data) < 65536:
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except Exception as e:
-        return {"ok": False, "said": "connected to %s, but no answer: %s: %s" % (
-            address, type(e).__name__, e)}
-    finally:
-        conn.close()
-    status = data.split(b"\r\n", 1)[0].decode("latin-1")
-    if " 200 " not in status + " " or b'"ok"' not in data:
-        return {"ok": False, "said": "%s answered, but not as sheepdog's server: %r" % (
-            address, status[:100])}
-    return {"ok": True, "said": "%s answered" % address}
-
-
-def probe(out_path, targets, timeout, modules=()):
-    found = {
-        "modules": dict((name, module_version(name)) for name in modules),
-        "python": platform.python_version(),
-        "version": list(sys.version_info[:3]),
-        "implementation": platform.python_implementation().lower(),
-        "executable": sys.executable,
-        "node": socket.gethostname(),
-        "reach": dict((name, reach(address, timeout)) for name, address in targets),
-    }
-    tmp = out_path + ".part"
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(found))
-    os.rename(tmp, out_path)
-'''
+#: What the probe job runs on an execution node, under the workers' Python: the text of
+#: :mod:`sheepdog.programs.node_probe`, which says what it does.
+PROBE_SOURCE = program_source("node_probe")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from typing import Any
 from . import serialisation
 from .config import ConfigLike, as_config
 from .errors import RemoteError, SerialisationError, SheepdogError
+from .programs import program_source
 from .scheduler import check_options
 from .session import Session, check_cache
 from .store import OPEN_STATES, Storage
@@ -52,18 +53,7 @@ STOP_NOTE_AFTER_S = 5.0
 # these appliers by value: the workers do not have sheepdog installed. The source is
 # registered with linecache so that ``mode="source"`` can read it back.
 _APPLIER_MODULE = "<sheepdog-applier>"
-_APPLIER_SOURCE = '''\
-def make_kwargs_applier(f):
-    def sheepdog_apply_kwargs(args, kwargs):
-        return f(*args, **kwargs)
-    return sheepdog_apply_kwargs
-
-
-def make_chunk_applier(f):
-    def sheepdog_apply_chunk(chunk):
-        return [f(*args) for args in chunk]
-    return sheepdog_apply_chunk
-'''
+_APPLIER_SOURCE = program_source("appliers")  # sheepdog/programs/appliers.py
 _applier_lock = threading.Lock()
 _appliers: dict[str, Any] = {}
 

@@ -7,7 +7,7 @@ For ``connect="tunnel"`` (and ``"auto"`` when it picks it; docs/connecting.rst):
   SSH channel, which :func:`_pipe_channel` joins to a socket on the local server
   (with ``ssh_client="openssh"``, ``ssh -O forward -R 0:...`` on the master
   connection does it, and says which port it got);
-- a relay, :data:`RELAY_SOURCE` (standard library only), which sheepdog starts on
+- a relay, :data:`RELAY_SOURCE` (sheepdog/programs/relay.py), which sheepdog starts on
   the head node over the same connection, listens where execution nodes reach
   the head node and pipes each connection to that loopback port. It exits when
   its SSH channel closes (it reads its stdin until EOF), so nothing is left
@@ -36,6 +36,7 @@ import paramiko
 from ._connect import ConnectMode
 from .errors import SSHError
 from .openssh import OpenSSHRemote, openssh_of, stop
+from .programs import program_source
 from .remote import Remote
 
 __all__ = [
@@ -70,154 +71,8 @@ RELAY_MIN_CONNECTIONS = 16
 RELAY_IDLE_S = 120.0
 
 #: The relay run on the head node as ``python3 -c RELAY_SOURCE BIND PORT TARGET_PORT
-#: MAX_CONNECTIONS IDLE_S``. Python 3.6+, standard library only, one thread: a selector
-#: pipes every connection to 127.0.0.1:TARGET_PORT (the forwarded port). BIND "" means
-#: the first address other than loopback that the head node's name resolves to (where
-#: the execution nodes reach it; "0.0.0.0" only if there is none). It prints
-#: ``hostname port bound-address`` once it listens; beyond MAX_CONNECTIONS, a new
-#: connection closes the one idle longest if that was idle 5 s, else it is closed at
-#: once; connections idle for IDLE_S are closed; a line ``allow N`` on stdin
-#: sets MAX_CONNECTIONS to N. It exits at EOF on stdin, which comes when sheepdog's SSH
-#: channel (or connection) closes.
-RELAY_SOURCE = r'''
-import errno, os, selectors, socket, sys, time
-bind, port, target_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-cap, idle_s = [int(sys.argv[4])], float(sys.argv[5])
-BUFFER = 262144  # bytes held per direction; reading stops beyond it
-EVICT_IDLE_S = 5.0  # when full, a connection idle this long makes room for a new one
-R, W = selectors.EVENT_READ, selectors.EVENT_WRITE
-def where():
-    try:
-        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
-    except OSError:
-        infos = []
-    for info in infos:
-        if not info[4][0].startswith("127."):
-            return info[4][0]
-    return "0.0.0.0"
-class Side(object):
-    def __init__(self, sock):
-        self.sock, self.out, self.eof, self.shut, self.events = sock, bytearray(), False, False, 0
-class Pair(object):
-    def __init__(self, a, b):
-        self.sides, self.seen, self.closed = (Side(a), Side(b)), time.time(), False
-pairs = set()
-sel = selectors.DefaultSelector()
-def close(pair):
-    pair.closed = True
-    pairs.discard(pair)
-    for side in pair.sides:
-        if side.events:
-            sel.unregister(side.sock)
-        side.sock.close()
-def update(pair):
-    if pair.closed:
-        return
-    a, b = pair.sides
-    for side, peer in ((a, b), (b, a)):
-        if side.eof and not peer.out and not peer.shut:
-            try:
-                peer.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            peer.shut = True
-    if a.eof and b.eof and not a.out and not b.out:
-        close(pair)
-        return
-    for side, peer in ((a, b), (b, a)):
-        events = (R if not side.eof and len(peer.out) < BUFFER else 0) | (W if side.out else 0)
-        if events != side.events:
-            if not side.events:
-                sel.register(side.sock, events, (pair, side, peer))
-            elif not events:
-                sel.unregister(side.sock)
-            else:
-                sel.modify(side.sock, events, (pair, side, peer))
-            side.events = events
-def step(pair, side, peer, events):
-    pair.seen = time.time()
-    try:
-        if events & W:
-            del side.out[:side.sock.send(side.out)]
-        if events & R:
-            data = side.sock.recv(65536)
-            if data:
-                peer.out += data
-            else:
-                side.eof = True
-    except (BlockingIOError, InterruptedError):
-        pass
-def accept(listener):
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            return  # e.g. out of file descriptors: the connection waits in the queue
-        if len(pairs) >= cap[0]:
-            # Full: make room by closing the connection idle longest, if it has been idle a
-            # while (a stranger's held connection, or a worker's between calls: it
-            # reconnects); else refuse this one.
-            oldest = min(pairs, key=lambda p: p.seen)
-            if time.time() - oldest.seen < EVICT_IDLE_S:
-                conn.close()
-                continue
-            close(oldest)
-        conn.setblocking(False)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        up.setblocking(False)
-        err = up.connect_ex(("127.0.0.1", target_port))
-        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-            sys.stderr.write("sheepdog relay: cannot reach 127.0.0.1:%d: %s\n"
-                             % (target_port, os.strerror(err)))
-            conn.close()
-            up.close()
-            continue
-        pair = Pair(conn, up)
-        pairs.add(pair)
-        update(pair)
-address = bind or where()
-listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-listener.bind((address, port))
-listener.listen(128)
-listener.setblocking(False)
-sys.stdout.write("%s %d %s\n" % (socket.gethostname(), listener.getsockname()[1], address))
-sys.stdout.flush()
-sel.register(listener, R, None)
-sel.register(0, R, "stdin")
-control = b""
-while True:
-    for key, events in sel.select(1.0):
-        if key.data is None:
-            accept(listener)
-        elif key.data == "stdin":
-            data = os.read(0, 65536)
-            if not data:
-                os._exit(0)
-            control += data
-            while b"\n" in control:
-                line, control = control.split(b"\n", 1)
-                words = line.split()
-                if len(words) == 2 and words[0] == b"allow" and words[1].isdigit():
-                    cap[0] = int(words[1])
-        else:
-            pair, side, peer = key.data
-            if pair.closed:
-                continue
-            try:
-                step(pair, side, peer, events)
-            except OSError:
-                close(pair)
-                continue
-            update(pair)
-    now = time.time()
-    for pair in [p for p in pairs if now - p.seen > idle_s]:
-        close(pair)
-'''
+#: MAX_CONNECTIONS IDLE_S``: the text of :mod:`sheepdog.programs.relay`, which says what it does.
+RELAY_SOURCE = program_source("relay")
 
 
 class _Activity:
@@ -522,15 +377,9 @@ class Probe:
     detail: str
 
 
-PROBE_SOURCE = r'''
-import socket, sys
-try:
-    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
-except Exception as e:
-    print("%s: %s" % (type(e).__name__, e))
-    sys.exit(3)
-print("connected")
-'''
+#: Run on the head node as ``python3 -c PROBE_SOURCE HOST PORT TIMEOUT_S``: the text of
+#: :mod:`sheepdog.programs.head_probe`.
+PROBE_SOURCE = program_source("head_probe")
 
 
 def probe_from_head(remote: Remote, host: str, port: int) -> Probe:

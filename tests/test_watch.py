@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import pytest
 from fake_clock import FakeClock
+from fake_head import FakeHead, ok
 
 import sheepdog._submit
 from sheepdog import cli
@@ -35,7 +36,7 @@ from sheepdog.client import stub
 from sheepdog.config import Config
 from sheepdog.errors import RemoteCommandError, SSHError, StorageError
 from sheepdog.errors import TimeoutError as SheepdogTimeoutError
-from sheepdog.remote import CommandResult, under_home
+from sheepdog.remote import CommandResult
 from sheepdog.scheduler.base import Deletion, JobStatus, Scheduler, State, Waiting
 from sheepdog.scheduler.gridengine import QSTAT_COMMAND, GridEngine
 from sheepdog.scheduler.local import LocalHost
@@ -45,46 +46,6 @@ from sheepdog.storage import Storage
 from sheepdog.watch import SCHEDULABLE_CHECK_S, Watcher, wait_for_request
 
 N_TASKS = 3
-
-
-class FakeHead:
-    """A head node stand-in (a Remote): answers commands from a script, records what it is asked.
-
-    ``answers`` maps a command's prefix to its answer (``""`` answers every command); any
-    other command succeeds with no output. Files put on it are recorded, never written.
-    """
-
-    host = "head"
-
-    def __init__(self, answers: dict[str, CommandResult]) -> None:
-        self.answers = answers
-        self.commands: list[str] = []
-        self.files: list[tuple[str, str, int]] = []
-        self.closed = False
-
-    def run(self, command: str, **_: Any) -> CommandResult:
-        self.commands.append(command)
-        for prefix, result in self.answers.items():
-            if command.startswith(prefix):
-                return result
-        return CommandResult(command, 0, "", "")
-
-    def absolute(self, directory: str) -> str:
-        return under_home(directory, "/home/sheep")
-
-    def put(self, directory: str, files: Sequence[tuple[str, str, int]]) -> None:
-        self.files.extend(files)
-
-    def list_dir(self, directory: str) -> list[str] | None:
-        self.commands.append(f"list {directory}")
-        return None  # no worker spooled anything
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def ok(stdout: str) -> CommandResult:
-    return CommandResult("", 0, stdout, "")
 
 
 class FakeScheduler(Scheduler):

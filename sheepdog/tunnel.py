@@ -6,7 +6,9 @@ For ``connect="tunnel"`` (and ``"auto"`` when it picks it; docs/connecting.rst):
   a loopback port of the head node; each connection made there comes back as an
   SSH channel, which :func:`_pipe_channel` joins to a socket on the local server
   (with ``ssh_client="openssh"``, ``ssh -O forward -R 0:...`` on the master
-  connection does it, and says which port it got);
+  connection does it, and says which port it got; it forwards to a gate here,
+  the relay's program run locally, which bounds those connections as
+  :func:`_pipe_channel`'s caller does);
 - a relay, :data:`RELAY_SOURCE` (sheepdog/programs/relay.py), which sheepdog starts on
   the head node over the same connection, listens where execution nodes reach
   the head node and pipes each connection to that loopback port. It exits when
@@ -22,9 +24,11 @@ HTTPS with the pinned certificate goes through unchanged.
 from __future__ import annotations
 
 import logging
+import select
 import shlex
 import socket
 import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -140,6 +144,47 @@ def _relay_answer_ok(line: bytes) -> bool:
     return len(words) == 3 and words[1].isdigit()
 
 
+class _Gate:
+    """The relay program run here, between OpenSSH's forward and the server.
+
+    ``ssh -R`` would connect every connection to the head node's loopback port
+    straight to the server; anyone on the head node can open them. Through the
+    gate they are bounded as the relay's and paramiko's pipes are: one thread,
+    at most ``max_connections``, idle ones closed. It listens on 127.0.0.1 and
+    exits when its stdin closes (:meth:`close`, or this process's end).
+    """
+
+    def __init__(self, target: tuple[str, int], max_connections: int) -> None:
+        self.target = target
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", RELAY_SOURCE, "127.0.0.1", "0", str(target[1]),
+             str(max_connections), f"{RELAY_IDLE_S:g}", target[0]],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], RELAY_START_S)
+        line = self.proc.stdout.readline() if ready else b""
+        if not _relay_answer_ok(line):
+            err = stop(self.proc)
+            raise SSHError(f"the tunnel's gate on this machine did not start: it printed "
+                           f"{line!r}, stderr {err.decode('utf-8', 'replace')[-2000:]!r}",
+                           host="localhost")
+        self.port = int(line.split()[1])
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def allow(self, max_connections: int) -> None:
+        """Let the gate hold ``max_connections`` at once."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"allow {max_connections}\n".encode())
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        stop(self.proc)
+
+
 class Tunnel:
     """A remote port forward and a relay on the head node, to one local server.
 
@@ -167,6 +212,7 @@ class Tunnel:
         # Over OpenSSH: the relay's ssh process, and the forward's port and target.
         self._proc: subprocess.Popen[bytes] | None = None
         self._forward: tuple[OpenSSHRemote, int, tuple[str, int]] | None = None
+        self._gate: _Gate | None = None
         self._address: tuple[str, int] | None = None
         self._loop_port = 0
         self._lock = threading.Lock()
@@ -184,7 +230,7 @@ class Tunnel:
         """Whether the forward's connection and the relay's channel are both still open."""
         if self._proc is not None:
             # Its ssh exits when the relay does, or when the master connection closes.
-            return self._proc.poll() is None
+            return self._proc.poll() is None and self._gate is not None and self._gate.alive
         transport, relay = self._transport, self._relay
         return bool(
             transport is not None and transport.is_active() and relay is not None
@@ -212,6 +258,8 @@ class Tunnel:
                     if self._proc is not None and self._proc.stdin is not None:
                         self._proc.stdin.write(allow)  # the relay's stdin, over OpenSSH
                         self._proc.stdin.flush()
+                        if self._gate is not None:
+                            self._gate.allow(self.max_connections)
                     else:
                         assert self._relay is not None
                         self._relay.sendall(allow)
@@ -288,9 +336,14 @@ class Tunnel:
         self._started(line, loop_port)
 
     def _start_openssh(self, openssh: OpenSSHRemote) -> None:
-        """The same over OpenSSH: a forward on the master, the relay through it."""
-        target = self.target()
-        loop_port = openssh.forward(target)
+        """The same over OpenSSH: a forward on the master to a gate here, the relay through it."""
+        self._gate = gate = _Gate(self.target(), self.max_connections)
+        target = ("127.0.0.1", gate.port)
+        try:
+            loop_port = openssh.forward(target)
+        except BaseException:
+            self.close()  # the gate
+            raise
         self._forward = (openssh, loop_port, target)
         self._proc, line = openssh.start(self._relay_command(loop_port), RELAY_START_S)
         if not _relay_answer_ok(line):
@@ -335,10 +388,13 @@ class Tunnel:
         """Stop the relay (its channel closes, it sees EOF) and cancel the forward."""
         relay, transport, self._relay, self._transport = self._relay, self._transport, None, None
         proc, forward, self._proc, self._forward = self._proc, self._forward, None, None
+        gate, self._gate = self._gate, None
         if proc is not None:
             stop(proc)
         if forward is not None:
             forward[0].cancel_forward(forward[1], forward[2])
+        if gate is not None:
+            gate.close()
         if relay is not None:
             relay.close()
         if transport is not None and transport.is_active():

@@ -1,14 +1,16 @@
 """The tunnel's relay on the head node: it pipes each connection to the forwarded port.
 
-Run on the head node as ``python3 -c TEXT BIND PORT TARGET_PORT MAX_CONNECTIONS IDLE_S``
-(sheepdog.tunnel). Python 3.6+, standard library only, one thread: a selector pipes every
-connection to 127.0.0.1:TARGET_PORT (the forwarded port). BIND "" means the first address
-other than loopback that the head node's name resolves to (where the execution nodes reach
-it; "0.0.0.0" only if there is none). It prints ``hostname port bound-address`` once it
-listens; beyond MAX_CONNECTIONS, a new connection closes the one idle longest if that was
-idle 5 s, else it is closed at once; connections idle for IDLE_S are closed; a line
-``allow N`` on stdin sets MAX_CONNECTIONS to N. It exits at EOF on stdin, which comes when
-sheepdog's SSH channel (or connection) closes.
+Run on the head node as ``python3 -c TEXT BIND PORT TARGET_PORT MAX_CONNECTIONS IDLE_S
+[TARGET_HOST]`` (sheepdog.tunnel). Python 3.6+, standard library only, one thread: a
+selector pipes every connection to TARGET_HOST:TARGET_PORT (by default 127.0.0.1: the
+forwarded port). Over OpenSSH, sheepdog also runs it on the user's machine, between the
+forward and the server, to bound the forwarded port's connections the same way. BIND ""
+means the first address other than loopback that the head node's name resolves to (where
+the execution nodes reach it; "0.0.0.0" only if there is none). It prints ``hostname port
+bound-address`` once it listens; beyond MAX_CONNECTIONS, a new connection closes the one
+idle longest if that was idle 5 s, else it is closed at once; connections idle for IDLE_S
+are closed; a line ``allow N`` on stdin sets MAX_CONNECTIONS to N. It exits at EOF on
+stdin, which comes when sheepdog's SSH channel (or connection) closes.
 """
 import errno
 import os
@@ -28,6 +30,7 @@ R, W = selectors.EVENT_READ, selectors.EVENT_WRITE
 #: MAX_CONNECTIONS (a list: ``allow N`` on stdin changes it), TARGET_PORT and IDLE_S,
 #: from the command line (main).
 cap = [0]  # type: List[int]
+target_host = "127.0.0.1"
 target_port = 0
 idle_s = 0.0
 
@@ -135,13 +138,14 @@ def accept(listener):
         # An answer often comes as two writes (headers, body): without TCP_NODELAY the
         # second waits for the peer's delayed ACK, 40 ms (docs/benchmarks.rst).
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        up = socket.socket(socket.AF_INET6 if ":" in target_host else socket.AF_INET,
+                           socket.SOCK_STREAM)
         up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         up.setblocking(False)
-        err = up.connect_ex(("127.0.0.1", target_port))
+        err = up.connect_ex((target_host, target_port))
         if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-            sys.stderr.write("sheepdog relay: cannot reach 127.0.0.1:%d: %s\n"
-                             % (target_port, os.strerror(err)))
+            sys.stderr.write("sheepdog relay: cannot reach %s:%d: %s\n"
+                             % (target_host, target_port, os.strerror(err)))
             conn.close()
             up.close()
             continue
@@ -152,9 +156,11 @@ def accept(listener):
 
 def main():
     # type: () -> None
-    global target_port, idle_s
+    global target_host, target_port, idle_s
     bind, port, target_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     cap[0], idle_s = int(sys.argv[4]), float(sys.argv[5])
+    if len(sys.argv) > 6:
+        target_host = sys.argv[6]
     address = bind or where()
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -271,7 +271,11 @@ def job_file(
     directive line each (the name is the original's: they are sbatch options for
     Slurm). ``array_size`` makes the array smaller than ``n_args`` (each array
     task leases until no work is left). ``client_options`` are passed to the
-    stub's ``Client`` (``batch``, ``retry_s``, ``mem_limit_bytes``). Raises
+    stub's ``Client`` (``batch``, ``retry_s``...), with ``mem_limit_bytes`` and
+    ``run_limit_s`` from the directives unless they are given
+    (:func:`worker_limits`). The job file runs the stub from
+    :func:`stub_file_name` in the key file's directory (:func:`put_stub` puts
+    it there). Raises
     ConfigError for a value that cannot be written safely, by the same rules
     as :class:`~sheepdog.Config`. ``prologue`` lines run in ``/bin/sh`` on the
     worker before it execs ``shell`` on this same file (``module load``,

@@ -14,11 +14,18 @@ the job file (docs/failures.rst).
 
 import base64
 import binascii
+import builtins
 import hashlib
 import hmac
 import http.client
+import importlib
+import io
 import json
+import linecache
+import marshal
 import os
+import pickle
+import platform
 import random
 import re
 import reprlib
@@ -28,22 +35,12 @@ import sys
 import threading
 import time
 import traceback
+import types
 from urllib.parse import urlsplit
 
 # ---- decoding: functions and values (see sheepdog/serialisation.py) ----
-# The payload format is described in sheepdog/serialisation.py's docstring. This section
-# imports all it needs so that the library and tests can run it alone.
-# isort: split
-import builtins
-import importlib
-import io
-import json  # noqa: F811
-import linecache
-import marshal
-import pickle
-import platform
-import sys  # noqa: F811
-import types
+# The payload format is described in sheepdog/serialisation.py's docstring; the library
+# decodes payloads locally with this same code (the stub loaded as a module).
 
 PAYLOAD_MAGIC = b"SHEEPDOG-FN/1\n"
 

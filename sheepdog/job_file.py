@@ -183,7 +183,7 @@ def _render_options(options: Mapping[str, object]) -> str:
 
 
 def worker_limits(
-    scheduler: type[Scheduler], options: Sequence[str], given: Mapping[str, object] = {},  # noqa: B006 - read only
+    scheduler: type[Scheduler], options: Sequence[str], given: Mapping[str, object] | None = None,
 ) -> dict[str, int]:
     """The ``Client`` options for the workers' memory and run-time limits, from the directives.
 
@@ -195,7 +195,7 @@ def worker_limits(
     limits: dict[str, int] = {}
     for key, read, what in (("mem_limit_bytes", scheduler.memory_limit_bytes, "memory"),
                             ("run_limit_s", scheduler.run_limit_s, "run-time")):
-        if given.get(key) is not None:
+        if (given or {}).get(key) is not None:
             continue
         try:
             value = read(options)

@@ -27,6 +27,7 @@ from .job_file import (
     job_file,
     job_file_name,
     key_file_name,
+    put_stub,
     spool_dir_name,
 )
 from .scheduler import SCHEDULERS, Deletion, Scheduler, open_scheduler, scheduler_class
@@ -320,6 +321,8 @@ def submit_request(
         array_size=sizes[0], tls_fingerprint=fingerprint, prologue=config.prologue,
         scheduler=kind, max_running=config.max_running, client_options=client_options,
     )
+    # The job file runs the worker stub beside it: written once per version, before any job.
+    put_stub(scheduler.host, jobdir)
     # The key file first, made 0600 before the secret is written; both never on a command line.
     scheduler.host.put(jobdir.rstrip("/") or "/", [
         (key_name, secret + "\n", KEY_FILE_MODE),

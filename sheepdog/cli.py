@@ -1080,10 +1080,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_logout, dbfile=None)
 
     p = _command(
-        sub, "worker-stub", "print the worker stub that goes into job files",
-        "Print the worker stub: the standard-library-only Python program that every\n"
-        "job file carries and that each array task runs. It is the same file\n"
-        "whatever the request; nothing is read or submitted.",
+        sub, "worker-stub", "print the worker stub that job files run",
+        "Print the worker stub: the standard-library-only Python program that each\n"
+        "array task runs, from sheepdog_worker-<digest>.py beside its job file. It is\n"
+        "the same file whatever the request; nothing is read or submitted.",
         ["sheepdog worker-stub > sheepdog_worker.py"],
     )
     p.set_defaults(run=cmd_worker_stub, dbfile=None)

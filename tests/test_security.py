@@ -456,6 +456,12 @@ class _LocalSFTP:
     def chmod(self, path: str, mode: int) -> None:
         os.chmod(path, mode)
 
+    def posix_rename(self, source: str, target: str) -> None:
+        os.replace(source, target)
+
+    def remove(self, path: str) -> None:
+        os.remove(path)
+
 
 def hostile_values(marker_dir: Path) -> list[str]:
     """Strings that run a command in ``marker_dir`` if they ever reach a shell unquoted."""

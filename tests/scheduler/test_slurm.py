@@ -16,7 +16,6 @@ import pytest
 from fake_clock import FakeClock
 from fake_head import FakeHead, failed, ok
 
-import sheepdog.client
 from sheepdog import _submit
 from sheepdog.config import Config
 from sheepdog.errors import ConfigError, SSHError, SubmitError
@@ -42,10 +41,7 @@ from sheepdog.scheduler.slurm import (
     parse_scontrol_jobs,
     parse_squeue,
     permanent_reason,
-    slurm_time,
 )
-
-stub = sheepdog.client.stub
 
 # squeue --noheader --format='%F|%K|%T|%r' --jobs=10,11 on the test cluster: job 10 can never
 # run (3 nodes asked of a 2-node partition), job 11 is throttled to 2 running (%2).
@@ -492,17 +488,6 @@ def test_a_dropped_connection_while_deleting_is_reported_not_raised() -> None:
 # --- typed resources, raw options ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("h_rt", "time"),
-    [("3600", "1:00:00"), ("90", "0:01:30"), ("1:30:00", "1:30:00"), ("0:0:20", "0:00:20"),
-     ("90000", "1-01:00:00"), ("48:00:00", "2-00:00:00")],
-)
-def test_h_rt_becomes_a_slurm_time_never_a_bare_number(h_rt: str, time: str) -> None:
-    assert slurm_time(h_rt) == time
-    # The worker reads it back to the same seconds.
-    assert stub.parse_slurm_time(time) == stub.parse_time(h_rt)
-
-
 def test_typed_resources_map_to_sbatch_options() -> None:
     config = Config(host="h", scheduler="slurm", mem_gb=2, h_rt="3600", queue="main",
                     pe=("smp", 4), max_running=5, mem_resource="mem_free")
@@ -555,52 +540,6 @@ def test_raw_options_have_one_neutral_name_and_ge_opts_is_grid_engines() -> None
         check_options(Config(host="h", ge_opts=("-t 1-3",)))
     with pytest.raises(ConfigError, match="entry 0 is not an option"):
         Config(host="h", scheduler_opts=("mem=2G",))
-
-
-def test_the_worker_takes_its_limits_from_the_sbatch_lines() -> None:
-    text = (
-        "#!/usr/bin/python3\n#SBATCH --array=1-3%2\n#SBATCH --mem=2G\n#SBATCH --time=1:30:00\n"
-        "#SBATCH -t 45\n#SBATCH --mem 3000\nimport os\n#SBATCH --mem=1M\n"
-    )
-    assert stub.memory_limit(text) == 2 * 1024**3  # the smaller; the line after code is no directive
-    assert stub.run_limit(text) == 45 * 60  # a bare number is minutes
-    assert stub.parse_slurm_memory("0") is None  # all of the node's memory
-    assert stub.parse_slurm_time("UNLIMITED") is None
-    assert stub.parse_slurm_time("2-12") == (2 * 24 + 12) * 3600
-    assert stub.parse_slurm_time("1:30") == 90
-    with pytest.raises(ValueError, match="Slurm memory size"):
-        stub.parse_slurm_memory("2GB")
-    with pytest.raises(ValueError, match="Slurm time"):
-        stub.parse_slurm_time("1h")
-
-
-@pytest.mark.parametrize(
-    ("directives", "expected"),
-    [
-        (["--mem-per-cpu=1G"], 1024**3),  # one CPU per task unless asked
-        (["--mem-per-cpu=1G --cpus-per-task=4"], 4 * 1024**3),
-        (["--cpus-per-task 3", "--mem-per-cpu 500"], 3 * 500 * 1024**2),  # any order, MB alone
-        (["-c4", "--mem-per-cpu=256M"], 1024**3),
-        (["-c 2 --mem-per-cpu=1G"], 2 * 1024**3),
-        (["--mem-per-cpu=1G", "--cpus-per-task=4", "--cpus-per-task=2"], 2 * 1024**3),
-        (["--mem=3G", "--mem-per-cpu=1G", "-c 4"], 3 * 1024**3),  # the smaller
-        (["--mem-per-cpu=0", "-c 4"], None),  # all of the node's memory
-        (["--cpus-per-task=4"], None),
-        (["--mem-per-gpu=1G"], None),  # not read: a GPU count is not in the job file
-    ],
-)
-def test_the_worker_takes_mem_per_cpu_times_cpus_per_task(
-    directives: list[str], expected: int | None
-) -> None:
-    text = "\n".join(["#!/usr/bin/python3", "#SBATCH --array=1-3",
-                      *(f"#SBATCH {d}" for d in directives), "import os"])
-    assert stub.memory_limit(text) == expected
-
-
-@pytest.mark.parametrize("cpus", ["0", "-1", "two", "1.5", ""])
-def test_a_bad_cpus_per_task_is_an_error_naming_it(cpus: str) -> None:
-    with pytest.raises(ValueError, match=f"{cpus!r} is not a Slurm --cpus-per-task such as 4"):
-        stub.memory_limit(f"#SBATCH --mem-per-cpu=1G\n#SBATCH --cpus-per-task={cpus}\n")
 
 
 # --- auto ----------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 One concern per module: :mod:`.db` (the connection, WAL, migrations, the
 write queue, blobs), :mod:`.queue` (the lease state machine, made of
 :mod:`.leases`, :mod:`.completion`, :mod:`.nonces` and :mod:`.interventions`),
-:mod:`.records` (requests, results and jobs as the library reads them),
+:mod:`.records` (requests, results and jobs as the library reads them, made of
+:mod:`.requests`, :mod:`.tasks`, :mod:`.spans`, :mod:`.jobs` and :mod:`.environments`),
 :mod:`.upgrade02` (a Sheepdog 0.2.3 database migrated in place) and
 :mod:`.compat` (:class:`Storage`, all of it under the name and with the per-task
 API of Sheepdog 0.2, still importable as ``sheepdog.storage``).

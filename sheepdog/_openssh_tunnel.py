@@ -59,6 +59,12 @@ class OpenSSHTunnel:
         except SSHError:
             pass
 
+    def stop_on_close(self, proc: subprocess.Popen[bytes]) -> None:
+        """Stop ``proc``, a local helper of a tunnel (its gate), when this object closes, as
+        its relays are."""
+        with self._lock:
+            self._relays.append(proc)
+
     def start(self, command: str, timeout_s: float) -> tuple[subprocess.Popen[bytes], bytes]:
         """Start ``command`` on the head node through the master, with its stdin held open
         (it ends when the process is stopped); return it and its first line of output."""

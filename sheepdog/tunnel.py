@@ -159,16 +159,17 @@ class _Gate:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", RELAY_SOURCE, "127.0.0.1", "0", str(target[1]),
              str(max_connections), f"{RELAY_IDLE_S:g}", target[0]],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            # Not a pipe: nobody reads it while the gate runs, and a full pipe would stop
+            # the gate at its next line ("cannot reach" a server that is restarting).
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], RELAY_START_S)
         line = self.proc.stdout.readline() if ready else b""
         if not _relay_answer_ok(line):
-            err = stop(self.proc)
-            raise SSHError(f"the tunnel's gate on this machine did not start: it printed "
-                           f"{line!r}, stderr {err.decode('utf-8', 'replace')[-2000:]!r}",
-                           host="localhost")
+            stop(self.proc)
+            raise SSHError(f"the tunnel's gate on this machine did not start within "
+                           f"{RELAY_START_S:g} s: it printed {line!r}", host="localhost")
         self.port = int(line.split()[1])
 
     @property
@@ -338,6 +339,7 @@ class Tunnel:
     def _start_openssh(self, openssh: OpenSSHRemote) -> None:
         """The same over OpenSSH: a forward on the master to a gate here, the relay through it."""
         self._gate = gate = _Gate(self.target(), self.max_connections)
+        openssh.stop_on_close(gate.proc)  # should the tunnel itself never be closed
         target = ("127.0.0.1", gate.port)
         try:
             loop_port = openssh.forward(target)

@@ -382,3 +382,20 @@ def test_over_openssh_the_forward_reaches_the_server_through_a_gate_that_caps_it
             sock.close()
         server.close()
     assert gate.proc.poll() is not None, "closing the tunnel ends its gate"
+
+
+def test_the_gate_stops_with_its_connection_though_the_tunnel_was_never_closed(
+    fake: dict[str, Path], tmp_path: Path,
+) -> None:
+    """A map's Remote closes; its tunnel may just be dropped: the gate must not outlive it."""
+    from sheepdog.tunnel import Tunnel
+
+    fake["master"].touch()
+    remote = _remote(tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        tunnel = Tunnel(remote, lambda: ("127.0.0.1", server.getsockname()[1]))
+        tunnel.address()
+        gate = tunnel._gate
+        assert gate is not None and gate.alive
+        remote.close()
+        assert gate.proc.poll() is not None

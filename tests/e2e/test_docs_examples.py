@@ -21,8 +21,9 @@ from terminal import interruptible
 
 import sheepdog
 from sheepdog._poll import poll_until
+from sheepdog.config import as_config
 from sheepdog.job_file import stub_source
-from sheepdog.scheduler import GridEngine, scheduler_class
+from sheepdog.scheduler import GridEngine, open_remote, scheduler_class
 from sheepdog.storage import Storage
 
 pytestmark = pytest.mark.e2e
@@ -126,8 +127,10 @@ def slow(x):
     time.sleep(x)
     return x
 
-conf = sheepdog.Config.from_file(sys.argv[1])
-print(sheepdog.map_async(slow, [float(sys.argv[2])] * 2, conf.replace(workers=1)))
+conf = sheepdog.Config.from_file(sys.argv[1]).replace(workers=1)
+if len(sys.argv) > 3:  # a scheduler option that holds the job until it is released
+    conf = conf.replace(scheduler_opts=[sys.argv[3]])
+print(sheepdog.map_async(slow, [float(sys.argv[2])] * 2, conf))
 """
 
 CLI_TIMEOUT_S = 400
@@ -306,13 +309,23 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
             assert done.returncode == 0, f"sheepdog {' '.join(argv)}:\n{done.stdout}{done.stderr}"
         return done
 
-    def submit_and_leave(seconds: float) -> int:
+    slurm = scheduler_of(config) == "slurm"
+
+    def submit_and_leave(seconds: float, held: bool = False) -> int:
+        hold = ["--hold" if slurm else "-h"] if held else []
         done = subprocess.run(
-            [sys.executable, "-c", SUBMIT_AND_LEAVE, str(config_file), str(seconds)],
+            [sys.executable, "-c", SUBMIT_AND_LEAVE, str(config_file), str(seconds), *hold],
             cwd=tmp_path, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
         )
         assert done.returncode == 0, done.stderr
         return int(done.stdout.split()[-1])
+
+    def release(rid: int) -> None:
+        with Storage(str(db)) as storage:
+            (job,) = storage.get_jobs(rid)
+        job_id = job.job_id
+        with open_remote(as_config(config)) as remote:
+            remote.run(f"{'scontrol release' if slurm else 'qrls'} {job_id}")
 
     # Request 1 is the page's own example; request 2 is still running.
     made = subprocess.run(
@@ -336,7 +349,9 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
                 argv[argv.index("--request") + 1] = str(rid)
                 argv[argv.index("--port") + 1] = str(port)
             elif command.startswith("sheepdog serve"):
-                rid = submit_and_leave(1.0)
+                # Held until serve --detach has looked: a fast cluster (Slurm's) could
+                # otherwise finish both tasks before it looks, leaving it nothing to serve.
+                rid = submit_and_leave(1.0, held=True)
             elif ">" in argv:
                 argv = argv[: argv.index(">")]
             elif argv[0] == "jobfile":
@@ -359,6 +374,7 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
             elif output:
                 assert_shaped_like(output, printed, command)
             if "--detach" in argv:
+                release(rid)
                 detached_pid = int(re.search(r"pid (\d+)", done.stdout).group(1))  # type: ignore[union-attr]
                 served = re.search(r"log (\S+);", done.stdout).group(1)  # type: ignore[union-attr]
                 assert (tmp_path / served).exists()

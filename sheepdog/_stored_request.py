@@ -120,6 +120,7 @@ class StoredRequest:
                            deletion.describe())
         return deletion
 
+
 @dataclass(frozen=True)
 class RequestJobs:
     """A stored request with what submits its jobs and reaches them: config, scheduler, server.

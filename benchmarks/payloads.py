@@ -289,7 +289,7 @@ def raw_transfer(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the payload benchmark, print the table, write bench-results/payloads.json."""
-    from sheepdog._submit import server_for
+    from sheepdog._server_for import server_for
     from sheepdog.config import as_config
     from sheepdog.server import listen_address
 

@@ -12,8 +12,9 @@ import logging
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from . import _submit, tunnel
-from ._submit import StoredRequest, server_for
+from . import tunnel
+from ._server_for import server_for, server_key, server_options
+from ._stored_request import StoredRequest
 from .config import Config, ConfigLike, as_config
 from .errors import SheepdogError
 from .scheduler import Deletion, Scheduler, check_options, open_scheduler
@@ -157,7 +158,7 @@ class Resources:
         port = None if latest is None else latest.port
         address = None if latest is None else latest.listen_address
         if port and address and cfg.port is None:
-            options = _submit.server_options(cfg, host=address)
+            options = server_options(cfg, host=address)
             try:
                 server = Server(port, None, cfg.dbfile, **options)
             except SheepdogError as exc:
@@ -167,7 +168,7 @@ class Resources:
                 )
             else:
                 # submit_request finds it there: resubmitted jobs call this same server.
-                registry.adopt(_submit.server_key(cfg), server)
+                registry.adopt(server_key(cfg), server)
                 self._server = server
                 return server
         return self.server

@@ -11,9 +11,10 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
-from . import _submit, serialisation
+from . import _submit_jobs, serialisation
 from ._session_resources import Resources
-from ._submit import array_size, request_settings
+from ._sizing import array_size, request_settings
+from ._stored_request import RequestJobs
 from .config import Config
 from .scheduler import Deletion, Scheduler
 from .store import content_digest
@@ -152,9 +153,9 @@ class Submitting(Resources):
 
     def _submit_stored(self, request_id: int, n_workers: int, **options: Any) -> str:
         scheduler, jobdir = self.scheduler, self.jobdir  # the head node first, then the server
-        jobs = _submit.RequestJobs(self.request(request_id), self.config, scheduler, self.server)
+        jobs = RequestJobs(self.request(request_id), self.config, scheduler, self.server)
         # Looked up on the module at each call: a test may stand in for it.
-        return _submit.submit_request(jobs, n_workers=n_workers, jobdir=jobdir, **options)
+        return _submit_jobs.submit_request(jobs, n_workers=n_workers, jobdir=jobdir, **options)
 
     def _submission_failed(
         self, scheduler: Scheduler, request_id: int, exc: BaseException

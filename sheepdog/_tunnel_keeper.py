@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import _submit
+from . import _worker_address
+from ._stored_request import RequestJobs, StoredRequest
 from .errors import SheepdogError
 from .server import Server
 from .store import Storage
@@ -30,7 +31,7 @@ REPORT_EVERY_S = 60.0
 
 @dataclass
 class _Kept:
-    jobs: _submit.RequestJobs
+    jobs: RequestJobs
     failed_at: float | None = None
     reported_at: float | None = None
 
@@ -51,7 +52,7 @@ class TunnelKeeper:
 
     def add(self, request_id: int, server: Server) -> bool:
         """Keep the tunnel of ``request_id`` up if its jobs use one; True if they do."""
-        request = _submit.StoredRequest(self.storage, request_id)
+        request = StoredRequest(self.storage, request_id)
         if not request.uses_tunnel():
             return False
         try:
@@ -66,7 +67,7 @@ class TunnelKeeper:
                      f"{request_id} --config FILE`")
             return True
         config, scheduler = found
-        self._kept[request_id] = _Kept(_submit.RequestJobs(request, config, scheduler, server))
+        self._kept[request_id] = _Kept(RequestJobs(request, config, scheduler, server))
         self.keep(request_id)
         return True
 
@@ -78,7 +79,7 @@ class TunnelKeeper:
             if kept is None or (kept.failed_at is not None and now - kept.failed_at < RETRY_S):
                 continue
             try:
-                where = _submit.ensure_tunnel(kept.jobs)
+                where = _worker_address.ensure_tunnel(kept.jobs)
             except SheepdogError as exc:
                 kept.failed_at = now
                 if kept.reported_at is None or now - kept.reported_at >= REPORT_EVERY_S:

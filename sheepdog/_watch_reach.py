@@ -13,9 +13,10 @@ import shlex
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _submit, tunnel
+from . import _worker_address, tunnel
 from ._connect import ConnectMode
 from ._progress import finished_by_workers
+from ._stored_request import RequestJobs, StoredRequest
 from .errors import SheepdogError
 from .store import JobRecord, Storage
 
@@ -95,7 +96,7 @@ class WorkerReach:
         where = last.url or ""
         if self.config.connect == ConnectMode.AUTO and mode is ConnectMode.DIRECT:
             tunnel.switch_to_tunnel(self.scheduler.host, self.server.port)
-            host, port = _submit.publish_address(self._jobs(storage, self.server),
+            host, port = _worker_address.publish_address(self._jobs(storage, self.server),
                                                  ConnectMode.TUNNEL)
             self._mode, self._silent_since = ConnectMode.TUNNEL, now
             # Recorded: attach and serve, in another process, start the tunnel for it.
@@ -136,7 +137,7 @@ class WorkerReach:
         """Start the tunnel again if its SSH connection dropped, and publish its new address."""
         assert self.server is not None
         try:
-            where = _submit.ensure_tunnel(self._jobs(storage, self.server))
+            where = _worker_address.ensure_tunnel(self._jobs(storage, self.server))
         except SheepdogError as exc:
             # Said once while it stays down (a lapsed login is down until the next one); the
             # retries at every check go to the debug log.
@@ -155,7 +156,7 @@ class WorkerReach:
     def _worker_stderr_tail(self, storage: Storage) -> str:
         """The last lines of the newest .e file of the request's array tasks, or ''."""
         jobdir = self.scheduler.host.absolute(self.config.ssh_dir)
-        name = _submit.StoredRequest(storage, self.request_id).job_name()
+        name = StoredRequest(storage, self.request_id).job_name()
         pattern = f"{shlex.quote(jobdir)}/{shlex.quote(name)}.e*"
         try:
             result = self.scheduler.host.run(
@@ -167,10 +168,10 @@ class WorkerReach:
             return ""
         return "\n".join("    " + line for line in result.stdout.rstrip().splitlines())
 
-    def _jobs(self, storage: Storage, server: Server | None) -> _submit.RequestJobs:
+    def _jobs(self, storage: Storage, server: Server | None) -> RequestJobs:
         """The request's jobs, reached with this watcher's config and scheduler, and ``server``."""
-        return _submit.RequestJobs(
-            _submit.StoredRequest(storage, self.request_id), self.config, self.scheduler, server
+        return RequestJobs(
+            StoredRequest(storage, self.request_id), self.config, self.scheduler, server
         )
 
     def _tell(self, message: str) -> None:

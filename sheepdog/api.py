@@ -19,7 +19,7 @@ from typing import Any
 from . import tunnel
 from ._hints import sheepdog_command
 from ._net import health_problem, host_port, loopback_for
-from ._submit import StoredRequest
+from ._stored_request import StoredRequest
 from .config import ConfigLike
 from .doctor import COLUMNS
 from .errors import RemoteError, SheepdogError

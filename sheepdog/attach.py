@@ -16,7 +16,8 @@ import logging
 import sys
 from typing import Any
 
-from . import _submit
+from . import _worker_address
+from ._stored_request import RequestJobs
 from .config import ConfigLike, as_config
 from .session import Session
 from .spool import collect_request_spool
@@ -61,7 +62,7 @@ def attach(
         if server is not None and request.uses_tunnel():
             # The tunnel went with the process (or connection) that held it: workers still
             # retrying find the new relay in the address file; resubmitted jobs use it too.
-            where = _submit.ensure_tunnel(_submit.RequestJobs(request, cfg, scheduler, server))
+            where = _worker_address.ensure_tunnel(RequestJobs(request, cfg, scheduler, server))
             if where is not None:
                 say(f"request {request_id}: the tunnel is up again; workers find the relay "
                     f"at {where[0]}:{where[1]}")

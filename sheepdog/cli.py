@@ -32,7 +32,8 @@ from urllib.parse import urlsplit
 from . import serialisation
 from ._hints import sheepdog_command
 from ._progress import TASK_STATE_WORDS, format_counts, request_state, started
-from ._submit import StoredRequest, array_size, batch_size
+from ._sizing import array_size, batch_size
+from ._stored_request import StoredRequest
 from ._version import __version__
 from .api import (
     RERUN_DEFAULT,

@@ -45,7 +45,8 @@ from ._doctor_report import FAIL, OK, SKIPPED, WARN, Check, Report
 from ._doctor_report import render_check as render_check  # re-exported: cli.py, the tests
 from ._environment import compare, payload_modules
 from ._net import host_port
-from ._submit import server_for, worker_address
+from ._server_for import server_for
+from ._worker_address import worker_address
 from .config import Config, ConfigLike, as_config
 from .errors import ConfigError, SheepdogError
 from .openssh import OpenSSHRemote, openssh_of, takes_over

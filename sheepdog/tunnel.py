@@ -16,7 +16,7 @@ For ``connect="tunnel"`` (and ``"auto"`` when it picks it; docs/connecting.rst):
   running on the head node.
 
 Workers read the relay's ``host:port`` from the request's address file at every
-reconnection (:mod:`sheepdog._submit` writes it), so a relay started again on
+reconnection (:mod:`sheepdog._worker_address` writes it), so a relay started again on
 another port after a dropped connection costs them one retry. It is a TCP pipe:
 HTTPS with the pinned certificate goes through unchanged.
 """

@@ -21,10 +21,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import _submit, spool
+from . import _submit_jobs, spool
 from ._environment import mismatch_warning
 from ._poll import poll_until
 from ._progress import Progress, ended, finished_by_workers, started
+from ._sizing import array_size
+from ._stored_request import StoredRequest
 from ._watch_reach import ERR_TAIL_LINES as ERR_TAIL_LINES
 from ._watch_reach import WorkerReach
 from .errors import SheepdogError
@@ -110,7 +112,7 @@ class Watcher(WorkerReach):
     @classmethod
     def for_request(
         cls,
-        request: _submit.StoredRequest,
+        request: StoredRequest,
         config: Config,
         scheduler: Scheduler,
         server: Server | None,
@@ -235,11 +237,11 @@ class Watcher(WorkerReach):
     def finish(self, storage: Storage) -> Deletion | None:
         """Delete the finished request's jobs still on the cluster; say what went.
 
-        See :meth:`sheepdog._submit.StoredRequest.delete_leftovers`; None when the request
+        See :meth:`sheepdog._stored_request.StoredRequest.delete_leftovers`; None when the request
         never had a job.
         """
         self._check_environment(storage)  # a short map may end before the first check
-        return _submit.StoredRequest(storage, self.request_id).delete_leftovers(self.scheduler)
+        return StoredRequest(storage, self.request_id).delete_leftovers(self.scheduler)
 
     def collect_spool(self, storage: Storage) -> spool.Collection:
         """Store the results the request's workers spooled (see :mod:`sheepdog.spool`)."""
@@ -304,9 +306,9 @@ class Watcher(WorkerReach):
                 )
             # To the config's server (server_for: the one the session registered for it).
             # Looked up on the module at each call: a test may stand in for it.
-            _submit.submit_request(
+            _submit_jobs.submit_request(
                 self._jobs(storage, None),
-                n_workers=_submit.array_size(self.config, n_open), why=why, continues=progressed,
+                n_workers=array_size(self.config, n_open), why=why, continues=progressed,
             )
             self.interval_s = 2.0
             self._progress_at = self.clock()
@@ -422,7 +424,7 @@ def _passive_watcher(storage: Storage, request_id: int) -> Watcher | None:
     """A watcher for a request from its stored config: active if this process serves it."""
     if not storage.open_task_indices(request_id):
         return None
-    request = _submit.StoredRequest(storage, request_id)
+    request = StoredRequest(storage, request_id)
     found = request.stored_scheduler()
     if found is None:
         logger.info("request %d has no stored config: its jobs are not watched", request_id)

@@ -33,8 +33,9 @@ from stubrunner import write_job
 
 import sheepdog.server.auth as signing
 import sheepdog.server.tls as _tls
-from sheepdog import _submit
+from sheepdog import _submit_jobs
 from sheepdog._poll import poll_until
+from sheepdog._stored_request import RequestJobs, StoredRequest
 from sheepdog.config import Config, as_config
 from sheepdog.errors import ConfigError, RemoteCommandError
 from sheepdog.job_file import job_file_name, key_file_name, write_job_file
@@ -52,8 +53,8 @@ WORKER_PYTHON = sys.executable
 
 def submit_one(storage: Storage, cfg: Config, rid: int, scheduler: Any) -> str:
     """Submit request ``rid`` with ``cfg`` to ``scheduler`` as one array task."""
-    jobs = _submit.RequestJobs(_submit.StoredRequest(storage, rid), cfg, scheduler)
-    return _submit.submit_request(jobs, n_workers=1)
+    jobs = RequestJobs(StoredRequest(storage, rid), cfg, scheduler)
+    return _submit_jobs.submit_request(jobs, n_workers=1)
 
 
 def square(x: int) -> int:

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from sheepdog import Config, _submit, _tunnel_keeper, tunnel
-from sheepdog._submit import request_settings
+from sheepdog import Config, _stored_request, _tunnel_keeper, _worker_address, tunnel
+from sheepdog._sizing import request_settings
+from sheepdog._stored_request import RequestJobs, StoredRequest
 from sheepdog.cli import main
 from sheepdog.errors import SSHError
 from sheepdog.serialisation import serialise_args, serialise_function, serialise_value
@@ -59,15 +60,15 @@ def ssh(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         state["schedulers"].append(scheduler)
         return scheduler
 
-    def publish(jobs: _submit.RequestJobs, mode: str) -> tuple[str, int]:
+    def publish(jobs: RequestJobs, mode: str) -> tuple[str, int]:
         if state["fail"] is not None:
             raise state["fail"]
         state["published"].append((jobs.request_id, mode, jobs.running_server().port))
         state["up"] = True
         return ("head", 40000 + len(state["published"]))
 
-    monkeypatch.setattr(_submit, "open_scheduler", open_scheduler)
-    monkeypatch.setattr(_submit, "publish_address", publish)
+    monkeypatch.setattr(_stored_request, "open_scheduler", open_scheduler)
+    monkeypatch.setattr(_worker_address, "publish_address", publish)
     monkeypatch.setattr(tunnel, "is_up", lambda host, port: state["up"])
     return state
 
@@ -75,7 +76,7 @@ def ssh(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 def test_uses_tunnel_reads_the_latest_jobs(tmp_path: Path) -> None:
     with Storage(str(tmp_path / "s.sqlite")) as storage:
         def uses_tunnel(rid: int) -> bool:
-            return _submit.StoredRequest(storage, rid).uses_tunnel()
+            return StoredRequest(storage, rid).uses_tunnel()
 
         assert uses_tunnel(_request(storage, "tunnel"))
         assert not uses_tunnel(_request(storage, "direct"))

@@ -13,7 +13,7 @@ import pytest
 from cluster_fixture import scheduler_of
 
 import sheepdog
-from sheepdog._submit import server_for
+from sheepdog._server_for import server_for
 from sheepdog.config import as_config
 from sheepdog.scheduler import scheduler_class
 

@@ -21,7 +21,7 @@ from cluster_fixture import is_slurm, job_listed, label_of, map_in_thread, raw_o
 
 import sheepdog
 from sheepdog._poll import poll_until
-from sheepdog._submit import server_for
+from sheepdog._server_for import server_for
 from sheepdog.server import registry
 
 pytestmark = pytest.mark.e2e

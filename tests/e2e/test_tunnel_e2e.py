@@ -21,7 +21,7 @@ from cluster_fixture import run as run_on_head
 import sheepdog
 from sheepdog import api, tunnel, watch
 from sheepdog._poll import poll_until
-from sheepdog._submit import server_for
+from sheepdog._server_for import server_for
 from sheepdog.scheduler import open_scheduler
 
 pytestmark = [pytest.mark.e2e, pytest.mark.firewalled]

@@ -23,8 +23,9 @@ import pytest
 from cluster_fixture import relays_on_head
 
 import sheepdog
-from sheepdog import Config, _submit, tunnel
+from sheepdog import Config, tunnel
 from sheepdog._poll import poll_until
+from sheepdog._stored_request import StoredRequest
 from sheepdog.job_file import address_file_name
 from sheepdog.scheduler import Scheduler, open_scheduler
 from sheepdog.spool import spool_directory
@@ -45,7 +46,7 @@ def slow_square(x: int) -> int:
 
 def _close_the_lid(storage: Storage, rid: int, cluster: dict[str, Any]) -> None:
     """Stop the request's server and close every SSH connection held for a tunnel."""
-    server = _submit.StoredRequest(storage, rid).own_server()
+    server = StoredRequest(storage, rid).own_server()
     assert server is not None, "map_async left no server running"
     server.stop()
     held = list(tunnel._held)

@@ -14,7 +14,7 @@ from sheepdog.config import CONNECT_MODES, Config
 from sheepdog.errors import UnknownRequestError
 from sheepdog.store import JobRecord, Storage
 
-#: What submit_request records with a job (see sheepdog/_submit.py), resubmitted once.
+#: What submit_request records with a job (see sheepdog/_submit_jobs.py), resubmitted once.
 SUBMITTED = {
     "url": "https://laptop.example:8443/", "port": 8443, "listen_address": "0.0.0.0",
     "connect": "tunnel", "finished_before": 5, "parts": 2, "scheduler": "slurm",

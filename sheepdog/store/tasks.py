@@ -9,7 +9,8 @@ import json
 from typing import Any
 
 from ..errors import UnknownTaskError
-from .db import OPEN_STATES, OPEN_STATES_SQL, Database
+from .db import OPEN_STATES_SQL, Database
+from .states import OPEN_STATES, FailureKind
 
 __all__ = ["ERROR_GROUP_INDICES", "ERROR_KIND_SQL", "TaskReads", "error_text"]
 
@@ -114,7 +115,7 @@ class TaskReads(Database):
         out = []
         for idx, args, error, stdout, stderr in rows:
             data = _load_error(error)
-            data.setdefault("kind", "exception")
+            data.setdefault("kind", FailureKind.EXCEPTION)
             data.setdefault("stdout", stdout or "")
             data.setdefault("stderr", stderr or "")
             out.append((int(idx), self.load_value(args), data))
@@ -169,7 +170,7 @@ class TaskReads(Database):
             data = None
             if state != "done":
                 data = _load_error(error)
-                data.setdefault("kind", "exception")
+                data.setdefault("kind", FailureKind.EXCEPTION)
                 data.setdefault("stdout", stdout or "")
                 data.setdefault("stderr", stderr or "")
             value = None if result is None else self.load_value(result)

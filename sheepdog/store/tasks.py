@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import UnknownTaskError
 from .db import OPEN_STATES_SQL, Database
-from .states import OPEN_STATES, FailureKind
+from .states import OPEN_STATES, FailureKind, TaskState
 
 __all__ = ["ERROR_GROUP_INDICES", "ERROR_KIND_SQL", "TaskReads", "error_text"]
 
@@ -74,7 +74,8 @@ class TaskReads(Database):
     def task_counts(self, request_id: int) -> dict[str, int]:
         """Return the number of tasks in each state, every state present."""
         self._request_row(request_id, "id")
-        counts = dict.fromkeys(("pending", "leased", "done", "error", "cancelled"), 0)
+        # Keyed by the plain words, as the rows give them (and repr and pickle show them).
+        counts = dict.fromkeys((state.value for state in TaskState), 0)
         with self._lock:
             for state, count in self.conn.execute(
                 "SELECT state, count(*) FROM tasks WHERE request_id = ? GROUP BY state",

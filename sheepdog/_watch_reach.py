@@ -18,7 +18,7 @@ from ._connect import ConnectMode
 from ._progress import finished_by_workers
 from ._stored_request import RequestJobs, StoredRequest
 from .errors import SheepdogError
-from .store import JobRecord, Storage
+from .store import JobRecord, Storage, TaskState
 
 if TYPE_CHECKING:
     from .config import Config
@@ -79,7 +79,7 @@ class WorkerReach:
         before = last.finished_before or 0
         finished = finished_by_workers(counts)
         latest = last.job_id
-        if counts.get("leased", 0) or finished > before:
+        if counts.get(TaskState.LEASED, 0) or finished > before:
             self._heard_from = latest
         # Workers that called in and then went quiet (a frozen node, leases expired) reached
         # the server: a stall (stall_s) is theirs to explain, not the way back to us.

@@ -25,7 +25,7 @@ from .doctor import COLUMNS
 from .errors import RemoteError, SheepdogError
 from .scheduler import Scheduler
 from .session import Cancellation, Session
-from .store import DEFAULT_DBFILE, RERUN_CHOICES, Storage
+from .store import DEFAULT_DBFILE, RERUN_CHOICES, FailureKind, Storage
 
 __all__ = [
     "RERUN_DEFAULT",
@@ -170,7 +170,7 @@ def get_errors(request_id: int, dbfile: str = DEFAULT_DBFILE) -> list[tuple[Any,
     """
     with Session(dbfile=dbfile, create=False) as session:
         return [(arg, error) for arg, error in session.errors(request_id)
-                if error.kind != "cancelled"]
+                if error.kind != FailureKind.CANCELLED]
 
 
 def get_output(

@@ -49,7 +49,7 @@ from .doctor import DEFAULT_TIMEOUT_S, doctor, render_check
 from .errors import RemoteError, SheepdogError
 from .job_file import job_file, job_stem, key_file_name, stub_source
 from .scheduler import open_scheduler, scheduler_class
-from .store import DEFAULT_DBFILE, RERUN_CHOICES, Storage
+from .store import DEFAULT_DBFILE, RERUN_CHOICES, RequestState, Storage, TaskState
 from .store.db import require_database
 from .watch import wait_for_request
 
@@ -193,8 +193,10 @@ def cmd_requests(args: argparse.Namespace) -> int:
         counts: dict[int, list[Any]] = {}
         for row in rows:
             c = started(storage.task_counts(row["id"]), len(storage.running_indices(row["id"])))
-            counts[row["id"]] = [row["n_tasks"], c["done"], c["error"], c["cancelled"],
-                                 c["leased"], c["pending"], request_state(row["state"], c)]
+            counts[row["id"]] = [
+                row["n_tasks"], c[TaskState.DONE], c[TaskState.ERROR], c[TaskState.CANCELLED],
+                c[TaskState.LEASED], c[TaskState.PENDING], request_state(row["state"], c),
+            ]
         # Each count's column is as wide as its header or its widest number, whichever is
         # wider: 70 columns for requests of fewer than 10,000 tasks, 8 left for the label.
         heads = ("TASKS", "DONE", "FAILED", "CANCELLED", "RUNNING", "PENDING")
@@ -280,7 +282,8 @@ def _results_json(
     sys.stdout.write("[")
     for i, ((arg, result), state) in enumerate(
             zip(_each_result(storage, request_id), states), start=1):
-        word = TASK_STATE_WORDS["pending" if state == "leased" and i not in running else state]
+        waits = state == TaskState.LEASED and i not in running
+        word = TASK_STATE_WORDS[TaskState.PENDING if waits else state]
         error = errors.get(i)
         # One key a line, as json.dump(indent=1) would: a terminal's 80 columns.
         sys.stdout.write(
@@ -297,11 +300,12 @@ def _print_result_row(
 ) -> None:
     """One row of ``results``: task, state, argument and result (or the error), cut to fit."""
     # A leased task that its worker has not started yet waits, as a pending one.
-    word = TASK_STATE_WORDS["pending" if state == "leased" and i not in running else state]
+    waits = state == TaskState.LEASED and i not in running
+    word = TASK_STATE_WORDS[TaskState.PENDING if waits else state]
     head = f"{i:>{task_width}}  {word:9}  {arg_text:{args_width}}  "
     room = max(10, COLUMNS - 1 - len(head))
     # Only a done task has a result; None there is a real None, not a gap.
-    if state == "done":
+    if state == TaskState.DONE:
         text = _value_text(result, room)
     elif i in errors:
         text = errors[i].summary
@@ -362,7 +366,7 @@ def _running_output(storage: Storage, request_id: int, task: dict[str, Any]) -> 
 def cmd_logs(args: argparse.Namespace) -> int:
     with _open_db(args.dbfile) as storage:
         task = storage.get_task(args.id, args.index)
-        if task["state"] == "leased":
+        if task["state"] == TaskState.LEASED:
             for line in _running_output(storage, args.id, task):
                 print(line.rstrip("\n"))
             return 0
@@ -482,7 +486,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         print(f"sheepdog: interrupted: {stop_interrupted(args.id, config)}", file=sys.stderr,
               flush=True)
         return 130
-    return 0 if counts.get("done", 0) == sum(counts.values()) else 1
+    return 0 if counts.get(TaskState.DONE, 0) == sum(counts.values()) else 1
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
@@ -499,18 +503,19 @@ def cmd_attach(args: argparse.Namespace) -> int:
         counts = storage.task_counts(args.id)
     for hint in _rerun_hints(args.id, counts):
         print(hint, file=sys.stderr)
-    return 0 if counts.get("done", 0) == sum(counts.values()) else 1
+    return 0 if counts.get(TaskState.DONE, 0) == sum(counts.values()) else 1
 
 
 def _rerun_hints(request_id: int, counts: dict[str, int]) -> list[str]:
     """What to run for a request's tasks that ended without a result, 80 columns wide."""
     hints = []
-    if counts.get("cancelled"):
-        hints.append(f"request {request_id}: {counts['cancelled']} tasks were cancelled; run "
-                     f"them again with `sheepdog rerun {request_id} --cancelled --wait`")
-    if counts.get("error"):
-        hints.append(f"request {request_id}: {counts['error']} tasks failed or were lost: "
-                     f"`sheepdog errors {request_id}` says why; once that is fixed, run them "
+    if counts.get(TaskState.CANCELLED):
+        hints.append(f"request {request_id}: {counts[TaskState.CANCELLED]} tasks were "
+                     f"cancelled; run them again with "
+                     f"`sheepdog rerun {request_id} --cancelled --wait`")
+    if counts.get(TaskState.ERROR):
+        hints.append(f"request {request_id}: {counts[TaskState.ERROR]} tasks failed or were "
+                     f"lost: `sheepdog errors {request_id}` says why; once that is fixed, run them "
                      f"again with `sheepdog rerun {request_id} --failed --wait`")
     return [textwrap.fill(hint, COLUMNS, break_long_words=False, break_on_hyphens=False)
             for hint in hints]
@@ -527,7 +532,7 @@ def _ports_to_serve(
         rid = row["id"]
         if only and rid not in only:
             continue
-        if row["state"] != "open" or not storage.open_task_indices(rid):
+        if row["state"] != RequestState.OPEN or not storage.open_task_indices(rid):
             continue
         latest = storage.latest_job(rid)
         if latest is None or latest.port is None:

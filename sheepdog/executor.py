@@ -35,7 +35,7 @@ from .errors import RemoteError, SerialisationError, SheepdogError
 from .programs import program_source
 from .scheduler import check_options
 from .session import Session, check_cache
-from .store import OPEN_STATES, Storage
+from .store import OPEN_STATES, Storage, TaskState
 from .watch import Watcher
 
 __all__ = ["Executor"]
@@ -456,7 +456,7 @@ class Executor(concurrent.futures.Executor):
             future = out.futures[index - 1]
             if future.cancelled():
                 cancelled.append(index)
-            elif states[index - 1] == "pending":
+            elif states[index - 1] == TaskState.PENDING:
                 continue
             elif not future.set_running_or_notify_cancel():
                 cancelled.append(index)

@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import serialisation
+from ._error_policy import ErrorPolicy
 from ._hints import sheepdog_command
 from ._session_submit import CACHE_CHOICES, Submitting, _quiet, check_cache
 from ._session_submit import function_name as function_name
 from .errors import RemoteError, SheepdogError, TaskFailedError
 from .errors import TimeoutError as SheepdogTimeoutError
 from .scheduler import Deletion
-from .store import OPEN_STATES
+from .store import OPEN_STATES, FailureKind
 from .store.queue import LOST_KINDS
 from .watch import Watcher, wait_for_request
 
@@ -90,13 +91,13 @@ def failure_summary(
     lost task's error, which has no exception of its own.
     """
     errors = [error for _, error in failed]
-    n_cancelled = sum(1 for error in errors if error.kind == "cancelled")
+    n_cancelled = sum(1 for error in errors if error.kind == FailureKind.CANCELLED)
     n_failed = len(errors) - n_cancelled
     parts = [f"{n_failed} of {n_tasks} tasks failed"] if n_failed else []
     if n_cancelled:
         were = "was" if n_cancelled == 1 else "were"
         parts.append(f"{n_cancelled}{'' if n_failed else f' of {n_tasks} tasks'} {were} cancelled")
-    first = next((e for e in errors if e.kind != "cancelled"), errors[0])
+    first = next((e for e in errors if e.kind != FailureKind.CANCELLED), errors[0])
     why = first.summary + (f" ({exits})" if exits and first.kind in LOST_KINDS else "")
     head = f"sheepdog: request {request_id}: {' and '.join(parts)}; task {first.task_index}: {why}"
     lines = textwrap.wrap(head, SUMMARY_COLUMNS, subsequent_indent="  ", break_on_hyphens=False)
@@ -165,8 +166,7 @@ class Session(Submitting):
         cache: bool | str = False,
     ) -> list[Any]:
         """Submit, wait and return the results in order (see :func:`sheepdog.map`)."""
-        if errors not in ("none", "raise"):
-            raise ValueError(f"errors must be 'none' or 'raise', got {errors!r}")
+        policy = ErrorPolicy.parse(errors)
         cfg = self.config
         arg_list = list(args)
         if not arg_list:  # nothing to run: no request, no job
@@ -190,7 +190,7 @@ class Session(Submitting):
             ) from None
         results = self.results(request_id)
         failed = self.errors(request_id)
-        if failed and errors == "raise":
+        if failed and policy is ErrorPolicy.RAISE:
             raise TaskFailedError(
                 f"{len(failed)} of {len(arg_list)} tasks of request {request_id} failed; "
                 f"the first: {failed[0][1]}",

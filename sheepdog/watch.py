@@ -32,7 +32,7 @@ from ._watch_reach import WorkerReach
 from .errors import SheepdogError
 from .errors import TimeoutError as SheepdogTimeoutError
 from .scheduler import Deletion, Scheduler
-from .store import OPEN_STATES, Storage
+from .store import OPEN_STATES, FailureKind, Storage, TaskState
 
 if TYPE_CHECKING:
     from .config import Config
@@ -169,7 +169,7 @@ class Watcher(WorkerReach):
         rid = self.request_id
         storage.expire_leases(rid)
         counts = storage.task_counts(rid)
-        pending, leased = counts.get("pending", 0), counts.get("leased", 0)
+        pending, leased = counts.get(TaskState.PENDING, 0), counts.get(TaskState.LEASED, 0)
         if not pending and not leased:
             return
         records = storage.get_jobs(rid)
@@ -225,7 +225,9 @@ class Watcher(WorkerReach):
         last = storage.latest_job(rid)
         if last is not None and last.state == "error":
             why = last.reason or f"job {last.job_id} was in an error state"
-            self._resubmit(storage, jobs, len(open_tasks), why, reason=why, kind="job_error")
+            self._resubmit(
+                storage, jobs, len(open_tasks), why, reason=why, kind=FailureKind.JOB_ERROR
+            )
             return
         reason = self.scheduler.accounting(jobs[-1])
         self._resubmit(
@@ -276,7 +278,7 @@ class Watcher(WorkerReach):
         why: str,
         *,
         reason: str = "",
-        kind: str = "job_lost",
+        kind: str = FailureKind.JOB_LOST,
     ) -> None:
         """Submit fresh array tasks for the open work, or fail it once retries are used up."""
         rid = self.request_id

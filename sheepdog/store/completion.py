@@ -16,6 +16,7 @@ from ..blobs import is_ref
 from ..errors import UnknownTaskError
 from .db import OPEN_STATES_SQL
 from .leases import RUN_SQL, Lease, Leases, run_of_token
+from .states import FailureKind, TaskState
 
 __all__ = ["Completion"]
 
@@ -99,10 +100,10 @@ class Completion(Leases):
             if r["ok"]:
                 # The server names an uploaded blob by its reference; other callers give bytes.
                 value = r["value"] if is_ref(r["value"]) else self.store_value(r["value"])
-                state, error = "done", None
+                state, error = TaskState.DONE, None
             else:
-                state, value = "error", None
-                error = json.dumps({"kind": "exception", **r["error"]})
+                state, value = TaskState.ERROR, None
+                error = json.dumps({"kind": FailureKind.EXCEPTION, **r["error"]})
             # A result under a lease of an earlier run (a worker still running when the task
             # was rerun, or its spool file put back) is not this run's: taken as a duplicate.
             token = r.get("lease")

@@ -14,14 +14,15 @@ from typing import Any
 
 from ..errors import UnknownRequestError
 from .db import OPEN_STATES_SQL, Database
+from .states import FailureKind, TaskState
 
 __all__ = ["LOST_KINDS", "RERUN_CHOICES", "Interventions"]
 
 #: Error kinds of tasks whose worker or job went away: a worker that stopped renewing
 #: its lease, a job that left the queue with work undone, a job in Grid Engine's error
 #: state.
-LOST_KINDS = ("lost", "job_lost", "job_error")
-_LOST_SQL = ", ".join(f"'{kind}'" for kind in LOST_KINDS)
+LOST_KINDS = (FailureKind.LOST, FailureKind.JOB_LOST, FailureKind.JOB_ERROR)
+_LOST_SQL = ", ".join(f"'{kind.value}'" for kind in LOST_KINDS)
 
 #: What :meth:`Interventions.rerun_tasks` may choose, each as a condition on a task's row:
 #: ``failed`` is every task that ended in an error, as every display counts them (the
@@ -40,7 +41,7 @@ class Interventions(Database):
     def cancel(self, request_id: int, reason: str = "cancelled by the user") -> int:
         """Cancel the request: no more leases, open tasks become cancelled; return how many."""
         error = json.dumps(
-            {"type": "Cancelled", "message": reason, "traceback": "", "kind": "cancelled"}
+            {"type": "Cancelled", "message": reason, "traceback": "", "kind": FailureKind.CANCELLED}
         )
         with self._write() as conn:
             cursor = conn.execute(
@@ -57,8 +58,10 @@ class Interventions(Database):
 
     def cancel_tasks(self, request_id: int, indices: Iterable[int], reason: str) -> list[int]:
         """Cancel the given open tasks only (the request stays open); return those changed."""
-        error = {"type": "Cancelled", "message": reason, "traceback": "", "kind": "cancelled"}
-        return self._end_tasks(request_id, indices, "cancelled", error)
+        error = {
+            "type": "Cancelled", "message": reason, "traceback": "", "kind": FailureKind.CANCELLED,
+        }
+        return self._end_tasks(request_id, indices, TaskState.CANCELLED, error)
 
     def fail_tasks(
         self,
@@ -81,7 +84,7 @@ class Interventions(Database):
             "kind": kind,
             **(extra or {}),
         }
-        return self._end_tasks(request_id, indices, "error", error)
+        return self._end_tasks(request_id, indices, TaskState.ERROR, error)
 
     def _end_tasks(
         self, request_id: int, indices: Iterable[int], state: str, error: dict[str, Any]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from ..blobs import is_ref
 from ..errors import UnknownRequestError
 from .db import DEFAULT_SETTINGS, Database
+from .states import FailureKind
 
 __all__ = ["RENEW_SQL", "RUN_SQL", "Lease", "Leases", "lease_token", "run_of_token"]
 
@@ -109,7 +110,7 @@ class Leases(Database):
                     ),
                     "traceback": "",
                     "host": host,
-                    "kind": "lost",
+                    "kind": FailureKind.LOST,
                     "time": expired,
                 }
                 conn.execute(

@@ -9,7 +9,8 @@ import json
 from typing import Any
 
 from ..errors import UnknownTaskError
-from .db import OPEN_STATES, OPEN_STATES_SQL, Database
+from .db import OPEN_STATES_SQL, Database
+from .states import OPEN_STATES, FailureKind, TaskState
 
 __all__ = ["ERROR_GROUP_INDICES", "ERROR_KIND_SQL", "TaskReads", "error_text"]
 
@@ -73,7 +74,8 @@ class TaskReads(Database):
     def task_counts(self, request_id: int) -> dict[str, int]:
         """Return the number of tasks in each state, every state present."""
         self._request_row(request_id, "id")
-        counts = dict.fromkeys(("pending", "leased", "done", "error", "cancelled"), 0)
+        # Keyed by the plain words, as the rows give them (and repr and pickle show them).
+        counts = dict.fromkeys((state.value for state in TaskState), 0)
         with self._lock:
             for state, count in self.conn.execute(
                 "SELECT state, count(*) FROM tasks WHERE request_id = ? GROUP BY state",
@@ -114,7 +116,7 @@ class TaskReads(Database):
         out = []
         for idx, args, error, stdout, stderr in rows:
             data = _load_error(error)
-            data.setdefault("kind", "exception")
+            data.setdefault("kind", FailureKind.EXCEPTION)
             data.setdefault("stdout", stdout or "")
             data.setdefault("stderr", stderr or "")
             out.append((int(idx), self.load_value(args), data))
@@ -169,7 +171,7 @@ class TaskReads(Database):
             data = None
             if state != "done":
                 data = _load_error(error)
-                data.setdefault("kind", "exception")
+                data.setdefault("kind", FailureKind.EXCEPTION)
                 data.setdefault("stdout", stdout or "")
                 data.setdefault("stderr", stderr or "")
             value = None if result is None else self.load_value(result)

@@ -21,7 +21,7 @@ from .store import JobRecord, Storage
 
 __all__ = ["RequestJobs", "StoredRequest"]
 
-logger = logging.getLogger("sheepdog._submit")  # the name it logged under before the split
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from .server.tls import fingerprint_sha256
 
 __all__ = ["submit_request"]
 
-logger = logging.getLogger("sheepdog._submit")  # the name it logged under before the split
+logger = logging.getLogger(__name__)
 
 
 def submit_request(

@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +21,7 @@ from cluster_fixture import scheduler_of
 from terminal import interruptible
 
 import sheepdog
+from sheepdog._net import health_problem
 from sheepdog._poll import poll_until
 from sheepdog.config import as_config
 from sheepdog.job_file import stub_source
@@ -320,12 +322,21 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         return int(done.stdout.split()[-1])
 
-    def release(rid: int) -> None:
+    def release_once_served(rid: int) -> threading.Thread:
+        """Release request ``rid``'s held job once a server answers on its port (serve's)."""
         with Storage(str(db)) as storage:
             (job,) = storage.get_jobs(rid)
-        job_id = job.job_id
-        with open_remote(as_config(config)) as remote:
-            remote.run(f"{'scontrol release' if slurm else 'qrls'} {job_id}")
+        url = f"http://{job.listen_address or '127.0.0.1'}:{job.port}/"
+
+        def release() -> None:
+            assert poll_until(lambda: health_problem(url, timeout_s=2) is None,
+                              timeout_s=CLI_TIMEOUT_S), f"nothing served request {rid} at {url}"
+            with open_remote(as_config(config)) as remote:
+                remote.run(f"{'scontrol release' if slurm else 'qrls'} {job.job_id}")
+
+        thread = threading.Thread(target=release, daemon=True)
+        thread.start()
+        return thread
 
     # Request 1 is the page's own example; request 2 is still running.
     made = subprocess.run(
@@ -337,6 +348,7 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
 
     outputs: dict[str, str] = {}
     detached_pid = None
+    releasing: threading.Thread | None = None
     try:
         for command, _, output in shown:
             argv = shlex.split(command)[1:]
@@ -349,9 +361,10 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
                 argv[argv.index("--request") + 1] = str(rid)
                 argv[argv.index("--port") + 1] = str(port)
             elif command.startswith("sheepdog serve"):
-                # Held until serve --detach has looked: a fast cluster (Slurm's) could
-                # otherwise finish both tasks before it looks, leaving it nothing to serve.
+                # Held until serve serves it: a fast cluster (Slurm's) could otherwise finish
+                # both tasks before serve looks, leaving it nothing to serve.
                 rid = submit_and_leave(1.0, held=True)
+                releasing = release_once_served(rid)
             elif ">" in argv:
                 argv = argv[: argv.index(">")]
             elif argv[0] == "jobfile":
@@ -365,6 +378,9 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
                 assert_modules_checked_like(output, run(argv, check=False))
                 continue
             done = run(argv)
+            if releasing is not None:
+                releasing.join(timeout=CLI_TIMEOUT_S)
+                releasing = None
             printed = done.stdout + (done.stderr if argv[0] == "jobfile" else "")
             outputs[command] = done.stdout
             if argv[0] == "jobfile":
@@ -374,7 +390,6 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
             elif output:
                 assert_shaped_like(output, printed, command)
             if "--detach" in argv:
-                release(rid)
                 detached_pid = int(re.search(r"pid (\d+)", done.stdout).group(1))  # type: ignore[union-attr]
                 served = re.search(r"log (\S+);", done.stdout).group(1)  # type: ignore[union-attr]
                 assert (tmp_path / served).exists()

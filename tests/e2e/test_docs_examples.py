@@ -17,15 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_fixture import scheduler_of
+from cluster_fixture import hold_option, release_once_served, scheduler_of
 from terminal import interruptible
 
 import sheepdog
-from sheepdog._net import health_problem
 from sheepdog._poll import poll_until
-from sheepdog.config import as_config
 from sheepdog.job_file import stub_source
-from sheepdog.scheduler import GridEngine, open_remote, scheduler_class
+from sheepdog.scheduler import GridEngine, scheduler_class
 from sheepdog.storage import Storage
 
 pytestmark = pytest.mark.e2e
@@ -311,32 +309,14 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
             assert done.returncode == 0, f"sheepdog {' '.join(argv)}:\n{done.stdout}{done.stderr}"
         return done
 
-    slurm = scheduler_of(config) == "slurm"
-
     def submit_and_leave(seconds: float, held: bool = False) -> int:
-        hold = ["--hold" if slurm else "-h"] if held else []
+        hold = [hold_option(config)] if held else []
         done = subprocess.run(
             [sys.executable, "-c", SUBMIT_AND_LEAVE, str(config_file), str(seconds), *hold],
             cwd=tmp_path, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
         )
         assert done.returncode == 0, done.stderr
         return int(done.stdout.split()[-1])
-
-    def release_once_served(rid: int) -> threading.Thread:
-        """Release request ``rid``'s held job once a server answers on its port (serve's)."""
-        with Storage(str(db)) as storage:
-            (job,) = storage.get_jobs(rid)
-        url = f"http://{job.listen_address or '127.0.0.1'}:{job.port}/"
-
-        def release() -> None:
-            assert poll_until(lambda: health_problem(url, timeout_s=2) is None,
-                              timeout_s=CLI_TIMEOUT_S), f"nothing served request {rid} at {url}"
-            with open_remote(as_config(config)) as remote:
-                remote.run(f"{'scontrol release' if slurm else 'qrls'} {job.job_id}")
-
-        thread = threading.Thread(target=release, daemon=True)
-        thread.start()
-        return thread
 
     # Request 1 is the page's own example; request 2 is still running.
     made = subprocess.run(
@@ -364,7 +344,7 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
                 # Held until serve serves it: a fast cluster (Slurm's) could otherwise finish
                 # both tasks before serve looks, leaving it nothing to serve.
                 rid = submit_and_leave(1.0, held=True)
-                releasing = release_once_served(rid)
+                releasing = release_once_served(config, str(db), rid, CLI_TIMEOUT_S)
             elif ">" in argv:
                 argv = argv[: argv.index(">")]
             elif argv[0] == "jobfile":

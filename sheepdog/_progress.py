@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import IO, Any
 
+from .store.states import RequestState, TaskState
+
 __all__ = [
     "TASK_STATE_WORDS",
     "Progress",
@@ -39,12 +41,12 @@ MIN_BAR_COLUMNS = 10
 #: results, the bar and map's summary): a leased task that its worker runs is "running"
 #: (the rest of a worker's batch is "pending": :func:`started`), an error "failed" (a
 #: lost task too: its kind says lost).
-TASK_STATE_WORDS = {
-    "pending": "pending",
-    "leased": "running",
-    "done": "done",
-    "error": "failed",
-    "cancelled": "cancelled",
+TASK_STATE_WORDS: dict[str, str] = {
+    TaskState.PENDING: "pending",
+    TaskState.LEASED: "running",
+    TaskState.DONE: "done",
+    TaskState.ERROR: "failed",
+    TaskState.CANCELLED: "cancelled",
 }
 
 
@@ -52,15 +54,17 @@ def started(counts: Mapping[str, int], running: int) -> dict[str, int]:
     """The counts as displays show them: ``leased`` only for the ``running`` tasks
     (:meth:`Storage.running_indices`), the rest of the workers' batches as pending."""
     shown = dict(counts)
-    leased = shown.get("leased", 0)
-    shown["leased"] = min(leased, running)
-    shown["pending"] = shown.get("pending", 0) + leased - shown["leased"]
+    leased = shown.get(TaskState.LEASED, 0)
+    shown[TaskState.LEASED] = min(leased, running)
+    shown[TaskState.PENDING] = (
+        shown.get(TaskState.PENDING, 0) + leased - shown[TaskState.LEASED]
+    )
     return shown
 
 
 def ended(counts: Mapping[str, int]) -> int:
     """How many tasks are no longer open: done, failed or cancelled (what a bar has filled)."""
-    return finished_by_workers(counts) + counts.get("cancelled", 0)
+    return finished_by_workers(counts) + counts.get(TaskState.CANCELLED, 0)
 
 
 def finished_by_workers(counts: Mapping[str, int]) -> int:
@@ -69,11 +73,11 @@ def finished_by_workers(counts: Mapping[str, int]) -> int:
     Cancelled tasks are not counted: sheepdog ended those, not a worker, so they
     say nothing of whether the jobs get on.
     """
-    return counts.get("done", 0) + counts.get("error", 0)
+    return counts.get(TaskState.DONE, 0) + counts.get(TaskState.ERROR, 0)
 
 
 def _cancelled(counts: Mapping[str, int]) -> str:
-    n = counts.get("cancelled", 0)
+    n = counts.get(TaskState.CANCELLED, 0)
     return f", {n} cancelled" if n else ""
 
 
@@ -83,17 +87,17 @@ def format_counts(counts: Mapping[str, int], total: int) -> str:
     Cancelled tasks are counted apart from failed ones, and named only when there are some.
     """
     return (
-        f"{counts.get('done', 0)}/{total} done, {counts.get('error', 0)} failed"
-        f"{_cancelled(counts)}, {counts.get('leased', 0)} running, "
-        f"{counts.get('pending', 0)} pending"
+        f"{counts.get(TaskState.DONE, 0)}/{total} done, {counts.get(TaskState.ERROR, 0)} failed"
+        f"{_cancelled(counts)}, {counts.get(TaskState.LEASED, 0)} running, "
+        f"{counts.get(TaskState.PENDING, 0)} pending"
     )
 
 
 def request_state(stored: str, counts: Mapping[str, int]) -> str:
     """A request's state in the displays' words: ``running``, ``finished`` or ``cancelled``."""
-    if stored != "open":
+    if stored != RequestState.OPEN:
         return stored
-    open_tasks = counts.get("pending", 0) + counts.get("leased", 0)
+    open_tasks = counts.get(TaskState.PENDING, 0) + counts.get(TaskState.LEASED, 0)
     return "running" if open_tasks else "finished"
 
 
@@ -158,7 +162,7 @@ class Progress:
 
     def update(self, counts: Mapping[str, int]) -> None:
         """Show the new counts (nothing happens when they did not change)."""
-        done, running = counts.get("done", 0), counts.get("leased", 0)
+        done, running = counts.get(TaskState.DONE, 0), counts.get(TaskState.LEASED, 0)
         failed = ended(counts) - done
         if self._bar is not None:
             if (done, failed, running) != self._last:
@@ -203,13 +207,14 @@ class Progress:
     @staticmethod
     def _postfix(counts: Mapping[str, int]) -> str:
         """What the bar adds after the rate: failed, cancelled and running tasks, kept short."""
-        if not ended(counts) and not counts.get("leased", 0):
+        if not ended(counts) and not counts.get(TaskState.LEASED, 0):
             return "waiting for workers"
-        failed = counts.get("error", 0)
+        failed = counts.get(TaskState.ERROR, 0)
         return (
             (f"{failed} failed, " if failed else "")
-            + (f"{counts['cancelled']} cancelled, " if counts.get("cancelled") else "")
-            + f"{counts.get('leased', 0)} running"
+            + (f"{counts[TaskState.CANCELLED]} cancelled, "
+               if counts.get(TaskState.CANCELLED) else "")
+            + f"{counts.get(TaskState.LEASED, 0)} running"
         )
 
     def _line(self, counts: Mapping[str, int], now: float) -> None:

@@ -1,11 +1,11 @@
 """The worker stub's one home: where its file is, its text, and the module loaded from it.
 
 The stub (``worker_stub/sheepdog_worker.py``, installed as
-``sheepdog/_stub/sheepdog_worker.py``) is standard-library-only code pasted into
-every job file, as workers do not have sheepdog installed. The job file reads
-its text here; ``sheepdog.client`` (the original's public name), the schedulers'
-exit messages and the serialiser's local decoding use the same file through
-this module.
+``sheepdog/_stub/sheepdog_worker.py``) is standard-library-only code that every
+job file runs, as workers do not have sheepdog installed: its text, read here,
+is copied beside the job files once per version (``sheepdog.job_file.put_stub``).
+``sheepdog.client`` (the original's public name), the schedulers' exit messages
+and the serialiser's local decoding use the same file through this module.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def stub_path() -> Path:
 
 
 def stub_source() -> str:
-    """Return the worker stub's source text, as pasted into every job file."""
+    """Return the worker stub's source text, as copied beside the job files that run it."""
     return stub_path().read_text(encoding="utf-8")
 
 

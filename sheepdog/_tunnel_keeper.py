@@ -14,10 +14,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import _submit
-from .config import Config
+from . import _worker_address
+from ._stored_request import RequestJobs, StoredRequest
 from .errors import SheepdogError
-from .scheduler import Scheduler
 from .server import Server
 from .store import Storage
 
@@ -32,9 +31,7 @@ REPORT_EVERY_S = 60.0
 
 @dataclass
 class _Kept:
-    config: Config
-    scheduler: Scheduler
-    server: Server
+    jobs: RequestJobs
     failed_at: float | None = None
     reported_at: float | None = None
 
@@ -55,10 +52,11 @@ class TunnelKeeper:
 
     def add(self, request_id: int, server: Server) -> bool:
         """Keep the tunnel of ``request_id`` up if its jobs use one; True if they do."""
-        if not _submit.uses_tunnel(self.storage, request_id):
+        request = StoredRequest(self.storage, request_id)
+        if not request.uses_tunnel():
             return False
         try:
-            found = _submit.stored_scheduler(self.storage, request_id)
+            found = request.stored_scheduler()
         except SheepdogError as exc:
             self.say(f"request {request_id}: its workers use the tunnel, which cannot start "
                      f"({exc}); they reach it only via `sheepdog attach {request_id}`")
@@ -68,7 +66,8 @@ class TunnelKeeper:
                      f"config to start one with; they reach it only via `sheepdog attach "
                      f"{request_id} --config FILE`")
             return True
-        self._kept[request_id] = _Kept(*found, server)
+        config, scheduler = found
+        self._kept[request_id] = _Kept(RequestJobs(request, config, scheduler, server))
         self.keep(request_id)
         return True
 
@@ -80,8 +79,7 @@ class TunnelKeeper:
             if kept is None or (kept.failed_at is not None and now - kept.failed_at < RETRY_S):
                 continue
             try:
-                where = _submit.ensure_tunnel(self.storage, kept.config, rid, kept.scheduler,
-                                              kept.server)
+                where = _worker_address.ensure_tunnel(kept.jobs)
             except SheepdogError as exc:
                 kept.failed_at = now
                 if kept.reported_at is None or now - kept.reported_at >= REPORT_EVERY_S:
@@ -99,7 +97,7 @@ class TunnelKeeper:
         """Stop keeping ``request_id``'s tunnel (it is finished) and close its connection."""
         kept = self._kept.pop(request_id, None)
         if kept is not None:
-            kept.scheduler.close()
+            kept.jobs.scheduler.close()
 
     def close(self) -> None:
         """Close every connection: the relays on the head node see EOF and exit."""

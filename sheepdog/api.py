@@ -19,13 +19,13 @@ from typing import Any
 from . import tunnel
 from ._hints import sheepdog_command
 from ._net import health_problem, host_port, loopback_for
-from ._submit import own_server
+from ._stored_request import StoredRequest
 from .config import ConfigLike
 from .doctor import COLUMNS
 from .errors import RemoteError, SheepdogError
 from .scheduler import Scheduler
 from .session import Cancellation, Session
-from .store import DEFAULT_DBFILE, RERUN_CHOICES, Storage
+from .store import DEFAULT_DBFILE, RERUN_CHOICES, FailureKind, Storage
 
 __all__ = [
     "RERUN_DEFAULT",
@@ -170,7 +170,7 @@ def get_errors(request_id: int, dbfile: str = DEFAULT_DBFILE) -> list[tuple[Any,
     """
     with Session(dbfile=dbfile, create=False) as session:
         return [(arg, error) for arg, error in session.errors(request_id)
-                if error.kind != "cancelled"]
+                if error.kind != FailureKind.CANCELLED]
 
 
 def get_output(
@@ -209,18 +209,17 @@ def server_answers(url: str, *, timeout_s: float = 2.0) -> bool:
 
 def served(storage: Storage, request_id: int) -> bool | None:
     """Whether a server answers for the request on this machine (None: no job recorded)."""
-    jobs = storage.get_jobs(request_id)
-    info = jobs[-1]["info"] if jobs else {}
-    url, port = info.get("url"), info.get("port")
-    if not url:
+    latest = storage.latest_job(request_id)
+    url = None if latest is None else latest.url
+    if latest is None or not url:
         return None
     # The callback URL names this machine as the workers see it (host.docker.internal, a
     # name only the cluster resolves): ask where the server listens instead.
-    host = str(info.get("listen_address") or "")
+    port, host = latest.port, latest.listen_address
     if not port or not host:
-        return server_answers(str(url))
-    scheme = urllib.parse.urlsplit(str(url)).scheme or "http"
-    return server_answers(f"{scheme}://{host_port(loopback_for(host), int(port))}")
+        return server_answers(url)
+    scheme = urllib.parse.urlsplit(url).scheme or "http"
+    return server_answers(f"{scheme}://{host_port(loopback_for(host), port)}")
 
 
 #: Requests that map_async submitted from this process, to warn about at exit.
@@ -233,7 +232,7 @@ def _warn_unserved_at_exit() -> None:
         try:
             with Storage(dbfile) as storage:
                 n_open = len(storage.open_task_indices(request_id))
-                mine = own_server(storage, request_id) is not None
+                mine = StoredRequest(storage, request_id).own_server() is not None
         except SheepdogError:
             continue
         if not n_open or not mine:

@@ -16,12 +16,12 @@ import logging
 import sys
 from typing import Any
 
-from . import _submit
+from . import _worker_address
+from ._stored_request import RequestJobs
 from .config import ConfigLike, as_config
 from .session import Session
 from .spool import collect_request_spool
 from .store.db import require_database
-from .watch import Watcher
 
 __all__ = ["attach"]
 
@@ -50,19 +50,19 @@ def attach(
     require_database(cfg.dbfile)  # before the scheduler opens: the likelier mistake first
     say = _say if verbose else logger.info
     with Session(cfg, create=False) as session:
-        storage = session.storage
+        storage, request = session.storage, session.request(request_id)
         storage.count_tasks(request_id)  # an unknown id fails here, naming the database
-        if not storage.get_jobs(request_id):
+        if request.latest_job() is None:
             # Never submitted (every task from the cache, or a failed submission): nothing runs.
             return session.results(request_id)
         cfg = session.use_stored_config(request_id)
         open_now = storage.open_task_indices(request_id)
         server = session.serve_again(request_id) if open_now else None
         scheduler = session.scheduler
-        if server is not None and _submit.uses_tunnel(storage, request_id):
+        if server is not None and request.uses_tunnel():
             # The tunnel went with the process (or connection) that held it: workers still
             # retrying find the new relay in the address file; resubmitted jobs use it too.
-            where = _submit.ensure_tunnel(storage, cfg, request_id, scheduler, server)
+            where = _worker_address.ensure_tunnel(RequestJobs(request, cfg, scheduler, server))
             if where is not None:
                 say(f"request {request_id}: the tunnel is up again; workers find the relay "
                     f"at {where[0]}:{where[1]}")
@@ -70,11 +70,12 @@ def attach(
         if collected.stored or collected.duplicates or collected.rejected:
             say(collected.describe())
         if not storage.open_task_indices(request_id):
-            _submit.delete_leftovers(scheduler, storage, request_id)
+            request.delete_leftovers(scheduler)
             return session.results(request_id)
         say(f"attached to request {request_id}: {len(storage.open_task_indices(request_id))}"
             f" tasks open; watching its {scheduler.label} jobs")
-        watcher = Watcher(cfg, request_id, scheduler, server=server)
+        # The session serves the request again (serve_again): its watcher keeps that server up.
+        watcher = session.watcher(request_id)
         try:
             session.watch(request_id, verbose=verbose, timeout_s=timeout_s, watcher=watcher)
         except KeyboardInterrupt:

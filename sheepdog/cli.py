@@ -32,14 +32,8 @@ from urllib.parse import urlsplit
 from . import serialisation
 from ._hints import sheepdog_command
 from ._progress import TASK_STATE_WORDS, format_counts, request_state, started
-from ._submit import (
-    array_size,
-    batch_size,
-    delete_leftovers,
-    job_name,
-    stored_config,
-    stored_scheduler,
-)
+from ._sizing import array_size, batch_size
+from ._stored_request import StoredRequest
 from ._version import __version__
 from .api import (
     RERUN_DEFAULT,
@@ -55,7 +49,7 @@ from .doctor import DEFAULT_TIMEOUT_S, doctor, render_check
 from .errors import RemoteError, SheepdogError
 from .job_file import job_file, job_stem, key_file_name, stub_source
 from .scheduler import open_scheduler, scheduler_class
-from .store import DEFAULT_DBFILE, RERUN_CHOICES, Storage
+from .store import DEFAULT_DBFILE, RERUN_CHOICES, RequestState, Storage, TaskState
 from .store.db import require_database
 from .watch import wait_for_request
 
@@ -199,8 +193,10 @@ def cmd_requests(args: argparse.Namespace) -> int:
         counts: dict[int, list[Any]] = {}
         for row in rows:
             c = started(storage.task_counts(row["id"]), len(storage.running_indices(row["id"])))
-            counts[row["id"]] = [row["n_tasks"], c["done"], c["error"], c["cancelled"],
-                                 c["leased"], c["pending"], request_state(row["state"], c)]
+            counts[row["id"]] = [
+                row["n_tasks"], c[TaskState.DONE], c[TaskState.ERROR], c[TaskState.CANCELLED],
+                c[TaskState.LEASED], c[TaskState.PENDING], request_state(row["state"], c),
+            ]
         # Each count's column is as wide as its header or its widest number, whichever is
         # wider: 70 columns for requests of fewer than 10,000 tasks, 8 left for the label.
         heads = ("TASKS", "DONE", "FAILED", "CANCELLED", "RUNNING", "PENDING")
@@ -244,10 +240,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from_cache = f" ({cached} from the cache)" if cached else ""
     print(f"request {args.id}: {state}, {format_counts(counts, total)}{from_cache}")
     for job in jobs:
-        port = job["info"].get("port")
-        where = f", server port {port}" if port else ""
-        print(f"  job {job['job_id']}: {job['array_size']} array tasks, submitted "
-              f"{_ago(job['submitted'])}{where}")
+        where = f", server port {job.port}" if job.port else ""
+        print(f"  job {job.job_id}: {job.array_size} array tasks, submitted "
+              f"{_ago(job.submitted)}{where}")
     if note is not None:
         print(note, file=sys.stderr)
     return 0
@@ -287,7 +282,8 @@ def _results_json(
     sys.stdout.write("[")
     for i, ((arg, result), state) in enumerate(
             zip(_each_result(storage, request_id), states), start=1):
-        word = TASK_STATE_WORDS["pending" if state == "leased" and i not in running else state]
+        waits = state == TaskState.LEASED and i not in running
+        word = TASK_STATE_WORDS[TaskState.PENDING if waits else state]
         error = errors.get(i)
         # One key a line, as json.dump(indent=1) would: a terminal's 80 columns.
         sys.stdout.write(
@@ -304,11 +300,12 @@ def _print_result_row(
 ) -> None:
     """One row of ``results``: task, state, argument and result (or the error), cut to fit."""
     # A leased task that its worker has not started yet waits, as a pending one.
-    word = TASK_STATE_WORDS["pending" if state == "leased" and i not in running else state]
+    waits = state == TaskState.LEASED and i not in running
+    word = TASK_STATE_WORDS[TaskState.PENDING if waits else state]
     head = f"{i:>{task_width}}  {word:9}  {arg_text:{args_width}}  "
     room = max(10, COLUMNS - 1 - len(head))
     # Only a done task has a result; None there is a real None, not a gap.
-    if state == "done":
+    if state == TaskState.DONE:
         text = _value_text(result, room)
     elif i in errors:
         text = errors[i].summary
@@ -341,18 +338,19 @@ def _running_output(storage: Storage, request_id: int, task: dict[str, Any]) -> 
                            f"{host}; its array task's output so far (the worker's, of every "
                            "task it ran):", COLUMNS)]
     array_index = worker.rsplit(":", 1)[-1]
+    request = StoredRequest(storage, request_id)
     try:
-        stored = stored_scheduler(storage, request_id) if array_index.isdigit() else None
+        stored = request.stored_scheduler() if array_index.isdigit() else None
         if stored is None:
             return lines + ["(no stored config: its output files cannot be found)"]
         config, opened = stored
-        name = job_name(storage, request_id)
+        name = request.job_name()
         with opened as scheduler:
             jobdir = scheduler.host.absolute(config.ssh_dir).rstrip("/")
-            for job in reversed(storage.get_jobs(request_id)):
+            for job in reversed(request.jobs()):
                 found = []
                 for kind in ("o", "e"):
-                    path = f"{jobdir}/{name}.{kind}{job['job_id']}.{array_index}"
+                    path = f"{jobdir}/{name}.{kind}{job.job_id}.{array_index}"
                     try:
                         data = scheduler.host.read_bytes(path)[-RUNNING_OUTPUT_BYTES:]
                     except (OSError, SheepdogError):
@@ -368,7 +366,7 @@ def _running_output(storage: Storage, request_id: int, task: dict[str, Any]) -> 
 def cmd_logs(args: argparse.Namespace) -> int:
     with _open_db(args.dbfile) as storage:
         task = storage.get_task(args.id, args.index)
-        if task["state"] == "leased":
+        if task["state"] == TaskState.LEASED:
             for line in _running_output(storage, args.id, task):
                 print(line.rstrip("\n"))
             return 0
@@ -389,7 +387,7 @@ def _leftover_files(storage: Storage, request_id: int, names: list[str]) -> list
     """The names (of those in its job directory) of a request's files: its job file, key,
     address, array task output (.o/.e), spool, and local jobs' state files."""
     stem = job_stem(request_id, storage.get_secret(request_id)) + "."
-    states = {f".local-job-{job['job_id']}.json" for job in storage.get_jobs(request_id)}
+    states = {f".local-job-{job.job_id}.json" for job in storage.get_jobs(request_id)}
     return sorted(name for name in names if name.startswith(stem) or name in states)
 
 
@@ -400,7 +398,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
         # One look per job directory: requests may have been submitted to several.
         by_place: dict[tuple[str, str, str], tuple[Config, list[int]]] = {}
         for rid in finished:
-            config = stored_config(storage, rid)
+            config = StoredRequest(storage, rid).stored_config()
             if config is not None:
                 key = (config.scheduler, config.host, config.ssh_dir)
                 by_place.setdefault(key, (config, []))[1].append(rid)
@@ -447,7 +445,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def _request_config(args: argparse.Namespace) -> Config:
     """The config of request ``args.id``: ``--config`` if given, else the one stored with it."""
     with _open_db(args.dbfile) as storage:
-        config = stored_config(storage, args.id)
+        config = StoredRequest(storage, args.id).stored_config()
         storage.count_tasks(args.id)  # an unknown id fails here, naming the database
     if args.config is not None:
         config = as_config(args.config).replace(dbfile=args.dbfile)
@@ -488,7 +486,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         print(f"sheepdog: interrupted: {stop_interrupted(args.id, config)}", file=sys.stderr,
               flush=True)
         return 130
-    return 0 if counts.get("done", 0) == sum(counts.values()) else 1
+    return 0 if counts.get(TaskState.DONE, 0) == sum(counts.values()) else 1
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
@@ -505,18 +503,19 @@ def cmd_attach(args: argparse.Namespace) -> int:
         counts = storage.task_counts(args.id)
     for hint in _rerun_hints(args.id, counts):
         print(hint, file=sys.stderr)
-    return 0 if counts.get("done", 0) == sum(counts.values()) else 1
+    return 0 if counts.get(TaskState.DONE, 0) == sum(counts.values()) else 1
 
 
 def _rerun_hints(request_id: int, counts: dict[str, int]) -> list[str]:
     """What to run for a request's tasks that ended without a result, 80 columns wide."""
     hints = []
-    if counts.get("cancelled"):
-        hints.append(f"request {request_id}: {counts['cancelled']} tasks were cancelled; run "
-                     f"them again with `sheepdog rerun {request_id} --cancelled --wait`")
-    if counts.get("error"):
-        hints.append(f"request {request_id}: {counts['error']} tasks failed or were lost: "
-                     f"`sheepdog errors {request_id}` says why; once that is fixed, run them "
+    if counts.get(TaskState.CANCELLED):
+        hints.append(f"request {request_id}: {counts[TaskState.CANCELLED]} tasks were "
+                     f"cancelled; run them again with "
+                     f"`sheepdog rerun {request_id} --cancelled --wait`")
+    if counts.get(TaskState.ERROR):
+        hints.append(f"request {request_id}: {counts[TaskState.ERROR]} tasks failed or were "
+                     f"lost: `sheepdog errors {request_id}` says why; once that is fixed, run them "
                      f"again with `sheepdog rerun {request_id} --failed --wait`")
     return [textwrap.fill(hint, COLUMNS, break_long_words=False, break_on_hyphens=False)
             for hint in hints]
@@ -533,17 +532,16 @@ def _ports_to_serve(
         rid = row["id"]
         if only and rid not in only:
             continue
-        if row["state"] != "open" or not storage.open_task_indices(rid):
+        if row["state"] != RequestState.OPEN or not storage.open_task_indices(rid):
             continue
-        jobs = storage.get_jobs(rid)
-        if not jobs or "port" not in jobs[-1]["info"]:
+        latest = storage.latest_job(rid)
+        if latest is None or latest.port is None:
             logger.warning("request %d has no recorded server port; it is not served", rid)
             continue
-        info = jobs[-1]["info"]
-        url = urlsplit(str(info.get("url", "http://x/")))
+        url = urlsplit(latest.url or "http://x/")
         # Where the request's server listened; older records: where its URL's name resolves.
-        address = info.get("listen_address") or listen_address(url.hostname or "localhost")
-        ports.setdefault(int(info["port"]), (url.scheme, str(address), []))[2].append(rid)
+        address = latest.listen_address or listen_address(url.hostname or "localhost")
+        ports.setdefault(latest.port, (url.scheme, address, []))[2].append(rid)
     return ports
 
 
@@ -614,14 +612,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _delete_leftovers(storage: Storage, request_id: int) -> None:
     """Delete the array tasks still queued for a finished request; they would wait on us."""
+    request = StoredRequest(storage, request_id)
     try:
-        found = stored_scheduler(storage, request_id)
+        found = request.stored_scheduler()
         if found is None:
             print(f"request {request_id} is finished; it has no stored config, so its "
                   "leftover array tasks (if any) were not deleted", flush=True)
             return
         with found[1] as scheduler:
-            deletion = delete_leftovers(scheduler, storage, request_id)
+            deletion = request.delete_leftovers(scheduler)
     except SheepdogError as exc:
         print(f"request {request_id} is finished; could not delete its leftover array "
               f"tasks: {exc}", flush=True)
@@ -1087,10 +1086,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_logout, dbfile=None)
 
     p = _command(
-        sub, "worker-stub", "print the worker stub that goes into job files",
-        "Print the worker stub: the standard-library-only Python program that every\n"
-        "job file carries and that each array task runs. It is the same file\n"
-        "whatever the request; nothing is read or submitted.",
+        sub, "worker-stub", "print the worker stub that job files run",
+        "Print the worker stub: the standard-library-only Python program that each\n"
+        "array task runs, from sheepdog_worker-<digest>.py beside its job file. It is\n"
+        "the same file whatever the request; nothing is read or submitted.",
         ["sheepdog worker-stub > sheepdog_worker.py"],
     )
     p.set_defaults(run=cmd_worker_stub, dbfile=None)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
+from ._connect import ConnectMode
 from ._directives import LINE_BREAKS, check_prologue_line, check_raw_option, check_shell
 from .errors import ConfigError
 from .store.db import DEFAULT_DBFILE
@@ -48,7 +49,7 @@ DEFAULT_GE_OPTS = ("-wd $HOME/.sheepdog/", "-o $HOME/.sheepdog/", "-e $HOME/.she
 #: The values of the ``scheduler`` key: ``"auto"`` asks the head node which it runs.
 SCHEDULER_NAMES = ("auto", "gridengine", "slurm", "local")
 #: The values of the ``connect`` key: how workers reach the server (docs/connecting.rst).
-CONNECT_MODES = ("direct", "tunnel", "auto")
+CONNECT_MODES = tuple(mode.value for mode in ConnectMode)
 #: The values of the ``ssh_client`` key: which SSH client reaches the head node (docs/mfa.rst).
 SSH_CLIENTS = ("paramiko", "openssh", "auto")
 

@@ -12,7 +12,7 @@ import shlex
 from typing import Any
 
 from .errors import SubmitError
-from .job_file import JOB_FILE_MODE
+from .job_file import JOB_FILE_MODE, put_stub
 from .remote import CommandResult, Remote
 from .scheduler.gridengine import SGE_ENV_PREAMBLE
 
@@ -38,8 +38,12 @@ class Deployer(Remote):
 
         ``directory`` (relative to the home directory unless absolute) is made
         if needed, mode 0700; the file is written over SFTP, readable by you alone.
+        The worker stub that job files run goes beside it (once per version, see
+        :func:`~sheepdog.job_file.put_stub`): render ``jobfile`` with its key file in
+        ``directory`` too.
         """
         name = self._get_jobfile_path(request_id, directory).rsplit("/", 1)[1]
+        put_stub(self, directory)
         self.put(directory, [(name, jobfile, JOB_FILE_MODE)])
 
     def submit(self, request_id: int, directory: str) -> str:

@@ -28,29 +28,27 @@ exits 1 when there is one.
 
 from __future__ import annotations
 
-import inspect
-import json
 import logging
 import platform
 import shlex
 import shutil
 import sys
 import tempfile
-import textwrap
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from . import tunnel
+from ._connect import ConnectMode
+from ._doctor_probe import ProbeJob, probe_job_file
+from ._doctor_report import COLUMNS as COLUMNS  # re-exported: api.py folds its notes to it
+from ._doctor_report import FAIL, OK, SKIPPED, WARN, Check, Report
+from ._doctor_report import render_check as render_check  # re-exported: cli.py, the tests
 from ._environment import compare, payload_modules
 from ._net import host_port
-from ._poll import poll_until
-from ._submit import server_for, worker_address
-from .client import stub
+from ._server_for import server_for
+from ._worker_address import worker_address
 from .config import Config, ConfigLike, as_config
 from .errors import ConfigError, SheepdogError
-from .job_file import JOB_FILE_MODE, job_head
 from .openssh import OpenSSHRemote, openssh_of, takes_over
 from .remote import Login, Remote
 from .scheduler import Scheduler, check_options, open_remote, open_scheduler
@@ -66,120 +64,8 @@ logger = logging.getLogger(__name__)
 
 #: How long the probe job may take, queue wait included, unless told otherwise.
 DEFAULT_TIMEOUT_S = 300.0
-#: Bound on each connection the probe job tries from the execution node.
-NODE_PROBE_TIMEOUT_S = 5.0
 #: The oldest Python the worker stub runs on.
 OLDEST_WORKER_PYTHON = (3, 6)
-#: Columns the report keeps to, and where a check's words start.
-COLUMNS = 80
-_LABEL_COLUMNS = 15
-
-OK, WARN, FAIL, SKIPPED = "ok", "warn", "FAIL", "skip"
-
-#: What the probe job runs on an execution node, under the workers' Python: it prints
-#: nothing, but writes one JSON file. Python 2 must parse it too, so that a Python that
-#: is too old is reported rather than a SyntaxError.
-PROBE_SOURCE = r'''
-import importlib, json, os, platform, socket, sys
-
-
-def reach(address, timeout):
-    host, port = address.rsplit(":", 1)
-    host = host.strip("[]")
-    try:
-        conn = socket.create_connection((host, int(port)), timeout)
-    except Exception as e:
-        return {"ok": False, "said": "cannot connect to %s: %s: %s" % (
-            address, type(e).__name__, e)}
-    try:
-        conn.settimeout(timeout)
-        conn.sendall(("GET /api/v1/health HTTP/1.0\r\nHost: %s\r\n\r\n" % host).encode("ascii"))
-        data = b""
-        while len(data) < 65536:
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except Exception as e:
-        return {"ok": False, "said": "connected to %s, but no answer: %s: %s" % (
-            address, type(e).__name__, e)}
-    finally:
-        conn.close()
-    status = data.split(b"\r\n", 1)[0].decode("latin-1")
-    if " 200 " not in status + " " or b'"ok"' not in data:
-        return {"ok": False, "said": "%s answered, but not as sheepdog's server: %r" % (
-            address, status[:100])}
-    return {"ok": True, "said": "%s answered" % address}
-
-
-def probe(out_path, targets, timeout, modules=()):
-    found = {
-        "modules": dict((name, module_version(name)) for name in modules),
-        "python": platform.python_version(),
-        "version": list(sys.version_info[:3]),
-        "implementation": platform.python_implementation().lower(),
-        "executable": sys.executable,
-        "node": socket.gethostname(),
-        "reach": dict((name, reach(address, timeout)) for name, address in targets),
-    }
-    tmp = out_path + ".part"
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(found))
-    os.rename(tmp, out_path)
-'''
-
-
-@dataclass(frozen=True)
-class Check:
-    """One thing :func:`doctor` looked at: its verdict, what it found, and the fix."""
-
-    name: str
-    #: ``ok``, ``warn`` (works, but read this), ``FAIL`` (a blocker) or ``skip`` (not checked).
-    status: str
-    detail: str
-    fix: str = ""
-
-
-@dataclass
-class Report:
-    """Every check :func:`doctor` made, in order; ``ok`` when none is a blocker."""
-
-    target: str
-    checks: list[Check] = field(default_factory=list)
-
-    @property
-    def blockers(self) -> list[Check]:
-        """The checks that stop maps from working."""
-        return [check for check in self.checks if check.status == FAIL]
-
-    @property
-    def ok(self) -> bool:
-        """True when maps with this config can work: no blocker."""
-        return not self.blockers
-
-    def summary(self) -> str:
-        """The last line: the verdict."""
-        if self.ok:
-            return f"sheepdog doctor: {self.target}: ready, no blockers"
-        n = len(self.blockers)
-        return (f"sheepdog doctor: {self.target}: {n} blocker{'s' if n > 1 else ''} (FAIL "
-                "above); fix and run it again")
-
-    def render(self) -> str:
-        """The report as text for an 80-column terminal, one check after another."""
-        return "\n".join([*(render_check(check) for check in self.checks), self.summary()])
-
-
-def render_check(check: Check) -> str:
-    """One check as lines of at most 80 columns: verdict, name, what it found, the fix."""
-    indent = " " * (6 + _LABEL_COLUMNS)
-    first = f"{check.status:<6}{check.name:<{_LABEL_COLUMNS}}"
-    lines = textwrap.wrap(check.detail, COLUMNS, initial_indent=first, subsequent_indent=indent,
-                          break_on_hyphens=False) or [first.rstrip()]
-    if check.fix:
-        lines += textwrap.wrap(check.fix, COLUMNS, initial_indent=indent + "fix: ",
-                               subsequent_indent=indent + "     ", break_on_hyphens=False)
-    return "\n".join(lines)
 
 
 def asks_for_code(config: Config, remote: Remote) -> str:
@@ -205,34 +91,6 @@ def asks_for_code(config: Config, remote: Remote) -> str:
     if moved:
         return "the host asks for a second factor (keyboard-interactive) after the key"
     return "the host asks for no second factor after the key"
-
-
-def probe_job_file(
-    config: Config, scheduler: type[Scheduler], out_path: str,
-    targets: list[tuple[str, str]], *, timeout_s: float = NODE_PROBE_TIMEOUT_S,
-    modules: Sequence[str] = (),
-) -> str:
-    """The probe job's file: the config's job head (options, prologue, Python), then the probe.
-
-    It writes what it found as JSON to ``out_path`` (on the cluster), tries each
-    ``(name, "host:port")`` of ``targets`` with a health call, bounded by ``timeout_s``,
-    and imports each of ``modules`` (the worker stub's ``module_version``).
-    """
-    head = job_head(config.shell, config.job_options(scheduler), 1, prologue=config.prologue,
-                    scheduler=scheduler, max_running=config.max_running)
-    return "\n".join([
-        *head,
-        "# sheepdog doctor's probe job: which Python runs here, and can it reach the server?",
-        PROBE_SOURCE.strip("\n"),
-        "",
-        "",
-        inspect.getsource(stub.module_version).rstrip("\n"),
-        "",
-        "",
-        f"probe({out_path!r}, {[list(t) for t in targets]!r}, {timeout_s!r}"
-        + (f", {list(modules)!r})" if modules else ")"),
-        "",
-    ])
 
 
 def doctor(
@@ -279,7 +137,7 @@ def check_modules_of(check: Sequence[str] | Callable[..., Any] | None) -> list[s
     return names
 
 
-class _Doctor:
+class _Doctor(ProbeJob):
     """One run of :func:`doctor`: the connection, the throwaway server, the checks so far."""
 
     def __init__(self, config: Config, timeout_s: float, on_check: Callable[[Check], None]):
@@ -480,125 +338,10 @@ class _Doctor:
         """The relay's address on the head node, or None and why it did not start."""
         assert self.scheduler is not None and self.server is not None
         try:
-            return worker_address(self.config, self.scheduler, self.server, "tunnel"), ""
+            return worker_address(self.config, self.scheduler, self.server,
+                                  ConnectMode.TUNNEL), ""
         except SheepdogError as exc:
             return None, str(exc)
-
-    def run_probe_job(
-        self, kind: type[Scheduler], relay: tuple[str, int] | None
-    ) -> dict[str, Any] | None:
-        """Submit the probe job, wait for its answer (bounded), clean up; None if none came."""
-        assert self.scheduler is not None and self.server is not None
-        assert self.server.port is not None  # started by the server check
-        cfg, scheduler, host = self.config, self.scheduler, self.scheduler.host
-        direct = host_port(cfg.localhost, self.server.port)
-        targets = [("direct", direct)]
-        if relay is not None:
-            targets.append(("tunnel", host_port(*relay)))
-        jobdir = host.absolute(cfg.ssh_dir).rstrip("/")
-        name = f"sheepdog_doctor_{uuid.uuid4().hex[:12]}.py"
-        out_path = f"{jobdir}/{name}.json"
-        job_id = ""
-        try:
-            text = probe_job_file(cfg, kind, out_path, targets, modules=self.modules)
-            host.put(jobdir, [(name, text, JOB_FILE_MODE)])
-            job_id = scheduler.submit(f"{jobdir}/{name}", name=name, array_size=1,
-                                      workdir=jobdir if cfg.raw_options is None else None)
-        except SheepdogError as exc:
-            self.add("probe job", FAIL, f"could not submit a one-task array job: {exc}",
-                     "fix what the message names, then try `sheepdog jobfile` to see a job file")
-            self._remove(jobdir, name)
-            return None
-        said: dict[str, Any] = {}
-        try:
-            answered = poll_until(lambda: self._answer(out_path, job_id, said),
-                                  timeout_s=self.timeout_s, interval_s=1.0, max_interval_s=5.0)
-            if answered and "found" in said:
-                found: dict[str, Any] = said["found"]
-                self.add("probe job", OK, f"{scheduler.label} job {job_id} ran on "
-                         f"{found.get('node')} and answered")
-                return found
-            self.add("probe job", FAIL, *self._no_answer(job_id, jobdir, name, said))
-            return None
-        finally:
-            if job_id:
-                scheduler.delete([job_id])
-            self._remove(jobdir, name)
-
-    def _answer(self, out_path: str, job_id: str, said: dict[str, Any]) -> bool:
-        """Whether the probe job is over: it answered (``said["found"]``) or it left."""
-        assert self.scheduler is not None
-        try:
-            said["found"] = json.loads(self.scheduler.host.read_bytes(out_path))
-            return True
-        except FileNotFoundError:
-            pass
-        except (SheepdogError, ValueError) as exc:
-            said["error"] = str(exc)
-        listing = self.scheduler.status([job_id])
-        if listing is None:
-            return False  # no answer from the scheduler: unknown, not gone
-        job = listing.get(job_id)
-        if job is not None and job.in_error:
-            said["in_error"] = "; ".join(self.scheduler.error_reasons(job_id)) or "error state"
-            return True
-        if job is not None and job.queued:
-            waiting = self.scheduler.why_waiting(job_id)
-            if waiting.permanent:
-                said["never"] = waiting.permanent
-                return True
-            said["waiting"] = "; ".join(waiting.reasons)
-        # Gone: look once more, as the file may have come just before it left.
-        if job is None:
-            try:
-                said["found"] = json.loads(self.scheduler.host.read_bytes(out_path))
-            except (FileNotFoundError, SheepdogError, ValueError):
-                said["gone"] = True
-            return True
-        return False
-
-    def _no_answer(
-        self, job_id: str, jobdir: str, name: str, said: dict[str, Any]
-    ) -> tuple[str, str]:
-        """Why the probe job gave no answer (the scheduler's and the job's own words), and
-        what to do."""
-        assert self.scheduler is not None
-        label = f"{self.scheduler.label} job {job_id}"
-        check = ("check the config's shell (the workers' Python, on the execution nodes), "
-                 "prologue and scheduler options")
-        if "in_error" in said:
-            return f"{label} went into an error state: {said['in_error']}", check
-        if "never" in said:
-            return f"{label} can never start: {said['never']}", check
-        if "gone" not in said:
-            waiting = f" (it waits: {said['waiting']})" if said.get("waiting") else ""
-            unreadable = f"; reading its answer failed: {said['error']}" if "error" in said else ""
-            return (f"{label} did not answer within {self.timeout_s:g} s{waiting}{unreadable}",
-                    "give it longer with --timeout, or look at the queue (qstat, squeue)")
-        tail = self._stderr_tail(jobdir, name)
-        if tail:
-            return f"{label} ended without an answer; its stderr ends: {tail}", check
-        return f"{label} ended without an answer and wrote no stderr", check
-
-    def _stderr_tail(self, jobdir: str, name: str) -> str:
-        assert self.scheduler is not None
-        pattern = f"{shlex.quote(jobdir)}/{shlex.quote(name)}.e*"
-        try:
-            result = self.scheduler.host.run(
-                f'f=$(ls -t {pattern} 2>/dev/null | head -n 1); [ -n "$f" ] && tail -n 6 "$f"',
-                check=False, timeout_s=60)
-        except SheepdogError:
-            return ""
-        return " | ".join(line for line in result.stdout.splitlines() if line.strip())[-600:]
-
-    def _remove(self, jobdir: str, name: str) -> None:
-        """Delete the probe job's files: job file, answer, output files (best effort)."""
-        assert self.scheduler is not None
-        try:
-            self.scheduler.host.run(f"rm -f -- {shlex.quote(f'{jobdir}/{name}')}*",
-                                    check=False, timeout_s=60)
-        except SheepdogError as exc:
-            logger.warning("could not delete the probe job's files %s/%s*: %s", jobdir, name, exc)
 
     def check_python(self, found: dict[str, Any]) -> None:
         cfg = self.config
@@ -650,30 +393,32 @@ class _Doctor:
         cfg = self.config
         assert self.server is not None and self.scheduler is not None
         reach = found.get("reach") or {}
+        connect = ConnectMode(cfg.connect)
         node = found.get("node") or "the execution node"
         direct = bool(reach.get("direct", {}).get("ok"))
         tunneled = bool(reach.get("tunnel", {}).get("ok"))
-        self.add("direct", OK if direct else (FAIL if cfg.connect == "direct" else WARN),
+        self.add("direct", OK if direct else (FAIL if connect is ConnectMode.DIRECT else WARN),
                  f"{node}: {reach.get('direct', {}).get('said', 'not tried')}",
                  "" if direct else "use connect='tunnel' (or 'auto') from here"
-                 if cfg.connect == "direct" else "")
+                 if connect is ConnectMode.DIRECT else "")
         if relay is None:
-            self.add("tunnel", FAIL if cfg.connect == "tunnel" else WARN,
+            self.add("tunnel", FAIL if connect is ConnectMode.TUNNEL else WARN,
                      f"the relay did not start: {relay_error}")
         else:
-            self.add("tunnel", OK if tunneled else (FAIL if cfg.connect == "tunnel" else WARN),
+            missing = FAIL if connect is ConnectMode.TUNNEL else WARN
+            self.add("tunnel", OK if tunneled else missing,
                      f"{node}, through the relay on {relay[0]}:{relay[1]}: "
                      f"{reach.get('tunnel', {}).get('said', 'not tried')}",
                      "" if tunneled else "the execution nodes must reach the head node on "
                      "the relay's port (a firewall between them?); else use connect='direct' "
                      "from a machine they reach")
-        if cfg.connect == "auto":
+        if connect is ConnectMode.AUTO:
             port, head = self.server.port, self.scheduler.host
             assert port is not None and isinstance(head, Remote)
             where = host_port(cfg.localhost, port)
             probe = tunnel.probe_from_head(head, cfg.localhost, port)
             mode, why = tunnel.auto_choice(probe, cfg.host, where)
-            if mode == "tunnel":
+            if mode == ConnectMode.TUNNEL:
                 self.add("connect", OK if tunneled else FAIL, f"'auto' picks {why}",
                          "" if tunneled else "see the tunnel check above")
             elif direct:
@@ -687,9 +432,9 @@ class _Doctor:
                          "reach you neither directly nor through the tunnel",
                          "see the direct and tunnel checks above")
         else:
-            works = direct if cfg.connect == "direct" else tunneled
-            other = "tunnel" if cfg.connect == "direct" else "direct"
-            other_works = tunneled if cfg.connect == "direct" else direct
+            works = direct if connect is ConnectMode.DIRECT else tunneled
+            other = "tunnel" if connect is ConnectMode.DIRECT else "direct"
+            other_works = tunneled if connect is ConnectMode.DIRECT else direct
             self.add("connect", OK if works else FAIL,
                      f"connect={cfg.connect!r}: the workers {'reach' if works else 'cannot reach'}"
                      " you that way",

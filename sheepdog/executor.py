@@ -32,9 +32,10 @@ from typing import Any
 from . import serialisation
 from .config import ConfigLike, as_config
 from .errors import RemoteError, SerialisationError, SheepdogError
+from .programs import program_source
 from .scheduler import check_options
 from .session import Session, check_cache
-from .store import OPEN_STATES, Storage
+from .store import OPEN_STATES, Storage, TaskState
 from .watch import Watcher
 
 __all__ = ["Executor"]
@@ -52,18 +53,7 @@ STOP_NOTE_AFTER_S = 5.0
 # these appliers by value: the workers do not have sheepdog installed. The source is
 # registered with linecache so that ``mode="source"`` can read it back.
 _APPLIER_MODULE = "<sheepdog-applier>"
-_APPLIER_SOURCE = '''\
-def make_kwargs_applier(f):
-    def sheepdog_apply_kwargs(args, kwargs):
-        return f(*args, **kwargs)
-    return sheepdog_apply_kwargs
-
-
-def make_chunk_applier(f):
-    def sheepdog_apply_chunk(chunk):
-        return [f(*args) for args in chunk]
-    return sheepdog_apply_chunk
-'''
+_APPLIER_SOURCE = program_source("appliers")  # sheepdog/programs/appliers.py
 _applier_lock = threading.Lock()
 _appliers: dict[str, Any] = {}
 
@@ -431,7 +421,7 @@ class Executor(concurrent.futures.Executor):
                     future.set_exception(exc)
             return
         logger.info("request %d: submitted %d calls", request_id, len(values))
-        watcher = Watcher(self.config, request_id, session.scheduler, server=session.server)
+        watcher = session.watcher(request_id)
         with self._cond:
             self._outstanding[request_id] = _Outstanding(
                 futures, watcher, unstarted=set(range(1, len(futures) + 1)))
@@ -466,7 +456,7 @@ class Executor(concurrent.futures.Executor):
             future = out.futures[index - 1]
             if future.cancelled():
                 cancelled.append(index)
-            elif states[index - 1] == "pending":
+            elif states[index - 1] == TaskState.PENDING:
                 continue
             elif not future.set_running_or_notify_cancel():
                 cancelled.append(index)

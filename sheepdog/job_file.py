@@ -1,11 +1,14 @@
 """Generate job files to send to the cluster.
 
-A job file is a Python script with its scheduler's directives in its leading
+A job file is a short Python script with its scheduler's directives in its leading
 comment block: ``#!shell``, then for Grid Engine ``#$ -S shell``, ``#$ -t 1-N``
 and the raw options (``scheduler_opts``/``ge_opts``) as ``#$`` lines, for
-Slurm ``#SBATCH --array=1-N[%M]`` and ``#SBATCH`` lines; then the worker stub's
-source and a call
-``Client(url, None, request_id, job_index, secret_file=..., ...).go()``.
+Slurm ``#SBATCH --array=1-N[%M]`` and ``#SBATCH`` lines; then a few lines that
+run the worker stub, which sheepdog writes once per version beside the job files
+(``sheepdog_worker-<digest>.py``, :func:`put_stub`), and call
+``Client(url, None, request_id, job_index, secret_file=..., ...).go()``. The
+memory and run-time limits of the call come from the directives, read by the
+scheduler's class (``memory_limit_bytes``, ``run_limit_s``).
 
 A job file never holds its request's secret: ``qsub`` hands the script to
 Grid Engine, which copies it world-readable into every execution node's
@@ -17,35 +20,43 @@ local I/O with owner-only modes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import posixpath
 import re
+import secrets
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ._directives import check_line, check_prologue_line, check_raw_option, check_shell
 from ._files import write_whole
-from ._stubfile import stub_path, stub_source
-from .errors import ConfigError
-from .scheduler.base import Scheduler
+from ._stubfile import load_stub, stub_path, stub_source
+from .errors import ConfigError, SheepdogError
+from .scheduler.base import Host, Scheduler
 from .scheduler.gridengine import GridEngine
+from .scheduler.local import LocalHost
 
 __all__ = [
     "ADDRESS_FILE_MODE",
     "JOB_DIR_MODE",
     "JOB_FILE_MODE",
     "KEY_FILE_MODE",
+    "STUB_FILE_MODE",
     "address_file_name",
     "job_file",
     "job_file_name",
     "job_head",
     "job_stem",
     "key_file_name",
+    "put_stub",
     "spool_dir_name",
+    "stub_file_name",
     "stub_path",
     "stub_source",
+    "worker_limits",
     "write_job_file",
 ]
 
@@ -57,6 +68,8 @@ JOB_FILE_MODE = 0o700
 KEY_FILE_MODE = 0o600
 #: Address files hold no secret, but only their owner needs them.
 ADDRESS_FILE_MODE = 0o600
+#: The worker stub holds no secret; job files read it, so it need not be executable.
+STUB_FILE_MODE = 0o600
 #: The directory that holds job and key files: only its owner may list or enter it.
 JOB_DIR_MODE = 0o700
 
@@ -100,6 +113,41 @@ def address_file_name(request_id: int, secret: str) -> str:
     return job_stem(request_id, secret) + ".addr"
 
 
+def stub_file_name() -> str:
+    """Return the worker stub's file name beside the job files: ``sheepdog_worker-<digest>.py``.
+
+    The digest is of the stub's text, so each version has its own file: jobs of another
+    sheepdog version, queued or running, keep theirs.
+    """
+    digest = hashlib.sha256(stub_source().encode("utf-8")).hexdigest()
+    return f"sheepdog_worker-{digest[:16]}.py"
+
+
+def put_stub(host: Host, directory: str) -> str:
+    """Write the worker stub into ``directory`` on ``host`` unless it is there; return its path.
+
+    It is written once per version, whole: under a temporary name in the same directory,
+    then renamed, so a worker never reads a part of it, and maps that write it at once
+    all leave the same text (a file of that name is always whole: it is only ever made
+    by the rename). ``directory`` is made 0700 as for the job files.
+    """
+    absdir = host.absolute(directory).rstrip("/")
+    name = stub_file_name()
+    target = f"{absdir}/{name}"
+    if host.run(f"test -f {shlex.quote(target)}", check=False).exit_status == 0:
+        return target
+    temp = f".{name}.{secrets.token_hex(8)}.tmp"
+    host.put(absdir or "/", [(temp, stub_source(), STUB_FILE_MODE)])
+    try:
+        host.rename(f"{absdir}/{temp}", target)
+    except BaseException:
+        with contextlib.suppress(OSError, SheepdogError):  # the rename's error says why
+            host.remove(f"{absdir}/{temp}")
+        raise
+    logger.debug("wrote the worker stub %s", target)
+    return target
+
+
 def _check_secret(secret: str) -> None:
     # The message never shows the secret itself.
     if not isinstance(secret, str) or not re.fullmatch(r"(?:[0-9a-fA-F]{2}){16,}", secret):
@@ -132,6 +180,31 @@ def _render_options(options: Mapping[str, object]) -> str:
             )
         parts.append(f"{key}={value!r}")
     return "".join(f", {part}" for part in parts)
+
+
+def worker_limits(
+    scheduler: type[Scheduler], options: Sequence[str], given: Mapping[str, object] | None = None,
+) -> dict[str, int]:
+    """The ``Client`` options for the workers' memory and run-time limits, from the directives.
+
+    ``options`` are the job file's raw options (its directive lines);
+    ``scheduler``'s class reads them. A limit ``given`` (not None) in the client
+    options is kept. A value the scheduler's class cannot read sets no limit,
+    with a warning, as the worker did when it read its job file.
+    """
+    limits: dict[str, int] = {}
+    for key, read, what in (("mem_limit_bytes", scheduler.memory_limit_bytes, "memory"),
+                            ("run_limit_s", scheduler.run_limit_s, "run-time")):
+        if (given or {}).get(key) is not None:
+            continue
+        try:
+            value = read(options)
+        except ValueError as exc:
+            logger.warning("the workers get no %s limit: %s", what, exc)
+            continue
+        if value is not None:
+            limits[key] = value
+    return limits
 
 
 def job_head(
@@ -198,7 +271,11 @@ def job_file(
     directive line each (the name is the original's: they are sbatch options for
     Slurm). ``array_size`` makes the array smaller than ``n_args`` (each array
     task leases until no work is left). ``client_options`` are passed to the
-    stub's ``Client`` (``batch``, ``retry_s``, ``mem_limit_bytes``). Raises
+    stub's ``Client`` (``batch``, ``retry_s``...), with ``mem_limit_bytes`` and
+    ``run_limit_s`` from the directives unless they are given
+    (:func:`worker_limits`). The job file runs the stub from
+    :func:`stub_file_name` in the key file's directory (:func:`put_stub` puts
+    it there). Raises
     ConfigError for a value that cannot be written safely, by the same rules
     as :class:`~sheepdog.Config`. ``prologue`` lines run in ``/bin/sh`` on the
     worker before it execs ``shell`` on this same file (``module load``,
@@ -219,15 +296,28 @@ def job_file(
     head = job_head(shell, grid_engine_opts, size, prologue=prologue, scheduler=scheduler,
                     max_running=max_running)
     options = dict(client_options or {})
+    options.update(worker_limits(scheduler, grid_engine_opts, options))
     if tls_fingerprint is not None:
         options["tls_fingerprint"] = tls_fingerprint
     options["secret_file"] = key_path
+    stub_file = posixpath.join(posixpath.dirname(key_path), stub_file_name())
     lines = [
         *head,
-        f"# sheepdog job file for request {request_id}: {n_args} tasks. The request's",
-        "# secret is not in here but in the key file that the last line names (mode 0600).",
-        stub_source().rstrip("\n"),
+        f"# sheepdog job file for request {request_id}: {n_args} tasks. It runs the worker stub"
+        " beside it with",
+        "# the request's arguments. The request's secret is not in here but in the key file that",
+        "# the last line names (mode 0600).",
+        "import sys",
         "",
+        f"STUB = {stub_file!r}",
+        "try:",
+        '    with open(STUB, encoding="utf-8") as stub_file:',
+        '        stub_code = compile(stub_file.read(), STUB, "exec")',
+        "except OSError as e:  # ssh_dir is not on a file system this node shares",
+        '    sys.stderr.write("sheepdog: cannot read the worker stub here (%s); the execution "',
+        '                     "nodes must see ssh_dir at the same path\\n" % (e,))',
+        f"    sys.exit({load_stub().EXIT_SECRET})",
+        "exec(stub_code)  # the worker stub runs here, as if it were pasted into this file",
         "",
         'if __name__ == "__main__":',
         f"    Client({url!r}, None, {request_id!r},"
@@ -238,13 +328,13 @@ def job_file(
     return "\n".join(lines)
 
 
-
 def write_job_file(
     text: str, directory: str | os.PathLike[str], request_id: int, secret: str
 ) -> Path:
-    """Write a job file and its key file into ``directory`` (made 0700); return the job's path.
+    """Write a job file, its key file and the worker stub into ``directory`` (made 0700).
 
-    The job file is made 0700 and the key file, which holds ``secret``, 0600.
+    Returns the job file's path. The job file is made 0700 and the key file, which
+    holds ``secret``, 0600; the stub is written as :func:`put_stub` says.
     Render the job file with ``secret_file`` set to
     ``directory / key_file_name(request_id, secret)``.
     """
@@ -255,5 +345,6 @@ def write_job_file(
     write_whole(folder / key_file_name(request_id, secret), secret + "\n", KEY_FILE_MODE)
     path = folder / job_file_name(request_id, secret)
     write_whole(path, text, JOB_FILE_MODE)
+    put_stub(LocalHost(), str(folder.absolute()))
     logger.debug("wrote job file %s", path)
     return path

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import select
 import shlex
 import socket
 import subprocess
@@ -30,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ._openssh_tunnel import OpenSSHTunnel
 from .errors import FileTooLargeError, NotARegularFileError, RemoteCommandError, SSHError
 from .remote import (
     KEEPALIVE_S,
@@ -187,7 +187,7 @@ class Master:
     detail: str
 
 
-class OpenSSHRemote(Remote):
+class OpenSSHRemote(OpenSSHTunnel, Remote):
     """A :class:`~sheepdog.remote.Remote` that runs the system's ``ssh`` through a master.
 
     ``persist_s`` is ``ControlPersist``: how long the master stays open after its last use.
@@ -562,56 +562,6 @@ class OpenSSHRemote(Remote):
         if result.exit_status != 0:
             raise SSHError(f"cannot {what} on {self.host}: {result.stderr.strip()}",
                            host=self.host)
-
-    # --- the tunnel ------------------------------------------------------------------
-
-    def forward(self, target: tuple[str, int]) -> int:
-        """Open a remote forward on the master from a free loopback port of the head node
-        to ``target`` here; return that port."""
-        self.ensure_master()
-        spec = f"0:{target[0]}:{target[1]}"
-        done = self._control("forward", ["-R", spec])
-        said = done.stdout.decode("utf-8", "replace").strip()
-        if done.returncode != 0 or not said.isdigit():
-            err = done.stderr.decode("utf-8", "replace").strip()
-            raise SSHError(
-                f"the SSH server on {self.host} refused to forward a port ({err or said}), "
-                "so connect='tunnel' cannot work there: its sshd has AllowTcpForwarding set to "
-                "no or local (ask the admins for 'remote' or 'yes'), or use connect='direct' "
-                "with a localhost the execution nodes can reach", host=self.host,
-            )
-        return int(said)
-
-    def cancel_forward(self, port: int, target: tuple[str, int]) -> None:
-        """Close the remote forward :meth:`forward` opened (best effort)."""
-        try:
-            self._control("cancel", ["-R", f"{port}:{target[0]}:{target[1]}"])
-        except SSHError:
-            pass
-
-    def start(self, command: str, timeout_s: float) -> tuple[subprocess.Popen[bytes], bytes]:
-        """Start ``command`` on the head node through the master, with its stdin held open
-        (it ends when the process is stopped); return it and its first line of output."""
-        self.ensure_master()
-        proc = subprocess.Popen(
-            [*self._base(), "--", self.host, command], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        with self._lock:
-            self._relays.append(proc)
-        assert proc.stdout is not None
-        line = b""
-        deadline = time.monotonic() + timeout_s
-        fd = proc.stdout.fileno()
-        while not line.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                break
-            data = os.read(fd, 256)
-            if not data:
-                break
-            line += data
-        return proc, line
 
 
 def remove_stale_socket(path: str) -> bool:

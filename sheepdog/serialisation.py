@@ -112,10 +112,9 @@ import sysconfig
 import textwrap
 import types
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import IO, Any
 
-from sheepdog._stubfile import stub_path
+from sheepdog._stubfile import load_stub
 from sheepdog.errors import SerialisationError
 
 __all__ = [
@@ -147,8 +146,6 @@ PAYLOAD_MAGIC = b"SHEEPDOG-FN/1\n"
 MODES = ("bytecode", "source")
 _GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_NAME"})
 _FUNCTION_ATTRS = ("__defaults__", "__kwdefaults__", "__dict__")
-_STUB_BEGIN = "# ---- decoding: functions and values"
-_STUB_END = "# ---- end decoding ----"
 
 
 # ---------------------------------------------------------------------------
@@ -694,24 +691,9 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _stub_path() -> Path:
+def _stub_namespace() -> dict[str, Any]:
+    """The worker stub's names: the library decodes with the workers' own code."""
     try:
-        return stub_path()
+        return vars(load_stub())
     except FileNotFoundError as exc:
         raise SerialisationError(str(exc)) from exc
-
-
-def stub_decoding_source() -> str:
-    """Return the code of the worker stub's decoding section (between its markers)."""
-    text = _stub_path().read_text(encoding="utf-8")
-    # Start after the marker line: "# ---- decoding: ..." on line 1 of a script reads as
-    # an encoding declaration to Python.
-    start = text.index("\n", text.index(_STUB_BEGIN)) + 1
-    return text[start : text.index(_STUB_END, start)]
-
-
-@functools.lru_cache(maxsize=1)
-def _stub_namespace() -> dict[str, Any]:
-    namespace: dict[str, Any] = {"__name__": "sheepdog._stub_decoding"}
-    exec(compile(stub_decoding_source(), str(_stub_path()), "exec", dont_inherit=True), namespace)  # noqa: S102 - sheepdog's own stub source
-    return namespace

@@ -6,15 +6,17 @@ For ``connect="tunnel"`` (and ``"auto"`` when it picks it; docs/connecting.rst):
   a loopback port of the head node; each connection made there comes back as an
   SSH channel, which :func:`_pipe_channel` joins to a socket on the local server
   (with ``ssh_client="openssh"``, ``ssh -O forward -R 0:...`` on the master
-  connection does it, and says which port it got);
-- a relay, :data:`RELAY_SOURCE` (standard library only), which sheepdog starts on
+  connection does it, and says which port it got; it forwards to a gate here,
+  the relay's program run locally, which bounds those connections as
+  :func:`_pipe_channel`'s caller does);
+- a relay, :data:`RELAY_SOURCE` (sheepdog/programs/relay.py), which sheepdog starts on
   the head node over the same connection, listens where execution nodes reach
   the head node and pipes each connection to that loopback port. It exits when
   its SSH channel closes (it reads its stdin until EOF), so nothing is left
   running on the head node.
 
 Workers read the relay's ``host:port`` from the request's address file at every
-reconnection (:mod:`sheepdog._submit` writes it), so a relay started again on
+reconnection (:mod:`sheepdog._worker_address` writes it), so a relay started again on
 another port after a dropped connection costs them one retry. It is a TCP pipe:
 HTTPS with the pinned certificate goes through unchanged.
 """
@@ -22,9 +24,11 @@ HTTPS with the pinned certificate goes through unchanged.
 from __future__ import annotations
 
 import logging
+import select
 import shlex
 import socket
 import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -33,8 +37,10 @@ from dataclasses import dataclass
 
 import paramiko
 
+from ._connect import ConnectMode
 from .errors import SSHError
 from .openssh import OpenSSHRemote, openssh_of, stop
+from .programs import program_source
 from .remote import Remote
 
 __all__ = [
@@ -69,152 +75,8 @@ RELAY_MIN_CONNECTIONS = 16
 RELAY_IDLE_S = 120.0
 
 #: The relay run on the head node as ``python3 -c RELAY_SOURCE BIND PORT TARGET_PORT
-#: MAX_CONNECTIONS IDLE_S``. Python 3.6+, standard library only, one thread: a selector
-#: pipes every connection to 127.0.0.1:TARGET_PORT (the forwarded port). BIND "" means
-#: the first address other than loopback that the head node's name resolves to (where
-#: the execution nodes reach it; "0.0.0.0" only if there is none). It prints
-#: ``hostname port bound-address`` once it listens; beyond MAX_CONNECTIONS, a new
-#: connection closes the one idle longest if that was idle 5 s, else it is closed at
-#: once; connections idle for IDLE_S are closed; a line ``allow N`` on stdin
-#: sets MAX_CONNECTIONS to N. It exits at EOF on stdin, which comes when sheepdog's SSH
-#: channel (or connection) closes.
-RELAY_SOURCE = r'''
-import errno, os, selectors, socket, sys, time
-bind, port, target_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-cap, idle_s = [int(sys.argv[4])], float(sys.argv[5])
-BUFFER = 262144  # bytes held per direction; reading stops beyond it
-EVICT_IDLE_S = 5.0  # when full, a connection idle this long makes room for a new one
-R, W = selectors.EVENT_READ, selectors.EVENT_WRITE
-def where():
-    try:
-        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
-    except OSError:
-        infos = []
-    for info in infos:
-        if not info[4][0].startswith("127."):
-            return info[4][0]
-    return "0.0.0.0"
-class Side(object):
-    def __init__(self, sock):
-        self.sock, self.out, self.eof, self.shut, self.events = sock, bytearray(), False, False, 0
-class Pair(object):
-    def __init__(self, a, b):
-        self.sides, self.seen, self.closed = (Side(a), Side(b)), time.time(), False
-pairs = set()
-sel = selectors.DefaultSelector()
-def close(pair):
-    pair.closed = True
-    pairs.discard(pair)
-    for side in pair.sides:
-        if side.events:
-            sel.unregister(side.sock)
-        side.sock.close()
-def update(pair):
-    if pair.closed:
-        return
-    a, b = pair.sides
-    for side, peer in ((a, b), (b, a)):
-        if side.eof and not peer.out and not peer.shut:
-            try:
-                peer.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            peer.shut = True
-    if a.eof and b.eof and not a.out and not b.out:
-        close(pair)
-        return
-    for side, peer in ((a, b), (b, a)):
-        events = (R if not side.eof and len(peer.out) < BUFFER else 0) | (W if side.out else 0)
-        if events != side.events:
-            if not side.events:
-                sel.register(side.sock, events, (pair, side, peer))
-            elif not events:
-                sel.unregister(side.sock)
-            else:
-                sel.modify(side.sock, events, (pair, side, peer))
-            side.events = events
-def step(pair, side, peer, events):
-    pair.seen = time.time()
-    try:
-        if events & W:
-            del side.out[:side.sock.send(side.out)]
-        if events & R:
-            data = side.sock.recv(65536)
-            if data:
-                peer.out += data
-            else:
-                side.eof = True
-    except (BlockingIOError, InterruptedError):
-        pass
-def accept(listener):
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            return  # e.g. out of file descriptors: the connection waits in the queue
-        if len(pairs) >= cap[0]:
-            # Full: make room by closing the connection idle longest, if it has been idle a
-            # while (a stranger's held connection, or a worker's between calls: it
-            # reconnects); else refuse this one.
-            oldest = min(pairs, key=lambda p: p.seen)
-            if time.time() - oldest.seen < EVICT_IDLE_S:
-                conn.close()
-                continue
-            close(oldest)
-        conn.setblocking(False)
-        up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        up.setblocking(False)
-        err = up.connect_ex(("127.0.0.1", target_port))
-        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-            sys.stderr.write("sheepdog relay: cannot reach 127.0.0.1:%d: %s\n"
-                             % (target_port, os.strerror(err)))
-            conn.close()
-            up.close()
-            continue
-        pair = Pair(conn, up)
-        pairs.add(pair)
-        update(pair)
-address = bind or where()
-listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-listener.bind((address, port))
-listener.listen(128)
-listener.setblocking(False)
-sys.stdout.write("%s %d %s\n" % (socket.gethostname(), listener.getsockname()[1], address))
-sys.stdout.flush()
-sel.register(listener, R, None)
-sel.register(0, R, "stdin")
-control = b""
-while True:
-    for key, events in sel.select(1.0):
-        if key.data is None:
-            accept(listener)
-        elif key.data == "stdin":
-            data = os.read(0, 65536)
-            if not data:
-                os._exit(0)
-            control += data
-            while b"\n" in control:
-                line, control = control.split(b"\n", 1)
-                words = line.split()
-                if len(words) == 2 and words[0] == b"allow" and words[1].isdigit():
-                    cap[0] = int(words[1])
-        else:
-            pair, side, peer = key.data
-            if pair.closed:
-                continue
-            try:
-                step(pair, side, peer, events)
-            except OSError:
-                close(pair)
-                continue
-            update(pair)
-    now = time.time()
-    for pair in [p for p in pairs if now - p.seen > idle_s]:
-        close(pair)
-'''
+#: MAX_CONNECTIONS IDLE_S``: the text of :mod:`sheepdog.programs.relay`, which says what it does.
+RELAY_SOURCE = program_source("relay")
 
 
 class _Activity:
@@ -259,6 +121,7 @@ def _pipe_channel(channel: paramiko.Channel, target: tuple[str, int]) -> None:
         logger.warning("tunnel: cannot reach the local server at %s:%d: %s", *target, exc)
         channel.close()
         return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # Reads wake up this often to see whether the connection has gone idle.
     wake_s = RELAY_IDLE_S / 4
     sock.settimeout(wake_s)
@@ -279,6 +142,48 @@ def _relay_answer_ok(line: bytes) -> bool:
     """Whether the relay's first line says where it listens: ``NAME PORT BOUND``."""
     words = line.decode("utf-8", "replace").split()
     return len(words) == 3 and words[1].isdigit()
+
+
+class _Gate:
+    """The relay program run here, between OpenSSH's forward and the server.
+
+    ``ssh -R`` would connect every connection to the head node's loopback port
+    straight to the server; anyone on the head node can open them. Through the
+    gate they are bounded as the relay's and paramiko's pipes are: one thread,
+    at most ``max_connections``, idle ones closed. It listens on 127.0.0.1 and
+    exits when its stdin closes (:meth:`close`, or this process's end).
+    """
+
+    def __init__(self, target: tuple[str, int], max_connections: int) -> None:
+        self.target = target
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", RELAY_SOURCE, "127.0.0.1", "0", str(target[1]),
+             str(max_connections), f"{RELAY_IDLE_S:g}", target[0]],
+            # Not a pipe: nobody reads it while the gate runs, and a full pipe would stop
+            # the gate at its next line ("cannot reach" a server that is restarting).
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], RELAY_START_S)
+        line = self.proc.stdout.readline() if ready else b""
+        if not _relay_answer_ok(line):
+            stop(self.proc)
+            raise SSHError(f"the tunnel's gate on this machine did not start within "
+                           f"{RELAY_START_S:g} s: it printed {line!r}", host="localhost")
+        self.port = int(line.split()[1])
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def allow(self, max_connections: int) -> None:
+        """Let the gate hold ``max_connections`` at once."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"allow {max_connections}\n".encode())
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        stop(self.proc)
 
 
 class Tunnel:
@@ -308,6 +213,7 @@ class Tunnel:
         # Over OpenSSH: the relay's ssh process, and the forward's port and target.
         self._proc: subprocess.Popen[bytes] | None = None
         self._forward: tuple[OpenSSHRemote, int, tuple[str, int]] | None = None
+        self._gate: _Gate | None = None
         self._address: tuple[str, int] | None = None
         self._loop_port = 0
         self._lock = threading.Lock()
@@ -325,7 +231,7 @@ class Tunnel:
         """Whether the forward's connection and the relay's channel are both still open."""
         if self._proc is not None:
             # Its ssh exits when the relay does, or when the master connection closes.
-            return self._proc.poll() is None
+            return self._proc.poll() is None and self._gate is not None and self._gate.alive
         transport, relay = self._transport, self._relay
         return bool(
             transport is not None and transport.is_active() and relay is not None
@@ -353,6 +259,8 @@ class Tunnel:
                     if self._proc is not None and self._proc.stdin is not None:
                         self._proc.stdin.write(allow)  # the relay's stdin, over OpenSSH
                         self._proc.stdin.flush()
+                        if self._gate is not None:
+                            self._gate.allow(self.max_connections)
                     else:
                         assert self._relay is not None
                         self._relay.sendall(allow)
@@ -429,9 +337,15 @@ class Tunnel:
         self._started(line, loop_port)
 
     def _start_openssh(self, openssh: OpenSSHRemote) -> None:
-        """The same over OpenSSH: a forward on the master, the relay through it."""
-        target = self.target()
-        loop_port = openssh.forward(target)
+        """The same over OpenSSH: a forward on the master to a gate here, the relay through it."""
+        self._gate = gate = _Gate(self.target(), self.max_connections)
+        openssh.stop_on_close(gate.proc)  # should the tunnel itself never be closed
+        target = ("127.0.0.1", gate.port)
+        try:
+            loop_port = openssh.forward(target)
+        except BaseException:
+            self.close()  # the gate
+            raise
         self._forward = (openssh, loop_port, target)
         self._proc, line = openssh.start(self._relay_command(loop_port), RELAY_START_S)
         if not _relay_answer_ok(line):
@@ -476,10 +390,13 @@ class Tunnel:
         """Stop the relay (its channel closes, it sees EOF) and cancel the forward."""
         relay, transport, self._relay, self._transport = self._relay, self._transport, None, None
         proc, forward, self._proc, self._forward = self._proc, self._forward, None, None
+        gate, self._gate = self._gate, None
         if proc is not None:
             stop(proc)
         if forward is not None:
             forward[0].cancel_forward(forward[1], forward[2])
+        if gate is not None:
+            gate.close()
         if relay is not None:
             relay.close()
         if transport is not None and transport.is_active():
@@ -518,15 +435,9 @@ class Probe:
     detail: str
 
 
-PROBE_SOURCE = r'''
-import socket, sys
-try:
-    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
-except Exception as e:
-    print("%s: %s" % (type(e).__name__, e))
-    sys.exit(3)
-print("connected")
-'''
+#: Run on the head node as ``python3 -c PROBE_SOURCE HOST PORT TIMEOUT_S``: the text of
+#: :mod:`sheepdog.programs.head_probe`.
+PROBE_SOURCE = program_source("head_probe")
 
 
 def probe_from_head(remote: Remote, host: str, port: int) -> Probe:
@@ -548,24 +459,27 @@ def probe_from_head(remote: Remote, host: str, port: int) -> Probe:
     return Probe(None, f"the probe exited with {result.exit_status}: {said}")
 
 
-#: What ``auto`` chose, per SSH connection (held weakly) and server port: "direct" or "tunnel".
-_chosen: weakref.WeakKeyDictionary[Remote, dict[int, str]] = weakref.WeakKeyDictionary()
+#: What ``auto`` chose, per SSH connection (held weakly) and server port: direct or tunnel.
+_chosen: weakref.WeakKeyDictionary[Remote, dict[int, ConnectMode]] = weakref.WeakKeyDictionary()
 
 
-def auto_choice(probe: Probe, head: str, where: str) -> tuple[str, str]:
+def auto_choice(probe: Probe, head: str, where: str) -> tuple[ConnectMode, str]:
     """What ``auto`` picks after ``probe`` (from the head node ``head`` to the server at
     ``where``): ``"direct"`` or ``"tunnel"``, and why, as a clause ("the tunnel: ...")."""
     if probe.reachable is False:
-        return "tunnel", (f"the tunnel: the head node {head} cannot open the server's "
-                          f"address {where} ({probe.detail})")
+        return ConnectMode.TUNNEL, (f"the tunnel: the head node {head} cannot open the "
+                                    f"server's address {where} ({probe.detail})")
     then = "it moves to the tunnel if array tasks run but none calls in"
     if probe.reachable:
-        return "direct", f"direct: the head node {head} reaches the server at {where}; {then}"
-    return "direct", (f"direct: could not test from the head node {head} whether it reaches "
-                      f"{where} ({probe.detail}); {then}")
+        return ConnectMode.DIRECT, (f"direct: the head node {head} reaches the server at "
+                                    f"{where}; {then}")
+    return ConnectMode.DIRECT, (f"direct: could not test from the head node {head} whether it "
+                                f"reaches {where} ({probe.detail}); {then}")
 
 
-def choose_mode(connect: str, host: object, server_host: str, server_port: int) -> str:
+def choose_mode(
+    connect: str, host: object, server_host: str, server_port: int
+) -> ConnectMode:
     """``"direct"`` or ``"tunnel"`` for workers reaching ``server_host:server_port``.
 
     ``connect`` is the config's key; ``host`` the scheduler's host (a tunnel needs an SSH
@@ -573,9 +487,9 @@ def choose_mode(connect: str, host: object, server_host: str, server_port: int) 
     head node once per connection and server, and says in one log line what it chose and why.
     """
     if not isinstance(host, Remote):
-        return "direct"
-    if connect != "auto":
-        return connect
+        return ConnectMode.DIRECT
+    if connect != ConnectMode.AUTO:
+        return ConnectMode(connect)
     known = _chosen.get(host, {}).get(server_port)
     if known is not None:
         return known
@@ -621,11 +535,11 @@ def is_held(host: object) -> bool:
 def switch_to_tunnel(host: object, server_port: int) -> None:
     """From now on, ``auto`` uses the tunnel for this connection and server."""
     if isinstance(host, Remote):
-        _chosen.setdefault(host, {})[server_port] = "tunnel"
+        _chosen.setdefault(host, {})[server_port] = ConnectMode.TUNNEL
 
 
 def worker_address(
-    mode: str, host: object, server_port: int, target: Callable[[], tuple[str, int]],
+    mode: ConnectMode, host: object, server_port: int, target: Callable[[], tuple[str, int]],
     direct: tuple[str, int], *, relay_address: str | None = None,
     connections_per_task: int = 4, tasks: int = 0,
 ) -> tuple[str, int]:
@@ -633,7 +547,7 @@ def worker_address(
 
     ``tasks`` more array tasks will call through the relay (see :meth:`Tunnel.address`).
     """
-    if mode != "tunnel" or not isinstance(host, Remote):
+    if mode != ConnectMode.TUNNEL or not isinstance(host, Remote):
         return direct
     return tunnel_for(
         host, target, server_port, relay_address=relay_address,

@@ -17,19 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shlex
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from . import _submit, spool, tunnel
+from . import _submit_jobs, spool
 from ._environment import mismatch_warning
 from ._poll import poll_until
 from ._progress import Progress, ended, finished_by_workers, started
+from ._sizing import array_size
+from ._stored_request import StoredRequest
+from ._watch_reach import ERR_TAIL_LINES as ERR_TAIL_LINES
+from ._watch_reach import WorkerReach
 from .errors import SheepdogError
 from .errors import TimeoutError as SheepdogTimeoutError
 from .scheduler import Deletion, Scheduler
-from .store import OPEN_STATES, Storage
+from .store import OPEN_STATES, FailureKind, Storage, TaskState
 
 if TYPE_CHECKING:
     from .config import Config
@@ -46,23 +49,24 @@ SCHEDULABLE_CHECK_S = 10.0
 #: Array tasks that run this long with none calling in are reported (and ``connect="auto"``
 #: moves to the tunnel): long enough for a worker's Python to start on a busy node.
 SILENT_S = 30.0
-#: Lines of a worker's stderr (.e) file shown when no worker calls in.
-ERR_TAIL_LINES = 6
 
 
-def now_due(
-    owner: object, attribute: str, every_s: float, *, now: float | None = None
-) -> bool:
-    """True at most once every ``every_s`` seconds per owner and attribute (for warnings)."""
-    now = time.monotonic() if now is None else now
-    last = getattr(owner, attribute, None)
-    if last is not None and now - last < every_s:
-        return False
-    setattr(owner, attribute, now)
-    return True
+class _Every:
+    """Says when something is due: at most once every ``every_s`` seconds (for warnings)."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last: float | None = None
+
+    def due(self, now: float) -> bool:
+        """True if ``every_s`` have passed since it last was (or it never was); then, not."""
+        if self._last is not None and now - self._last < self.every_s:
+            return False
+        self._last = now
+        return True
 
 
-class Watcher:
+class Watcher(WorkerReach):
     """Checks a request's jobs now and then, and acts on what it finds."""
 
     def __init__(
@@ -102,14 +106,28 @@ class Watcher:
         #: Tells a person watching (map's stderr) what they must know, besides the log.
         self.notify = notify
         self.silent_s = SILENT_S if silent_s is None else silent_s
-        self._silent_since: float | None = None
-        self._silence_told = False
-        self._tail_told = False
-        self._mode: str | None = None
-        #: The latest job id when a worker of it was seen to call in (a lease or a result).
-        self._heard_from: str | None = None
         self._env_told = False  # whether the workers' module versions were looked at
-        self._tunnel_down_told = False  # whether the tunnel's failure to start was said
+        self._waiting_warning = _Every(60.0)  # a job that waits in the queue, said this often
+
+    @classmethod
+    def for_request(
+        cls,
+        request: StoredRequest,
+        config: Config,
+        scheduler: Scheduler,
+        server: Server | None,
+        *,
+        notify: Callable[[str], None] | None = None,
+    ) -> Watcher:
+        """The watcher of a stored request, as every caller in the library makes it.
+
+        ``server`` is this process's server for the request's jobs, which it keeps
+        running; without one the watcher is passive (this process does not serve the
+        jobs), and leaves resubmission to the process that does unless they stay gone
+        for ``takeover_s``. The constructor's other keywords are for tests.
+        """
+        return cls(config, request.request_id, scheduler, server=server,
+                   passive=server is None, notify=notify)
 
     def poll(self, storage: Storage) -> None:
         """Check the jobs if it is time to; fail or resubmit work whose jobs are gone."""
@@ -151,11 +169,11 @@ class Watcher:
         rid = self.request_id
         storage.expire_leases(rid)
         counts = storage.task_counts(rid)
-        pending, leased = counts.get("pending", 0), counts.get("leased", 0)
+        pending, leased = counts.get(TaskState.PENDING, 0), counts.get(TaskState.LEASED, 0)
         if not pending and not leased:
             return
         records = storage.get_jobs(rid)
-        jobs = [str(job["job_id"]) for job in records]
+        jobs = [job.job_id for job in records]
         if not jobs:
             return
         listing = self.scheduler.status(jobs)
@@ -204,10 +222,12 @@ class Watcher:
         open_tasks = storage.open_task_indices(rid)
         if not open_tasks:
             return
-        last = storage.get_jobs(rid)[-1]
-        if last["state"] == "error":
-            why = str(last["info"].get("reason") or f"job {last['job_id']} was in an error state")
-            self._resubmit(storage, jobs, len(open_tasks), why, reason=why, kind="job_error")
+        last = storage.latest_job(rid)
+        if last is not None and last.state == "error":
+            why = last.reason or f"job {last.job_id} was in an error state"
+            self._resubmit(
+                storage, jobs, len(open_tasks), why, reason=why, kind=FailureKind.JOB_ERROR
+            )
             return
         reason = self.scheduler.accounting(jobs[-1])
         self._resubmit(
@@ -219,136 +239,17 @@ class Watcher:
     def finish(self, storage: Storage) -> Deletion | None:
         """Delete the finished request's jobs still on the cluster; say what went.
 
-        See :func:`sheepdog._submit.delete_leftovers`; None when the request never had a job.
+        See :meth:`sheepdog._stored_request.StoredRequest.delete_leftovers`; None when the request
+        never had a job.
         """
         self._check_environment(storage)  # a short map may end before the first check
-        return _submit.delete_leftovers(self.scheduler, storage, self.request_id)
+        return StoredRequest(storage, self.request_id).delete_leftovers(self.scheduler)
 
     def collect_spool(self, storage: Storage) -> spool.Collection:
         """Store the results the request's workers spooled (see :mod:`sheepdog.spool`)."""
         return spool.collect_request_spool(
             storage, self.config, self.scheduler.host, self.request_id
         )
-
-    def _check_called_in(
-        self, storage: Storage, records: list[dict[str, Any]], live: list[Any],
-        counts: dict[str, int],
-    ) -> None:
-        """Keep a tunnel up; when array tasks run but none calls in, say so, or move to it.
-
-        Never a silent 0 %: a worker that cannot reach the server says why in its .e
-        file, and that is shown here with the fix. With ``connect="auto"`` started
-        direct, the request moves to the tunnel first (the workers find it in the
-        address file at their next retry).
-        """
-        if self.server is None or self.passive or self.server.port is None:
-            return
-        info = records[-1]["info"]
-        mode = self._mode or info.get("connect")
-        if mode is None:
-            return  # submitted by a sheepdog without the connect key
-        if mode == "tunnel":
-            self._keep_tunnel(storage)
-        before = int(info.get("finished_before") or 0)
-        finished = finished_by_workers(counts)
-        latest = str(records[-1].get("job_id"))
-        if counts.get("leased", 0) or finished > before:
-            self._heard_from = latest
-        # Workers that called in and then went quiet (a frozen node, leases expired) reached
-        # the server: a stall (stall_s) is theirs to explain, not the way back to us.
-        if self._heard_from == latest or not any(j.running for j in live):
-            self._silent_since = None
-            return
-        now = self.clock()
-        if self._silent_since is None:
-            self._silent_since = now
-            return
-        silent_s = now - self._silent_since
-        if silent_s < self.silent_s:
-            return
-        where = str(info.get("url") or "")
-        if self.config.connect == "auto" and mode == "direct":
-            tunnel.switch_to_tunnel(self.scheduler.host, self.server.port)
-            host, port = _submit.publish_address(
-                storage, self.config, self.request_id, self.scheduler, self.server, "tunnel"
-            )
-            self._mode, self._silent_since = "tunnel", now
-            # Recorded: attach and serve, in another process, start the tunnel for it.
-            last = records[-1]
-            storage.set_job_state(self.request_id, str(last["job_id"]), last["state"],
-                                  {**info, "connect": "tunnel"})
-            self._tell(
-                f"request {self.request_id}: connect=auto moves to the tunnel: array tasks "
-                f"have run for {silent_s:.0f} s and none has called in at {where}; the "
-                f"workers find the relay at {host}:{port} at their next retry"
-            )
-            return
-        if self._silence_told:
-            if not self._tail_told:
-                # A worker that waits on a connection that never answers writes its reason
-                # only when its attempt times out: show it when it comes.
-                tail = self._worker_stderr_tail(storage)
-                if tail:
-                    self._tail_told = True
-                    self._tell(f"request {self.request_id}: a worker's stderr ends:\n{tail}")
-            return
-        self._silence_told = True
-        tail = self._worker_stderr_tail(storage)
-        self._tail_told = bool(tail)
-        fix = (
-            "check that the execution nodes can reach the head node and that its sshd "
-            "allows forwarding (AllowTcpForwarding)" if mode == "tunnel" else
-            "if the execution nodes cannot reach this machine, set connect=\"tunnel\" "
-            "(or \"auto\")"
-        ) + "; `sheepdog doctor CONFIG` checks each way; see \"Connecting workers to you\" in " \
-            "the docs"
-        self._tell(
-            f"request {self.request_id}: array tasks have run for {silent_s:.0f} s and none "
-            f"has called in at {where} (connect={mode}); {fix}"
-            + (f". A worker's stderr ends:\n{tail}" if tail else "")
-        )
-
-    def _keep_tunnel(self, storage: Storage) -> None:
-        """Start the tunnel again if its SSH connection dropped, and publish its new address."""
-        assert self.server is not None
-        try:
-            where = _submit.ensure_tunnel(
-                storage, self.config, self.request_id, self.scheduler, self.server
-            )
-        except SheepdogError as exc:
-            # Said once while it stays down (a lapsed login is down until the next one); the
-            # retries at every check go to the debug log.
-            level = logging.DEBUG if self._tunnel_down_told else logging.WARNING
-            self._tunnel_down_told = True
-            logger.log(level, "request %d: the tunnel is down and could not start again: %s; "
-                       "trying again at every check", self.request_id, exc)
-            return
-        self._tunnel_down_told = False
-        if where is None:
-            return
-        host, port = where
-        logger.warning("request %d: the tunnel started again; workers find the relay at "
-                       "%s:%d at their next retry", self.request_id, host, port)
-
-    def _worker_stderr_tail(self, storage: Storage) -> str:
-        """The last lines of the newest .e file of the request's array tasks, or ''."""
-        jobdir = self.scheduler.host.absolute(self.config.ssh_dir)
-        name = _submit.job_name(storage, self.request_id)
-        pattern = f"{shlex.quote(jobdir)}/{shlex.quote(name)}.e*"
-        try:
-            result = self.scheduler.host.run(
-                f"f=$(ls -t {pattern} 2>/dev/null | head -n 1); "
-                f'[ -n "$f" ] && tail -n {ERR_TAIL_LINES} "$f"',
-                check=False, timeout_s=30.0,
-            )
-        except SheepdogError:
-            return ""
-        return "\n".join("    " + line for line in result.stdout.rstrip().splitlines())
-
-    def _tell(self, message: str) -> None:
-        logger.warning("%s", message)
-        if self.notify is not None:
-            self.notify(message)
 
     def _take_over(self, jobs: tuple[str, ...], now: float) -> bool:
         """In a passive watcher: True once the jobs have been gone for ``takeover_s``.
@@ -377,24 +278,22 @@ class Watcher:
         why: str,
         *,
         reason: str = "",
-        kind: str = "job_lost",
+        kind: str = FailureKind.JOB_LOST,
     ) -> None:
         """Submit fresh array tasks for the open work, or fail it once retries are used up."""
         rid = self.request_id
         records = storage.get_jobs(rid)
         counts = storage.task_counts(rid)
         finished = finished_by_workers(counts)
-        before = records[-1]["info"].get("finished_before") if records else None
+        before = records[-1].finished_before if records else None
         # Jobs that finished tasks and left work open (workers that stopped before their
         # run-time limit, tasks_per_worker) are continued, not counted as failures.
-        progressed = before is not None and finished > int(before)
+        progressed = before is not None and finished > before
         # One submission may be several jobs (a request split at max_aj_tasks): count the
         # first part of each; jobs recorded before the split each count as one. A rerun
         # starts the count afresh: the jobs before it had their own retries.
         resubmits = sum(
-            1 for job in records
-            if int(job["info"].get("part", 1)) == 1 and not job["info"].get("continues")
-            and not job["info"].get("before_rerun")
+            1 for job in records if job.part == 1 and not job.continues and not job.before_rerun
         ) - 1
         if progressed or resubmits < self.config.retries:
             if progressed:
@@ -407,10 +306,11 @@ class Watcher:
                     "request %d: %s with %d tasks undone; resubmitting (%d of %d)",
                     rid, why, n_open, resubmits + 1, self.config.retries,
                 )
+            # To the config's server (server_for: the one the session registered for it).
             # Looked up on the module at each call: a test may stand in for it.
-            _submit.submit_request(
-                storage, self.config, rid, self.scheduler,
-                n_workers=_submit.array_size(self.config, n_open), why=why, continues=progressed,
+            _submit_jobs.submit_request(
+                self._jobs(storage, None),
+                n_workers=array_size(self.config, n_open), why=why, continues=progressed,
             )
             self.interval_s = 2.0
             self._progress_at = self.clock()
@@ -435,7 +335,7 @@ class Watcher:
                 self.request_id, storage.open_task_indices(self.request_id),
                 "unschedulable", message,
             )
-        elif now_due(self, "_warned_at", 60.0, now=self.clock()):
+        elif self._waiting_warning.due(self.clock()):
             logger.warning(
                 "request %d: job %s still waits in the queue after %.0f s: %s",
                 self.request_id, job, waited_s, "; ".join(reasons[:3]) or "no reason given",
@@ -453,10 +353,8 @@ class Watcher:
         message = f"{label} job {job} is in an error state: {why}"
         logger.warning("request %d: %s; deleting it", self.request_id, message)
         self.scheduler.delete([job])
-        info = next(
-            (dict(j["info"]) for j in storage.get_jobs(self.request_id) if str(j["job_id"]) == job),
-            {},
-        )
+        found = next((j for j in storage.get_jobs(self.request_id) if j.job_id == job), None)
+        info = {} if found is None else found.with_info()
         storage.set_job_state(self.request_id, job, "error", {**info, "reason": message})
 
 def wait_for_request(
@@ -528,12 +426,12 @@ def _passive_watcher(storage: Storage, request_id: int) -> Watcher | None:
     """A watcher for a request from its stored config: active if this process serves it."""
     if not storage.open_task_indices(request_id):
         return None
-    found = _submit.stored_scheduler(storage, request_id)
+    request = StoredRequest(storage, request_id)
+    found = request.stored_scheduler()
     if found is None:
         logger.info("request %d has no stored config: its jobs are not watched", request_id)
         return None
     # map_async then get_results(block=True) in one process: that process is the server
     # and the only one to act, at once, as map would.
-    server = _submit.own_server(storage, request_id)
     config, scheduler = found
-    return Watcher(config, request_id, scheduler, server=server, passive=server is None)
+    return Watcher.for_request(request, config, scheduler, request.own_server())

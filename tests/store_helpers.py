@@ -36,7 +36,7 @@ class Storage(LibraryStorage):
                     "UPDATE tasks SET state = 'pending', attempts = 0, lease = NULL,"
                     " lease_expires = NULL, error = NULL, finished = NULL"
                     " WHERE request_id = ? AND idx = ?"
-                    f" AND state IN ({', '.join(repr(s) for s in (*OPEN_STATES, 'error'))})",
+                    f" AND state IN ({', '.join(repr(str(s)) for s in (*OPEN_STATES, 'error'))})",
                     (request_id, idx),
                 )
                 if cursor.rowcount:

@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sheepdog.job_file import job_file, key_file_name, write_job_file
-from sheepdog.serialisation import stub_decoding_source
+from sheepdog.job_file import job_file, key_file_name, stub_source, write_job_file
 
 #: The Python that plays the worker: Debian's, if present (same minor version here).
 WORKER_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
@@ -92,7 +91,7 @@ class StubProcess:
         self.timeout_s = timeout_s
         self._cwd = tempfile.TemporaryDirectory()
         self._stderr = tempfile.TemporaryFile()
-        script = stub_decoding_source() + _SERVE
+        script = stub_source() + _SERVE
         self._process = subprocess.Popen(
             [python, "-I", "-c", script],
             stdin=subprocess.PIPE,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import stat
 import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -16,19 +18,28 @@ from sheepdog.job_file import (
     JOB_DIR_MODE,
     JOB_FILE_MODE,
     KEY_FILE_MODE,
+    STUB_FILE_MODE,
     job_file,
     job_file_name,
     key_file_name,
+    put_stub,
+    stub_file_name,
     stub_path,
     stub_source,
+    worker_limits,
     write_job_file,
 )
 from sheepdog.scheduler import Slurm, check_options
+from sheepdog.scheduler.local import LocalHost
 
 GOLDEN = Path(__file__).parent / "golden" / "job_file.txt"
-STUB_PLACEHOLDER = "# <worker stub source: worker_stub/sheepdog_worker.py>"
+#: The golden files name the stub's file by this, as its digest changes with every edit.
+STUB_PLACEHOLDER = "sheepdog_worker-<digest>.py"
 SECRET = "0123456789abcdef" * 4
 KEY_FILE = "/home/me/.sheepdog/" + key_file_name(12, SECRET)
+STUB_FILE = "/home/me/.sheepdog/" + stub_file_name()
+#: What render()'s directives (-l h_rt=1:00:00,mem_grab=2G) give the worker.
+LIMITS = {"mem_limit_bytes": 2 * 1024**3, "run_limit_s": 3600}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -64,7 +75,7 @@ def client_call(text: str) -> ast.Call:
 def test_golden_job_file() -> None:
     """The rendered job file matches tests/golden/job_file.txt (rewritten when deleted)."""
     text = render(array_size=10, client_options={"batch": 4, "retry_s": 900.0})
-    text = text.replace(stub_source().rstrip("\n"), STUB_PLACEHOLDER)
+    text = text.replace(stub_file_name(), STUB_PLACEHOLDER)
     if not GOLDEN.exists():
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(text, encoding="utf-8")
@@ -72,11 +83,22 @@ def test_golden_job_file() -> None:
     assert text == GOLDEN.read_text(encoding="utf-8")
 
 
+def stub_named(text: str) -> str:
+    """Return the path of the worker stub that a rendered job file runs (its STUB line)."""
+    lines = [line for line in text.splitlines() if line.startswith("STUB = ")]
+    assert len(lines) == 1, "the job file should name its stub once"
+    value = ast.literal_eval(lines[0][len("STUB = "):])
+    assert isinstance(value, str)
+    return value
+
+
 def test_job_file_is_valid_python_with_the_stub_and_its_directives() -> None:
     text = render()
     compile(text, "sheepdog_012.py", "exec")
-    assert stub_source().rstrip("\n") in text
-    header = text.split('"""', 1)[0].splitlines()
+    assert stub_named(text) == STUB_FILE  # beside the key file, named by its digest
+    assert stub_source().splitlines()[0] not in text  # run from its file, not pasted
+    assert len(text.splitlines()) < 30
+    header = text.split("# sheepdog job file", 1)[0].splitlines()
     assert header[0] == "#!/usr/bin/python3"
     assert [line for line in header if line.startswith("#$")] == [
         "#$ -S /usr/bin/python3",
@@ -97,8 +119,88 @@ def test_job_file_is_valid_python_with_the_stub_and_its_directives() -> None:
     assert ast.unparse(call.args[3]) == "int(os.environ.get('SGE_TASK_ID', '1'))"
 
 
-def test_stub_reads_the_memory_limit_from_a_rendered_job_file() -> None:
-    assert sheepdog.client.stub.memory_limit(render()) == 2 * 1024**3
+def client_keywords(text: str) -> dict[str, object]:
+    return {kw.arg or "": ast.literal_eval(kw.value) for kw in client_call(text).keywords}
+
+
+def test_the_job_file_passes_the_memory_and_run_time_limits_of_its_directives() -> None:
+    assert client_keywords(render()).items() >= LIMITS.items()
+    # Limits given in the client options win; None means "from the directives", as in Client.
+    given = client_keywords(render(client_options={"mem_limit_bytes": 5, "run_limit_s": None}))
+    assert (given["mem_limit_bytes"], given["run_limit_s"]) == (5, 3600)
+    bare = client_keywords(render(grid_engine_opts=["-r y"]))
+    assert "mem_limit_bytes" not in bare and "run_limit_s" not in bare
+
+
+def test_a_limit_the_scheduler_cannot_read_is_none_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The worker said so on stderr and went on without it, when it read its job file.
+    keywords = client_keywords(render(grid_engine_opts=["-l h_vmem=2GB,h_rt=60"]))
+    assert "mem_limit_bytes" not in keywords and keywords["run_limit_s"] == 60
+    assert "no memory limit: '2GB' is not a Grid Engine memory specifier" in caplog.text
+    assert worker_limits(Slurm, ["--time=1h", "--mem=1G"]) == {"mem_limit_bytes": 1024**3}
+
+
+def test_a_job_file_runs_the_stub_beside_it(tmp_path: Path) -> None:
+    """The stub's code runs in the job file's own namespace, as when it was pasted."""
+    key = tmp_path / "dir with 'quotes' and spaces" / key_file_name(12, SECRET)
+    text = render(secret_file=str(key))
+    head, call = text.rsplit('if __name__ == "__main__":', 1)
+    job = key.parent / "job.py"
+    key.parent.mkdir()
+    job.write_text(head + "print(Client.__module__, EXIT_SECRET)\n", encoding="utf-8")
+    run = [sys.executable, str(job)]
+    missing = subprocess.run(run, capture_output=True, text=True, timeout=60, check=False)
+    assert missing.returncode == 7, missing.stderr  # as for a key file it cannot read
+    assert "cannot read the worker stub here" in missing.stderr
+    assert "the same path" in missing.stderr
+    put_stub(LocalHost(), str(key.parent))
+    done = subprocess.run(run, capture_output=True, text=True, timeout=60, check=False)
+    assert (done.returncode, done.stdout) == (0, "__main__ 7\n"), done.stderr
+
+
+def test_put_stub_writes_it_once_whole_and_private(tmp_path: Path) -> None:
+    host = RecordingHost()
+    folder = tmp_path / "jobs"
+    path = put_stub(host, str(folder))
+    assert path == f"{folder}/{stub_file_name()}"
+    assert Path(path).read_text(encoding="utf-8") == stub_source()
+    assert stat.S_IMODE(Path(path).stat().st_mode) == STUB_FILE_MODE == 0o600
+    # Written under a temporary name in the same directory, then renamed: never in part.
+    [(directory, [(temp, _, mode)])] = host.puts
+    assert (directory, mode) == (str(folder), STUB_FILE_MODE) and temp.startswith(".")
+    assert host.renames == [(f"{folder}/{temp}", path)]
+    assert sorted(p.name for p in folder.iterdir()) == [stub_file_name()]
+    # Once there, it is not written again.
+    assert put_stub(host, str(folder)) == path
+    assert len(host.puts) == 1
+
+
+def test_put_stub_leaves_no_temporary_file_when_the_rename_fails(tmp_path: Path) -> None:
+    host = RecordingHost(fail_rename=True)
+    with pytest.raises(OSError, match="no rename"):
+        put_stub(host, str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+class RecordingHost(LocalHost):
+    """This machine as a host, recording what put_stub writes and renames."""
+
+    def __init__(self, fail_rename: bool = False) -> None:
+        self.puts: list[tuple[str, list[tuple[str, str, int]]]] = []
+        self.renames: list[tuple[str, str]] = []
+        self.fail_rename = fail_rename
+
+    def put(self, directory: str, files: Sequence[tuple[str, str, int]]) -> None:
+        self.puts.append((directory, list(files)))
+        super().put(directory, files)
+
+    def rename(self, source: str, target: str) -> None:
+        if self.fail_rename:
+            raise OSError("no rename")
+        self.renames.append((source, target))
+        super().rename(source, target)
 
 
 @pytest.fixture(
@@ -134,6 +236,7 @@ def test_awkward_url_and_options_round_trip_as_python_literals(awkward: str) -> 
     assert ast.literal_eval(call.args[0]) == url
     assert {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords} == {
         **options,
+        **LIMITS,
         "tls_fingerprint": f"ab:{awkward}",
         "secret_file": KEY_FILE,
     }
@@ -163,7 +266,7 @@ def test_awkward_directive_values_are_kept_on_their_line_or_rejected(awkward: st
     assert Config(host="h", ge_opts=(opt,)).ge_opts == (opt,)
     text = render(shell=shell, grid_engine_opts=[opt])
     compile(text, "job", "exec")
-    header = text.split('"""', 1)[0].splitlines()
+    header = text.split("# sheepdog job file", 1)[0].splitlines()
     assert all(line.startswith("#") for line in header)
     assert f"#$ {opt}" in header
     s_lines = [line for line in header if line.startswith("#$ -S ")]
@@ -241,7 +344,7 @@ def test_golden_prologue_job_file() -> None:
     text = render(
         array_size=10, prologue=["module load python/3.11", ". '/opt/my env/bin/activate'"]
     )
-    text = text.replace(stub_source().rstrip("\n"), STUB_PLACEHOLDER)
+    text = text.replace(stub_file_name(), STUB_PLACEHOLDER)
     if not GOLDEN_PROLOGUE.exists():
         GOLDEN_PROLOGUE.write_text(text, encoding="utf-8")
         pytest.fail(f"{GOLDEN_PROLOGUE} was missing and has been written: review it, rerun")
@@ -285,7 +388,10 @@ def test_write_job_file_is_private(tmp_path: Path) -> None:
     key = folder / key_file_name(7, SECRET)
     assert key.read_text() == SECRET + "\n"
     assert stat.S_IMODE(key.stat().st_mode) == KEY_FILE_MODE == 0o600
-    assert sorted(p.name for p in folder.iterdir()) == sorted([path.name, key.name])
+    stub = folder / stub_file_name()
+    assert stub.read_text(encoding="utf-8") == stub_source()
+    assert stat.S_IMODE(stub.stat().st_mode) == STUB_FILE_MODE
+    assert sorted(p.name for p in folder.iterdir()) == sorted([path.name, key.name, stub.name])
 
 
 def test_write_job_file_creates_missing_directories(tmp_path: Path) -> None:
@@ -352,7 +458,7 @@ def render_slurm(**overrides: object) -> str:
 
 
 def check_golden(path: Path, text: str) -> None:
-    text = text.replace(stub_source().rstrip("\n"), STUB_PLACEHOLDER)
+    text = text.replace(stub_file_name(), STUB_PLACEHOLDER)
     if not path.exists():
         path.write_text(text, encoding="utf-8")
         pytest.fail(f"{path} was missing and has been written: review it, commit it, rerun")
@@ -376,7 +482,7 @@ def test_golden_slurm_prologue_job_file() -> None:
 def test_a_slurm_job_file_is_python_that_reads_slurms_index_and_limits() -> None:
     text = render_slurm()
     compile(text, "sheepdog_012.py", "exec")
-    header = text.split('"""', 1)[0].splitlines()
+    header = text.split("# sheepdog job file", 1)[0].splitlines()
     assert header[0] == "#!/usr/bin/python3"
     assert [line for line in header if line.startswith("#")][1:6] == [
         "#SBATCH --array=1-30%4", "#SBATCH --qos=normal", "#SBATCH --mem=2G",
@@ -386,8 +492,7 @@ def test_a_slurm_job_file_is_python_that_reads_slurms_index_and_limits() -> None
     assert ast.unparse(client_call(text).args[3]) == (
         "int(os.environ.get('SLURM_ARRAY_TASK_ID', '1'))"
     )
-    assert sheepdog.client.stub.memory_limit(text) == 2 * 1024**3
-    assert sheepdog.client.stub.run_limit(text) == 3600
+    assert client_keywords(text).items() >= LIMITS.items()  # --mem=2G, --time=1:00:00
 
 
 def test_awkward_slurm_options_are_kept_on_their_line_or_rejected(awkward: str) -> None:
@@ -402,7 +507,7 @@ def test_awkward_slurm_options_are_kept_on_their_line_or_rejected(awkward: str) 
     assert Config(host="h", scheduler="slurm", scheduler_opts=(opt,)).scheduler_opts == (opt,)
     text = render_slurm(grid_engine_opts=[opt])
     compile(text, "job", "exec")
-    header = text.split('"""', 1)[0].splitlines()
+    header = text.split("# sheepdog job file", 1)[0].splitlines()
     assert all(line.startswith("#") for line in header)
     assert f"#SBATCH {opt}" in header
     assert sum(line.startswith("#SBATCH --array") for line in header) == 1

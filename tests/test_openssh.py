@@ -12,8 +12,10 @@ import io
 import json
 import logging
 import os
+import socket
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import pytest
 
 from sheepdog import Config
+from sheepdog._poll import poll_until
 from sheepdog.cli import main
 from sheepdog.errors import ConfigError, SSHError
 from sheepdog.openssh import (
@@ -335,3 +338,64 @@ def test_a_stale_control_socket_is_removed_and_a_live_one_kept(tmp_path: Path) -
         master.listen(1)
         assert not remove_stale_socket(live) and os.path.exists(live)
     assert not remove_stale_socket(str(tmp_path / "none"))
+
+
+def test_over_openssh_the_forward_reaches_the_server_through_a_gate_that_caps_it(
+    fake: dict[str, Path], tmp_path: Path,
+) -> None:
+    """``ssh -R`` would connect anyone on the head node straight to the server: the forward
+    goes to a gate here (the relay's program), bounded as the relay is (issue 25)."""
+    from sheepdog.tunnel import RELAY_MIN_CONNECTIONS, Tunnel
+
+    fake["master"].touch()
+    remote = _remote(tmp_path)
+    server = socket.create_server(("127.0.0.1", 0), backlog=64)
+    held: list[socket.socket] = []
+
+    def hold() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=hold, daemon=True).start()
+    tunnel = Tunnel(remote, lambda: ("127.0.0.1", server.getsockname()[1]))
+    clients: list[socket.socket] = []
+    try:
+        tunnel.address()
+        [forward] = [call for call in _calls(fake) if "forward" in call]
+        gate_port = int(forward[forward.index("-R") + 1].rsplit(":", 1)[1])
+        assert gate_port != server.getsockname()[1]
+        gate = tunnel._gate
+        assert gate is not None and gate.alive
+        for _ in range(RELAY_MIN_CONNECTIONS):
+            clients.append(socket.create_connection(("127.0.0.1", gate_port), timeout=10))
+        assert poll_until(lambda: len(held) == RELAY_MIN_CONNECTIONS, timeout_s=10), len(held)
+        clients.append(socket.create_connection(("127.0.0.1", gate_port), timeout=10))
+        clients[-1].settimeout(10)
+        assert clients[-1].recv(1) == b"", "one over the cap is closed at once"
+        assert len(held) == RELAY_MIN_CONNECTIONS
+    finally:
+        tunnel.close()
+        for sock in clients + held:
+            sock.close()
+        server.close()
+    assert gate.proc.poll() is not None, "closing the tunnel ends its gate"
+
+
+def test_the_gate_stops_with_its_connection_though_the_tunnel_was_never_closed(
+    fake: dict[str, Path], tmp_path: Path,
+) -> None:
+    """A map's Remote closes; its tunnel may just be dropped: the gate must not outlive it."""
+    from sheepdog.tunnel import Tunnel
+
+    fake["master"].touch()
+    remote = _remote(tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        tunnel = Tunnel(remote, lambda: ("127.0.0.1", server.getsockname()[1]))
+        tunnel.address()
+        gate = tunnel._gate
+        assert gate is not None and gate.alive
+        remote.close()
+        assert gate.proc.poll() is not None

@@ -30,6 +30,7 @@ import sheepdog
 from sheepdog._poll import poll_until
 from sheepdog.config import Config
 from sheepdog.errors import SubmitError
+from sheepdog.job_file import stub_file_name
 from sheepdog.remote import CommandResult, Remote
 from sheepdog.server import get_server, registry
 from sheepdog.storage import Storage
@@ -109,8 +110,10 @@ class FakeHead:
     def put(self, directory: str, files: list[tuple[str, str, int]]) -> None:
         self.puts.append((directory, list(files)))
 
-    def run(self, command: str, *, error: type[Exception], **_: Any) -> CommandResult:
+    def run(self, command: str, *, error: type[Exception] = SubmitError, **_: Any) -> CommandResult:
         self.commands.append(command)
+        if command.startswith("test -f "):  # the worker stub is there already
+            return CommandResult(command, 0, "", "")
         if self.status:
             raise error(command, self.status, "", "qsub: Unknown option")  # type: ignore[call-arg]
         return CommandResult(command, 0, 'Your job 118 ("sheepdog_123.py") has been submitted\n',
@@ -130,6 +133,8 @@ def test_deployer_deploys_a_job_file_as_023_named_it(head: FakeHead) -> None:
     d = sheepdog.Deployer("test", 22, "user")
     d.deploy("jobfile contents", 123, "/path/to/dir")
     assert head.puts == [("/path/to/dir", [("sheepdog_123.py", "jobfile contents", 0o700)])]
+    # The worker stub the job file runs is looked for beside it (here it is there).
+    assert head.commands == [f"test -f /path/to/dir/{stub_file_name()}"]
     d.deploy("other", 5, ".sheepdog")  # relative: under the home directory, as in 0.2.3
     assert head.puts[-1] == (".sheepdog", [("sheepdog_005.py", "other", 0o700)])
 
@@ -238,7 +243,7 @@ def test_the_023_restart_recipe_works_as_written(tmp_path: Path) -> None:
         dbfile = str(tmp_path / "sheepdog.sqlite")
         with Storage(dbfile) as storage:
             assert poll_until(lambda: bool(storage.get_jobs(rid)), timeout_s=WAIT_S)
-            port = storage.get_jobs(rid)[-1]["info"]["port"]
+            port = storage.get_jobs(rid)[-1].port
             submitter.send_signal(signal.SIGKILL)  # its server stops by itself
             submitter.wait(timeout=WAIT_S)
             assert poll_until(lambda: not answers(port), timeout_s=WAIT_S), "the server lives on"

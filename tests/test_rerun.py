@@ -21,7 +21,8 @@ import pytest
 from test_executor import WAIT_S, LocalJobs, add, local_config
 
 import sheepdog
-import sheepdog._submit
+import sheepdog._stored_request
+import sheepdog._submit_jobs
 import sheepdog.executor
 from sheepdog._poll import poll_until
 from sheepdog.config import Config
@@ -145,14 +146,14 @@ def test_the_executor_reads_each_result_once(
         read["full_reads"] += 1
         raise AssertionError("the Executor must not re-read every task")
 
-    def fake_submit(storage: Storage, config: Any, request_id: int, deployer: Any, **_: Any) -> str:
-        submitted.append(request_id)
+    def fake_submit(jobs: sheepdog._stored_request.RequestJobs, **_: Any) -> str:
+        submitted.append(jobs.request_id)
         return "1"
 
     monkeypatch.setattr(Storage, "finished_since", counting_since)
     monkeypatch.setattr(Storage, "get_tasks_with_results", full_read)
     # The one submit path: the Session's (the Executor's) and the watcher's.
-    monkeypatch.setattr(sheepdog._submit, "submit_request", fake_submit)
+    monkeypatch.setattr(sheepdog._submit_jobs, "submit_request", fake_submit)
     dbfile = str(tmp_path / "db.sqlite")
     value = serialise_value("x" * 1000)
     with Executor(local_config(tmp_path, dbfile=dbfile), poll_s=0.01) as pool:
@@ -250,7 +251,7 @@ def test_ctrl_c_during_rerun_wait_cancels_the_rerun(tmp_path: Path) -> None:
                               "deleted local job "), said
     with Storage(config["dbfile"]) as storage:
         assert storage.task_counts(rid)["cancelled"] == 3
-        job_ids = [str(job["job_id"]) for job in storage.get_jobs(rid)]
+        job_ids = [job.job_id for job in storage.get_jobs(rid)]
     # The rerun's array tasks are gone, not left sleeping on a server that has gone.
     with open_scheduler(Config.from_mapping(config)) as scheduler:
         assert scheduler.status(job_ids) == {}

@@ -33,8 +33,9 @@ from stubrunner import write_job
 
 import sheepdog.server.auth as signing
 import sheepdog.server.tls as _tls
-from sheepdog import _submit
+from sheepdog import _submit_jobs
 from sheepdog._poll import poll_until
+from sheepdog._stored_request import RequestJobs, StoredRequest
 from sheepdog.config import Config, as_config
 from sheepdog.errors import ConfigError, RemoteCommandError
 from sheepdog.job_file import job_file_name, key_file_name, write_job_file
@@ -48,6 +49,12 @@ from sheepdog.storage import Storage
 
 WAIT_S = 120.0
 WORKER_PYTHON = sys.executable
+
+
+def submit_one(storage: Storage, cfg: Config, rid: int, scheduler: Any) -> str:
+    """Submit request ``rid`` with ``cfg`` to ``scheduler`` as one array task."""
+    jobs = RequestJobs(StoredRequest(storage, rid), cfg, scheduler)
+    return _submit_jobs.submit_request(jobs, n_workers=1)
 
 
 def square(x: int) -> int:
@@ -450,6 +457,12 @@ class _LocalSFTP:
     def chmod(self, path: str, mode: int) -> None:
         os.chmod(path, mode)
 
+    def posix_rename(self, source: str, target: str) -> None:
+        os.replace(source, target)
+
+    def remove(self, path: str) -> None:
+        os.remove(path)
+
 
 def hostile_values(marker_dir: Path) -> list[str]:
     """Strings that run a command in ``marker_dir`` if they ever reach a shell unquoted."""
@@ -512,7 +525,7 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 scheduler = LocalShellGridEngine(home, bin_dir)
                 with Storage(dbfile) as storage:
                     rid = storage.new_request(b"F", None, [b"x"], settings={"lease_s": 30.0})
-                    job_id = _submit.submit_request(storage, cfg, rid, scheduler, n_workers=1)
+                    job_id = submit_one(storage, cfg, rid, scheduler)
                 outcome["submitted"].append((key, value, rid, job_id, scheduler.commands, cfg))
     finally:
         registry.stop(dbfile)
@@ -585,8 +598,7 @@ def test_secrets_are_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixtu
                 rid = storage.new_request(serialise_function(square), None,
                                           serialise_args([1, 2]), settings={"lease_s": 30.0})
                 secret = storage.get_secret(rid)
-                _submit.submit_request(storage, cfg, rid, LocalShellGridEngine(home, bin_dir),
-                                    n_workers=1)
+                submit_one(storage, cfg, rid, LocalShellGridEngine(home, bin_dir))
             job = home / "jobs" / job_file_name(rid, secret)
             # The job file names the key file; only the key file (0600) holds the secret.
             assert secret not in job.read_text()
@@ -643,8 +655,7 @@ def test_two_databases_sharing_ssh_dir_keep_their_own_job_files(tmp_path: Path) 
             with Storage(dbfile) as storage:
                 rid = storage.new_request(b"F", None, [b"x"])
                 assert rid == 1
-                _submit.submit_request(storage, cfg, rid, LocalShellGridEngine(home, bin_dir),
-                                    n_workers=1)
+                submit_one(storage, cfg, rid, LocalShellGridEngine(home, bin_dir))
                 secret = storage.get_secret(rid)
         finally:
             registry.stop(dbfile)
@@ -673,8 +684,7 @@ def test_ge_opts_keep_the_output_files_in_ssh_dir(tmp_path: Path) -> None:
     try:
         with Storage(dbfile) as storage:
             rid = storage.new_request(b"F", None, [b"x"], settings={"lease_s": 30.0})
-            _submit.submit_request(storage, cfg, rid, LocalShellGridEngine(home, bin_dir),
-                                   n_workers=1)
+            submit_one(storage, cfg, rid, LocalShellGridEngine(home, bin_dir))
     finally:
         registry.stop(dbfile)
     argv = (tmp_path / "argv").read_text().split("\n")

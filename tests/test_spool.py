@@ -26,8 +26,8 @@ from test_executor import LocalJobs, local_config
 from test_integration_local import Setup, finish, wait_for
 
 import sheepdog
-from sheepdog import _submit
 from sheepdog._poll import poll_until
+from sheepdog._stored_request import StoredRequest
 from sheepdog.blobs import INLINE_MAX_BYTES
 from sheepdog.client import stub
 from sheepdog.scheduler import local as local_jobs
@@ -308,7 +308,7 @@ def test_the_laptop_sleeps_then_attach_brings_every_result_back(
     rid = sheepdog.map_async(slow_square, list(range(1, n + 1)), config)
     with Storage(config["dbfile"]) as storage:
         wait_for(lambda: storage.count_results(rid) >= 2, "the first results")
-        server = _submit.own_server(storage, rid)
+        server = StoredRequest(storage, rid).own_server()
         assert server is not None
         server.stop()  # the laptop sleeps: no server, no watcher
         procs = [p for job in jobs.job_ids for p in local_jobs._STARTED[job].procs]

@@ -20,6 +20,7 @@ from sheepdog import Config
 from sheepdog._poll import poll_until
 from sheepdog.client import stub
 from sheepdog.errors import ConfigError
+from sheepdog.programs import program_source
 from sheepdog.tunnel import PROBE_SOURCE, RELAY_SOURCE, choose_mode
 
 
@@ -127,7 +128,9 @@ def test_the_relay_pipes_connections_and_exits_at_eof_on_stdin(echo_server: int)
 
 def test_the_relay_and_the_probe_run_on_python_3_6(tmp_path: Path) -> None:
     # They run on the head node's python3, which may be old: checked as the stub is.
-    for name, source in (("relay.py", RELAY_SOURCE), ("probe.py", PROBE_SOURCE)):
+    for name, source in (("relay.py", RELAY_SOURCE), ("probe.py", PROBE_SOURCE),
+                         ("node_probe.py", program_source("node_probe")),
+                         ("appliers.py", program_source("appliers"))):
         (tmp_path / name).write_text(source)
         done = subprocess.run(
             ["vermin", "-t=3.6-", "--no-tips", "--violations", str(tmp_path / name)],

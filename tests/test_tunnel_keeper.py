@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from sheepdog import Config, _submit, _tunnel_keeper, tunnel
-from sheepdog._submit import request_settings
+from sheepdog import Config, _stored_request, _tunnel_keeper, _worker_address, tunnel
+from sheepdog._sizing import request_settings
+from sheepdog._stored_request import RequestJobs, StoredRequest
 from sheepdog.cli import main
 from sheepdog.errors import SSHError
 from sheepdog.serialisation import serialise_args, serialise_function, serialise_value
@@ -59,26 +60,28 @@ def ssh(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         state["schedulers"].append(scheduler)
         return scheduler
 
-    def publish(storage: Storage, config: Config, rid: int, scheduler: Any, server: Any,
-                mode: str) -> tuple[str, int]:
+    def publish(jobs: RequestJobs, mode: str) -> tuple[str, int]:
         if state["fail"] is not None:
             raise state["fail"]
-        state["published"].append((rid, mode, server.port))
+        state["published"].append((jobs.request_id, mode, jobs.running_server().port))
         state["up"] = True
         return ("head", 40000 + len(state["published"]))
 
-    monkeypatch.setattr(_submit, "open_scheduler", open_scheduler)
-    monkeypatch.setattr(_submit, "publish_address", publish)
+    monkeypatch.setattr(_stored_request, "open_scheduler", open_scheduler)
+    monkeypatch.setattr(_worker_address, "publish_address", publish)
     monkeypatch.setattr(tunnel, "is_up", lambda host, port: state["up"])
     return state
 
 
 def test_uses_tunnel_reads_the_latest_jobs(tmp_path: Path) -> None:
     with Storage(str(tmp_path / "s.sqlite")) as storage:
-        assert _submit.uses_tunnel(storage, _request(storage, "tunnel"))
-        assert not _submit.uses_tunnel(storage, _request(storage, "direct"))
+        def uses_tunnel(rid: int) -> bool:
+            return StoredRequest(storage, rid).uses_tunnel()
+
+        assert uses_tunnel(_request(storage, "tunnel"))
+        assert not uses_tunnel(_request(storage, "direct"))
         rid = storage.new_request(serialise_function(double), b"", serialise_args([1]))
-        assert not _submit.uses_tunnel(storage, rid)  # never submitted
+        assert not uses_tunnel(rid)  # never submitted
 
 
 def test_the_keeper_starts_a_tunnel_publishes_it_and_starts_it_again(

@@ -33,6 +33,7 @@ from sheepdog.errors import (
     UnknownRequestError,
     UnknownTaskError,
 )
+from sheepdog.scheduler.gridengine import parse_memory
 from sheepdog.storage import SCHEMA_VERSION
 
 MIGRATED = "was a Sheepdog 0.2.3 database"
@@ -292,9 +293,9 @@ def test_deserialise_namespace_says_what_replaced_it() -> None:
 
 
 def test_lower_case_memory_units_follow_grid_engine() -> None:
-    assert stub.parse_memory("1g") == 10**9
-    assert stub.parse_memory("1G") == 2**30
-    assert stub.parse_memory("500m") == 500 * 10**6
+    assert parse_memory("1g") == 10**9
+    assert parse_memory("1G") == 2**30
+    assert parse_memory("500m") == 500 * 10**6
 
 
 def test_the_upgrading_page_is_in_the_docs() -> None:

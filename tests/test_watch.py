@@ -4,7 +4,7 @@ Most tests give it a scripted :class:`~sheepdog.scheduler.base.Scheduler` that a
 ``status``, ``accounting``, ``why_waiting`` and ``error_reasons`` and records every
 ``delete`` and ``submit``, over a real Storage; the watcher's clock is a number the test
 moves, so the backoff, the stall and the takeover are checked without waiting. The
-resubmission runs the real :func:`sheepdog._submit.submit_request` (the job file, the job
+resubmission runs the real :func:`sheepdog._submit_jobs.submit_request` (the job file, the job
 sizes, the jobs recorded) against the fake scheduler; only the server it would start is
 stood in for.
 
@@ -26,16 +26,20 @@ from typing import Any, ClassVar
 
 import pytest
 from fake_clock import FakeClock
+from fake_head import FakeHead, ok
 
-import sheepdog._submit
+import sheepdog._stored_request
+import sheepdog._submit_jobs
+import sheepdog._worker_address
 from sheepdog import cli
-from sheepdog._submit import job_name, request_settings, stored_config
+from sheepdog._sizing import request_settings
+from sheepdog._stored_request import StoredRequest
 from sheepdog.api import served
 from sheepdog.client import stub
 from sheepdog.config import Config
 from sheepdog.errors import RemoteCommandError, SSHError, StorageError
 from sheepdog.errors import TimeoutError as SheepdogTimeoutError
-from sheepdog.remote import CommandResult, under_home
+from sheepdog.remote import CommandResult
 from sheepdog.scheduler.base import Deletion, JobStatus, Scheduler, State, Waiting
 from sheepdog.scheduler.gridengine import QSTAT_COMMAND, GridEngine
 from sheepdog.scheduler.local import LocalHost
@@ -45,46 +49,6 @@ from sheepdog.storage import Storage
 from sheepdog.watch import SCHEDULABLE_CHECK_S, Watcher, wait_for_request
 
 N_TASKS = 3
-
-
-class FakeHead:
-    """A head node stand-in (a Remote): answers commands from a script, records what it is asked.
-
-    ``answers`` maps a command's prefix to its answer (``""`` answers every command); any
-    other command succeeds with no output. Files put on it are recorded, never written.
-    """
-
-    host = "head"
-
-    def __init__(self, answers: dict[str, CommandResult]) -> None:
-        self.answers = answers
-        self.commands: list[str] = []
-        self.files: list[tuple[str, str, int]] = []
-        self.closed = False
-
-    def run(self, command: str, **_: Any) -> CommandResult:
-        self.commands.append(command)
-        for prefix, result in self.answers.items():
-            if command.startswith(prefix):
-                return result
-        return CommandResult(command, 0, "", "")
-
-    def absolute(self, directory: str) -> str:
-        return under_home(directory, "/home/sheep")
-
-    def put(self, directory: str, files: Sequence[tuple[str, str, int]]) -> None:
-        self.files.extend(files)
-
-    def list_dir(self, directory: str) -> list[str] | None:
-        self.commands.append(f"list {directory}")
-        return None  # no worker spooled anything
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def ok(stdout: str) -> CommandResult:
-    return CommandResult("", 0, stdout, "")
 
 
 class FakeScheduler(Scheduler):
@@ -203,13 +167,13 @@ class World:
         return {k: v for k, v in self.storage.task_counts(self.rid).items() if v}
 
     def job_ids(self) -> list[str]:
-        return [str(job["job_id"]) for job in self.storage.get_jobs(self.rid)]
+        return [job.job_id for job in self.storage.get_jobs(self.rid)]
 
 
 @pytest.fixture(autouse=True)
 def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
     """A resubmission renders and submits for real, to a server that is not started."""
-    monkeypatch.setattr(sheepdog._submit, "server_for", lambda config: FakeServer())
+    monkeypatch.setattr(sheepdog._stored_request, "server_for", lambda config: FakeServer())
 
 
 def world(tmp_path: Path, **kwargs: Any) -> World:
@@ -252,7 +216,8 @@ def test_a_wait_that_sees_the_request_finish_deletes_its_jobs_left(tmp_path: Pat
         assert w.storage.store_result(w.rid, idx, b"r")
     counts = wait_for_request(w.config.dbfile, w.rid, watcher=w.watcher, storage=w.storage)
     assert counts["done"] == N_TASKS
-    assert w.scheduler.asked("delete") == [("delete", ["41", job_name(w.storage, w.rid)])]
+    name = StoredRequest(w.storage, w.rid).job_name()
+    assert w.scheduler.asked("delete") == [("delete", ["41", name])]
 
 
 def test_a_wait_on_a_request_without_jobs_deletes_nothing(tmp_path: Path) -> None:
@@ -289,11 +254,11 @@ def test_a_job_gone_with_work_open_is_resubmitted_with_the_accounting_reason(
     assert w.scheduler.submitted == [("50", N_TASKS)]
     assert w.counts() == {"pending": N_TASKS}, "leases of a gone job are given back"
     new = w.storage.get_jobs(w.rid)[-1]
-    assert new["job_id"] == "50"
-    assert new["info"]["why"] == (
+    assert new.job_id == "50"
+    assert new.why == (
         "job 41 left the queue (the array task died with signal SIGKILL)"
     )
-    assert new["info"]["continues"] is False
+    assert new.continues is False
     assert w.scheduler.host.files, "the job file was put on the host"  # type: ignore[attr-defined]
     assert w.watcher.interval_s == 2.0, "the new job is checked soon"
 
@@ -341,7 +306,7 @@ def test_a_gone_job_that_made_progress_is_continued_without_using_a_retry(
     w.scheduler.listing = {}
     w.check()
     assert w.scheduler.submitted == [("50", 2)], "two tasks left: two array tasks"
-    assert w.storage.get_jobs(w.rid)[-1]["info"]["continues"] is True
+    assert w.storage.get_jobs(w.rid)[-1].continues is True
     assert w.counts() == {"done": 1, "pending": 2}
 
 
@@ -377,8 +342,8 @@ def test_one_job_in_error_is_deleted_with_its_reason_and_the_others_go_on(
         ("error_reasons", "42"), ("delete", ["42"])
     ]
     job42 = w.storage.get_jobs(w.rid)[-1]
-    assert job42["state"] == "error"
-    assert job42["info"] == {
+    assert job42.state == "error"
+    assert job42.info == {
         "part": 1, "reason": "Fake job 42 is in an error state: can't chdir to /nowhere"
     }
     assert w.counts() == {"leased": 2, "pending": 1}, "its work is not failed"
@@ -408,7 +373,7 @@ def test_the_last_job_in_error_is_resubmitted_while_retries_remain(tmp_path: Pat
     w.scheduler.reasons = {"41": ["no such file: /shared/venv/bin/python"]}
     w.check()
     assert w.scheduler.submitted == [("50", N_TASKS)]
-    why = w.storage.get_jobs(w.rid)[-1]["info"]["why"]
+    why = w.storage.get_jobs(w.rid)[-1].why
     assert why == "Fake job 41 is in an error state: no such file: /shared/venv/bin/python"
     assert w.counts() == {"pending": N_TASKS}
 
@@ -438,7 +403,7 @@ def test_stalled_pending_work_gets_fresh_array_tasks_after_stall_s(tmp_path: Pat
     w.clock.advance(w.watcher.stall_s)
     w.check()
     assert w.scheduler.submitted == [("50", N_TASKS)]
-    why = w.storage.get_jobs(w.rid)[-1]["info"]["why"]
+    why = w.storage.get_jobs(w.rid)[-1].why
     assert why.startswith(f"no worker has leased its {N_TASKS} pending tasks for ")
     assert w.scheduler.asked("delete", "accounting") == [], "the listed job is left alone"
     assert w.storage.get_task_errors(w.rid) == []
@@ -606,7 +571,7 @@ def test_a_tunnel_that_cannot_start_is_said_once_until_it_starts_again(
             raise answer
         return answer
 
-    monkeypatch.setattr(sheepdog._submit, "ensure_tunnel", ensure_tunnel)
+    monkeypatch.setattr(sheepdog._worker_address, "ensure_tunnel", ensure_tunnel)
     caplog.set_level(logging.DEBUG, logger="sheepdog.watch")
     for _ in range(6):
         w.watcher._keep_tunnel(w.storage)
@@ -688,9 +653,9 @@ def test_one_job_in_eqw_is_deleted_alone(setup: Any) -> None:
     assert not any(c.startswith("qdel") and "41" in c for c in head.commands)
     counts = storage.task_counts(rid)
     assert counts["leased"] == 2 and counts["pending"] == 1 and counts["error"] == 0
-    (job,) = [j for j in storage.get_jobs(rid) if j["job_id"] == "42"]
-    assert job["state"] == "error"
-    assert "can't chdir to /nowhere" in job["info"]["reason"]
+    (job,) = [j for j in storage.get_jobs(rid) if j.job_id == "42"]
+    assert job.state == "error"
+    assert "can't chdir to /nowhere" in (job.reason or "")
 
 
 def test_the_last_job_in_eqw_fails_the_work_with_its_reason(setup: Any) -> None:
@@ -751,7 +716,7 @@ def test_jobs_that_made_progress_are_continued_not_counted_as_retries(
     _gone_after(storage, rid, 0)
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(
-        sheepdog._submit, "submit_request", lambda *args, **kwargs: calls.append(kwargs) or "43"
+        sheepdog._submit_jobs, "submit_request", lambda *_, **kwargs: calls.append(kwargs) or "43"
     )
     head = FakeHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
     Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
@@ -768,7 +733,7 @@ def test_jobs_that_made_no_progress_count_against_retries(
     _gone_after(storage, rid, 0)
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(
-        sheepdog._submit, "submit_request", lambda *args, **kwargs: calls.append(kwargs) or "43"
+        sheepdog._submit_jobs, "submit_request", lambda *_, **kwargs: calls.append(kwargs) or "43"
     )
     head = FakeHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
     Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
@@ -789,8 +754,8 @@ def test_a_rerun_gets_its_own_resubmissions(
     assert storage.rerun_tasks(rid, ["lost"]) == [1, 2, 3]
     storage.add_job(rid, "43", 3)  # the rerun's job, which then leaves the queue
     resubmitted: list[int] = []
-    monkeypatch.setattr(sheepdog._submit, "submit_request",
-                        lambda storage, config, rid, deployer, **_: resubmitted.append(rid))
+    monkeypatch.setattr(sheepdog._submit_jobs, "submit_request",
+                        lambda jobs, **_: resubmitted.append(jobs.request_id))
     head = FakeHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
     Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
     assert resubmitted == [rid]
@@ -857,8 +822,9 @@ def test_waiting_on_a_missing_database_does_not_create_it(tmp_path: Path) -> Non
 
 def test_the_request_stores_its_config_without_secrets(setup: Any) -> None:
     storage, config, rid = setup
-    assert stored_config(storage, rid) == config
-    name = job_name(storage, rid)
+    request = StoredRequest(storage, rid)
+    assert request.stored_config() == config
+    name = request.job_name()
     assert name.startswith(f"sheepdog_{rid:03d}_") and name.endswith(".py")
     assert storage.get_secret(rid) not in str(storage.get_settings(rid))
 

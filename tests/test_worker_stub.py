@@ -29,118 +29,9 @@ SECRET = "5e" * 32
 GiB, MiB = 1024**3, 1024**2
 
 
-# ---- memory limits ----
-
-
-@pytest.mark.parametrize(
-    ("spec", "expected"),
-    [
-        ("1024", 1024),
-        ("2G", 2 * GiB),
-        ("2g", 2 * 10**9),
-        ("500M", 500 * MiB),
-        ("500m", 500 * 10**6),
-        ("4k", 4000),
-        ("4K", 4096),
-        ("1T", 1024**4),
-        ("1t", 10**12),
-        ("1.5G", int(1.5 * GiB)),
-        ("0x10K", 16 * 1024),
-        ("010", 8),
-        ("0", 0),
-        (" 3M ", 3 * MiB),
-        ("INFINITY", None),
-        ("infinity", None),
-    ],
-)
-def test_parse_memory(spec: str, expected: int | None) -> None:
-    assert stub.parse_memory(spec) == expected
-
-
-@pytest.mark.parametrize("spec", ["", "2GB", "-1G", "G", "1e9", "2 G", "0x", "09"])
-def test_parse_memory_rejects_nonsense(spec: str) -> None:
-    with pytest.raises(ValueError, match="memory specifier"):
-        stub.parse_memory(spec)
-
-
-@pytest.mark.parametrize(
-    ("directives", "expected"),
-    [
-        (["#$ -l mem_grab=2G"], 2 * GiB),
-        (["#$ -l h_vmem=500M"], 500 * MiB),
-        (["#$ -l h_rt=1:00:00,mem_grab=2G"], 2 * GiB),
-        (["#$ -l h_rt=1:00:00,mem_grab=2G,h_vmem=1G"], 1 * GiB),
-        (["#$ -l h_vmem=3G", "#$ -cwd -l mem_grab=1500M -r y"], 1500 * MiB),
-        (["#$ -soft -l h_vmem=1G -hard -l mem_grab=2G"], 2 * GiB),
-        (["#$ -soft -l h_vmem=1G"], None),
-        (["#$ -l h_vmem=INFINITY"], None),
-        (["#$ -l s_vmem=1G,mem_free=1G,virtual_free=1G"], None),
-        (["# -l h_vmem=1G is a comment, not a directive"], None),
-        (["#$ -l"], None),
-        ([], None),
-    ],
-)
-def test_memory_limit_from_directives(directives: list[str], expected: int | None) -> None:
-    text = "\n".join(["#!/usr/bin/python3", "#$ -S /usr/bin/python3", *directives, "x = 1"])
-    assert stub.memory_limit(text) == expected
-
-
-def test_memory_limit_reads_only_the_leading_comment_block() -> None:
-    text = '#!/usr/bin/python3\n#$ -l h_vmem=1G\n"""doc"""\n#$ -l h_vmem=1K\n'
-    assert stub.memory_limit(text) == GiB
-
-
-def test_memory_limit_bad_specifier_is_an_error() -> None:
-    with pytest.raises(ValueError, match="'2GB'"):
-        stub.memory_limit("#$ -l h_vmem=2GB\n")
-
-
 # ---- run-time limits ----
-
-
-@pytest.mark.parametrize(
-    ("spec", "expected"),
-    [("20", 20), ("0:0:20", 20), ("1:30", 90), ("1:00:00", 3600), (" 2:0:5 ", 7205),
-     ("INFINITY", None)],
-)
-def test_parse_time(spec: str, expected: int | None) -> None:
-    assert stub.parse_time(spec) == expected
-
-
-@pytest.mark.parametrize("spec", ["", "1h", "1:2:3:4", "-5", "1.5"])
-def test_parse_time_rejects_nonsense(spec: str) -> None:
-    with pytest.raises(ValueError, match="not a Grid Engine time"):
-        stub.parse_time(spec)
-
-
-@pytest.mark.parametrize(
-    ("directives", "expected"),
-    [
-        (["-l h_rt=0:0:20"], 20),
-        (["-l mem_grab=2G,h_rt=1:00:00"], 3600),
-        (["-l h_rt=600", "-l h_rt=0:5:0"], 300),  # the smaller wins
-        (["-soft -l h_rt=60"], None),  # a soft request is no limit
-        (["-l s_rt=60"], None),
-        (["-l h_rt=INFINITY"], None),
-        ([], None),
-    ],
-)
-def test_run_limit_from_directives(directives: list[str], expected: int | None) -> None:
-    text = "#!/usr/bin/python3\n" + "".join(f"#$ {d}\n" for d in directives) + "x = 1\n"
-    assert stub.run_limit(text) == expected
-
-
-def test_run_limit_reads_only_the_leading_comment_block() -> None:
-    assert stub.run_limit("#$ -l h_rt=60\nx = 1\n#$ -l h_rt=5\n") == 60
-
-
-def test_the_worker_takes_its_limit_from_its_job_file(tmp_path: Path) -> None:
-    job = tmp_path / "job.py"
-    job.write_text("#!/usr/bin/python3\n#$ -l h_rt=0:1:0\nprint(1)\n")
-    client = stub.Client("http://127.0.0.1:9/", SECRET, 1, 1)
-    assert client.set_run_limit(str(job)) == 60
-    given_limit = stub.Client("http://127.0.0.1:9/", SECRET, 1, 1, run_limit_s=30)
-    assert given_limit.set_run_limit(str(job)) == 30  # run_limit_s wins
+# The limits themselves come from the job file, which the scheduler's class reads
+# (tests/scheduler/test_worker_limits.py).
 
 
 def test_without_a_limit_every_wanted_task_is_leased() -> None:
@@ -186,7 +77,8 @@ def test_set_memlimit_turns_a_big_allocation_into_memory_error(tmp_path: Path) -
     job.write_text(
         "#!/usr/bin/python3\n#$ -l h_rt=0:10:0,mem_grab=300M\n"
         f"import runpy\nstub = runpy.run_path({str(stub_path())!r}, run_name='stub')\n"
-        "client = stub['Client']('http://localhost:9/', '00' * 32, 1, 1)\n"
+        "client = stub['Client']('http://localhost:9/', '00' * 32, 1, 1,"
+        f" mem_limit_bytes={300 * MiB})\n"
         "print(client.set_memlimit())\n"
         "try:\n    block = bytearray(400 * 1024 * 1024)\nexcept MemoryError:\n"
         "    print('MemoryError')\n"

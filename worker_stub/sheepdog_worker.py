@@ -1,21 +1,31 @@
-"""sheepdog worker stub: runs in every Grid Engine array task of a sheepdog job.
+"""sheepdog worker stub: runs in every array task of a sheepdog job (Grid Engine, Slurm).
 
-Standard library only, Python 3.6+. It is pasted into every job file, so it is
-kept short and readable. The protocol it speaks is documented in
-docs/protocol.rst of the sheepdog project. Exit status: 0 when no work is left,
-3 protocol failure, 4 authentication failure, 5 the function cannot be loaded
-here, 6 a task overran its timeout where it could not be interrupted, 7 the request's
-secret file cannot be read on this node, 8 the server stayed unreachable and the
-finished results were spooled to files beside the job file (docs/failures.rst).
+Standard library only, Python 3.6+, one file that needs nothing else. sheepdog writes it
+once per version beside the job files, as sheepdog_worker-<digest>.py, and each job
+file runs it with its request's arguments (``Client(url, None, request_id, array index,
+...).go()``), so that a job file stays short enough to read at a glance. The protocol it
+speaks is documented in docs/protocol.rst of the sheepdog project. Exit status: 0 when
+no work is left, 3 protocol failure, 4 authentication failure, 5 the function cannot be
+loaded here, 6 a task overran its timeout where it could not be interrupted, 7 the
+request's secret file (or, says the job file, this stub) cannot be read on this node,
+8 the server stayed unreachable and the finished results were spooled to files beside
+the job file (docs/failures.rst).
 """
 
 import base64
 import binascii
+import builtins
 import hashlib
 import hmac
 import http.client
+import importlib
+import io
 import json
+import linecache
+import marshal
 import os
+import pickle
+import platform
 import random
 import re
 import reprlib
@@ -25,22 +35,12 @@ import sys
 import threading
 import time
 import traceback
+import types
 from urllib.parse import urlsplit
 
 # ---- decoding: functions and values (see sheepdog/serialisation.py) ----
-# The payload format is described in sheepdog/serialisation.py's docstring. This section
-# imports all it needs so that the library and tests can run it alone.
-# isort: split
-import builtins
-import importlib
-import io
-import json  # noqa: F811
-import linecache
-import marshal
-import pickle
-import platform
-import sys  # noqa: F811
-import types
+# The payload format is described in sheepdog/serialisation.py's docstring; the library
+# decodes payloads locally with this same code (the stub loaded as a module).
 
 PAYLOAD_MAGIC = b"SHEEPDOG-FN/1\n"
 
@@ -249,9 +249,6 @@ SPOOL_MAGIC = "sheepdog-spool/1"
 RUN_LIMIT_MARGIN_S = 5.0
 #: When this worker started, for its run-time limit: Grid Engine tells no job its h_rt.
 STARTED_S = time.monotonic()
-# sge_types(5) memory_specifier: k/m/g/t count in powers of 1000, K/M/G/T of 1024.
-MEMORY_UNITS = dict([("", 1)] + [(u, 1000 ** (i + 1)) for i, u in enumerate("kmgt")]
-                    + [(u, 1024 ** (i + 1)) for i, u in enumerate("KMGT")])
 
 
 def tasks_to_lease(wanted, run_limit_s, elapsed_s, longest_s, margin_s=RUN_LIMIT_MARGIN_S):
@@ -279,147 +276,6 @@ class ProtocolFailure(Exception):
 
 class TaskTimeout(BaseException):  # not Exception: a task's `except Exception` must not eat it
     """A task ran past task_timeout_s."""
-
-
-def parse_memory(spec):
-    """Return the bytes in an SGE memory specifier (2G, 500m, 0x10K, 1.5G), None for INFINITY."""
-    if spec.strip().lower() == "infinity":
-        return None
-    match = re.match(r"^(0[xX][0-9a-fA-F]+|0[0-7]+|(?:0|[1-9]\d*)(?:\.\d+)?)([kKmMgGtT]?)$",
-                     spec.strip())
-    if not match:
-        raise ValueError("%r is not a Grid Engine memory specifier such as 2G or 500M" % spec)
-    number, unit = match.groups()
-    if number[:2] in ("0x", "0X"):
-        value = int(number, 16)
-    else:  # a leading 0 means octal, as in C
-        value = int(number, 8) if number[0] == "0" and number.isdigit() else float(number)
-    return int(value * MEMORY_UNITS[unit])
-
-
-def hard_requests(job_text):
-    """Yield (name, value) of each hard ``-l`` request in a job file's leading #$ lines."""
-    hard = True
-    for line in job_text.splitlines():
-        if not line.startswith("#"):
-            break  # the directives are in the leading comment block; the rest is code
-        words = line[2:].split() if line.startswith("#$") else []
-        for i, word in enumerate(words):
-            if word in ("-hard", "-soft"):
-                hard = word == "-hard"
-            elif word == "-l" and hard and i + 1 < len(words):
-                for item in words[i + 1].split(","):  # e.g. h_rt=1:00:00,mem_grab=2G
-                    name, _, value = item.partition("=")
-                    yield name, value
-
-
-#: The #SBATCH options the worker reads, by the name it knows them by; short ones take
-#: their value in the next word or glued on ("-t 10", "-t10").
-SLURM_SHORT_OPTIONS = {"-t": "--time", "-c": "--cpus-per-task"}
-SLURM_LONG_OPTIONS = ("--mem", "--mem-per-cpu", "--time", "--cpus-per-task")
-
-
-def slurm_requests(job_text):
-    """Yield (long name, value) of each of SLURM_LONG_OPTIONS in a job file's #SBATCH lines."""
-    for line in job_text.splitlines():
-        if not line.startswith("#"):
-            break  # sbatch, too, reads directives only from the leading comment block
-        if not line.startswith("#SBATCH"):
-            continue
-        words = line[len("#SBATCH"):].split()
-        for i, word in enumerate(words):
-            name, eq, value = word.partition("=")
-            if name in SLURM_SHORT_OPTIONS or name in SLURM_LONG_OPTIONS:
-                if not eq:  # "--mem 2G", "-t 10"
-                    value = words[i + 1] if i + 1 < len(words) else ""
-                yield SLURM_SHORT_OPTIONS.get(name, name), value
-            elif word[:2] in SLURM_SHORT_OPTIONS:
-                yield SLURM_SHORT_OPTIONS[word[:2]], word[2:]  # "-t10", "-c4"
-
-
-def parse_slurm_memory(spec):
-    """Return the bytes in a Slurm --mem value (2G, 500, 1536M); None for 0 (the whole node)."""
-    match = re.match(r"^(\d+)([kKmMgGtT]?)$", spec.strip())
-    if not match:
-        raise ValueError("%r is not a Slurm memory size such as 2G or 500M" % spec)
-    number, unit = int(match.group(1)), (match.group(2) or "M").upper()
-    return number * MEMORY_UNITS[unit] or None  # Slurm's units are powers of 1024; MB alone
-
-
-def parse_slurm_time(spec):
-    """Return the seconds in a Slurm --time (30, 1:30, 1:00:00, 2-0, 2-12:00:00); None if none."""
-    text = spec.strip()
-    if text.upper() in ("INFINITE", "UNLIMITED"):
-        return None
-    match = re.match(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$", text)
-    if not match:
-        raise ValueError("%r is not a Slurm time such as 30, 1:00:00 or 2-12:00:00" % spec)
-    days, first, second, third = match.groups()
-    parts = [int(p) for p in (first, second, third) if p is not None]
-    if days is not None:  # days-hours[:minutes[:seconds]]
-        parts += [0] * (3 - len(parts))
-        hours, minutes, seconds = parts
-        return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
-    if len(parts) == 3:  # hours:minutes:seconds
-        return (parts[0] * 60 + parts[1]) * 60 + parts[2]
-    if len(parts) == 2:  # minutes:seconds
-        return parts[0] * 60 + parts[1]
-    return parts[0] * 60  # minutes
-
-
-def parse_slurm_cpus(spec):
-    """Return the number in a Slurm --cpus-per-task value (a whole number from 1)."""
-    if not re.match(r"^[1-9]\d*$", spec.strip()):
-        raise ValueError("%r is not a Slurm --cpus-per-task such as 4" % spec)
-    return int(spec)
-
-
-def slurm_memory_limits(job_text):
-    """Yield the bytes each --mem, or --mem-per-cpu times --cpus-per-task, in #SBATCH asks for.
-
-    0, all of the node's memory, is no limit and not yielded.
-    """
-    requests = list(slurm_requests(job_text))
-    # Slurm's default is one CPU per task; of several, the smallest, as with --mem.
-    cpus = min([parse_slurm_cpus(value) for name, value in requests
-                if name == "--cpus-per-task"] or [1])
-    for name, value in requests:
-        per = {"--mem": 1, "--mem-per-cpu": cpus}.get(name)
-        if per is not None and parse_slurm_memory(value):
-            yield parse_slurm_memory(value) * per
-
-
-def memory_limit(job_text):
-    """Return the smallest memory request in a job file's directives (bytes), or None.
-
-    Those are the hard mem_grab/h_vmem of #$ lines, and --mem or --mem-per-cpu times
-    --cpus-per-task of #SBATCH lines.
-    """
-    limits = [parse_memory(value) for name, value in hard_requests(job_text)
-              if name in ("mem_grab", "h_vmem") and parse_memory(value)]
-    limits += list(slurm_memory_limits(job_text))
-    return min(limits) if limits else None
-
-
-def parse_time(spec):
-    """Return the seconds in an SGE time (90, 1:30, 0:0:20, 1:00:00); None for INFINITY."""
-    if spec.strip().lower() == "infinity":
-        return None
-    if not re.match(r"^\d+(?::\d+){0,2}$", spec.strip()):
-        raise ValueError("%r is not a Grid Engine time such as 3600 or 1:00:00" % spec)
-    seconds = 0
-    for part in spec.strip().split(":"):
-        seconds = seconds * 60 + int(part)
-    return seconds
-
-
-def run_limit(job_text):
-    """Return the smallest hard h_rt (#$) or --time (#SBATCH) in seconds, or None."""
-    limits = [parse_time(value) for name, value in hard_requests(job_text)
-              if name == "h_rt" and parse_time(value) is not None]
-    limits += [parse_slurm_time(value) for name, value in slurm_requests(job_text)
-               if name == "--time" and parse_slurm_time(value) is not None]
-    return min(limits) if limits else None
 
 
 def backoff_delay(attempt, base_s=0.5, cap_s=30.0, rand=random.random):
@@ -777,7 +633,9 @@ class Client:
                  tls_fingerprint=None, mem_limit_bytes=None, stuck_grace_s=30.0,
                  secret_file=None, run_limit_s=None, spool_dir=None, address_file=None):
         self.request_id, self.job_index = int(request_id), job_index
-        # The job's h_rt in seconds; the worker stops leasing before it (see tasks_to_lease).
+        # The job's h_rt or --time in seconds, and its memory request in bytes, as the job file
+        # passes them from its directives. The worker stops leasing before the run-time limit
+        # (see tasks_to_lease) and limits its address space to the memory (set_memlimit).
         self.run_limit_s, self.longest_s = run_limit_s, 0.0
         self.host = socket.gethostname()
         self.worker = "%s:%d:%s" % (self.host, os.getpid(), job_index)
@@ -807,7 +665,6 @@ class Client:
                 self.password = read_secret(self.secret_file)
                 self.conn = self.connect()
             self.set_memlimit()
-            self.set_run_limit()
             self.get_details()
             self.run()
         except ProtocolFailure as e:
@@ -826,31 +683,15 @@ class Client:
             sys.exit(EXIT_PROTOCOL)
         say("sheepdog: worker %s: no tasks left" % self.worker, self.out)
 
-    def set_memlimit(self, fname=None):
-        """Limit our address space to mem_limit_bytes, or the job file's memory request."""
+    def set_memlimit(self):
+        """Limit our address space to mem_limit_bytes (the job's memory request), if set."""
         limit = self.mem_limit_bytes
-        if limit is None:
-            try:
-                with open(fname or sys.argv[0], errors="replace") as f:
-                    limit = memory_limit(f.read(1 << 16))
-            except (OSError, ValueError) as e:
-                say("sheepdog: not setting a memory limit: %s" % e, self.err)
         if limit:
             import resource
             hard = resource.getrlimit(resource.RLIMIT_AS)[1]
             soft = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
             resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
         return limit
-
-    def set_run_limit(self, fname=None):
-        """Take the job file's h_rt or --time as our run-time limit, unless run_limit_s is set."""
-        if self.run_limit_s is None:
-            try:
-                with open(fname or sys.argv[0], errors="replace") as f:
-                    self.run_limit_s = run_limit(f.read(1 << 16))
-            except (OSError, ValueError) as e:
-                say("sheepdog: not watching a run-time limit: %s" % e, self.err)
-        return self.run_limit_s
 
     def get_details(self):
         """Fetch the function and the request's settings."""

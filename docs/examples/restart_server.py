@@ -7,7 +7,7 @@ import sys
 import time
 
 import sheepdog
-from sheepdog._submit import server_for
+from sheepdog._server_for import server_for
 
 conf = sheepdog.Config.from_file("cluster.json")
 
@@ -47,7 +47,7 @@ conf = sheepdog.Config.from_file("cluster.json")  # see Getting started
 request_id = int(sys.argv[1])
 storage = sheepdog.Storage(conf.dbfile)
 # The port the job file names, where the workers look for their server:
-port = storage.get_jobs(request_id)[-1]["info"]["port"]
+port = storage.latest_job(request_id).port
 server = sheepdog.Server(port, None, conf.dbfile)
 deadline = time.monotonic() + 300  # never wait forever: the job may have died
 n_tasks = storage.count_tasks(request_id)

@@ -18,7 +18,7 @@ from typing import Any
 from .._hints import sheepdog_command
 from .._progress import TASK_STATE_WORDS, request_state
 from ..errors import UnknownRequestError
-from ..store import Storage
+from ..store import FailureKind, JobRecord, Storage, TaskState
 from ..store.queue import LOST_KINDS, RERUN_CHOICES
 
 __all__ = [
@@ -51,7 +51,7 @@ OTHER = "(other)"
 
 def task_look(state: str, kind: str | None) -> str:
     """The class a task's mark gets: done, running, failed, lost, cancelled or pending."""
-    if state == "error" and kind in LOST_KINDS:
+    if state == TaskState.ERROR and kind in LOST_KINDS:
         return "lost"
     return TASK_STATE_WORDS.get(state, state)
 
@@ -79,11 +79,11 @@ def _function(settings: dict[str, Any], label: str | None) -> str:
     return str(settings.get("function") or label or "-")
 
 
-def _scheduler(settings: dict[str, Any], jobs: list[dict[str, Any]]) -> str:
+def _scheduler(settings: dict[str, Any], jobs: list[JobRecord]) -> str:
     """The scheduler its jobs went to; else the one its config named."""
-    used = [job["info"].get("scheduler") for job in jobs if job["info"].get("scheduler")]
+    used = [job.scheduler for job in jobs if job.scheduler]
     if used:
-        return str(used[-1])
+        return used[-1]
     config = settings.get("config")
     return str(config.get("scheduler", "-")) if isinstance(config, dict) else "-"
 
@@ -260,7 +260,8 @@ def commands(summary: RequestSummary, dbfile: str,
     """``(what it does, command)`` for the request: rerun what failed, attach, read errors."""
     rid = summary.id
     out = []
-    kinds = {"lost" if g.kind in LOST_KINDS else g.kind if g.kind == "cancelled" else "failed"
+    kinds = {"lost" if g.kind in LOST_KINDS
+             else "cancelled" if g.kind == FailureKind.CANCELLED else "failed"
              for g in failures}
     for which in RERUN_CHOICES:
         if which in kinds:

@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping
 from html import escape
 
+from .._progress import TASK_STATE_WORDS
+from ..store import TaskState
 from .data import TIME_BINS, Timeline
 
 __all__ = ["COLOURS", "progress_html", "throughput_svg", "timeline_svg"]
@@ -161,11 +163,12 @@ def throughput_svg(tl: Timeline) -> str:
 
 def progress_html(counts: Mapping[str, int], total: int) -> str:
     """A bar of the tasks by state, done first, with the counts beside it."""
-    order = (("done", "done"), ("error", "failed"), ("cancelled", "cancelled"),
-             ("leased", "running"), ("pending", "pending"))
+    order = (TaskState.DONE, TaskState.ERROR, TaskState.CANCELLED, TaskState.LEASED,
+             TaskState.PENDING)
     bar = []
     legend = []
-    for state, look in order:
+    for state in order:
+        look = TASK_STATE_WORDS[state]
         n = counts.get(state, 0)
         if total and n:
             bar.append(f'<span class="seg {look}" style="display:inline-block;height:14px;'

@@ -234,6 +234,27 @@ class Scheduler:
         return []
 
     @classmethod
+    def memory_limit_bytes(cls, options: Sequence[str]) -> int | None:
+        """The memory that the options (the job file's directive lines) ask for, in bytes.
+
+        The worker limits its address space to it, so that a task gets a MemoryError
+        before the scheduler kills the job. ``options`` are the raw options and what the
+        typed resources stand for (:meth:`Config.job_options
+        <sheepdog.config.Config.job_options>`). None when they set no limit; ValueError
+        names a value this scheduler would not read.
+        """
+        return None
+
+    @classmethod
+    def run_limit_s(cls, options: Sequence[str]) -> int | None:
+        """The run time that the options (the job file's directive lines) allow, in seconds.
+
+        The worker stops leasing tasks before it runs out. None when they set no limit;
+        ValueError names a value this scheduler would not read.
+        """
+        return None
+
+    @classmethod
     def reserved_option(cls, word: str) -> str | None:
         """Why sheepdog sets the option ``word`` (of a raw option) itself; None if it may be set."""
         return None

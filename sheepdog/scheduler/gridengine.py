@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -37,20 +37,25 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_ARRAY_LIMITS",
+    "MEMORY_LIMIT_RESOURCES",
+    "MEMORY_UNITS",
     "QSTAT_COMMAND",
     "SGE_ENV_PREAMBLE",
     "AccountingRecord",
     "GridEngine",
     "QstatJob",
     "describe_failure",
+    "hard_requests",
     "neutral_state",
     "parse_global_config",
+    "parse_memory",
     "parse_qacct",
     "parse_qdel",
     "parse_qstat",
     "parse_qstat_j_errors",
     "parse_qsub_output",
     "parse_scheduling_info",
+    "parse_time",
     "permanent_scheduling_problem",
 ]
 
@@ -328,6 +333,65 @@ def describe_failure(record: AccountingRecord) -> str | None:
     return describe_exit(record.exit_status, where, stub_exit_reasons())
 
 
+# --- the workers' limits, from the job's requests -------------------------------------
+
+#: sge_types(5) memory_specifier: k/m/g/t count in powers of 1000, K/M/G/T of 1024.
+MEMORY_UNITS: dict[str, int] = {
+    "": 1,
+    **{u: 1000 ** (i + 1) for i, u in enumerate("kmgt")},
+    **{u: 1024 ** (i + 1) for i, u in enumerate("KMGT")},
+}
+_MEMORY = re.compile(r"^(0[xX][0-9a-fA-F]+|0[0-7]+|(?:0|[1-9]\d*)(?:\.\d+)?)([kKmMgGtT]?)$")
+#: The hard requests that the worker takes as its address-space limit.
+MEMORY_LIMIT_RESOURCES = ("mem_grab", "h_vmem")
+
+
+def parse_memory(spec: str) -> int | None:
+    """Return the bytes in an SGE memory specifier (2G, 500m, 0x10K, 1.5G), None for INFINITY."""
+    if spec.strip().lower() == "infinity":
+        return None
+    match = _MEMORY.match(spec.strip())
+    if not match:
+        raise ValueError(f"{spec!r} is not a Grid Engine memory specifier such as 2G or 500M")
+    number, unit = match.groups()
+    value: float
+    if number[:2] in ("0x", "0X"):
+        value = int(number, 16)
+    else:  # a leading 0 means octal, as in C
+        value = int(number, 8) if number[0] == "0" and number.isdigit() else float(number)
+    return int(value * MEMORY_UNITS[unit])
+
+
+def parse_time(spec: str) -> int | None:
+    """Return the seconds in an SGE time (90, 1:30, 0:0:20, 1:00:00); None for INFINITY."""
+    if spec.strip().lower() == "infinity":
+        return None
+    if not re.match(r"^\d+(?::\d+){0,2}$", spec.strip()):
+        raise ValueError(f"{spec!r} is not a Grid Engine time such as 3600 or 1:00:00")
+    seconds = 0
+    for part in spec.strip().split(":"):
+        seconds = seconds * 60 + int(part)
+    return seconds
+
+
+def hard_requests(options: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """Yield (name, value) of each hard ``-l`` request in raw qsub options (``#$`` lines).
+
+    ``-soft`` and ``-hard`` hold until the next of them, across options, as across
+    the job file's lines.
+    """
+    hard = True
+    for option in options:
+        words = option.split()
+        for i, word in enumerate(words):
+            if word in ("-hard", "-soft"):
+                hard = word == "-hard"
+            elif word == "-l" and hard and i + 1 < len(words):
+                for item in words[i + 1].split(","):  # e.g. h_rt=1:00:00,mem_grab=2G
+                    name, _, value = item.partition("=")
+                    yield name, value
+
+
 # --- the scheduler -------------------------------------------------------------------
 
 
@@ -381,6 +445,26 @@ class GridEngine(Scheduler):
         if config.max_running is not None:
             opts.append(f"-tc {config.max_running}")
         return opts
+
+    @classmethod
+    def memory_limit_bytes(cls, options: Sequence[str]) -> int | None:
+        """The smallest hard ``mem_grab`` or ``h_vmem`` request of the options, in bytes.
+
+        None when there is none (``INFINITY`` and 0 are none); ValueError for a value that
+        is not a memory specifier. ``mem_free`` and the like are no limit.
+        """
+        limits = [parse_memory(value) for name, value in hard_requests(options)
+                  if name in MEMORY_LIMIT_RESOURCES]
+        return min((n for n in limits if n), default=None)
+
+    @classmethod
+    def run_limit_s(cls, options: Sequence[str]) -> int | None:
+        """The smallest hard ``h_rt`` request of the options in seconds; None when none.
+
+        ValueError for a value that is not a Grid Engine time.
+        """
+        limits = [parse_time(value) for name, value in hard_requests(options) if name == "h_rt"]
+        return min((n for n in limits if n is not None), default=None)
 
     @classmethod
     def reserved_option(cls, word: str) -> str | None:

@@ -216,8 +216,18 @@ class LocalScheduler(Scheduler):
 
     @classmethod
     def resource_options(cls, config: Config) -> list[str]:
-        """Grid Engine's: the worker reads its memory and run-time limits from them."""
+        """Grid Engine's: the worker's memory and run-time limits are read from them."""
         return GridEngine.resource_options(config)
+
+    @classmethod
+    def memory_limit_bytes(cls, options: Sequence[str]) -> int | None:
+        """Grid Engine's: the job file's directives are Grid Engine's."""
+        return GridEngine.memory_limit_bytes(options)
+
+    @classmethod
+    def run_limit_s(cls, options: Sequence[str]) -> int | None:
+        """Grid Engine's: the job file's directives are Grid Engine's."""
+        return GridEngine.run_limit_s(options)
 
     @classmethod
     def reserved_option(cls, word: str) -> str | None:

@@ -19,11 +19,10 @@ import logging
 import re
 import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from ..client import stub
 from ..errors import ConfigError, RemoteCommandError, SheepdogError, SubmitError
 from .base import (
     ArrayLimits,
@@ -38,6 +37,7 @@ from .base import (
     option_words,
     quote_all,
 )
+from .gridengine import MEMORY_UNITS, parse_time
 from .stubexits import stub_exit_reasons
 
 if TYPE_CHECKING:
@@ -47,6 +47,8 @@ __all__ = [
     "DEFAULT_MAX_ARRAY_SIZE",
     "PERMANENT_REASONS",
     "SLURM_ENV_PREAMBLE",
+    "SLURM_LONG_OPTIONS",
+    "SLURM_SHORT_OPTIONS",
     "JobRecord",
     "Slurm",
     "SlurmConfig",
@@ -57,8 +59,12 @@ __all__ = [
     "parse_sbatch_output",
     "parse_scontrol_config",
     "parse_scontrol_jobs",
+    "parse_slurm_cpus",
+    "parse_slurm_memory",
+    "parse_slurm_time",
     "parse_squeue",
     "permanent_reason",
+    "slurm_requests",
     "slurm_time",
 ]
 
@@ -109,8 +115,8 @@ def slurm_time(h_rt: str) -> str:
     Slurm reads a plain number as minutes, so seconds are never passed as they are.
     Slurm keeps time limits in whole minutes and rounds a part minute up.
     """
-    # The worker stub reads a job's h_rt with this function: one reading of Grid Engine's times.
-    seconds = stub.parse_time(h_rt)
+    # Grid Engine's job files give the workers their h_rt with it: one reading of its times.
+    seconds = parse_time(h_rt)
     if seconds is None:  # INFINITY, which the config's h_rt does not accept
         raise ValueError(f"h_rt {h_rt!r} sets no time limit")
     days, rest = divmod(seconds, 86400)
@@ -118,6 +124,65 @@ def slurm_time(h_rt: str) -> str:
     minutes, secs = divmod(rest, 60)
     clock = f"{hours}:{minutes:02d}:{secs:02d}"
     return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}" if days else clock
+
+
+# --- the workers' limits, from the job's requests -------------------------------------
+
+#: The sbatch options the worker's limits come from, by their long names; short ones take
+#: their value in the next word or glued on ("-t 10", "-t10").
+SLURM_SHORT_OPTIONS = {"-t": "--time", "-c": "--cpus-per-task"}
+SLURM_LONG_OPTIONS = ("--mem", "--mem-per-cpu", "--time", "--cpus-per-task")
+
+
+def slurm_requests(options: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """Yield (long name, value) of each of SLURM_LONG_OPTIONS in raw sbatch options."""
+    for option in options:
+        words = option.split()
+        for i, word in enumerate(words):
+            name, eq, value = word.partition("=")
+            if name in SLURM_SHORT_OPTIONS or name in SLURM_LONG_OPTIONS:
+                if not eq:  # "--mem 2G", "-t 10"
+                    value = words[i + 1] if i + 1 < len(words) else ""
+                yield SLURM_SHORT_OPTIONS.get(name, name), value
+            elif word[:2] in SLURM_SHORT_OPTIONS:
+                yield SLURM_SHORT_OPTIONS[word[:2]], word[2:]  # "-t10", "-c4"
+
+
+def parse_slurm_memory(spec: str) -> int | None:
+    """Return the bytes in a Slurm --mem value (2G, 500, 1536M); None for 0 (the whole node)."""
+    match = re.match(r"^(\d+)([kKmMgGtT]?)$", spec.strip())
+    if not match:
+        raise ValueError(f"{spec!r} is not a Slurm memory size such as 2G or 500M")
+    number, unit = int(match.group(1)), (match.group(2) or "M").upper()
+    return number * MEMORY_UNITS[unit] or None  # Slurm's units are powers of 1024; MB alone
+
+
+def parse_slurm_time(spec: str) -> int | None:
+    """Return the seconds in a Slurm --time (30, 1:30, 1:00:00, 2-0, 2-12:00:00); None if none."""
+    text = spec.strip()
+    if text.upper() in ("INFINITE", "UNLIMITED"):
+        return None
+    match = re.match(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$", text)
+    if not match:
+        raise ValueError(f"{spec!r} is not a Slurm time such as 30, 1:00:00 or 2-12:00:00")
+    days, first, second, third = match.groups()
+    parts = [int(p) for p in (first, second, third) if p is not None]
+    if days is not None:  # days-hours[:minutes[:seconds]]
+        parts += [0] * (3 - len(parts))
+        hours, minutes, seconds = parts
+        return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
+    if len(parts) == 3:  # hours:minutes:seconds
+        return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+    if len(parts) == 2:  # minutes:seconds
+        return parts[0] * 60 + parts[1]
+    return parts[0] * 60  # minutes
+
+
+def parse_slurm_cpus(spec: str) -> int:
+    """Return the number in a Slurm --cpus-per-task value (a whole number from 1)."""
+    if not re.match(r"^[1-9]\d*$", spec.strip()):
+        raise ValueError(f"{spec!r} is not a Slurm --cpus-per-task such as 4")
+    return int(spec)
 
 
 # --- squeue --------------------------------------------------------------------------
@@ -463,6 +528,28 @@ class Slurm(Scheduler):
         if config.pe is not None:
             opts.append(f"--cpus-per-task={config.pe[1]}")
         return opts
+
+    @classmethod
+    def memory_limit_bytes(cls, options: Sequence[str]) -> int | None:
+        """The smallest ``--mem``, or ``--mem-per-cpu`` times ``--cpus-per-task``, in bytes.
+
+        Slurm's default is one CPU per task; of several ``--cpus-per-task``, the smallest
+        counts, as with ``--mem``. 0, all of the node's memory, is no limit.
+        """
+        requests = list(slurm_requests(options))
+        cpus = min([parse_slurm_cpus(value) for name, value in requests
+                    if name == "--cpus-per-task"] or [1])
+        per = {"--mem": 1, "--mem-per-cpu": cpus}
+        sizes = [(parse_slurm_memory(value), per[name]) for name, value in requests
+                 if name in per]
+        return min((size * times for size, times in sizes if size), default=None)
+
+    @classmethod
+    def run_limit_s(cls, options: Sequence[str]) -> int | None:
+        """The smallest ``--time``/``-t`` in seconds (a bare number is minutes); None if none."""
+        limits = [parse_slurm_time(value) for name, value in slurm_requests(options)
+                  if name == "--time"]
+        return min((n for n in limits if n is not None), default=None)
 
     @classmethod
     def reserved_option(cls, word: str) -> str | None:

@@ -26,7 +26,7 @@ from sheepdog.server.auth import (
     sign_request,
     verify,
 )
-from sheepdog.store import NonceReusedError, Storage
+from sheepdog.store import NonceReusedError, RequestState, Storage
 
 from .body import TRANSFER_ENCODING_KEY, Environ, environ_key, read_body, refuse_unread
 from .protocol import (
@@ -337,7 +337,8 @@ def _heartbeat(call: _Call) -> _Answer:
         (request_state,) = conn.execute(
             "SELECT state FROM requests WHERE id = ?", (call.request_id,)
         ).fetchone()
-        return {"renewed": renewed, "lost": lost, "cancelled": request_state == "cancelled"}
+        cancelled = request_state == RequestState.CANCELLED
+        return {"renewed": renewed, "lost": lost, "cancelled": cancelled}
 
     return _once(call, effect)
 

@@ -27,7 +27,7 @@ from typing import IO, Any
 from sheepdog._net import HEALTH_PATH, health_problem, host_port, loopback_for
 from sheepdog.errors import ServerError
 from sheepdog.server.tls import hold_while_serving
-from sheepdog.store import DEFAULT_DBFILE, Storage
+from sheepdog.store import DEFAULT_DBFILE, RequestState, Storage
 
 from .protocol import (
     BODY_BASE_S,
@@ -159,11 +159,11 @@ def resume_port(storage: Storage) -> int | None:
     Its job file names that port, so its surviving workers find a server started there.
     """
     for row in reversed(storage.list_requests()):
-        if row["state"] != "open" or not storage.open_task_indices(row["id"]):
+        if row["state"] != RequestState.OPEN or not storage.open_task_indices(row["id"]):
             continue
-        jobs = storage.get_jobs(row["id"])
-        if jobs and "port" in jobs[-1]["info"]:
-            return int(jobs[-1]["info"]["port"])
+        latest = storage.latest_job(row["id"])
+        if latest is not None and latest.port is not None:
+            return latest.port
     return None
 
 

@@ -23,7 +23,7 @@ from sheepdog.server.auth import (
     SIGNATURE_HEADER,
     sign_response,
 )
-from sheepdog.store import CallAuth, Lease
+from sheepdog.store import CallAuth, FailureKind, Lease, RequestState
 
 __all__ = [
     "BODY_BASE_S",
@@ -284,7 +284,7 @@ def parse_result(item: object, n_tasks: int, worker: str, host: str) -> dict[str
             "traceback": _get_str(error, "traceback", where, ""),
             "host": _get_str(error, "host", where, host),
             "python": _get_str(error, "python", where, ""),
-            "kind": _get_str(error, "kind", where, "exception"),
+            "kind": _get_str(error, "kind", where, FailureKind.EXCEPTION),
         }
     return parsed
 
@@ -310,7 +310,7 @@ def _task_payload(lease: Lease) -> dict[str, Any]:
 
 
 def _lease_payload(leases: list[Lease], lease_s: float, request_state: str) -> dict[str, Any]:
-    if request_state == "cancelled":
+    if request_state == RequestState.CANCELLED:
         state = "cancelled"
     else:
         state = "open" if leases else "drained"

@@ -31,6 +31,7 @@ from .._poll import poll_until
 from ..blobs import INLINE_MAX_BYTES, BlobStore, make_ref
 from ..errors import StorageError, UnknownRequestError, UnknownTaskError
 from . import upgrade02
+from .states import OPEN_STATES
 
 try:
     import fcntl
@@ -66,10 +67,8 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "max_attempts": 3,
 }
 
-#: Task states that may still change; the others are final.
-OPEN_STATES = ("pending", "leased")
-#: The same, as an SQL list: ``state IN {OPEN_STATES_SQL}``.
-OPEN_STATES_SQL = "(" + ", ".join(f"'{state}'" for state in OPEN_STATES) + ")"
+#: :data:`~.states.OPEN_STATES` as an SQL list: ``state IN {OPEN_STATES_SQL}``.
+OPEN_STATES_SQL = "(" + ", ".join(f"'{state.value}'" for state in OPEN_STATES) + ")"
 
 #: The database and its sibling files hold every request's secret, payload and result.
 DB_FILE_MODE = 0o600

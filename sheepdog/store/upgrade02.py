@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .states import FailureKind
+
 __all__ = ["LABEL", "backup", "copy_into_schema", "is_original", "set_aside"]
 
 #: The label migrated requests get (``sheepdog requests`` shows it).
@@ -133,7 +135,7 @@ def error_dict(text: str) -> dict[str, Any]:
         type_name, message = match.group(1), match.group(2) or ""
     else:
         type_name, message = "Error", last
-    return {"type": type_name, "message": message, "traceback": text, "kind": "exception"}
+    return {"type": type_name, "message": message, "traceback": text, "kind": FailureKind.EXCEPTION}
 
 
 def _never_finished(job_index: int) -> dict[str, Any]:
@@ -144,7 +146,7 @@ def _never_finished(job_index: int) -> dict[str, Any]:
             "its function cannot run on this sheepdog's workers: map it again"
         ),
         "traceback": "",
-        "kind": "migrated",
+        "kind": FailureKind.MIGRATED,
     }
 
 

@@ -177,6 +177,43 @@ def is_slurm(cluster: dict[str, Any]) -> bool:
     return scheduler_of(cluster) == "slurm"
 
 
+def hold_option(cluster: dict[str, Any]) -> str:
+    """The scheduler option that submits a job held (``scheduler_opts``): released by
+    :func:`release_once_served`."""
+    return "--hold" if is_slurm(cluster) else "-h"
+
+
+def release_once_served(
+    cluster: dict[str, Any], dbfile: str, request_id: int, timeout_s: float = 300.0,
+) -> threading.Thread:
+    """Release the request's held job, in a thread, once a server answers on its port.
+
+    For a test of ``sheepdog serve`` on work left by a process that has gone: held, a
+    fast cluster cannot finish the tasks (through that process's server, or one an
+    in-process watcher restarted) before ``serve`` looks, leaving it nothing to serve.
+    """
+    from sheepdog._net import health_problem
+    from sheepdog._poll import poll_until
+    from sheepdog.config import as_config
+    from sheepdog.scheduler import open_remote
+    from sheepdog.storage import Storage
+
+    with Storage(dbfile) as storage:
+        (job,) = storage.get_jobs(request_id)
+    url = f"http://{job.listen_address or '127.0.0.1'}:{job.port}/"
+    release = "scontrol release" if is_slurm(cluster) else "qrls"
+
+    def run() -> None:
+        assert poll_until(lambda: health_problem(url, timeout_s=2) is None,
+                          timeout_s=timeout_s), f"nothing served request {request_id} at {url}"
+        with open_remote(as_config(cluster)) as remote:
+            remote.run(f"{release} {job.job_id}")
+
+    thread = threading.Thread(target=run, name=f"release-{request_id}", daemon=True)
+    thread.start()
+    return thread
+
+
 def label_of(cluster: dict[str, Any]) -> str:
     """What sheepdog calls the cluster's jobs in messages ("Grid Engine", "Slurm")."""
     from sheepdog.scheduler import scheduler_class
@@ -286,7 +323,7 @@ def delete_test_jobs(cluster: dict[str, Any], dbfile: str) -> None:
     if not os.path.isfile(dbfile):
         return
     with Storage(dbfile) as storage:
-        job_ids = [str(job["job_id"]) for request in storage.list_requests()
+        job_ids = [job.job_id for request in storage.list_requests()
                    for job in storage.get_jobs(request["id"])]
     if job_ids:
         with open_cluster_scheduler(cluster) as scheduler:

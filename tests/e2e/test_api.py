@@ -17,7 +17,7 @@ from cluster_fixture import raw_options
 
 import sheepdog
 from sheepdog._poll import poll_until
-from sheepdog._submit import server_for
+from sheepdog._server_for import server_for
 
 pytestmark = pytest.mark.e2e
 

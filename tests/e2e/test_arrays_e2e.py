@@ -87,6 +87,6 @@ def test_more_workers_than_max_aj_tasks_run_as_several_jobs(
         counts = storage.task_counts(rid)
     assert counts["done"] == 12
     assert sum(counts.values()) == 12  # nothing pending, leased, failed or cancelled
-    assert [job["array_size"] for job in jobs] == [2, 2, 1]
-    assert [job["info"]["part"] for job in jobs] == [1, 2, 3]
-    assert len({job["job_id"] for job in jobs}) == 3
+    assert [job.array_size for job in jobs] == [2, 2, 1]
+    assert [job.part for job in jobs] == [1, 2, 3]
+    assert len({job.job_id for job in jobs}) == 3

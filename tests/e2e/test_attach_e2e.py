@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 import sheepdog
-from sheepdog import Config, _submit
+from sheepdog import Config
 from sheepdog._poll import poll_until
+from sheepdog._stored_request import StoredRequest
 from sheepdog.scheduler import open_scheduler
 from sheepdog.spool import spool_directory
 from sheepdog.storage import Storage
@@ -40,10 +41,10 @@ def test_the_laptop_sleeps_and_attach_brings_every_result_back(config: dict[str,
         assert poll_until(lambda: storage.count_results(rid) >= 2, timeout_s=WAIT_S), (
             "no result came in"
         )
-        server = _submit.own_server(storage, rid)
+        server = StoredRequest(storage, rid).own_server()
         assert server is not None
         server.stop()  # the lid closes: no server, no watcher
-        job_ids = [str(job["job_id"]) for job in storage.get_jobs(rid)]
+        job_ids = [job.job_id for job in storage.get_jobs(rid)]
 
         def gone() -> bool:
             listing = scheduler.status(job_ids)

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_fixture import scheduler_of
+from cluster_fixture import hold_option, release_once_served, scheduler_of
 
 import sheepdog
-from sheepdog._submit import server_for
+from sheepdog._server_for import server_for
 from sheepdog.config import as_config
 from sheepdog.scheduler import scheduler_class
 
@@ -85,11 +85,17 @@ def test_cancel(config: dict[str, Any], config_file: str) -> None:
 
 def test_serve_restarts_the_server_on_the_submitted_port(config: dict[str, Any]) -> None:
     db = config["dbfile"]
-    rid = sheepdog.map_async(slow, [1] * 6, dict(config, workers=2, batch=1))
+    held = [*config.get("scheduler_opts", []), hold_option(config)]
+    rid = sheepdog.map_async(slow, [1] * 6, dict(config, workers=2, batch=1,
+                                                  scheduler_opts=held))
     server = server_for(as_config(config))
     port = server.port
     server.stop()  # the user's Python is gone; the jobs still call back to this port
+    # Held until serve's server answers: a fast cluster could otherwise finish the tasks first
+    # (ci-run6, Slurm: "nothing to serve").
+    releasing = release_once_served(config, db, rid, WAIT_S)
     done = cli("serve", "--dbfile", db, "--timeout", str(WAIT_S))
+    releasing.join(timeout=WAIT_S)
     assert f"serving requests {rid} on port {port}" in done.stdout
     assert [r for _, r in sheepdog.get_results(rid, db, block=False)] == [1] * 6
 

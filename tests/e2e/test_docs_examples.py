@@ -10,13 +10,14 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_fixture import scheduler_of
+from cluster_fixture import hold_option, release_once_served, scheduler_of
 from terminal import interruptible
 
 import sheepdog
@@ -126,8 +127,10 @@ def slow(x):
     time.sleep(x)
     return x
 
-conf = sheepdog.Config.from_file(sys.argv[1])
-print(sheepdog.map_async(slow, [float(sys.argv[2])] * 2, conf.replace(workers=1)))
+conf = sheepdog.Config.from_file(sys.argv[1]).replace(workers=1)
+if len(sys.argv) > 3:  # a scheduler option that holds the job until it is released
+    conf = conf.replace(scheduler_opts=[sys.argv[3]])
+print(sheepdog.map_async(slow, [float(sys.argv[2])] * 2, conf))
 """
 
 CLI_TIMEOUT_S = 400
@@ -306,9 +309,10 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
             assert done.returncode == 0, f"sheepdog {' '.join(argv)}:\n{done.stdout}{done.stderr}"
         return done
 
-    def submit_and_leave(seconds: float) -> int:
+    def submit_and_leave(seconds: float, held: bool = False) -> int:
+        hold = [hold_option(config)] if held else []
         done = subprocess.run(
-            [sys.executable, "-c", SUBMIT_AND_LEAVE, str(config_file), str(seconds)],
+            [sys.executable, "-c", SUBMIT_AND_LEAVE, str(config_file), str(seconds), *hold],
             cwd=tmp_path, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
         )
         assert done.returncode == 0, done.stderr
@@ -324,6 +328,7 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
 
     outputs: dict[str, str] = {}
     detached_pid = None
+    releasing: threading.Thread | None = None
     try:
         for command, _, output in shown:
             argv = shlex.split(command)[1:]
@@ -332,11 +337,14 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
             elif command.startswith("sheepdog serve --request"):
                 rid = submit_and_leave(1.0)
                 with Storage(str(db)) as storage:
-                    port = storage.get_jobs(rid)[-1]["info"]["port"]
+                    port = storage.get_jobs(rid)[-1].port
                 argv[argv.index("--request") + 1] = str(rid)
                 argv[argv.index("--port") + 1] = str(port)
             elif command.startswith("sheepdog serve"):
-                rid = submit_and_leave(1.0)
+                # Held until serve serves it: a fast cluster (Slurm's) could otherwise finish
+                # both tasks before serve looks, leaving it nothing to serve.
+                rid = submit_and_leave(1.0, held=True)
+                releasing = release_once_served(config, str(db), rid, CLI_TIMEOUT_S)
             elif ">" in argv:
                 argv = argv[: argv.index(">")]
             elif argv[0] == "jobfile":
@@ -350,6 +358,9 @@ def test_cli_page(config: dict[str, Any], tmp_path: Path) -> None:
                 assert_modules_checked_like(output, run(argv, check=False))
                 continue
             done = run(argv)
+            if releasing is not None:
+                releasing.join(timeout=CLI_TIMEOUT_S)
+                releasing = None
             printed = done.stdout + (done.stderr if argv[0] == "jobfile" else "")
             outputs[command] = done.stdout
             if argv[0] == "jobfile":

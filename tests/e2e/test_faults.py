@@ -21,7 +21,7 @@ from cluster_fixture import is_slurm, job_listed, label_of, map_in_thread, raw_o
 
 import sheepdog
 from sheepdog._poll import poll_until
-from sheepdog._submit import server_for
+from sheepdog._server_for import server_for
 from sheepdog.server import registry
 
 pytestmark = pytest.mark.e2e
@@ -261,7 +261,7 @@ def test_ctrl_c_cancels_the_jobs(config: dict[str, Any], tmp_path: Path) -> None
     request_id = _last_request(config)
     with sheepdog.Storage(config["dbfile"]) as storage:
         counts = storage.task_counts(request_id)
-        job_ids = [job["job_id"] for job in storage.get_jobs(request_id)]
+        job_ids = [job.job_id for job in storage.get_jobs(request_id)]
     assert counts.get("cancelled", 0) == 4, counts
     errors = sheepdog.get_errors(request_id, config["dbfile"])
     assert all(error.kind == "cancelled" for _arg, error in errors)

@@ -186,7 +186,7 @@ def test_one_code_for_login_map_attach_tunnel_doctor_serve_and_ten_thousand_task
     served_id = int(fired.stdout.strip())
     with Storage(conf["dbfile"]) as storage:
         (job,) = storage.get_jobs(served_id)
-    mfa.remote().run(f"{release} {job['job_id']}")
+    mfa.remote().run(f"{release} {job.job_id}")
     serve = mfa.sheepdog("serve", "--dbfile", conf["dbfile"], "--timeout", str(WAIT_S))
     assert serve.returncode == 0, serve.stdout + serve.stderr
     assert f"request {served_id} is finished" in serve.stdout, serve.stdout

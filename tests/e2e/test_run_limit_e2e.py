@@ -130,8 +130,8 @@ def test_workers_stop_before_h_rt_and_no_task_is_lost(config: dict[str, Any]) ->
     # continuations, not retries.
     assert len(jobs) >= 2, jobs
     print(f"\n12 tasks of {task_s:g} s under h_rt={limit_s} s: {len(jobs)} jobs, {took_s:.1f} s")
-    assert all(job["info"]["continues"] for job in jobs[1:]), jobs
-    sizes = [(j["job_id"], j["array_size"]) for j in jobs]
+    assert all(job.continues for job in jobs[1:]), jobs
+    sizes = [(j.job_id, j.array_size) for j in jobs]
     if is_slurm(config):
         for job_id, tasks in _slurm_records(cfg, sizes).items():
             for task in tasks:
@@ -167,9 +167,9 @@ def test_a_task_killed_by_h_rt_is_leased_again_with_the_reason(config: dict[str,
     assert len(jobs) == 2, jobs
     if is_slurm(config):
         # Slurm's own word for a job killed at its --time.
-        assert "TIMEOUT" in jobs[1]["info"]["why"], jobs[1]["info"]
+        assert "TIMEOUT" in jobs[1].why, jobs[1].info
     else:
         # qacct's reason: "failure 37: qmaster enforced h_rt, h_cpu, or h_vmem limit".
-        assert "h_rt" in jobs[1]["info"]["why"], jobs[1]["info"]
-        assert "wall clock 2" in jobs[1]["info"]["why"], jobs[1]["info"]  # killed at about 20 s
-    assert jobs[1]["info"]["continues"] is False  # a retry: the first job finished nothing
+        assert "h_rt" in jobs[1].why, jobs[1].info
+        assert "wall clock 2" in jobs[1].why, jobs[1].info  # killed at about 20 s
+    assert jobs[1].continues is False  # a retry: the first job finished nothing

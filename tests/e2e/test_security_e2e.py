@@ -145,7 +145,7 @@ def test_a_stranger_on_an_execution_node_cannot_find_the_secret(
             secret = storage.get_secret(request_id)
             assert poll_until(lambda: storage.task_counts(request_id).get("leased", 0) >= 2,
                               timeout_s=240, interval_s=0.5), storage.task_counts(request_id)
-            (job,) = [str(j["job_id"]) for j in storage.get_jobs(request_id)]
+            (job,) = [j.job_id for j in storage.get_jobs(request_id)]
         choice = request.config.getoption("--cluster")
         if is_slurm(cfg):
             mark, spool = "/slurm_script", ["/var/spool/slurmd/**/slurm_script"]
@@ -254,7 +254,7 @@ def test_a_node_that_cannot_see_the_key_file_says_why(
     request_id = sheepdog.map_async(cube, [2], cfg)
     with Storage(cfg["dbfile"]) as storage:
         secret = storage.get_secret(request_id)
-        (job,) = [str(j["job_id"]) for j in storage.get_jobs(request_id)]
+        (job,) = [j.job_id for j in storage.get_jobs(request_id)]
     check(ssh, f"rm {shlex.quote(folder + '/' + key_file_name(request_id, secret))}")
     check(ssh, f"scontrol release {job}" if is_slurm(config) else f"qrls {job}")
     wait_for_array(ssh, config, job, timeout=240)

@@ -64,8 +64,8 @@ def _assert_run_again(cfg: dict[str, Any], outcome: dict[str, Any], reason: str)
         attempts = [storage.get_task(1, i)["attempts"] for i in (1, 2)]
     assert len(jobs) >= 2, jobs  # the job that was lost, then the one that ran it again
     assert any(a >= 1 for a in attempts), attempts
-    reasons = [job["info"].get("why", "") for job in jobs[1:]]
-    assert any(reason in why for why in reasons), [j["info"] for j in jobs]
+    reasons = [(job.why or "") for job in jobs[1:]]
+    assert any(reason in why for why in reasons), [j.info for j in jobs]
 
 
 def test_a_preempted_job_is_run_again_with_the_reason(
@@ -157,8 +157,8 @@ def test_a_job_whose_node_fails_is_run_again_with_the_reason(
         assert thread.is_alive(), outcome
         with sheepdog.Storage(cfg["dbfile"]) as storage:
             (job,) = storage.get_jobs(1)
-        nodes = check(ssh, f"squeue -h -j {job['job_id']} -t RUNNING -o %N").split()
-        assert nodes, f"job {job['job_id']} runs nowhere while its tasks are leased"
+        nodes = check(ssh, f"squeue -h -j {job.job_id} -t RUNNING -o %N").split()
+        assert nodes, f"job {job.job_id} runs nowhere while its tasks are leased"
         failed = nodes[0]
         _fail(failed)
         thread.join(timeout=420)

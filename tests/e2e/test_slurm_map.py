@@ -28,7 +28,7 @@ def test_the_quickstart_runs_on_slurm(config: dict[str, Any]) -> None:
     assert sheepdog.map(lambda a, b: a + b, [(1, 1), (1, 2), (2, 2)], config) == [2, 3, 4]
     with sheepdog.Storage(config["dbfile"]) as storage:
         (job,) = storage.get_jobs(_last_request(config))
-    assert job["info"]["scheduler"] == "slurm"
+    assert job.scheduler == "slurm"
 
 
 def test_auto_finds_slurm_on_the_login_node(config: dict[str, Any]) -> None:
@@ -38,7 +38,7 @@ def test_auto_finds_slurm_on_the_login_node(config: dict[str, Any]) -> None:
     assert sheepdog.map(add, [(1, 1), (1, 2), (2, 2)], cfg, verbose=False) == [2, 3, 4]
     with sheepdog.Storage(cfg["dbfile"]) as storage:
         (job,) = storage.get_jobs(_last_request(cfg))
-    assert job["info"]["scheduler"] == "slurm"
+    assert job.scheduler == "slurm"
 
 
 def test_the_slurm_quickstart_of_the_docs_runs_as_shown(

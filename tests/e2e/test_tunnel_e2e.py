@@ -21,7 +21,7 @@ from cluster_fixture import run as run_on_head
 import sheepdog
 from sheepdog import api, tunnel, watch
 from sheepdog._poll import poll_until
-from sheepdog._submit import server_for
+from sheepdog._server_for import server_for
 from sheepdog.scheduler import open_scheduler
 
 pytestmark = [pytest.mark.e2e, pytest.mark.firewalled]
@@ -113,7 +113,7 @@ def test_auto_moves_to_the_tunnel_when_no_worker_calls_in(
     # Recorded with the jobs, so that attach or serve in another process tunnels for them.
     with sheepdog.Storage(cfg["dbfile"]) as storage:
         request_id = max(r["id"] for r in storage.list_requests())
-        assert storage.get_jobs(request_id)[-1]["info"]["connect"] == "tunnel"
+        assert storage.get_jobs(request_id)[-1].connect == "tunnel"
 
 
 def test_direct_that_cannot_connect_says_why_and_the_fix(

@@ -23,8 +23,9 @@ import pytest
 from cluster_fixture import relays_on_head
 
 import sheepdog
-from sheepdog import Config, _submit, tunnel
+from sheepdog import Config, tunnel
 from sheepdog._poll import poll_until
+from sheepdog._stored_request import StoredRequest
 from sheepdog.job_file import address_file_name
 from sheepdog.scheduler import Scheduler, open_scheduler
 from sheepdog.spool import spool_directory
@@ -45,7 +46,7 @@ def slow_square(x: int) -> int:
 
 def _close_the_lid(storage: Storage, rid: int, cluster: dict[str, Any]) -> None:
     """Stop the request's server and close every SSH connection held for a tunnel."""
-    server = _submit.own_server(storage, rid)
+    server = StoredRequest(storage, rid).own_server()
     assert server is not None, "map_async left no server running"
     server.stop()
     held = list(tunnel._held)
@@ -82,7 +83,7 @@ def _start(
         assert poll_until(lambda: storage.count_results(rid) >= 2, timeout_s=WAIT_S), (
             "no result came in through the tunnel"
         )
-        assert storage.get_jobs(rid)[-1]["info"]["connect"] == "tunnel"
+        assert storage.get_jobs(rid)[-1].connect == "tunnel"
     return cfg, rid
 
 
@@ -100,7 +101,7 @@ def test_workers_spool_and_attach_in_a_new_process_tunnels_again(
     cfg, rid = _start(walled, n, worker_retry_s=5, lease_s=10)
     with Storage(cfg.dbfile) as storage, open_scheduler(cfg) as scheduler:
         _close_the_lid(storage, rid, walled)
-        job_ids = [str(job["job_id"]) for job in storage.get_jobs(rid)]
+        job_ids = [job.job_id for job in storage.get_jobs(rid)]
         assert poll_until(lambda: _jobs_gone(scheduler, job_ids), timeout_s=WAIT_S,
                           interval_s=1.0, max_interval_s=5.0), "the workers did not give up"
         directory = spool_directory(storage, cfg, scheduler.host, rid)
@@ -132,9 +133,9 @@ def test_workers_spool_and_attach_in_a_new_process_tunnels_again(
     with Storage(cfg.dbfile) as storage, open_scheduler(cfg) as scheduler:
         jobs = storage.get_jobs(rid)
         assert len(jobs) > n_jobs, "attach finished without resubmitting the open work"
-        assert jobs[-1]["info"]["connect"] == "tunnel"
+        assert jobs[-1].connect == "tunnel"
         # The address file names the new relay, where the resubmitted job file points too.
-        relay = jobs[-1]["info"]["url"].split("//", 1)[1].rstrip("/")
+        relay = jobs[-1].url.split("//", 1)[1].rstrip("/")
         assert _address_file(storage, cfg, scheduler, rid) == relay
         assert scheduler.host.list_dir(directory) == []  # collected, then deleted
     # attach's process has exited: its SSH connection, and so its relay, went with it.

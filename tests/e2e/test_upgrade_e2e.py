@@ -21,6 +21,7 @@ from original02 import EXPECTED, copy_database
 import sheepdog
 from sheepdog._poll import poll_until
 from sheepdog.deployment import Deployer
+from sheepdog.job_file import stub_file_name
 from sheepdog.storage import Storage
 
 pytestmark = pytest.mark.e2e
@@ -107,7 +108,9 @@ def test_deployer_deploys_and_submits_as_023_did(config: dict[str, Any]) -> None
         job = ("#!/bin/sh\n#$ -S /bin/sh\n#$ -cwd\n"
                f"echo ran as $JOB_ID > $HOME/{directory}/ran\n")
         d.deploy(job, 23, directory)
-        assert d.run(f"ls {directory}").stdout.split() == ["sheepdog_023.py"]
+        # The job file, and the worker stub that job files run (put once per version).
+        assert d.run(f"ls {directory}").stdout.split() == sorted(
+            ["sheepdog_023.py", stub_file_name()])
         answer = d.submit(23, directory)
         assert "has been submitted" in answer, answer
         job_id = answer.split()[2]

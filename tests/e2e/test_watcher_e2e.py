@@ -99,7 +99,7 @@ def _leased_in_request_1(dbfile: str) -> bool:
 
 def _job_ids(dbfile: str, request_id: int) -> list[str]:
     with sheepdog.Storage(dbfile) as storage:
-        return [str(job["job_id"]) for job in storage.get_jobs(request_id)]
+        return [job.job_id for job in storage.get_jobs(request_id)]
 
 
 @pytest.fixture
@@ -207,9 +207,9 @@ def test_one_job_in_eqw_is_deleted_and_the_others_go_on(
     assert "error" not in outcome, outcome.get("error")
     assert outcome["results"] == [40, 40]
     with sheepdog.Storage(cfg["dbfile"]) as storage:
-        (job,) = [j for j in storage.get_jobs(1) if j["job_id"] == bad]
-    assert job["state"] == "error"
-    assert "/nonexistent/sheepdog-eqw" in job["info"]["reason"]
+        (job,) = [j for j in storage.get_jobs(1) if j.job_id == bad]
+    assert job.state == "error"
+    assert "/nonexistent/sheepdog-eqw" in job.reason
     assert not _listed(head, bad)
 
 

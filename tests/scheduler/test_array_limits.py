@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sheepdog._submit import job_sizes
+from sheepdog._sizing import job_sizes
 from sheepdog.errors import RemoteCommandError
 from sheepdog.remote import CommandResult, Remote
 from sheepdog.scheduler.gridengine import (

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 from fake_clock import FakeClock
+from fake_head import FakeHead, failed, ok
 
-import sheepdog.client
-from sheepdog import _submit
+from sheepdog import _sizing
 from sheepdog.config import Config
 from sheepdog.errors import ConfigError, SSHError, SubmitError
 from sheepdog.remote import CommandResult
@@ -41,10 +41,7 @@ from sheepdog.scheduler.slurm import (
     parse_scontrol_jobs,
     parse_squeue,
     permanent_reason,
-    slurm_time,
 )
-
-stub = sheepdog.client.stub
 
 # squeue --noheader --format='%F|%K|%T|%r' --jobs=10,11 on the test cluster: job 10 can never
 # run (3 nodes asked of a 2-node partition), job 11 is throttled to 2 running (%2).
@@ -101,36 +98,6 @@ SACCT = """\
 """
 
 
-class FakeLogin:
-    """A Slurm login node stand-in (a Remote): answers commands by prefix, records them."""
-
-    host = "login"
-
-    def __init__(self, answers: dict[str, CommandResult] | None = None) -> None:
-        self.answers = answers or {}
-        self.commands: list[str] = []
-        self.closed = False
-        self.preamble = ""
-
-    def run(self, command: str, **_: Any) -> CommandResult:
-        self.commands.append(command)
-        for prefix, result in self.answers.items():
-            if command.startswith(prefix):
-                return result
-        return CommandResult(command, 0, "", "")
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def ok(stdout: str) -> CommandResult:
-    return CommandResult("", 0, stdout, "")
-
-
-def failed(status: int, stderr: str) -> CommandResult:
-    return CommandResult("", status, "", stderr)
-
-
 # --- sbatch ----------------------------------------------------------------------------
 
 
@@ -145,7 +112,7 @@ def test_sbatch_mismatch_says_what() -> None:
 
 
 def test_submit_runs_in_the_job_directory_and_names_the_output_files_as_grid_engine() -> None:
-    login = FakeLogin({"cd ": ok("7\n")})
+    login = FakeHead({"cd ": ok("7\n")})
     job_id = Slurm(login).submit(
         "/home/sheep/.sheepdog/job.py", name="job.py", array_size=4,
         workdir="/home/sheep/.sheepdog/", max_running=2,
@@ -160,7 +127,7 @@ def test_submit_runs_in_the_job_directory_and_names_the_output_files_as_grid_eng
 
 
 def test_a_split_submit_gives_its_own_array_with_the_throttle_and_percent_is_escaped() -> None:
-    login = FakeLogin({"cd ": ok("8;cluster\n")})
+    login = FakeHead({"cd ": ok("8;cluster\n")})
     Slurm(login).submit("/h/100% sure/job.py", name="job.py", array_size=3,
                         workdir="/h/100% sure", split=True, max_running=2)
     (command,) = login.commands
@@ -175,7 +142,7 @@ def test_a_refused_submit_raises_with_sbatchs_words() -> None:
         "sbatch: error: Batch job submission failed: Invalid partition name specified\n",
     )
 
-    class Refusing(FakeLogin):
+    class Refusing(FakeHead):
         def run(self, command: str, **kwargs: Any) -> CommandResult:
             self.commands.append(command)
             raise kwargs["error"](command, 1, "", refused.stderr, host=self.host)
@@ -219,7 +186,7 @@ def test_slurm_states_in_neutral_words(native: str, neutral: State) -> None:
 
 
 def test_status_asks_by_job_id_never_by_user() -> None:
-    login = FakeLogin({"squeue": ok(SQUEUE)})
+    login = FakeHead({"squeue": ok(SQUEUE)})
     listing = Slurm(login).status(["11", "10", "12"])
     assert listing is not None and set(listing) == {"10", "11"}
     (command,) = login.commands
@@ -229,17 +196,17 @@ def test_status_asks_by_job_id_never_by_user() -> None:
 
 def test_a_job_whose_tasks_all_ended_has_left_the_queue() -> None:
     ended = "12|1|COMPLETED|None\n12|2|FAILED|NonZeroExitCode\n"
-    assert Slurm(FakeLogin({"squeue": ok(ended)})).status(["12"]) == {}
+    assert Slurm(FakeHead({"squeue": ok(ended)})).status(["12"]) == {}
 
 
 def test_a_job_in_a_state_nobody_knows_is_still_there() -> None:
-    listing = Slurm(FakeLogin({"squeue": ok("12|1|SOMETHING_NEW|None\n")})).status(["12"])
+    listing = Slurm(FakeHead({"squeue": ok("12|1|SOMETHING_NEW|None\n")})).status(["12"])
     assert listing is not None and listing["12"].states == {State.UNKNOWN}
 
 
 def test_invalid_job_id_for_the_one_job_asked_means_gone() -> None:
     gone = failed(1, "slurm_load_jobs error: Invalid job id specified\n")
-    assert Slurm(FakeLogin({"squeue": gone})).status(["99999"]) == {}
+    assert Slurm(FakeHead({"squeue": gone})).status(["99999"]) == {}
 
 
 @pytest.mark.parametrize(
@@ -256,7 +223,7 @@ def test_invalid_job_id_for_the_one_job_asked_means_gone() -> None:
 def test_a_squeue_that_does_not_answer_is_unknown_not_gone(
     answer: CommandResult, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert Slurm(FakeLogin({"squeue": answer})).status(["12"]) is None
+    assert Slurm(FakeHead({"squeue": answer})).status(["12"]) is None
     assert "nothing is expired or resubmitted" in caplog.text
 
 
@@ -264,7 +231,7 @@ def test_a_squeue_that_does_not_answer_is_unknown_not_gone(
 
 
 def test_a_partition_that_can_never_hold_the_job_is_permanent() -> None:
-    login = FakeLogin({"squeue": ok("10|1-6%2|PENDING|PartitionNodeLimit\n")})
+    login = FakeHead({"squeue": ok("10|1-6%2|PENDING|PartitionNodeLimit\n")})
     waiting = Slurm(login).why_waiting("10")
     assert waiting.reasons == ["PartitionNodeLimit"]
     assert waiting.permanent == "PartitionNodeLimit"
@@ -276,7 +243,7 @@ def test_a_partition_that_can_never_hold_the_job_is_permanent() -> None:
                "BeginTime", "Dependency", "ReqNodeNotAvail, UnavailableNodes:node[1-2]"],
 )
 def test_reasons_that_pass_are_not_permanent(reason: str) -> None:
-    waiting = Slurm(FakeLogin({"squeue": ok(f"11|3-20|PENDING|{reason}\n")})).why_waiting("11")
+    waiting = Slurm(FakeHead({"squeue": ok(f"11|3-20|PENDING|{reason}\n")})).why_waiting("11")
     assert waiting.reasons == [reason] and waiting.permanent is None
 
 
@@ -292,7 +259,7 @@ def test_req_node_not_avail_becomes_permanent_after_its_patience(
     now = [1000.0]
     monkeypatch.setattr(slurm_module.time, "monotonic", lambda: now[0])
     reason = "ReqNodeNotAvail, UnavailableNodes:node[1-2]"
-    scheduler = Slurm(FakeLogin({"squeue": ok(f"11|1-2|PENDING|{reason}\n")}))
+    scheduler = Slurm(FakeHead({"squeue": ok(f"11|1-2|PENDING|{reason}\n")}))
     assert scheduler.why_waiting("11").permanent is None
     now[0] += slurm_module.REQ_NODE_NOT_AVAIL_PATIENCE_S - 1
     assert scheduler.why_waiting("11").permanent is None
@@ -301,13 +268,13 @@ def test_req_node_not_avail_becomes_permanent_after_its_patience(
 
 
 def test_a_squeue_failure_while_asking_why_is_not_permanent() -> None:
-    waiting = Slurm(FakeLogin({"squeue": failed(1, "Unable to contact slurm controller")})).why_waiting("3")
+    waiting = Slurm(FakeHead({"squeue": failed(1, "Unable to contact slurm controller")})).why_waiting("3")
     assert waiting.permanent is None and "Unable to contact" in waiting.reasons[0]
 
 
 def test_error_reasons_of_a_task_held_after_failing() -> None:
     text = scontrol_line("SPECIAL_EXIT", "JobHeldAdmin") + scontrol_line("RUNNING", task=2)
-    login = FakeLogin({"scontrol -o show job": ok(text)})
+    login = FakeHead({"scontrol -o show job": ok(text)})
     assert Slurm(login).error_reasons("2") == ["SPECIAL_EXIT (JobHeldAdmin)"]
 
 
@@ -331,7 +298,7 @@ def config_answer(accounting: str = "accounting_storage/none") -> CommandResult:
 
 
 def test_accounting_without_slurmdbd_reads_scontrol_and_describes_the_exit() -> None:
-    login = FakeLogin({"scontrol show config": config_answer(),
+    login = FakeHead({"scontrol show config": config_answer(),
                        "scontrol -o show job": ok(SCONTROL_FAILED)})
     reason = Slurm(login).accounting("2")
     # The stub's exit status 3: it could not talk to the server.
@@ -341,7 +308,7 @@ def test_accounting_without_slurmdbd_reads_scontrol_and_describes_the_exit() -> 
 
 
 def test_a_task_killed_by_a_signal_is_described_with_slurms_reason() -> None:
-    login = FakeLogin({"scontrol show config": config_answer(),
+    login = FakeHead({"scontrol show config": config_answer(),
                        "scontrol -o show job": ok(SCONTROL_KILLED)})
     reason = Slurm(login).accounting("15")
     assert reason.startswith("the array task died with signal SIGKILL")
@@ -359,23 +326,23 @@ def test_a_task_killed_by_a_signal_is_described_with_slurms_reason() -> None:
     ],
 )
 def test_end_states_are_described_in_words(state: str, exit_code: str, words: str) -> None:
-    login = FakeLogin({"scontrol show config": config_answer(),
+    login = FakeHead({"scontrol show config": config_answer(),
                        "scontrol -o show job": ok(scontrol_line(state, exit_code=exit_code))})
     assert Slurm(login).accounting("2") == words
 
 
 def test_completed_tasks_give_no_reason_and_a_gone_job_gives_none() -> None:
-    login = FakeLogin({"scontrol show config": config_answer(),
+    login = FakeHead({"scontrol show config": config_answer(),
                        "scontrol -o show job": ok(scontrol_line("COMPLETED"))})
     assert Slurm(login).accounting("2") == ""
-    gone = FakeLogin({"scontrol show config": config_answer(),
+    gone = FakeHead({"scontrol show config": config_answer(),
                       "scontrol -o show job": failed(1, "slurm_load_jobs error: Invalid job id specified")})
     assert Slurm(gone).accounting("2") == ""
 
 
 def test_accounting_with_slurmdbd_reads_sacct() -> None:
     # Tasks 5-6 are still queued: squeue lists the job, so sacct's PENDING is its last word.
-    login = FakeLogin({"scontrol show config": config_answer("accounting_storage/slurmdbd"),
+    login = FakeHead({"scontrol show config": config_answer("accounting_storage/slurmdbd"),
                        "sacct": ok(SACCT), "squeue": ok("41|5-6|PENDING|Priority\n")})
     reason = Slurm(login).accounting("41")
     assert [c for c in login.commands if c.startswith("sacct")] == [
@@ -389,7 +356,7 @@ def test_accounting_with_slurmdbd_reads_sacct() -> None:
     )
 
 
-class SlowSlurmdbd(FakeLogin):
+class SlowSlurmdbd(FakeHead):
     """sacct shows a task RUNNING for the first ``lag`` calls, then its end; squeue lists none."""
 
     def __init__(self, lag: int) -> None:
@@ -447,7 +414,7 @@ def test_sacct_records_and_a_line_that_does_not_match() -> None:
 
 
 def test_max_array_size_is_read_once_and_leaves_index_zero_unused() -> None:
-    login = FakeLogin({"scontrol show config": config_answer()})
+    login = FakeHead({"scontrol show config": config_answer()})
     scheduler = Slurm(login)
     assert scheduler.array_limits().max_tasks == 10_000
     assert scheduler.array_limits().per_job == 10_000
@@ -463,7 +430,7 @@ def test_a_config_without_max_array_size_says_what_did_not_match() -> None:
 def test_an_unreadable_config_warns_and_assumes_slurms_default(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    class Failing(FakeLogin):
+    class Failing(FakeHead):
         def run(self, command: str, **kwargs: Any) -> CommandResult:
             from sheepdog.errors import RemoteCommandError
 
@@ -479,7 +446,7 @@ def test_an_unreadable_config_warns_and_assumes_slurms_default(
 
 
 def test_delete_by_id_and_by_name_reports_the_jobs_that_were_there() -> None:
-    login = FakeLogin({
+    login = FakeHead({
         "squeue --noheader --format='%F|%K|%T|%r' --jobs=": ok("16|1-4%2|PENDING|PartitionNodeLimit\n"),
         "squeue --noheader --format='%F|%K|%T|%r' --user=": ok("17|1-2|PENDING|JobHeldUser\n"),
     })
@@ -496,13 +463,13 @@ def test_delete_by_id_and_by_name_reports_the_jobs_that_were_there() -> None:
 
 def test_delete_of_jobs_already_gone_is_fine() -> None:
     gone = failed(1, "slurm_load_jobs error: Invalid job id specified\n")
-    deletion = Slurm(FakeLogin({"squeue": gone})).delete(["15"])
+    deletion = Slurm(FakeHead({"squeue": gone})).delete(["15"])
     assert deletion.job_ids == [] and deletion.error is None
     assert deletion.describe() == "no job of it was left on the cluster"
 
 
 def test_a_failed_scancel_is_reported_not_raised() -> None:
-    login = FakeLogin({"squeue": ok("16|1|RUNNING|None\n"),
+    login = FakeHead({"squeue": ok("16|1|RUNNING|None\n"),
                        "scancel": failed(1, "scancel: error: Unable to contact slurm controller\n")})
     deletion = Slurm(login).delete(["16"])
     assert deletion.error is not None and "Unable to contact slurm controller" in deletion.error
@@ -510,7 +477,7 @@ def test_a_failed_scancel_is_reported_not_raised() -> None:
 
 
 def test_a_dropped_connection_while_deleting_is_reported_not_raised() -> None:
-    class Dropped(FakeLogin):
+    class Dropped(FakeHead):
         def run(self, command: str, **kwargs: Any) -> CommandResult:
             raise SSHError("connection lost", host=self.host)
 
@@ -519,17 +486,6 @@ def test_a_dropped_connection_while_deleting_is_reported_not_raised() -> None:
 
 
 # --- typed resources, raw options ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("h_rt", "time"),
-    [("3600", "1:00:00"), ("90", "0:01:30"), ("1:30:00", "1:30:00"), ("0:0:20", "0:00:20"),
-     ("90000", "1-01:00:00"), ("48:00:00", "2-00:00:00")],
-)
-def test_h_rt_becomes_a_slurm_time_never_a_bare_number(h_rt: str, time: str) -> None:
-    assert slurm_time(h_rt) == time
-    # The worker reads it back to the same seconds.
-    assert stub.parse_slurm_time(time) == stub.parse_time(h_rt)
 
 
 def test_typed_resources_map_to_sbatch_options() -> None:
@@ -586,52 +542,6 @@ def test_raw_options_have_one_neutral_name_and_ge_opts_is_grid_engines() -> None
         Config(host="h", scheduler_opts=("mem=2G",))
 
 
-def test_the_worker_takes_its_limits_from_the_sbatch_lines() -> None:
-    text = (
-        "#!/usr/bin/python3\n#SBATCH --array=1-3%2\n#SBATCH --mem=2G\n#SBATCH --time=1:30:00\n"
-        "#SBATCH -t 45\n#SBATCH --mem 3000\nimport os\n#SBATCH --mem=1M\n"
-    )
-    assert stub.memory_limit(text) == 2 * 1024**3  # the smaller; the line after code is no directive
-    assert stub.run_limit(text) == 45 * 60  # a bare number is minutes
-    assert stub.parse_slurm_memory("0") is None  # all of the node's memory
-    assert stub.parse_slurm_time("UNLIMITED") is None
-    assert stub.parse_slurm_time("2-12") == (2 * 24 + 12) * 3600
-    assert stub.parse_slurm_time("1:30") == 90
-    with pytest.raises(ValueError, match="Slurm memory size"):
-        stub.parse_slurm_memory("2GB")
-    with pytest.raises(ValueError, match="Slurm time"):
-        stub.parse_slurm_time("1h")
-
-
-@pytest.mark.parametrize(
-    ("directives", "expected"),
-    [
-        (["--mem-per-cpu=1G"], 1024**3),  # one CPU per task unless asked
-        (["--mem-per-cpu=1G --cpus-per-task=4"], 4 * 1024**3),
-        (["--cpus-per-task 3", "--mem-per-cpu 500"], 3 * 500 * 1024**2),  # any order, MB alone
-        (["-c4", "--mem-per-cpu=256M"], 1024**3),
-        (["-c 2 --mem-per-cpu=1G"], 2 * 1024**3),
-        (["--mem-per-cpu=1G", "--cpus-per-task=4", "--cpus-per-task=2"], 2 * 1024**3),
-        (["--mem=3G", "--mem-per-cpu=1G", "-c 4"], 3 * 1024**3),  # the smaller
-        (["--mem-per-cpu=0", "-c 4"], None),  # all of the node's memory
-        (["--cpus-per-task=4"], None),
-        (["--mem-per-gpu=1G"], None),  # not read: a GPU count is not in the job file
-    ],
-)
-def test_the_worker_takes_mem_per_cpu_times_cpus_per_task(
-    directives: list[str], expected: int | None
-) -> None:
-    text = "\n".join(["#!/usr/bin/python3", "#SBATCH --array=1-3",
-                      *(f"#SBATCH {d}" for d in directives), "import os"])
-    assert stub.memory_limit(text) == expected
-
-
-@pytest.mark.parametrize("cpus", ["0", "-1", "two", "1.5", ""])
-def test_a_bad_cpus_per_task_is_an_error_naming_it(cpus: str) -> None:
-    with pytest.raises(ValueError, match=f"{cpus!r} is not a Slurm --cpus-per-task such as 4"):
-        stub.memory_limit(f"#SBATCH --mem-per-cpu=1G\n#SBATCH --cpus-per-task={cpus}\n")
-
-
 # --- auto ----------------------------------------------------------------------------------------
 
 
@@ -650,7 +560,7 @@ def test_auto_takes_what_the_head_node_offers_grid_engine_first(
     found: str, chosen: type, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="sheepdog.scheduler")
-    login = FakeLogin({"": ok(found)})
+    login = FakeHead({"": ok(found)})
     config = Config(host="login")
     assert detect_scheduler(config, login) is chosen
     assert detect_scheduler(config, login) is chosen
@@ -661,12 +571,12 @@ def test_auto_takes_what_the_head_node_offers_grid_engine_first(
 
 def test_auto_with_neither_says_what_to_do() -> None:
     with pytest.raises(ConfigError, match="neither qsub nor sbatch on login.*set scheduler to") as info:
-        detect_scheduler(Config(host="login"), FakeLogin({"": ok("")}))
+        detect_scheduler(Config(host="login"), FakeHead({"": ok("")}))
     assert info.value.key == "scheduler"
 
 
 def test_a_failed_detection_raises_and_is_not_remembered() -> None:
-    class Down(FakeLogin):
+    class Down(FakeHead):
         def run(self, command: str, **kwargs: Any) -> CommandResult:
             self.commands.append(command)
             raise SSHError("cannot connect", host=self.host)
@@ -674,14 +584,14 @@ def test_a_failed_detection_raises_and_is_not_remembered() -> None:
     config = Config(host="login")
     with pytest.raises(SSHError):
         detect_scheduler(config, Down())
-    login = FakeLogin({"": ok("sbatch\n")})
+    login = FakeHead({"": ok("sbatch\n")})
     assert detect_scheduler(config, login) is Slurm
 
 
 def test_auto_asks_on_first_use_and_then_acts_as_what_it_found(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    login = FakeLogin({"squeue": ok("12|1|RUNNING|None\n"), "": ok("sbatch\n")})
+    login = FakeHead({"squeue": ok("12|1|RUNNING|None\n"), "": ok("sbatch\n")})
     monkeypatch.setattr("sheepdog.scheduler.open_remote", lambda config, scheduler: login)
     scheduler = open_scheduler(Config(host="login"))
     assert isinstance(scheduler, AutoScheduler) and login.commands == []  # nothing asked yet
@@ -696,7 +606,7 @@ def test_auto_asks_on_first_use_and_then_acts_as_what_it_found(
 def test_auto_refuses_grid_engine_options_on_slurm_when_it_finds_slurm(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    login = FakeLogin({"": ok("sbatch\n")})
+    login = FakeHead({"": ok("sbatch\n")})
     monkeypatch.setattr("sheepdog.scheduler.open_remote", lambda config, scheduler: login)
     scheduler = open_scheduler(Config(host="login", ge_opts=("-l h_vmem=1G",)))
     with pytest.raises(ConfigError, match="found by scheduler='auto' on login.*scheduler_opts"):
@@ -707,7 +617,7 @@ def test_auto_refuses_grid_engine_options_on_slurm_when_it_finds_slurm(
 def test_an_unreachable_head_node_under_auto_fails_on_use_and_delete_says_so(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    class Down(FakeLogin):
+    class Down(FakeHead):
         def run(self, command: str, **kwargs: Any) -> CommandResult:
             raise SSHError("cannot connect to login", host=self.host)
 
@@ -721,11 +631,11 @@ def test_an_unreachable_head_node_under_auto_fails_on_use_and_delete_says_so(
 
 def test_auto_sizes_arrays_like_the_cluster_schedulers() -> None:
     assert scheduler_class("auto").default_max_workers == Slurm.default_max_workers
-    assert _submit.array_size(Config(host="h"), 1000) == 100
+    assert _sizing.array_size(Config(host="h"), 1000) == 100
 
 
 def test_raw_options_keep_the_output_options_they_do_not_set() -> None:
-    login = FakeLogin({"cd ": ok("9\n")})
+    login = FakeHead({"cd ": ok("9\n")})
     Slurm(login).submit("/h/job.py", name="job.py", array_size=2, workdir="/h/",
                         raw_options=("--qos=long", "--output=/x/o.%a"))
     (command,) = login.commands
@@ -736,7 +646,7 @@ def test_raw_options_keep_the_output_options_they_do_not_set() -> None:
 def test_the_output_options_go_with_ge_opts_too() -> None:
     # With ge_opts set, -wd/-o/-e still go with qsub (the output stays in ssh_dir, 0600 by
     # the stub's umask there), except the ones that ge_opts set.
-    login = FakeLogin({"cd ": ok("5\n")})
+    login = FakeHead({"cd ": ok("5\n")})
     GridEngine(login).submit("/h/job.py", name="job.py", array_size=2, workdir="/h/",
                              raw_options=("-l h_vmem=2G", "-e /elsewhere"))
     (command,) = login.commands

@@ -386,11 +386,11 @@ def test_jobs(db: Storage) -> None:
     db.add_job(rid, "124", 1, submitted=20.0)
     db.set_job_state(rid, "123", "finished")
     jobs = db.get_jobs(rid)
-    assert [(j["job_id"], j["array_size"], j["state"]) for j in jobs] == [
+    assert [(j.job_id, j.array_size, j.state) for j in jobs] == [
         ("123", 3, "finished"),
         ("124", 1, "submitted"),
     ]
-    assert jobs[0]["info"] == {"host": "head"}
+    assert jobs[0].info == {"host": "head"}
     with pytest.raises(StorageError, match="no job"):
         db.set_job_state(rid, "999", "x")
     with pytest.raises(UnknownRequestError):

@@ -46,14 +46,17 @@ def create_app(
     body_base_s: float = BODY_BASE_S,
     max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
     offload: Callable[[Callable[[], Any]], Any] = run_here,
+    offload_sqlite: Callable[[Callable[[], Any]], Any] = run_here,
 ) -> Flask:
     """Build the worker-facing WSGI app on ``dbfile`` (created or migrated now).
 
     A signed call's body must arrive within ``body_base_s`` plus its length at
     ``BODY_MIN_BYTES_PER_S``, or the call gets a 408 and its connection is closed.
     A JSON body may hold ``max_body_bytes``; an uploaded blob ``max_blob_bytes``.
-    ``offload`` runs each SQLite call and fsync (default: where it is called;
-    the gevent worker passes its thread pool, so no connection waits on them).
+    ``offload`` runs each fsync and blocking file call, ``offload_sqlite`` each
+    SQLite call (default: where it is called; the gevent worker passes its
+    thread pool, and for SQLite its event loop unless the call would wait for a
+    lock, so that no connection waits on another's call).
     """
     dbfile = str(dbfile)
     with Storage(dbfile, synchronous=synchronous) as db:
@@ -69,6 +72,7 @@ def create_app(
         body_base_s=body_base_s,
         connections=Connections(open_storage),
         offload=offload,
+        offload_sqlite=offload_sqlite,
     )
     app.teardown_appcontext(return_storage)
     app.register_blueprint(bp)

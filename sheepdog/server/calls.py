@@ -134,11 +134,20 @@ class AppState:
     #: Runs a blocking call (SQLite, fsync) where it holds up no other connection:
     #: the gevent worker's thread pool (``sheepdog.server.child``); by default, right here.
     offload: Callable[[Callable[[], Any]], Any] = run_here
+    #: Runs an SQLite call: the gevent worker runs it in its event loop unless it would
+    #: wait for a lock, and only then in the pool (``sheepdog.server.child``).
+    offload_sqlite: Callable[[Callable[[], Any]], Any] = run_here
 
 
 def blocking(call: Callable[[], T]) -> T:
-    """Run ``call`` (SQLite, a file's fsync) through the app's ``offload``; return its result."""
+    """Run ``call`` (a file's fsync, disk I/O) through the app's ``offload``; return its result."""
     result: T = state().offload(call)
+    return result
+
+
+def sqlite(call: Callable[[], T]) -> T:
+    """Run ``call``, SQLite calls only, through the app's ``offload_sqlite``; return its result."""
+    result: T = state().offload_sqlite(call)
     return result
 
 
@@ -153,7 +162,7 @@ def storage() -> Storage:
     db: Storage | None = g.get("storage")
     if db is None:
         # Opening one runs its pragmas, which may wait on SQLite's lock.
-        db = g.storage = blocking(state().connections.borrow)
+        db = g.storage = sqlite(state().connections.borrow)
     return db
 
 
@@ -232,7 +241,7 @@ def authenticate(
     try:
         # The request row, and the answer recorded for this nonce, in one query.
         db = storage()
-        auth = blocking(lambda: db.call_auth(request_id, None if method == "GET" else nonce))
+        auth = sqlite(lambda: db.call_auth(request_id, None if method == "GET" else nonce))
     except UnknownRequestError:
         raise refuse_unread(
             environ, ApiError(404, "unknown_request", f"no request {request_id}")
@@ -278,7 +287,7 @@ def _once(call: _Call, effect: Callable[[sqlite3.Connection], object]) -> _Answe
     max_clock_skew_s = state().max_clock_skew_s
     try:
         # The transaction and its commit (durable before the answer goes) in the pool.
-        answer, replayed = blocking(lambda: db.answer_once(
+        answer, replayed = sqlite(lambda: db.answer_once(
             call.request_id, call.nonce, call.stamp, call.signature, max_clock_skew_s, run,
         ))
     except NonceReusedError:

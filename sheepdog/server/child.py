@@ -25,6 +25,7 @@ from gevent import socket as gsocket
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.ggevent import GeventWorker
 
+from ..store.db import WouldWait, without_waiting
 from .app import create_app
 from .body import TRANSFER_ENCODING_KEY
 from .protocol import CLOSE_KEY
@@ -68,8 +69,10 @@ class Worker(GeventWorker):  # type: ignore[misc]
     connection after the answer.
 
     Only sockets are made cooperative: threads, locks and ``time.sleep`` stay
-    real, because every SQLite call and fsync runs in the hub's thread pool
-    (``_in_threadpool``), where a real lock is what a writer must wait on.
+    real, because every fsync, and every SQLite call that would wait for a lock,
+    runs in the hub's thread pool (``_in_threadpool``), where a real lock is
+    what a writer must wait on. An SQLite call that need not wait runs in the
+    event loop (``_here_unless_waiting``).
     """
 
     def patch(self) -> None:
@@ -118,6 +121,29 @@ def _in_threadpool(call: Callable[[], T]) -> T:
     context = contextvars.copy_context()
     result: T = gevent.get_hub().threadpool.apply(context.run, (call,))
     return result
+
+
+def _here_unless_waiting(call: Callable[[], T]) -> T:
+    """Run an SQLite call in the event loop; in the thread pool if it would wait for a lock.
+
+    Most calls find the database free and take well under a millisecond; handing
+    each to a pool thread and back cost about a fifth of the server's CPU per
+    round trip (docs/benchmarks.rst). One that finds a lock held raises WouldWait
+    before it changes anything, and waits for the lock in the pool, where the
+    other connections go on.
+    """
+    if threading.get_ident() != _hub_thread:
+        return call()  # already in a pool thread
+    try:
+        with without_waiting():
+            return call()
+    except WouldWait:
+        return _in_threadpool(call)
+
+
+#: ``synchronous`` levels at which a commit does not fsync (in WAL mode), so it may run in
+#: the event loop; at FULL and EXTRA every commit fsyncs, and every SQLite call goes to the pool.
+_NO_FSYNC_PER_COMMIT = ("OFF", "NORMAL")
 
 
 def _linger(sock: socket.socket) -> None:
@@ -252,6 +278,9 @@ class _Application(BaseApplication):  # type: ignore[misc]
             synchronous=self.args.synchronous,
             body_base_s=self.args.body_base_s,
             offload=_in_threadpool,
+            offload_sqlite=(_here_unless_waiting
+                            if self.args.synchronous.upper() in _NO_FSYNC_PER_COMMIT
+                            else _in_threadpool),
         ))
 
 

@@ -24,7 +24,7 @@ from sheepdog.server.auth import (
 )
 
 from .body import refuse_unread, stream_body
-from .calls import ACTIONS, _once, authenticate, blocking, carry_out, state, storage
+from .calls import ACTIONS, _once, authenticate, blocking, carry_out, sqlite, state, storage
 from .protocol import (
     _BLOB_CHUNK,
     _SETTINGS_SENT,
@@ -67,7 +67,7 @@ def function(request_id: int) -> Response:
     """Send the request's pickled function and the settings the worker runs with."""
     call = authenticate(request.environ, request.path, request_id)
     db = storage()
-    func, _ns = blocking(lambda: db.get_function(request_id))
+    func, _ns = sqlite(lambda: db.get_function(request_id))
     settings = {key: call.auth.settings.get(key) for key in _SETTINGS_SENT}
     settings["inline_max_bytes"] = INLINE_MAX_BYTES  # larger results go as blobs
     payload = {"payload": base64.b64encode(func).decode("ascii"), "settings": settings}
@@ -132,7 +132,7 @@ def task_args(request_id: int, index: int) -> Response:
     if not 1 <= index <= n_tasks:
         raise ApiError(404, "unknown_task", f"this request has tasks 1..{n_tasks}, not {index}")
     db = storage()
-    stored = blocking(lambda: db.task_args(request_id, index))
+    stored = sqlite(lambda: db.task_args(request_id, index))
     if not isinstance(stored, str):
         response = Response(bytes(stored), mimetype="application/octet-stream")
         response.headers[SIGNATURE_HEADER] = sign_response(

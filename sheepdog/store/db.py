@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Callable, TypeVar
@@ -46,7 +47,9 @@ __all__ = [
     "OPEN_STATES_SQL",
     "SCHEMA_VERSION",
     "Database",
+    "WouldWait",
     "require_database",
+    "without_waiting",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,6 +85,40 @@ BUSY_TIMEOUT_MS = 30_000  # as the original's 0.2.3: many writers wait rather th
 #: lock held by another thread at the fork would never be released.
 _writer_locks: dict[str, threading.RLock] = {}
 _writer_locks_guard = threading.Lock()
+
+
+#: Set by :func:`without_waiting`: this context's database calls must not wait for a lock.
+_NO_WAIT: ContextVar[bool] = ContextVar("sheepdog_store_no_wait", default=False)
+
+
+class WouldWait(Exception):  # noqa: N818 - it says what happened, as StopIteration does
+    """A call made :func:`without_waiting` found a lock held, and changed nothing."""
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused for a lock held elsewhere (SQLITE_BUSY or SQLITE_LOCKED)."""
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+@contextmanager
+def without_waiting() -> Iterator[None]:
+    """Make this context's database calls raise :class:`WouldWait` rather than wait for a lock.
+
+    For a caller that must not block, the server's event loop: it runs a call
+    here, where most calls find no lock held and cost no hand-over to a thread,
+    and runs it again in a thread if it raises WouldWait. A write raises before
+    its transaction begins, a read when SQLite answers "busy"; either way,
+    nothing was changed.
+    """
+    token = _NO_WAIT.set(True)
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if _is_busy(exc):
+            raise WouldWait(str(exc)) from exc
+        raise
+    finally:
+        _NO_WAIT.reset(token)
 
 
 def _forget_writer_locks() -> None:
@@ -328,6 +365,8 @@ class Database:
         self.dbfile = str(dbfile)
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
+        #: The connection's busy timeout now: BUSY_TIMEOUT_MS, or 0 without_waiting().
+        self._busy_ms = BUSY_TIMEOUT_MS
         self._queue: IO[bytes] | None = None
         self._queue_path = ""
         self._nonces_pruned_at = 0.0
@@ -402,14 +441,31 @@ class Database:
 
     @property
     def conn(self) -> sqlite3.Connection:
-        """The open connection; raises StorageError once closed."""
+        """The open connection; raises StorageError once closed.
+
+        Its busy timeout follows the caller: none :func:`without_waiting`, else
+        BUSY_TIMEOUT_MS. It is set only when that changes, so a caller that stays
+        in one mode pays nothing for it.
+        """
         if self._conn is None:
             raise StorageError(f"this Storage for {self.dbfile} is closed; open a new one")
+        busy_ms = 0 if _NO_WAIT.get() else BUSY_TIMEOUT_MS
+        if busy_ms != self._busy_ms:
+            self._conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            self._busy_ms = busy_ms
         return self._conn
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """Run a block in one ``BEGIN IMMEDIATE`` transaction, committed on success."""
+        """Run a block in one ``BEGIN IMMEDIATE`` transaction, committed on success.
+
+        :func:`without_waiting`, each lock is tried once, and WouldWait is raised
+        before the transaction begins if one is held.
+        """
+        if _NO_WAIT.get():
+            with self._write_without_waiting() as conn:
+                yield conn
+            return
         with self._lock:
             conn = self.conn
             local = None if self._queue is None else _writer_lock(self._queue_path)
@@ -419,18 +475,61 @@ class Database:
             try:
                 queued = self._queue_for_writing()
                 conn.execute("BEGIN IMMEDIATE")
-                try:
+                with self._transaction(conn):
                     yield conn
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
             finally:
                 if queued and self._queue is not None:
                     fcntl.flock(self._queue, fcntl.LOCK_UN)
                 if ours and local is not None:
                     local.release()
+
+    @contextmanager
+    def _write_without_waiting(self) -> Iterator[sqlite3.Connection]:
+        """``_write`` for a caller that must not wait: WouldWait if any lock is held."""
+        if not self._lock.acquire(blocking=False):
+            raise WouldWait("this connection is in use")
+        local = None if self._queue is None else _writer_lock(self._queue_path)
+        ours = queued = False
+        try:
+            conn = self.conn
+            if local is not None:
+                ours = local.acquire(blocking=False)
+                if not ours:
+                    raise WouldWait("another thread of this process is writing")
+            if self._queue is not None:
+                try:
+                    fcntl.flock(self._queue, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    queued = True
+                except BlockingIOError:
+                    raise WouldWait("another process is writing") from None
+                except OSError:
+                    pass  # a file system without flock: SQLite's locking alone, as _write
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if _is_busy(exc):
+                    raise WouldWait(str(exc)) from exc
+                raise
+            with self._transaction(conn):
+                yield conn
+        finally:
+            if queued and self._queue is not None:
+                fcntl.flock(self._queue, fcntl.LOCK_UN)
+            if ours and local is not None:
+                local.release()
+            self._lock.release()
+
+    @staticmethod
+    @contextmanager
+    def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+        """Commit the transaction begun on ``conn`` if the block succeeds, else roll it back."""
+        try:
+            yield
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     def _queue_for_writing(self) -> bool:
         """Wait in a kernel queue (flock) for our turn to write; True if we hold it.

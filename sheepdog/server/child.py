@@ -28,6 +28,7 @@ from gunicorn.workers.ggevent import GeventWorker
 from ..store.db import WouldWait, without_waiting
 from .app import create_app
 from .body import TRANSFER_ENCODING_KEY
+from .process import DEFAULT_WORKERS
 from .protocol import CLOSE_KEY
 
 T = TypeVar("T")
@@ -289,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sheepdog.server.child")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--dbfile", required=True)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--max-body-bytes", type=int, required=True)
     parser.add_argument("--max-blob-bytes", type=int, required=True)

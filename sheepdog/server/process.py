@@ -53,6 +53,13 @@ logger = logging.getLogger("sheepdog.server")
 BIND_RETRY_S = 10.0
 
 
+#: gunicorn worker processes. One: its event loop carries every connection, and runs each
+#: SQLite call that finds the database free at once; with two, each took turns at the write
+#: lock with the other and handed 16 % of its calls to a thread (docs/benchmarks.rst: 0.40
+#: against 0.59 ms of server CPU per round trip, and a quarter more tasks/s batched).
+DEFAULT_WORKERS = 1
+
+
 class _Registry:
     """Every server this process runs (stopped at exit), and the ones shared by a key.
 
@@ -192,7 +199,7 @@ class Server:
         dbfile: str | Path = DEFAULT_DBFILE,
         *,
         host: str | None = None,
-        workers: int = 2,
+        workers: int = DEFAULT_WORKERS,
         threads: int = 4,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,

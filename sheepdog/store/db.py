@@ -478,10 +478,7 @@ class Database:
                 with self._transaction(conn):
                     yield conn
             finally:
-                if queued and self._queue is not None:
-                    fcntl.flock(self._queue, fcntl.LOCK_UN)
-                if ours and local is not None:
-                    local.release()
+                self._end_write(queued, local if ours else None)
 
     @contextmanager
     def _write_without_waiting(self) -> Iterator[sqlite3.Connection]:
@@ -504,20 +501,19 @@ class Database:
                     raise WouldWait("another process is writing") from None
                 except OSError:
                     pass  # a file system without flock: SQLite's locking alone, as _write
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if _is_busy(exc):
-                    raise WouldWait(str(exc)) from exc
-                raise
+            conn.execute("BEGIN IMMEDIATE")  # "busy" becomes WouldWait in without_waiting()
             with self._transaction(conn):
                 yield conn
         finally:
-            if queued and self._queue is not None:
-                fcntl.flock(self._queue, fcntl.LOCK_UN)
-            if ours and local is not None:
-                local.release()
+            self._end_write(queued, local if ours else None)
             self._lock.release()
+
+    def _end_write(self, queued: bool, held: threading.RLock | None) -> None:
+        """Give up the write queue's flock (if ``queued``) and this process's writer lock."""
+        if queued and self._queue is not None:
+            fcntl.flock(self._queue, fcntl.LOCK_UN)
+        if held is not None:
+            held.release()
 
     @staticmethod
     @contextmanager

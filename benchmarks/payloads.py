@@ -289,9 +289,9 @@ def raw_transfer(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the payload benchmark, print the table, write bench-results/payloads.json."""
-    from sheepdog._server_for import server_for
     from sheepdog.config import as_config
     from sheepdog.server import listen_address
+    from sheepdog.server_for import server_for
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")

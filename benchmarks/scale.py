@@ -32,7 +32,7 @@ _CHILD = r"""
 import json, os, resource, sys, time, tracemalloc
 sys.path.insert(0, sys.argv[4])
 import sheepdog
-from sheepdog._server_for import server_for
+from sheepdog.server_for import server_for
 from sheepdog.config import as_config
 from benchmarks.scale import _tree_peak_rss_mb, _noop
 

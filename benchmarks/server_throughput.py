@@ -370,8 +370,8 @@ def _verdict(met: bool | None) -> str:
 
 def default_batch(n_tasks: int, workers: int) -> int:
     """The batch sheepdog picks by default for ``n_tasks`` over ``workers`` array tasks."""
-    from sheepdog._sizing import batch_size
     from sheepdog.config import Config
+    from sheepdog.sizing import batch_size
 
     return batch_size(Config(host="bench", workers=workers), n_tasks, workers)
 

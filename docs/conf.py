@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.abspath("_ext"))
 project = "sheepdog"
 author = "sheepdog developers"
 copyright = "2026, sheepdog developers"
-release = "0.3.0"
+from sheepdog.version import __version__ as release  # noqa: E402 - after the path
 
 extensions = [
     "sphinx.ext.autodoc",
@@ -24,6 +24,6 @@ nitpicky = False
 # furo's content column shows 79-column code without a scroll bar at 1280 px
 # (tests/test_docs_blocks.py keeps every example within that).
 html_theme = "furo"
-html_title = "sheepdog 0.3.0"
+html_title = f"sheepdog {release}"
 graphviz_output_format = "svg"
 exclude_patterns = ["_build"]

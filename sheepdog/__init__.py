@@ -8,10 +8,9 @@
 import logging
 import typing
 
-# _platform comes first: on a Python without fork and fcntl (Windows' own) importing it
+# platforms comes first: on a Python without fork and fcntl (Windows' own) importing it
 # says at once to use WSL2, instead of failing deep inside the first map.
-from . import _platform, deployment, serialisation, server, storage  # noqa: F401
-from ._version import __version__, __version_info__
+from . import deployment, platforms, serialisation, server, storage  # noqa: F401
 from .api import (
     cancel,
     get_errors,
@@ -55,6 +54,7 @@ from .job_file import job_file  # noqa: E402,I001 - after the module import, whi
 from .server import Server, get_server
 from .session import Session
 from .store import Storage
+from .version import __version__, __version_info__
 
 if typing.TYPE_CHECKING:
     from .config import default_config

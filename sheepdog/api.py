@@ -17,15 +17,15 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import tunnel
-from ._hints import sheepdog_command
-from ._net import health_problem, host_port, loopback_for
-from ._stored_request import StoredRequest
 from .config import ConfigLike
 from .doctor import COLUMNS
 from .errors import RemoteError, SheepdogError
+from .hints import sheepdog_command
+from .net import health_problem, host_port, loopback_for
 from .scheduler import Scheduler
 from .session import Cancellation, Session
 from .store import DEFAULT_DBFILE, RERUN_CHOICES, FailureKind, Storage
+from .stored_request import StoredRequest
 
 __all__ = [
     "RERUN_DEFAULT",

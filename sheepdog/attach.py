@@ -16,12 +16,12 @@ import logging
 import sys
 from typing import Any
 
-from . import _worker_address
-from ._stored_request import RequestJobs
+from . import worker_address
 from .config import ConfigLike, as_config
 from .session import Session
 from .spool import collect_request_spool
 from .store.db import require_database
+from .stored_request import RequestJobs
 
 __all__ = ["attach"]
 
@@ -62,7 +62,7 @@ def attach(
         if server is not None and request.uses_tunnel():
             # The tunnel went with the process (or connection) that held it: workers still
             # retrying find the new relay in the address file; resubmitted jobs use it too.
-            where = _worker_address.ensure_tunnel(RequestJobs(request, cfg, scheduler, server))
+            where = worker_address.ensure_tunnel(RequestJobs(request, cfg, scheduler, server))
             if where is not None:
                 say(f"request {request_id}: the tunnel is up again; workers find the relay "
                     f"at {where[0]}:{where[1]}")

@@ -30,11 +30,6 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from . import serialisation
-from ._hints import sheepdog_command
-from ._progress import TASK_STATE_WORDS, format_counts, request_state, started
-from ._sizing import array_size, batch_size
-from ._stored_request import StoredRequest
-from ._version import __version__
 from .api import (
     RERUN_DEFAULT,
     cancel_request,
@@ -47,10 +42,15 @@ from .api import (
 from .config import Config, as_config
 from .doctor import DEFAULT_TIMEOUT_S, doctor, render_check
 from .errors import RemoteError, SheepdogError
+from .hints import sheepdog_command
 from .job_file import job_file, job_stem, key_file_name, stub_source
+from .progress import TASK_STATE_WORDS, format_counts, request_state, started
 from .scheduler import open_scheduler, scheduler_class
+from .sizing import array_size, batch_size
 from .store import DEFAULT_DBFILE, RERUN_CHOICES, RequestState, Storage, TaskState
 from .store.db import require_database
+from .stored_request import StoredRequest
+from .version import __version__
 from .watch import wait_for_request
 
 __all__ = ["main"]
@@ -546,8 +546,8 @@ def _ports_to_serve(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ._tunnel_keeper import TunnelKeeper
     from .server import Server
+    from .tunnel_keeper import TunnelKeeper
 
     with _open_db(args.dbfile) as storage:
         ports = _ports_to_serve(storage, args.request)

@@ -4,7 +4,7 @@ The stub (``worker_stub/sheepdog_worker.py``) is standard-library-only code
 that every job file runs, as workers do not have sheepdog installed. This
 module is the original's public name for it, so that ``sheepdog.client.Client``
 (the original's documented name) and the stub's helpers can be used and tested
-locally; the stub is found and loaded in ``sheepdog._stubfile``.
+locally; the stub is found and loaded in ``sheepdog.stubfile``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from ._stubfile import load_stub
+from .stubfile import load_stub
 
 __all__ = ["Client", "stub"]
 

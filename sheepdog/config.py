@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from ._connect import ConnectMode
-from ._directives import LINE_BREAKS, check_prologue_line, check_raw_option, check_shell
+from .connect import ConnectMode
+from .directives import LINE_BREAKS, check_prologue_line, check_raw_option, check_shell
 from .errors import ConfigError
 from .store.db import DEFAULT_DBFILE
 

@@ -38,17 +38,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import tunnel
-from ._connect import ConnectMode
-from ._doctor_probe import ProbeJob, probe_job_file
-from ._doctor_report import COLUMNS as COLUMNS  # re-exported: api.py folds its notes to it
-from ._doctor_report import FAIL, OK, SKIPPED, WARN, Check, Report
-from ._doctor_report import render_check as render_check  # re-exported: cli.py, the tests
-from ._environment import compare, payload_modules
-from ._net import host_port
-from ._server_for import server_for
-from ._worker_address import worker_address
 from .config import Config, ConfigLike, as_config
+from .connect import ConnectMode
+from .doctor_probe import ProbeJob, probe_job_file
+from .doctor_report import COLUMNS as COLUMNS  # re-exported: api.py folds its notes to it
+from .doctor_report import FAIL, OK, SKIPPED, WARN, Check, Report
+from .doctor_report import render_check as render_check  # re-exported: cli.py, the tests
+from .environment import compare, payload_modules
 from .errors import ConfigError, SheepdogError
+from .net import host_port
 from .openssh import OpenSSHRemote, openssh_of, takes_over
 from .remote import Login, Remote
 from .scheduler import Scheduler, check_options, open_remote, open_scheduler
@@ -57,6 +55,8 @@ from .scheduler.gridengine import GridEngine
 from .scheduler.local import LocalHost, LocalScheduler
 from .serialisation import serialise_function
 from .server import Server, registry
+from .server_for import server_for
+from .worker_address import worker_address
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Check", "Report", "doctor", "probe_job_file"]
 

@@ -31,13 +31,13 @@ import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ._directives import check_line, check_prologue_line, check_raw_option, check_shell
-from ._files import write_whole
-from ._stubfile import load_stub, stub_path, stub_source
+from .directives import check_line, check_prologue_line, check_raw_option, check_shell
 from .errors import ConfigError, SheepdogError
+from .files import write_whole
 from .scheduler.base import Host, Scheduler
 from .scheduler.gridengine import GridEngine
 from .scheduler.local import LocalHost
+from .stubfile import load_stub, stub_path, stub_source
 
 __all__ = [
     "ADDRESS_FILE_MODE",

@@ -29,8 +29,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ._openssh_tunnel import OpenSSHTunnel
 from .errors import FileTooLargeError, NotARegularFileError, RemoteCommandError, SSHError
+from .openssh_tunnel import OpenSSHTunnel
 from .remote import (
     KEEPALIVE_S,
     CommandResult,

@@ -26,13 +26,13 @@ from typing import Any
 
 import paramiko
 
-from ._sftp import SFTPFiles
 from .errors import (
     ConfigError,
     HostKeyError,
     RemoteCommandError,
     SSHError,
 )
+from .sftp import SFTPFiles
 
 __all__ = ["CommandResult", "Login", "Remote", "has_terminal", "under_home"]
 

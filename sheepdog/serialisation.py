@@ -114,8 +114,8 @@ import types
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
-from sheepdog._stubfile import load_stub
 from sheepdog.errors import SerialisationError
+from sheepdog.stubfile import load_stub
 
 __all__ = [
     "deserialise_arg",

@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import serialisation
-from ._error_policy import ErrorPolicy
-from ._hints import sheepdog_command
-from ._session_submit import CACHE_CHOICES, Submitting, _quiet, check_cache
-from ._session_submit import function_name as function_name
+from .error_policy import ErrorPolicy
 from .errors import RemoteError, SheepdogError, TaskFailedError
 from .errors import TimeoutError as SheepdogTimeoutError
+from .hints import sheepdog_command
 from .scheduler import Deletion
+from .session_submit import CACHE_CHOICES, Submitting, _quiet, check_cache
+from .session_submit import function_name as function_name
 from .store import OPEN_STATES, FailureKind
 from .store.queue import LOST_KINDS
 from .watch import Watcher, wait_for_request

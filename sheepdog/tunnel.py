@@ -16,7 +16,7 @@ For ``connect="tunnel"`` (and ``"auto"`` when it picks it; docs/connecting.rst):
   running on the head node.
 
 Workers read the relay's ``host:port`` from the request's address file at every
-reconnection (:mod:`sheepdog._worker_address` writes it), so a relay started again on
+reconnection (:mod:`sheepdog.worker_address` writes it), so a relay started again on
 another port after a dropped connection costs them one retry. It is a TCP pipe:
 HTTPS with the pinned certificate goes through unchanged.
 """
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import paramiko
 
-from ._connect import ConnectMode
+from .connect import ConnectMode
 from .errors import SSHError
 from .openssh import OpenSSHRemote, openssh_of, stop
 from .programs import program_source

@@ -21,18 +21,18 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import _submit_jobs, spool
-from ._environment import mismatch_warning
-from ._poll import poll_until
-from ._progress import Progress, ended, finished_by_workers, started
-from ._sizing import array_size
-from ._stored_request import StoredRequest
-from ._watch_reach import ERR_TAIL_LINES as ERR_TAIL_LINES
-from ._watch_reach import WorkerReach
+from . import spool, submit_jobs
+from .environment import mismatch_warning
 from .errors import SheepdogError
 from .errors import TimeoutError as SheepdogTimeoutError
+from .poll import poll_until
+from .progress import Progress, ended, finished_by_workers, started
 from .scheduler import Deletion, Scheduler
-from .store import OPEN_STATES, FailureKind, Storage, TaskState
+from .sizing import array_size
+from .store import OPEN_STATES, FailureKind, JobState, Storage, TaskState
+from .stored_request import StoredRequest
+from .watch_reach import ERR_TAIL_LINES as ERR_TAIL_LINES
+from .watch_reach import WorkerReach
 
 if TYPE_CHECKING:
     from .config import Config
@@ -223,7 +223,7 @@ class Watcher(WorkerReach):
         if not open_tasks:
             return
         last = storage.latest_job(rid)
-        if last is not None and last.state == "error":
+        if last is not None and last.state is JobState.ERROR:
             why = last.reason or f"job {last.job_id} was in an error state"
             self._resubmit(
                 storage, jobs, len(open_tasks), why, reason=why, kind=FailureKind.JOB_ERROR
@@ -239,7 +239,7 @@ class Watcher(WorkerReach):
     def finish(self, storage: Storage) -> Deletion | None:
         """Delete the finished request's jobs still on the cluster; say what went.
 
-        See :meth:`sheepdog._stored_request.StoredRequest.delete_leftovers`; None when the request
+        See :meth:`sheepdog.stored_request.StoredRequest.delete_leftovers`; None when the request
         never had a job.
         """
         self._check_environment(storage)  # a short map may end before the first check
@@ -308,7 +308,7 @@ class Watcher(WorkerReach):
                 )
             # To the config's server (server_for: the one the session registered for it).
             # Looked up on the module at each call: a test may stand in for it.
-            _submit_jobs.submit_request(
+            submit_jobs.submit_request(
                 self._jobs(storage, None),
                 n_workers=array_size(self.config, n_open), why=why, continues=progressed,
             )
@@ -355,7 +355,7 @@ class Watcher(WorkerReach):
         self.scheduler.delete([job])
         found = next((j for j in storage.get_jobs(self.request_id) if j.job_id == job), None)
         info = {} if found is None else found.with_info()
-        storage.set_job_state(self.request_id, job, "error", {**info, "reason": message})
+        storage.set_job_state(self.request_id, job, JobState.ERROR, {**info, "reason": message})
 
 def wait_for_request(
     dbfile: str,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from sheepdog._poll import poll_until
 from sheepdog.cli import main
 from sheepdog.job_file import stub_source
+from sheepdog.poll import poll_until
 from sheepdog.serialisation import serialise_args, serialise_function, serialise_value
 from sheepdog.storage import Storage
 

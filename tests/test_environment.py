@@ -23,10 +23,10 @@ from test_integration_local import Setup, finish
 
 import sheepdog
 from sheepdog import cli
-from sheepdog._environment import compare, local_versions, mismatch_warning, payload_modules
 from sheepdog.client import stub
 from sheepdog.config import Config
 from sheepdog.doctor import FAIL, OK, WARN, _Doctor, check_modules_of, probe_job_file
+from sheepdog.environment import compare, local_versions, mismatch_warning, payload_modules
 from sheepdog.errors import ConfigError
 from sheepdog.scheduler import GridEngine
 from sheepdog.serialisation import serialise_function

@@ -21,12 +21,12 @@ import pytest
 from stubrunner import WORKER_PYTHON, StubProcess
 
 import sheepdog
-import sheepdog._stored_request
-import sheepdog._submit_jobs
 import sheepdog.executor
-from sheepdog._poll import poll_until
+import sheepdog.stored_request
+import sheepdog.submit_jobs
 from sheepdog.errors import RemoteError, SerialisationError
 from sheepdog.executor import Executor, chunk_applier, kwargs_applier
+from sheepdog.poll import poll_until
 from sheepdog.scheduler import local as local_jobs
 from sheepdog.scheduler.local import LocalScheduler
 from sheepdog.serialisation import deserialise_value, serialise_function, serialise_value
@@ -212,12 +212,12 @@ def test_futures_resolve_from_results_stored_by_another_thread(
     """Results written into SQLite by someone else (a server) resolve the futures."""
     submitted: list[int] = []
 
-    def fake_submit(jobs: sheepdog._stored_request.RequestJobs, **_: Any) -> str:
+    def fake_submit(jobs: sheepdog.stored_request.RequestJobs, **_: Any) -> str:
         submitted.append(jobs.request_id)
         return "1"
 
     # The one submit path: the Session's (the Executor's) and the watcher's.
-    monkeypatch.setattr(sheepdog._submit_jobs, "submit_request", fake_submit)
+    monkeypatch.setattr(sheepdog.submit_jobs, "submit_request", fake_submit)
     dbfile = str(tmp_path / "db.sqlite")
     with Executor(local_config(tmp_path, dbfile=dbfile), poll_s=0.05) as pool:
         futures = [pool.submit(add, i, 1) for i in range(3)]

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sheepdog._hints import sheepdog_command
+from sheepdog.hints import sheepdog_command
 
 ODD_PATH = "/home/me/my runs/it's.sqlite"
 

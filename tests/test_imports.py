@@ -154,12 +154,12 @@ def test_the_config_imports_no_scheduler() -> None:
 
 
 def test_the_arrow_finder_finds_an_arrow() -> None:
-    edges = {"sheepdog.config": {"sheepdog", "sheepdog.errors", "sheepdog._directives"},
-             "sheepdog._directives": {"sheepdog.scheduler.base", "sheepdog.scheduler"},
+    edges = {"sheepdog.config": {"sheepdog", "sheepdog.errors", "sheepdog.directives"},
+             "sheepdog.directives": {"sheepdog.scheduler.base", "sheepdog.scheduler"},
              "sheepdog.errors": set()}
     assert path_to(edges, "sheepdog.config", "sheepdog.scheduler") == [
-        "sheepdog.config", "sheepdog._directives", "sheepdog.scheduler"]
-    edges["sheepdog._directives"] = {"sheepdog"}
+        "sheepdog.config", "sheepdog.directives", "sheepdog.scheduler"]
+    edges["sheepdog.directives"] = {"sheepdog"}
     assert path_to(edges, "sheepdog.config", "sheepdog.scheduler") is None
 
 

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from stubrunner import write_job
 
-from sheepdog._poll import poll_until
 from sheepdog.job_file import key_file_name
+from sheepdog.poll import poll_until
 from sheepdog.serialisation import deserialise_value, serialise_args, serialise_function
 from sheepdog.server import Server
 from sheepdog.storage import Storage

@@ -254,7 +254,7 @@ def test_awkward_directive_values_are_kept_on_their_line_or_rejected(awkward: st
             render(grid_engine_opts=[opt])
         return
     # The shell goes on the #! line, where a space would split it: the rule that Config
-    # applies (one rule, in sheepdog/_directives.py) refuses it here too.
+    # applies (one rule, in sheepdog/directives.py) refuses it here too.
     if " " in shell:
         with pytest.raises(ConfigError, match="'shell'"):
             render(shell=shell)

@@ -1,6 +1,7 @@
 """The test suite's layout: a unit run never imports the end-to-end tests' cluster code.
 
-And the package's: no class in sheepdog/ spans more than MAX_CLASS_LINES.
+And the package's: no class in sheepdog/ spans more than MAX_CLASS_LINES, and no module's
+name starts with an underscore (Flask's rule; docs/architecture.rst says why).
 
 The ``cluster`` fixture and cluster_fixture.py live in tests/e2e/, and tests/conftest.py,
 which every run loads, must not reach them (a unit run has no cluster, and needs none).
@@ -66,4 +67,17 @@ def test_no_class_in_the_package_is_over_400_lines() -> None:
     fitting = sorted(set(CLASSES_TO_SPLIT) - set(too_long))
     assert not fitting, (
         f"{fitting} fit in {MAX_CLASS_LINES} lines now: remove them from CLASSES_TO_SPLIT"
+    )
+
+
+def test_no_module_in_the_package_is_underscored() -> None:
+    underscored = sorted(
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "sheepdog").rglob("*.py")
+        if path.name.startswith("_") and path.name not in ("__init__.py", "__main__.py")
+    )
+    assert not underscored, (
+        f"{underscored}: sheepdog names its modules plainly, as Flask does; what is public is "
+        "what the package's __init__ exports and the API reference documents, so drop the "
+        "underscore and keep the module out of the docs' API pages"
     )

@@ -1,4 +1,4 @@
-"""sheepdog._net: addresses with a port, loopback for a wildcard, and the health check."""
+"""sheepdog.net: addresses with a port, loopback for a wildcard, and the health check."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sheepdog._net import HEALTH_PATH, bracketed, health_problem, host_port, loopback_for
+from sheepdog.net import HEALTH_PATH, bracketed, health_problem, host_port, loopback_for
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 
 from sheepdog import Config
-from sheepdog._poll import poll_until
 from sheepdog.cli import main
 from sheepdog.errors import ConfigError, SSHError
 from sheepdog.openssh import (
@@ -36,6 +35,7 @@ from sheepdog.openssh import (
     ssh_settings,
     takes_over,
 )
+from sheepdog.poll import poll_until
 from sheepdog.remote import Remote
 from sheepdog.scheduler import Scheduler, open_remote
 

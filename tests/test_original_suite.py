@@ -27,10 +27,10 @@ from stubrunner import WORKER_PYTHON
 from test_docs_blocks import block
 
 import sheepdog
-from sheepdog._poll import poll_until
 from sheepdog.config import Config
 from sheepdog.errors import SubmitError
 from sheepdog.job_file import stub_file_name
+from sheepdog.poll import poll_until
 from sheepdog.remote import CommandResult, Remote
 from sheepdog.server import get_server, registry
 from sheepdog.storage import Storage

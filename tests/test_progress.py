@@ -1,4 +1,4 @@
-"""Tests for sheepdog._progress: a tqdm bar on a terminal, throttled lines otherwise."""
+"""Tests for sheepdog.progress: a tqdm bar on a terminal, throttled lines otherwise."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from sheepdog._progress import Progress, ended, finished_by_workers, format_counts
+from sheepdog.progress import Progress, ended, finished_by_workers, format_counts
 
 
 class Terminal(io.StringIO):
@@ -42,7 +42,7 @@ def test_not_a_terminal_gives_plain_lines_at_most_every_interval(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     stream = io.StringIO()
-    caplog.set_level(logging.INFO, logger="sheepdog._progress")
+    caplog.set_level(logging.INFO, logger="sheepdog.progress")
     progress = Progress(4, verbose=True, stream=stream, every_s=3600)
     progress.update(counts(pending=4))
     progress.update(counts(1, 0, 1, 2))  # within the interval: not shown
@@ -60,7 +60,7 @@ def test_not_a_terminal_gives_plain_lines_at_most_every_interval(
 def test_quiet_when_not_verbose_but_still_logs(caplog: pytest.LogCaptureFixture) -> None:
     for stream in (io.StringIO(), Terminal()):
         caplog.clear()
-        caplog.set_level(logging.INFO, logger="sheepdog._progress")
+        caplog.set_level(logging.INFO, logger="sheepdog.progress")
         progress = Progress(2, verbose=False, stream=stream)
         progress.update(counts(pending=2))
         progress.update(counts(2))

@@ -21,13 +21,13 @@ import pytest
 from test_executor import WAIT_S, LocalJobs, add, local_config
 
 import sheepdog
-import sheepdog._stored_request
-import sheepdog._submit_jobs
 import sheepdog.executor
-from sheepdog._poll import poll_until
+import sheepdog.stored_request
+import sheepdog.submit_jobs
 from sheepdog.config import Config
 from sheepdog.errors import UnknownRequestError
 from sheepdog.executor import Executor
+from sheepdog.poll import poll_until
 from sheepdog.scheduler import open_scheduler
 from sheepdog.serialisation import serialise_value
 from sheepdog.storage import Storage
@@ -146,14 +146,14 @@ def test_the_executor_reads_each_result_once(
         read["full_reads"] += 1
         raise AssertionError("the Executor must not re-read every task")
 
-    def fake_submit(jobs: sheepdog._stored_request.RequestJobs, **_: Any) -> str:
+    def fake_submit(jobs: sheepdog.stored_request.RequestJobs, **_: Any) -> str:
         submitted.append(jobs.request_id)
         return "1"
 
     monkeypatch.setattr(Storage, "finished_since", counting_since)
     monkeypatch.setattr(Storage, "get_tasks_with_results", full_read)
     # The one submit path: the Session's (the Executor's) and the watcher's.
-    monkeypatch.setattr(sheepdog._submit_jobs, "submit_request", fake_submit)
+    monkeypatch.setattr(sheepdog.submit_jobs, "submit_request", fake_submit)
     dbfile = str(tmp_path / "db.sqlite")
     value = serialise_value("x" * 1000)
     with Executor(local_config(tmp_path, dbfile=dbfile), poll_s=0.01) as pool:

@@ -33,12 +33,11 @@ from stubrunner import write_job
 
 import sheepdog.server.auth as signing
 import sheepdog.server.tls as _tls
-from sheepdog import _submit_jobs
-from sheepdog._poll import poll_until
-from sheepdog._stored_request import RequestJobs, StoredRequest
+from sheepdog import submit_jobs
 from sheepdog.config import Config, as_config
 from sheepdog.errors import ConfigError, RemoteCommandError
 from sheepdog.job_file import job_file_name, key_file_name, write_job_file
+from sheepdog.poll import poll_until
 from sheepdog.remote import CommandResult, Remote
 from sheepdog.scheduler.gridengine import DEFAULT_ARRAY_LIMITS, GridEngine
 from sheepdog.serialisation import deserialise_value, serialise_args, serialise_function
@@ -46,6 +45,7 @@ from sheepdog.server import Server, create_app, registry
 from sheepdog.server.auth import SIGNATURE_HEADER, signed_headers
 from sheepdog.server.tls import certificate_for, fingerprint_sha256, tls_dir
 from sheepdog.storage import Storage
+from sheepdog.stored_request import RequestJobs, StoredRequest
 
 WAIT_S = 120.0
 WORKER_PYTHON = sys.executable
@@ -54,7 +54,7 @@ WORKER_PYTHON = sys.executable
 def submit_one(storage: Storage, cfg: Config, rid: int, scheduler: Any) -> str:
     """Submit request ``rid`` with ``cfg`` to ``scheduler`` as one array task."""
     jobs = RequestJobs(StoredRequest(storage, rid), cfg, scheduler)
-    return _submit_jobs.submit_request(jobs, n_workers=1)
+    return submit_jobs.submit_request(jobs, n_workers=1)
 
 
 def square(x: int) -> int:

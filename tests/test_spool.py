@@ -26,10 +26,9 @@ from test_executor import LocalJobs, local_config
 from test_integration_local import Setup, finish, wait_for
 
 import sheepdog
-from sheepdog._poll import poll_until
-from sheepdog._stored_request import StoredRequest
 from sheepdog.blobs import INLINE_MAX_BYTES
 from sheepdog.client import stub
+from sheepdog.poll import poll_until
 from sheepdog.scheduler import local as local_jobs
 from sheepdog.scheduler.local import LocalHost
 from sheepdog.serialisation import deserialise_value, serialise_args, serialise_function
@@ -41,6 +40,7 @@ from sheepdog.spool import (
     spool_signature,
 )
 from sheepdog.storage import Storage
+from sheepdog.stored_request import StoredRequest
 
 WAIT_S = 120.0
 

@@ -20,9 +20,9 @@ from stubrunner import WORKER_PYTHON
 from terminal import ANSI, REPO, run_in_terminal, too_wide
 
 import sheepdog
-from sheepdog._poll import poll_until
-from sheepdog._progress import started
 from sheepdog.job_file import stub_file_name
+from sheepdog.poll import poll_until
+from sheepdog.progress import started
 from sheepdog.serialisation import serialise_args, serialise_function, serialise_value
 from sheepdog.storage import Storage
 

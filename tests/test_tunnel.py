@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from sheepdog import Config
-from sheepdog._poll import poll_until
 from sheepdog.client import stub
 from sheepdog.errors import ConfigError
+from sheepdog.poll import poll_until
 from sheepdog.programs import program_source
 from sheepdog.tunnel import PROBE_SOURCE, RELAY_SOURCE, choose_mode
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from sheepdog import Config, _stored_request, _tunnel_keeper, _worker_address, tunnel
-from sheepdog._sizing import request_settings
-from sheepdog._stored_request import RequestJobs, StoredRequest
+from sheepdog import Config, stored_request, tunnel, tunnel_keeper, worker_address
 from sheepdog.cli import main
 from sheepdog.errors import SSHError
 from sheepdog.serialisation import serialise_args, serialise_function, serialise_value
+from sheepdog.sizing import request_settings
 from sheepdog.storage import Storage
+from sheepdog.stored_request import RequestJobs, StoredRequest
 
 
 def double(x: int) -> int:
@@ -67,8 +67,8 @@ def ssh(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         state["up"] = True
         return ("head", 40000 + len(state["published"]))
 
-    monkeypatch.setattr(_stored_request, "open_scheduler", open_scheduler)
-    monkeypatch.setattr(_worker_address, "publish_address", publish)
+    monkeypatch.setattr(stored_request, "open_scheduler", open_scheduler)
+    monkeypatch.setattr(worker_address, "publish_address", publish)
     monkeypatch.setattr(tunnel, "is_up", lambda host, port: state["up"])
     return state
 
@@ -91,7 +91,7 @@ def test_the_keeper_starts_a_tunnel_publishes_it_and_starts_it_again(
     now = [0.0]
     with Storage(str(tmp_path / "s.sqlite")) as storage:
         tunnelled, direct = _request(storage, "tunnel"), _request(storage, "direct")
-        keeper = _tunnel_keeper.TunnelKeeper(storage, said.append, clock=lambda: now[0])
+        keeper = tunnel_keeper.TunnelKeeper(storage, said.append, clock=lambda: now[0])
         assert keeper.add(tunnelled, FakeServer())  # type: ignore[arg-type]
         assert not keeper.add(direct, FakeServer())  # type: ignore[arg-type]
         assert ssh["published"] == [(tunnelled, "tunnel", FakeServer.port)]
@@ -108,7 +108,7 @@ def test_the_keeper_starts_a_tunnel_publishes_it_and_starts_it_again(
         ssh["fail"] = None
         keeper.keep()
         assert len(ssh["published"]) == 1
-        now[0] += _tunnel_keeper.RETRY_S
+        now[0] += tunnel_keeper.RETRY_S
         keeper.keep()
         assert said[2:] == [f"request {tunnelled}: the tunnel is up; its workers find the "
                             "relay at head:40002"]
@@ -122,7 +122,7 @@ def test_a_tunnel_request_without_a_stored_config_says_how_to_reach_it(
     said: list[str] = []
     with Storage(str(tmp_path / "s.sqlite")) as storage:
         rid = _request(storage, "tunnel", stored=False)
-        assert _tunnel_keeper.TunnelKeeper(storage, said.append).add(
+        assert tunnel_keeper.TunnelKeeper(storage, said.append).add(
             rid, FakeServer())  # type: ignore[arg-type]
     assert ssh["published"] == []
     assert len(said) == 1 and f"sheepdog attach {rid} --config FILE" in said[0], said

@@ -4,7 +4,7 @@ Most tests give it a scripted :class:`~sheepdog.scheduler.base.Scheduler` that a
 ``status``, ``accounting``, ``why_waiting`` and ``error_reasons`` and records every
 ``delete`` and ``submit``, over a real Storage; the watcher's clock is a number the test
 moves, so the backoff, the stall and the takeover are checked without waiting. The
-resubmission runs the real :func:`sheepdog._submit_jobs.submit_request` (the job file, the job
+resubmission runs the real :func:`sheepdog.submit_jobs.submit_request` (the job file, the job
 sizes, the jobs recorded) against the fake scheduler; only the server it would start is
 stood in for.
 
@@ -28,12 +28,10 @@ import pytest
 from fake_clock import FakeClock
 from fake_head import FakeHead, ok
 
-import sheepdog._stored_request
-import sheepdog._submit_jobs
-import sheepdog._worker_address
+import sheepdog.stored_request
+import sheepdog.submit_jobs
+import sheepdog.worker_address
 from sheepdog import cli
-from sheepdog._sizing import request_settings
-from sheepdog._stored_request import StoredRequest
 from sheepdog.api import served
 from sheepdog.client import stub
 from sheepdog.config import Config
@@ -44,8 +42,10 @@ from sheepdog.scheduler.base import Deletion, JobStatus, Scheduler, State, Waiti
 from sheepdog.scheduler.gridengine import QSTAT_COMMAND, GridEngine
 from sheepdog.scheduler.local import LocalHost
 from sheepdog.server import Server
+from sheepdog.sizing import request_settings
 from sheepdog.spool import spool_directory
 from sheepdog.storage import Storage
+from sheepdog.stored_request import StoredRequest
 from sheepdog.watch import SCHEDULABLE_CHECK_S, Watcher, wait_for_request
 
 N_TASKS = 3
@@ -173,7 +173,7 @@ class World:
 @pytest.fixture(autouse=True)
 def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
     """A resubmission renders and submits for real, to a server that is not started."""
-    monkeypatch.setattr(sheepdog._stored_request, "server_for", lambda config: FakeServer())
+    monkeypatch.setattr(sheepdog.stored_request, "server_for", lambda config: FakeServer())
 
 
 def world(tmp_path: Path, **kwargs: Any) -> World:
@@ -571,7 +571,7 @@ def test_a_tunnel_that_cannot_start_is_said_once_until_it_starts_again(
             raise answer
         return answer
 
-    monkeypatch.setattr(sheepdog._worker_address, "ensure_tunnel", ensure_tunnel)
+    monkeypatch.setattr(sheepdog.worker_address, "ensure_tunnel", ensure_tunnel)
     caplog.set_level(logging.DEBUG, logger="sheepdog.watch")
     for _ in range(6):
         w.watcher._keep_tunnel(w.storage)
@@ -716,7 +716,7 @@ def test_jobs_that_made_progress_are_continued_not_counted_as_retries(
     _gone_after(storage, rid, 0)
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(
-        sheepdog._submit_jobs, "submit_request", lambda *_, **kwargs: calls.append(kwargs) or "43"
+        sheepdog.submit_jobs, "submit_request", lambda *_, **kwargs: calls.append(kwargs) or "43"
     )
     head = FakeHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
     Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
@@ -733,7 +733,7 @@ def test_jobs_that_made_no_progress_count_against_retries(
     _gone_after(storage, rid, 0)
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(
-        sheepdog._submit_jobs, "submit_request", lambda *_, **kwargs: calls.append(kwargs) or "43"
+        sheepdog.submit_jobs, "submit_request", lambda *_, **kwargs: calls.append(kwargs) or "43"
     )
     head = FakeHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
     Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]
@@ -754,7 +754,7 @@ def test_a_rerun_gets_its_own_resubmissions(
     assert storage.rerun_tasks(rid, ["lost"]) == [1, 2, 3]
     storage.add_job(rid, "43", 3)  # the rerun's job, which then leaves the queue
     resubmitted: list[int] = []
-    monkeypatch.setattr(sheepdog._submit_jobs, "submit_request",
+    monkeypatch.setattr(sheepdog.submit_jobs, "submit_request",
                         lambda jobs, **_: resubmitted.append(jobs.request_id))
     head = FakeHead({"qstat -u": ok(HEADER), "qacct": CommandResult("", 1, "", "")})
     Watcher(config, rid, GridEngine(head))._check(storage)  # type: ignore[arg-type]

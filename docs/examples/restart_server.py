@@ -7,7 +7,7 @@ import sys
 import time
 
 import sheepdog
-from sheepdog._server_for import server_for
+from sheepdog.server_for import server_for
 
 conf = sheepdog.Config.from_file("cluster.json")
 

@@ -15,9 +15,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._hints import sheepdog_command
-from .._progress import TASK_STATE_WORDS, request_state
 from ..errors import UnknownRequestError
+from ..hints import sheepdog_command
+from ..progress import TASK_STATE_WORDS, request_state
 from ..store import FailureKind, JobRecord, Storage, TaskState
 from ..store.queue import LOST_KINDS, RERUN_CHOICES
 

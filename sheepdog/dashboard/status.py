@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from html import escape
 
-from .._progress import format_counts
+from ..progress import format_counts
 from ..store import DEFAULT_DBFILE, Storage
 from .data import RequestSummary, Timeline, request_summary, timeline
 from .svg import progress_html, timeline_svg

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from html import escape
 
-from .._progress import TASK_STATE_WORDS
+from ..progress import TASK_STATE_WORDS
 from ..store import TaskState
 from .data import TIME_BINS, Timeline
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from .._directives import check_raw_option
+from ..directives import check_raw_option
 from ..errors import RemoteCommandError
 from ..remote import CommandResult
 

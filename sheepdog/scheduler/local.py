@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from .._files import write_whole
-from .._poll import poll_until
 from ..errors import (
     FileTooLargeError,
     NotARegularFileError,
@@ -37,6 +35,8 @@ from ..errors import (
     SheepdogError,
     SSHError,
 )
+from ..files import write_whole
+from ..poll import poll_until
 from ..remote import CommandResult, under_home
 from .base import Deletion, JobStatus, Scheduler, State, Waiting, describe_exit
 from .gridengine import GridEngine

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._stubfile import load_stub
+from ..stubfile import load_stub
 
 __all__ = ["stub_exit_reasons"]
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from sheepdog._net import HEALTH_PATH, health_problem, host_port, loopback_for
 from sheepdog.errors import ServerError
+from sheepdog.net import HEALTH_PATH, health_problem, host_port, loopback_for
 from sheepdog.server.tls import hold_while_serving
 from sheepdog.store import DEFAULT_DBFILE, RequestState, Storage
 

@@ -14,7 +14,6 @@ import time
 
 from flask import Blueprint, Response, request, send_file
 
-from sheepdog._version import __version__
 from sheepdog.blobs import INLINE_MAX_BYTES, parse_ref
 from sheepdog.server.auth import (
     BODY_HASH_HEADER,
@@ -22,6 +21,7 @@ from sheepdog.server.auth import (
     sign_response,
     sign_response_digest,
 )
+from sheepdog.version import __version__
 
 from .body import refuse_unread, stream_body
 from .calls import ACTIONS, _once, authenticate, blocking, carry_out, sqlite, state, storage

@@ -17,7 +17,7 @@ from .compat import Storage
 from .db import DB_FILE_MODE, DEFAULT_DBFILE, DEFAULT_SETTINGS, SCHEMA_VERSION
 from .queue import RERUN_CHOICES, Lease, NonceReusedError
 from .records import CallAuth, JobRecord, content_digest
-from .states import OPEN_STATES, FailureKind, RequestState, TaskState
+from .states import OPEN_STATES, FailureKind, JobState, RequestState, TaskState
 
 __all__ = [
     "DB_FILE_MODE",
@@ -29,6 +29,7 @@ __all__ = [
     "CallAuth",
     "FailureKind",
     "JobRecord",
+    "JobState",
     "Lease",
     "NonceReusedError",
     "RequestState",

@@ -27,9 +27,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Callable, TypeVar
 
-from .._poll import poll_until
 from ..blobs import INLINE_MAX_BYTES, BlobStore, make_ref
 from ..errors import StorageError, UnknownRequestError, UnknownTaskError
+from ..poll import poll_until
 from . import upgrade02
 from .states import OPEN_STATES
 

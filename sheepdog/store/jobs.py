@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from .._connect import ConnectMode
+from ..connect import ConnectMode
 from ..errors import StorageError
 from .db import Database
+from .states import JobState
 
 __all__ = ["JobRecord", "Jobs"]
 
@@ -30,6 +31,15 @@ def _number(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _job_state(state: JobState | str) -> str:
+    """The stored word for ``state``; a ValueError naming it when it is no job state."""
+    try:
+        return JobState(state).value
+    except ValueError:
+        words = ", ".join(member.value for member in JobState)
+        raise ValueError(f"job state {state!r} is not one of {words}") from None
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """One scheduler job recorded for a request, with what its submission recorded.
@@ -42,8 +52,7 @@ class JobRecord:
     job_id: str
     array_size: int
     submitted: float
-    #: ``submitted``, or ``error`` once the watcher deleted it in an error state.
-    state: str
+    state: JobState
     #: The stored facts as they are, for writing them back changed (``set_job_state``).
     info: Mapping[str, Any] = field(hash=False)
     #: The server URL in the job file, which its workers call back to.
@@ -81,7 +90,7 @@ class JobRecord:
             job_id=str(job_id),
             array_size=int(array_size),
             submitted=float(submitted),
-            state=str(state),
+            state=JobState(str(state)),
             info=MappingProxyType(facts),
             url=_text(facts.get("url")),
             port=_number(facts.get("port")),
@@ -112,7 +121,7 @@ class Jobs(Database):
         array_size: int,
         *,
         submitted: float | None = None,
-        state: str = "submitted",
+        state: JobState = JobState.SUBMITTED,
         info: dict[str, Any] | None = None,
     ) -> None:
         """Record a job (Grid Engine or Slurm) submitted for the request."""
@@ -126,25 +135,25 @@ class Jobs(Database):
                     job_id,
                     array_size,
                     time.time() if submitted is None else submitted,
-                    state,
+                    _job_state(state),
                     json.dumps(info or {}),
                 ),
             )
 
     def set_job_state(
-        self, request_id: int, job_id: str, state: str, info: dict[str, Any] | None = None
+        self, request_id: int, job_id: str, state: JobState, info: dict[str, Any] | None = None
     ) -> None:
         """Update a recorded job's state (and replace its info when given)."""
         with self._write() as conn:
             if info is None:
                 cursor = conn.execute(
                     "UPDATE jobs SET state = ? WHERE request_id = ? AND job_id = ?",
-                    (state, request_id, job_id),
+                    (_job_state(state), request_id, job_id),
                 )
             else:
                 cursor = conn.execute(
                     "UPDATE jobs SET state = ?, info = ? WHERE request_id = ? AND job_id = ?",
-                    (state, json.dumps(info), request_id, job_id),
+                    (_job_state(state), json.dumps(info), request_id, job_id),
                 )
         if cursor.rowcount == 0:
             raise StorageError(f"request {request_id} has no job {job_id!r}")

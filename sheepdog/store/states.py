@@ -1,4 +1,4 @@
-"""The store's vocabulary: a task's and a request's states and a failed task's kind.
+"""The store's vocabulary: a task's, a request's and a job's states and a failed task's kind.
 
 The store owns these words (its schema's ``CHECK`` constraints and the error
 records it writes use them); the layers above compare with these enums instead
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["OPEN_STATES", "FailureKind", "RequestState", "StoreWord", "TaskState"]
+__all__ = ["OPEN_STATES", "FailureKind", "JobState", "RequestState", "StoreWord", "TaskState"]
 
 
 class StoreWord(str, Enum):
@@ -39,6 +39,14 @@ class RequestState(StoreWord):
 
     OPEN = "open"
     CANCELLED = "cancelled"
+
+
+class JobState(StoreWord):
+    """A recorded job's ``state`` column: ``submitted``, or ``error`` once deleted in one."""
+
+    SUBMITTED = "submitted"
+    #: The watcher deleted it while the scheduler listed it in an error state.
+    ERROR = "error"
 
 
 class FailureKind(StoreWord):

@@ -192,9 +192,9 @@ def release_once_served(
     fast cluster cannot finish the tasks (through that process's server, or one an
     in-process watcher restarted) before ``serve`` looks, leaving it nothing to serve.
     """
-    from sheepdog._net import health_problem
-    from sheepdog._poll import poll_until
     from sheepdog.config import as_config
+    from sheepdog.net import health_problem
+    from sheepdog.poll import poll_until
     from sheepdog.scheduler import open_remote
     from sheepdog.storage import Storage
 

@@ -25,7 +25,7 @@ from cluster_fixture import (
     wait_until_usable,
 )
 
-from sheepdog._poll import poll_until
+from sheepdog.poll import poll_until
 from sheepdog.server import registry
 
 

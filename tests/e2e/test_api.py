@@ -16,8 +16,8 @@ import pytest
 from cluster_fixture import raw_options
 
 import sheepdog
-from sheepdog._poll import poll_until
-from sheepdog._server_for import server_for
+from sheepdog.poll import poll_until
+from sheepdog.server_for import server_for
 
 pytestmark = pytest.mark.e2e
 

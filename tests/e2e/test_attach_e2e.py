@@ -15,11 +15,11 @@ import pytest
 
 import sheepdog
 from sheepdog import Config
-from sheepdog._poll import poll_until
-from sheepdog._stored_request import StoredRequest
+from sheepdog.poll import poll_until
 from sheepdog.scheduler import open_scheduler
 from sheepdog.spool import spool_directory
 from sheepdog.storage import Storage
+from sheepdog.stored_request import StoredRequest
 
 pytestmark = pytest.mark.e2e
 

@@ -13,9 +13,9 @@ import pytest
 from cluster_fixture import hold_option, release_once_served, scheduler_of
 
 import sheepdog
-from sheepdog._server_for import server_for
 from sheepdog.config import as_config
 from sheepdog.scheduler import scheduler_class
+from sheepdog.server_for import server_for
 
 pytestmark = pytest.mark.e2e
 

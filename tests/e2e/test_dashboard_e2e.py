@@ -29,7 +29,7 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from sheepdog._poll import poll_until
+from sheepdog.poll import poll_until
 from sheepdog.store import Storage
 
 pytestmark = pytest.mark.e2e

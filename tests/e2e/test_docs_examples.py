@@ -21,8 +21,8 @@ from cluster_fixture import hold_option, release_once_served, scheduler_of
 from terminal import interruptible
 
 import sheepdog
-from sheepdog._poll import poll_until
 from sheepdog.job_file import stub_source
+from sheepdog.poll import poll_until
 from sheepdog.scheduler import GridEngine, scheduler_class
 from sheepdog.storage import Storage
 

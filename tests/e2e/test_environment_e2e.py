@@ -20,7 +20,7 @@ import pytest
 from cluster_fixture import REPO
 
 import sheepdog
-from sheepdog._environment import local_versions
+from sheepdog.environment import local_versions
 
 pytestmark = pytest.mark.e2e
 

@@ -20,9 +20,9 @@ import pytest
 from cluster_fixture import is_slurm, job_listed, label_of, map_in_thread, raw_options
 
 import sheepdog
-from sheepdog._poll import poll_until
-from sheepdog._server_for import server_for
+from sheepdog.poll import poll_until
 from sheepdog.server import registry
+from sheepdog.server_for import server_for
 
 pytestmark = pytest.mark.e2e
 

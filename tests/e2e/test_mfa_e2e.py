@@ -38,9 +38,9 @@ from cluster_fixture import (
 
 import sheepdog
 from sheepdog import Config
-from sheepdog._poll import poll_until
 from sheepdog.errors import SSHError
 from sheepdog.openssh import LOGIN_HINT, OpenSSHRemote, openssh_of
+from sheepdog.poll import poll_until
 from sheepdog.scheduler import Scheduler, open_remote
 from sheepdog.storage import Storage
 

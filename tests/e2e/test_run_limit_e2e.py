@@ -13,8 +13,8 @@ import pytest
 from cluster_fixture import SLURM_FINAL_STATES, is_slurm
 
 import sheepdog
-from sheepdog._poll import poll_until
 from sheepdog.config import as_config
+from sheepdog.poll import poll_until
 from sheepdog.scheduler import open_remote
 from sheepdog.scheduler.gridengine import parse_qacct
 from sheepdog.storage import Storage

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 import sheepdog
-from sheepdog._poll import poll_until
 from sheepdog.job_file import job_file_name, key_file_name
+from sheepdog.poll import poll_until
 from sheepdog.server.tls import certificate_for
 from sheepdog.storage import Storage
 

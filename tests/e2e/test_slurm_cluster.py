@@ -31,7 +31,7 @@ from cluster_fixture import (
     wait_for_slurm_job,
 )
 
-from sheepdog._poll import poll_until
+from sheepdog.poll import poll_until
 from sheepdog.scheduler.slurm import INVALID_JOB_ID
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm]

@@ -25,7 +25,7 @@ from cluster_fixture import (
 )
 
 import sheepdog
-from sheepdog._poll import poll_until
+from sheepdog.poll import poll_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm]
 

@@ -20,9 +20,9 @@ from cluster_fixture import run as run_on_head
 
 import sheepdog
 from sheepdog import api, tunnel, watch
-from sheepdog._poll import poll_until
-from sheepdog._server_for import server_for
+from sheepdog.poll import poll_until
 from sheepdog.scheduler import open_scheduler
+from sheepdog.server_for import server_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.firewalled]
 

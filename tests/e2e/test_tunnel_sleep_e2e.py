@@ -24,12 +24,12 @@ from cluster_fixture import relays_on_head
 
 import sheepdog
 from sheepdog import Config, tunnel
-from sheepdog._poll import poll_until
-from sheepdog._stored_request import StoredRequest
 from sheepdog.job_file import address_file_name
+from sheepdog.poll import poll_until
 from sheepdog.scheduler import Scheduler, open_scheduler
 from sheepdog.spool import spool_directory
 from sheepdog.storage import Storage
+from sheepdog.stored_request import StoredRequest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.firewalled]
 

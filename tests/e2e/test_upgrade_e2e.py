@@ -19,9 +19,9 @@ import pytest
 from original02 import EXPECTED, copy_database
 
 import sheepdog
-from sheepdog._poll import poll_until
 from sheepdog.deployment import Deployer
 from sheepdog.job_file import stub_file_name
+from sheepdog.poll import poll_until
 from sheepdog.storage import Storage
 
 pytestmark = pytest.mark.e2e

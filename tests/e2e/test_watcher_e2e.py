@@ -34,7 +34,7 @@ from cluster_fixture import (
 
 import sheepdog
 from sheepdog import cli
-from sheepdog._poll import poll_until
+from sheepdog.poll import poll_until
 from sheepdog.remote import Remote
 
 pytestmark = pytest.mark.e2e

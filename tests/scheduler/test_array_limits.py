@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sheepdog._sizing import job_sizes
 from sheepdog.errors import RemoteCommandError
 from sheepdog.remote import CommandResult, Remote
 from sheepdog.scheduler.gridengine import (
@@ -17,6 +16,7 @@ from sheepdog.scheduler.gridengine import (
     GridEngine,
     parse_global_config,
 )
+from sheepdog.sizing import job_sizes
 
 #: The relevant part of ``qconf -sconf`` on the Docker cluster (Debian's gridengine 8.1.9).
 SCONF = """\

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from sheepdog import _poll as poll_module
-from sheepdog._poll import poll_until
+from sheepdog import poll as poll_module
 from sheepdog.config import Config
 from sheepdog.errors import ConfigError
 from sheepdog.job_file import job_file
+from sheepdog.poll import poll_until
 from sheepdog.scheduler import (
     SCHEDULER_NAMES,
     SCHEDULERS,

@@ -16,7 +16,7 @@ import pytest
 from fake_clock import FakeClock
 from fake_head import FakeHead, failed, ok
 
-from sheepdog import _sizing
+from sheepdog import sizing
 from sheepdog.config import Config
 from sheepdog.errors import ConfigError, SSHError, SubmitError
 from sheepdog.remote import CommandResult
@@ -631,7 +631,7 @@ def test_an_unreachable_head_node_under_auto_fails_on_use_and_delete_says_so(
 
 def test_auto_sizes_arrays_like_the_cluster_schedulers() -> None:
     assert scheduler_class("auto").default_max_workers == Slurm.default_max_workers
-    assert _sizing.array_size(Config(host="h"), 1000) == 100
+    assert sizing.array_size(Config(host="h"), 1000) == 100
 
 
 def test_raw_options_keep_the_output_options_they_do_not_set() -> None:

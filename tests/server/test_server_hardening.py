@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from store_helpers import Storage
 
-from sheepdog import _server_for
-from sheepdog._poll import poll_until
+from sheepdog import server_for
 from sheepdog.config import Config
 from sheepdog.errors import ConfigError, ServerError
+from sheepdog.poll import poll_until
 from sheepdog.server import Server, listen_address
 from sheepdog.server.auth import signed_headers
 from sheepdog.store.db import SCHEMA_VERSION, _migrate_to_1
@@ -165,7 +165,7 @@ def listening_on(port: int) -> set[str]:
 
 def test_the_server_listens_where_localhost_resolves_not_everywhere(dbfile: str) -> None:
     config = Config(host="head", localhost="localhost", dbfile=dbfile)
-    server = _server_for.server_for(config)
+    server = server_for.server_for(config)
     try:
         assert server.port is not None
         assert server.host == "127.0.0.1" == listen_address("localhost")
@@ -183,7 +183,7 @@ def test_a_server_without_a_host_does_not_listen_everywhere(dbfile: str) -> None
 
 def test_listen_address_chooses_another_and_0000_only_when_asked(dbfile: str) -> None:
     config = Config(host="head", localhost="localhost", dbfile=dbfile, listen_address="0.0.0.0")
-    server = _server_for.server_for(config)
+    server = server_for.server_for(config)
     try:
         assert server.port is not None
         assert listening_on(server.port) == {"0.0.0.0"}
@@ -209,7 +209,7 @@ def test_a_server_restarted_on_a_port_listens_where_its_jobs_recorded(
 def test_an_unresolvable_localhost_says_to_set_listen_address(dbfile: str) -> None:
     config = Config(host="head", localhost="no-such-host.invalid", dbfile=dbfile)
     with pytest.raises(ServerError, match="listen_address"):
-        _server_for.server_for(config)
+        server_for.server_for(config)
 
 
 @pytest.mark.parametrize("bad", ["", "a b", "x;y", "0.0.0.0\n", 5])

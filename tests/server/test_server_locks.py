@@ -16,7 +16,7 @@ from pathlib import Path
 
 from test_server_hardening import health_s
 
-from sheepdog._poll import poll_until
+from sheepdog.poll import poll_until
 from sheepdog.server import Server
 from sheepdog.server.auth import signed_headers
 from sheepdog.storage import Storage

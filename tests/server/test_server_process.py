@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from sheepdog._poll import poll_until
 from sheepdog.errors import ServerError
+from sheepdog.poll import poll_until
 from sheepdog.server import Server, get_server
 from sheepdog.server import process as server_module
 from sheepdog.server.auth import SIGNATURE_HEADER, sign_response, signed_headers

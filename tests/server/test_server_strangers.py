@@ -24,9 +24,9 @@ from test_executor import LocalJobs, local_config
 from test_server_hardening import health_s, status_within
 
 import sheepdog
-from sheepdog import _server_for
-from sheepdog._poll import poll_until
+from sheepdog import server_for
 from sheepdog.errors import ConfigError
+from sheepdog.poll import poll_until
 from sheepdog.server import Server
 from sheepdog.server.auth import signed_headers
 
@@ -239,7 +239,7 @@ def test_max_blob_bytes_is_the_servers_and_the_configs(tmp_path: Path) -> None:
     data = b"b" * 2000
     path = f"/api/v1/requests/{rid}/blobs/{hashlib.sha256(data).hexdigest()}"
     config = sheepdog.Config(scheduler="local", max_blob_bytes=1000)
-    options = _server_for.server_options(config, host="127.0.0.1")
+    options = server_for.server_options(config, host="127.0.0.1")
     with Server(None, None, dbfile, **options) as server:
         assert server.port is not None
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sheepdog._poll import poll_until
+from sheepdog.poll import poll_until
 from sheepdog.serialisation import serialise_args, serialise_function
 from sheepdog.server import Server
 from sheepdog.server.auth import signed_headers

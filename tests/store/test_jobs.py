@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from sheepdog._connect import ConnectMode
 from sheepdog.config import CONNECT_MODES, Config
+from sheepdog.connect import ConnectMode
 from sheepdog.errors import UnknownRequestError
 from sheepdog.store import JobRecord, Storage
 
-#: What submit_request records with a job (see sheepdog/_submit_jobs.py), resubmitted once.
+#: What submit_request records with a job (see sheepdog/submit_jobs.py), resubmitted once.
 SUBMITTED = {
     "url": "https://laptop.example:8443/", "port": 8443, "listen_address": "0.0.0.0",
     "connect": "tunnel", "finished_before": 5, "parts": 2, "scheduler": "slurm",

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from store_helpers import Storage
 
-from sheepdog._connect import ConnectMode
-from sheepdog._error_policy import ErrorPolicy
+from sheepdog.connect import ConnectMode
+from sheepdog.error_policy import ErrorPolicy
 from sheepdog.store import OPEN_STATES, FailureKind, RequestState, TaskState
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,6 +19,7 @@ from store_helpers import Storage
 
 from sheepdog.errors import StorageError, UnknownRequestError
 from sheepdog.storage import DEFAULT_SETTINGS, SCHEMA_VERSION
+from sheepdog.store import JobState
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -384,15 +385,18 @@ def test_jobs(db: Storage) -> None:
     rid = new(db)
     db.add_job(rid, "123", 3, submitted=10.0, info={"host": "head"})
     db.add_job(rid, "124", 1, submitted=20.0)
-    db.set_job_state(rid, "123", "finished")
+    db.set_job_state(rid, "123", JobState.ERROR)
     jobs = db.get_jobs(rid)
     assert [(j.job_id, j.array_size, j.state) for j in jobs] == [
-        ("123", 3, "finished"),
-        ("124", 1, "submitted"),
+        ("123", 3, JobState.ERROR),
+        ("124", 1, JobState.SUBMITTED),
     ]
     assert jobs[0].info == {"host": "head"}
     with pytest.raises(StorageError, match="no job"):
-        db.set_job_state(rid, "999", "x")
+        db.set_job_state(rid, "999", JobState.ERROR)
+    with pytest.raises(ValueError, match="'finished'.*submitted, error"):
+        db.set_job_state(rid, "123", "finished")  # type: ignore[arg-type]
+    assert db.get_jobs(rid)[0].state is JobState.ERROR
     with pytest.raises(UnknownRequestError):
         db.add_job(99, "1", 1)
 

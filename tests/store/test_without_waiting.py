@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sheepdog._poll import poll_until
+from sheepdog.poll import poll_until
 from sheepdog.storage import Storage
 from sheepdog.store.db import BUSY_TIMEOUT_MS, WouldWait, without_waiting
 

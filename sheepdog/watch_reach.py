@@ -13,12 +13,12 @@ import shlex
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _worker_address, tunnel
-from ._connect import ConnectMode
-from ._progress import finished_by_workers
-from ._stored_request import RequestJobs, StoredRequest
+from . import tunnel, worker_address
+from .connect import ConnectMode
 from .errors import SheepdogError
+from .progress import finished_by_workers
 from .store import JobRecord, Storage, TaskState
+from .stored_request import RequestJobs, StoredRequest
 
 if TYPE_CHECKING:
     from .config import Config
@@ -96,8 +96,8 @@ class WorkerReach:
         where = last.url or ""
         if self.config.connect == ConnectMode.AUTO and mode is ConnectMode.DIRECT:
             tunnel.switch_to_tunnel(self.scheduler.host, self.server.port)
-            host, port = _worker_address.publish_address(self._jobs(storage, self.server),
-                                                 ConnectMode.TUNNEL)
+            host, port = worker_address.publish_address(self._jobs(storage, self.server),
+                                                        ConnectMode.TUNNEL)
             self._mode, self._silent_since = ConnectMode.TUNNEL, now
             # Recorded: attach and serve, in another process, start the tunnel for it.
             storage.set_job_state(self.request_id, last.job_id, last.state,
@@ -137,7 +137,7 @@ class WorkerReach:
         """Start the tunnel again if its SSH connection dropped, and publish its new address."""
         assert self.server is not None
         try:
-            where = _worker_address.ensure_tunnel(self._jobs(storage, self.server))
+            where = worker_address.ensure_tunnel(self._jobs(storage, self.server))
         except SheepdogError as exc:
             # Said once while it stays down (a lapsed login is down until the next one); the
             # retries at every check go to the debug log.

@@ -13,13 +13,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from . import tunnel
-from ._server_for import server_for, server_key, server_options
-from ._stored_request import StoredRequest
 from .config import Config, ConfigLike, as_config
 from .errors import SheepdogError
 from .scheduler import Deletion, Scheduler, check_options, open_scheduler
 from .server import Server, registry
+from .server_for import server_for, server_key, server_options
 from .store import Storage
+from .stored_request import StoredRequest
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing's own from Python 3.11

@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ._connect import ConnectMode
-from ._server_for import server_for
 from .config import Config
+from .connect import ConnectMode
 from .job_file import job_file_name
 from .scheduler import SCHEDULERS, Deletion, Scheduler, open_scheduler
 from .server import Server, registry
+from .server_for import server_for
 from .store import JobRecord, Storage
 
 __all__ = ["RequestJobs", "StoredRequest"]
@@ -126,8 +126,8 @@ class RequestJobs:
     """A stored request with what submits its jobs and reaches them: config, scheduler, server.
 
     The values that travel together through submitting
-    (:func:`~sheepdog._submit_jobs.submit_request`), publishing the workers' address and
-    keeping their tunnel up (:func:`~sheepdog._worker_address.ensure_tunnel`).
+    (:func:`~sheepdog.submit_jobs.submit_request`), publishing the workers' address and
+    keeping their tunnel up (:func:`~sheepdog.worker_address.ensure_tunnel`).
     """
 
     request: StoredRequest
@@ -135,7 +135,7 @@ class RequestJobs:
     config: Config
     scheduler: Scheduler
     #: The server its workers call back to; None: the config's
-    #: (:func:`~sheepdog._server_for.server_for`).
+    #: (:func:`~sheepdog.server_for.server_for`).
     server: Server | None = None
 
     @property

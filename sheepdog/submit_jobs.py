@@ -10,10 +10,6 @@ import logging
 from typing import Any
 
 from . import tunnel
-from ._progress import finished_by_workers
-from ._sizing import job_sizes
-from ._stored_request import RequestJobs
-from ._worker_address import address_line, server_port, worker_address
 from .job_file import (
     ADDRESS_FILE_MODE,
     JOB_FILE_MODE,
@@ -24,7 +20,11 @@ from .job_file import (
     put_stub,
     spool_dir_name,
 )
+from .progress import finished_by_workers
 from .server.tls import fingerprint_sha256
+from .sizing import job_sizes
+from .stored_request import RequestJobs
+from .worker_address import address_line, server_port, worker_address
 
 __all__ = ["submit_request"]
 

@@ -8,14 +8,14 @@ their jobs run.
 from __future__ import annotations
 
 from . import tunnel
-from ._connect import ConnectMode
-from ._net import host_port, loopback_for
-from ._stored_request import RequestJobs
 from .config import Config
+from .connect import ConnectMode
 from .errors import ServerError
 from .job_file import ADDRESS_FILE_MODE, address_file_name
+from .net import host_port, loopback_for
 from .scheduler import Scheduler
 from .server import Server
+from .stored_request import RequestJobs
 
 __all__ = ["address_line", "ensure_tunnel", "publish_address", "server_port", "worker_address"]
 

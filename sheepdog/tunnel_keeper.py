@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import _worker_address
-from ._stored_request import RequestJobs, StoredRequest
+from . import worker_address
 from .errors import SheepdogError
 from .server import Server
 from .store import Storage
+from .stored_request import RequestJobs, StoredRequest
 
 __all__ = ["TunnelKeeper"]
 
@@ -79,7 +79,7 @@ class TunnelKeeper:
             if kept is None or (kept.failed_at is not None and now - kept.failed_at < RETRY_S):
                 continue
             try:
-                where = _worker_address.ensure_tunnel(kept.jobs)
+                where = worker_address.ensure_tunnel(kept.jobs)
             except SheepdogError as exc:
                 kept.failed_at = now
                 if kept.reported_at is None or now - kept.reported_at >= REPORT_EVERY_S:

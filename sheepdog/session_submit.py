@@ -11,13 +11,13 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
-from . import _submit_jobs, serialisation
-from ._session_resources import Resources
-from ._sizing import array_size, request_settings
-from ._stored_request import RequestJobs
+from . import serialisation, submit_jobs
 from .config import Config
 from .scheduler import Deletion, Scheduler
+from .session_resources import Resources
+from .sizing import array_size, request_settings
 from .store import content_digest
+from .stored_request import RequestJobs
 
 __all__ = ["CACHE_CHOICES", "Submitting", "check_cache", "function_name"]
 
@@ -155,7 +155,7 @@ class Submitting(Resources):
         scheduler, jobdir = self.scheduler, self.jobdir  # the head node first, then the server
         jobs = RequestJobs(self.request(request_id), self.config, scheduler, self.server)
         # Looked up on the module at each call: a test may stand in for it.
-        return _submit_jobs.submit_request(jobs, n_workers=n_workers, jobdir=jobdir, **options)
+        return submit_jobs.submit_request(jobs, n_workers=n_workers, jobdir=jobdir, **options)
 
     def _submission_failed(
         self, scheduler: Scheduler, request_id: int, exc: BaseException

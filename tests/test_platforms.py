@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import sheepdog
-from sheepdog._platform import SUPPORTED, missing_facilities, require_unix
 from sheepdog.errors import PlatformError
+from sheepdog.platforms import SUPPORTED, missing_facilities, require_unix
 
 ROOT = Path(__file__).resolve().parents[1]
 

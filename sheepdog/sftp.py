@@ -54,7 +54,7 @@ class SFTPFiles:
         except (OSError, paramiko.SSHException) as exc:
             raise SSHError(f"cannot write job file {target} on {self.host}: {exc}") from exc
 
-    # --- files (the workers' spool; see sheepdog/_spool.py) -------------------------
+    # --- files (the workers' spool; see sheepdog/spool.py) -------------------------
 
     def _sftp(self, what: str, action: Callable[[paramiko.SFTPClient], Any]) -> Any:
         client = self.connect()

@@ -16,13 +16,13 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._doctor_report import FAIL, OK, Check
-from ._net import host_port
-from ._poll import poll_until
 from .client import stub
 from .config import Config
+from .doctor_report import FAIL, OK, Check
 from .errors import SheepdogError
 from .job_file import JOB_FILE_MODE, job_head
+from .net import host_port
+from .poll import poll_until
 from .programs import program_source
 from .scheduler import Scheduler
 

@@ -88,6 +88,7 @@ class Worker(GeventWorker):  # type: ignore[misc]
     def init_process(self) -> None:
         _raise_open_files_limit()
         _date_once_a_second()
+        _settle_settings(self.cfg)
         super().init_process()
 
     def run(self) -> None:
@@ -137,6 +138,21 @@ def _date_once_a_second() -> None:
 
     http_date.cached = True  # type: ignore[attr-defined]
     gunicorn_util.http_date = http_date
+
+
+def _settle_settings(cfg: Any) -> None:
+    """Make reading this worker's gunicorn settings a plain attribute look-up.
+
+    gunicorn's ``Config`` looks every setting up through ``__getattr__`` and the
+    setting's ``get()``, and it reads dozens per request (about 2 % of the
+    server's CPU per round trip). A worker's settings no longer change once it
+    runs (a reload starts new workers), so each is copied into the instance's
+    ``__dict__``, where an attribute read finds it before ``__getattr__``.
+    """
+    settings = getattr(cfg, "settings", None)
+    if not isinstance(settings, dict):
+        return
+    vars(cfg).update({name: setting.get() for name, setting in settings.items()})
 
 
 def _in_threadpool(call: Callable[[], T]) -> T:

@@ -136,3 +136,19 @@ def test_the_cached_date_is_gunicorns_text() -> None:
         assert util.http_date() in (formatted(), formatted(time.time() - 1))
     finally:
         util.http_date = formatted
+
+
+def test_settled_settings_read_as_gunicorn_would() -> None:
+    # child._settle_settings copies each setting into the Config's __dict__, which an
+    # attribute read finds before Config.__getattr__: that must give the same values.
+    from gunicorn.config import Config
+
+    assert "__getattribute__" not in vars(Config), (
+        f"gunicorn's Config overrides __getattribute__; {FIX}")
+    cfg = Config()
+    cfg.set("keepalive", 7)
+    before = {name: getattr(cfg, name) for name in cfg.settings}
+    child._settle_settings(cfg)
+    assert {name: getattr(cfg, name) for name in cfg.settings} == before
+    assert cfg.keepalive == 7
+    assert vars(cfg)["keepalive"] == 7

@@ -111,10 +111,15 @@ class Connections:
 
     def borrow(self) -> Storage:
         """An idle connection, or a new one if every one is lent."""
+        db = self.borrow_idle()
+        return self._open() if db is None else db
+
+    def borrow_idle(self) -> Storage | None:
+        """An idle connection, or None if every one is lent (no SQLite call: it never waits)."""
         try:
             return self._idle.pop()
         except IndexError:
-            return self._open()
+            return None
 
     def give_back(self, db: Storage) -> None:
         """Take back a lent connection, without any transaction it left open."""
@@ -209,8 +214,10 @@ def storage() -> Storage:
     here = _SCOPE.get()
     if here is not None:
         if here.db is None:
+            connections = here.settings.connections
             # Opening one runs its pragmas, which may wait on SQLite's lock.
-            here.db = sqlite(here.settings.connections.borrow)
+            idle = connections.borrow_idle()
+            here.db = sqlite(connections.borrow) if idle is None else idle
         return here.db
     db: Storage | None = g.get("storage")
     if db is None:

@@ -117,8 +117,8 @@ def _raise_open_files_limit() -> None:
 def _date_once_a_second() -> None:
     """Make gunicorn format its answers' ``Date`` header once a second, not for every answer.
 
-    The header has one-second resolution, and formatting it (``email.utils``)
-    was about 1 % of the server's CPU per round trip. gunicorn's ``Response``
+    The header has one-second resolution, and formatting it (``email.utils``,
+    about 3 µs) showed in every profile of a round trip. gunicorn's ``Response``
     calls ``gunicorn.util.http_date()`` by that name, so this worker's copy is
     replaced with one that reuses the text within the second.
     """
@@ -144,8 +144,8 @@ def _settle_settings(cfg: Any) -> None:
     """Make reading this worker's gunicorn settings a plain attribute look-up.
 
     gunicorn's ``Config`` looks every setting up through ``__getattr__`` and the
-    setting's ``get()``, and it reads dozens per request (about 2 % of the
-    server's CPU per round trip). A worker's settings no longer change once it
+    setting's ``get()`` (0.7 µs a read against 0.05 µs for an attribute), and it
+    reads dozens per request. A worker's settings no longer change once it
     runs (a reload starts new workers), so each is copied into the instance's
     ``__dict__``, where an attribute read finds it before ``__getattr__``.
     """

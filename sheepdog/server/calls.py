@@ -2,9 +2,11 @@
 
 The rules of docs/protocol.rst written once, for both ways a call arrives: the
 Blueprint's routes (:mod:`.routes`) and the WSGI hot path in front of Flask
-(:mod:`.hot_path`). Both run inside an app context: the settings are the
-:class:`AppState` registered on the app (:func:`state`), and the SQLite
-connection is the request's own, on ``flask.g`` (:func:`storage`).
+(:mod:`.hot_path`). The settings are the :class:`AppState` registered on the
+app (:func:`state`), and the SQLite connection is the request's own
+(:func:`storage`): a route finds both through Flask's app context (the
+connection on ``flask.g``), the hot path through the :class:`Scope` it opens,
+which costs a fraction of an app context.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -61,12 +66,14 @@ __all__ = [
     "EXTENSION",
     "AppState",
     "Connections",
+    "Scope",
     "answer_for",
     "authenticate",
     "blocking",
     "carry_out",
     "return_storage",
     "run_here",
+    "scope",
     "state",
     "storage",
     "stored_blob",
@@ -104,10 +111,15 @@ class Connections:
 
     def borrow(self) -> Storage:
         """An idle connection, or a new one if every one is lent."""
+        db = self.borrow_idle()
+        return self._open() if db is None else db
+
+    def borrow_idle(self) -> Storage | None:
+        """An idle connection, or None if every one is lent (no SQLite call: it never waits)."""
         try:
             return self._idle.pop()
         except IndexError:
-            return self._open()
+            return None
 
     def give_back(self, db: Storage) -> None:
         """Take back a lent connection, without any transaction it left open."""
@@ -151,17 +163,64 @@ def sqlite(call: Callable[[], T]) -> T:
     return result
 
 
+class Scope:
+    """One hot-path call's settings and, once borrowed, its Storage: its app context's part."""
+
+    __slots__ = ("db", "settings")
+
+    def __init__(self, settings: AppState) -> None:
+        self.settings = settings
+        self.db: Storage | None = None
+
+
+#: The hot path's call in this greenlet (or thread), if any: see :func:`scope`.
+_SCOPE: ContextVar[Scope | None] = ContextVar("sheepdog_server_scope", default=None)
+
+
+@contextmanager
+def scope(settings: AppState) -> Iterator[Scope]:
+    """Carry out one call here with ``settings``, without Flask's app context.
+
+    :func:`state` and :func:`storage` find what they need in the scope; its
+    Storage goes back to the connections when the block ends. A blocking call
+    handed to a pool thread runs in a copy of this context, so finds it too.
+    """
+    here = Scope(settings)
+    token = _SCOPE.set(here)
+    try:
+        yield here
+    finally:
+        _SCOPE.reset(token)
+        if here.db is not None:
+            db, here.db = here.db, None
+            settings.connections.give_back(db)
+
+
 def state() -> AppState:
-    """The current app's :class:`AppState`."""
+    """The current call's :class:`AppState`: its scope's, else the current app's."""
+    here = _SCOPE.get()
+    if here is not None:
+        return here.settings
     found: AppState = current_app.extensions[EXTENSION]
     return found
 
 
 def storage() -> Storage:
-    """This request's Storage, on ``g``: borrowed on first use, given back at teardown."""
+    """This call's Storage, borrowed on first use and given back when the call ends.
+
+    On the hot path it is kept on the call's :class:`Scope`, on a route on
+    ``g`` (given back at teardown).
+    """
+    here = _SCOPE.get()
+    if here is not None:
+        if here.db is None:
+            connections = here.settings.connections
+            # Opening one runs its pragmas, which may wait on SQLite's lock.
+            idle = connections.borrow_idle()
+            here.db = sqlite(connections.borrow) if idle is None else idle
+        return here.db
     db: Storage | None = g.get("storage")
     if db is None:
-        # Opening one runs its pragmas, which may wait on SQLite's lock.
         db = g.storage = sqlite(state().connections.borrow)
     return db
 
@@ -409,7 +468,7 @@ def carry_out(environ: Environ, path: str, request_id: int, action: str) -> _Ans
 
 def stored_blob(digest: str, size: int, where: str) -> str:
     """Return the reference of an uploaded blob that is a pickle; 400 if it is not there."""
-    storage()  # borrowed here, for the pool thread to find on g
+    storage()  # borrowed here, for the pool thread to find on g or the scope
     return blocking(lambda: _stored_blob(digest, size, where))
 
 

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import gevent
 from gevent import monkey
 from gevent import socket as gsocket
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.ggevent import GeventWorker
 
@@ -86,6 +87,8 @@ class Worker(GeventWorker):  # type: ignore[misc]
 
     def init_process(self) -> None:
         _raise_open_files_limit()
+        _date_once_a_second()
+        _settle_settings(self.cfg)
         super().init_process()
 
     def run(self) -> None:
@@ -109,6 +112,47 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         except (ValueError, OSError) as exc:
             logger.warning("cannot raise the open files limit to %d: %s", want, exc)
+
+
+def _date_once_a_second() -> None:
+    """Make gunicorn format its answers' ``Date`` header once a second, not for every answer.
+
+    The header has one-second resolution, and formatting it (``email.utils``,
+    about 3 µs) showed in every profile of a round trip. gunicorn's ``Response``
+    calls ``gunicorn.util.http_date()`` by that name, so this worker's copy is
+    replaced with one that reuses the text within the second.
+    """
+    format_date: Callable[..., str] = gunicorn_util.http_date
+    if getattr(format_date, "cached", False):
+        return
+    last: tuple[int, str] = (-1, "")
+
+    def http_date(timestamp: float | None = None) -> str:
+        nonlocal last
+        if timestamp is not None:
+            return format_date(timestamp)
+        second = int(time.time())
+        if last[0] != second:
+            last = (second, format_date(second))
+        return last[1]
+
+    http_date.cached = True  # type: ignore[attr-defined]
+    gunicorn_util.http_date = http_date
+
+
+def _settle_settings(cfg: Any) -> None:
+    """Make reading this worker's gunicorn settings a plain attribute look-up.
+
+    gunicorn's ``Config`` looks every setting up through ``__getattr__`` and the
+    setting's ``get()`` (0.7 µs a read against 0.05 µs for an attribute), and it
+    reads dozens per request. A worker's settings no longer change once it
+    runs (a reload starts new workers), so each is copied into the instance's
+    ``__dict__``, where an attribute read finds it before ``__getattr__``.
+    """
+    settings = getattr(cfg, "settings", None)
+    if not isinstance(settings, dict):
+        return
+    vars(cfg).update({name: setting.get() for name, setting in settings.items()})
 
 
 def _in_threadpool(call: Callable[[], T]) -> T:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import io
+import time
 
 import gunicorn
 import pytest
@@ -114,3 +115,40 @@ def test_the_bytes_an_unreader_holds_are_taken_without_a_read_where_gunicorn_off
     unreader = IterUnreader([b"abcdef"])
     assert unreader.read(2) == b"ab"
     assert unreader.take_buffered() == b"cdef"
+
+
+def test_the_response_takes_its_date_from_util_http_date() -> None:
+    # child._date_once_a_second replaces gunicorn.util.http_date: the response must call it
+    # by that name, with no argument, for the cached text to be used.
+    source = inspect.getsource(wsgi.Response.default_headers)
+    assert "util.http_date()" in source, (
+        f"gunicorn's Response.default_headers no longer calls util.http_date(); {FIX}")
+
+
+def test_the_cached_date_is_gunicorns_text() -> None:
+    from gunicorn import util
+
+    formatted = util.http_date
+    try:
+        child._date_once_a_second()
+        assert util.http_date is not formatted
+        assert util.http_date(0) == formatted(0)
+        assert util.http_date() in (formatted(), formatted(time.time() - 1))
+    finally:
+        util.http_date = formatted
+
+
+def test_settled_settings_read_as_gunicorn_would() -> None:
+    # child._settle_settings copies each setting into the Config's __dict__, which an
+    # attribute read finds before Config.__getattr__: that must give the same values.
+    from gunicorn.config import Config
+
+    assert "__getattribute__" not in vars(Config), (
+        f"gunicorn's Config overrides __getattribute__; {FIX}")
+    cfg = Config()
+    cfg.set("keepalive", 7)
+    before = {name: getattr(cfg, name) for name in cfg.settings}
+    child._settle_settings(cfg)
+    assert {name: getattr(cfg, name) for name in cfg.settings} == before
+    assert cfg.keepalive == 7
+    assert vars(cfg)["keepalive"] == 7

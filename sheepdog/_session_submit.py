@@ -99,8 +99,7 @@ class Submitting(Resources):
         if function is not None:
             settings["function"] = function
         request_id = storage.new_request(
-            payload, b"", blobs, func_digest=content_digest(payload),
-            args_digests=[content_digest(blob) for blob in blobs],
+            payload, b"", blobs, func_digest=content_digest(payload), digest_args=True,
             settings=settings, **options,
         )
         cached = storage.fill_from_cache(request_id) if cache is True else 0

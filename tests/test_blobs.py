@@ -113,6 +113,39 @@ def test_get_results_reads_blob_values_back(tmp_path: Path) -> None:
     assert sheepdog.get_results(rid, str(dbfile)) == [((value,), value)]
 
 
+def test_map_reads_back_the_results_without_the_arguments(tmp_path: Path) -> None:
+    from sheepdog.session import Session
+
+    dbfile = tmp_path / "db.sqlite"
+    with Storage(dbfile) as db:
+        rid = db.new_request(b"F", None, [BIG, pickle.dumps(2)])
+        db.store_result(rid, 1, pickle.dumps(b"r" * (INLINE_MAX_BYTES + 10)))
+        assert db.blobs is not None
+        os.unlink(db.blobs.path(hashlib.sha256(BIG).hexdigest()))  # gone: never read
+        db.store_result(rid, 2, pickle.dumps(3))
+    with Session(dbfile=str(dbfile), create=False) as session:
+        assert session.values(rid) == [b"r" * (INLINE_MAX_BYTES + 10), 3]
+        with pytest.raises(StorageError):
+            session.results(rid)  # get_results returns the arguments too
+
+
+def test_arguments_hashed_as_they_are_stored_take_results_from_the_cache(
+    tmp_path: Path,
+) -> None:
+    from sheepdog.store import content_digest
+
+    small = pickle.dumps(2)
+    with Storage(tmp_path / "db.sqlite") as db:
+        first = db.new_request(b"F", None, [BIG, small], func_digest=content_digest(b"F"),
+                               args_digests=[content_digest(BIG), content_digest(small)])
+        db.store_result(first, 1, pickle.dumps("one"))
+        db.store_result(first, 2, pickle.dumps("two"))
+        again = db.new_request(b"F", None, [small, BIG, BIG + b"!"],
+                               func_digest=content_digest(b"F"), digest_args=True)
+        assert db.fill_from_cache(again) == 2
+        assert db.task_states(again) == ["done", "done", "pending"]
+
+
 # ---- the server ----
 
 

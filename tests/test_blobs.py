@@ -299,6 +299,34 @@ def test_the_stub_uploads_and_downloads_blobs(served: tuple[Server, Storage]) ->
     assert caught.value.exit_status == stub.EXIT_AUTH
 
 
+def test_the_stub_hashes_an_upload_once(
+    served: tuple[Server, Storage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload's name and its signed body hash are one SHA-256 (20 ms per 20 MB)."""
+    server, db = served
+    rid = db.new_request(b"F", None, [b"x"])
+    conn = stub.Connection(
+        server.url_for("127.0.0.1"), db.get_secret(rid), rid, retry_s=10.0,
+        tls_fingerprint=server.fingerprint,  # type: ignore[attr-defined]
+    )
+    value = pickle.dumps(os.urandom(300_000))
+    hashed: list[int] = []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(hashlib, name)
+
+        @staticmethod
+        def sha256(data: bytes = b"") -> Any:
+            hashed.append(len(data))
+            return hashlib.sha256(data)
+
+    monkeypatch.setattr(stub, "hashlib", Counting())
+    assert conn.upload(value)["sha256"] == hashlib.sha256(value).hexdigest()
+    assert hashed.count(len(value)) == 1
+    assert db.blobs is not None and db.blobs.has(hashlib.sha256(value).hexdigest(), len(value))
+
+
 def test_the_stub_inlines_small_results_and_uploads_large_ones() -> None:
     class Recorder:
         uploaded: list[bytes] = []

@@ -214,3 +214,12 @@ def test_the_heartbeat_renews_the_lease_of_a_result_going_up() -> None:
     calls.on_beat = release.set
     client.run()
     assert posted_values(calls) == {1: value_of(1), 2: value_of(2)}
+
+
+def test_under_a_tight_memory_limit_a_large_result_goes_up_before_the_next_task() -> None:
+    calls = Calls(2)
+    client = make_client(calls, value_of, mem_limit_bytes=3000)  # values of ~1000 bytes
+    assert client.room_to_hand_over(750) and not client.room_to_hand_over(1000)
+    client.run()
+    assert posted_values(calls) == {1: value_of(1), 2: value_of(2)}
+    assert calls.posted_by == {1: "worker", 2: "worker"}

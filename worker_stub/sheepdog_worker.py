@@ -830,8 +830,11 @@ class Client:
                     self.longest_s = max(self.longest_s, result["duration_s"])
                     if payload is None:
                         results.append(result)
-                    else:
+                    elif self.room_to_hand_over(len(payload)):
                         self.hand_over(result, payload, results)
+                    else:  # uploaded here, before the next task makes its value
+                        self.take_back(results)
+                        results.append(dict(result, **self.encode_value(payload, task["index"])))
             more = 0 if self.cancelled else self.how_many(batch, left)
             answer = self.submit_or_spool(results, more)
             if not more:
@@ -858,6 +861,14 @@ class Client:
 
     def hello(self, max_tasks):
         return {"worker": self.worker, "host": self.host, "max_tasks": max_tasks}
+
+    def room_to_hand_over(self, size):
+        """Whether a value of `size` bytes may go up while the next task runs.
+
+        Under a memory limit (the job's request) only if four such fit in it: the one
+        going up, and the next task's value and its pickle, with room to spare.
+        """
+        return not self.mem_limit_bytes or 4 * size <= self.mem_limit_bytes
 
     def hand_over(self, result, payload, results):
         """Have the uploader upload a large value and post its result while we run on.

@@ -234,4 +234,20 @@ def test_a_pickle_kept_in_pieces_is_the_same_pickle_without_a_copy_of_a_large_va
         assert len(pickled) == len(whole)
         assert stub.sha256_hex(pickled) == hashlib.sha256(whole).hexdigest()
     pieces = stub.Pickled(("x", big), pickle.HIGHEST_PROTOCOL).parts
-    assert any(piece.obj is big for piece in pieces)  # handed over as it is (Python 3.8+)
+    assert any(piece is big for piece in pieces)  # handed over as it is (Python 3.8+)
+
+
+def test_a_result_the_next_task_changes_goes_up_as_it_was_returned() -> None:
+    """A task that returns a buffer it reuses: the result is the value at its return."""
+    calls = Calls(2)
+    calls.block_uploads = threading.Event()  # task 1's upload waits until task 2 ran
+    buffer = bytearray(1000)
+
+    def f(index: int) -> bytearray:
+        buffer[:] = value_of(index)
+        if index == 2:
+            calls.block_uploads.set()  # type: ignore[union-attr]
+        return buffer
+
+    make_client(calls, f).run()
+    assert posted_values(calls) == {1: bytearray(value_of(1)), 2: bytearray(value_of(2))}

@@ -236,19 +236,22 @@ def dump_value(obj, protocol):
 class Pickled:
     """A pickle kept as the pieces the pickler wrote, to be sent or hashed piece by piece.
 
-    From protocol 4 on (Python 3.8+), the pickler hands a large bytes-like value over
-    as it is: the pickle of a 20 MB result then costs no copy of its bytes.
+    From protocol 4 on (Python 3.8+), the pickler hands a large bytes value over as it
+    is: the pickle of a 20 MB bytes result then costs no copy of it.
     """
 
     def __init__(self, obj, protocol):
         self.parts, self.size = [], 0
         pickle.Pickler(self, protocol).dump(obj)
 
-    def write(self, data):  # the pickler's; a piece it writes is never changed after
-        view = memoryview(data).cast("B")  # a PickleBuffer's too, counted in bytes
-        self.parts.append(view)
-        self.size += len(view)
-        return len(view)
+    def write(self, data):
+        # bytes are kept as they are: nothing can change them. Any other piece (the
+        # buffer of a bytearray or an array) is copied now: the next task may change
+        # it while this result goes up.
+        piece = data if type(data) is bytes else bytes(data)
+        self.parts.append(piece)
+        self.size += len(piece)
+        return len(piece)
 
     def __len__(self):
         return self.size

@@ -10,8 +10,9 @@ node; the node end runs as a sheepdog task, but the clock covers only the
 socket exchange, timed here.
 
 Each map is timed from ``map_async`` (serialising and storing the arguments,
-submitting over SSH) until ``get_results`` has read every value back, waiting
-in between on the database's counts every 50 ms. ``sheepdog.map`` waits the
+submitting over SSH) until every result has been read back as ``sheepdog.map``
+reads them (``Session.values``: the results, not the arguments), waiting in
+between on the database's counts every 50 ms. ``sheepdog.map`` waits the
 same way but polls at intervals growing to 2 s, which would add up to 2 s, at
 random, to every map: more than the transfer itself at these sizes.
 
@@ -200,6 +201,7 @@ def run_map(
 ) -> dict[str, Any]:
     """Time one map (submit, wait, read back) and sample memory; raise if its results are wrong."""
     import sheepdog
+    from sheepdog.session import Session
     from sheepdog.storage import Storage
 
     with peak_rss(server_pid) as peaks:
@@ -210,7 +212,8 @@ def run_map(
                 if time.monotonic() - start > _TIMEOUT_S:
                     raise RuntimeError(f"the map of {f.__name__} took over {_TIMEOUT_S} s")
                 time.sleep(_WAIT_S)
-        results = [r for _, r in sheepdog.get_results(request_id, config.dbfile, block=False)]
+        with Session(dbfile=config.dbfile, create=False) as session:
+            results = session.values(request_id)  # as sheepdog.map reads them back
         seconds = time.monotonic() - start
         ok = check(results)
         del results

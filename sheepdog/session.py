@@ -188,7 +188,7 @@ class Session(Submitting):
                 f"request {request_id}: {done} of {len(arg_list)} tasks finished within "
                 f"{bound:g} s; {line}"
             ) from None
-        results = self.results(request_id)
+        values = self.values(request_id)
         failed = self.errors(request_id)
         if failed and policy is ErrorPolicy.RAISE:
             raise TaskFailedError(
@@ -201,7 +201,7 @@ class Session(Submitting):
             exits = self.exit_reasons(request_id) if lost else ""
             print(failure_summary(failed, len(arg_list), request_id, self.dbfile, exits=exits),
                   flush=True)
-        return [result for _, result in results]
+        return values
 
     # -- reading --------------------------------------------------------------------
 
@@ -229,6 +229,21 @@ class Session(Submitting):
                 return serialisation.deserialise_file(f)
 
         return [(load(arg), None if result is None else load(result)) for arg, result in rows]
+
+    def values(self, request_id: int) -> list[Any]:
+        """The result of every task, in order, None where there is none: what ``map`` returns.
+
+        The arguments are not read back: for large ones that would cost as much as
+        sending them.
+        """
+        storage = self.storage
+
+        def load(stored: bytes | str) -> Any:
+            with storage.open_value(stored) as f:
+                return serialisation.deserialise_file(f)
+
+        return [None if result is None else load(result)
+                for _, result in storage.get_tasks_with_stored_results(request_id)]
 
     def errors(self, request_id: int) -> list[tuple[Any, RemoteError]]:
         """``[(arg, error)]`` of every failed task; each error holds the remote traceback."""

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 from . import serialisation, submit_jobs
@@ -58,6 +60,9 @@ def function_name(f: Callable[..., Any]) -> str:
 class Submitting(Resources):
     """Store requests (from the cache where it can) and submit their jobs."""
 
+    #: Why getting ready to submit failed (see ``_getting_ready``), for launch to raise.
+    _ready_error: BaseException | None = None
+
     def submit(
         self,
         f: Callable[..., Any],
@@ -76,7 +81,9 @@ class Submitting(Resources):
         payload = serialisation.serialise_function(f, dict(ns) if ns is not None else None,
                                                    mode=cfg.mode)
         blobs = serialisation.serialise_args(arg_list)
-        request_id, cached = self.store(payload, blobs, cache=cache, function=function_name(f))
+        with self._getting_ready(enabled=cache is not True):
+            request_id, cached = self.store(payload, blobs, cache=cache,
+                                            function=function_name(f))
         if cached:
             say(f"request {request_id}: {cached} of {len(blobs)} tasks from the cache")
         if len(blobs) > cached:
@@ -99,12 +106,42 @@ class Submitting(Resources):
         if function is not None:
             settings["function"] = function
         request_id = storage.new_request(
-            payload, b"", blobs, func_digest=content_digest(payload),
-            args_digests=[content_digest(blob) for blob in blobs],
+            payload, b"", blobs, func_digest=content_digest(payload), digest_args=True,
             settings=settings, **options,
         )
         cached = storage.fill_from_cache(request_id) if cache is True else 0
         return request_id, cached
+
+    @contextmanager
+    def _getting_ready(self, *, enabled: bool = True) -> Iterator[None]:
+        """Start the server and reach the head node on a thread while the block runs.
+
+        Storing large arguments (hashing, writing, syncing) takes a second or more; the
+        SSH login, the job directory, the cluster's limits and the server's start, which
+        the submission needs first, then cost no time of their own. A failure there is
+        raised by :meth:`launch`, as if it had come there; it is not tried twice (a login
+        may ask for a one-time code). Not with ``cache=True``: if every task comes from
+        the cache, nothing is submitted and nothing need be reached.
+        """
+        if not enabled:
+            yield
+            return
+        self._ready_error = None
+        thread = threading.Thread(target=self._get_ready, name="sheepdog-ready", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            # Bounded: every step has its own timeout (the SSH connection's, the server's start).
+            thread.join()
+
+    def _get_ready(self) -> None:
+        try:
+            server, scheduler, _jobdir = self.server, self.scheduler, self.jobdir
+            scheduler.array_limits()  # read once per connection
+            logger.debug("ready to submit to %s, served by %r", scheduler.label, server)
+        except BaseException as exc:  # noqa: BLE001 - raised again by launch
+            self._ready_error = exc
 
     def launch(
         self, request_id: int, n_tasks: int, *, say: Callable[[str], None] = _quiet
@@ -119,6 +156,9 @@ class Submitting(Resources):
             if self.config.scheduler != "local":
                 cfg = self.config
                 say(f"connecting to {cfg.ssh_user}@{cfg.host}:{cfg.ssh_port}")
+            error, self._ready_error = self._ready_error, None
+            if error is not None:
+                raise error
             job_id = self._submit_stored(request_id, array_size(self.config, n_tasks))
         except BaseException as exc:  # noqa: BLE001 - recorded, then raised again
             self._submission_failed(scheduler, request_id, exc)

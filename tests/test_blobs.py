@@ -113,6 +113,39 @@ def test_get_results_reads_blob_values_back(tmp_path: Path) -> None:
     assert sheepdog.get_results(rid, str(dbfile)) == [((value,), value)]
 
 
+def test_map_reads_back_the_results_without_the_arguments(tmp_path: Path) -> None:
+    from sheepdog.session import Session
+
+    dbfile = tmp_path / "db.sqlite"
+    with Storage(dbfile) as db:
+        rid = db.new_request(b"F", None, [BIG, pickle.dumps(2)])
+        db.store_result(rid, 1, pickle.dumps(b"r" * (INLINE_MAX_BYTES + 10)))
+        assert db.blobs is not None
+        os.unlink(db.blobs.path(hashlib.sha256(BIG).hexdigest()))  # gone: never read
+        db.store_result(rid, 2, pickle.dumps(3))
+    with Session(dbfile=str(dbfile), create=False) as session:
+        assert session.values(rid) == [b"r" * (INLINE_MAX_BYTES + 10), 3]
+        with pytest.raises(StorageError):
+            session.results(rid)  # get_results returns the arguments too
+
+
+def test_arguments_hashed_as_they_are_stored_take_results_from_the_cache(
+    tmp_path: Path,
+) -> None:
+    from sheepdog.store import content_digest
+
+    small = pickle.dumps(2)
+    with Storage(tmp_path / "db.sqlite") as db:
+        first = db.new_request(b"F", None, [BIG, small], func_digest=content_digest(b"F"),
+                               args_digests=[content_digest(BIG), content_digest(small)])
+        db.store_result(first, 1, pickle.dumps("one"))
+        db.store_result(first, 2, pickle.dumps("two"))
+        again = db.new_request(b"F", None, [small, BIG, BIG + b"!"],
+                               func_digest=content_digest(b"F"), digest_args=True)
+        assert db.fill_from_cache(again) == 2
+        assert db.task_states(again) == ["done", "done", "pending"]
+
+
 # ---- the server ----
 
 
@@ -264,6 +297,34 @@ def test_the_stub_uploads_and_downloads_blobs(served: tuple[Server, Storage]) ->
     with pytest.raises(stub.ProtocolFailure) as caught:
         conn.download("tasks/1/args", digest, len(BIG))
     assert caught.value.exit_status == stub.EXIT_AUTH
+
+
+def test_the_stub_hashes_an_upload_once(
+    served: tuple[Server, Storage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload's name and its signed body hash are one SHA-256 (20 ms per 20 MB)."""
+    server, db = served
+    rid = db.new_request(b"F", None, [b"x"])
+    conn = stub.Connection(
+        server.url_for("127.0.0.1"), db.get_secret(rid), rid, retry_s=10.0,
+        tls_fingerprint=server.fingerprint,  # type: ignore[attr-defined]
+    )
+    value = pickle.dumps(os.urandom(300_000))
+    hashed: list[int] = []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(hashlib, name)
+
+        @staticmethod
+        def sha256(data: bytes = b"") -> Any:
+            hashed.append(len(data))
+            return hashlib.sha256(data)
+
+    monkeypatch.setattr(stub, "hashlib", Counting())
+    assert conn.upload(value)["sha256"] == hashlib.sha256(value).hexdigest()
+    assert hashed.count(len(value)) == 1
+    assert db.blobs is not None and db.blobs.has(hashlib.sha256(value).hexdigest(), len(value))
 
 
 def test_the_stub_inlines_small_results_and_uploads_large_ones() -> None:

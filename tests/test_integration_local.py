@@ -397,13 +397,14 @@ def reversed_bytes(data: bytes, factor: int) -> bytes:
 
 
 def test_large_arguments_and_results_travel_as_blobs(setup: Setup) -> None:
-    # Both above the inline threshold: the lease names the argument's blob, the worker
-    # fetches it, and uploads its result before naming it in /results.
-    values = [os.urandom(300_000), b"small"]
-    rid = setup.request(reversed_bytes, [(values[0], 3), (values[1], 1)])
-    code, out, err = finish(setup.start(setup.job(rid, 2), 1))
+    # Above the inline threshold: the lease names the argument's blob, the worker fetches
+    # it, and uploads its result before naming it in /results (in the background, while
+    # the next task runs: one worker runs all three).
+    values = [os.urandom(300_000), b"small", os.urandom(200_000)]
+    rid = setup.request(reversed_bytes, [(values[0], 3), (values[1], 1), (values[2], 1)])
+    code, out, err = finish(setup.start(setup.job(rid, 3), 1))
     assert code == 0, f"worker failed:\n{out}\n{err}"
-    assert setup.results(rid) == [values[0][::-1] * 3, b"llams"]
+    assert setup.results(rid) == [values[0][::-1] * 3, b"llams", values[2][::-1]]
     blobs = Path(f"{setup.dbfile}.blobs")
-    assert len(os.listdir(blobs)) == 2  # the large argument and the large result
+    assert len(os.listdir(blobs)) == 4  # the large arguments and the large results
     assert all((blobs / name).stat().st_mode & 0o777 == 0o600 for name in os.listdir(blobs))

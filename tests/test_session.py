@@ -145,3 +145,54 @@ def test_a_scheduler_given_to_a_session_still_has_its_options_checked(tmp_path: 
     with pytest.raises(ConfigError, match="ge_opts.*Slurm"):
         Session(config, scheduler=given).start()
     assert not dbfile.exists()  # refused before the database was made
+
+
+def test_the_head_node_is_reached_while_the_arguments_are_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resolving the job directory (over SSH on a cluster) overlaps storing the arguments."""
+    import threading
+
+    from sheepdog.store.db import Database
+
+    reached = threading.Event()
+    real_absolute, real_store = LocalHost.absolute, Database.store_values
+
+    def absolute(host: LocalHost, directory: str) -> str:
+        reached.set()
+        return real_absolute(host, directory)
+
+    def store_values(db: Database, *args: Any) -> Any:
+        assert reached.wait(WAIT_S), "the head node was not reached during the store"
+        return real_store(db, *args)
+
+    jobs = LocalJobs(monkeypatch)
+    try:
+        with Session(local_config(tmp_path)) as session:  # the scheduler's own directory aside
+            monkeypatch.setattr(LocalHost, "absolute", absolute)
+            monkeypatch.setattr(Database, "store_values", store_values)
+            rid = session.submit(add, [(1, 2)])
+            session.watch(rid, timeout_s=WAIT_S)
+            assert session.values(rid) == [3]
+    finally:
+        jobs.close()
+
+
+def test_a_failure_getting_ready_fails_the_submission_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sheepdog.errors import SSHError
+
+    tries: list[str] = []
+
+    def unreachable(host: LocalHost, directory: str) -> str:
+        tries.append(directory)
+        raise SSHError("cannot reach the head node: no route to host")
+
+    with Session(local_config(tmp_path)) as session:  # the scheduler's own directory aside
+        monkeypatch.setattr(LocalHost, "absolute", unreachable)
+        with pytest.raises(SSHError, match="no route to host"):
+            session.submit(add, [(1, 2), (3, 4)])
+        (_, _, error), _second = session.storage.get_task_errors(1)
+    assert len(tries) == 1  # not tried again: a login may ask for a one-time code
+    assert "the job was never submitted: cannot reach the head node" in error["message"]

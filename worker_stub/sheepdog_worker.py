@@ -232,6 +232,52 @@ def dump_value(obj, protocol):
     """Pickle a result value with the given protocol."""
     return pickle.dumps(obj, protocol)
 
+
+class Pickled:
+    """A pickle kept as the pieces the pickler wrote, to be sent or hashed piece by piece.
+
+    From protocol 4 on (Python 3.8+), the pickler hands a large bytes value over as it
+    is: the pickle of a 20 MB bytes result then costs no copy of it.
+    """
+
+    def __init__(self, obj, protocol):
+        self.parts, self.size = [], 0
+        pickle.Pickler(self, protocol).dump(obj)
+
+    def write(self, data):
+        # bytes are kept as they are: nothing can change them. Any other piece (the
+        # buffer of a bytearray or an array) is copied now: the next task may change
+        # it while this result goes up.
+        piece = data if type(data) is bytes else bytes(data)
+        self.parts.append(piece)
+        self.size += len(piece)
+        return len(piece)
+
+    def __len__(self):
+        return self.size
+
+    def __iter__(self):
+        return iter(self.parts)
+
+    def sha256(self):
+        hasher = hashlib.sha256()
+        for part in self.parts:
+            hasher.update(part)
+        return hasher.hexdigest()
+
+    def join(self):
+        return b"".join(self.parts)
+
+
+def sha256_hex(data):
+    """The SHA-256 (hex) of bytes or of a Pickled."""
+    return data.sha256() if isinstance(data, Pickled) else hashlib.sha256(data).hexdigest()
+
+
+def as_bytes(data):
+    """Bytes, or a Pickled joined into bytes."""
+    return data.join() if isinstance(data, Pickled) else data
+
 # ---- end decoding ----
 
 # ---- protocol client ----
@@ -290,11 +336,15 @@ def sign_request(secret_hex, method, path, time_s, nonce, length, body_sha256):
     return hmac.new(bytes.fromhex(secret_hex), message.encode(), hashlib.sha256).hexdigest()
 
 
-def signed_headers(secret_hex, method, path, body, time_s=None, nonce=None):
-    """Return the headers that sign one call: time, a fresh nonce, the body's hash, signature."""
+def signed_headers(secret_hex, method, path, body, time_s=None, nonce=None, body_sha256=None):
+    """Return the headers that sign one call: time, a fresh nonce, the body's hash, signature.
+
+    `body_sha256`: the body's SHA-256 (hex) when the caller has it: a large value's upload
+    is named by it, and hashing 20 MB again costs 20 ms.
+    """
     stamp = str(int(time.time()) if time_s is None else time_s)
     nonce = nonce or binascii.hexlify(os.urandom(16)).decode("ascii")
-    digest = hashlib.sha256(body).hexdigest()
+    digest = body_sha256 or hashlib.sha256(body).hexdigest()
     return {"X-Sheepdog-Time": stamp, "X-Sheepdog-Nonce": nonce, "X-Sheepdog-Body-SHA256": digest,
             "X-Sheepdog-Signature": sign_request(secret_hex, method, path, stamp, nonce,
                                                  len(body), digest)}
@@ -344,10 +394,9 @@ def spool_results(directory, secret_hex, request_id, results, payloads):
         payload = payloads.get(result["index"]) if result.get("ok") else None
         record = dict(result)
         if payload is not None:
-            record["blob"] = {"sha256": hashlib.sha256(payload).hexdigest(),
-                              "size": len(payload)}
+            record["blob"] = {"sha256": sha256_hex(payload), "size": len(payload)}
             record.pop("value", None)
-            write_private(os.path.join(directory, stem + ".blob"), payload)
+            write_private(os.path.join(directory, stem + ".blob"), as_bytes(payload))
         text = json.dumps(record, sort_keys=True)
         head = {"format": SPOOL_MAGIC, "request_id": request_id, "index": result["index"],
                 "blob": stem + ".blob" if payload is not None else None,
@@ -508,8 +557,10 @@ class Connection:
         """
         self.conn = self.conn or self.connect()
         try:
-            self.conn.request(method, path, body=body, headers=dict(headers, **{
-                "Content-Type": kind}))
+            extra = {"Content-Type": kind}
+            if isinstance(body, Pickled):  # sent piece by piece, not chunked
+                extra["Content-Length"] = str(len(body))
+            self.conn.request(method, path, body=body, headers=dict(headers, **extra))
             response = self.conn.getresponse()
             if sink is not None and response.status == 200:
                 answer = sink(response)
@@ -524,8 +575,8 @@ class Connection:
 
     def upload(self, data, retry_s=None):
         """PUT a large value as a binary body, named by its SHA-256; return {sha256, size}."""
-        digest = hashlib.sha256(data).hexdigest()
-        self.call("PUT", "blobs/" + digest, raw=data, retry_s=retry_s)
+        digest = sha256_hex(data)
+        self.call("PUT", "blobs/" + digest, raw=data, retry_s=retry_s, raw_sha256=digest)
         return {"sha256": digest, "size": len(data)}
 
     def download(self, name, sha256, size, retry_s=None):
@@ -546,7 +597,8 @@ class Connection:
             return data
         return self.call("GET", name, retry_s=retry_s, sink=sink, sink_sha256=sha256)
 
-    def call(self, method, name, body=None, retry_s=None, raw=None, sink=None, sink_sha256=None):
+    def call(self, method, name, body=None, retry_s=None, raw=None, sink=None, sink_sha256=None,
+             raw_sha256=None):
         """Make a signed call to .../requests/<id>/<name>; return its checked JSON answer.
 
         Connection errors and 5xx answers are retried with backoff for up to
@@ -554,15 +606,17 @@ class Connection:
         sends the same signed call (the same nonce), so a call whose answer was lost
         gets that same answer, not a second effect; after RESIGN_AFTER_S it is signed
         anew, so that a retry stays inside the server's clock window. `raw` is a binary
-        body sent instead of JSON; with `sink`, the 200 answer is what sink(response)
-        returns: a binary answer that sink checked to have SHA-256 `sink_sha256`.
+        body sent instead of JSON (`raw_sha256`: its SHA-256, if known); with `sink`, the
+        200 answer is what sink(response) returns: a binary answer that sink checked to
+        have SHA-256 `sink_sha256`.
         """
         path = self.prefix + name
         data = raw if raw is not None else b"" if body is None else json.dumps(body).encode()
         kind = "application/json" if raw is None else "application/octet-stream"
         retry_s = self.retry_s if retry_s is None else retry_s
         deadline, attempt, rid = time.monotonic() + retry_s, 0, self.request_id
-        signed_at, headers = time.monotonic(), signed_headers(self.secret, method, path, data)
+        signed_at, headers = time.monotonic(), signed_headers(self.secret, method, path, data,
+                                                              body_sha256=raw_sha256)
         while True:
             if attempt and time.monotonic() - signed_at > RESIGN_AFTER_S:
                 if isinstance(body, dict) and "max_tasks" in body:
@@ -570,8 +624,8 @@ class Connection:
                     # leased tasks whose answer never came back, "retry" has the server
                     # hand those to us again instead of leaving them orphaned.
                     data = json.dumps(dict(body, retry=True)).encode()
-                signed_at, headers = time.monotonic(), signed_headers(self.secret, method, path,
-                                                                      data)
+                signed_at, headers = time.monotonic(), signed_headers(
+                    self.secret, method, path, data, body_sha256=raw_sha256)
             try:
                 status, given, answer = self.send(method, path, data, headers, sink, kind)
                 if status < 500:
@@ -626,6 +680,75 @@ def is_unpacked(value):
     return isinstance(value, (tuple, list))
 
 
+class Uploader:
+    """Uploads a large result and posts it, in a thread of its own, while the worker runs on.
+
+    One result at a time: hand() first waits until the last one is posted, so a worker
+    holds at most two large values (the one going up, the one its next task makes). A
+    failure is never dropped: the result and its value are kept with the error, for
+    the worker to take back with wait() and post itself or spool.
+    """
+
+    def __init__(self, connect, post):
+        self.connect, self.post = connect, post  # post(conn, result) sends /results
+        self.lock = threading.Condition()
+        self.job = None  # (result, payload) handed over and not yet posted
+        self.failure = None  # (error, result, payload) of the last job, once it failed
+        self.thread = None
+
+    def holds(self, index):
+        """Whether the result of task `index` is being uploaded or posted."""
+        job = self.job
+        return job is not None and job[0]["index"] == index
+
+    def leases(self):
+        """The lease of the result being posted, which the heartbeat must keep renewing."""
+        job = self.job
+        return [job[0]["lease"]] if job is not None else []
+
+    def hand(self, result, payload):
+        """Start uploading `payload` and posting `result` with it; wait() for the last first."""
+        with self.lock:
+            if self.job is not None or self.failure is not None:
+                raise RuntimeError("the last result must be waited for before the next")
+            self.job = (result, payload)
+            self.lock.notify_all()
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.loop, name="sheepdog-upload", daemon=True)
+            self.thread.start()
+
+    def wait(self, timeout_s=None):
+        """Wait until the result handed over last is posted; return (error, result, payload)
+        if that failed (then forgotten here), else None. Bounded: every call the uploader
+        makes is (retry_s, and the connection's timeout); a caller may bound it further."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self.lock:
+            while self.job is not None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self.lock.wait(left)
+            failure, self.failure = self.failure, None
+        return failure
+
+    def loop(self):
+        conn = None
+        while True:
+            with self.lock:
+                while self.job is None:
+                    self.lock.wait()
+                result, payload = self.job
+            failure = None
+            try:
+                conn = conn or self.connect()  # its own: http.client connections are not shared
+                self.post(conn, dict(result, blob=conn.upload(payload)))
+            except BaseException as e:  # noqa: BLE001 - kept with the result, for the worker
+                failure = (e, result, payload)
+            with self.lock:
+                self.job, self.failure = None, failure
+                self.lock.notify_all()
+
+
 class Client:
     """Find out what to do, do it, report back: the worker side of one array task."""
 
@@ -657,6 +780,9 @@ class Client:
         # Where finished results go when the server stays unreachable (None: they are lost),
         # and, until the server has them, the pickled large values (by task index).
         self.spool_dir, self.payloads, self.unreachable = spool_dir, {}, None
+        # Posts large results in the background while the next task runs (see Uploader).
+        self.uploader = Uploader(self.connect, lambda conn, result: conn.call(
+            "POST", "results", dict(self.hello(0), results=[result])))
 
     def go(self):
         """Run tasks until none is left; on a failure say why on stderr and exit non-zero."""
@@ -666,7 +792,10 @@ class Client:
                 self.conn = self.connect()
             self.set_memlimit()
             self.get_details()
-            self.run()
+            try:
+                self.run()
+            finally:  # a result being posted in the background is never cut off by our exit
+                self.uploader.wait()
         except ProtocolFailure as e:
             say("sheepdog: worker %s stops: %s" % (self.worker, e), self.err)
             sys.exit(e.exit_status)
@@ -739,13 +868,28 @@ class Client:
                     results.append({"index": task["index"], "lease": task["lease"], "ok": False,
                                     "error": self.load_error, "stdout": "", "stderr": "",
                                     "duration_s": 0.0})
-                elif task["lease"] not in self.lost:  # else it was leased again, to another worker
-                    results.append(self.run_task(task))
-                    self.longest_s = max(self.longest_s, results[-1]["duration_s"])
+                elif task["lease"] in self.lost or self.uploader.holds(task["index"]):
+                    # Leased again to another worker; or, after a retried lease, handed back
+                    # to us while our uploader still posts its result.
+                    continue
+                else:
+                    result, payload = self.execute(task)
+                    self.longest_s = max(self.longest_s, result["duration_s"])
+                    if payload is None:
+                        results.append(result)
+                    elif self.room_to_hand_over(len(payload)):
+                        self.hand_over(result, payload, results)
+                    else:  # uploaded here, before the next task makes its value
+                        self.take_back(results)
+                        results.append(dict(result, **self.encode_value(payload, task["index"])))
             more = 0 if self.cancelled else self.how_many(batch, left)
             answer = self.submit_or_spool(results, more)
             if not more:
                 break
+        results = []
+        self.take_back(results)
+        if results:
+            self.submit_or_spool(results, 0)
         self.leases = []
         if self.load_error:
             raise ProtocolFailure(self.load_error["message"], EXIT_VERSION)
@@ -765,13 +909,61 @@ class Client:
     def hello(self, max_tasks):
         return {"worker": self.worker, "host": self.host, "max_tasks": max_tasks}
 
+    def room_to_hand_over(self, size):
+        """Whether a value of `size` bytes may go up while the next task runs.
+
+        Under a memory limit (the job's request) only if four such fit in it: the one
+        going up, and the next task's value and its pickle, with room to spare.
+        """
+        return not self.mem_limit_bytes or 4 * size <= self.mem_limit_bytes
+
+    def hand_over(self, result, payload, results):
+        """Have the uploader upload a large value and post its result while we run on.
+
+        A result the uploader failed to post comes back into `results` first (take_back).
+        """
+        self.take_back(results)
+        if self.unreachable:  # the server is gone: keep this one for the spool too
+            self.payloads[result["index"]] = payload
+            results.append(dict(result, blob={"sha256": sha256_hex(payload),
+                                              "size": len(payload)}))
+        else:
+            self.uploader.hand(result, payload)
+
+    def take_back(self, results):
+        """Wait for the uploader; a result it failed to post goes into `results`, uploaded.
+
+        Where the server stayed unreachable and there is a spool, the value is kept for it;
+        after any other failure, the upload is tried again here, as any call is.
+        """
+        failure = self.uploader.wait()
+        if failure is None:
+            return
+        error, result, payload = failure
+        say("sheepdog: task %d's result did not go up in the background (%s: %s); "
+            "sending it again" % (result["index"], type(error).__name__, safe_text(error)),
+            self.err)
+        if isinstance(error, ProtocolFailure) and error.unreachable and self.spool_dir:
+            self.unreachable = error
+            self.payloads[result["index"]] = payload
+            results.append(dict(result, blob={"sha256": sha256_hex(payload),
+                                              "size": len(payload)}))
+        else:
+            results.append(dict(result, **self.encode_value(payload, result["index"])))
+
     def submit_or_spool(self, results, max_tasks):
-        """Post results and lease more; if the server stays unreachable, spool them and stop."""
+        """Post results and lease more; if the server stays unreachable, spool them and stop.
+
+        The uploader's result goes into the spool too (take_back waits for it first).
+        """
         try:
             if self.unreachable:
                 raise self.unreachable
             return self.submit_results(results, max_tasks)
         except ProtocolFailure as e:
+            if e.unreachable and self.spool_dir:
+                results = list(results)
+                self.take_back(results)
             if not (e.unreachable and self.spool_dir and results):
                 raise
             try:
@@ -792,6 +984,17 @@ class Client:
 
     def run_task(self, task):
         """Run one leased task, print how it went, and return its result for /results."""
+        result, payload = self.execute(task)
+        if payload is not None:  # a failed upload stops the worker, as any call does
+            result.update(self.encode_value(payload, task["index"]))
+        return result
+
+    def execute(self, task):
+        """Run one leased task and print how it went; return (result, large value or None).
+
+        A value longer than inline_max_bytes is returned apart, not yet in the result:
+        the caller uploads it (Uploader) or encodes it (run_task).
+        """
         index, limit = task["index"], int(self.settings.get("capture_bytes", 65536))
         timeout = self.settings.get("task_timeout_s")
         alarm = bool(timeout) and threading.current_thread() is threading.main_thread()
@@ -817,7 +1020,7 @@ class Client:
                     value = self.function(*value)
                 else:
                     value = self.function(value)
-                payload = dump_value(value, self.protocol)
+                payload = Pickled(value, self.protocol)
             finally:  # an alarm that fires in here is still caught below
                 if alarm:
                     signal.setitimer(signal.ITIMER_REAL, 0)
@@ -828,8 +1031,13 @@ class Client:
         finally:
             sys.stdout, sys.stderr, self.running = out.stream, err.stream, None
         result.update(stdout=out.text(), stderr=err.text(), duration_s=time.monotonic() - start)
-        if result["ok"]:  # outside the try: a failed upload stops the worker, as any call does
-            result.update(self.encode_value(payload, index))
+        large = None
+        if result["ok"]:
+            inline_max = self.settings.get("inline_max_bytes")
+            if inline_max is not None and len(payload) > inline_max:
+                large = payload
+            else:
+                result.update(self.encode_value(payload, index))
         if result["ok"]:
             say("sheepdog: task %d ok: %s" % (index, short_repr(value)), self.out)
         else:
@@ -837,7 +1045,7 @@ class Client:
             say("sheepdog: task %d error: %s: %s" % (index, error["type"], error["message"]),
                 self.out)
             say(error["traceback"].rstrip(), self.err)
-        return result
+        return result, large
 
     def encode_value(self, payload, index=None):
         """A result's value for /results: inline base64, or a blob uploaded first if large.
@@ -855,9 +1063,9 @@ class Client:
                 if not (e.unreachable and self.spool_dir):
                     raise
                 self.unreachable = e
-                return {"blob": {"sha256": hashlib.sha256(payload).hexdigest(),
+                return {"blob": {"sha256": sha256_hex(payload),
                                  "size": len(payload)}}
-        return {"value": base64.b64encode(payload).decode("ascii")}
+        return {"value": base64.b64encode(as_bytes(payload)).decode("ascii")}
 
     def on_alarm(self, signum, frame):
         if self.armed:
@@ -888,7 +1096,7 @@ class Client:
             running = self.running
             if timeout and running and time.monotonic() - running[2] > timeout + self.stuck_grace_s:
                 self.give_up(conn, running, timeout)
-            leases = self.leases
+            leases = self.leases + self.uploader.leases()
             if leases and time.monotonic() - last >= every:
                 last = time.monotonic()
                 try:
@@ -909,6 +1117,7 @@ class Client:
         result = {"index": index, "lease": lease, "ok": False, "error": error, "stdout": out.text(),
                   "stderr": err.text(), "duration_s": time.monotonic() - start}
         say("sheepdog: task %d error: TaskTimeout: %s" % (index, error["message"]), self.out)
+        self.uploader.wait(timeout_s=60.0)  # the last task's result, if still going up
         try:
             conn.call("POST", "results", dict(self.hello(0), results=[result]), retry_s=60.0)
         except ProtocolFailure as e:

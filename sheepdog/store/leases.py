@@ -207,7 +207,8 @@ class Leases(Database):
             return []
         rows = []
         if reclaim:
-            # A worker asks for work only after it has reported every task it held, so on a
+            # A worker asks for work only after it has reported every task it held (but one
+            # result its uploader may still post, which it does not run again), so on a
             # retried call a task still leased to it is one whose lease never reached it: the
             # answer was lost (the server died, or the connection dropped, after the commit).
             # Hand such tasks back first; otherwise they sit orphaned until their lease

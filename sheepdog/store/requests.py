@@ -15,6 +15,7 @@ from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
+from ..blobs import parse_ref
 from ..errors import UnknownRequestError
 from .db import DEFAULT_SETTINGS, Database
 
@@ -64,13 +65,16 @@ class Requests(Database):
         label: str | None = None,
         func_digest: str | None = None,
         args_digests: Sequence[str] | None = None,
+        digest_args: bool = False,
     ) -> int:
         """Store a request and one pending task per serialised argument; return its id.
 
         Task indices count from 1. ``secret`` (64 hex characters) is generated when
         not given. ``settings`` are merged over ``DEFAULT_SETTINGS``. The digests
         (of the function's payload, and of each argument) let later requests take
-        these results from the cache (:meth:`fill_from_cache`).
+        these results from the cache (:meth:`fill_from_cache`). ``digest_args``
+        instead of ``args_digests``: hash each argument here, a large one on the
+        threads that write it (one pass over its bytes, several at once).
         """
         if secret is None:
             secret = secrets.token_hex(32)
@@ -85,6 +89,8 @@ class Requests(Database):
             raise ValueError(f"{len(digests)} argument digests for {len(values)} arguments")
         # Blobs first: a row never names a blob that is not durable yet.
         args = self.store_values(values, digests)
+        if digest_args and args_digests is None:
+            digests = [parse_ref(a)[0] if isinstance(a, str) else content_digest(a) for a in args]
         with self._write() as conn:
             cursor = conn.execute(
                 "INSERT INTO requests (created, func, ns, secret, n_tasks, settings, label,"

@@ -357,6 +357,12 @@ class Watcher(WorkerReach):
         info = {} if found is None else found.with_info()
         storage.set_job_state(self.request_id, job, JobState.ERROR, {**info, "reason": message})
 
+#: How soon a wait notices that its request's last task finished: this often it reads
+#: SQLite's counter of other connections' commits and, after one, whether any task is
+#: still open (one index probe), rather than waiting for its next whole check.
+FINISH_CHECK_S = 0.1
+
+
 def wait_for_request(
     dbfile: str,
     request_id: int,
@@ -406,9 +412,25 @@ def wait_for_request(
             return False
 
         left_s = None if timeout_s is None else timeout_s - (time.monotonic() - start)
+        deadline = None if left_s is None else time.monotonic() + left_s
+        seen, due, interval_s = storage.changes_elsewhere(), time.monotonic(), poll_s
+
+        def checked() -> bool:
+            # The whole check (counts, progress, the watcher) at intervals growing from
+            # poll_s to max_poll_s; in between, after each commit of the server's, only
+            # whether a task is still open, so that the wait ends as soon as the last one
+            # is not. The last call before the deadline is always a whole check.
+            nonlocal seen, due, interval_s
+            now, version = time.monotonic(), storage.changes_elsewhere()
+            last_done = version != seen and not storage.has_open_tasks(request_id)
+            seen = version
+            if last_done or now >= due or (deadline is not None and now >= deadline):
+                due, interval_s = now + interval_s, min(max_poll_s, interval_s * 1.5)
+                return finished()
+            return False
+
         try:
-            if poll_until(finished, timeout_s=left_s, interval_s=poll_s,
-                          max_interval_s=max_poll_s):
+            if poll_until(checked, timeout_s=left_s, interval_s=min(poll_s, FINISH_CHECK_S)):
                 return counts
             done = ended(counts)
             raise SheepdogTimeoutError(

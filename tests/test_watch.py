@@ -19,6 +19,7 @@ import base64
 import logging
 import os
 import pickle
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -811,6 +812,53 @@ def test_the_watcher_collects_the_spool_before_it_resubmits(
 
 
 # --- waiting on a request, and what a request keeps -----------------------------------
+
+
+def test_a_wait_ends_when_the_server_commits_the_last_result_not_at_its_next_poll(
+    tmp_path: Path,
+) -> None:
+    # The whole check comes once an hour here: only the quick check (has the server
+    # committed? is any task still open?) can end this wait within the join's bound.
+    dbfile = str(tmp_path / "db.sqlite")
+    with Storage(dbfile) as server_side, Storage(dbfile, create=False) as waiting_side:
+        rid = server_side.new_request(b"F", b"", [b"a1", b"a2"])
+        whole_checks: list[float] = []
+        first_check = threading.Event()
+        counts_of = waiting_side.task_counts
+
+        def task_counts(request_id: int) -> dict[str, int]:
+            whole_checks.append(time.monotonic())
+            first_check.set()
+            return counts_of(request_id)
+
+        waiting_side.task_counts = task_counts  # type: ignore[method-assign]
+        some_open = threading.Event()
+        open_of = waiting_side.has_open_tasks
+
+        def has_open_tasks(request_id: int) -> bool:
+            found = open_of(request_id)
+            if found:
+                some_open.set()
+            return found
+
+        waiting_side.has_open_tasks = has_open_tasks  # type: ignore[method-assign]
+        answer: list[dict[str, int]] = []
+        waiter = threading.Thread(target=lambda: answer.append(wait_for_request(
+            dbfile, rid, storage=waiting_side, watch=False, poll_s=3600, max_poll_s=3600)),
+            daemon=True)  # a wait that misses the result must not hold the test run
+        waiter.start()
+        assert first_check.wait(30)
+        leases = server_side.lease(rid, worker="w", host="h", max_tasks=2, lease_s=60)
+        server_side.complete(rid, [{"index": lease.index, "ok": True, "value": b"R",
+                                    "lease": lease.lease} for lease in leases[:1]])
+        assert some_open.wait(30)  # the quick check saw that commit, one task still open
+        assert waiter.is_alive() and len(whole_checks) == 1
+        server_side.complete(rid, [{"index": lease.index, "ok": True, "value": b"R",
+                                    "lease": lease.lease} for lease in leases[1:]])
+        waiter.join(30)
+        assert not waiter.is_alive(), "the wait missed the last result"
+    assert answer == [{"pending": 0, "leased": 0, "done": 2, "error": 0, "cancelled": 0}]
+    assert len(whole_checks) == 2
 
 
 def test_waiting_on_a_missing_database_does_not_create_it(tmp_path: Path) -> None:

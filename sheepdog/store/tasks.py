@@ -233,6 +233,25 @@ class TaskReads(Database):
         task["error"] = _load_error(task["error"]) if task["error"] is not None else None
         return task
 
+    def has_open_tasks(self, request_id: int) -> bool:
+        """Whether any task of the request is still pending or leased (one index probe)."""
+        with self._lock:
+            row = self.conn.execute(
+                f"SELECT 1 FROM tasks WHERE request_id = ? AND state IN {OPEN_STATES_SQL}"  # noqa: S608 - fixed SQL, bound values
+                " LIMIT 1",
+                (request_id,),
+            ).fetchone()
+        return row is not None
+
+    def changes_elsewhere(self) -> int:
+        """A number that changes whenever another connection (the server) commits.
+
+        SQLite's ``PRAGMA data_version``: a read of a counter, no table is touched, so
+        a wait may ask it often. This connection's own commits do not change it.
+        """
+        with self._lock:
+            return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
     def open_task_indices(self, request_id: int) -> list[int]:
         """Return the indices of tasks still pending or leased."""
         self._request_row(request_id, "id")

@@ -431,7 +431,7 @@ def test_doctest_blocks(config: dict[str, Any]) -> None:
 
 def test_the_remote_error_shown_is_what_it_prints(config: dict[str, Any], tmp_path: Path) -> None:
     page = (EXAMPLES.parent / "executor.rst").read_text(encoding="utf-8")
-    after = page.split("the job script's path vary)::\n\n", 1)[1].splitlines()
+    after = page.split("the worker stub's path vary)::\n\n", 1)[1].splitlines()
     shown_lines = []
     for line in after:
         if line.strip() and not line.startswith(" " * 8):

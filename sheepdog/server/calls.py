@@ -214,15 +214,18 @@ def storage() -> Storage:
     here = _SCOPE.get()
     if here is not None:
         if here.db is None:
-            connections = here.settings.connections
-            # Opening one runs its pragmas, which may wait on SQLite's lock.
-            idle = connections.borrow_idle()
-            here.db = sqlite(connections.borrow) if idle is None else idle
+            here.db = _borrow(here.settings.connections)
         return here.db
     db: Storage | None = g.get("storage")
     if db is None:
-        db = g.storage = sqlite(state().connections.borrow)
+        db = g.storage = _borrow(state().connections)
     return db
+
+
+def _borrow(connections: Connections) -> Storage:
+    """An idle connection as it is; a new one through ``sqlite`` (its pragmas may wait)."""
+    idle = connections.borrow_idle()
+    return sqlite(connections.borrow) if idle is None else idle
 
 
 def return_storage(exc: BaseException | None) -> None:

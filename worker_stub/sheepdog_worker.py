@@ -274,6 +274,11 @@ def sha256_hex(data):
     return data.sha256() if isinstance(data, Pickled) else hashlib.sha256(data).hexdigest()
 
 
+def blob_ref(data):
+    """The reference a result names its large value by: {sha256, size}."""
+    return {"sha256": sha256_hex(data), "size": len(data)}
+
+
 def as_bytes(data):
     """Bytes, or a Pickled joined into bytes."""
     return data.join() if isinstance(data, Pickled) else data
@@ -394,7 +399,7 @@ def spool_results(directory, secret_hex, request_id, results, payloads):
         payload = payloads.get(result["index"]) if result.get("ok") else None
         record = dict(result)
         if payload is not None:
-            record["blob"] = {"sha256": sha256_hex(payload), "size": len(payload)}
+            record["blob"] = blob_ref(payload)
             record.pop("value", None)
             write_private(os.path.join(directory, stem + ".blob"), as_bytes(payload))
         text = json.dumps(record, sort_keys=True)
@@ -924,9 +929,7 @@ class Client:
         """
         self.take_back(results)
         if self.unreachable:  # the server is gone: keep this one for the spool too
-            self.payloads[result["index"]] = payload
-            results.append(dict(result, blob={"sha256": sha256_hex(payload),
-                                              "size": len(payload)}))
+            results.append(self.kept_for_spool(result, payload))
         else:
             self.uploader.hand(result, payload)
 
@@ -945,11 +948,14 @@ class Client:
             self.err)
         if isinstance(error, ProtocolFailure) and error.unreachable and self.spool_dir:
             self.unreachable = error
-            self.payloads[result["index"]] = payload
-            results.append(dict(result, blob={"sha256": sha256_hex(payload),
-                                              "size": len(payload)}))
+            results.append(self.kept_for_spool(result, payload))
         else:
             results.append(dict(result, **self.encode_value(payload, result["index"])))
+
+    def kept_for_spool(self, result, payload):
+        """`result` naming its large value, which is kept (by index) for the spool."""
+        self.payloads[result["index"]] = payload
+        return dict(result, blob=blob_ref(payload))
 
     def submit_or_spool(self, results, max_tasks):
         """Post results and lease more; if the server stays unreachable, spool them and stop.
@@ -1033,8 +1039,7 @@ class Client:
         result.update(stdout=out.text(), stderr=err.text(), duration_s=time.monotonic() - start)
         large = None
         if result["ok"]:
-            inline_max = self.settings.get("inline_max_bytes")
-            if inline_max is not None and len(payload) > inline_max:
+            if self.is_large(payload):
                 large = payload
             else:
                 result.update(self.encode_value(payload, index))
@@ -1047,14 +1052,18 @@ class Client:
             say(error["traceback"].rstrip(), self.err)
         return result, large
 
+    def is_large(self, payload):
+        """Whether a pickled value goes up as a blob (over inline_max_bytes), not inline."""
+        inline_max = self.settings.get("inline_max_bytes")
+        return inline_max is not None and len(payload) > inline_max
+
     def encode_value(self, payload, index=None):
         """A result's value for /results: inline base64, or a blob uploaded first if large.
 
         A large value is kept until the server has its result, to be spooled if it never
         does; an upload that finds the server unreachable leaves it for the spool.
         """
-        inline_max = self.settings.get("inline_max_bytes")
-        if inline_max is not None and len(payload) > inline_max:
+        if self.is_large(payload):
             if self.spool_dir and index is not None:
                 self.payloads[index] = payload
             try:
@@ -1063,8 +1072,7 @@ class Client:
                 if not (e.unreachable and self.spool_dir):
                     raise
                 self.unreachable = e
-                return {"blob": {"sha256": sha256_hex(payload),
-                                 "size": len(payload)}}
+                return {"blob": blob_ref(payload)}
         return {"value": base64.b64encode(as_bytes(payload)).decode("ascii")}
 
     def on_alarm(self, signum, frame):
